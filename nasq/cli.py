@@ -1,0 +1,162 @@
+"""`nasq` command line: a thin layer over the library (see `nasq --help`).
+
+Every command shares the flags of `_add_common`; their values land in the one typed `Config`
+(precedence: defaults < preset < --config FILE < flags < --set). User errors exit 2 with a one-paragraph
+message and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nasq.errors import NasqError
+
+
+def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
+    g = p.add_argument_group("shared")
+    g.add_argument("--model", help="alias (minilm-l6), local model dir, or hub id")
+    g.add_argument("--task", help="GLUE task: sst2, mrpc, cola, stsb, qqp, mnli, qnli, rte, wnli")
+    g.add_argument("--data-dir", help="local GLUE directory (standard layout), e.g. ../shared/data/glue")
+    if out:
+        g.add_argument("--out", help="output run directory / file")
+    g.add_argument("--config", help="YAML config file")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=1e-4 (repeatable)")
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--train-subset", type=int, help="use N (seeded) train rows")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget (exactly one)")
+    g.add_argument("--budget-mb", type=float, help="size budget in MB (10^6 bytes)")
+    g.add_argument("--avg-bits", type=float, help="size of every searched weight at this many bits")
+    g.add_argument("--ratio", type=float, help="compression ratio vs fp32 of the searched tensors")
+    g.add_argument("--latency-ms", type=float, help="latency budget (needs a `nasq profile` table)")
+    g.add_argument("--convention", choices=["encoder", "artifact"],
+                   help="budget covers searched encoder tensors only, or the whole artifact")
+    g.add_argument("--space", help="search space name (search_spaces/) or YAML path")
+
+
+def config_from_args(args: argparse.Namespace, preset: dict | None = None):
+    from nasq.config import build_config, load_yaml, parse_set
+
+    layers = [("preset", preset or {})]
+    if getattr(args, "config", None):
+        layers.append((args.config, load_yaml(args.config)))
+    flags: dict = {}
+
+    def put(section, key, value):
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+
+    put("model", "name", getattr(args, "model", None))
+    put("data", "task", getattr(args, "task", None))
+    put("data", "data_dir", getattr(args, "data_dir", None))
+    put("data", "train_subset", getattr(args, "train_subset", None))
+    put("train", "max_steps", getattr(args, "max_steps", None))
+    put("train", "seed", getattr(args, "seed", None))
+    for k in ("budget_mb", "avg_bits", "ratio", "latency_ms", "convention", "space"):
+        put("search", k, getattr(args, k, None))
+    put("kd", "teacher", getattr(args, "teacher", None))
+    if getattr(args, "plan", None):
+        flags["plan"] = args.plan
+    layers.append(("command-line flags", flags))
+    layers.append(("--set", parse_set(getattr(args, "set", []) or [])))
+    return build_config(*layers)
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_finetune(args) -> int:
+    from nasq.train.finetune import finetune
+
+    if not args.out:
+        raise NasqError("finetune needs --out DIR (the run directory).")
+    cfg = config_from_args(args)
+    finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from nasq.config import Config
+    from nasq.train.common import evaluate, load_model_dir, load_task_data
+
+    if args.artifact:
+        from nasq.export.artifact import evaluate_artifact
+
+        cfg = config_from_args(args)
+        res = evaluate_artifact(args.artifact, cfg)
+        print(json.dumps(res, indent=2))
+        return 0
+    if not args.run:
+        raise NasqError("eval needs a RUN directory or --artifact FILE.")
+    model, meta = load_model_dir(args.run)
+    run_cfg_path = Path(args.run) / "config.yaml"
+    base = Config.model_validate(__import__("yaml").safe_load(run_cfg_path.read_text())) if run_cfg_path.is_file() else None
+    preset = base.model_dump(mode="json") if base else {}
+    cfg = config_from_args(args, preset)
+    model_dir = Path(args.run) / "model" if (Path(args.run) / "model").is_dir() else Path(args.run)
+    data = load_task_data(cfg, model_dir=model_dir)
+    res = evaluate(model, data, cfg.data.eval_batch_size)
+    print(json.dumps({"task": data.task.name, "dev_rows": len(data.dev), **res}, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from nasq import bench
+
+    cfg = config_from_args(args)
+    return bench.main(args.what, cfg, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nasq", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("finetune", help="fp32 fine-tune, or QAT with --plan and --teacher")
+    _add_common(f)
+    f.add_argument("--plan", help="plan.json: quantization-aware fine-tune of this plan")
+    f.add_argument("--teacher", help="fp32 run directory used as KD teacher")
+    f.set_defaults(fn=cmd_finetune)
+
+    e = sub.add_parser("eval", help="dev-set metric of a run (fake-quant) or an artifact (int kernels)")
+    e.add_argument("run", nargs="?", help="run directory")
+    e.add_argument("--artifact", help="exported .nasq artifact (runs the integer kernels)")
+    _add_common(e, out=False)
+    e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="timing ratios: train-step, search-step, infer")
+    b.add_argument("what", choices=["train-step", "search-step", "infer"])
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--seq-len", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--artifact", help="artifact for `bench infer`")
+    _add_common(b)
+    _budget_flags(b)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except NasqError as e:
+        print(f"nasq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nasq {args.command}: interrupted; continue with the same command plus --resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One typed config for every command: pydantic models, YAML files, `--set a.b=c` overrides.
+
+Precedence (lowest to highest): defaults < preset < `--config FILE` < dedicated CLI flags < `--set`.
+Unknown keys are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nasq.errors import NasqError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = "minilm-l6"  # alias, local directory or hub id
+    max_len: int = Field(64, ge=8, le=512)
+
+
+class DataConfig(_Section):
+    task: str = "sst2"
+    data_dir: str | None = None  # local GLUE directory (standard layout); None = hub
+    buckets: tuple[int, ...] = (16, 32, 64)
+    train_subset: int | None = Field(None, ge=1)  # draw N train rows (seeded) before anything else
+    heldout: float = Field(0.1, gt=0, lt=1)  # share of (subset) train held out for search gates
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_frac: float = Field(0.06, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # None = only at the end
+    checkpoint_every: int = Field(200, ge=1)
+    grad_clip: float | None = 1.0
+
+
+class KDConfig(_Section):
+    teacher: str | None = None  # fp32 run directory
+    beta: float = Field(1.0, ge=0)  # weight of the KD term
+    temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)  # optional hidden-state MSE (TernaryBERT/KDLSQ style)
+
+
+class SearchConfig(_Section):
+    space: str = "aqbert_128g"  # name in search_spaces/ or a YAML path
+    budget_mb: float | None = Field(None, gt=0)
+    avg_bits: float | None = Field(None, gt=0, le=8)
+    ratio: float | None = Field(None, gt=1)
+    latency_ms: float | None = Field(None, gt=0)
+    latency_table: str | None = None  # JSON from `nasq profile`
+    convention: Literal["encoder", "artifact"] = "encoder"
+    mode: Literal["bilevel", "single"] = "bilevel"
+    gate_lr: float = Field(0.05, gt=0)
+    scale_lr: float = Field(1e-3, gt=0)
+    tau_start: float = Field(5.0, gt=0)
+    tau_end: float = Field(0.2, gt=0)
+    gumbel: bool = False
+    gate_init: Literal["uniform", "high_bits"] = "uniform"
+    # Budget controller (dual ascent on lambda): lambda <- max(0, lambda + lr * (E[size]/budget - 1)).
+    lambda_init: float = Field(0.0, ge=0)
+    lambda_lr: float = Field(0.5, gt=0)
+    warmup_steps: int = Field(0, ge=0)  # weight-only steps before gates move
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("budget_mb", "avg_bits", "ratio", "latency_ms") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one budget, got {given}")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    kd: KDConfig = KDConfig()
+    search: SearchConfig = SearchConfig()
+    plan: str | None = None  # plan.json for QAT fine-tuning
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def deep_update(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """`["train.lr=1e-4", "search.gumbel=true"]` -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise NasqError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise NasqError(f"config file {path} not found.") from None
+    except yaml.YAMLError as e:
+        raise NasqError(f"{path}: invalid YAML ({e}).") from None
+    if not isinstance(data, dict):
+        raise NasqError(f"{path}: top level must be a mapping of sections (model, data, train, ...).")
+    return data
+
+
+def build_config(*layers: tuple[str, dict[str, Any]]) -> Config:
+    """Merge (source_name, dict) layers in order and validate once; errors name the layer and key."""
+    merged: dict = {}
+    for _, layer in layers:
+        merged = deep_update(merged, layer)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        # Re-validate layer by layer to name the culprit source.
+        acc: dict = {}
+        for source, layer in layers:
+            acc = deep_update(acc, layer)
+            try:
+                Config.model_validate(acc)
+            except ValidationError as e2:
+                raise NasqError(_format_validation(e2, source)) from None
+        raise NasqError(_format_validation(e, "config")) from None
+
+
+def load_config(path: str | Path) -> Config:
+    return build_config((str(path), load_yaml(path)))

@@ -1,0 +1,309 @@
+"""Integer inference path of one linear layer (and of an embedding table).
+
+``y = x W^T + b`` with mixed-precision row groups becomes::
+
+    xq, sx = quantize_act_int8(x)                      # per-token int8, sx [..., 1]
+    Wq     = concat_b unpack(packed_b)                 # int8 [R_kept, in], fused under jit
+    acc    = xq . Wq^T                                 # int8 x int8 -> int32 (lax.dot_general)
+    y_k    = acc * sx * row_scale + bias               # fp32 [..., R_kept]
+
+Pruned (0-bit) groups are physically absent: they are never unpacked or multiplied. ``output="scatter"``
+writes ``y_k`` back to the original row positions (zeros at pruned rows); ``output="compact"`` returns the
+kept rows in segment order for a consumer whose input columns are compacted the same way.
+
+This agrees with the fake-quant path ``fake_quant_act_int8(x) @ fake_quant_mixed(W).T + b`` up to fp32
+summation order (the integer dot product is exact; the fp32 one rounds).
+
+What ``PackedLinear`` stores vs derives (the artifact stores the first list, the plan gives the rest):
+
+* stored: ``segments`` (packed codes per bit width), ``group_scale`` (one fp32 per *kept* group, segment
+  order), ``bias`` (fp32 per kept row or None). ``nbytes()`` counts exactly these and equals
+  ``nasq.quant.packing.tensor_nbytes`` of the plan.
+* derived (from the plan's group sizes and bits): ``row_scale = repeat(group_scale, kept_group_sizes)``
+  (computed inside jit, never stored), and ``out_index`` (original row of every kept row; carried as an int32
+  leaf for the scatter, not counted as payload).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nasq.errors import NasqError
+from nasq.quant.packing import BIAS_BYTES, SCALE_BYTES, pack_codes, unpack_codes
+from nasq.quant.quantizer import (
+    fake_quant_act_int8,
+    fake_quant_mixed,
+    quantize_act_int8,
+    quantize_codes,
+)
+
+
+def int8_matmul(x_codes, w_codes):
+    """``int8 [..., in] x int8 [rows, in] -> int32 [..., rows]`` (exact integer accumulation)."""
+    x_codes = jnp.asarray(x_codes)
+    w_codes = jnp.asarray(w_codes)
+    return jax.lax.dot_general(
+        x_codes,
+        w_codes,
+        dimension_numbers=(((x_codes.ndim - 1,), (1,)), ((), ())),
+        preferred_element_type=jnp.int32,
+    )
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """Bit-packed mixed-precision linear layer (a pytree; bit widths and sizes are static aux data).
+
+    Attributes:
+      segments: tuple of ``(bits, packed uint8 [R_b, packed_row_bytes(in, bits)])``, one per distinct
+        non-zero width, ascending bits; rows within a segment keep their original order.
+      group_scale: fp32 ``[G_kept]``, one step per kept group, segment order.
+      bias: fp32 ``[R_kept]`` (kept rows, segment order) or None.
+      out_index: int32 ``[R_kept]``, original row index of each kept row.
+      kept_group_sizes: static tuple, rows of each kept group (segment order).
+      in_features, out_features: static ints.
+    """
+
+    segments: tuple
+    group_scale: Any
+    bias: Any
+    out_index: Any
+    kept_group_sizes: tuple
+    in_features: int
+    out_features: int
+
+    def tree_flatten(self):
+        bits = tuple(int(b) for b, _ in self.segments)
+        packed = tuple(p for _, p in self.segments)
+        children = (packed, self.group_scale, self.bias, self.out_index)
+        aux = (bits, self.kept_group_sizes, self.in_features, self.out_features)
+        return children, aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        bits, kept_group_sizes, in_features, out_features = aux
+        packed, group_scale, bias, out_index = children
+        return cls(
+            tuple(zip(bits, packed, strict=True)),
+            group_scale,
+            bias,
+            out_index,
+            kept_group_sizes,
+            in_features,
+            out_features,
+        )
+
+    @property
+    def kept_rows(self) -> int:
+        return int(sum(self.kept_group_sizes))
+
+    @property
+    def row_scale(self):
+        """fp32 ``[R_kept]``: each kept row's group scale (derived; static repeat counts, jit friendly)."""
+        if not self.kept_group_sizes:
+            return jnp.zeros((0,), jnp.float32)
+        return jnp.repeat(
+            jnp.asarray(self.group_scale, jnp.float32),
+            np.asarray(self.kept_group_sizes),
+            total_repeat_length=self.kept_rows,
+        )
+
+    def unpacked_codes(self):
+        """int8 ``[R_kept, in]`` codes of all kept rows, segment order."""
+        if not self.segments:
+            return jnp.zeros((0, self.in_features), jnp.int8)
+        parts = [unpack_codes(p, b, self.in_features) for b, p in self.segments]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def nbytes(self) -> int:
+        """Stored payload bytes: packed codes + one fp32 scale per kept group + fp32 bias per kept row."""
+        n = sum(int(np.prod(np.shape(p))) for _, p in self.segments)
+        n += SCALE_BYTES * len(self.kept_group_sizes)
+        if self.bias is not None:
+            n += BIAS_BYTES * self.kept_rows
+        return n
+
+
+def _check_plan(rows: int, group_sizes, bits_per_group, scales_per_group):
+    sizes = [int(r) for r in group_sizes]
+    bits = [int(b) for b in bits_per_group]
+    if any(r <= 0 for r in sizes) or sum(sizes) != rows:
+        raise NasqError(f"group sizes {sizes} must be positive and sum to the {rows} weight rows")
+    if len(bits) != len(sizes) or len(np.atleast_1d(scales_per_group)) != len(sizes):
+        raise NasqError(
+            f"{len(sizes)} groups but {len(bits)} bit widths and {len(np.atleast_1d(scales_per_group))} scales;"
+            " give one of each per group"
+        )
+    for b in bits:
+        if not 0 <= b <= 8:
+            raise NasqError(f"bit width {b} is outside 0..8")
+    return sizes, bits
+
+
+def pack_linear(
+    w_rows,
+    bias,
+    group_sizes: Sequence[int],
+    bits_per_group: Sequence[int],
+    scales_per_group,
+    mode: str = "symmetric",
+) -> PackedLinear:
+    """Quantize (``quantize_codes``), drop pruned groups, and pack ``w_rows [out, in]`` per bit width.
+
+    ``scales_per_group`` ``[G]`` are the (learned) steps; entries of pruned groups are ignored.
+    """
+    w = np.asarray(w_rows, np.float32)
+    if w.ndim != 2:
+        raise NasqError(f"pack_linear expects a [out, in] weight, got shape {w.shape}")
+    sizes, bits = _check_plan(w.shape[0], group_sizes, bits_per_group, scales_per_group)
+    scales = np.asarray(scales_per_group, np.float32).reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    b_arr = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    if b_arr is not None and b_arr.shape[0] != w.shape[0]:
+        raise NasqError(f"bias has {b_arr.shape[0]} entries but the weight has {w.shape[0]} rows")
+
+    segments, gscale, kept_sizes, out_index, kept_bias = [], [], [], [], []
+    for b in sorted({b for b in bits if b > 0}):
+        seg_codes = []
+        for g, (r0, r, gb) in enumerate(zip(starts, sizes, bits, strict=True)):
+            if gb != b:
+                continue
+            codes = np.asarray(quantize_codes(w[r0 : r0 + r], scales[g], b, mode))
+            seg_codes.append(codes)
+            gscale.append(scales[g])
+            kept_sizes.append(r)
+            out_index.append(np.arange(r0, r0 + r))
+            if b_arr is not None:
+                kept_bias.append(b_arr[r0 : r0 + r])
+        segments.append((b, jnp.asarray(pack_codes(np.concatenate(seg_codes, axis=0), b))))
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros((0,), dt)
+    return PackedLinear(
+        segments=tuple(segments),
+        group_scale=jnp.asarray(np.asarray(gscale, np.float32).reshape(-1)),
+        bias=None if b_arr is None else jnp.asarray(cat(kept_bias, np.float32)),
+        out_index=jnp.asarray(cat(out_index, np.int32)),
+        kept_group_sizes=tuple(kept_sizes),
+        in_features=int(w.shape[1]),
+        out_features=int(w.shape[0]),
+    )
+
+
+def packed_linear_apply(x, p: PackedLinear, output: str = "scatter"):
+    """Integer forward of a ``PackedLinear``: ``x fp32 [..., in] -> fp32 [..., out]`` (or ``[..., R_kept]``).
+
+    ``output="scatter"``: original row order, exact zeros at pruned rows. ``output="compact"``: kept rows in
+    segment order (``p.out_index`` maps them back).
+    """
+    if output not in ("scatter", "compact"):
+        raise NasqError(f"output={output!r}; use 'scatter' or 'compact'")
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[-1] != p.in_features:
+        raise NasqError(f"input has {x.shape[-1]} features but the packed layer expects {p.in_features}")
+    lead = x.shape[:-1]
+    if p.kept_rows == 0:
+        y = jnp.zeros((*lead, 0), jnp.float32)
+    else:
+        xq, sx = quantize_act_int8(x)
+        acc = int8_matmul(xq, p.unpacked_codes())
+        y = acc.astype(jnp.float32) * sx * p.row_scale
+        if p.bias is not None:
+            y = y + p.bias
+    if output == "compact":
+        return y
+    return jnp.zeros((*lead, p.out_features), jnp.float32).at[..., p.out_index].set(y)
+
+
+def reference_linear(x, w_rows, bias, group_sizes, bits_per_group, scales_per_group, mode: str = "symmetric"):
+    """The fake-quant path the integer kernel must match: ``fq_act(x) @ fake_quant_mixed(W).T + b * kept``."""
+    sizes = np.asarray(group_sizes)
+    bits_rows = np.repeat(np.asarray(bits_per_group), sizes)
+    scale_rows = np.repeat(np.asarray(scales_per_group, np.float32), sizes)
+    wq = fake_quant_mixed(jnp.asarray(w_rows, jnp.float32), scale_rows, bits_rows, mode)
+    y = fake_quant_act_int8(x) @ wq.T
+    if bias is not None:
+        y = y + jnp.asarray(bias, jnp.float32) * jnp.asarray(bits_rows != 0, jnp.float32)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingTable(NamedTuple):
+    """Unpacked int8 embedding table for lookups: codes int8 ``[vocab, hidden]`` (zeros at pruned rows) and
+    fp32 ``row_scale [vocab]`` (0 at pruned rows)."""
+
+    codes: Any
+    row_scale: Any
+
+
+def pack_embedding(table, group_sizes, bits_per_group, scales, mode: str = "symmetric") -> PackedLinear:
+    """Pack a ``[vocab, hidden]`` table with row groups over the vocabulary (no bias)."""
+    return pack_linear(table, None, group_sizes, bits_per_group, scales, mode)
+
+
+def unpack_embedding(p: PackedLinear) -> EmbeddingTable:
+    """Unpack once (at load time) to a full int8 table + per-row scale in original row order."""
+    codes = jnp.zeros((p.out_features, p.in_features), jnp.int8)
+    scale = jnp.zeros((p.out_features,), jnp.float32)
+    if p.kept_rows:
+        codes = codes.at[p.out_index].set(p.unpacked_codes())
+        scale = scale.at[p.out_index].set(p.row_scale)
+    return EmbeddingTable(codes, scale)
+
+
+def embedding_lookup(ids, table):
+    """``table[ids]`` dequantized: ``codes[ids] * row_scale[ids]`` fp32 ``[..., hidden]``; pruned rows -> 0.
+
+    ``table`` is an ``EmbeddingTable`` (unpack once with ``unpack_embedding``); a ``PackedLinear`` is also
+    accepted but is then unpacked on every call.
+    """
+    if isinstance(table, PackedLinear):
+        table = unpack_embedding(table)
+    ids = jnp.asarray(ids)
+    return table.codes[ids].astype(jnp.float32) * table.row_scale[ids][..., None]
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+
+def _median_ms(fn, *args, n_iter: int, n_warmup: int = 2) -> float:
+    for _ in range(n_warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(n_iter):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def bench_int_vs_fp32(
+    batch: int, seq: int, in_f: int, out_f: int, bits, n_groups: int = 1, n_iter: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """Median wall time (ms) of the jitted packed int linear vs a jitted fp32 ``x @ W.T + b``.
+
+    ``bits`` is one width for all ``n_groups`` groups or a sequence of widths (one per group).
+    Returns ``{"int_ms": ..., "fp32_ms": ...}``.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32) * 0.05
+    b = rng.standard_normal(out_f).astype(np.float32) * 0.01
+    x = jnp.asarray(rng.standard_normal((batch, seq, in_f)).astype(np.float32))
+    bits_g = [int(bits)] * n_groups if np.ndim(bits) == 0 else [int(v) for v in bits]
+    sizes = [len(a) for a in np.array_split(np.arange(out_f), len(bits_g))]
+    scales = np.full(len(bits_g), 0.02, np.float32)
+    p = pack_linear(w, b, sizes, bits_g, scales)
+    int_fn = jax.jit(packed_linear_apply)
+    fp_fn = jax.jit(lambda x, w, b: x @ w.T + b)
+    return {
+        "int_ms": _median_ms(int_fn, x, p, n_iter=n_iter),
+        "fp32_ms": _median_ms(fp_fn, x, jnp.asarray(w), jnp.asarray(b), n_iter=n_iter),
+    }

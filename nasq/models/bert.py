@@ -1,0 +1,285 @@
+"""A Flax NNX BERT encoder (post-LN, HF naming) with classification / regression heads.
+
+Attribute names follow Hugging Face's `BertModel`, so module paths read like HF's
+(`encoder.layer.3.attention.self.query`) and checkpoints map one-to-one (see `nasq.models.loading`).
+Every dense layer is a `Linear`; quantization swaps them for other modules by pure model surgery
+(`nasq.models.surgery.replace_modules`) without touching this file.
+
+Dropout is functional: `__call__` takes an optional PRNG key; `None` means deterministic (eval). The key
+for each dropout site is `fold_in(key, site_id)`, so a training step is reproducible from (seed, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nasq.errors import NasqError
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The subset of HF `BertConfig` fields this model uses."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "BertConfig":
+        model_type = d.get("model_type", "bert")
+        if model_type not in ("bert",):
+            raise NasqError(
+                f"{source}: model_type {model_type!r} is not supported; nasq implements the BERT architecture "
+                "(model_type 'bert', e.g. all-MiniLM-L6-v2, bert-base-uncased)."
+            )
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise NasqError(f"{source}: only position_embedding_type 'absolute' is supported.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise NasqError(
+                f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                f"{cfg.num_attention_heads}."
+            )
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise NasqError(f"{source}: hidden_act {cfg.hidden_act!r} unsupported; use one of {sorted(_ACTIVATIONS)}.")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BertConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NasqError(f"{path}: config.json not found; a model directory needs an HF config.json.") from None
+        except json.JSONDecodeError as e:
+            raise NasqError(f"{path}: not valid JSON ({e}).") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        return {"model_type": "bert", **dataclasses.asdict(self)}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, site: int) -> jax.Array:
+    """Inverted dropout at `rate`; identity when `key is None` (eval) or `rate == 0`."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias` with `kernel` of shape (in, out) (Flax layout; HF stores its transpose)."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...] + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    """Token-id lookup in a (num_embeddings, features) table."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (num_embeddings, features)))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, fp32 statistics (HF: `weight`/`bias`, here `scale`/`bias`)."""
+
+    def __init__(self, features: int, eps: float):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,)))
+        self.bias = nnx.Param(jnp.zeros((features,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, input_ids, token_type_ids, key):
+        seq = input_ids.shape[-1]
+        if seq > self.cfg.max_position_embeddings:
+            raise NasqError(
+                f"sequence length {seq} exceeds max_position_embeddings {self.cfg.max_position_embeddings}; "
+                "lower --set model.max_len."
+            )
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(jnp.arange(seq))[None]
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return dropout(self.LayerNorm(x), self.cfg.hidden_dropout_prob, key, 0)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.query = Linear(h, h, rngs=rngs)
+        self.key = Linear(h, h, rngs=rngs)
+        self.value = Linear(h, h, rngs=rngs)
+
+    def __call__(self, x, mask_bias, key):
+        b, s, _ = x.shape
+        nh, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+
+        def heads(t):
+            return t.reshape(b, s, nh, hd)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
+        probs = dropout(jax.nn.softmax(scores, axis=-1), self.cfg.attention_probs_dropout_prob, key, 1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, nh * hd)
+
+
+class BertSelfOutput(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, h, residual, key):
+        return self.LayerNorm(dropout(self.dense(h), self.cfg.hidden_dropout_prob, key, 2) + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(cfg, rngs=rngs)
+        self.output = BertSelfOutput(cfg, rngs=rngs)
+
+    def __call__(self, x, mask_bias, key):
+        return self.output(self.self(x, mask_bias, key), x, key)
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.act = cfg.hidden_act
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+
+    def __call__(self, x):
+        return _ACTIVATIONS[self.act](self.dense(x))
+
+
+class BertOutput(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dense = Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, h, residual, key):
+        return self.LayerNorm(dropout(self.dense(h), self.cfg.hidden_dropout_prob, key, 3) + residual)
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, rngs=rngs)
+        self.intermediate = BertIntermediate(cfg, rngs=rngs)
+        self.output = BertOutput(cfg, rngs=rngs)
+
+    def __call__(self, x, mask_bias, key):
+        a = self.attention(x, mask_bias, key)
+        return self.output(self.intermediate(a), a, key)
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.layer = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, x, mask_bias, key, *, return_hidden: bool = False):
+        hidden = [x]
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask_bias, None if key is None else jax.random.fold_in(key, 100 + i))
+            hidden.append(x)
+        return (x, hidden) if return_hidden else (x, None)
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.dense(x[:, 0]))
+
+
+class BertModel(nnx.Module):
+    """BERT encoder + pooler. Returns `(sequence_output, pooled_output, hidden_states | None)`."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+        self.encoder = BertEncoder(cfg, rngs=rngs)
+        self.pooler = BertPooler(cfg, rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_hidden=False):
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        x = self.embeddings(input_ids, token_type_ids, key)
+        x, hidden = self.encoder(x, mask_bias, key, return_hidden=return_hidden)
+        return x, self.pooler(x), hidden
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT + dropout + linear head; `num_labels == 1` is regression (STS-B)."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.num_labels = num_labels
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.classifier = Linear(cfg.hidden_size, num_labels, rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_hidden=False):
+        """Logits `[batch, num_labels]` (and the list of hidden states if `return_hidden`)."""
+        _, pooled, hidden = self.bert(
+            input_ids, token_type_ids, attention_mask, key=key, return_hidden=return_hidden
+        )
+        logits = self.classifier(dropout(pooled, self.config.hidden_dropout_prob, key, 4))
+        return (logits, hidden) if return_hidden else logits

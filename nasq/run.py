@@ -1,0 +1,169 @@
+"""Run directories: config snapshot, orbax checkpoints, JSONL metrics, atomic writes, progress.
+
+Layout of a run directory::
+
+    RUN/config.yaml        the resolved config (snapshot; `--resume` reads it back)
+    RUN/run.json           kind of run (finetune / qat / search), model dir, versions, status
+    RUN/metrics.jsonl      one JSON object per logged step / eval
+    RUN/checkpoints/N/     orbax checkpoints (latest kept + one before)
+    RUN/model/             final weights (`weights.safetensors`) + config.json + tokenizer (finetune/qat)
+
+Nothing is overwritten unless the user passes `--overwrite`; `--resume` continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from nasq.config import Config
+from nasq.errors import NasqError
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write a file via a temp file in the same directory + `os.replace` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an existing file or non-empty directory unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise NasqError(f"{path} already exists; pass --overwrite to replace it (or --resume to continue a run).")
+    return path
+
+
+class RunDir:
+    """A run directory opened for a new run, an overwrite, or a resume."""
+
+    def __init__(self, path: str | Path, *, kind: str, config: Config | None, resume: bool, overwrite: bool):
+        self.path = Path(path)
+        self.kind = kind
+        if resume:
+            if not (self.path / "config.yaml").is_file():
+                raise NasqError(f"--resume: {self.path} is not a nasq run directory (no config.yaml).")
+            info = self.info()
+            if info.get("kind") != kind:
+                raise NasqError(f"--resume: {self.path} is a {info.get('kind')!r} run, not {kind!r}.")
+            self.config = Config.model_validate(yaml.safe_load((self.path / "config.yaml").read_text()))
+        else:
+            if config is None:
+                raise ValueError("config required for a new run")
+            check_output_path(self.path, overwrite)
+            if self.path.exists() and overwrite:
+                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.config = config
+            write_atomic(self.path / "config.yaml", config.to_yaml())
+            self.write_info(kind=kind, status="running", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    # -- run.json ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.path / "run.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def write_info(self, **updates) -> None:
+        info = {**self.info(), **updates}
+        write_atomic(self.path / "run.json", json.dumps(info, indent=2))
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in record.items()}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop records logged after the restored checkpoint (they will be logged again)."""
+        p = self.path / "metrics.jsonl"
+        if not p.is_file():
+            return
+        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_atomic(p, "".join(ln + "\n" for ln in keep))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        if not hasattr(self, "_mngr"):
+            self._mngr = ocp.CheckpointManager(
+                (self.path / "checkpoints").resolve(),
+                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
+            )
+        return self._mngr
+
+    def save_checkpoint(self, step: int, arrays: dict[str, Any], meta: dict) -> None:
+        """`arrays`: flat {name: array}; `meta`: JSON-able (step, rng seed, controller state...)."""
+        import orbax.checkpoint as ocp
+
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        m = self._manager()
+        m.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+               force=True)
+        m.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self._manager().latest_step()
+
+    def restore_checkpoint(self, like: dict[str, Any], step: int | None = None) -> tuple[dict, dict]:
+        import orbax.checkpoint as ocp
+
+        m = self._manager()
+        step = m.latest_step() if step is None else step
+        if step is None:
+            raise NasqError(f"--resume: {self.path} has no checkpoint yet; start it again without --resume.")
+        abstract = {k: np.asarray(v) for k, v in like.items()}
+        try:
+            r = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise NasqError(f"{self.path}/checkpoints/{step}: cannot restore checkpoint ({type(e).__name__}: {e}).") from None
+        return dict(r["state"]), dict(r["meta"])
+
+
+class Progress:
+    """A tqdm bar with loss / size-vs-budget postfix and ETA; quiet when not a TTY and in CI logs it prints lines."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = ""):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                        disable=os.environ.get("NASQ_NO_PROGRESS") == "1")
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def check_finite(step: int, **values: float) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(float(v))}
+    if bad:
+        raise NasqError(
+            f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped. The last good "
+            "checkpoint is kept: lower the learning rate (--set train.lr=...) and continue with --resume."
+        )

@@ -1,0 +1,159 @@
+"""Fine-tuning: fp32 (the teacher / accuracy reference) and quantization-aware (a fixed plan + KD).
+
+One loop serves both: the model is either the plain BERT or the plan-applied one (`nasq.plan.apply_plan`,
+fake-quant `QuantLinear`s with learned LSQ scales); the loss adds the KD term when a teacher is given.
+Teacher logits are computed once for the training rows and cached (the teacher is frozen).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nasq.config import Config
+from nasq.data.batching import iterate_batches
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.run import Progress, RunDir, check_finite
+from nasq.train.common import (
+    TaskData,
+    evaluate,
+    flatten,
+    kd_loss,
+    load_model_dir,
+    load_task_data,
+    lr_schedule,
+    predict_logits,
+    save_model_dir,
+    task_loss,
+    total_steps,
+    unflatten_like,
+    weight_optimizer,
+)
+
+
+def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, dict | None]:
+    """The model to train: pretrained BERT (fp32) or, with `cfg.plan`, its plan-quantized version.
+
+    For QAT the starting weights are the teacher's fine-tuned weights when a teacher run is given
+    (the usual recipe: quantize a fine-tuned model), else the pretrained checkpoint.
+    """
+    num_labels = data.task.num_labels
+    if cfg.kd.teacher:
+        model, _ = load_model_dir(cfg.kd.teacher)
+        if model.num_labels != num_labels:
+            raise NasqError(f"teacher {cfg.kd.teacher} has {model.num_labels} labels; task {data.task.name} "
+                            f"needs {num_labels}.")
+    else:
+        model, _, report = load_pretrained(data.model_dir, num_labels, seed=cfg.train.seed)
+        if report.new_head:
+            log(f"initialised a new task head: {', '.join(report.new_head)}")
+    plan = None
+    if cfg.plan:
+        from nasq.plan import Plan, apply_plan
+
+        plan_obj = Plan.load(cfg.plan)
+        model = apply_plan(model, plan_obj)
+        plan = plan_obj.to_dict()
+    return model, plan
+
+
+def teacher_logits_for(cfg: Config, data: TaskData) -> np.ndarray | None:
+    if not cfg.kd.teacher or cfg.kd.beta == 0:
+        return None
+    teacher, _ = load_model_dir(cfg.kd.teacher)
+    return predict_logits(teacher, data.train, cfg.data.eval_batch_size, data.buckets)
+
+
+def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, kd_temperature: float):
+    """Jitted `(params, opt_state, batch, key, teacher_logits) -> (params, opt_state, metrics)`."""
+
+    @jax.jit
+    def step(params, opt_state, batch, key, teacher_logits):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, rest)(batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                                                  key=key)
+            lt = task_loss(logits, batch.labels, batch.weights, is_regression)
+            loss = lt
+            lkd = jnp.float32(0)
+            if teacher_logits is not None:
+                lkd = kd_loss(logits, teacher_logits, batch.weights, kd_temperature, is_regression)
+                loss = lt + kd_beta * lkd
+            return loss, (lt, lkd)
+
+        (loss, (lt, lkd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "task_loss": lt, "kd_loss": lkd,
+                                   "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+             log=print) -> Path:
+    """Train into run directory `out`; returns the path. `cfg.plan` set -> QAT, `cfg.kd.teacher` set -> KD."""
+    kind = "qat" if cfg.plan else "finetune"
+    run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
+    cfg = run.config
+    data = load_task_data(cfg)
+    model, plan = build_student(cfg, data, log=log)
+    steps = total_steps(cfg.train, data)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = weight_optimizer(cfg.train, steps)
+    opt_state = tx.init(params)
+    start = 0
+    if resume and run.latest_step() is not None:
+        flat, meta = run.restore_checkpoint({**flatten(params, "params."), **flatten(opt_state, "opt.")})
+        params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
+        start = int(meta["step"])
+        run.truncate_metrics(start)
+        log(f"resumed {run.path} at step {start}/{steps}")
+    teacher = teacher_logits_for(cfg, data)
+    step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
+                              kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature)
+    schedule = lr_schedule(cfg.train, steps)
+    base_key = jax.random.key(cfg.train.seed)
+    run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
+                   train_rows=len(data.train), status="running")
+    bar = Progress(steps, start, desc=kind)
+    t0, last_ckpt = time.time(), start
+    step = start
+    batches = iterate_batches(data.train, cfg.train.batch_size, data.buckets, cfg.train.seed, start_step=start)
+    for step, epoch, batch in batches:
+        if step >= steps:
+            break
+        tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
+        params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == steps:
+            m = {k: float(v) for k, v in m.items()}
+            check_finite(done, **m)
+            run.log({"step": done, "epoch": epoch, "lr": float(schedule(step)), **m,
+                     "elapsed_s": round(time.time() - t0, 2)})
+            bar.update(done - bar.bar.n, loss=m["loss"], lr=float(schedule(step)))
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+            ev = evaluate(nnx.merge(graphdef, params, rest), data, cfg.data.eval_batch_size)
+            run.log({"step": done, "split": "dev", **ev})
+        if done - last_ckpt >= cfg.train.checkpoint_every and done < steps:
+            run.save_checkpoint(done, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": done})
+            last_ckpt = done
+    bar.close()
+    model = nnx.merge(graphdef, params, rest)
+    wall = time.time() - t0
+    ev = evaluate(model, data, cfg.data.eval_batch_size)
+    run.log({"step": steps, "split": "dev", **ev})
+    save_model_dir(run.path / "model", model, source_model_dir=data.model_dir, num_labels=data.task.num_labels,
+                   task=data.task.name, plan=plan)
+    run.save_checkpoint(steps, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": steps})
+    trained = steps - start
+    run.write_info(status="done", dev=ev, wall_s=round(wall, 1),
+                   s_per_step=round(wall / max(trained, 1), 4))
+    log(f"{kind} done: {steps} steps, dev {ev}, {wall:.0f}s -> {run.path}")
+    return run.path
