@@ -1,6 +1,6 @@
 """`nasq` command line: a thin layer over the library (see `nasq --help`).
 
-Every command shares the flags of `_add_common`; their values land in the one typed `Config`
+Every command shares the flags of `add_common`; their values land in the one typed `Config`
 (precedence: defaults < preset < --config FILE < flags < --set). User errors exit 2 with a one-paragraph
 message and no traceback.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from nasq.errors import NasqError
 
 
-def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     g = p.add_argument_group("shared")
     g.add_argument("--model", help="alias (minilm-l6), local model dir, or hub id")
     g.add_argument("--task", help="GLUE task: sst2, mrpc, cola, stsb, qqp, mnli, qnli, rte, wnli")
@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def _budget_flags(p: argparse.ArgumentParser) -> None:
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget (exactly one)")
     g.add_argument("--budget-mb", type=float, help="size budget in MB (10^6 bytes)")
     g.add_argument("--avg-bits", type=float, help="size of every searched weight at this many bits")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("finetune", help="fp32 fine-tune, or QAT with --plan and --teacher")
-    _add_common(f)
+    add_common(f)
     f.add_argument("--plan", help="plan.json: quantization-aware fine-tune of this plan")
     f.add_argument("--teacher", help="fp32 run directory used as KD teacher")
     f.set_defaults(fn=cmd_finetune)
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="dev-set metric of a run (fake-quant) or an artifact (int kernels)")
     e.add_argument("run", nargs="?", help="run directory")
     e.add_argument("--artifact", help="exported .nasq artifact (runs the integer kernels)")
-    _add_common(e, out=False)
+    add_common(e, out=False)
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="timing ratios: train-step, search-step, infer")
@@ -138,10 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=64)
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--artifact", help="artifact for `bench infer`")
-    _add_common(b)
-    _budget_flags(b)
+    add_common(b)
+    add_budget_flags(b)
     b.set_defaults(fn=cmd_bench)
+
+    # Further commands live in nasq/commands/<name>.py, each with `register(subparsers)`.
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"nasq.commands.{name}").register(sub)
     return p
+
+
+# Modules under nasq/commands/ that add subcommands (each defines `register(subparsers)`).
+COMMAND_MODULES: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:
