@@ -64,6 +64,7 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
     for k in ("budget_mb", "avg_bits", "ratio", "latency_ms", "convention", "space"):
         put("search", k, getattr(args, k, None))
     put("kd", "teacher", getattr(args, "teacher", None))
+    put("search", "mode", getattr(args, "mode", None))
     if getattr(args, "plan", None):
         flags["plan"] = args.plan
     layers.append(("command-line flags", flags))
@@ -82,6 +83,15 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from nasq.search.loop import search
+
+    if not args.out:
+        raise NasqError("search needs --out DIR (the run directory).")
+    search(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -97,7 +107,7 @@ def cmd_eval(args) -> int:
         return 0
     if not args.run:
         raise NasqError("eval needs a RUN directory or --artifact FILE.")
-    model, meta = load_model_dir(args.run)
+    model, _meta = load_model_dir(args.run)
     run_cfg_path = Path(args.run) / "config.yaml"
     base = Config.model_validate(__import__("yaml").safe_load(run_cfg_path.read_text())) if run_cfg_path.is_file() else None
     preset = base.model_dump(mode="json") if base else {}
@@ -126,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher", help="fp32 run directory used as KD teacher")
     f.set_defaults(fn=cmd_finetune)
 
+    s = sub.add_parser("search", help="supernet search under a size / latency budget")
+    add_common(s)
+    add_budget_flags(s)
+    s.add_argument("--teacher", help="fp32 fine-tune run: starting weights and KD teacher")
+    s.add_argument("--mode", choices=["bilevel", "single"], help="bi-level (DARTS) or single-level (EdMIPS)")
+    s.set_defaults(fn=cmd_search)
+
     e = sub.add_parser("eval", help="dev-set metric of a run (fake-quant) or an artifact (int kernels)")
     e.add_argument("run", nargs="?", help="run directory")
     e.add_argument("--artifact", help="exported .nasq artifact (runs the integer kernels)")
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=64)
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--artifact", help="artifact for `bench infer`")
+    b.add_argument("--teacher", help="fp32 run directory: the fp32 JAX baseline of `bench infer`")
     add_common(b)
     add_budget_flags(b)
     b.set_defaults(fn=cmd_bench)
@@ -151,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules under nasq/commands/ that add subcommands (each defines `register(subparsers)`).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["finalize", "export"]
 
 
 def main(argv: list[str] | None = None) -> int:

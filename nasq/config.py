@@ -69,9 +69,7 @@ class SearchConfig(_Section):
     tau_end: float = Field(0.2, gt=0)
     gumbel: bool = False
     gate_init: Literal["uniform", "high_bits"] = "uniform"
-    # Budget controller (dual ascent on lambda): lambda <- max(0, lambda + lr * (E[size]/budget - 1)).
-    lambda_init: float = Field(0.0, ge=0)
-    lambda_lr: float = Field(0.5, gt=0)
+    # The budget is enforced by an exact dual price solved every step (nasq.search.loop): no penalty weight.
     warmup_steps: int = Field(0, ge=0)  # weight-only steps before gates move
 
     @model_validator(mode="after")

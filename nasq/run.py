@@ -136,7 +136,7 @@ class RunDir:
         try:
             r = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                          meta=ocp.args.JsonRestore()))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise NasqError(f"{self.path}/checkpoints/{step}: cannot restore checkpoint ({type(e).__name__}: {e}).") from None
         return dict(r["state"]), dict(r["meta"])
 

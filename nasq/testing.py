@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-TINY_CONFIG = dict(
-    model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    intermediate_size=64, hidden_act="gelu", max_position_embeddings=128, type_vocab_size=2,
-    layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0,
-)
+TINY_CONFIG = {
+    "model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 128, "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0,
+}
 
 
 def make_tiny_checkpoint(path: str | Path, seed: int = 0, **overrides) -> Path:

@@ -40,7 +40,7 @@ class BertConfig:
     pad_token_id: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "BertConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> BertConfig:
         model_type = d.get("model_type", "bert")
         if model_type not in ("bert",):
             raise NasqError(
@@ -61,7 +61,7 @@ class BertConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "BertConfig":
+    def from_json(cls, path: str | Path) -> BertConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())

@@ -69,7 +69,7 @@ def resolve_model_dir(ref: str | Path) -> Path:
                 ref_s, allow_patterns=["*.json", "*.safetensors", "vocab.txt", "*.model", "merges.txt"]
             )
         )
-    except Exception as e:  # offline, unknown repo, ...
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...: all become a user hint
         raise NasqError(
             f"could not fetch model {ref_s!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Offline, pass a local directory with config.json + model.safetensors (--model PATH), or use the "
@@ -90,7 +90,7 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     for f in files:
         try:
             tensors.update(load_file(str(f)))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise NasqError(f"{f}: cannot read safetensors file ({e}).") from None
     return tensors
 
@@ -116,7 +116,7 @@ _ALT_NAMES = {".weight": (".gamma",), ".bias": (".beta",)}
 def load_bert_weights(model: BertForSequenceClassification, tensors: dict[str, np.ndarray], source: str):
     """Copy checkpoint tensors into `model` in place; returns (new_head, ignored) name tuples."""
     # Normalise checkpoint names: strip a `bert.` prefix.
-    ckpt = {(k[5:] if k.startswith("bert.") else k): v for k, v in tensors.items()}
+    ckpt = {(k.removeprefix("bert.")): v for k, v in tensors.items()}
     state = nnx.state(model, nnx.Param)
     used, missing, new_head, mismatched = set(), [], [], []
     updates = {}
@@ -128,11 +128,11 @@ def load_bert_weights(model: BertForSequenceClassification, tensors: dict[str, n
             (new_head if name.startswith(HEAD_PREFIXES) else missing).append(name)
             continue
         arr = ckpt[found].T if transpose else ckpt[found]
-        if arr.shape != var.value.shape:
-            mismatched.append(f"{found}: checkpoint {ckpt[found].shape} vs model {var.value.shape}")
+        if arr.shape != var[...].shape:
+            mismatched.append(f"{found}: checkpoint {ckpt[found].shape} vs model {var[...].shape}")
             continue
         used.add(found)
-        updates[path] = jnp.asarray(arr, dtype=var.value.dtype)
+        updates[path] = jnp.asarray(arr, dtype=var[...].dtype)
     unexpected = sorted(k for k in ckpt if k not in used and not k.startswith(IGNORED_PREFIXES + HEAD_PREFIXES))
     problems = []
     if missing:
@@ -177,5 +177,5 @@ def load_tokenizer(model_dir: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise NasqError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {e}).") from None

@@ -7,7 +7,7 @@ The input model is never mutated, so supernet -> discrete -> packed are three va
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
 

@@ -3,8 +3,9 @@
 Two families, both fake-quant (float tensors holding exactly representable quantized values):
 
 * **Supernet** (`GatedLinear`, `GatedEmbedding`): per row-group gate logits `alpha_g in R^C` over the bit
-  choices `c`; probabilities `p_g = softmax((alpha_g + eps) / tau)` (eps = Gumbel noise, optional) and the
-  EdMIPS composite weight
+  choices `c`; probabilities `p_g = softmax((alpha_g - mu * k_g + eps) / tau)` where `k_{g,c}` is the group's
+  normalised cost at choice `c` (bytes or ms, `nasq.search.cost`), `mu >= 0` the budget price set by the search
+  loop (`nasq.search.loop.solve_price`) and eps Gumbel noise (optional); then the EdMIPS composite weight
 
       W~_g = sum_c p_{g,c} * Q_{b_c}(W_g; s_{g,c}),     b~_g = (1 - p_{g,0}) * b_g   (if 0 = pruned is a choice)
 
@@ -12,13 +13,13 @@ Two families, both fake-quant (float tensors holding exactly representable quant
 * **Fixed plan** (`QuantLinear`, `QuantEmbedding`): one bit width and one learned step per group;
   pruned groups give exactly zero rows and zero bias, matching the exported integer model.
 
-The temperature and the Gumbel key live in `SearchContext` variables (not trainable); the search loop sets
-them each step with `set_search_context`.
+The temperature, price and Gumbel key live in `SearchContext` variables (not trainable); the search loop sets
+them each step with `set_search_context`. The cost table `k` is a constant `CostTable` variable.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,25 +40,31 @@ class GateLogits(nnx.Variable):
 
 
 class SearchContext(nnx.Variable):
-    """Non-trainable per-step inputs of the supernet: temperature and Gumbel key."""
+    """Non-trainable per-step inputs of the supernet: temperature, budget price and Gumbel key."""
+
+
+class CostTable(nnx.Variable):
+    """Constant normalised cost `k [G, C]` of each (group, choice) (set by the search loop)."""
 
 
 def _row_groups(group_sizes: Sequence[int]) -> np.ndarray:
     return np.repeat(np.arange(len(group_sizes)), np.asarray(group_sizes))
 
 
-def gate_probs(alpha: jax.Array, tau: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    """`softmax((alpha + Gumbel) / tau)` over the last axis; no noise when `key` is None."""
+def gate_probs(alpha: jax.Array, tau: jax.Array, key: jax.Array | None = None, price: jax.Array = 0.0,
+               cost: jax.Array | None = None) -> jax.Array:
+    """`softmax((alpha - price * cost + Gumbel) / tau)` over the last axis; no noise when `key` is None."""
+    logits = alpha if cost is None else alpha - price * cost
     if key is not None:
-        alpha = alpha + jax.random.gumbel(key, alpha.shape, alpha.dtype)
-    return jax.nn.softmax(alpha / tau, axis=-1)
+        logits = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+    return jax.nn.softmax(logits / tau, axis=-1)
 
 
 class _Gated(nnx.Module):
     """Shared gate machinery of the supernet layers."""
 
     def _init_gates(self, w_rows: np.ndarray, path: str, group_sizes, choices, mode: str, gate_init: str,
-                    layer_id: int):
+                    layer_id: int, cost: np.ndarray | None):
         self.path = path
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.choices = tuple(int(c) for c in choices)
@@ -70,15 +77,23 @@ class _Gated(nnx.Module):
         if gate_init == "high_bits":  # start near the largest width (a fine-tuned model is near it)
             a[:, int(np.argmax(self.choices))] = 2.0
         self.alpha = GateLogits(jnp.asarray(a))
-        self.context = SearchContext({"tau": jnp.float32(1.0), "key": jax.random.key_data(jax.random.key(0)),
-                                      "gumbel": jnp.bool_(False)})
+        self.cost = CostTable(jnp.zeros((G, C), jnp.float32) if cost is None else jnp.asarray(cost, jnp.float32))
+        self.context = SearchContext({"tau": jnp.float32(1.0), "price": jnp.float32(0.0),
+                                      "key": jax.random.key_data(jax.random.key(0)), "gumbel": jnp.bool_(False)})
 
-    def probs(self) -> jax.Array:
-        ctx = self.context.value
+    def probs(self, noise: bool = True) -> jax.Array:
+        """Gate probabilities `[G, C]` at the context's temperature and price (Gumbel noise if enabled)."""
+        ctx = self.context.get_value()
+        args = {"price": ctx["price"], "cost": self.cost[...]}
+        clean = gate_probs(self.alpha[...], ctx["tau"], **args)
+        if not noise:
+            return clean
         key = jax.random.fold_in(jax.random.wrap_key_data(ctx["key"]), self.layer_id)
-        noisy = gate_probs(self.alpha[...], ctx["tau"], key)
-        clean = gate_probs(self.alpha[...], ctx["tau"])
-        return jnp.where(ctx["gumbel"], noisy, clean)
+        return jnp.where(ctx["gumbel"], gate_probs(self.alpha[...], ctx["tau"], key, **args), clean)
+
+    def effective_logits(self) -> jax.Array:
+        """`alpha - price * cost`: the logits whose softmax the network was trained with (what finalize reads)."""
+        return self.alpha[...] - self.context.get_value()["price"] * self.cost[...]
 
     def _composite(self, w_rows: jax.Array, rows_idx: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Composite weight rows and the per-row keep probability (1 - p_pruned)."""
@@ -99,11 +114,12 @@ class _Gated(nnx.Module):
 
 class GatedLinear(_Gated):
     def __init__(self, lin: Linear, path: str, group_sizes, choices, *, mode: str = "symmetric",
-                 gate_init: str = "uniform", layer_id: int = 0):
+                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None):
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.kernel = nnx.Param(lin.kernel[...])
         self.bias = nnx.Param(lin.bias[...])
-        self._init_gates(np.asarray(lin.kernel[...]).T, path, group_sizes, choices, mode, gate_init, layer_id)
+        self._init_gates(np.asarray(lin.kernel[...]).T, path, group_sizes, choices, mode, gate_init, layer_id,
+                         cost)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w_tilde, keep = self._composite(self.kernel[...].T)
@@ -114,16 +130,17 @@ class GatedEmbedding(_Gated):
     """Supernet embedding: only the looked-up rows are quantized (cost ~ tokens, not vocabulary)."""
 
     def __init__(self, emb: Embedding, path: str, group_sizes, choices, *, mode: str = "symmetric",
-                 gate_init: str = "uniform", layer_id: int = 0):
+                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None):
         self.num_embeddings, self.features = emb.num_embeddings, emb.features
         self.embedding = nnx.Param(emb.embedding[...])
-        self._init_gates(np.asarray(emb.embedding[...]), path, group_sizes, choices, mode, gate_init, layer_id)
+        self._init_gates(np.asarray(emb.embedding[...]), path, group_sizes, choices, mode, gate_init, layer_id,
+                         cost)
         self.row_group = nnx.Variable(jnp.asarray(_row_groups(self.group_sizes), jnp.int32))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         flat = ids.reshape(-1)
         rows = jnp.take(self.embedding[...], flat, axis=0)
-        w_tilde, keep = self._composite(rows, rows_idx=self.row_group[...][flat])
+        w_tilde, _keep = self._composite(rows, rows_idx=self.row_group[...][flat])
         return (w_tilde).reshape(*ids.shape, self.features)
 
 
@@ -181,16 +198,47 @@ class QuantEmbedding(nnx.Module):
         return fake_quant_mixed(self.embedding[...], self.scales[...][gid], self.rows_bits(), self.mode)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.quantized_weight(), ids, axis=0)
+        """Quantize only the looked-up rows: `sum_b [bits(row) == b] * Q_b(W[ids]; s[group(ids)])`.
+
+        Equals `quantized_weight()[ids]` (forward, bit for bit); cost ~ tokens, not vocabulary size. The step
+        gradient uses the same per-row LSQ scale as `quantized_weight` (`1/sqrt(features * qp_b)`).
+        """
+        flat = ids.reshape(-1)
+        rows = jnp.take(self.embedding[...], flat, axis=0)
+        if len(self.group_sizes) == self.num_embeddings:
+            gid = flat
+        else:
+            gid = jnp.take(jnp.asarray(_row_groups(self.group_sizes), jnp.int32), flat)
+        s = jnp.take(self.scales[...], gid)[:, None]
+        distinct = sorted(set(self.bits))
+        if len(distinct) == 1:
+            out = self._fq_rows(rows, s, distinct[0])
+        else:
+            row_bits = jnp.take(jnp.asarray(self.rows_bits(), jnp.int32), flat)[:, None]
+            out = jnp.zeros_like(rows)
+            for b in distinct:
+                if b:
+                    out = out + jnp.where(row_bits == b, self._fq_rows(rows, s, b), 0)
+        return out.reshape(*ids.shape, self.features)
+
+    def _fq_rows(self, rows: jax.Array, s: jax.Array, bits: int) -> jax.Array:
+        if bits == 0:
+            return jnp.zeros_like(rows)
+        qp = max(2 ** (bits - 1) - 1, 1)
+        return fake_quant(rows, s, bits, self.mode, grad_scale=1.0 / np.sqrt(self.features * qp))
 
 
 # ----------------------------------------------------------------------------------------------- surgery
 def _strip(path: str) -> str:
-    return path[5:] if path.startswith("bert.") else path
+    return path.removeprefix("bert.")
 
 
-def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_init: str = "uniform") -> nnx.Module:
-    """A copy of `model` whose searched Linear/Embedding modules (`SearchedTensor`s) are gated."""
+def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_init: str = "uniform",
+                costs: list[np.ndarray] | None = None) -> nnx.Module:
+    """A copy of `model` whose searched Linear/Embedding modules (`SearchedTensor`s) are gated.
+
+    `costs[i]` is tensor i's normalised cost table `[G, C]` used by the budget price (zeros if None).
+    """
     by_path = {t.path: t for t in tensors}
     ids = {t.path: i for i, t in enumerate(tensors)}
 
@@ -199,7 +247,9 @@ def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_ini
         if t is None:
             return None
         cls = GatedEmbedding if isinstance(mod, Embedding) else GatedLinear
-        return cls(mod, t.path, t.group_sizes, t.choices, mode=mode, gate_init=gate_init, layer_id=ids[t.path])
+        i = ids[t.path]
+        return cls(mod, t.path, t.group_sizes, t.choices, mode=mode, gate_init=gate_init, layer_id=i,
+                   cost=None if costs is None else costs[i])
 
     return replace_modules(model, fn)
 
@@ -209,13 +259,13 @@ def gated_modules(model: nnx.Module) -> list[_Gated]:
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, _Gated)]
 
 
-def set_search_context(state, tau: float, key: jax.Array, gumbel: bool):
-    """Return `state` with every `SearchContext` set to (tau, key, gumbel) (pure; works under jit)."""
+def set_search_context(state, tau, key: jax.Array, gumbel: bool, price=0.0):
+    """Return `state` with every `SearchContext` set to (tau, price, key, gumbel) (pure; works under jit)."""
 
     def upd(v):
         if isinstance(v, SearchContext):
-            return v.replace(value={"tau": jnp.asarray(tau, jnp.float32), "key": jax.random.key_data(key),
-                                    "gumbel": jnp.asarray(gumbel)})
+            return v.replace(value={"tau": jnp.asarray(tau, jnp.float32), "price": jnp.asarray(price, jnp.float32),
+                                    "key": jax.random.key_data(key), "gumbel": jnp.asarray(gumbel)})
         return v
 
     return jax.tree.map(upd, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,72 @@
+"""`nasq finalize RUN --out plan.json`: a search run's gates -> a discrete plan within the budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from nasq.errors import NasqError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finalize",
+        help="turn a search run's gate logits into plan.json (guaranteed within the size budget)",
+        description=__doc__,
+    )
+    p.add_argument("run", help="search run directory (holds search_result.json and alphas.safetensors)")
+    p.add_argument("--out", required=True, help="plan.json to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g = p.add_argument_group("budget override (default: the search run's budget; at most one)")
+    g.add_argument("--budget-mb", type=float, help="size budget in MB (10^6 bytes)")
+    g.add_argument("--avg-bits", type=float, help="size of every searched weight at this many bits")
+    g.add_argument("--ratio", type=float, help="compression ratio vs fp32 of the searched tensors")
+    g.add_argument("--convention", choices=["encoder", "artifact"], default=None,
+                   help="--budget-mb covers the searched tensors (encoder, default) or the whole artifact")
+    p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
+    p.set_defaults(fn=cmd_finalize)
+
+
+def _override(args: argparse.Namespace):
+    from nasq.plan import SpaceInfo
+    from nasq.search.cost import fixed_nbytes, resolve_budget
+    from nasq.search.finalize import load_search_result
+    from nasq.search.space import Fixed
+
+    given = [k for k in ("budget_mb", "avg_bits", "ratio") if getattr(args, k) is not None]
+    if not given:
+        if args.convention:
+            raise NasqError("--convention only applies together with --budget-mb")
+        return None
+    res, tensors, _ = load_search_result(args.run)
+    convention = args.convention or "encoder"
+    fixed = 0
+    if convention == "artifact":
+        if not res.get("param_shapes"):
+            raise NasqError(f"{args.run}: search_result.json has no param_shapes; use the 'encoder' convention")
+        space = SpaceInfo(name=str(res["space_name"]), source=str(res["space_source"]),
+                          fixed=Fixed.model_validate(res["fixed"]))
+        fixed = fixed_nbytes(res["param_shapes"], tensors, space)
+    return resolve_budget(tensors, budget_mb=args.budget_mb, avg_bits=args.avg_bits, ratio=args.ratio,
+                          convention=convention, fixed_bytes=fixed)
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from nasq.run import check_output_path
+    from nasq.search.cost import MB
+    from nasq.search.finalize import finalize_run
+
+    check_output_path(args.out, args.overwrite)
+    plan = finalize_run(args.run, args.out, overwrite=args.overwrite, budget_override=_override(args),
+                        time_limit=args.time_limit)
+    t, p = plan.totals, plan.provenance
+    budget = plan.budget or {}
+    line = (f"searched {t['searched_bytes'] / MB:.4f} MB / budget {budget.get('bytes', 0) / MB:.4f} MB "
+            f"({budget.get('source', '?')}), avg {t['avg_bits']:.3f} bits, pruned {100 * t['pruned_fraction']:.1f}%")
+    if t.get("artifact_tensor_bytes") is not None:
+        line += f", artifact tensors {t['artifact_tensor_bytes'] / MB:.4f} MB"
+    print(line)
+    print(f"argmax plan {p['argmax_bytes'] / MB:.4f} MB ({'fits' if p['argmax_within_budget'] else 'over budget'}), "
+          f"{'repaired' if p['repaired'] else 'unchanged'} by the {p['solver']} solver"
+          f"{'' if p['optimal'] else ' (not proven optimal)'}")
+    print(f"wrote {args.out}")
+    return 0

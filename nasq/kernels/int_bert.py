@@ -1,0 +1,245 @@
+"""Inference-only integer BERT classifier built from artifact tensors (``nasq.export.artifact``).
+
+It mirrors ``nasq.models.bert.BertForSequenceClassification`` (eval mode, no dropout) op for op, with every
+quantized linear replaced by the integer kernel of ``nasq.kernels.int_linear``::
+
+    x   = LN(E_word[ids] + E_pos[0..s) + E_type[tt])          E_* = codes[ids] * row_scale[ids] (int) or fp32
+    per layer:
+      q, k, v = IntLinear(x)                                  int8 act x int8/packed W, int32 acc, per-group dequant
+      ctx_h   = softmax(q_h k_h^T / sqrt(d) + mask) v_h        only for heads in ``active_heads`` (see below)
+      a       = LN(IntLinear(ctx) + x)
+      x       = LN(IntLinear(act(IntLinear(a))) + a)
+    logits = Linear_cls(tanh(Linear_pool(x[:, 0])))          fp32 or int, as the plan says
+
+LayerNorm, softmax and GELU are the fp32 formulas of ``nasq.models.bert`` (shared code, not copies).
+
+**Dropped heads.** In the fake-quant model a pruned row has zero weight *and* zero bias, so a head whose
+``value`` rows are all pruned has ``v_h == 0`` and contributes exactly zero context, whatever its
+attention probabilities. Such heads are left out of the attention computation (a static head list per
+layer); their context slice is zero. Pruned rows of every linear are never unpacked nor multiplied
+(``PackedLinear`` does not store them; the output is scattered back, zeros at pruned rows).
+
+**Unpacking.** ``unpack="fused"`` (default) keeps the packed uint8 weights resident and unpacks inside the
+jitted forward on every call (XLA fuses the shifts/masks into the consumer); ``unpack="load"`` unpacks once at
+load time and keeps int8 codes resident (4x/2x more memory for sub-byte widths, usually faster on CPU).
+Both give bit-identical outputs.
+
+Everything runs under one ``jax.jit`` per ``(batch, seq)`` shape: weights are pytree leaves, the config,
+head lists and bit widths are static aux data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nasq.errors import NasqError
+from nasq.kernels.int_linear import (
+    EmbeddingTable,
+    PackedLinear,
+    embedding_lookup,
+    int8_matmul,
+    packed_linear_apply,
+)
+from nasq.models.bert import _ACTIVATIONS, BertConfig
+from nasq.quant.packing import unpack_codes
+from nasq.quant.quantizer import quantize_act_int8
+
+UNPACK_MODES = ("fused", "load")
+
+
+# ------------------------------------------------------------------------------------------- linear kinds
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True, eq=False)
+class Fp32Linear:
+    """Unquantized linear: ``x @ kernel + bias`` with ``kernel`` (in, out), as ``nasq.models.bert.Linear``."""
+
+    kernel: Any
+    bias: Any
+
+    def tree_flatten(self):
+        return (self.kernel, self.bias), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True, eq=False)
+class ResidentLinear:
+    """A ``PackedLinear`` unpacked once: int8 codes ``[R_kept, in]`` + derived row scales (``unpack="load"``).
+
+    Same arithmetic as ``packed_linear_apply`` (bit-identical outputs), without the per-call unpack.
+    """
+
+    codes: Any
+    row_scale: Any
+    bias: Any
+    out_index: Any
+    out_features: int
+
+    @classmethod
+    def from_packed(cls, p: PackedLinear) -> ResidentLinear:
+        """Unpack on the host with numpy (one pass, no per-shape compilation)."""
+        if p.segments:
+            parts = [unpack_codes(np.asarray(pk), b, p.in_features, xp=np) for b, pk in p.segments]
+            codes = np.concatenate(parts, axis=0)
+            row_scale = np.repeat(np.asarray(p.group_scale, np.float32), np.asarray(p.kept_group_sizes))
+        else:
+            codes, row_scale = np.zeros((0, p.in_features), np.int8), np.zeros((0,), np.float32)
+        return cls(jnp.asarray(codes), jnp.asarray(row_scale), p.bias, p.out_index, p.out_features)
+
+    def tree_flatten(self):
+        return (self.codes, self.row_scale, self.bias, self.out_index), self.out_features
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, aux)
+
+
+def resident_linear_apply(x, p: ResidentLinear):
+    """``packed_linear_apply(x, packed, "scatter")`` with pre-unpacked codes."""
+    x = jnp.asarray(x, jnp.float32)
+    lead = x.shape[:-1]
+    if p.codes.shape[0] == 0:
+        return jnp.zeros((*lead, p.out_features), jnp.float32)
+    xq, sx = quantize_act_int8(x)
+    y = int8_matmul(xq, p.codes).astype(jnp.float32) * sx * p.row_scale
+    if p.bias is not None:
+        y = y + p.bias
+    return jnp.zeros((*lead, p.out_features), jnp.float32).at[..., p.out_index].set(y)
+
+
+def linear_apply(x, lin):
+    """Dispatch on the linear kind (static pytree type)."""
+    if isinstance(lin, PackedLinear):
+        return packed_linear_apply(x, lin, output="scatter")
+    if isinstance(lin, ResidentLinear):
+        return resident_linear_apply(x, lin)
+    if isinstance(lin, Fp32Linear):
+        return x @ lin.kernel + lin.bias
+    raise TypeError(f"unknown linear kind {type(lin).__name__}")
+
+
+def embed(ids, emb):
+    """Lookup in an int (``EmbeddingTable``) or fp32 (``[vocab, hidden]`` array) table."""
+    if isinstance(emb, EmbeddingTable):
+        return embedding_lookup(ids, emb)
+    return jnp.take(emb, ids, axis=0)
+
+
+def layer_norm(x, ln, eps: float):
+    """``nasq.models.bert.LayerNorm`` with ``ln = (scale, bias)``."""
+    scale, bias = ln
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@dataclass(frozen=True)
+class IntBertMeta:
+    """Static (hashable) metadata of an ``IntBert``."""
+
+    config: BertConfig
+    num_labels: int
+    active_heads: tuple[tuple[int, ...], ...]  # per layer: heads whose value rows are not all pruned
+    unpack: str = "fused"
+
+
+def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...]):
+    b, s, _ = x.shape
+    nh, hd = cfg.num_attention_heads, cfg.head_dim
+    if not heads:  # every value row pruned: the context is exactly zero
+        return jnp.zeros((b, s, nh * hd), jnp.float32)
+
+    def split(t):
+        return t.reshape(b, s, nh, hd)
+
+    q, k, v = (split(linear_apply(x, lp[n])) for n in ("query", "key", "value"))
+    if len(heads) < nh:
+        idx = np.asarray(heads)
+        q, k, v = q[:, :, idx], k[:, :, idx], v[:, :, idx]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    if len(heads) < nh:
+        ctx = jnp.zeros((b, s, nh, hd), jnp.float32).at[:, :, np.asarray(heads)].set(ctx)
+    return ctx.reshape(b, s, nh * hd)
+
+
+def int_bert_forward(meta: IntBertMeta, params: dict, input_ids, token_type_ids, attention_mask):
+    """Logits ``[batch, num_labels]`` (pure; jit with ``meta`` static)."""
+    cfg = meta.config
+    eps = cfg.layer_norm_eps
+    seq = input_ids.shape[-1]
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    e = params["embeddings"]
+    x = embed(input_ids, e["word"]) + embed(jnp.arange(seq), e["position"])[None] + embed(token_type_ids, e["type"])
+    x = layer_norm(x, e["ln"], eps)
+    act = _ACTIVATIONS[cfg.hidden_act]
+    for lp, heads in zip(params["layers"], meta.active_heads, strict=True):
+        ctx = _attention(x, lp, mask_bias, cfg, heads)
+        a = layer_norm(linear_apply(ctx, lp["attn_out"]) + x, lp["attn_ln"], eps)
+        h = act(linear_apply(a, lp["inter"]))
+        x = layer_norm(linear_apply(h, lp["out"]) + a, lp["out_ln"], eps)
+    pooled = jnp.tanh(linear_apply(x[:, 0], params["pooler"]))
+    return linear_apply(pooled, params["classifier"])
+
+
+@jax.tree_util.register_pytree_node_class
+class IntBert:
+    """Integer BERT classifier: ``IntBert(input_ids, token_type_ids, attention_mask) -> logits``.
+
+    Build it with ``nasq.export.artifact.load_artifact``. ``params`` is a pytree (dicts of ``PackedLinear`` /
+    ``ResidentLinear`` / ``Fp32Linear`` / ``EmbeddingTable`` / arrays); ``meta`` is static.
+    """
+
+    def __init__(self, meta: IntBertMeta, params: dict, manifest: dict | None = None):
+        if meta.unpack not in UNPACK_MODES:
+            raise NasqError(f"unpack={meta.unpack!r}; use one of {UNPACK_MODES}")
+        if meta.unpack == "load":
+            params = jax.tree.map(
+                lambda leaf: ResidentLinear.from_packed(leaf) if isinstance(leaf, PackedLinear) else leaf,
+                params,
+                is_leaf=lambda v: isinstance(v, PackedLinear),
+            )
+        self.meta = meta
+        self.params = params
+        self.manifest = manifest or {}
+        self._fn = jax.jit(int_bert_forward, static_argnums=0)
+
+    @property
+    def config(self) -> BertConfig:
+        return self.meta.config
+
+    @property
+    def num_labels(self) -> int:
+        return self.meta.num_labels
+
+    def tree_flatten(self):
+        return (self.params,), (self.meta,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = cls.__new__(cls)
+        obj.meta, obj.params, obj.manifest = aux[0], children[0], {}
+        obj._fn = jax.jit(int_bert_forward, static_argnums=0)
+        return obj
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None):
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise NasqError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise NasqError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; lower --set model.max_len."
+            )
+        tt = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
+        am = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self._fn(self.meta, self.params, input_ids, tt, am)

@@ -1,0 +1,422 @@
+"""Finalize a search: gate logits -> a discrete plan that is guaranteed to fit the byte budget.
+
+Utilities. For the gate logits ``alpha_g in R^C`` of row group ``g`` the utility of choice ``c`` is its
+temperature-free log-probability
+
+    u_{g,c} = log_softmax(alpha_g)_c = alpha_{g,c} - log sum_c' exp(alpha_{g,c'})
+
+(``argmax_c u_{g,c}`` is the argmax plan). The final plan solves the multiple-choice knapsack
+
+    max_{c_g} sum_g u_{g,c_g}   s.t.   sum_g bytes(g, c_g) <= budget
+
+directly: when the argmax plan fits, this spends the leftover where it raises the plan's log-likelihood the
+most; when it does not fit, it is the repair that gives up the least log-likelihood. Solvers
+(:func:`allocate`):
+
+* ``milp``: exact, ``scipy.optimize.milp`` (HiGHS) on binaries ``x_{g,c}`` with ``sum_c x_{g,c} = 1`` and
+  ``sum_{g,c} (bytes_{g,c} - min_c bytes_{g,c}) x_{g,c} <= budget - sum_g min_c bytes_{g,c}``, time limit;
+* ``lagrangian`` (fallback when the MILP fails, times out or rounds to an over-budget point): bisect
+  ``lambda >= 0`` for the smallest value at which ``c_g(lambda) = argmax_c u_{g,c} - lambda * bytes_{g,c}``
+  fits, then greedily apply the single-group change with the highest utility gain per extra byte that still
+  fits, until none improves.
+
+Both results are re-checked in exact integer bytes; a budget below the smallest reachable size is a
+``NasqError`` stating the reachable range. :func:`solve_allocation` is generic (any utilities, e.g. the
+Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and byte tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import ValidationError
+
+from nasq.errors import NasqError
+from nasq.search.cost import MB, Budget, plan_size_bytes, size_tables
+from nasq.search.space import Fixed, SearchedTensor
+
+__all__ = [
+    "Allocation",
+    "allocate",
+    "argmax_plan",
+    "choices_to_bits",
+    "finalize_run",
+    "load_search_result",
+    "repair",
+    "solve_allocation",
+    "utilities",
+]
+
+Solver = Literal["auto", "milp", "lagrangian"]
+MIP_REL_GAP = 1e-9
+
+
+def utilities(alphas: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``u = log_softmax(alpha)`` per row (float64), one ``[G, C]`` array per tensor."""
+    out = []
+    for a in alphas:
+        a = np.asarray(a, np.float64)
+        m = a.max(axis=-1, keepdims=True)
+        out.append(a - m - np.log(np.exp(a - m).sum(axis=-1, keepdims=True)))
+    return out
+
+
+def choices_to_bits(tensors: Sequence[SearchedTensor], choices: Sequence[np.ndarray]) -> list[tuple[int, ...]]:
+    """Choice indices -> bits per group."""
+    return [tuple(int(t.choices[int(c)]) for c in cc) for t, cc in zip(tensors, choices, strict=True)]
+
+
+def argmax_plan(alphas: Sequence[np.ndarray], tensors: Sequence[SearchedTensor]) -> list[tuple[int, ...]]:
+    """Bits of ``argmax_c alpha_{g,c}`` for every group (ties -> the first, i.e. smallest, choice)."""
+    _check_shapes(alphas, [(t.num_groups, len(t.choices)) for t in tensors], "alphas")
+    return choices_to_bits(tensors, [np.argmax(np.asarray(a), axis=1) for a in alphas])
+
+
+def _check_shapes(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]], what: str) -> None:
+    if len(arrays) != len(shapes):
+        raise ValueError(f"{len(arrays)} {what} arrays for {len(shapes)} tensors")
+    for i, (a, s) in enumerate(zip(arrays, shapes, strict=True)):
+        if np.shape(a) != tuple(s):
+            raise ValueError(f"{what}[{i}] has shape {np.shape(a)}, expected {tuple(s)}")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A knapsack solution: ``choices[t][g]`` (index into the tensor's choices), its total bytes and utility,
+    and which solver produced it (``milp`` or ``lagrangian``)."""
+
+    choices: list[np.ndarray]
+    bytes: int
+    utility: float
+    solver: str
+    optimal: bool
+
+
+def _flatten(utils: Sequence[np.ndarray], tables: Sequence[np.ndarray]):
+    """Padded ``[N, Cmax]`` utilities (-inf padding) and bytes, and the per-tensor group counts."""
+    n_groups = [int(np.shape(u)[0]) for u in utils]
+    cmax = max((int(np.shape(u)[1]) for u in utils), default=1)
+    n = sum(n_groups)
+    U = np.full((n, cmax), -np.inf)
+    B = np.zeros((n, cmax), np.int64)
+    o = 0
+    for u, b in zip(utils, tables, strict=True):
+        g, c = np.shape(u)
+        U[o:o + g, :c] = u
+        B[o:o + g, :c] = b
+        B[o:o + g, c:] = np.iinfo(np.int64).max // (4 * max(n, 1))  # padding: never chosen
+        o += g
+    return U, B, n_groups
+
+
+def _split(flat: np.ndarray, n_groups: Sequence[int]) -> list[np.ndarray]:
+    return [a.astype(np.int64) for a in np.split(flat, np.cumsum(n_groups)[:-1])] if n_groups else []
+
+
+def _dominated(U: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``[N, C]`` True where another choice of the same group costs no more bytes and has no less utility
+    (strictly better in one, or equal in both with a lower index): never needed in an optimal solution."""
+    n, cmax = U.shape
+    dom = np.zeros((n, cmax), bool)
+    for c in range(cmax):
+        for d in range(cmax):
+            if c == d:
+                continue
+            no_worse = (B[:, d] <= B[:, c]) & (U[:, d] >= U[:, c]) & np.isfinite(U[:, d])
+            strictly = (B[:, d] < B[:, c]) | (U[:, d] > U[:, c]) | (d < c)
+            dom[:, c] |= no_worse & strictly
+    return dom
+
+
+def _milp(U: np.ndarray, B: np.ndarray, budget: int, time_limit: float) -> tuple[np.ndarray, bool] | None:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    n, cmax = U.shape
+    valid = np.isfinite(U) & ~_dominated(U, B)
+    gi, ci = np.nonzero(valid)
+    nv = gi.size
+    bmin = np.where(valid, B, np.iinfo(np.int64).max).min(axis=1)
+    cost = -U[gi, ci]
+    extra = (B[gi, ci] - bmin[gi]).astype(np.float64)
+    cap = float(budget - int(bmin.sum()))
+    one = csr_matrix((np.ones(nv), (gi, np.arange(nv))), shape=(n, nv))
+    knap = csr_matrix(extra.reshape(1, -1))
+    try:
+        res = milp(
+            c=cost,
+            constraints=[LinearConstraint(one, 1, 1), LinearConstraint(knap, -np.inf, cap)],
+            integrality=np.ones(nv),
+            bounds=Bounds(0, 1),
+            options={"time_limit": float(time_limit), "mip_rel_gap": MIP_REL_GAP, "disp": False},
+        )
+    except Exception:  # noqa: BLE001 - any solver failure -> fallback
+        return None
+    if res.x is None:
+        return None
+    x = np.zeros((n, cmax))
+    x[gi, ci] = res.x
+    return np.argmax(x, axis=1), bool(res.status == 0)
+
+
+def _pick(U: np.ndarray, B: np.ndarray, lam: float) -> np.ndarray:
+    """``argmax_c U - lam * B`` with ties broken towards fewer bytes."""
+    score = U - lam * B
+    best = score.max(axis=1, keepdims=True)
+    cand = np.where(score >= best - 1e-12 * (1 + np.abs(best)), B, np.iinfo(np.int64).max)
+    return np.argmin(cand, axis=1)
+
+
+def _lagrangian(U: np.ndarray, B: np.ndarray, budget: int) -> np.ndarray:
+    rows = np.arange(U.shape[0])
+
+    def size(c: np.ndarray) -> int:
+        return int(B[rows, c].sum())
+
+    c = _pick(U, B, 0.0)
+    if size(c) > budget:
+        finite = U[np.isfinite(U)]
+        spread = float(finite.max() - finite.min()) if finite.size else 0.0
+        hi = max(spread, 1.0)
+        while size(_pick(U, B, hi)) > budget:  # at lam > spread / min byte gap the cheapest choice wins
+            hi *= 2.0
+            if hi > 1e300:
+                break
+        lo = 0.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if size(_pick(U, B, mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        c = _pick(U, B, hi)
+        if size(c) > budget:  # numerical corner: fall back to the cheapest choice per group
+            c = np.argmin(np.where(np.isfinite(U), B, np.iinfo(np.int64).max), axis=1)
+    # greedy upgrades with the leftover: best utility gain per extra byte that still fits
+    left = budget - size(c)
+    for _ in range(10 * U.size + 10):
+        cu = U[rows, c][:, None]
+        cb = B[rows, c][:, None]
+        gain = U - cu
+        extra = B - cb
+        ok = np.isfinite(U) & (gain > 1e-12) & (extra <= left)
+        if not ok.any():
+            break
+        ratio = np.where(ok, gain / np.maximum(extra, 0.5), -np.inf)  # extra <= 0: a free gain, take first
+        ratio = np.where(ok & (extra <= 0), np.inf, ratio)
+        g, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        left -= int(extra[g, k])
+        c[g] = k
+    return c
+
+
+def allocate(
+    utils: Sequence[np.ndarray],
+    byte_tables: Sequence[np.ndarray],
+    budget_bytes: int,
+    *,
+    time_limit: float = 20.0,
+    solver: Solver = "auto",
+) -> Allocation:
+    """Solve ``max sum_g u_{g,c_g} s.t. sum_g bytes_{g,c_g} <= budget_bytes`` (see the module docstring).
+
+    ``utils[t]`` and ``byte_tables[t]`` are ``[G_t, C_t]`` (finite utilities, non-negative integer bytes).
+    ``solver="auto"`` tries the MILP and falls back to the Lagrangian-greedy one; ``"milp"`` raises
+    ``RuntimeError`` if the MILP gives no feasible point. The result never exceeds ``budget_bytes``; a
+    budget below the smallest reachable size raises ``NasqError`` with the reachable range.
+    """
+    _check_shapes(utils, [np.shape(b) for b in byte_tables], "utility")
+    for i, u in enumerate(utils):
+        if not np.all(np.isfinite(u)):
+            raise ValueError(f"utilities[{i}] has non-finite entries")
+        if np.shape(u)[1] < 1:
+            raise ValueError(f"utilities[{i}] has no choices")
+    budget_bytes = int(budget_bytes)
+    U, B, n_groups = _flatten([np.asarray(u, np.float64) for u in utils],
+                              [np.asarray(b, np.int64) for b in byte_tables])
+    rows = np.arange(U.shape[0])
+    lo = sum(int(np.min(b, axis=1).sum()) for b in byte_tables)
+    hi = sum(int(np.max(b, axis=1).sum()) for b in byte_tables)
+    if budget_bytes < lo:
+        raise NasqError(
+            f"budget of {budget_bytes:,} bytes ({budget_bytes / MB:.4f} MB) is below the smallest reachable size; "
+            f"the searched tensors can take {lo:,} .. {hi:,} bytes ({lo / MB:.4f} .. {hi / MB:.4f} MB); "
+            "raise the budget or add smaller choices (e.g. 0 = prune) to the search space"
+        )
+
+    def result(c: np.ndarray, name: str, optimal: bool) -> Allocation:
+        return Allocation(choices=_split(c, n_groups), bytes=int(B[rows, c].sum()),
+                          utility=float(U[rows, c].sum()), solver=name, optimal=optimal)
+
+    if U.shape[0] == 0:
+        return result(np.zeros(0, np.int64), "milp", True)
+    if solver in ("auto", "milp"):
+        out = _milp(U, B, budget_bytes, time_limit)
+        if out is not None and int(B[rows, out[0]].sum()) <= budget_bytes:
+            milp_res = result(out[0], "milp", out[1])
+            if solver == "milp" or out[1]:
+                return milp_res
+            lag = result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
+            return milp_res if milp_res.utility >= lag.utility else lag
+        if solver == "milp":
+            raise RuntimeError("the MILP solver found no feasible allocation")
+    elif solver != "lagrangian":
+        raise ValueError(f"unknown solver {solver!r}")
+    return result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
+
+
+def solve_allocation(
+    utils: Sequence[np.ndarray],
+    byte_tables: Sequence[np.ndarray],
+    budget_bytes: int,
+    *,
+    time_limit: float = 20.0,
+) -> list[np.ndarray]:
+    """Choice indices (one int array per tensor) of :func:`allocate` (``solver="auto"``)."""
+    return allocate(utils, byte_tables, budget_bytes, time_limit=time_limit).choices
+
+
+def repair(utils: Sequence[np.ndarray], tensors: Sequence[SearchedTensor], budget_bytes: int,
+           *, time_limit: float = 20.0) -> list[tuple[int, ...]]:
+    """Bits per group of the best allocation of ``tensors`` within ``budget_bytes`` (sizes from the cost
+    model; re-checked with :func:`plan_size_bytes`)."""
+    alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
+    bits = choices_to_bits(tensors, alloc.choices)
+    if plan_size_bytes(tensors, bits) > budget_bytes:  # pragma: no cover - guarded by allocate
+        raise RuntimeError("allocation exceeds the budget")
+    return bits
+
+
+# ------------------------------------------------------------------------------------------------ run dirs
+
+SEARCH_RESULT = "search_result.json"
+ALPHAS = "alphas.safetensors"
+_RESULT_KEYS = ("space_source", "space_name", "quant_mode", "budget", "fixed", "tensors", "param_shapes", "step")
+_TENSOR_FIELDS = ("path", "rule", "rows", "cols", "group_sizes", "choices", "has_bias", "kind")
+
+
+def load_search_result(run_dir: str | Path) -> tuple[dict, list[SearchedTensor], list[np.ndarray]]:
+    """Read ``RUN/search_result.json`` and ``RUN/alphas.safetensors`` -> (result dict, tensors, alphas)."""
+    run_dir = Path(run_dir)
+    rpath = run_dir / SEARCH_RESULT
+    if not rpath.is_file():
+        raise NasqError(f"{run_dir} is not a finished search run: {rpath} not found; run `nasq search` "
+                        "to completion first (or pass the search run directory)")
+    try:
+        res = json.loads(rpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NasqError(f"cannot read {rpath}: {e}") from None
+    if not isinstance(res, dict):
+        raise NasqError(f"{rpath}: the top level must be a JSON object")
+    missing = [k for k in _RESULT_KEYS if k not in res]
+    if missing:
+        raise NasqError(f"{rpath}: missing key(s) {', '.join(missing)}; the search run is incomplete or from "
+                        "another nasq version")
+    tensors = []
+    for i, d in enumerate(res["tensors"]):
+        miss = [k for k in _TENSOR_FIELDS if k not in d] if isinstance(d, dict) else list(_TENSOR_FIELDS)
+        if miss:
+            raise NasqError(f"{rpath}: tensors[{i}] lacks {', '.join(miss)}")
+        tensors.append(SearchedTensor(path=d["path"], rule=d["rule"], rows=int(d["rows"]), cols=int(d["cols"]),
+                                      group_sizes=tuple(int(x) for x in d["group_sizes"]),
+                                      choices=tuple(int(x) for x in d["choices"]), has_bias=bool(d["has_bias"]),
+                                      kind=d["kind"]))
+    apath = run_dir / ALPHAS
+    try:
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(apath))
+    except FileNotFoundError:
+        raise NasqError(f"{apath} not found; the search run is incomplete") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises various errors on corrupt files
+        raise NasqError(f"cannot read {apath}: {e}") from None
+    alphas = []
+    for t in tensors:
+        if t.path not in arrays:
+            raise NasqError(f"{apath} has no gate logits for {t.path}; the search run is incomplete or corrupt")
+        a = np.asarray(arrays[t.path], np.float64)
+        if a.shape != (t.num_groups, len(t.choices)):
+            raise NasqError(f"{apath}: {t.path} has shape {a.shape}, expected {(t.num_groups, len(t.choices))}")
+        if not np.all(np.isfinite(a)):
+            raise NasqError(f"{apath}: gate logits of {t.path} are not finite; the search diverged")
+        alphas.append(a)
+    return res, tensors, alphas
+
+
+def _budget_from_result(res: dict, rpath: Path) -> Budget:
+    b = res["budget"]
+    try:
+        return Budget(bytes=int(b["bytes"]), convention=b["convention"], source=str(b.get("source", "search")),
+                      fixed_bytes=int(b.get("fixed_bytes", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise NasqError(f"{rpath}: invalid 'budget' {b!r} ({e})") from None
+
+
+def finalize_run(
+    run_dir: str | Path,
+    out_path: str | Path,
+    *,
+    overwrite: bool = False,
+    budget_override: Budget | None = None,
+    time_limit: float = 20.0,
+):
+    """Turn a search run's gate logits into ``plan.json`` at ``out_path`` (within the run's budget or
+    ``budget_override``) and return the :class:`nasq.plan.Plan`.
+
+    Provenance records ``argmax_bytes`` / ``argmax_within_budget`` (the plain argmax plan), ``repaired``
+    (True when the final bits differ from the argmax plan), ``solver``, ``optimal``, ``utility`` and
+    ``argmax_utility`` (sums of ``log_softmax(alpha)``).
+    """
+    from nasq.plan import SpaceInfo, make_plan
+
+    run_dir = Path(run_dir)
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise NasqError(f"{out_path} already exists; pass --overwrite to replace it")
+    res, tensors, alphas = load_search_result(run_dir)
+    rpath = run_dir / SEARCH_RESULT
+    budget = budget_override or _budget_from_result(res, rpath)
+    try:
+        fixed = Fixed.model_validate(res["fixed"])
+    except ValidationError as e:
+        raise NasqError(f"{rpath}: invalid 'fixed': {e}") from None
+    space = SpaceInfo(name=str(res["space_name"]), source=str(res["space_source"]), quant_mode=res["quant_mode"],
+                      activations=res.get("activations") or {"bits": 8, "granularity": "per_token"}, fixed=fixed)
+    utils = utilities(alphas)
+    am_bits = argmax_plan(alphas, tensors)
+    am_bytes = plan_size_bytes(tensors, am_bits)
+    rows_u = [u[np.arange(len(u)), np.argmax(a, axis=1)].sum() for u, a in zip(utils, alphas, strict=True)]
+    try:
+        alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=time_limit)
+    except NasqError as e:
+        raise NasqError(f"cannot finalize {run_dir}: {e}") from None
+    bits = choices_to_bits(tensors, alloc.choices)
+    size = plan_size_bytes(tensors, bits, check_choices=True)
+    if size > budget.bytes:  # pragma: no cover - allocate guarantees this
+        raise RuntimeError(f"finalized plan has {size} bytes > budget {budget.bytes}")
+    shapes = {k: tuple(int(x) for x in v) for k, v in res["param_shapes"].items()} if res["param_shapes"] else None
+    prov = {
+        "method": "nasq-search",
+        "run": str(run_dir),
+        "step": res.get("step"),
+        "task": res.get("task"),
+        "model_dir": res.get("model_dir"),
+        "num_labels": res.get("num_labels"),
+        "solver": alloc.solver,
+        "optimal": alloc.optimal,
+        "utility": alloc.utility if math.isfinite(alloc.utility) else None,
+        "argmax_utility": float(sum(rows_u)),
+        "argmax_bytes": am_bytes,
+        "argmax_within_budget": am_bytes <= budget.bytes,
+        "repaired": [tuple(b) for b in bits] != [tuple(b) for b in am_bits],
+        "budget_overridden": budget_override is not None,
+    }
+    plan = make_plan(tensors, bits, space=space, budget=budget, param_shapes=shapes, provenance=prov)
+    plan.save(out_path, overwrite=overwrite)
+    return plan

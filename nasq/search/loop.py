@@ -1,0 +1,371 @@
+"""`nasq search`: bi-level (first-order DARTS) mixed-precision search under a size or latency budget.
+
+Alternating steps (weights on train batches, gates on held-out batches split off *train*):
+
+    weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
+    gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
+
+The gate step size is scaled by tau (Adam's step is constant in units of alpha/tau), so annealing does not
+make late gate updates jumpier. `E[size] = sum_g sum_c p_{g,c} * bytes(g, c)` (`nasq.search.cost`, the exporter's byte function) or the
+expected latency from a `nasq profile` table. `single` mode (EdMIPS style) updates both from one backward pass
+of `task(train) + beta*KD` via `optax.partition`.
+
+**Budget controller: an exact dual price** (no per-budget hand tuning, no penalty weight at all). The gates'
+probabilities are `p_g(mu) = softmax((alpha_g - mu * k_g) / tau)` with `k_{g,c} = cost_{g,c} * G / B` (each
+(group, choice)'s cost as a share of the per-group budget). `E[cost](mu)` is strictly decreasing in `mu`
+(`dE/dmu = -sum_g Var_{p_g}(k_g) / tau * B/G`), so before every step the loop solves
+
+    mu* = 0                      if E[cost](0) <= B
+    mu* = min{mu >= 0 : E[cost](mu) <= B}   otherwise (doubling + bisection)
+
+which is the Lagrange multiplier that makes the constraint tight: the expected cost sits *at* the budget at
+every step, and the task gradient only redistributes bits between groups (groups whose choice does not matter
+drift to the cheapest choices, sensitive ones buy bits). This is the dual-ascent controller taken to its
+fixed point each step; `lambda` in the metrics is mu*. Temperature anneals geometrically
+`tau_t = tau0 * (tau1/tau0)^(t/T)`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nasq.config import Config
+from nasq.data.batching import iterate_batches
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import linear_shapes
+from nasq.plan import model_param_shapes
+from nasq.quant.layers import GateLogits, QuantScale, gated_modules, set_search_context, to_supernet
+from nasq.run import Progress, RunDir, check_finite, write_atomic
+from nasq.search import cost as costlib
+from nasq.search.space import SearchedTensor, load_space, resolve
+from nasq.train.common import (
+    TaskData,
+    flatten,
+    kd_loss,
+    load_model_dir,
+    load_task_data,
+    lr_schedule,
+    predict_logits,
+    task_loss,
+    total_steps,
+    unflatten_like,
+)
+
+
+def solve_price(alphas: list[jax.Array], costs: list[jax.Array], tables: list[jax.Array], tau, budget: float,
+                iters: int = 40) -> jax.Array:
+    """Smallest price `mu >= 0` with `sum p(mu) * table <= budget` (see module docstring); jit-friendly."""
+
+    def expected(mu):
+        return sum((jax.nn.softmax((a - mu * k) / tau, axis=-1) * t).sum() for a, k, t in zip(alphas, costs, tables))
+
+    def grow(c):
+        hi, n = c
+        return hi * 2.0, n + 1
+
+    hi, _ = jax.lax.while_loop(lambda c: (expected(c[0]) > budget) & (c[1] < 60), grow, (jnp.float32(1.0), 0))
+
+    def bisect(_, c):
+        lo, hi = c
+        mid = 0.5 * (lo + hi)
+        over = expected(mid) > budget
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    _, hi = jax.lax.fori_loop(0, iters, bisect, (jnp.float32(0.0), hi))
+    return jnp.where(expected(0.0) <= budget, 0.0, hi)
+
+
+def normalised_costs(tables: list[np.ndarray], budget: float) -> list[np.ndarray]:
+    """`k = cost * G_total / budget`: a choice's cost as a share of the per-group budget."""
+    groups = sum(t.shape[0] for t in tables)
+    return [np.asarray(t, np.float64) * groups / budget for t in tables]
+
+
+def temperature(step: int, total: int, tau0: float, tau1: float) -> float:
+    return float(tau0 * (tau1 / tau0) ** (min(step, total) / max(total, 1)))
+
+
+def base_model(cfg: Config, data: TaskData, log=print) -> nnx.Module:
+    """The fp32 model the supernet starts from: the fine-tuned teacher if given, else pretrained."""
+    if cfg.kd.teacher:
+        model, _ = load_model_dir(cfg.kd.teacher)
+        return model
+    model, _, report = load_pretrained(data.model_dir, data.task.num_labels, seed=cfg.train.seed)
+    if report.new_head:
+        log("warning: searching from a pretrained checkpoint with a fresh task head; pass --teacher RUN "
+            "(an fp32 fine-tune) for meaningful gates.")
+    return model
+
+
+class Problem(NamedTuple):
+    """Everything static about a search: tensors, cost tables, budget."""
+
+    tensors: list[SearchedTensor]
+    budget: costlib.Budget
+    cost_tables: list[np.ndarray]  # bytes (or ms) per (group, choice), tensor order
+    cost_kind: str  # "size" | "latency"
+    cost_budget: float  # bytes or ms
+    cost_offset: float  # fixed latency (ms) added to E[cost]
+    fixed_bytes: int
+    param_shapes: dict
+
+
+def make_problem(cfg: Config, model: nnx.Module) -> Problem:
+    """Resolve the search space on the model and the budget; infeasible budgets fail here, before training."""
+    space = load_space(cfg.search.space)
+    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
+    shapes = model_param_shapes(model)
+    fixed = costlib.fixed_nbytes(shapes, tensors, space)
+    s = cfg.search
+    if s.latency_ms is not None:
+        if not s.latency_table:
+            raise NasqError("--latency-ms needs a latency table: run `nasq profile --out lat.json` on the target "
+                            "machine, then pass --set search.latency_table=lat.json.")
+        table = costlib.load_latency_table(s.latency_table)
+        table.check(tensors)
+        lo, hi = costlib.latency_range(tensors, table)
+        if not lo <= s.latency_ms <= hi:
+            raise NasqError(f"latency budget {s.latency_ms} ms is infeasible: the search space reaches "
+                            f"{lo:.3f}..{hi:.3f} ms on this table ({table.source}).")
+        _lo_b, hi_b = costlib.size_range(tensors)
+        budget = costlib.Budget(bytes=hi_b, convention="encoder", source=f"latency_ms={s.latency_ms}")
+        tables = [costlib.latency_table(t, table) for t in tensors]
+        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, table.fixed_ms,
+                       fixed, shapes)
+    if s.budget_mb is None and s.avg_bits is None and s.ratio is None:
+        raise NasqError("search needs a budget: one of --budget-mb, --avg-bits, --ratio, --latency-ms.")
+    budget = costlib.resolve_budget(tensors, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
+                                    convention=s.convention, fixed_bytes=fixed)
+    return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), 0.0, fixed, shapes)
+
+
+def gate_entropy(probs: list[jax.Array]) -> jax.Array:
+    ent = [-(p * jnp.log(p + 1e-12)).sum(-1) for p in probs]
+    return jnp.concatenate(ent).mean()
+
+
+def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: bool, kd_beta: float,
+                kd_temperature: float, mode: str):
+    """Jitted weight / gate / single-level steps over the split supernet state."""
+    tables = [jnp.asarray(t, jnp.float32) for t in problem.cost_tables]
+
+    def forward(weights, gates, ctx_rest, batch, key):
+        model = nnx.merge(graphdef, weights, gates, ctx_rest)
+        logits = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, key=key)
+        probs = [m.probs() for m in gated_modules(model)]
+        return logits, probs
+
+    def expected_cost(probs):
+        return sum((p * t).sum() for p, t in zip(probs, tables))
+
+    def supervised(logits, batch, teacher_logits):
+        lt = task_loss(logits, batch.labels, batch.weights, is_regression)
+        lkd = jnp.float32(0)
+        if teacher_logits is not None:
+            lkd = kd_loss(logits, teacher_logits, batch.weights, kd_temperature, is_regression)
+        return lt, lkd
+
+    @jax.jit
+    def weight_step(weights, gates, w_opt, ctx_rest, batch, key, teacher_logits):
+        def loss_fn(w):
+            logits, _ = forward(w, gates, ctx_rest, batch, key)
+            lt, lkd = supervised(logits, batch, teacher_logits)
+            return lt + kd_beta * lkd, (lt, lkd)
+
+        (loss, (lt, lkd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+        upd, w_opt = w_tx.update(grads, w_opt, weights)
+        return optax.apply_updates(weights, upd), w_opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd}
+
+    costs = [jnp.asarray(k, jnp.float32) for k in normalised_costs(problem.cost_tables, problem.cost_budget)]
+
+    @jax.jit
+    def price(weights, gates, ctx_rest, tau):
+        alphas = [m.alpha[...] for m in gated_modules(nnx.merge(graphdef, weights, gates, ctx_rest))]
+        return solve_price(alphas, costs, tables, tau, problem.cost_budget)
+
+    @jax.jit
+    def gate_step(weights, gates, g_opt, ctx_rest, batch, key, tau):
+        def loss_fn(g):
+            logits, probs = forward(weights, g, ctx_rest, batch, None)
+            lt = task_loss(logits, batch.labels, batch.weights, is_regression)
+            return lt, (lt, expected_cost(probs), gate_entropy(probs))
+
+        (_loss, (lt, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
+        upd, g_opt = g_tx.update(grads, g_opt, gates)
+        upd = jax.tree.map(lambda u: u * tau, upd)  # constant step size in alpha/tau units
+        return optax.apply_updates(gates, upd), g_opt, {"gate_loss": lt, "expected_cost": e, "gate_entropy": ent}
+
+    @jax.jit
+    def single_step(weights, gates, opt, ctx_rest, batch, key, teacher_logits, tau):
+        def loss_fn(wg):
+            w, g = wg
+            logits, probs = forward(w, g, ctx_rest, batch, key)
+            lt, lkd = supervised(logits, batch, teacher_logits)
+            return lt + kd_beta * lkd, (lt, lkd, expected_cost(probs), gate_entropy(probs))
+
+        (loss, (lt, lkd, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)((weights, gates))
+        upd, opt = single_tx.update(grads, opt, (weights, gates))
+        upd = (upd[0], jax.tree.map(lambda u: u * tau, upd[1]))  # constant step size in alpha/tau units
+        w, g = optax.apply_updates((weights, gates), upd)
+        return w, g, opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, "expected_cost": e,
+                           "gate_entropy": ent}
+
+    # single-level: one optimizer over (weights, gates), partitioned by label
+    single_tx = optax.partition(
+        {"weights": w_tx, "gates": g_tx},
+        lambda wg: (jax.tree.map(lambda _: "weights", wg[0]), jax.tree.map(lambda _: "gates", wg[1])))
+    return weight_step, gate_step, single_step, single_tx, expected_cost, price
+
+
+def weight_decay_mask(weights):
+    """Decay matrices only; never biases, LayerNorm or LSQ steps."""
+    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and v.value.ndim >= 2, weights,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def search_optimizers(cfg: Config, steps: int, weights):
+    t = cfg.train
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+    w_tx = optax.chain(*parts, optax.adamw(lr_schedule(t, steps), weight_decay=t.weight_decay,
+                                           mask=weight_decay_mask))
+    g_tx = optax.adam(cfg.search.gate_lr)
+    return w_tx, g_tx
+
+
+def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, model, step: int) -> None:
+    """`search_result.json` + `alphas.safetensors` + `scales.safetensors`: what `nasq finalize` reads."""
+    from safetensors.numpy import save
+
+    mods = gated_modules(model)
+    # Effective logits (alpha - mu*k): the distribution the network was trained with, at the current price.
+    write_atomic(run.path / "alphas.safetensors", save({m.path: np.asarray(m.effective_logits()) for m in mods}))
+    write_atomic(run.path / "scales.safetensors", save({m.path: np.asarray(m.scales[...]) for m in mods}))
+    space = load_space(cfg.search.space)
+    result = {
+        "space_source": space.source, "space_name": space.name, "quant_mode": space.quant_mode,
+        "budget": {"bytes": problem.budget.bytes, "convention": problem.budget.convention,
+                   "source": problem.budget.source, "fixed_bytes": problem.fixed_bytes},
+        "cost_kind": problem.cost_kind, "cost_budget": problem.cost_budget,
+        "fixed": space.fixed.model_dump(), "activations": space.activations.model_dump(),
+        "tensors": [{"path": t.path, "rule": t.rule, "rows": t.rows, "cols": t.cols,
+                     "group_sizes": list(t.group_sizes), "choices": list(t.choices), "has_bias": t.has_bias,
+                     "kind": t.kind} for t in problem.tensors],
+        "param_shapes": {k: list(v) for k, v in problem.param_shapes.items()},
+        "step": step, "num_labels": data.task.num_labels, "task": data.task.name,
+        "model_dir": str(data.model_dir), "teacher": cfg.kd.teacher,
+    }
+    write_atomic(run.path / "search_result.json", json.dumps(result, indent=2))
+
+
+def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+    """Run the search into `out`; returns the run directory."""
+    # Validate the budget before touching the run directory (nothing is created for an infeasible budget).
+    data = load_task_data(cfg, with_heldout=True)
+    model = base_model(cfg, data, log=log)
+    problem = make_problem(cfg, model)
+    run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)
+    cfg = run.config
+    s = cfg.search
+    space = load_space(s.space)
+    sn = to_supernet(model, problem.tensors, mode=space.quant_mode, gate_init=s.gate_init,
+                     costs=normalised_costs(problem.cost_tables, problem.cost_budget))
+    graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
+    steps = total_steps(cfg.train, data)
+    w_tx, g_tx = search_optimizers(cfg, steps, weights)
+    weight_step, gate_step, single_step, single_tx, expected_cost, price = build_steps(
+        graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression, kd_beta=cfg.kd.beta,
+        kd_temperature=cfg.kd.temperature, mode=s.mode)
+    if s.mode == "bilevel":
+        opt = (w_tx.init(weights), g_tx.init(gates))
+    else:
+        opt = single_tx.init((weights, gates))
+    start = 0
+    if resume and run.latest_step() is not None:
+        like = {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")}
+        flat, meta = run.restore_checkpoint(like)
+        weights, gates = unflatten_like(weights, flat, "w."), unflatten_like(gates, flat, "g.")
+        opt = unflatten_like(opt, flat, "opt.")
+        start = int(meta["step"])
+        run.truncate_metrics(start)
+        log(f"resumed {run.path} at step {start}/{steps}")
+    teacher = None
+    if cfg.kd.teacher and cfg.kd.beta > 0:
+        teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets)
+    run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train),
+                   heldout_rows=len(data.heldout), budget=problem.budget.source, budget_bytes=problem.budget.bytes,
+                   cost_kind=problem.cost_kind, status="running")
+    log(f"search: {len(problem.tensors)} tensors, {sum(t.num_groups for t in problem.tensors)} groups; "
+        f"budget {problem.budget.source} = {problem.cost_budget:.6g} {'bytes' if problem.cost_kind == 'size' else 'ms'}; "
+        f"{steps} steps on {len(data.train)} train / {len(data.heldout)} held-out rows")
+    base_key = jax.random.key(cfg.train.seed)
+    bs = cfg.train.batch_size
+    train_it = iterate_batches(data.train, bs, data.buckets, cfg.train.seed, start_step=start)
+    held_it = iterate_batches(data.heldout, bs, data.buckets, cfg.train.seed + 1, start_step=start)
+    bar = Progress(steps, start, desc="search")
+    t0, last_ckpt = time.time(), start
+    unit = 1e6 if problem.cost_kind == "size" else 1.0
+    for (step, epoch, batch), (_, _, hbatch) in zip(train_it, held_it):
+        if step >= steps:
+            break
+        tau = temperature(step, steps, s.tau_start, s.tau_end)
+        key = jax.random.fold_in(base_key, step)
+        mu = price(weights, gates, rest, jnp.float32(tau))
+        ctx = set_search_context(rest, tau, jax.random.fold_in(key, 1), s.gumbel, mu)
+        tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
+        if s.mode == "bilevel":
+            w_opt, g_opt = opt
+            weights, w_opt, m = weight_step(weights, gates, w_opt, ctx, batch, key, tl)
+            if step >= s.warmup_steps:
+                gates, g_opt, mg = gate_step(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau))
+                m = {**m, **mg}
+            opt = (w_opt, g_opt)
+        else:
+            weights, gates, opt, m = single_step(weights, gates, opt, ctx, batch, key, tl, jnp.float32(tau))
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == steps:
+            if "expected_cost" not in m:  # gates frozen during warm-up
+                m["expected_cost"] = expected_cost([g.probs(noise=False) for g in gated_modules(
+                    nnx.merge(graphdef, weights, gates, ctx))])
+            m = {k: float(v) for k, v in m.items()}
+            e = m["expected_cost"]
+            check_finite(done, **m)
+            rec = {"step": done, "epoch": epoch, "tau": tau, "lambda": float(mu), **m,
+                   "cost_ratio": e / problem.cost_budget, "elapsed_s": round(time.time() - t0, 2)}
+            if problem.cost_kind == "size":
+                rec["expected_mb"] = e / 1e6
+                rec["budget_mb"] = problem.cost_budget / 1e6
+            run.log(rec)
+            bar.update(done - bar.bar.n, loss=m["task_loss"], E=f"{e / unit:.4g}",
+                       budget=f"{problem.cost_budget / unit:.4g}", mu=float(mu), tau=tau)
+        if done - last_ckpt >= cfg.train.checkpoint_every and done < steps:
+            run.save_checkpoint(done, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
+                                {"step": done})
+            write_result(run, problem, cfg, data, nnx.merge(graphdef, weights, gates, ctx), done)
+            last_ckpt = done
+    bar.close()
+    # Final state at the final temperature and its price, no noise.
+    tau = jnp.float32(temperature(steps, steps, s.tau_start, s.tau_end))
+    mu = price(weights, gates, rest, tau)
+    ctx = set_search_context(rest, tau, base_key, False, mu)
+    final = nnx.merge(graphdef, weights, gates, ctx)
+    run.save_checkpoint(steps, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
+                        {"step": steps})
+    write_result(run, problem, cfg, data, final, steps)
+    e_final = float(expected_cost([g.probs(noise=False) for g in gated_modules(final)]))
+    wall = time.time() - t0
+    run.write_info(status="done", wall_s=round(wall, 1), s_per_step=round(wall / max(steps - start, 1), 4),
+                   expected_cost=e_final, final_price=float(mu), cost_budget=problem.cost_budget,
+                   cost_ratio=e_final / problem.cost_budget)
+    log(f"search done: E[{problem.cost_kind}] = {e_final / unit:.4f} vs budget {problem.cost_budget / unit:.4f} "
+        f"({'MB' if problem.cost_kind == 'size' else 'ms'}), {wall:.0f}s -> {run.path}")
+    return run.path

@@ -1,0 +1,177 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save_file
+
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import linear_shapes
+from nasq.plan import Plan, apply_plan, model_param_shapes
+from nasq.search.cost import fixed_nbytes, plan_size_bytes, resolve_budget, size_range, size_tables
+from nasq.search.finalize import (
+    allocate,
+    argmax_plan,
+    choices_to_bits,
+    finalize_run,
+    solve_allocation,
+    utilities,
+)
+from nasq.search.space import SearchedTensor, group_sizes, load_space, resolve
+
+
+@st.composite
+def problems(draw):
+    tensors = []
+    for i in range(draw(st.integers(1, 3))):
+        rows = draw(st.integers(1, 12))
+        g = draw(st.integers(1, min(rows, 5)))
+        choices = sorted(draw(st.sets(st.sampled_from([0, 1, 2, 3, 4, 8]), min_size=1, max_size=4)) | {2})
+        kind = draw(st.sampled_from(["linear", "embedding"]))
+        tensors.append(SearchedTensor(path=f"encoder.t{i}", rule="r", rows=rows, cols=draw(st.integers(1, 20)),
+                                      group_sizes=group_sizes(rows, g), choices=tuple(choices),
+                                      has_bias=kind == "linear", kind=kind))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    alphas = [rng.normal(0, draw(st.sampled_from([0.1, 1.0, 5.0])), (t.num_groups, len(t.choices)))
+              for t in tensors]
+    lo, hi = size_range(tensors)
+    budget = lo + int(draw(st.floats(0, 1.1)) * (hi - lo))
+    return tensors, alphas, budget
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_allocation_within_budget_and_milp_best(problem):
+    tensors, alphas, budget = problem
+    u, tabs = utilities(alphas), size_tables(tensors)
+    results = {s: allocate(u, tabs, budget, solver=s) for s in ("milp", "lagrangian", "auto")}
+    for s, r in results.items():
+        bits = choices_to_bits(tensors, r.choices)
+        assert plan_size_bytes(tensors, bits) == r.bytes <= budget, s
+    assert results["milp"].utility >= results["lagrangian"].utility - 1e-7 * (1 + abs(results["milp"].utility))
+    assert results["auto"].utility >= results["lagrangian"].utility - 1e-7 * (1 + abs(results["auto"].utility))
+    # exact optimum by enumeration on small instances
+    flat_u = [row for x in u for row in x]
+    flat_b = [row for x in tabs for row in x]
+    if np.prod([len(r) for r in flat_u]) <= 2000:
+        best = max((sum(r[c] for r, c in zip(flat_u, cs)) for cs in itertools.product(*[range(len(r)) for r in flat_u])
+                    if sum(b[c] for b, c in zip(flat_b, cs)) <= budget), default=None)
+        assert results["milp"].utility == pytest.approx(best, abs=1e-6)
+    lo, _ = size_range(tensors)
+    if lo > 0:
+        with pytest.raises(NasqError, match=r"below the smallest reachable size.*can take"):
+            allocate(u, tabs, lo - 1)
+
+
+def test_generous_budget_gives_argmax():
+    t = SearchedTensor("encoder.x", "r", 8, 16, (2, 2, 2, 2), (0, 2, 4, 8), True, "linear")
+    alphas = [np.array([[0, 1, 0, 0], [0, 0, 3, 0], [5, 0, 0, 0], [0, 0, 0, 1.0]])]
+    _, hi = size_range([t])
+    (c,) = solve_allocation(utilities(alphas), size_tables([t]), hi)
+    assert choices_to_bits([t], [c]) == argmax_plan(alphas, [t]) == [(2, 4, 0, 8)]
+
+
+# --------------------------------------------------------------------------------------- run directories
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    space = load_space("tiny")
+    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
+    return model, space, tensors
+
+
+def make_run(path, model, space, tensors, budget, alphas):
+    """A fabricated search run directory (what the search loop writes)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shapes = model_param_shapes(model)
+    res = {
+        "space_source": space.source, "space_name": space.name, "quant_mode": space.quant_mode,
+        "budget": {"bytes": budget.bytes, "convention": budget.convention, "source": budget.source,
+                   "fixed_bytes": budget.fixed_bytes},
+        "fixed": space.fixed.model_dump(),
+        "tensors": [{"path": t.path, "rule": t.rule, "rows": t.rows, "cols": t.cols,
+                     "group_sizes": list(t.group_sizes), "choices": list(t.choices), "has_bias": t.has_bias,
+                     "kind": t.kind} for t in tensors],
+        "param_shapes": {k: list(v) for k, v in shapes.items()},
+        "step": 123, "num_labels": 2, "task": "sst2", "model_dir": "tiny",
+    }
+    (path / "search_result.json").write_text(json.dumps(res))
+    save_file({t.path: np.asarray(a, np.float32) for t, a in zip(tensors, alphas)}, str(path / "alphas.safetensors"))
+    return path
+
+
+def test_finalize_run(tiny, tmp_path):
+    model, space, tensors = tiny
+    rng = np.random.default_rng(0)
+    alphas = [rng.normal(0, 1, (t.num_groups, len(t.choices))) for t in tensors]
+    for a in alphas:
+        a[:, -1] += 3.0  # the argmax plan wants 8 bits everywhere: over a 3-bit budget
+    budget = resolve_budget(tensors, avg_bits=3)
+    run = make_run(tmp_path / "run", model, space, tensors, budget, alphas)
+    plan = finalize_run(run, tmp_path / "plan.json")
+    assert plan.totals["searched_bytes"] <= budget.bytes and plan.totals["within_budget"]
+    assert plan.totals["fixed_bytes"] == fixed_nbytes(model_param_shapes(model), tensors, space)
+    p = plan.provenance
+    assert p["method"] == "nasq-search" and p["step"] == 123 and p["solver"] in ("milp", "lagrangian")
+    assert p["argmax_bytes"] > budget.bytes and p["repaired"] and not p["argmax_within_budget"]
+    assert Plan.load(tmp_path / "plan.json") == plan
+    with pytest.raises(NasqError, match="--overwrite"):
+        finalize_run(run, tmp_path / "plan.json")
+    # override: a generous budget keeps the argmax plan
+    big = resolve_budget(tensors, avg_bits=8)
+    plan8 = finalize_run(run, tmp_path / "plan.json", overwrite=True, budget_override=big)
+    assert not plan8.provenance["repaired"] and plan8.bits_per_group() == argmax_plan(alphas, tensors)
+    # infeasible budget names the range
+    lo, _ = size_range(tensors)
+    tiny_budget = type(budget)(bytes=lo - 1, convention="encoder", source="test")
+    with pytest.raises(NasqError, match="cannot finalize .*reachable"):
+        finalize_run(run, tmp_path / "p2.json", budget_override=tiny_budget)
+    q = apply_plan(model, plan)  # the plan fits the model it was searched on
+    assert q is not model
+
+
+def test_finalize_bad_run(tiny, tmp_path):
+    model, space, tensors = tiny
+    with pytest.raises(NasqError, match="search_result.json not found"):
+        finalize_run(tmp_path / "nope", tmp_path / "p.json")
+    alphas = [np.zeros((t.num_groups, len(t.choices))) for t in tensors]
+    run = make_run(tmp_path / "run", model, space, tensors, resolve_budget(tensors, avg_bits=4), alphas)
+    save_file({tensors[0].path: np.zeros((2, 2), np.float32)}, str(run / "alphas.safetensors"))
+    with pytest.raises(NasqError, match="has shape|no gate logits"):
+        finalize_run(run, tmp_path / "p.json")
+
+
+def test_cli(tiny, tmp_path, capsys):
+    import argparse
+
+    from nasq.commands import finalize as cmd
+
+    model, space, tensors = tiny
+    alphas = [np.zeros((t.num_groups, len(t.choices))) for t in tensors]
+    run = make_run(tmp_path / "run", model, space, tensors, resolve_budget(tensors, avg_bits=4), alphas)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cmd.register(sub)
+    args = parser.parse_args(["finalize", str(run), "--out", str(tmp_path / "p.json"), "--avg-bits", "2"])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert "avg_bits=2" in out and "solver" in out
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.totals["searched_bytes"] <= resolve_budget(tensors, avg_bits=2).bytes
+    args = parser.parse_args(["finalize", str(run), "--out", str(tmp_path / "p.json"), "--budget-mb", "1.13",
+                              "--convention", "artifact"])
+    with pytest.raises(NasqError, match="--overwrite"):
+        args.fn(args)
+    args.overwrite = True
+    assert args.fn(args) == 0
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.budget["convention"] == "artifact"
+    assert plan.totals["artifact_tensor_bytes"] <= 1.13e6 and plan.provenance["budget_overridden"]
+    args.budget_mb = 50
+    with pytest.raises(NasqError, match="reachable range"):
+        args.fn(args)

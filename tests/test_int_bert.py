@@ -1,0 +1,77 @@
+"""Integer BERT pieces: resident vs fused unpacking, dropped heads, LayerNorm formula, input checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nasq.errors import NasqError
+from nasq.kernels.int_bert import IntBert, ResidentLinear, layer_norm, resident_linear_apply
+from nasq.kernels.int_linear import pack_linear, packed_linear_apply
+
+
+@pytest.mark.parametrize("bits", [(4, 0, 1, 8), (0, 0, 0, 0), (2, 3, 2, 3)])
+def test_resident_linear_bit_identical(bits):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 12)).astype(np.float32) * 0.1
+    b = rng.standard_normal(16).astype(np.float32)
+    p = pack_linear(w, b, [4, 4, 4, 4], bits, np.array([.05, .04, .03, .002], np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 5, 12)).astype(np.float32))
+    want = np.asarray(packed_linear_apply(x, p))
+    got = np.asarray(resident_linear_apply(x, ResidentLinear.from_packed(p)))
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (2, 5, 16)
+
+
+def test_layer_norm_matches_model():
+    from nasq.models.bert import LayerNorm
+
+    rng = np.random.default_rng(1)
+    ln = LayerNorm(8, 1e-12)
+    ln.scale[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    ln.bias[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(layer_norm(x, (ln.scale[...], ln.bias[...]), 1e-12)),
+                                  np.asarray(ln(x)))
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory):
+    from test_export import build_quant_model
+
+    from nasq.export.artifact import export_model
+
+    model, plan = build_quant_model(tiny_model_dir, seed=5)
+    return export_model(model, plan, tmp_path_factory.mktemp("ib") / "m.nasq", task="sst2", num_labels=2,
+                        source_dir=tiny_model_dir)
+
+
+def test_dropped_heads_change_nothing(artifact):
+    """Skipping heads with all-pruned value rows gives the same logits as computing every head."""
+    from nasq.export.artifact import load_artifact
+
+    im = load_artifact(artifact)
+    assert im.meta.active_heads[1] == (1,)
+    full = IntBert(dataclasses.replace(im.meta, active_heads=((0, 1, 2, 3),) * 2), im.params)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1000, 30000, (3, 10)).astype(np.int32)
+    am = np.ones_like(ids)
+    am[0, 7:] = 0
+    np.testing.assert_allclose(np.asarray(im(ids, None, am)), np.asarray(full(ids, None, am)), atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(load_artifact(artifact, unpack="load")(ids, None, am)),
+                                  np.asarray(im(ids, None, am)))
+
+
+def test_input_checks(artifact):
+    from nasq.export.artifact import load_artifact
+
+    with pytest.raises(NasqError, match="unpack"):
+        load_artifact(artifact, unpack="lazy")
+    im = load_artifact(artifact)
+    with pytest.raises(NasqError, match="max_position_embeddings"):
+        im(np.ones((1, 200), np.int32))
+    with pytest.raises(NasqError, match=r"\[batch, seq\]"):
+        im(np.ones((5,), np.int32))
