@@ -1,0 +1,205 @@
+"""Baseline bit allocators. Each returns ``bits_per_group`` (one tuple per searched tensor) and
+:func:`baseline_plan` turns it into the same ``plan.json`` search writes (:func:`nasq.plan.make_plan`).
+
+* ``uniform``: every group at ``bits`` (a Q-BERT-style uniform baseline). Needs no budget.
+* ``random``: random utilities fed to the exact knapsack of ``nasq finalize``
+  (:func:`nasq.search.finalize.solve_allocation`) under the budget. The utilities are random *and increasing in
+  bytes*: ``u_{g,c} = sum_{k <= c} e_{g,k}`` with ``e ~ Uniform(0, 1)`` i.i.d. over (group, choice), choices in
+  ascending bits, from ``numpy.random.default_rng(seed)``. Increasing utilities make the knapsack spend the
+  budget as fully as the byte granularity allows, so random spends the same budget as the other methods
+  (with i.i.d. utilities it would stop at the random argmax's size when the budget is loose); which groups get
+  the bits is random. Deterministic in ``seed``.
+* ``magnitude``: magnitude pruning + uniform bits. Every kept group gets ``bits``; groups are pruned in
+  ascending order of their normalised magnitude ``m_g = rms(W_g) / rms(W)`` (``rms = ||.||_2 / sqrt(n)``, so
+  group size does not matter; normalised per tensor so tensors of different scales compete fairly) until the
+  plan fits the budget. Nothing is pruned when the uniform plan already fits. Only tensors whose choices
+  contain 0 can be pruned.
+* ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from nasq.config import Config
+from nasq.errors import NasqError
+from nasq.search.cost import MB, Budget, plan_size_bytes, resolve_budget, size_tables, uniform_plan
+from nasq.search.space import SearchedTensor, SearchSpace
+
+__all__ = [
+    "METHODS",
+    "baseline_budget",
+    "baseline_plan",
+    "baseline_tensors",
+    "group_magnitudes",
+    "magnitude_allocation",
+    "random_allocation",
+    "random_utilities",
+    "uniform_allocation",
+]
+
+METHODS = ("uniform", "hessian", "random", "magnitude")
+
+
+def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tuple[int, ...]]:
+    """Every group of every tensor at ``bits``; ``NasqError`` naming the first tensor whose choices lack it."""
+    bits = int(bits)
+    for t in tensors:
+        if bits not in t.choices:
+            raise NasqError(f"uniform {bits} bits: tensor {t.path} (rule {t.rule!r}) may only take bits "
+                            f"{list(t.choices)} in this search space; pick one of them or use a space whose "
+                            f"rules allow {bits}")
+    return uniform_plan(tensors, bits)
+
+
+def random_utilities(tensors: Sequence[SearchedTensor], seed: int) -> list[np.ndarray]:
+    """``[G, C]`` per tensor: cumulative sums of i.i.d. ``Uniform(0, 1)`` over the (ascending) choices."""
+    rng = np.random.default_rng(int(seed))
+    return [np.cumsum(rng.random((t.num_groups, len(t.choices))), axis=1) for t in tensors]
+
+
+def random_allocation(tensors: Sequence[SearchedTensor], budget_bytes: int, seed: int,
+                      *, time_limit: float = 20.0) -> list[tuple[int, ...]]:
+    """The knapsack optimum of :func:`random_utilities` within ``budget_bytes`` (module docstring)."""
+    from nasq.search.finalize import choices_to_bits, solve_allocation
+
+    choices = solve_allocation(random_utilities(tensors, seed), size_tables(tensors), int(budget_bytes),
+                               time_limit=time_limit)
+    return choices_to_bits(tensors, choices)
+
+
+def group_magnitudes(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> list[np.ndarray]:
+    """``[G]`` per tensor: ``rms(W_g) / rms(W)`` of the fp32 weights (biases excluded)."""
+    from nasq.baselines.hessian import tensor_weights
+
+    out = []
+    for t, (w, _b) in zip(tensors, tensor_weights(model, tensors), strict=True):
+        row_sq = np.square(w, dtype=np.float64).sum(axis=1)
+        g_rms = np.sqrt(np.add.reduceat(row_sq, np.asarray(t.row_offsets[:-1])) /
+                        (np.asarray(t.group_sizes) * t.cols))
+        t_rms = np.sqrt(row_sq.sum() / t.num_weights)
+        out.append(g_rms / t_rms if t_rms > 0 else np.zeros_like(g_rms))
+    return out
+
+
+def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], budget_bytes: int,
+                         bits: int) -> list[tuple[int, ...]]:
+    """Uniform ``bits`` with the smallest-magnitude groups pruned until the plan fits ``budget_bytes``."""
+    from nasq.quant.packing import group_nbytes
+
+    plan = [list(b) for b in uniform_allocation(tensors, bits)]
+    size = plan_size_bytes(tensors, plan)
+    if size <= budget_bytes:
+        return [tuple(b) for b in plan]
+    mags = group_magnitudes(model, tensors)
+    cand = [(float(m[g]), ti, g) for ti, (t, m) in enumerate(zip(tensors, mags, strict=True)) if 0 in t.choices
+            for g in range(t.num_groups)]
+    cand.sort(key=lambda x: x[0])  # stable: ties keep tensor / group order
+    for _m, ti, g in cand:
+        t = tensors[ti]
+        size -= group_nbytes(t.group_sizes[g], t.cols, bits, has_bias=t.has_bias)
+        plan[ti][g] = 0
+        if size <= budget_bytes:
+            break
+    if size > budget_bytes:
+        raise NasqError(f"magnitude baseline at {bits} bits: even with every prunable group pruned the plan "
+                        f"takes {size:,} bytes ({size / MB:.4f} MB) > the budget of {budget_bytes:,} bytes; "
+                        "raise the budget, lower --bits, or allow 0 (prune) in more rules of the space")
+    return [tuple(b) for b in plan]
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+def baseline_tensors(cfg: Config, model: nnx.Module) -> tuple[SearchSpace, list[SearchedTensor]]:
+    """The search space ``cfg.search.space`` resolved on ``model`` (as the search does)."""
+    from nasq.models.surgery import linear_shapes
+    from nasq.search.space import load_space, resolve
+
+    space = load_space(cfg.search.space)
+    return space, resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
+
+
+def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
+    """The budget of ``cfg.search`` (``budget_mb`` / ``avg_bits`` / ``ratio``, ``convention``) on ``model``'s
+    searched tensors, or None when none is given. ``latency_ms`` is refused (baselines are size-based)."""
+    from nasq.plan import model_param_shapes
+    from nasq.search.cost import fixed_nbytes
+
+    s = cfg.search
+    if s.latency_ms is not None:
+        raise NasqError("baselines allocate under a size budget; use --budget-mb, --avg-bits or --ratio "
+                        "instead of --latency-ms")
+    if s.budget_mb is None and s.avg_bits is None and s.ratio is None:
+        return None
+    space, tensors = baseline_tensors(cfg, model)
+    fixed = fixed_nbytes(model_param_shapes(model), tensors, space)
+    return resolve_budget(tensors, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
+                          convention=s.convention, fixed_bytes=fixed)
+
+
+def baseline_plan(
+    method: str,
+    model: nnx.Module,
+    data,
+    cfg: Config,
+    budget: Budget | None,
+    *,
+    bits: int | None = None,
+    seed: int | None = None,
+    n_batches: int = 8,
+    n_probes: int = 4,
+    time_limit: float = 20.0,
+    provenance: dict[str, Any] | None = None,
+):
+    """A :class:`nasq.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
+
+    ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
+    given budget is recorded and must be met). ``magnitude`` needs ``bits``; ``hessian`` needs ``data``
+    (:class:`nasq.train.common.TaskData`) and uses ``cfg.train.batch_size``. ``seed`` defaults to
+    ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
+    """
+    from nasq.plan import make_plan, model_param_shapes
+
+    if method not in METHODS:
+        raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    seed = cfg.train.seed if seed is None else int(seed)
+    space, tensors = baseline_tensors(cfg, model)
+    if method != "uniform" and budget is None:
+        raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
+    if method in ("uniform", "magnitude") and bits is None:
+        raise NasqError(f"the {method} baseline needs --bits K (one of the space's choices, e.g. "
+                        f"{sorted({b for t in tensors for b in t.choices if b})})")
+    prov: dict[str, Any] = {"method": method, "run": None, "step": None, "model": cfg.model.name,
+                            "space_name": space.name, **(provenance or {})}
+    if method == "uniform":
+        bpg = uniform_allocation(tensors, bits)
+        prov["bits"] = int(bits)
+        size = plan_size_bytes(tensors, bpg)
+        if budget is not None and size > budget.bytes:
+            raise NasqError(f"uniform {bits} bits takes {size:,} bytes ({size / MB:.4f} MB), over the budget of "
+                            f"{budget.bytes:,} bytes ({budget.source}); lower --bits or drop the budget flag")
+    elif method == "random":
+        bpg = random_allocation(tensors, budget.bytes, seed, time_limit=time_limit)
+        prov.update(seed=seed, utilities="cumsum of iid Uniform(0,1) over ascending choices")
+    elif method == "magnitude":
+        bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
+        prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
+    else:
+        from nasq.baselines.hessian import hessian_allocation
+
+        if data is None:
+            raise NasqError("the hessian baseline needs task data (--task / --data-dir)")
+        info: dict[str, Any] = {}
+        bpg = hessian_allocation(model, data, tensors, budget.bytes, n_batches=n_batches, n_probes=n_probes,
+                                 seed=seed, mode=space.quant_mode, batch_size=cfg.train.batch_size,
+                                 time_limit=time_limit, info=info)
+        prov.update(seed=seed, task=data.task.name, utility="-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2", **info)
+    if budget is not None and plan_size_bytes(tensors, bpg) > budget.bytes:  # pragma: no cover - guarded above
+        raise RuntimeError(f"{method} baseline exceeded its budget")
+    return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),
+                     provenance=prov)

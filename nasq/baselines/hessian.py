@@ -1,0 +1,273 @@
+"""Hessian-sensitivity bit allocation (Q-BERT / HAWQ-V3 style), solved by the same exact knapsack as search.
+
+References: Shen et al., "Q-BERT: Hessian Based Ultra Low Precision Quantization of BERT" (AAAI 2020);
+Yao et al., "HAWQ-V3: Dyadic Neural Network Quantization" (ICML 2021) (Hessian *trace* as sensitivity, an
+integer program over the per-layer bit widths); Dong et al., "HAWQ-V2" (NeurIPS 2020) for the Hutchinson trace.
+
+For row group ``g`` (its ``n_g = rows_g * cols`` weights ``W_g``) and bit choice ``c`` the utility is the negated
+second-order Taylor estimate of the loss increase when only ``W_g`` is quantized, with the group's Hessian block
+replaced by its average eigenvalue (HAWQ-V2/V3)::
+
+    u_{g,c} = - 0.5 * (Tr(H_g) / n_g) * ||W_g - Q_c(W_g)||^2
+
+* ``H_g`` is the block of the Hessian of the fp32 model's task loss (mean over ``n_batches`` train batches)
+  w.r.t. group g's weights. ``Tr(H_g)`` is Hutchinson's estimate ``E_v[v^T H v] = Tr(H)`` with Rademacher ``v``:
+  one Hessian-vector product ``Hv = d/de grad L(w + e v)`` (``jax.jvp`` of ``jax.grad``) per (probe, batch) for
+  *all* searched tensors at once; ``E[v * Hv] = diag(H)`` entrywise, so summing ``v * Hv`` over the group's
+  entries gives every ``Tr(H_g)`` from the same products (:func:`hutchinson_diagonal`).
+* ``Q_c`` is the symmetric (or signed) uniform quantizer with the group's MSE-initialised step
+  (:func:`nasq.quant.quantizer.init_group_scales`), exactly how QAT starts from the plan; ``c == 1`` is binary;
+  ``c == 0`` (pruned) removes the rows and their bias, so its perturbation is ``||W_g||^2 + ||b_g||^2``.
+* Estimated average curvatures ``Tr(H_g)/n_g`` can come out <= 0 (non-convex loss, estimator noise); they are
+  clamped to ``1e-3 * mean(max(Tr(H)/n, 0))`` over all groups, so such a group still prefers the smaller
+  perturbation when bytes allow but gives up bits first. The count is reported.
+* Utilities are divided by ``max |u|`` (a positive constant does not change the optimum, and keeps the MILP away
+  from its absolute tolerances).
+
+The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
+:func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nasq.errors import NasqError
+from nasq.search.space import SearchedTensor
+
+__all__ = [
+    "group_traces",
+    "hessian_allocation",
+    "hessian_utilities",
+    "hutchinson_diagonal",
+    "quant_perturbations",
+    "tensor_weights",
+]
+
+CLAMP_FRACTION = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- estimator
+
+
+def hutchinson_diagonal(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Sequence[Any],
+    key: jax.Array,
+    n_probes: int,
+) -> Any:
+    """Hutchinson estimate of the Hessian diagonal of ``L(p) = mean_b loss_fn(p, batch_b)``.
+
+    ``diag(H) ~= 1/(P*B) sum_{probe} sum_b v_probe * (H_b v_probe)`` with Rademacher ``v`` (entries +-1) and
+    ``H_b v = jax.jvp(jax.grad(lambda p: loss_fn(p, batch_b)), (p,), (v,))[1]`` (forward-over-reverse HVP, one
+    per (probe, batch), over the whole ``params`` pytree at once). Unbiased: ``E[v_i (Hv)_i] = H_ii`` because
+    ``E[v_i v_j] = [i == j]``; the sum of the result over any set of entries is the Hutchinson estimate of the
+    trace of that diagonal block. ``batches`` items are pytrees passed to ``loss_fn`` as traced arguments
+    (``None`` for a loss without data). Returns a pytree like ``params`` (float32).
+    """
+    if n_probes < 1:
+        raise NasqError(f"n_probes must be >= 1, got {n_probes}")
+    if not batches:
+        raise NasqError("the Hutchinson estimate needs at least one batch")
+
+    @jax.jit
+    def v_hv(p, batch, v):
+        hv = jax.jvp(jax.grad(lambda q: loss_fn(q, batch)), (p,), (v,))[1]
+        return jax.tree.map(lambda a, b: a * b, v, hv)
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    acc = [np.zeros(np.shape(x), np.float64) for x in leaves]
+    n = 0
+    for i in range(n_probes):
+        keys = jax.random.split(jax.random.fold_in(key, i), max(len(leaves), 1))
+        v = jax.tree_util.tree_unflatten(
+            treedef, [jax.random.rademacher(k, np.shape(x), jnp.float32) for k, x in zip(keys, leaves)])
+        for batch in batches:
+            out = jax.tree_util.tree_leaves(v_hv(params, batch, v))
+            for a, o in zip(acc, out, strict=True):
+                a += np.asarray(o, np.float64)
+            n += 1
+    return jax.tree_util.tree_unflatten(treedef, [(a / n).astype(np.float32) for a in acc])
+
+
+# ------------------------------------------------------------------------------------------- model side
+
+
+def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    from nasq.models.bert import Embedding, Linear
+    from nasq.models.surgery import iter_named
+
+    return dict(iter_named(model.bert, (Linear, Embedding)))
+
+
+def tensor_weights(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``(w_rows [rows, cols], bias [rows] | None)`` (float32 numpy) of each searched tensor of a
+    ``BertForSequenceClassification`` (linears: ``kernel.T``, the ``(out, in)`` view; embeddings: the table)."""
+    from nasq.models.bert import Linear
+
+    mods = _modules(model)
+    out = []
+    for t in tensors:
+        m = mods.get(t.path)
+        if m is None:
+            raise NasqError(f"searched tensor {t.path} is not a Linear/Embedding of the model; resolve the search "
+                            "space on this model")
+        if isinstance(m, Linear):
+            w = np.asarray(m.kernel[...], np.float32).T
+            b = np.asarray(m.bias[...], np.float32) if t.has_bias else None
+        else:
+            w, b = np.asarray(m.embedding[...], np.float32), None
+        if w.shape != (t.rows, t.cols):
+            raise NasqError(f"{t.path}: the model has {w.shape[0]}x{w.shape[1]}, the search space resolved "
+                            f"{t.rows}x{t.cols}; resolve the space on this model")
+        out.append((w, b))
+    return out
+
+
+def _starts(t: SearchedTensor) -> np.ndarray:
+    return np.asarray(t.row_offsets[:-1], np.int64)
+
+
+def quant_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mode: str) -> list[np.ndarray]:
+    """``[G, C]`` float64 per tensor: ``||W_g - Q_c(W_g)||^2`` with MSE-initialised steps, and
+    ``||W_g||^2 + ||b_g||^2`` for ``c == 0`` (pruned rows take their bias with them)."""
+    from nasq.quant.quantizer import fake_quant, init_group_scales
+
+    out = []
+    for t, (w, b) in zip(tensors, tensor_weights(model, tensors), strict=True):
+        starts = _starts(t)
+        sizes = np.asarray(t.group_sizes)
+        pert = np.zeros((t.num_groups, len(t.choices)), np.float64)
+        for k, c in enumerate(t.choices):
+            if c == 0:
+                row_sq = np.square(w, dtype=np.float64).sum(axis=1)
+                if b is not None:
+                    row_sq += np.square(b, dtype=np.float64)
+            else:
+                s = init_group_scales(w, t.group_sizes, int(c), mode)
+                q = np.asarray(fake_quant(w, np.repeat(s, sizes)[:, None], int(c), mode), np.float32)
+                row_sq = np.square(w - q, dtype=np.float64).sum(axis=1)
+            pert[:, k] = np.add.reduceat(row_sq, starts)
+        out.append(pert)
+    return out
+
+
+def _param_key(mods: dict[str, nnx.Module], path: str) -> str:
+    from nasq.models.bert import Linear
+
+    return f"bert.{path}." + ("kernel" if isinstance(mods[path], Linear) else "embedding")
+
+
+def group_traces(
+    model: nnx.Module,
+    batches: Sequence[Any],
+    tensors: Sequence[SearchedTensor],
+    *,
+    is_regression: bool,
+    n_probes: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor): Hutchinson over ``batches`` (each a ``Batch``), the task
+    loss of the fp32 ``model`` (no dropout) as a function of the searched weight matrices only."""
+    from nasq.models.bert import Linear
+    from nasq.train.common import _keystr, task_loss
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = [_keystr(p) for p, _ in leaves]
+    mods = _modules(model)
+    wanted = [_param_key(mods, t.path) for t in tensors]
+    missing = [k for k in wanted if k not in keys]
+    if missing:  # pragma: no cover - _param_key follows the model's own structure
+        raise NasqError(f"model parameters {missing[:3]} not found")
+    sub = {k: leaves[keys.index(k)][1] for k in wanted}
+    others = [None if k in sub else v for k, (_, v) in zip(keys, leaves)]
+
+    def loss_fn(p, aux):
+        others_, b = aux
+        vals = [p[k] if o is None else o for k, o in zip(keys, others_)]
+        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, vals), rest)
+        logits = m(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        return task_loss(logits, b["labels"], b["weights"], is_regression)
+
+    aux = [(others, {k: jnp.asarray(getattr(b, k)) for k in ("input_ids", "token_type_ids", "attention_mask",
+                                                              "labels", "weights")}) for b in batches]
+    diag = hutchinson_diagonal(loss_fn, sub, aux, jax.random.PRNGKey(seed), n_probes)
+    out = []
+    for t, k in zip(tensors, wanted, strict=True):
+        d = np.asarray(diag[k], np.float64)
+        per_row = d.sum(axis=0) if isinstance(mods[t.path], Linear) else d.sum(axis=1)  # kernel is (in, out)
+        out.append(np.add.reduceat(per_row, _starts(t)) / (np.asarray(t.group_sizes) * t.cols))
+    return out
+
+
+def hessian_utilities(traces: Sequence[np.ndarray], perturbations: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """``u_{g,c} = -0.5 * max(t_g, floor) * pert_{g,c}``, normalised by ``max |u|`` (see the module docstring);
+    returns (utilities, number of clamped groups). ``traces[t]`` is ``[G]`` (``Tr(H_g)/n_g``)."""
+    flat = np.concatenate([np.asarray(t, np.float64).ravel() for t in traces]) if traces else np.zeros(0)
+    pos = np.maximum(flat, 0.0)
+    floor = CLAMP_FRACTION * float(pos.mean()) if pos.size and pos.mean() > 0 else 1.0
+    clamped = int((flat < floor).sum())
+    utils = [-0.5 * np.maximum(np.asarray(t, np.float64), floor)[:, None] * np.asarray(p, np.float64)
+             for t, p in zip(traces, perturbations, strict=True)]
+    scale = max((float(np.abs(u).max()) for u in utils if u.size), default=0.0)
+    if scale > 0:
+        utils = [u / scale for u in utils]
+    return utils, clamped
+
+
+def _train_batches(data, n_batches: int, batch_size: int, seed: int) -> list:
+    from nasq.data.batching import iterate_batches
+
+    if n_batches < 1:
+        raise NasqError(f"n_batches must be >= 1, got {n_batches}")
+    if len(data.train) == 0:
+        raise NasqError("the Hessian baseline needs training rows; the train split is empty")
+    it = iterate_batches(data.train, batch_size, data.buckets, seed)
+    return [next(it)[2] for _ in range(n_batches)]
+
+
+def hessian_allocation(
+    model: nnx.Module,
+    data,
+    tensors: Sequence[SearchedTensor],
+    budget_bytes: int,
+    *,
+    n_batches: int = 8,
+    n_probes: int = 4,
+    seed: int = 0,
+    mode: str = "symmetric",
+    batch_size: int = 32,
+    time_limit: float = 20.0,
+    info: dict | None = None,
+) -> list[tuple[int, ...]]:
+    """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` within ``budget_bytes``
+    (module docstring; Q-BERT / HAWQ-V3). ``model`` is the fp32 (fine-tuned) model, ``data`` a
+    :class:`nasq.train.common.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
+    ``n_probes`` Rademacher probes each. ``info`` (optional dict) receives solver and estimator statistics."""
+    from nasq.search.cost import size_tables
+    from nasq.search.finalize import allocate, choices_to_bits
+
+    batches = _train_batches(data, n_batches, batch_size, seed)
+    traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
+                          seed=seed)
+    perts = quant_perturbations(model, tensors, mode)
+    utils, clamped = hessian_utilities(traces, perts)
+    alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
+    if info is not None:
+        flat = np.concatenate(traces)
+        info.update({"solver": alloc.solver, "optimal": alloc.optimal, "n_batches": n_batches,
+                     "n_probes": n_probes, "batch_size": batch_size, "train_rows": len(data.train),
+                     "clamped_groups": clamped, "groups": int(flat.size),
+                     "trace_per_weight": {"min": float(flat.min()), "median": float(np.median(flat)),
+                                          "max": float(flat.max())},
+                     "tensor_trace_per_weight": {t.path: float((tr * np.asarray(t.group_sizes)).sum() / t.rows)
+                                                 for t, tr in zip(tensors, traces, strict=True)}})
+    return choices_to_bits(tensors, alloc.choices)

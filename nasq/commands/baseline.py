@@ -1,0 +1,89 @@
+"""`nasq baseline {uniform,hessian,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
+
+The model allocated for is the fp32 fine-tuned run `--teacher RUN` (recommended; the Hessian baseline needs a
+trained head to mean anything), else the pretrained `--model`. Budgets (`--budget-mb` / `--avg-bits` /
+`--ratio`, `--convention`) and the search space (`--space`) are the search's. `uniform` needs `--bits` and no
+budget (it records the size it takes); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
+batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `random` uses `--seed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nasq.errors import NasqError
+
+
+def register(subparsers) -> None:
+    from nasq.baselines.allocators import METHODS
+    from nasq.cli import add_budget_flags, add_common
+
+    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, hessian, random or magnitude",
+                              description=__doc__)
+    p.add_argument("method", choices=METHODS)
+    add_common(p)
+    add_budget_flags(p)
+    p.add_argument("--teacher", help="fp32 fine-tune run to allocate for (default: the pretrained --model)")
+    p.add_argument("--bits", type=int, help="bit width of uniform / of the kept groups of magnitude")
+    p.add_argument("--n-batches", type=int, default=8, help="hessian: train batches per probe (default 8)")
+    p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
+    p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
+    p.set_defaults(fn=cmd_baseline)
+
+
+def load_model(cfg, log=print):
+    """(fp32 model, model dir with the tokenizer, provenance) for `cfg.kd.teacher` or `cfg.model.name`."""
+    from nasq.data.glue import get_task
+    from nasq.models.loading import load_pretrained, resolve_model_dir
+    from nasq.train.common import load_model_dir
+
+    num_labels = get_task(cfg.data.task).num_labels
+    if cfg.kd.teacher:
+        model, meta = load_model_dir(cfg.kd.teacher)
+        if meta.get("quantized"):
+            raise NasqError(f"--teacher {cfg.kd.teacher} is a quantized run; baselines allocate for the fp32 "
+                            "fine-tune (pass the `nasq finetune` run without --plan)")
+        if meta.get("num_labels") != num_labels:
+            raise NasqError(f"--teacher {cfg.kd.teacher} was trained for {meta.get('task')!r} with "
+                            f"{meta.get('num_labels')} labels, but --task {cfg.data.task} has {num_labels}; "
+                            "pass the matching --task")
+        tdir = Path(cfg.kd.teacher)
+        model_dir = tdir / "model" if (tdir / "model").is_dir() else tdir
+        return model, model_dir, {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
+    model_dir = resolve_model_dir(cfg.model.name)
+    model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
+    if report.new_head:
+        log("warning: allocating for a pretrained checkpoint with a fresh task head; pass --teacher RUN (an "
+            "fp32 fine-tune) for a meaningful Hessian baseline.")
+    return model, model_dir, {"model_dir": str(model_dir)}
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from nasq.baselines.allocators import baseline_budget, baseline_plan
+    from nasq.cli import config_from_args
+    from nasq.run import check_output_path
+    from nasq.search.cost import MB
+    from nasq.train.common import load_task_data
+
+    if not args.out:
+        raise NasqError("baseline needs --out plan.json")
+    check_output_path(args.out, args.overwrite)
+    cfg = config_from_args(args)
+    model, model_dir, prov = load_model(cfg)
+    budget = baseline_budget(cfg, model)
+    data = load_task_data(cfg, model_dir=model_dir) if args.method == "hessian" else None
+    prov.update(task=cfg.data.task, num_labels=model.num_labels)
+    plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, n_batches=args.n_batches,
+                         n_probes=args.n_probes, time_limit=args.time_limit, provenance=prov)
+    plan.save(args.out, overwrite=args.overwrite)
+    t = plan.totals
+    line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
+            f"pruned {100 * t['pruned_fraction']:.1f}%")
+    if plan.budget is not None:
+        line += f", budget {plan.budget['bytes'] / MB:.4f} MB ({plan.budget['source']})"
+    if t.get("artifact_tensor_bytes") is not None:
+        line += f", artifact tensors {t['artifact_tensor_bytes'] / MB:.4f} MB"
+    print(line)
+    print(f"wrote {args.out}")
+    return 0

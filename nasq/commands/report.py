@@ -1,0 +1,76 @@
+"""`nasq inspect PATH`, `nasq plot PATH | --pareto RESULTS`, `nasq compare PLAN_A PLAN_B`.
+
+PATH is a plan.json, a search run (pre-repair argmax of its gate logits), a QAT run (its model/plan.json) or an
+exported artifact directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nasq.errors import NasqError
+
+
+def cmd_inspect(args) -> int:
+    from nasq.report.inspect import render
+
+    print(render(args.path, args.format), end="")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from nasq.report import plots
+
+    if args.pareto:
+        out = Path(args.out or "report")
+        png = plots.plot_pareto(args.pareto, out / "pareto.png", size=args.size)
+        print(f"wrote {png}")
+        return 0
+    if not args.path:
+        raise NasqError("plot needs PATH (plan, search run, QAT run or artifact) or --pareto RESULTS")
+    from nasq.report.inspect import load_allocation
+
+    alloc = load_allocation(args.path)
+    src = Path(alloc.source)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report"
+    files = plots.write_report(alloc, out)
+    for p in files.values():
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from nasq.report.inspect import compare_plans, format_compare
+
+    cmp = compare_plans(args.plan_a, args.plan_b)
+    print(json.dumps(cmp, indent=1) + "\n" if args.format == "json" else format_compare(cmp), end="")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from nasq.report.inspect import FORMATS
+
+    i = subparsers.add_parser("inspect", help="bit allocation per layer x module (plan, search run, QAT run, "
+                                              "artifact)")
+    i.add_argument("path", help="plan.json, search run dir, QAT run dir or exported artifact dir")
+    i.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (text), json, md (markdown) or rules (ordered pattern -> bits list)")
+    i.set_defaults(fn=cmd_inspect)
+
+    p = subparsers.add_parser("plot", help="PNG plots + report.html of an allocation, or --pareto of results")
+    p.add_argument("path", nargs="?", help="plan.json, search run dir, QAT run dir or exported artifact dir")
+    p.add_argument("--out", help="output directory (default: <run or plan dir>/report)")
+    p.add_argument("--pareto", metavar="CSV_OR_DIR",
+                   help="results CSV (or a directory of them): size (MB) vs metric per method")
+    p.add_argument("--size", choices=["auto", "artifact_mb", "encoder_mb"], default="auto",
+                   help="size column of --pareto (auto: artifact_mb where every row has it)")
+    p.set_defaults(fn=cmd_plot)
+
+    c = subparsers.add_parser("compare", help="tensors whose bits differ between two plans, and the totals")
+    c.add_argument("plan_a", help="plan.json / run / artifact A")
+    c.add_argument("plan_b", help="plan.json / run / artifact B")
+    c.add_argument("--format", choices=["table", "json"], default="table")
+    c.set_defaults(fn=cmd_compare)

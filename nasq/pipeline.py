@@ -1,0 +1,201 @@
+"""`nasq pipeline`: finetune(fp32) -> search -> finalize -> finetune(QAT+KD) -> export -> eval, in one command.
+
+Each stage writes its own output under `OUT/` and is skipped when that output is already complete, so an
+interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
+
+    OUT/teacher/      fp32 fine-tune run (skipped when --teacher RUN is given)
+    OUT/search/       supernet search run
+    OUT/plan.json     finalized plan (size <= budget, guaranteed)
+    OUT/qat/          quantization-aware fine-tune of the plan with KD from the teacher
+    OUT/model.nasq/   exported integer artifact
+    OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
+
+Presets set step counts and subsets. They are *quick* recipes for a 2-core CPU, not the full recipe:
+`smoke` (a few minutes, CI / first run) and `quick` (~15 minutes on MiniLM + an SST-2 subset).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nasq.config import Config, build_config
+from nasq.errors import NasqError
+from nasq.run import check_output_path, write_atomic
+
+# Per-stage overrides of the config; the user's --config/--set apply on top of every stage.
+PRESETS: dict[str, dict] = {
+    "smoke": {
+        "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 512,
+                                                                           "heldout": 0.25}},
+        "finetune": {"train": {"max_steps": 24, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000}},
+        "search": {"train": {"max_steps": 16, "lr": 2e-5, "log_every": 4, "checkpoint_every": 1000},
+                   "search": {"avg_bits": 2.0, "space": "aqbert_128g"}},
+        "qat": {"train": {"max_steps": 16, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000}},
+    },
+    "quick": {
+        "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 8000,
+                                                                           "heldout": 0.2}},
+        "finetune": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
+        "search": {"train": {"max_steps": 150, "lr": 2e-5, "log_every": 10, "checkpoint_every": 50},
+                   "search": {"avg_bits": 2.0, "space": "aqbert_128g"}},
+        "qat": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
+    },
+}
+
+
+def stage_config(preset: dict, stage: str, user_layers: list[tuple[str, dict]], extra: dict | None = None) -> Config:
+    layers = [("preset (common)", preset.get("common", {})), (f"preset ({stage})", preset.get(stage, {}))]
+    layers += user_layers
+    if extra:
+        layers.append((f"pipeline ({stage})", extra))
+    return build_config(*layers)
+
+
+def _done(run: Path) -> bool:
+    info = run / "run.json"
+    return info.is_file() and json.loads(info.read_text()).get("status") == "done"
+
+
+def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
+                 teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    from nasq.export.artifact import evaluate_artifact, export_artifact, load_artifact
+    from nasq.search.finalize import finalize_run
+    from nasq.search.loop import search
+    from nasq.train.common import load_model_dir, load_task_data, predict_logits
+    from nasq.train.finetune import finetune
+
+    if preset not in PRESETS:
+        raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[preset]
+    user_layers = user_layers or []
+    out = Path(out)
+    if not resume:
+        check_output_path(out, overwrite)
+        if out.exists() and overwrite:
+            import shutil
+
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    log(f"nasq pipeline, preset {preset!r} (a quick recipe: subsets and few steps; see README for the full one)")
+
+    # 1. fp32 teacher
+    t0 = time.time()
+    if teacher is None:
+        teacher = str(out / "teacher")
+        if not _done(Path(teacher)):
+            cfg = stage_config(p, "finetune", user_layers)
+            log(f"[1/6] fp32 fine-tune -> {teacher}")
+            finetune(cfg, teacher, resume=resume and (Path(teacher) / "config.yaml").is_file(), overwrite=True)
+    elif not (Path(teacher) / "model").is_dir():
+        raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
+    times["finetune_s"] = time.time() - t0
+
+    # 2. search
+    t0 = time.time()
+    search_dir = out / "search"
+    if not _done(search_dir):
+        cfg = stage_config(p, "search", user_layers, {"kd": {"teacher": teacher}})
+        log(f"[2/6] search -> {search_dir}")
+        search(cfg, search_dir, resume=resume and (search_dir / "config.yaml").is_file(), overwrite=True)
+    times["search_s"] = time.time() - t0
+
+    # 3. finalize
+    plan_path = out / "plan.json"
+    if not plan_path.is_file():
+        log(f"[3/6] finalize -> {plan_path}")
+        finalize_run(search_dir, plan_path)
+    plan = json.loads(plan_path.read_text())
+
+    # 4. QAT + KD
+    t0 = time.time()
+    qat_dir = out / "qat"
+    if not _done(qat_dir):
+        cfg = stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher}, "plan": str(plan_path)})
+        log(f"[4/6] QAT + KD -> {qat_dir}")
+        finetune(cfg, qat_dir, resume=resume and (qat_dir / "config.yaml").is_file(), overwrite=True)
+    times["qat_s"] = time.time() - t0
+
+    # 5. export
+    art = out / "model.nasq"
+    if not (art / "manifest.json").is_file():
+        log(f"[5/6] export -> {art}")
+        export_artifact(qat_dir, art, overwrite=True)
+    manifest = json.loads((art / "manifest.json").read_text())
+
+    # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions
+    log("[6/6] eval (dev set)")
+    cfg = stage_config(p, "qat", user_layers)
+    data = load_task_data(cfg, model_dir=qat_dir / "model")
+    teacher_model, _ = load_model_dir(teacher)
+    qat_model, _ = load_model_dir(qat_dir)
+    from nasq.train.common import metrics_from_logits
+
+    t_logits = predict_logits(teacher_model, data.dev, cfg.data.eval_batch_size, data.buckets)
+    q_logits = predict_logits(qat_model, data.dev, cfg.data.eval_batch_size, data.buckets)
+    int_res = evaluate_artifact(art, cfg)
+    int_model = load_artifact(art)
+    from nasq.data.batching import eval_batches
+
+    i_logits = np.zeros_like(q_logits)
+    for b in eval_batches(data.dev, cfg.data.eval_batch_size, data.buckets):
+        lg = np.asarray(int_model(b.input_ids, b.token_type_ids, b.attention_mask))
+        real = b.index >= 0
+        i_logits[b.index[real]] = lg[real]
+    agree = float((q_logits.argmax(-1) == i_logits.argmax(-1)).mean()) if not data.task.is_regression else None
+    summary = {
+        "preset": preset, "task": data.task.name, "dev_rows": len(data.dev),
+        "teacher": metrics_from_logits(data.task, t_logits, data.dev.labels),
+        "fake_quant": metrics_from_logits(data.task, q_logits, data.dev.labels),
+        "int_artifact": {k: v for k, v in int_res.items() if k not in ("task", "dev_rows")},
+        "fake_quant_vs_int_agreement": agree,
+        "max_abs_logit_diff_fake_vs_int": float(np.abs(q_logits - i_logits).max()),
+        "plan_totals": plan["totals"], "budget": plan.get("budget"),
+        "artifact_tensor_bytes": manifest.get("tensor_bytes"),
+        "predicted_bytes": manifest.get("predicted_bytes"),
+        "artifact_vs_predicted": manifest.get("payload_vs_predicted"),
+        "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    log(json.dumps({k: summary[k] for k in ("teacher", "fake_quant", "int_artifact", "fake_quant_vs_int_agreement",
+                                            "artifact_vs_predicted")}, indent=2))
+    log(f"pipeline done -> {out}/summary.json")
+    return summary
+
+
+def register(sub) -> None:
+    from nasq.cli import add_common
+
+    p = sub.add_parser("pipeline", help="finetune -> search -> finalize -> QAT -> export -> eval")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
+    add_common(p)
+    p.set_defaults(fn=_cmd)
+
+
+def _cmd(args) -> int:
+    from nasq.config import load_yaml, parse_set
+
+    layers: list[tuple[str, dict]] = []
+    if args.config:
+        layers.append((args.config, load_yaml(args.config)))
+    flags: dict = {}
+    for sec, key, val in (("model", "name", args.model), ("data", "task", args.task),
+                          ("data", "data_dir", args.data_dir), ("data", "train_subset", args.train_subset),
+                          ("train", "seed", args.seed)):
+        if val is not None:
+            flags.setdefault(sec, {})[key] = val
+    layers.append(("command-line flags", flags))
+    layers.append(("--set", parse_set(args.set)))
+    if args.max_steps is not None:
+        raise NasqError("pipeline: --max-steps is ambiguous across stages; use --set train.max_steps=N "
+                        "(applies to every stage) or a --config file.")
+    out = args.out or "runs/pipeline"
+    run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
+                 overwrite=args.overwrite)
+    return 0

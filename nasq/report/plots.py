@@ -1,0 +1,280 @@
+"""Plots of a bit allocation (matplotlib ``Figure`` + Agg canvas, never pyplot, so importing this module does not
+change a notebook's backend; PNGs saved with ``bbox_inches="tight"``).
+
+* :func:`plot_heatmap` -- bits per row group: one row per tensor (layer x module), one column per group index,
+  a discrete colour per bit width (pruned = black), colour bar ticks = the bit values;
+* :func:`plot_module_bits` -- average bits (row-weighted, pruned = 0) per module type across layers;
+* :func:`plot_trajectory` -- a search run's ``metrics.jsonl``: expected vs budget size, the budget price lambda,
+  the temperature tau and the held-out gate loss against the step;
+* :func:`plot_pareto` -- size (MB) vs metric per method from ``results.csv`` rows;
+* :func:`write_report` -- the PNGs that apply to a source plus a static ``report.html`` (relative ``<img>`` paths).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+
+from nasq.errors import NasqError
+from nasq.plan import Plan
+from nasq.report.inspect import MODULE_ORDER, Allocation, _as_alloc, format_table, tensor_stats
+
+__all__ = [
+    "bit_levels",
+    "plot_heatmap",
+    "plot_module_bits",
+    "plot_pareto",
+    "plot_trajectory",
+    "read_metrics",
+    "read_results",
+    "write_report",
+]
+
+STANDARD_BITS = (0, 1, 2, 3, 4, 8)
+PRUNED_COLOR = "#000000"
+
+
+def _label(r: dict) -> str:
+    return r["module"] if r["layer"] is None else f"L{r['layer']} {r['module']}"
+
+
+def bit_levels(plan: Plan) -> list[int]:
+    """The bit values the colour bar shows: 0/1/2/3/4/8 plus any other width the plan's choices use."""
+    used = {b for t in plan.tensors for b in (*t.choices, *t.bits)}
+    return sorted(set(STANDARD_BITS) | used)
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    return out
+
+
+def plot_heatmap(plan: Plan | Allocation, out: str | Path, title: str | None = None) -> Path:
+    """Bits per subgroup: rows = tensors (layer x module), columns = group index; tensors with fewer groups
+    leave the remaining cells blank (light grey). Pruned groups are black."""
+    a = _as_alloc(plan)
+    stats = tensor_stats(a.plan)
+    levels = bit_levels(a.plan)
+    gmax = max(r["groups"] for r in stats)
+    idx = {b: i for i, b in enumerate(levels)}
+    grid = np.full((len(stats), gmax), np.nan)
+    for i, r in enumerate(stats):
+        grid[i, : r["groups"]] = [idx[b] for b in r["bits"]]
+    cmap_colors = [PRUNED_COLOR] + list(matplotlib.colormaps["viridis"](np.linspace(0.08, 1.0, len(levels) - 1)))
+    cmap = ListedColormap(cmap_colors)
+    cmap.set_bad("#eeeeee")
+    norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, cmap.N)
+    h = min(max(2.5, 0.22 * len(stats) + 1.2), 60)
+    w = min(max(5.0, 0.09 * gmax + 3.5), 30)
+    fig = _figure((w, h))
+    ax = fig.subplots()
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(stats)))
+    ax.set_yticklabels([_label(r) for r in stats], fontsize=8 if len(stats) < 40 else 6)
+    ax.set_xlabel("row group index (output features, in order)")
+    ax.set_ylabel("layer x module")
+    if gmax <= 16:
+        ax.set_xticks(range(gmax))
+    ax.set_title(title or f"bits per row group: {a.source}" + (" (pre-repair argmax)" if a.kind == "search" else ""),
+                 fontsize=9)
+    cb = fig.colorbar(im, ax=ax, ticks=range(len(levels)), fraction=0.04, pad=0.02)
+    cb.ax.set_yticklabels([f"{b} (pruned)" if b == 0 else str(b) for b in levels])
+    cb.set_label("bits")
+    return _save(fig, out)
+
+
+def plot_module_bits(plan: Plan | Allocation, out: str | Path, title: str | None = None) -> Path:
+    """Average bits per module type (q, k, v, o, ffn_in, ffn_out) against the layer index, one line each;
+    tensors outside the encoder layers (embeddings, ...) are drawn as horizontal dashed lines."""
+    a = _as_alloc(plan)
+    stats = tensor_stats(a.plan)
+    fig = _figure((7, 4))
+    ax = fig.subplots()
+    mods = [m for m in MODULE_ORDER if any(r["module"] == m and r["layer"] is not None for r in stats)]
+    mods += sorted({r["module"] for r in stats if r["layer"] is not None} - set(mods))
+    for m in mods:
+        pts = sorted((r["layer"], r["avg_bits"]) for r in stats if r["module"] == m and r["layer"] is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    for r in stats:
+        if r["layer"] is None:
+            ax.axhline(r["avg_bits"], ls="--", lw=1, color="grey", label=f"{r['module']} ({r['path']})")
+    layers = sorted({r["layer"] for r in stats if r["layer"] is not None})
+    if layers:
+        ax.set_xticks(layers)
+    ax.set_xlabel("encoder layer")
+    ax.set_ylabel("average bits (row-weighted, pruned = 0)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title or f"average bits per module: {a.source}", fontsize=9)
+    return _save(fig, out)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The JSON lines of a ``metrics.jsonl`` (blank/partial trailing lines are skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise NasqError(f"{path} not found; a search run writes metrics.jsonl as it logs")
+    recs = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written while we read
+        if isinstance(rec, dict) and "step" in rec:
+            recs.append(rec)
+    if not recs:
+        raise NasqError(f"{path} has no metric records yet")
+    return recs
+
+
+def plot_trajectory(metrics: str | Path | Sequence[dict], out: str | Path, title: str | None = None) -> Path:
+    """Search trajectory against the step: expected size vs budget (MB; the normalised cost ratio for a latency
+    budget), the budget price lambda, the temperature tau, and the held-out gate loss (train task loss dashed)."""
+    recs = read_metrics(metrics) if isinstance(metrics, str | Path) else list(metrics)
+    step = [r["step"] for r in recs]
+
+    def col(k):
+        return [r.get(k, math.nan) if r.get(k) is not None else math.nan for r in recs]
+
+    fig = _figure((10, 6.5))
+    axes = fig.subplots(2, 2, sharex=True)
+    ax = axes[0, 0]
+    if any("expected_mb" in r for r in recs):
+        ax.plot(step, col("expected_mb"), label="expected size")
+        ax.plot(step, col("budget_mb"), ls="--", color="red", label="budget")
+        ax.set_ylabel("MB (searched tensors)")
+    else:
+        ax.plot(step, col("cost_ratio"), label="expected cost / budget")
+        ax.axhline(1.0, ls="--", color="red", label="budget")
+        ax.set_ylabel("expected cost / budget")
+    ax.set_title("expected size vs budget")
+    ax.legend(fontsize=8)
+    axes[0, 1].plot(step, col("lambda"), color="tab:purple")
+    axes[0, 1].set_title("budget price lambda")
+    axes[0, 1].set_ylabel("lambda")
+    axes[1, 0].plot(step, col("tau"), color="tab:orange")
+    axes[1, 0].set_title("temperature tau")
+    axes[1, 0].set_ylabel("tau")
+    ax = axes[1, 1]
+    ax.plot(step, col("gate_loss"), label="held-out gate loss")
+    if any("task_loss" in r for r in recs):
+        ax.plot(step, col("task_loss"), ls="--", alpha=0.7, label="train task loss")
+    ax.set_title("loss")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    for a in axes.ravel():
+        a.grid(alpha=0.3)
+    for a in axes[1]:
+        a.set_xlabel("step")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def read_results(source: str | Path) -> list[dict]:
+    """Rows of a results CSV, or of every ``*.csv`` under a directory (``method``, ``metric`` and
+    ``artifact_mb`` or ``encoder_mb`` required; others such as ``task``, ``metric_name`` kept as strings)."""
+    p = Path(source)
+    files = sorted(p.rglob("*.csv")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise NasqError(f"{p}: no results CSV found (expected columns method, metric, artifact_mb or encoder_mb, "
+                        "as in experiments/results/results.csv)")
+    rows = []
+    for f in files:
+        with f.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = set(reader.fieldnames or ())
+            if not {"method", "metric"} <= cols or not cols & {"artifact_mb", "encoder_mb"}:
+                raise NasqError(f"{f}: columns {sorted(cols)} lack method, metric and artifact_mb/encoder_mb")
+            rows += [dict(r, _file=str(f)) for r in reader]
+    return rows
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: str = "auto",
+                title: str | None = None) -> Path:
+    """Size (MB) vs metric, one line (sorted by size) per method, one panel per task.
+
+    ``size``: ``artifact_mb``, ``encoder_mb`` or ``auto`` (``artifact_mb`` where every row has it, else
+    ``encoder_mb``)."""
+    rows = read_results(source) if isinstance(source, str | Path) else list(source)
+    if size == "auto":
+        size = "artifact_mb" if rows and all(not math.isnan(_num(r.get("artifact_mb"))) for r in rows) else \
+            "encoder_mb"
+    rows = [r for r in rows if not math.isnan(_num(r.get(size))) and not math.isnan(_num(r.get("metric")))]
+    if not rows:
+        raise NasqError(f"no result rows with numeric {size} and metric to plot")
+    tasks = sorted({r.get("task") or "" for r in rows})
+    fig = _figure((6 * len(tasks), 4.5))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        tr = [r for r in rows if (r.get("task") or "") == task]
+        for method in sorted({r["method"] for r in tr}):
+            pts = sorted((_num(r[size]), _num(r["metric"])) for r in tr if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        names = sorted({r.get("metric_name") or "metric" for r in tr})
+        ax.set_xlabel(f"{size.replace('_mb', '')} size (MB)")
+        ax.set_ylabel(" / ".join(names))
+        ax.set_title(task or "results", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def write_report(source: Allocation | Plan | str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Heatmap + module lines (+ trajectory for a search run) as PNGs and a ``report.html`` with the text
+    table and the images (relative paths). Returns ``{name: path}``."""
+    a = _as_alloc(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"heatmap": plot_heatmap(a, out_dir / "bits_heatmap.png"),
+             "modules": plot_module_bits(a, out_dir / "module_bits.png")}
+    if a.run_dir is not None and (a.run_dir / "metrics.jsonl").is_file():
+        files["trajectory"] = plot_trajectory(a.run_dir / "metrics.jsonl", out_dir / "trajectory.png",
+                                              title=f"search trajectory: {a.run_dir}")
+    captions = {"heatmap": "bits per row group (black = pruned)", "modules": "average bits per module type",
+                "trajectory": "search trajectory (metrics.jsonl)"}
+    imgs = "\n".join(f'<h2>{captions[k]}</h2>\n<img src="{html.escape(p.name)}" alt="{captions[k]}">'
+                     for k, p in files.items())
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nasq report: {html.escape(a.source)}"
+            f"</title>\n<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:100%}} "
+            f"pre{{font-size:12px;background:#f6f6f6;padding:1em;overflow-x:auto}}</style></head><body>\n"
+            f"<h1>nasq report: {html.escape(a.source)}</h1>\n<pre>{html.escape(format_table(a))}</pre>\n{imgs}\n"
+            f"</body></html>\n")
+    files["html"] = out_dir / "report.html"
+    files["html"].write_text(page)
+    return files

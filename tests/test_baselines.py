@@ -1,0 +1,293 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nasq.cli
+from nasq.baselines.allocators import (
+    baseline_budget,
+    baseline_plan,
+    baseline_tensors,
+    group_magnitudes,
+    magnitude_allocation,
+    random_allocation,
+    uniform_allocation,
+)
+from nasq.baselines.hessian import (
+    group_traces,
+    hessian_utilities,
+    hutchinson_diagonal,
+    quant_perturbations,
+    tensor_weights,
+)
+from nasq.config import build_config
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.plan import Plan
+from nasq.quant.packing import group_nbytes
+from nasq.search.cost import Budget, plan_size_bytes, resolve_budget, size_tables
+from nasq.search.finalize import allocate, choices_to_bits
+from nasq.search.space import SearchedTensor, group_sizes
+
+
+def _cfg(model_dir, glue=None, **search):
+    layers = {"model": {"name": str(model_dir), "max_len": 32}, "train": {"batch_size": 8, "seed": 0},
+              "search": {"space": "tiny", **search}}
+    if glue is not None:
+        layers["data"] = {"task": "mrpc", "data_dir": str(glue), "train_subset": 32, "buckets": [16, 32]}
+    return build_config(("test", layers))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_pretrained(tiny_model_dir, 2)[0]
+
+
+@pytest.fixture(scope="module")
+def tensors(model, tiny_model_dir):
+    return baseline_tensors(_cfg(tiny_model_dir), model)[1]
+
+
+@pytest.fixture(scope="module")
+def task_data(glue_dir, tiny_model_dir):
+    from nasq.train.common import load_task_data
+
+    return load_task_data(_cfg(tiny_model_dir, glue_dir))
+
+
+def _t(path, rows, cols, g, choices=(0, 2, 4, 8)):
+    return SearchedTensor(path=path, rule="r", rows=rows, cols=cols, group_sizes=group_sizes(rows, g),
+                          choices=tuple(choices), has_bias=True, kind="linear")
+
+
+# ------------------------------------------------------------------------------------------------ Hutchinson
+
+
+def test_hutchinson_exact_for_diagonal_hessian_and_batch_mean():
+    # diagonal H: v * Hv = diag(H) exactly for every Rademacher v; batches are averaged
+    d = jnp.arange(1.0, 7.0)
+
+    def loss(p, c):
+        return 0.5 * c * jnp.sum(d * p["x"] ** 2)
+
+    out = hutchinson_diagonal(loss, {"x": jnp.ones(6)}, [jnp.float32(1.0), jnp.float32(3.0)],
+                              jax.random.PRNGKey(0), 1)
+    np.testing.assert_allclose(out["x"], 2.0 * np.arange(1.0, 7.0), rtol=1e-6)
+
+
+def test_hutchinson_block_traces_match_exact_quadratic():
+    rng = np.random.default_rng(0)
+    n = 22
+    m = rng.normal(size=(n, n))
+    h = np.diag(rng.uniform(1, 5, n)) + 0.1 * (m + m.T)  # a known, non-diagonal Hessian
+    hj = jnp.asarray(h, jnp.float32)
+
+    def loss(p, _):
+        x = jnp.concatenate([p["a"], p["b"].ravel()])
+        return 0.5 * x @ hj @ x
+
+    params = {"a": jnp.zeros(10), "b": jnp.zeros((3, 4))}
+    out = hutchinson_diagonal(loss, params, [None], jax.random.PRNGKey(1), 300)
+    assert out["b"].shape == (3, 4)
+    est_a, est_b = float(out["a"].sum()), float(out["b"].sum())
+    exact_a, exact_b = np.trace(h[:10, :10]), np.trace(h[10:, 10:])
+    assert est_a == pytest.approx(exact_a, rel=0.05)
+    assert est_b == pytest.approx(exact_b, rel=0.05)
+    assert est_a + est_b == pytest.approx(np.trace(h), rel=0.05)
+
+
+def test_hutchinson_rejects_bad_arguments():
+    with pytest.raises(NasqError, match="n_probes"):
+        hutchinson_diagonal(lambda p, b: jnp.sum(p), jnp.ones(2), [None], jax.random.PRNGKey(0), 0)
+    with pytest.raises(NasqError, match="batch"):
+        hutchinson_diagonal(lambda p, b: jnp.sum(p), jnp.ones(2), [], jax.random.PRNGKey(0), 1)
+
+
+# ------------------------------------------------------------------------------------------------ uniform
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_uniform_size_equals_avg_bits_budget(tensors, b):
+    bits = uniform_allocation(tensors, b)
+    assert all(set(x) == {b} for x in bits)
+    assert plan_size_bytes(tensors, bits) == resolve_budget(tensors, avg_bits=b).bytes
+
+
+def test_uniform_bits_must_be_a_choice(tensors):
+    with pytest.raises(NasqError, match=r"tensor encoder\.layer\.0\..*\[0, 2, 4, 8\]"):
+        uniform_allocation(tensors, 3)
+    t3 = [_t("encoder.a", 8, 16, 2, (0, 3, 4)), _t("encoder.b", 4, 8, 4, (3,))]
+    assert uniform_allocation(t3, 3) == [(3, 3), (3, 3, 3, 3)]
+
+
+# ------------------------------------------------------------------------------------------------ random
+
+
+def test_random_is_seed_deterministic_and_spends_the_budget(tensors):
+    budget = resolve_budget(tensors, avg_bits=3).bytes
+    a = random_allocation(tensors, budget, seed=1)
+    assert a == random_allocation(tensors, budget, seed=1)
+    assert a != random_allocation(tensors, budget, seed=2)
+    size = plan_size_bytes(tensors, a)
+    assert size <= budget
+    # increasing utilities: at the optimum no single group can move to a larger choice within the budget
+    for t, bits in zip(tensors, a):
+        for r, b in zip(t.group_sizes, bits):
+            bigger = [c for c in t.choices if c > b]
+            if bigger:
+                extra = group_nbytes(r, t.cols, bigger[0], t.has_bias) - group_nbytes(r, t.cols, b, t.has_bias)
+                assert size + extra > budget
+
+
+# ------------------------------------------------------------------------------------------------ magnitude
+
+
+def test_magnitude_prunes_smallest_groups_first(model, tensors):
+    from nasq.models.surgery import iter_named
+
+    m = nnx_clone(model)
+    mods = dict(iter_named(m.bert))
+    k = mods["encoder.layer.1.intermediate.dense"].kernel  # (in, out): rows are columns here
+    k[...] = k[...].at[:, 16:32].multiply(0.01)  # group 1 of 4 (64 rows) becomes tiny
+    mags = group_magnitudes(m, tensors)
+    idx = [t.path for t in tensors].index("encoder.layer.1.intermediate.dense")
+    assert mags[idx][1] == pytest.approx(min(float(x.min()) for x in mags))
+
+    uni = uniform_allocation(tensors, 8)
+    full = plan_size_bytes(tensors, uni)
+    assert magnitude_allocation(m, tensors, full, 8) == uni  # fits: nothing pruned
+    out = magnitude_allocation(m, tensors, full - 1, 8)
+    assert out[idx][1] == 0 and sum(b.count(0) for b in out) == 1
+    budget = resolve_budget(tensors, avg_bits=4).bytes
+    out = magnitude_allocation(m, tensors, budget, 8)
+    assert plan_size_bytes(tensors, out) <= budget
+    flat_m = np.concatenate(mags)
+    flat_b = np.concatenate([np.asarray(b) for b in out])
+    assert set(np.unique(flat_b)) == {0, 8}
+    assert flat_m[flat_b == 0].max() <= flat_m[flat_b == 8].min()  # pruned = the smallest magnitudes
+
+
+def test_magnitude_infeasible_budget_names_the_numbers(model):
+    t = [_t("encoder.layer.0.attention.self.query", 32, 32, 4, (2, 8))]  # no 0: cannot prune
+    with pytest.raises(NasqError, match="prunable"):
+        magnitude_allocation(model, t, 10, 8)
+
+
+def nnx_clone(model):
+    from flax import nnx
+
+    return nnx.clone(model)
+
+
+# ------------------------------------------------------------------------------------------------ hessian
+
+
+def test_larger_curvature_times_perturbation_gets_more_bits():
+    ts = [_t("encoder.a", 8, 16, 4)]
+    tabs = size_tables(ts)
+    budget = int(tabs[0][:, 2].sum() + tabs[0][0, 3] - tabs[0][0, 2])  # room for exactly one group at 8 bits
+    pert = np.tile(np.array([[10.0, 1.0, 0.1, 0.001]]), (4, 1))
+    for traces, perts, winner in [
+        ([np.array([1.0, 1.0, 50.0, 1.0])], [pert], 2),  # curvature decides
+        ([np.ones(4)], [pert * np.array([[1.0], [30.0], [1.0], [1.0]])], 1),  # perturbation decides
+    ]:
+        u, clamped = hessian_utilities(traces, perts)
+        assert clamped == 0 and np.abs(np.concatenate(u)).max() == pytest.approx(1.0)
+        bits = choices_to_bits(ts, allocate(u, tabs, budget).choices)[0]
+        assert bits[winner] == 8 and all(b == 4 for g, b in enumerate(bits) if g != winner)
+
+
+def test_nonpositive_traces_are_clamped():
+    u, clamped = hessian_utilities([np.array([2.0, -1.0, 0.0])], [np.ones((3, 2))])
+    assert clamped == 2
+    assert np.all(u[0] < 0)  # still prefers the smaller perturbation
+
+
+def test_quant_perturbations(model, tensors):
+    perts = quant_perturbations(model, tensors, "symmetric")
+    (w, b), t = tensor_weights(model, tensors)[0], tensors[0]
+    assert perts[0].shape == (t.num_groups, len(t.choices))
+    g0 = t.group_sizes[0]
+    assert perts[0][0, 0] == pytest.approx(float((w[:g0] ** 2).sum() + (b[:g0] ** 2).sum()), rel=1e-5)
+    for p in perts:  # pruned > 2 bits > 4 bits > 8 bits
+        assert np.all(np.diff(p, axis=1) < 0)
+
+
+def test_group_traces_on_tiny_model(model, tensors, task_data):
+    from nasq.baselines.hessian import _train_batches
+
+    batches = _train_batches(task_data, 1, 8, 0)
+    tr = group_traces(model, batches, tensors, is_regression=False, n_probes=1, seed=0)
+    assert [x.shape for x in tr] == [(t.num_groups,) for t in tensors]
+    assert all(np.isfinite(x).all() for x in tr)
+    assert any(np.abs(x).max() > 0 for x in tr)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+@pytest.mark.parametrize("method", ["uniform", "random", "magnitude", "hessian"])
+def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_dir, task_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=3)
+    budget = baseline_budget(cfg, model)
+    plan = baseline_plan(method, model, task_data if method == "hessian" else None, cfg, budget,
+                         bits=2 if method == "uniform" else 8, n_batches=1, n_probes=1)
+    plan.save(tmp_path / "plan.json")
+    p = Plan.load(tmp_path / "plan.json")
+    assert p.provenance["method"] == method
+    assert p.totals["within_budget"] is True
+    assert p.totals["searched_bytes"] <= budget.bytes == p.budget["bytes"]
+    if method != "uniform":  # the knapsack / pruning uses most of the budget
+        assert p.totals["searched_bytes"] > 0.9 * budget.bytes
+
+
+def test_baseline_plan_errors(model, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir)
+    with pytest.raises(NasqError, match="needs a budget"):
+        baseline_plan("random", model, None, cfg, None)
+    with pytest.raises(NasqError, match="--bits"):
+        baseline_plan("uniform", model, None, cfg, None)
+    with pytest.raises(NasqError, match="over the budget"):
+        baseline_plan("uniform", model, None, cfg, Budget(1000, "encoder", "test"), bits=8)
+    with pytest.raises(NasqError, match="unknown baseline"):
+        baseline_plan("foo", model, None, cfg, None)
+    assert baseline_budget(cfg, model) is None
+    with pytest.raises(NasqError, match="latency"):
+        baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", [*nasq.cli.COMMAND_MODULES, "baseline"])
+    return nasq.cli.main
+
+
+def test_cli_uniform_and_random(cli, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "u.json"
+    common = ["--model", str(tiny_model_dir), "--space", "tiny"]
+    assert cli(["baseline", "uniform", *common, "--bits", "4", "--out", str(out)]) == 0
+    p = Plan.load(out)
+    assert p.budget is None and {b for t in p.tensors for b in t.bits} == {4}
+    assert p.provenance["bits"] == 4 and p.provenance["model_dir"] == str(tiny_model_dir)
+    assert cli(["baseline", "uniform", *common, "--bits", "4", "--out", str(out)]) == 2  # no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli(["baseline", "random", *common, "--out", str(tmp_path / "r.json")]) == 2
+    assert "needs a budget" in capsys.readouterr().err
+    assert cli(["baseline", "random", *common, "--avg-bits", "2", "--seed", "3", "--out",
+                str(tmp_path / "r.json")]) == 0
+    r = Plan.load(tmp_path / "r.json")
+    assert r.provenance["seed"] == 3 and r.totals["within_budget"]
+
+
+def test_cli_hessian(cli, tiny_model_dir, glue_dir, tmp_path):
+    out = tmp_path / "h.json"
+    assert cli(["baseline", "hessian", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                "--set", "model.max_len=32", "--n-batches", "1", "--n-probes", "1", "--ratio", "8",
+                "--out", str(out)]) == 0
+    p = Plan.load(out)
+    assert p.provenance["method"] == "hessian" and p.provenance["n_batches"] == 1
+    assert p.totals["within_budget"] and p.budget["source"] == "ratio=8.0"

@@ -1,0 +1,273 @@
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import linear_shapes
+from nasq.plan import Plan, make_plan, model_param_shapes
+from nasq.report import inspect as rep
+from nasq.report import plots
+from nasq.search.cost import Budget
+from nasq.search.space import load_space, match_path, resolve
+
+QUERY = "encoder.layer.0.attention.self.query"
+FFN_OUT = "encoder.layer.1.output.dense"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    space = load_space("tiny")
+    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
+    return model, space, tensors
+
+
+def _bits(tensors):
+    bits = [(4,) * t.num_groups for t in tensors]  # uniform 4 -> collapses to weight_bits
+    paths = [t.path for t in tensors]
+    bits[paths.index(QUERY)] = (0, 2, 4, 8)
+    bits[paths.index(FFN_OUT)] = (8, 8, 2, 0)
+    return bits
+
+
+def _plan(tiny, bits):
+    model, space, tensors = tiny
+    return make_plan(tensors, bits, space=space,
+                     budget=Budget(bytes=20_000, convention="encoder", source="budget_mb=0.02"),
+                     param_shapes=model_param_shapes(model), provenance={"method": "test"})
+
+
+@pytest.fixture(scope="module")
+def plan_a(tiny):
+    return _plan(tiny, _bits(tiny[2]))
+
+
+@pytest.fixture(scope="module")
+def plan_b(tiny):
+    bits = _bits(tiny[2])
+    paths = [t.path for t in tiny[2]]
+    bits[paths.index(QUERY)] = (0, 2, 2, 8)  # group 2: 4 -> 2
+    bits[paths.index("encoder.layer.1.attention.self.key")] = (8, 4, 4, 4)  # group 0: 4 -> 8
+    return _plan(tiny, bits)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, tiny, plan_a, plan_b):
+    """plan files, a fake search run, a QAT run dir and a fake artifact dir."""
+    from safetensors.numpy import save_file
+
+    from nasq.export.artifact import _manifest_digest
+
+    model, space, tensors = tiny
+    root = tmp_path_factory.mktemp("report")
+    pa, pb = plan_a.save(root / "a.json"), plan_b.save(root / "b.json")
+    # search run: alphas whose argmax is plan_a's bits
+    run = root / "search"
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    alphas = {}
+    for t, bb in zip(tensors, _bits(tensors), strict=True):
+        a = rng.normal(size=(t.num_groups, len(t.choices))).astype(np.float32)
+        for g, b in enumerate(bb):
+            a[g, t.choices.index(b)] = 5.0
+        alphas[t.path] = a
+    save_file(alphas, str(run / "alphas.safetensors"))
+    res = {"space_source": space.source, "space_name": space.name, "quant_mode": space.quant_mode,
+           "budget": {"bytes": 20_000, "convention": "encoder", "source": "budget_mb=0.02", "fixed_bytes": 0},
+           "cost_kind": "size", "cost_budget": 20_000, "fixed": space.fixed.model_dump(),
+           "activations": space.activations.model_dump(),
+           "tensors": [{"path": t.path, "rule": t.rule, "rows": t.rows, "cols": t.cols,
+                        "group_sizes": list(t.group_sizes), "choices": list(t.choices), "has_bias": t.has_bias,
+                        "kind": t.kind} for t in tensors],
+           "param_shapes": {k: list(v) for k, v in model_param_shapes(model).items()}, "step": 40}
+    (run / "search_result.json").write_text(json.dumps(res))
+    with (run / "metrics.jsonl").open("w") as f:
+        for s in range(10, 50, 10):
+            f.write(json.dumps({"step": s, "tau": 1.0 / s, "lambda": 0.1 * s, "task_loss": 0.7 - s / 100,
+                                "gate_loss": 0.8 - s / 100, "expected_cost": 2e4 + 100 * s,
+                                "expected_mb": 0.02 + s / 1e4, "budget_mb": 0.02, "cost_ratio": 1.0,
+                                "gate_entropy": 1.0}) + "\n")
+        f.write('{"step": 5')  # partial line being written
+    # QAT run
+    qat = root / "qat"
+    (qat / "model").mkdir(parents=True)
+    plan_a.save(qat / "model" / "plan.json")
+    # artifact: plan.json + a manifest with a valid self checksum
+    art = root / "model.nasq"
+    art.mkdir()
+    plan_a.save(art / "plan.json")
+    m = {"format": "nasq-artifact", "version": 1, "task": "sst2",
+         "files": {n: {"bytes": 0, "sha256": ""} for n in ("tensors.safetensors", "layout.json", "config.json")},
+         "tensor_bytes": plan_a.totals["artifact_tensor_bytes"], "predicted_bytes": plan_a.totals[
+             "artifact_tensor_bytes"], "payload_vs_predicted": 1.0,
+         "searched_tensor_bytes": plan_a.totals["searched_bytes"],
+         "searched_predicted_bytes": plan_a.totals["searched_bytes"]}
+    m["manifest_sha256"] = _manifest_digest(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    return {"a": pa, "b": pb, "search": run, "qat": qat, "artifact": art, "root": root}
+
+
+def test_module_of():
+    assert rep.module_of(QUERY) == (0, "q")
+    assert rep.module_of("encoder.layer.11.attention.output.dense") == (11, "o")
+    assert rep.module_of("encoder.layer.2.intermediate.dense") == (2, "ffn_in")
+    assert rep.module_of(FFN_OUT) == (1, "ffn_out")
+    assert rep.module_of("embeddings.word_embeddings") == (None, "embeddings")
+    assert rep.module_of("pooler.dense") == (None, "pooler.dense")
+
+
+def test_load_every_source(paths, plan_a):
+    kinds = {k: rep.load_allocation(paths[k]) for k in ("a", "search", "qat", "artifact")}
+    assert [kinds[k].kind for k in kinds] == ["plan", "search", "finetune", "artifact"]
+    for a in kinds.values():
+        assert a.plan.bits_per_group() == plan_a.bits_per_group()
+    assert "pre-repair argmax" in kinds["search"].note
+    assert kinds["search"].plan.totals["fixed_bytes"] == plan_a.totals["fixed_bytes"]
+    assert kinds["artifact"].manifest["tensor_bytes"] == plan_a.totals["artifact_tensor_bytes"]
+    with pytest.raises(NasqError, match="no plan.json"):
+        rep.load_allocation(paths["root"] / "search" / "..")  # root: only loose plan files, no plan.json
+    with pytest.raises(NasqError, match="not found"):
+        rep.load_allocation(paths["root"] / "missing")
+
+
+def test_stats_and_budget(plan_a):
+    st = {r["path"]: r for r in rep.tensor_stats(plan_a)}
+    q = st[QUERY]
+    assert q["histogram"] == {"0": 1, "2": 1, "4": 1, "8": 1}
+    sizes = plan_a.tensor(QUERY).group_sizes
+    assert q["avg_bits"] == pytest.approx(sum(r * b for r, b in zip(sizes, (0, 2, 4, 8))) / sum(sizes))
+    assert q["pruned_frac"] == pytest.approx(sizes[0] / sum(sizes))
+    assert sum(r["share"] for r in st.values()) == pytest.approx(1.0)
+    order = [(r["layer"], r["module"]) for r in rep.tensor_stats(plan_a)]
+    assert order[:6] == [(0, m) for m in ("q", "k", "v", "o", "ffn_in", "ffn_out")]
+    bc = rep.budget_check(plan_a)
+    t = plan_a.totals
+    assert bc["encoder"]["budget_bytes"] == 20_000
+    assert bc["artifact"]["budget_bytes"] == 20_000 + t["fixed_bytes"]
+    assert bc["artifact"]["tensor_bytes"] == t["artifact_tensor_bytes"]
+    assert bc["encoder"]["within"] == (t["searched_bytes"] <= 20_000)
+
+
+def test_formats(paths, plan_a):
+    table = rep.render(paths["a"], "table")
+    assert "0:1 2:1 4:1 8:1" in table and "encoder convention" in table and "artifact convention" in table
+    assert "pre-repair argmax" in rep.render(paths["search"], "table")
+    assert "artifact manifest" in rep.render(paths["artifact"], "table")
+    data = json.loads(rep.render(paths["a"], "json"))
+    assert {r["path"] for r in data["tensors"]} == set(plan_a.paths)
+    assert data["totals"]["searched_bytes"] == plan_a.totals["searched_bytes"]
+    md = rep.render(paths["a"], "md").splitlines()
+    hdr = next(i for i, ln in enumerate(md) if ln.startswith("| layer"))
+    assert set(md[hdr + 1]) <= set("|-:")
+    assert sum(ln.startswith("| ") for ln in md) == len(plan_a.tensors) + 1
+    with pytest.raises(NasqError, match="unknown format"):
+        rep.render(paths["a"], "xml")
+
+
+def test_rules_cover_every_tensor(plan_a):
+    text = rep.format_rules(plan_a)
+    assert text.startswith("# ") and "FIRST rule" in text
+    rules = rep.parse_rules(text)
+    for t in plan_a.tensors:
+        first = next(r for r in rules if match_path(t.path, r["pattern"]))
+        got = first["bits"] if "bits" in first else [first["weight_bits"]] * t.num_groups
+        assert tuple(got) == t.bits, t.path
+        assert not first.get("fixed")
+    by_pat = {r["pattern"]: r for r in rules}
+    assert by_pat[QUERY] == {"pattern": QUERY, "bits": [0, 2, 4, 8],
+                             "group_sizes": list(plan_a.tensor(QUERY).group_sizes)}
+    assert by_pat["encoder.layer.*.attention.self.key"] == {"pattern": "encoder.layer.*.attention.self.key",
+                                                             "weight_bits": 4}
+    assert "encoder.layer.1.attention.self.query" in by_pat  # layer 0 differs -> no merged glob for query
+    assert rules[-1]["pattern"] == "**" and rules[-1]["fixed"]
+    for other in ("pooler.dense", "classifier", "embeddings.position_embeddings"):
+        assert next(r for r in rules if match_path(other, r["pattern"]))["fixed"]
+    unmerged = rep.rules(plan_a, merge_layers=False, include_fixed=False)
+    assert [r["pattern"] for r in unmerged] == [r["path"] for r in rep.tensor_stats(plan_a)]
+
+
+def test_compare(paths, plan_a, plan_b):
+    cmp = rep.compare_plans(paths["a"], paths["b"])
+    d = {x["path"]: x for x in cmp["differ"]}
+    assert set(d) == {QUERY, "encoder.layer.1.attention.self.key"}
+    assert d[QUERY]["groups"] == [2] and d[QUERY]["bits_a"] == [4] and d[QUERY]["bits_b"] == [2]
+    assert d[QUERY]["bytes_b"] < d[QUERY]["bytes_a"]
+    assert d["encoder.layer.1.attention.self.key"]["groups"] == [0]
+    assert cmp["identical"] == len(plan_a.tensors) - 2
+    assert cmp["totals"]["searched_bytes"] == {"a": plan_a.totals["searched_bytes"],
+                                               "b": plan_b.totals["searched_bytes"]}
+    text = rep.format_compare(cmp)
+    assert "2 tensors differ" in text and QUERY in text
+    assert rep.compare_plans(paths["a"], paths["qat"])["differ"] == []
+
+
+def _png_ok(p: Path) -> None:
+    assert p.is_file() and p.stat().st_size > 5000
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_and_html(paths, tmp_path):
+    files = plots.write_report(rep.load_allocation(paths["search"]), tmp_path / "rep")
+    assert set(files) == {"heatmap", "modules", "trajectory", "html"}
+    for k in ("heatmap", "modules", "trajectory"):
+        _png_ok(files[k])
+    page = files["html"].read_text()
+    for k in ("heatmap", "modules", "trajectory"):
+        assert f'src="{files[k].name}"' in page
+    assert "pre-repair argmax" in page
+    files = plots.write_report(paths["a"], tmp_path / "plan")
+    assert "trajectory" not in files
+
+
+def test_heatmap_levels(plan_a):
+    assert plots.bit_levels(plan_a) == [0, 1, 2, 3, 4, 8]
+
+
+def test_pareto(tmp_path):
+    res = tmp_path / "results.csv"
+    cols = ["task", "method", "budget", "metric_name", "metric", "encoder_mb", "artifact_mb"]
+    with res.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for m, off in (("nasq", 0.02), ("uniform", 0.0)):
+            for mb in (2.0, 4.0, 8.0):
+                w.writerow(["sst2", m, f"mb={mb}", "accuracy", 0.8 + off + mb / 100, mb, mb + 1.5])
+        w.writerow(["sst2", "fp32", "", "accuracy", 0.92, 85.0, ""])  # no artifact size -> auto uses encoder_mb
+    _png_ok(plots.plot_pareto(res, tmp_path / "p.png"))
+    _png_ok(plots.plot_pareto(tmp_path, tmp_path / "p2.png", size="artifact_mb"))
+    bad = tmp_path / "bad" / "x.csv"
+    bad.parent.mkdir()
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(NasqError, match="lack method"):
+        plots.read_results(bad)
+
+
+def test_cli(paths, tmp_path, capsys, monkeypatch):
+    import nasq.cli
+    from nasq.commands import report
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    report.register(sub)
+    for fmt in rep.FORMATS:
+        args = parser.parse_args(["inspect", str(paths["artifact"]), "--format", fmt])
+        assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert "| layer" in out and '"weight_bits"' in out
+    monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", [*nasq.cli.COMMAND_MODULES, "report"])
+    assert nasq.cli.main(["compare", str(paths["a"]), str(paths["b"])]) == 0
+    assert "2 tensors differ" in capsys.readouterr().out
+    assert nasq.cli.main(["plot", str(paths["qat"]), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "report.html").is_file()
+    assert nasq.cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_plan_roundtrip_unchanged(paths, plan_a):
+    # inspection never rewrites the source
+    assert Plan.load(paths["a"]).to_dict() == plan_a.to_dict()
