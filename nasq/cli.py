@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules under nasq/commands/ that add subcommands (each defines `register(subparsers)`).
-COMMAND_MODULES: list[str] = ["finalize", "export", "pipeline", "report"]
+COMMAND_MODULES: list[str] = ["finalize", "export", "pipeline", "report", "baseline"]
 
 
 def main(argv: list[str] | None = None) -> int:

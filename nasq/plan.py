@@ -190,7 +190,7 @@ class Plan:
             raise NasqError(f"{where}: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}; "
                             "this is not a nasq plan (write one with `nasq finalize` or a baseline)")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if type(version) is not int or version != PLAN_VERSION:  # not True / 1.0
             raise NasqError(f"{where}: unsupported plan format version {version}, this nasq reads {PLAN_VERSION}; "
                             "re-create the plan with this nasq version")
         missing = [k for k in _TOP_KEYS if k not in data]

@@ -228,9 +228,10 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
 
 
 def weight_decay_mask(weights):
-    """Decay matrices only; never biases, LayerNorm or LSQ steps."""
-    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and v.value.ndim >= 2, weights,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """Decay matrices only; never biases, LayerNorm or LSQ steps (under `optax.partition`, leaves of the
+    other partition arrive as `MaskedNode`s without `ndim`)."""
+    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and getattr(v.get_value(), "ndim", 0) >= 2,
+                        weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def search_optimizers(cfg: Config, steps: int, weights):

@@ -1,0 +1,111 @@
+"""`nasq profile`: latency table from the int kernel, and a `--latency-ms` search that honours it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nasq.cli
+from nasq.search.cost import load_latency_table
+
+SEARCH_ARGS = ["--task", "sst2", "--train-subset", "120", "--space", "tiny", "--max-steps", "6",
+               "--set", "train.batch_size=16", "--set", "model.max_len=32", "--set", "data.buckets=[32]",
+               "--set", "train.checkpoint_every=100"]
+
+
+@pytest.fixture(autouse=True)
+def _with_profile(monkeypatch):
+    if "profile" not in nasq.cli.COMMAND_MODULES:
+        monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", [*nasq.cli.COMMAND_MODULES, "profile"])
+
+
+@pytest.fixture(scope="module")
+def lat(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lat") / "lat.json"
+    mods = list(nasq.cli.COMMAND_MODULES)
+    if "profile" not in mods:
+        nasq.cli.COMMAND_MODULES.append("profile")
+    try:
+        rc = nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "32",
+                            "--repeats", "3", "--space", "tiny"])
+    finally:
+        nasq.cli.COMMAND_MODULES[:] = mods
+    assert rc == 0
+    return out
+
+
+def _tensors(tiny_model_dir):
+    from nasq.models.loading import load_pretrained
+    from nasq.models.surgery import linear_shapes
+    from nasq.search.space import load_space, resolve
+
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    return resolve(load_space("tiny"), linear_shapes(model.bert), model.config.num_attention_heads)
+
+
+def test_table_format(lat, tiny_model_dir):
+    t = load_latency_table(lat)
+    assert t.tokens == 32 and t.fixed_ms >= 0
+    # tiny BERT: encoder linears have cols 32 (q/k/v/o, intermediate) and 64 (output.dense); tiny space bits
+    assert set(t.ms_per_row) == {(c, b) for c in (32, 64) for b in (2, 4, 8)}
+    assert all(v > 0 for v in t.ms_per_row.values())
+    assert t.meta["rows"] == {"32": 32, "64": 32}
+    t.check(_tensors(tiny_model_dir))  # every (cols, bits) the tiny search needs is there
+
+
+def test_profile_function_defaults(tiny_model_dir):
+    from nasq.profile import profile_latency
+
+    t = profile_latency(tiny_model_dir, tokens=8, repeats=1, measure_fixed=False)
+    assert t.fixed_ms == 0.0
+    assert {b for _, b in t.ms_per_row} == set(range(1, 9))
+
+
+def test_profile_refuses_overwrite_and_bad_args(lat, tiny_model_dir, capsys):
+    before = lat.read_bytes()
+    assert nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(lat)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert lat.read_bytes() == before
+    out = lat.parent / "x.json"
+    assert nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "0"]) == 2
+    assert "--tokens" in capsys.readouterr().err and not out.exists()
+
+
+def test_latency_budget_search(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
+    from nasq.search.cost import latency_range
+
+    table = load_latency_table(lat)
+    lo, hi = latency_range(_tensors(tiny_model_dir), table)
+    x = lo + 0.4 * (hi - lo)
+    run = tmp_path / "run"
+    rc = nasq.cli.main(["search", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir), *SEARCH_ARGS,
+                        "--latency-ms", repr(x), "--set", f"search.latency_table={lat}", "--out", str(run)])
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["cost_kind"] == "latency"
+    # run.json's expected_cost is E[latency of the searched linears]; the budget for them is x - fixed_ms
+    assert info["cost_budget"] == pytest.approx(x - table.fixed_ms)
+    assert info["expected_cost"] + table.fixed_ms <= x * (1 + 1e-6)
+    res = json.loads((run / "search_result.json").read_text())
+    assert res["cost_kind"] == "latency"
+
+
+def test_infeasible_latency_budget(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
+    from nasq.search.cost import latency_range
+
+    lo, hi = latency_range(_tensors(tiny_model_dir), load_latency_table(lat))
+    run = tmp_path / "run"
+    for bad in [hi * 2] + ([lo * 0.5] if lo > 0 else []):
+        rc = nasq.cli.main(["search", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir), *SEARCH_ARGS,
+                            "--latency-ms", repr(bad), "--set", f"search.latency_table={lat}", "--out", str(run)])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert "infeasible" in err and f"{lo:.3f}..{hi:.3f} ms" in err
+        assert not run.exists()
+
+
+def test_latency_without_table(tiny_model_dir, glue_dir, tmp_path, capsys):
+    rc = nasq.cli.main(["search", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir), *SEARCH_ARGS,
+                        "--latency-ms", "1", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "nasq profile" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Supernet search: gradients, budget convergence, insensitive groups drift to 0 bits, price solver."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from nasq.config import build_config
+from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import linear_shapes
+from nasq.quant.layers import GateLogits, QuantScale, gated_modules, set_search_context, to_supernet
+from nasq.search.loop import normalised_costs, search, solve_price
+from nasq.search.space import load_space, resolve
+from nasq.train.common import save_model_dir
+
+
+def _cfg(model, glue_dir, **search):
+    return build_config(("test", {
+        "model": {"name": str(model), "max_len": 32},
+        "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 256, "buckets": [32]},
+        "train": {"max_steps": 40, "batch_size": 16, "lr": 1e-4, "log_every": 5, "checkpoint_every": 1000},
+        "search": {"space": "tiny", "gate_lr": 0.1, **search},
+    }))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, glue_dir, tmp_path_factory):
+    """A tiny fp32 'teacher': the tiny checkpoint fine-tuned briefly on SST-2."""
+    from nasq.train.finetune import finetune
+
+    cfg = build_config(("test", {"model": {"name": str(tiny_model_dir), "max_len": 32},
+                                 "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 256,
+                                          "buckets": [32]},
+                                 "train": {"max_steps": 16, "batch_size": 16, "lr": 1e-3, "log_every": 8}}))
+    return finetune(cfg, tmp_path_factory.mktemp("teacher") / "run", log=lambda *a: None)
+
+
+def test_gradients_reach_alpha_weights_and_scales(tiny_model_dir):
+    model, cfg, _ = load_pretrained(tiny_model_dir, 2)
+    tensors = resolve(load_space("tiny"), linear_shapes(model.bert), cfg.num_attention_heads)
+    sn = to_supernet(model, tensors)
+    gd, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
+    rest = set_search_context(rest, 1.0, jax.random.key(0), False)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (4, 12)), jnp.int32)
+
+    def loss(w, g):
+        return jnp.square(nnx.merge(gd, w, g, rest)(ids)).sum()
+
+    gw, gg = jax.grad(loss, argnums=(0, 1))(weights, gates)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    scale_grads = [v[...] for v in jax.tree.leaves(gw, is_leaf=is_var) if isinstance(v, QuantScale)]
+    kernel_grads = jax.tree.leaves(gw)
+    alpha_grads = jax.tree.leaves(gg)
+    assert len(alpha_grads) == len(tensors) and all(float(jnp.abs(a).sum()) > 0 for a in alpha_grads)
+    assert len(scale_grads) == len(tensors) and all(float(jnp.abs(s).sum()) > 0 for s in scale_grads)
+    assert sum(float(jnp.abs(k).sum()) > 0 for k in kernel_grads) > 0.9 * len(kernel_grads)
+
+
+def test_price_solver_hits_budget():
+    rng = np.random.default_rng(0)
+    tables = [np.tile(np.array([0.0, 2.0, 4.0, 8.0]), (50, 1)) * (1 + rng.random((50, 1)))]
+    alphas = [jnp.asarray(rng.standard_normal((50, 4)), jnp.float32)]
+    for budget in (60.0, 120.0, 180.0):  # all below E at price 0 (~260)
+        costs = [jnp.asarray(k, jnp.float32) for k in normalised_costs(tables, budget)]
+        mu = solve_price(alphas, costs, [jnp.asarray(t, jnp.float32) for t in tables], 0.5, budget)
+        p = jax.nn.softmax((alphas[0] - mu * costs[0]) / 0.5, -1)
+        e = float((p * tables[0]).sum())
+        assert float(mu) > 0 and e <= budget * (1 + 1e-4) and e >= budget * 0.999
+    # a loose budget is not binding: price 0
+    costs = [jnp.asarray(k, jnp.float32) for k in normalised_costs(tables, 1e9)]
+    assert float(solve_price(alphas, costs, [jnp.asarray(t, jnp.float32) for t in tables], 0.5, 1e9)) == 0.0
+
+
+def test_expected_size_ends_at_budget_for_two_budgets(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    ratios = {}
+    for bits in (2.0, 3.0):
+        cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=bits)
+        cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
+        run = search(cfg, tmp_path / f"s{bits}", log=lambda *a: None)
+        info = json.loads((run / "run.json").read_text())
+        ratios[bits] = info["cost_ratio"]
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert {"task_loss", "expected_mb", "lambda", "tau", "gate_entropy", "budget_mb"} <= set(recs[-1])
+        assert set(load_file(str(run / "alphas.safetensors"))) == {t["path"] for t in json.loads(
+            (run / "search_result.json").read_text())["tensors"]}
+    for bits, r in ratios.items():
+        assert 0.98 <= r <= 1.0 + 1e-4, (bits, r)
+
+
+def test_insensitive_group_drifts_to_zero_bits(tiny_model_dir, glue_dir, tmp_path):
+    """FFN rows whose outputs are never read lose all bits; rows that matter keep them."""
+    model, mcfg, _ = load_pretrained(tiny_model_dir, 2)
+    out = model.bert.encoder.layer[0].output.dense
+    k = np.asarray(out.kernel[...]).copy()  # (intermediate=64, hidden=32); intermediate group g = rows 16g..16g+15
+    k[0:16] = 0.0  # group 0 of intermediate.dense feeds nothing
+    k[16:32] *= 8.0  # group 1 strongly affects the output
+    out.kernel[...] = jnp.asarray(k)
+    teacher = tmp_path / "teacher"
+    save_model_dir(teacher / "model", model, source_model_dir=tiny_model_dir, num_labels=2, task="sst2")
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, tau_end=0.5)
+    cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": str(teacher)})})
+    run = search(cfg, tmp_path / "s", log=lambda *a: None)
+    alphas = load_file(str(run / "alphas.safetensors"))["encoder.layer.0.intermediate.dense"]
+    choices = [0, 2, 4, 8]
+    assert choices[int(alphas[0].argmax())] == 0
+    assert choices[int(alphas[1].argmax())] > 0
+    p = jax.nn.softmax(jnp.asarray(alphas), -1)
+    assert float(p[0, 0]) > float(p[1, 0])  # the insensitive group is more pruned than the sensitive one
+
+
+def test_infeasible_budget_fails_before_training(tiny_model_dir, glue_dir, tmp_path):
+    for budget in ({"budget_mb": 100.0}, {"avg_bits": 1.0, "space": "per_matrix"}):  # above max / below min
+        cfg = _cfg(tiny_model_dir, glue_dir, **budget)
+        with pytest.raises(NasqError, match="reachable range"):
+            search(cfg, tmp_path / "never", log=lambda *a: None)
+        assert not (tmp_path / "never").exists()
+
+
+def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, mode="single")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10}),
+                                 "kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
+    run = search(cfg, tmp_path / "single", log=lambda *a: None)
+    assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
