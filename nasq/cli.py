@@ -92,12 +92,30 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _run_config(run: str) -> dict:
+    """The config snapshot of a run directory (as a preset layer), minus what only training needs."""
+    import yaml
+
+    p = Path(run) / "config.yaml"
+    if not p.is_file():
+        return {}
+    d = yaml.safe_load(p.read_text()) or {}
+    d.pop("plan", None)
+    d.pop("kd", None)
+    return {k: v for k, v in d.items() if k in ("model", "data")}
+
+
 def cmd_eval(args) -> int:
     import json
 
-    from nasq.config import Config
     from nasq.train.common import evaluate, load_model_dir, load_task_data
 
+    if args.artifact and args.run:
+        from nasq.evaluation import compare_run_and_artifact
+
+        cfg = config_from_args(args, _run_config(args.run))
+        print(json.dumps(compare_run_and_artifact(args.run, args.artifact, cfg), indent=2))
+        return 0
     if args.artifact:
         from nasq.export.artifact import evaluate_artifact
 
@@ -108,10 +126,7 @@ def cmd_eval(args) -> int:
     if not args.run:
         raise NasqError("eval needs a RUN directory or --artifact FILE.")
     model, _meta = load_model_dir(args.run)
-    run_cfg_path = Path(args.run) / "config.yaml"
-    base = Config.model_validate(__import__("yaml").safe_load(run_cfg_path.read_text())) if run_cfg_path.is_file() else None
-    preset = base.model_dump(mode="json") if base else {}
-    cfg = config_from_args(args, preset)
+    cfg = config_from_args(args, _run_config(args.run))
     model_dir = Path(args.run) / "model" if (Path(args.run) / "model").is_dir() else Path(args.run)
     data = load_task_data(cfg, model_dir=model_dir)
     res = evaluate(model, data, cfg.data.eval_batch_size)

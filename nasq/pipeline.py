@@ -20,8 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nasq.config import Config, build_config
 from nasq.errors import NasqError
 from nasq.run import check_output_path, write_atomic
@@ -62,10 +60,10 @@ def _done(run: Path) -> bool:
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    from nasq.export.artifact import evaluate_artifact, export_artifact, load_artifact
+    from nasq.export.artifact import export_artifact
     from nasq.search.finalize import finalize_run
     from nasq.search.loop import search
-    from nasq.train.common import load_model_dir, load_task_data, predict_logits
+    from nasq.train.common import load_model_dir, load_task_data
     from nasq.train.finetune import finetune
 
     if preset not in PRESETS:
@@ -129,31 +127,19 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
 
     # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions
     log("[6/6] eval (dev set)")
+    from nasq.evaluation import compare_run_and_artifact
+    from nasq.train.common import evaluate
+
     cfg = stage_config(p, "qat", user_layers)
-    data = load_task_data(cfg, model_dir=qat_dir / "model")
+    cmp = compare_run_and_artifact(qat_dir, art, cfg)
     teacher_model, _ = load_model_dir(teacher)
-    qat_model, _ = load_model_dir(qat_dir)
-    from nasq.train.common import metrics_from_logits
-
-    t_logits = predict_logits(teacher_model, data.dev, cfg.data.eval_batch_size, data.buckets)
-    q_logits = predict_logits(qat_model, data.dev, cfg.data.eval_batch_size, data.buckets)
-    int_res = evaluate_artifact(art, cfg)
-    int_model = load_artifact(art)
-    from nasq.data.batching import eval_batches
-
-    i_logits = np.zeros_like(q_logits)
-    for b in eval_batches(data.dev, cfg.data.eval_batch_size, data.buckets):
-        lg = np.asarray(int_model(b.input_ids, b.token_type_ids, b.attention_mask))
-        real = b.index >= 0
-        i_logits[b.index[real]] = lg[real]
-    agree = float((q_logits.argmax(-1) == i_logits.argmax(-1)).mean()) if not data.task.is_regression else None
+    teacher_metrics = evaluate(teacher_model, load_task_data(cfg, model_dir=qat_dir / "model"),
+                               cfg.data.eval_batch_size)
     summary = {
-        "preset": preset, "task": data.task.name, "dev_rows": len(data.dev),
-        "teacher": metrics_from_logits(data.task, t_logits, data.dev.labels),
-        "fake_quant": metrics_from_logits(data.task, q_logits, data.dev.labels),
-        "int_artifact": {k: v for k, v in int_res.items() if k not in ("task", "dev_rows")},
-        "fake_quant_vs_int_agreement": agree,
-        "max_abs_logit_diff_fake_vs_int": float(np.abs(q_logits - i_logits).max()),
+        "preset": preset, "task": cmp["task"], "dev_rows": cmp["dev_rows"],
+        "teacher": teacher_metrics, "fake_quant": cmp["fake_quant"], "int_artifact": cmp["int_artifact"],
+        "fake_quant_vs_int_agreement": cmp.get("prediction_agreement"),
+        "max_abs_logit_diff_fake_vs_int": cmp["max_abs_logit_diff"],
         "plan_totals": plan["totals"], "budget": plan.get("budget"),
         "artifact_tensor_bytes": manifest.get("tensor_bytes"),
         "predicted_bytes": manifest.get("predicted_bytes"),
