@@ -30,6 +30,12 @@ def add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    d = p.add_argument_group("parallel (docs/SCALING.md)")
+    d.add_argument("--data-parallel", help="devices on the data axis: N or 'all' (default 1)")
+    d.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="matmul precision (default float32)")
+    d.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
+    d.add_argument("--num-processes", type=int, help="multi-host: number of processes (hosts)")
+    d.add_argument("--process-id", type=int, help="multi-host: this process's id, 0..num_processes-1")
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -65,20 +71,55 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
         put("search", k, getattr(args, k, None))
     put("kd", "teacher", getattr(args, "teacher", None))
     put("search", "mode", getattr(args, "mode", None))
+    dpar = getattr(args, "data_parallel", None)
+    put("parallel", "data_parallel", dpar if dpar in (None, "all") else _int_flag("--data-parallel", dpar))
+    for k in ("compute_dtype", "coordinator_address", "num_processes", "process_id"):
+        put("parallel", k, getattr(args, k, None))
     if getattr(args, "plan", None):
         flags["plan"] = args.plan
     layers.append(("command-line flags", flags))
     layers.append(("--set", parse_set(getattr(args, "set", []) or [])))
-    return build_config(*layers)
+    cfg = build_config(*layers)
+    from nasq.parallel import init_from_config
+
+    init_from_config(cfg)  # multi-host values given via --config/--set (no-op when already initialised)
+    return cfg
+
+
+def _int_flag(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise NasqError(f"{flag} {value!r}: expected a device count (e.g. 4) or 'all'.") from None
+
+
+def _init_distributed(args) -> None:
+    """`jax.distributed.initialize` from the multi-host flags, before any command touches the devices."""
+    if any(getattr(args, k, None) is not None for k in ("coordinator_address", "num_processes", "process_id")):
+        from nasq.parallel import init_distributed
+
+        init_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 
 # ------------------------------------------------------------------------------------------ commands
+def _resume_base(args) -> dict:
+    """With --resume, the run's saved config is the base; flags and --set given now override it."""
+    import yaml
+
+    p = Path(args.out) / "config.yaml"
+    if not args.resume:
+        return {}
+    if not p.is_file():
+        raise NasqError(f"--resume: {args.out} is not a nasq run directory (no config.yaml).")
+    return yaml.safe_load(p.read_text()) or {}
+
+
 def cmd_finetune(args) -> int:
     from nasq.train.finetune import finetune
 
     if not args.out:
         raise NasqError("finetune needs --out DIR (the run directory).")
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, _resume_base(args))
     finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -88,7 +129,7 @@ def cmd_search(args) -> int:
 
     if not args.out:
         raise NasqError("search needs --out DIR (the run directory).")
-    search(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    search(config_from_args(args, _resume_base(args)), args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -184,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules under nasq/commands/ that add subcommands (each defines `register(subparsers)`).
-COMMAND_MODULES: list[str] = ["finalize", "export", "pipeline", "report", "baseline"]
+COMMAND_MODULES: list[str] = ["finalize", "export", "pipeline", "report", "baseline", "profile"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _init_distributed(args)
         return args.fn(args)
     except NasqError as e:
         print(f"nasq {args.command}: error: {e}", file=sys.stderr)

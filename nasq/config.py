@@ -80,12 +80,32 @@ class SearchConfig(_Section):
         return self
 
 
+class ParallelConfig(_Section):
+    """Data parallelism over a 1-D device mesh (`nasq.parallel`, docs/SCALING.md)."""
+
+    data_parallel: int | Literal["all"] = 1  # devices on the "data" axis; 1 = single device
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # bf16 matmul passes; fp32 weights/losses/quant
+    coordinator_address: str | None = None  # multi-host: HOST:PORT of process 0
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.data_parallel != "all" and self.data_parallel < 1:
+            raise ValueError(f"data_parallel must be >= 1 or 'all', got {self.data_parallel}")
+        if self.num_processes is not None and self.process_id is not None and self.process_id >= self.num_processes:
+            raise ValueError(f"process_id {self.process_id} must be < num_processes {self.num_processes} "
+                             f"(ids are 0..{self.num_processes - 1})")
+        return self
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     kd: KDConfig = KDConfig()
     search: SearchConfig = SearchConfig()
+    parallel: ParallelConfig = ParallelConfig()
     plan: str | None = None  # plan.json for QAT fine-tuning
 
     def to_yaml(self) -> str:

@@ -54,6 +54,16 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class RunDir:
     """A run directory opened for a new run, an overwrite, or a resume."""
 
@@ -66,7 +76,13 @@ class RunDir:
             info = self.info()
             if info.get("kind") != kind:
                 raise NasqError(f"--resume: {self.path} is a {info.get('kind')!r} run, not {kind!r}.")
-            self.config = Config.model_validate(yaml.safe_load((self.path / "config.yaml").read_text()))
+            saved = Config.model_validate(yaml.safe_load((self.path / "config.yaml").read_text()))
+            self.config = saved if config is None else config
+            if config is not None and config != saved:  # e.g. a lower lr after a NaN: record what changed
+                old, new = _flat(saved.model_dump(mode="json")), _flat(config.model_dump(mode="json"))
+                changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+                write_atomic(self.path / "config.yaml", config.to_yaml())
+                self.write_info(resume_overrides=[*info.get("resume_overrides", []), changed])
         else:
             if config is None:
                 raise ValueError("config required for a new run")
@@ -98,7 +114,14 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         if not p.is_file():
             return
-        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for ln in p.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short by a kill mid-append
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(ln)
         write_atomic(p, "".join(ln + "\n" for ln in keep))
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -165,5 +188,5 @@ def check_finite(step: int, **values: float) -> None:
     if bad:
         raise NasqError(
             f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped. The last good "
-            "checkpoint is kept: lower the learning rate (--set train.lr=...) and continue with --resume."
+            "checkpoint is kept: lower the learning rate and start again (--overwrite), or continue from the last checkpoint with --resume --set train.lr=..."
         )

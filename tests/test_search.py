@@ -13,7 +13,7 @@ from nasq.config import build_config
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes
-from nasq.quant.layers import GateLogits, QuantScale, gated_modules, set_search_context, to_supernet
+from nasq.quant.layers import GateLogits, QuantScale, set_search_context, to_supernet
 from nasq.search.loop import normalised_costs, search, solve_price
 from nasq.search.space import load_space, resolve
 from nasq.train.common import save_model_dir
@@ -52,7 +52,7 @@ def test_gradients_reach_alpha_weights_and_scales(tiny_model_dir):
         return jnp.square(nnx.merge(gd, w, g, rest)(ids)).sum()
 
     gw, gg = jax.grad(loss, argnums=(0, 1))(weights, gates)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    is_var = lambda x: isinstance(x, nnx.Variable)
     scale_grads = [v[...] for v in jax.tree.leaves(gw, is_leaf=is_var) if isinstance(v, QuantScale)]
     kernel_grads = jax.tree.leaves(gw)
     alpha_grads = jax.tree.leaves(gg)
@@ -94,7 +94,7 @@ def test_expected_size_ends_at_budget_for_two_budgets(teacher_dir, tiny_model_di
 
 def test_insensitive_group_drifts_to_zero_bits(tiny_model_dir, glue_dir, tmp_path):
     """FFN rows whose outputs are never read lose all bits; rows that matter keep them."""
-    model, mcfg, _ = load_pretrained(tiny_model_dir, 2)
+    model, _mcfg, _ = load_pretrained(tiny_model_dir, 2)
     out = model.bert.encoder.layer[0].output.dense
     k = np.asarray(out.kernel[...]).copy()  # (intermediate=64, hidden=32); intermediate group g = rows 16g..16g+15
     k[0:16] = 0.0  # group 0 of intermediate.dense feeds nothing

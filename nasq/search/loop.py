@@ -43,6 +43,7 @@ from nasq.data.batching import iterate_batches
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes
+from nasq.parallel import DataParallel
 from nasq.plan import model_param_shapes
 from nasq.quant.layers import GateLogits, QuantScale, gated_modules, set_search_context, to_supernet
 from nasq.run import Progress, RunDir, check_finite, write_atomic
@@ -271,11 +272,12 @@ def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, mod
 def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
     """Run the search into `out`; returns the run directory."""
     # Validate the budget before touching the run directory (nothing is created for an infeasible budget).
+    dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
+                                                    "data.eval_batch_size": cfg.data.eval_batch_size})
     data = load_task_data(cfg, with_heldout=True)
     model = base_model(cfg, data, log=log)
     problem = make_problem(cfg, model)
     run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)
-    cfg = run.config
     s = cfg.search
     space = load_space(s.space)
     sn = to_supernet(model, problem.tensors, mode=space.quant_mode, gate_init=s.gate_init,
@@ -286,6 +288,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     weight_step, gate_step, single_step, single_tx, expected_cost, price = build_steps(
         graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression, kd_beta=cfg.kd.beta,
         kd_temperature=cfg.kd.temperature, mode=s.mode)
+    weight_step, gate_step, single_step, price = map(dp.wrap, (weight_step, gate_step, single_step, price))
     if s.mode == "bilevel":
         opt = (w_tx.init(weights), g_tx.init(gates))
     else:
@@ -299,9 +302,10 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         start = int(meta["step"])
         run.truncate_metrics(start)
         log(f"resumed {run.path} at step {start}/{steps}")
+    weights, gates, opt = dp.replicate((weights, gates, opt))  # identity unless data_parallel > 1
     teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
-        teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets)
+        teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
     run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train),
                    heldout_rows=len(data.heldout), budget=problem.budget.source, budget_bytes=problem.budget.bytes,
                    cost_kind=problem.cost_kind, status="running")
@@ -323,6 +327,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         mu = price(weights, gates, rest, jnp.float32(tau))
         ctx = set_search_context(rest, tau, jax.random.fold_in(key, 1), s.gumbel, mu)
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
+        batch, hbatch, tl = dp.shard((batch, hbatch, tl))
         if s.mode == "bilevel":
             w_opt, g_opt = opt
             weights, w_opt, m = weight_step(weights, gates, w_opt, ctx, batch, key, tl)
@@ -333,7 +338,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         else:
             weights, gates, opt, m = single_step(weights, gates, opt, ctx, batch, key, tl, jnp.float32(tau))
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == steps:
+        ckpt_due = done - last_ckpt >= cfg.train.checkpoint_every and done < steps
+        if done % cfg.train.log_every == 0 or done == steps or ckpt_due:  # check finiteness before checkpoints
             if "expected_cost" not in m:  # gates frozen during warm-up
                 m["expected_cost"] = expected_cost([g.probs(noise=False) for g in gated_modules(
                     nnx.merge(graphdef, weights, gates, ctx))])
@@ -348,7 +354,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
             run.log(rec)
             bar.update(done - bar.bar.n, loss=m["task_loss"], E=f"{e / unit:.4g}",
                        budget=f"{problem.cost_budget / unit:.4g}", mu=float(mu), tau=tau)
-        if done - last_ckpt >= cfg.train.checkpoint_every and done < steps:
+        if ckpt_due:
             run.save_checkpoint(done, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
                                 {"step": done})
             write_result(run, problem, cfg, data, nnx.merge(graphdef, weights, gates, ctx), done)

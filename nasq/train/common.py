@@ -161,12 +161,12 @@ def make_predict_fn(model: nnx.Module):
     return lambda b: fwd(state, b.input_ids, b.token_type_ids, b.attention_mask)
 
 
-def predict_logits(model: nnx.Module, encoded: Encoded, batch_size: int, buckets) -> np.ndarray:
-    """Logits `[N, num_labels]` in the order of `encoded`."""
+def predict_logits(model: nnx.Module, encoded: Encoded, batch_size: int, buckets, shard=None) -> np.ndarray:
+    """Logits `[N, num_labels]` in the order of `encoded`; `shard` places each batch (`nasq.parallel`)."""
     fn = make_predict_fn(model)
     out = None
     for b in eval_batches(encoded, batch_size, buckets):
-        logits = np.asarray(fn(b))
+        logits = np.asarray(fn(b if shard is None else shard(b)))
         if out is None:
             out = np.zeros((len(encoded), logits.shape[-1]), np.float32)
         real = b.index >= 0
@@ -179,8 +179,8 @@ def metrics_from_logits(task: TaskSpec, logits: np.ndarray, labels: np.ndarray) 
     return compute_metrics(task, preds, labels)
 
 
-def evaluate(model: nnx.Module, data: TaskData, batch_size: int) -> dict[str, float]:
-    return metrics_from_logits(data.task, predict_logits(model, data.dev, batch_size, data.buckets),
+def evaluate(model: nnx.Module, data: TaskData, batch_size: int, shard=None) -> dict[str, float]:
+    return metrics_from_logits(data.task, predict_logits(model, data.dev, batch_size, data.buckets, shard),
                                data.dev.labels)
 
 

@@ -20,6 +20,7 @@ from nasq.config import Config
 from nasq.data.batching import iterate_batches
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained
+from nasq.parallel import DataParallel
 from nasq.run import Progress, RunDir, check_finite
 from nasq.train.common import (
     TaskData,
@@ -100,10 +101,12 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
              log=print) -> Path:
     """Train into run directory `out`; returns the path. `cfg.plan` set -> QAT, `cfg.kd.teacher` set -> KD."""
     kind = "qat" if cfg.plan else "finetune"
-    run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
-    cfg = run.config
+    # Validate data, model and plan before the run directory exists (a typo leaves nothing behind).
+    dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
+                                                    "data.eval_batch_size": cfg.data.eval_batch_size})
     data = load_task_data(cfg)
     model, plan = build_student(cfg, data, log=log)
+    run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
     steps = total_steps(cfg.train, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = weight_optimizer(cfg.train, steps)
@@ -115,9 +118,11 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         start = int(meta["step"])
         run.truncate_metrics(start)
         log(f"resumed {run.path} at step {start}/{steps}")
+    params, opt_state = dp.replicate((params, opt_state))  # identity unless data_parallel > 1
     teacher = teacher_logits_for(cfg, data)
     step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
                               kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature)
+    step_fn = dp.wrap(step_fn)
     schedule = lr_schedule(cfg.train, steps)
     base_key = jax.random.key(cfg.train.seed)
     run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
@@ -130,24 +135,26 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         if step >= steps:
             break
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
+        batch, tl = dp.shard((batch, tl))
         params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl)
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == steps:
+        ckpt_due = done - last_ckpt >= cfg.train.checkpoint_every and done < steps
+        if done % cfg.train.log_every == 0 or done == steps or ckpt_due:
             m = {k: float(v) for k, v in m.items()}
-            check_finite(done, **m)
+            check_finite(done, **m)  # never checkpoint non-finite state
             run.log({"step": done, "epoch": epoch, "lr": float(schedule(step)), **m,
                      "elapsed_s": round(time.time() - t0, 2)})
             bar.update(done - bar.bar.n, loss=m["loss"], lr=float(schedule(step)))
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-            ev = evaluate(nnx.merge(graphdef, params, rest), data, cfg.data.eval_batch_size)
+            ev = evaluate(nnx.merge(graphdef, params, rest), data, cfg.data.eval_batch_size, shard=dp.shard)
             run.log({"step": done, "split": "dev", **ev})
-        if done - last_ckpt >= cfg.train.checkpoint_every and done < steps:
+        if ckpt_due:
             run.save_checkpoint(done, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": done})
             last_ckpt = done
     bar.close()
     model = nnx.merge(graphdef, params, rest)
     wall = time.time() - t0
-    ev = evaluate(model, data, cfg.data.eval_batch_size)
+    ev = evaluate(model, data, cfg.data.eval_batch_size, shard=dp.shard)
     run.log({"step": steps, "split": "dev", **ev})
     save_model_dir(run.path / "model", model, source_model_dir=data.model_dir, num_labels=data.task.num_labels,
                    task=data.task.name, plan=plan)
