@@ -10,7 +10,7 @@ R=experiments/results
 mkdir -p runs/plans $R
 export NASQ_NO_PROGRESS=1
 COMMON="--task sst2 --data-dir $G"
-QAT_STEPS=${QAT_STEPS:-800}
+QAT_STEPS=${QAT_STEPS:-400}
 SEARCH_STEPS=${SEARCH_STEPS:-300}
 
 [ -f runs/sst2_search_avg2/run.json ] && grep -q '"done"' runs/sst2_search_avg2/run.json || \

@@ -53,6 +53,11 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, floa
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of `fn(*args)` (blocked until ready) over `repeats` calls after `warmup`."""
+    return 1e3 * time_interleaved({"fn": lambda: fn(*args)}, repeats, warmup)["fn"]
+
+
 def environment() -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
             "jax": jax.__version__, "backend": jax.default_backend(), "command": " ".join(["nasq", *sys.argv[1:]])}

@@ -32,21 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nasq.bench import median_ms
 from nasq.errors import NasqError
 from nasq.search.cost import LatencyTable
 
 DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-
-
-def _median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def encoder_linear_shapes(model) -> dict[str, tuple[int, int]]:
@@ -75,7 +65,7 @@ def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: 
     b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
     p = pack_linear(w, b, [rows], [bits], np.array([0.02], np.float32))
     x = jnp.asarray(rng.standard_normal((tokens, cols)).astype(np.float32))
-    return _median_ms(jax.jit(packed_linear_apply), x, p, repeats=repeats)
+    return median_ms(jax.jit(packed_linear_apply), x, p, repeats=repeats)
 
 
 def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, repeats: int) -> float:
@@ -94,7 +84,7 @@ def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, r
     def forward(state, ids, tt, am):
         return nnx.merge(graphdef, state)(ids, tt, am)
 
-    full = _median_ms(forward, state, ids, tt, am, repeats=repeats)
+    full = median_ms(forward, state, ids, tt, am, repeats=repeats)
     # All encoder linears in one jitted program (one dispatch, like the forward pass).
     rng = np.random.default_rng(0)
     xs, ws, bs = [], [], []
@@ -103,7 +93,7 @@ def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, r
         ws.append(jnp.asarray(rng.standard_normal((rows, cols)).astype(np.float32)))
         bs.append(jnp.zeros((rows,), jnp.float32))
     linears = jax.jit(lambda xs, ws, bs: [x @ w.T + b for x, w, b in zip(xs, ws, bs)])
-    linear_total = _median_ms(linears, xs, ws, bs, repeats=repeats)
+    linear_total = median_ms(linears, xs, ws, bs, repeats=repeats)
     return max(0.0, full - linear_total)
 
 

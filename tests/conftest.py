@@ -22,3 +22,16 @@ def glue_dir():
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(tiny model, `tiny` search space, its resolved SearchedTensors); treat as read-only."""
+    from nasq.models.loading import load_pretrained
+    from nasq.models.surgery import linear_shapes
+    from nasq.search.space import load_space, resolve
+
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    space = load_space("tiny")
+    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
+    return model, space, tensors

@@ -8,8 +8,6 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from nasq.errors import NasqError
-from nasq.models.loading import load_pretrained
-from nasq.models.surgery import linear_shapes
 from nasq.plan import Plan, apply_plan, model_param_shapes
 from nasq.search.cost import fixed_nbytes, plan_size_bytes, resolve_budget, size_range, size_tables
 from nasq.search.finalize import (
@@ -20,7 +18,7 @@ from nasq.search.finalize import (
     solve_allocation,
     utilities,
 )
-from nasq.search.space import SearchedTensor, group_sizes, load_space, resolve
+from nasq.search.space import SearchedTensor, group_sizes
 
 
 @st.composite
@@ -75,14 +73,6 @@ def test_generous_budget_gives_argmax():
 
 
 # --------------------------------------------------------------------------------------- run directories
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, _, _ = load_pretrained(tiny_model_dir, 2)
-    space = load_space("tiny")
-    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
-    return model, space, tensors
 
 
 def make_run(path, model, space, tensors, budget, alphas):

@@ -8,22 +8,11 @@ from flax import nnx
 
 from nasq.errors import NasqError
 from nasq.models.bert import Embedding, Linear
-from nasq.models.loading import load_pretrained
-from nasq.models.surgery import linear_shapes
 from nasq.plan import Plan, apply_plan, check_plan_matches, make_plan, model_param_shapes
 from nasq.quant.layers import QuantEmbedding, QuantLinear
 from nasq.search.cost import Budget, fixed_nbytes, plan_size_bytes
-from nasq.search.space import load_space, resolve
 
 QUERY = "encoder.layer.0.attention.self.query"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, _, _ = load_pretrained(tiny_model_dir, 2)
-    space = load_space("tiny")
-    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
-    return model, space, tensors
 
 
 def _bits(tensors, seed=0):

@@ -20,18 +20,6 @@ from nasq.plan import Plan, apply_plan, make_plan, model_param_shapes
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from nasq.models.loading import load_pretrained
-    from nasq.models.surgery import linear_shapes
-    from nasq.search.space import load_space, resolve
-
-    model, _, _ = load_pretrained(tiny_model_dir, 2)
-    space = load_space("tiny")
-    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
-    return model, space, tensors
-
-
 # ------------------------------------------------------------------------------- cost model == exported bytes
 @given(data=st.data())
 @SETTINGS

@@ -7,24 +7,14 @@ import numpy as np
 import pytest
 
 from nasq.errors import NasqError
-from nasq.models.loading import load_pretrained
-from nasq.models.surgery import linear_shapes
 from nasq.plan import Plan, make_plan, model_param_shapes
 from nasq.report import inspect as rep
 from nasq.report import plots
 from nasq.search.cost import Budget
-from nasq.search.space import load_space, match_path, resolve
+from nasq.search.space import match_path
 
 QUERY = "encoder.layer.0.attention.self.query"
 FFN_OUT = "encoder.layer.1.output.dense"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, _, _ = load_pretrained(tiny_model_dir, 2)
-    space = load_space("tiny")
-    tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
-    return model, space, tensors
 
 
 def _bits(tensors):

@@ -569,17 +569,6 @@ def dequantized_fp32_model(model):
     return replace_modules(model, fn)
 
 
-def _median_ms(fn, n: int) -> float:
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(max(1, n)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
-
-
 def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, batch: int, seq: int,
                 repeats: int = 10, seed: int = 0) -> dict:
     """Median ms of the integer model (both unpack modes) vs the jitted fp32 forward, one process.
@@ -599,13 +588,18 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     ids = jnp.asarray(rng.integers(1000, min(vocab, 30000), (batch, seq)), jnp.int32)
     tt = jnp.zeros_like(ids)
     am = jnp.ones_like(ids)
+    from nasq.bench import time_interleaved
+
     res: dict[str, Any] = {"batch": batch, "seq": seq, "repeats": repeats}
+    fns = {}
     for mode in ("fused", "load"):
         m = load_artifact(artifact_path, unpack=mode)
-        res[f"int_{mode}_ms"] = _median_ms(lambda m=m: m(ids, tt, am), repeats)
+        fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
     graphdef, state = nnx.split(fp_model)
     fwd = jax.jit(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c))
-    res["fp32_ms"] = _median_ms(lambda: fwd(state, ids, tt, am), repeats)
+    fns["fp32_ms"] = lambda: fwd(state, ids, tt, am)
+    # medians of calls interleaved round-robin, so machine noise hits every variant alike
+    res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
     for mode in ("fused", "load"):
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
     return res

@@ -26,7 +26,6 @@ What ``PackedLinear`` stores vs derives (the artifact stores the first list, the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -274,17 +273,6 @@ def embedding_lookup(ids, table):
 # ----------------------------------------------------------------------------------------------- benchmark
 
 
-def _median_ms(fn, *args, n_iter: int, n_warmup: int = 2) -> float:
-    for _ in range(n_warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n_iter):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
 def bench_int_vs_fp32(
     batch: int, seq: int, in_f: int, out_f: int, bits, n_groups: int = 1, n_iter: int = 20, seed: int = 0
 ) -> dict[str, float]:
@@ -303,7 +291,9 @@ def bench_int_vs_fp32(
     p = pack_linear(w, b, sizes, bits_g, scales)
     int_fn = jax.jit(packed_linear_apply)
     fp_fn = jax.jit(lambda x, w, b: x @ w.T + b)
+    from nasq.bench import median_ms
+
     return {
-        "int_ms": _median_ms(int_fn, x, p, n_iter=n_iter),
-        "fp32_ms": _median_ms(fp_fn, x, jnp.asarray(w), jnp.asarray(b), n_iter=n_iter),
+        "int_ms": median_ms(int_fn, x, p, repeats=n_iter),
+        "fp32_ms": median_ms(fp_fn, x, jnp.asarray(w), jnp.asarray(b), repeats=n_iter),
     }

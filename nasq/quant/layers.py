@@ -144,6 +144,17 @@ class GatedEmbedding(_Gated):
         return (w_tilde).reshape(*ids.shape, self.features)
 
 
+def fixed_plan_scales(w_rows: np.ndarray, group_sizes, bits, mode: str) -> np.ndarray:
+    """MSE-initialised step of each row group at its own bit width (`[G]`, 1.0 for pruned groups)."""
+    out = np.ones(len(group_sizes), np.float32)
+    starts = np.cumsum((0,) + tuple(group_sizes[:-1]))
+    for b in sorted(set(bits) - {0}):  # one vectorised call per distinct width
+        idx = [g for g, bg in enumerate(bits) if bg == b]
+        rows = np.concatenate([np.arange(starts[g], starts[g] + group_sizes[g]) for g in idx])
+        out[idx] = init_group_scales(w_rows[rows], [group_sizes[g] for g in idx], b, mode)
+    return out
+
+
 class QuantLinear(nnx.Module):
     """Fixed-plan fake-quant linear: per-group bits (static) and learned per-group steps."""
 
@@ -153,11 +164,8 @@ class QuantLinear(nnx.Module):
         self.path, self.mode = path, mode
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.bits = tuple(int(b) for b in bits)
-        w_rows = np.asarray(lin.kernel[...]).T
         if scales is None:
-            scales = np.array([init_group_scales(w_rows[o:o + n], [n], b, mode)[0]
-                               for o, n, b in zip(np.cumsum((0,) + self.group_sizes[:-1]), self.group_sizes,
-                                                  self.bits)], np.float32)
+            scales = fixed_plan_scales(np.asarray(lin.kernel[...]).T, self.group_sizes, self.bits, mode)
         self.scales = QuantScale(jnp.asarray(scales, jnp.float32))
         self.kernel = nnx.Param(lin.kernel[...])
         self.bias = nnx.Param(lin.bias[...])
@@ -182,11 +190,8 @@ class QuantEmbedding(nnx.Module):
         self.path, self.mode = path, mode
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.bits = tuple(int(b) for b in bits)
-        table = np.asarray(emb.embedding[...])
         if scales is None:
-            scales = np.array([init_group_scales(table[o:o + n], [n], b, mode)[0]
-                               for o, n, b in zip(np.cumsum((0,) + self.group_sizes[:-1]), self.group_sizes,
-                                                  self.bits)], np.float32)
+            scales = fixed_plan_scales(np.asarray(emb.embedding[...]), self.group_sizes, self.bits, mode)
         self.scales = QuantScale(jnp.asarray(scales, jnp.float32))
         self.embedding = nnx.Param(emb.embedding[...])
 

@@ -1,0 +1,851 @@
+#!/usr/bin/env python
+"""The resumable results grid: every (task, budget, method) cell of `experiments/grid.yaml` through the `nasq` CLI.
+
+Usage (from the repo root)::
+
+    python experiments/grid.py [--config experiments/grid.yaml] [--only task=sst2,budget=avg2,method=nasq]
+                               [--dry-run] [--collect-only] [--runs runs/grid] [--results experiments/results]
+                               [--data-dir DIR] [--no-plot]
+
+``--only`` keeps the cells matching every given key (``task``, ``budget``, ``method``; alternatives with ``|``:
+``method=nasq|uniform``); the fp32 teacher of a selected cell's task is always run first when missing.
+``--dry-run`` prints the commands that would run. ``--collect-only`` only rebuilds the results table and plot.
+
+Every stage is a subprocess running exactly the ``nasq ...`` command line written to ``RUNS/grid.log`` (and to
+each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRESS=1``. Layout::
+
+    RUNS/grid.log                               every command line, skip and failure, per invocation
+    RUNS/_spaces/<space>_choices<..>.yaml       derived spaces (budgets' `space_choices`, e.g. uniform 3 bits)
+    RUNS/{task}/fp32/                           teacher (`nasq finetune`), + timing.json
+    RUNS/{task}/logs/fp32.log                   its output
+    RUNS/{task}/{budget}/{method}/plan.json     `nasq baseline ...` or `nasq finalize search/`
+    RUNS/{task}/{budget}/nasq/search/           `nasq search` (method nasq only)
+    RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
+    RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
+    RUNS/{task}/{budget}/{method}/eval.json     stdout of `nasq eval qat --artifact model.nasq ...`
+    RUNS/{task}/{budget}/{method}/timing.json   per stage: command, wall seconds, rc, git revision, date
+    RUNS/{task}/{budget}/{method}/logs/*.log    per stage output
+
+Resuming: a cell whose eval.json exists is skipped; a stage whose output is complete is skipped (run dir with
+run.json status "done", plan.json, model.nasq/manifest.json); an unfinished run dir is continued with
+``--resume`` (from its last checkpoint), an export without manifest redone with ``--overwrite``. Nothing is
+recomputed when its output exists: after changing a recipe, delete the affected cells. A failing stage is
+logged, its cell is marked failed and the grid goes on; the exit status is 1 if any stage failed.
+
+Results (``RESULTS/results.csv``, ``RESULTS/results.md``, ``RESULTS/pareto.png`` via ``nasq plot --pareto``):
+one row per cell of the config, missing cells included ("not run"). ``metric`` is the task's main dev metric
+through the integer artifact (fp32 rows: the teacher's dev metric from its run.json), ``fake_quant_metric`` the
+QAT model's, sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors), ``search_s`` the wall time of
+the plan stages (search + finalize, or the baseline command), ``finetune_s`` of the QAT run (fp32: the
+teacher's). ``rank`` orders the measured within-budget quantized methods of a (task, budget) by metric (ties
+share a rank); the md table bolds rank 1 and flags baselines at or above nasq. The notes column also reports
+run dirs whose config.yaml differs from the grid's recipe (e.g. adopted runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("fp32", "uniform", "hessian", "random", "nasq")
+STAGE_KEYS = {
+    "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
+    "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
+    "hessian": {"train_subset", "n_batches", "n_probes", "set"},
+    "qat": {"max_steps", "epochs", "train_subset", "lr", "set"},
+}
+# Config keys that do not change results: not reported as recipe mismatches of existing runs.
+LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
+CSV_COLUMNS = ["task", "method", "budget", "status", "metric_name", "metric", "fake_quant_metric",
+               "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget", "rank",
+               "search_s", "finetune_s", "command", "git_rev", "date", "note"]
+
+
+class GridError(Exception):
+    """A problem with the grid config or the command line (exit 2, no traceback)."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _fmt(v: Any) -> str:
+    """A YAML value as a `--set KEY=VALUE` / flag value that nasq parses back to the same value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in (upd or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_grid(path: Path) -> dict:
+    """Read and validate the grid YAML; errors name the file and key."""
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise GridError(f"{path}: grid config not found") from None
+    except yaml.YAMLError as e:
+        raise GridError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise GridError(f"{path}: top level must be a mapping (model, data_dir, tasks, stages, budgets, methods)")
+    allowed = {"model", "data_dir", "seed", "tasks", "common", "stages", "budgets", "methods", "plot"}
+    if extra := set(cfg) - allowed:
+        raise GridError(f"{path}: unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
+    for k in ("model", "tasks", "budgets", "methods"):
+        if not cfg.get(k):
+            raise GridError(f"{path}: `{k}` is required")
+    tasks = cfg["tasks"]
+    if isinstance(tasks, list):
+        tasks = {t: {} for t in tasks}
+    if not isinstance(tasks, dict):
+        raise GridError(f"{path}: `tasks` must be a list of task names or a mapping task -> stage overrides")
+    cfg["tasks"] = {str(t): (o or {}) for t, o in tasks.items()}
+    stages = cfg.setdefault("stages", {}) or {}
+    cfg["stages"] = stages
+    for scope, st in [("stages", stages)] + [(f"tasks.{t}", o) for t, o in cfg["tasks"].items()]:
+        if not isinstance(st, dict):
+            raise GridError(f"{path}: `{scope}` must be a mapping of stage -> recipe")
+        for name, rec in st.items():
+            if name not in STAGE_KEYS:
+                raise GridError(f"{path}: `{scope}.{name}`: unknown stage; stages are {sorted(STAGE_KEYS)}")
+            if bad := set(rec or {}) - STAGE_KEYS[name]:
+                raise GridError(f"{path}: `{scope}.{name}`: unknown keys {sorted(bad)}; allowed: "
+                                f"{sorted(STAGE_KEYS[name])}")
+    methods = list(cfg["methods"])
+    if bad := [m for m in methods if m not in METHODS]:
+        raise GridError(f"{path}: `methods`: unknown {bad}; choose from {list(METHODS)}")
+    cfg["methods"] = methods
+    if not isinstance(cfg["budgets"], dict):
+        raise GridError(f"{path}: `budgets` must be a mapping name -> {{avg_bits|budget_mb, space, uniform}}")
+    for name, b in cfg["budgets"].items():
+        where = f"{path}: `budgets.{name}`"
+        if not isinstance(b, dict):
+            raise GridError(f"{where} must be a mapping")
+        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform"}:
+            raise GridError(f"{where}: unknown keys {sorted(extra)}")
+        if sum(k in b for k in ("avg_bits", "budget_mb", "ratio")) != 1:
+            raise GridError(f"{where}: give exactly one of avg_bits / budget_mb / ratio")
+        u = b.get("uniform")
+        if "uniform" in methods and u is None:
+            raise GridError(f"{where}: method uniform needs `uniform: {{bits: B}}` (or `{{skip: reason}}`)")
+        if u is not None:
+            if not isinstance(u, dict):
+                raise GridError(f"{where}.uniform must be a mapping {{bits, space_choices, budget, note}} or "
+                                "{skip: reason}")
+            if extra := set(u) - {"bits", "space", "space_choices", "budget", "note", "skip"}:
+                raise GridError(f"{where}.uniform: unknown keys {sorted(extra)}")
+            if "skip" not in u and not isinstance(u.get("bits"), int):
+                raise GridError(f"{where}.uniform.bits: an integer bit width is required")
+    cfg.setdefault("common", {})
+    cfg["common"] = cfg["common"] or {}
+    cfg.setdefault("plot", {})
+    cfg["plot"] = cfg["plot"] or {}
+    cfg.setdefault("data_dir", "../shared/data/glue")
+    cfg.setdefault("seed", 0)
+    return cfg
+
+
+def recipe(cfg: dict, task: str, stage: str) -> dict:
+    """The stage recipe for a task: `stages.<stage>` merged with `tasks.<task>.<stage>`, plus `common.set`."""
+    r = _merge(cfg["stages"].get(stage) or {}, cfg["tasks"][task].get(stage) or {})
+    r["set"] = {**(cfg["common"].get("set") or {}), **(r.get("set") or {})}
+    return r
+
+
+def recipe_flags(r: dict, seed: int | None) -> list[str]:
+    out: list[str] = []
+    if r.get("max_steps") is not None:
+        out += ["--max-steps", _fmt(r["max_steps"])]
+    if r.get("train_subset") is not None:
+        out += ["--train-subset", _fmt(r["train_subset"])]
+    if seed is not None:
+        out += ["--seed", _fmt(seed)]
+    if r.get("mode") is not None:
+        out += ["--mode", _fmt(r["mode"])]
+    for key, k in (("lr", "train.lr"), ("epochs", "train.epochs")):
+        if r.get(key) is not None:
+            out += ["--set", f"{k}={_fmt(r[key])}"]
+    for k, v in (r.get("set") or {}).items():
+        out += ["--set", f"{k}={_fmt(v)}"]
+    return out
+
+
+def recipe_expectations(r: dict, seed: int | None) -> dict[str, Any]:
+    """Dotted config keys (as in a run's config.yaml) the recipe sets, for the mismatch check."""
+    exp = {f"train.{k}" if k in ("max_steps", "lr", "epochs") else "data.train_subset": r[k]
+           for k in ("max_steps", "lr", "epochs", "train_subset") if r.get(k) is not None}
+    if seed is not None:
+        exp["train.seed"] = seed
+    if r.get("mode") is not None:
+        exp["search.mode"] = r["mode"]
+    exp.update({k: v for k, v in (r.get("set") or {}).items()})
+    return {k: v for k, v in exp.items() if k not in LOGGING_KEYS}
+
+
+def budget_flags(b: dict) -> list[str]:
+    out = []
+    for k in ("avg_bits", "budget_mb", "ratio"):
+        if k in b:
+            out += [f"--{k.replace('_', '-')}", _fmt(b[k])]
+    if b.get("convention"):
+        out += ["--convention", b["convention"]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+@dataclass
+class Stage:
+    name: str  # teacher | plan | search | finalize | qat | export | eval
+    argv: list[str]  # canonical command (no --resume / --overwrite)
+    out: Path
+    kind: str  # run | plan | export | eval
+    stdout_to: Path | None = None  # eval: stdout -> this JSON file
+
+
+@dataclass
+class Cell:
+    task: str
+    budget: str | None  # None for fp32
+    method: str
+    dir: Path
+    stages: list[Stage] = field(default_factory=list)
+    skip: str | None = None  # configured skip reason
+    note: str = ""
+    spaces: dict[Path, str] = field(default_factory=dict)  # derived space files this cell needs
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}/{self.budget}/{self.method}" if self.budget else f"{self.task}/fp32"
+
+    @property
+    def budget_label(self) -> str:
+        return self.budget or "fp32"
+
+
+def derived_space(base: str, choices: list[int], runs: Path) -> tuple[Path, str]:
+    """(path, YAML text) of `base` (a space name or YAML path) with every rule's choices replaced."""
+    from nasq.search.space import search_spaces_dir
+
+    p = Path(base)
+    src = p if p.suffix in (".yaml", ".yml") else search_spaces_dir() / f"{base}.yaml"
+    if not src.is_file():
+        raise GridError(f"space {base!r} not found (looked for {src})")
+    data = yaml.safe_load(src.read_text())
+    suffix = "choices" + "_".join(str(c) for c in choices)
+    data["name"] = f"{data.get('name', p.stem)}_{suffix}"
+    data["description"] = f"{src.name} with every rule's choices set to {list(choices)} (experiments/grid.py)"
+    for rule in data.get("rules", []):
+        rule["choices"] = list(choices)
+    text = f"# Derived by experiments/grid.py from {src.name}; do not edit.\n" + yaml.safe_dump(data, sort_keys=False)
+    return runs / "_spaces" / f"{data['name']}.yaml", text
+
+
+def teacher_cell(cfg: dict, task: str, runs: Path, data_dir: str) -> Cell:
+    tdir = runs / task / "fp32"
+    argv = ["nasq", "finetune", "--model", str(cfg["model"]), "--task", task, "--data-dir", data_dir,
+            *recipe_flags(recipe(cfg, task, "finetune"), cfg["seed"]), "--out", str(tdir)]
+    c = Cell(task, None, "fp32", tdir)
+    c.stages = [Stage("teacher", argv, tdir, "run")]
+    return c
+
+
+def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_dir: str) -> Cell:
+    b = cfg["budgets"][budget]
+    d = runs / task / budget / method
+    teacher = str(runs / task / "fp32")
+    common = ["--task", task, "--data-dir", data_dir]
+    seed = cfg["seed"]
+    space = str(b.get("space", "aqbert_128g"))
+    c = Cell(task, budget, method, d)
+    plan = d / "plan.json"
+    bflags = budget_flags(b)
+    if method == "uniform":
+        u = b.get("uniform") or {}
+        if "skip" in u:
+            c.skip = str(u["skip"])
+            return c
+        if u.get("space"):
+            space = str(u["space"])
+        if u.get("space_choices"):
+            sp, text = derived_space(space, list(u["space_choices"]), runs)
+            c.spaces[sp] = text
+            space = str(sp)
+        if u.get("budget") is False:
+            bflags = []
+        c.note = str(u.get("note", ""))
+        setf = recipe_flags({"set": cfg["common"].get("set")}, None)
+        c.stages.append(Stage("plan", ["nasq", "baseline", "uniform", "--teacher", teacher, *common, "--space", space,
+                                       "--bits", _fmt(u["bits"]), *bflags, *setf, "--out", str(plan)], plan, "plan"))
+    elif method in ("hessian", "random"):
+        if method == "hessian":
+            h = recipe(cfg, task, "hessian")
+            extra = recipe_flags({k: v for k, v in h.items() if k in ("train_subset", "set")}, seed)
+            for k in ("n_batches", "n_probes"):
+                if h.get(k) is not None:
+                    extra += [f"--{k.replace('_', '-')}", _fmt(h[k])]
+        else:
+            extra = recipe_flags({"set": cfg["common"].get("set")}, seed)
+        c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
+                                       *bflags, *extra, "--out", str(plan)], plan, "plan"))
+    elif method == "nasq":
+        sdir = d / "search"
+        c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
+                                         *recipe_flags(recipe(cfg, task, "search"), seed), "--out", str(sdir)],
+                              sdir, "run"))
+        c.stages.append(Stage("finalize", ["nasq", "finalize", str(sdir), "--out", str(plan)], plan, "plan"))
+    else:  # pragma: no cover - validated
+        raise GridError(f"unknown method {method}")
+    qat, art = d / "qat", d / "model.nasq"
+    c.stages += [
+        Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *common,
+                      *recipe_flags(recipe(cfg, task, "qat"), seed), "--out", str(qat)], qat, "run"),
+        Stage("export", ["nasq", "export", str(qat), "--out", str(art)], art, "export"),
+        Stage("eval", ["nasq", "eval", str(qat), "--artifact", str(art), *common], d / "eval.json", "eval",
+              stdout_to=d / "eval.json"),
+    ]
+    return c
+
+
+def all_cells(cfg: dict, runs: Path, data_dir: str) -> list[Cell]:
+    cells = []
+    for task in cfg["tasks"]:
+        if "fp32" in cfg["methods"]:
+            cells.append(teacher_cell(cfg, task, runs, data_dir))
+        for budget in cfg["budgets"]:
+            for method in cfg["methods"]:
+                if method != "fp32":
+                    cells.append(quant_cell(cfg, task, budget, method, runs, data_dir))
+    return cells
+
+
+def parse_only(spec: str | None, cfg: dict) -> dict[str, set[str]]:
+    if not spec:
+        return {}
+    valid = {"task": list(cfg["tasks"]), "budget": list(cfg["budgets"]), "method": cfg["methods"]}
+    out: dict[str, set[str]] = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise GridError(f"--only {spec!r}: expected KEY=VALUE[|VALUE...] pairs separated by commas, e.g. "
+                            "task=sst2,budget=avg2,method=nasq")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if k not in valid:
+            raise GridError(f"--only: unknown key {k!r}; keys are task, budget, method")
+        vals = {x.strip() for x in v.split("|") if x.strip()}
+        if bad := sorted(vals - set(valid[k])):
+            raise GridError(f"--only {k}: unknown {bad}; the config has {valid[k]}")
+        out.setdefault(k, set()).update(vals)
+    return out
+
+
+def selected(cell: Cell, only: dict[str, set[str]]) -> bool:
+    """A filter key does not apply to a cell without it (the fp32 teacher has no budget)."""
+    vals = {"task": cell.task, "budget": cell.budget, "method": cell.method}
+    return all(vals[k] is None or vals[k] in v for k, v in only.items())
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stage_done(s: Stage) -> bool:
+    if s.kind == "run":
+        return (read_json(s.out / "run.json") or {}).get("status") == "done"
+    if s.kind == "plan":
+        return (read_json(s.out) or {}).get("format") == "nasq-plan"
+    if s.kind == "export":
+        return (s.out / "manifest.json").is_file()
+    return read_json(s.out) is not None  # eval
+
+
+def exec_argv(s: Stage) -> list[str]:
+    """The command actually run: the canonical one + --resume / --overwrite for a partial output."""
+    if s.kind == "run" and (s.out / "config.yaml").is_file():
+        return [*s.argv, "--resume"]
+    if s.kind in ("run", "export") and s.out.exists():
+        return [*s.argv, "--overwrite"]
+    return list(s.argv)
+
+
+def git_rev() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+                           check=False, capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def nasq_prefix() -> list[str]:
+    """How to start `nasq`: the console script beside this Python, else on PATH, else `python -m nasq.cli`."""
+    here = Path(sys.executable).parent / "nasq"
+    if here.is_file():
+        return [str(here)]
+    found = shutil.which("nasq")
+    return [found] if found else [sys.executable, "-m", "nasq.cli"]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+class Runner:
+    def __init__(self, runs: Path, dry_run: bool):
+        self.runs, self.dry_run = runs, dry_run
+        self.rev = git_rev()
+        self.failures: list[str] = []
+        self.ran = 0
+        self._log = None
+        if not dry_run:
+            runs.mkdir(parents=True, exist_ok=True)
+            self._log = (runs / "grid.log").open("a")
+
+    def log(self, msg: str) -> None:
+        line = f"[grid {time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        if self._log:
+            self._log.write(line + "\n")
+            self._log.flush()
+
+    def run_cell(self, cell: Cell, teacher_ok: bool) -> None:
+        if cell.skip:
+            self.log(f"skip {cell.label}: configured skip ({cell.skip})")
+            return
+        last = cell.stages[-1]
+        if last.kind == "eval" and stage_done(last):
+            self.log(f"skip {cell.label}: {last.out} exists")
+            return
+        if cell.method != "fp32" and not teacher_ok:
+            self.log(f"skip {cell.label}: its teacher {self.runs / cell.task / 'fp32'} is not done")
+            return
+        for path, text in cell.spaces.items():
+            if not self.dry_run and (not path.is_file() or path.read_text() != text):
+                write_atomic(path, text)
+        timing_path = cell.dir / "timing.json"
+        for s in cell.stages:
+            if stage_done(s):
+                self.log(f"skip {cell.label} {s.name}: {s.out} is complete")
+                continue
+            if not self.run_stage(cell, s, timing_path):
+                return
+
+    def run_stage(self, cell: Cell, s: Stage, timing_path: Path) -> bool:
+        argv = exec_argv(s)
+        shown = shlex.join(argv) + (f" > {shlex.quote(str(s.stdout_to))}" if s.stdout_to else "")
+        if self.dry_run:
+            print(f"$ {shown}")
+            return True
+        self.log(f"run {cell.label} {s.name}: $ {shown}")
+        logdir = (cell.dir.parent / "logs") if cell.method == "fp32" else cell.dir / "logs"
+        logdir.mkdir(parents=True, exist_ok=True)
+        logfile = logdir / f"{'fp32' if cell.method == 'fp32' else s.name}.log"
+        env = {**os.environ, "NASQ_NO_PROGRESS": os.environ.get("NASQ_NO_PROGRESS", "1")}
+        cmd = nasq_prefix() + argv[1:]
+        t0 = time.time()
+        with logfile.open("a") as lf:
+            lf.write(f"\n# {now()} $ {shown}\n")
+            lf.flush()
+            if s.stdout_to:
+                r = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=lf, text=True, env=env)
+                rc, out = r.returncode, r.stdout
+            else:
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                assert p.stdout is not None
+                for line in p.stdout:
+                    lf.write(line)
+                    print(f"    {line}", end="", flush=True)
+                rc, out = p.wait(), ""
+        wall = time.time() - t0
+        if rc == 0 and s.stdout_to:
+            res = _parse_json_output(out)
+            if res is None:
+                rc = -1
+                with logfile.open("a") as lf:
+                    lf.write(f"grid: no JSON object in the stdout of `{shown}`:\n{out}\n")
+            else:
+                write_atomic(s.stdout_to, json.dumps(res, indent=2) + "\n")
+        self.ran += 1
+        timing = read_json(timing_path) or {}
+        entry = timing.get(s.name) or {"wall_s": 0.0, "attempts": []}
+        entry["attempts"].append({"cmd": shown, "wall_s": round(wall, 2), "rc": rc, "git_rev": self.rev,
+                                  "finished": now()})
+        entry["wall_s"] = round(sum(a["wall_s"] for a in entry["attempts"]), 2)
+        entry.update(cmd=shlex.join(s.argv), rc=rc, git_rev=self.rev, finished=now())
+        timing[s.name] = entry
+        write_atomic(timing_path, json.dumps(timing, indent=2) + "\n")
+        if rc != 0:
+            self.failures.append(f"{cell.label} {s.name} (rc {rc}, log {logfile})")
+            self.log(f"FAILED {cell.label} {s.name}: rc {rc} after {wall:.1f}s; see {logfile}")
+            return False
+        self.log(f"done {cell.label} {s.name} in {wall:.1f}s")
+        return True
+
+
+def _parse_json_output(text: str) -> dict | None:
+    dec = json.JSONDecoder()
+    pos = 0
+    lines = text.splitlines(keepends=True)
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                obj, _ = dec.raw_decode(text[pos:])
+                if isinstance(obj, dict):
+                    return obj
+            except ValueError:
+                pass
+        pos += len(line)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+def main_metric(task: str) -> str:
+    from nasq.data.glue import get_task
+
+    return get_task(task).main_metric
+
+
+def safetensors_sizes(path: Path) -> tuple[int, int] | None:
+    """(bytes of all tensors, bytes of the encoder linears' weights + biases) from a safetensors header."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    total = enc = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        total += end - start
+        if ".encoder." in f".{name}" and "LayerNorm" not in name:
+            enc += end - start
+    return total, enc
+
+
+def config_mismatches(run: Path, expected: dict[str, Any]) -> list[str]:
+    p = run / "config.yaml"
+    if not p.is_file():
+        return []
+    try:
+        conf = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        return [f"{p}: unreadable"]
+    out = []
+    for key, want in expected.items():
+        node: Any = conf
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        same = node == want
+        if not same and isinstance(node, list | tuple) and isinstance(want, list | tuple):
+            same = list(node) == list(want)
+        if not same and isinstance(node, int | float) and isinstance(want, int | float):
+            same = math.isclose(float(node), float(want), rel_tol=1e-9)
+        if not same:
+            out.append(f"{key}={node!r} (grid {want!r})")
+    return out
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _wall(timing: dict, names: list[str], run_dirs: list[Path]) -> float | None:
+    """Sum of the stages' recorded walls; a stage without timing falls back to its run.json wall_s."""
+    total, have = 0.0, False
+    for name, rd in zip(names, run_dirs, strict=True):
+        if name in timing and timing[name].get("rc") == 0:
+            total += float(timing[name]["wall_s"])
+            have = True
+        elif rd is not None and (w := (read_json(rd / "run.json") or {}).get("wall_s")) is not None:
+            total += float(w)
+            have = True
+        else:
+            return None
+    return round(total, 1) if have else None
+
+
+def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
+    metric_name = main_metric(cell.task)
+    row: dict[str, Any] = {"task": cell.task, "method": cell.method, "budget": cell.budget_label,
+                           "metric_name": metric_name, "status": "not run"}
+    notes = [cell.note] if cell.note else []
+    timing = read_json(cell.dir / "timing.json") or {}
+    if cell.skip:
+        row.update(status=f"skipped: {cell.skip}")
+        row["note"] = "; ".join(notes)
+        return row
+    qat_stage = next(s for s in cell.stages if s.name in ("qat", "teacher"))
+    row["command"] = shlex.join(qat_stage.argv)
+    exp = recipe_expectations(recipe(cfg, cell.task, "qat" if cell.method != "fp32" else "finetune"), cfg["seed"])
+    if mism := config_mismatches(qat_stage.out, exp):
+        notes.append(f"{qat_stage.out.name} config differs from the grid recipe: " + ", ".join(mism))
+    if cell.method == "nasq":
+        search = cell.stages[0]
+        sexp = recipe_expectations(recipe(cfg, cell.task, "search"), cfg["seed"])
+        if mism := config_mismatches(search.out, sexp):
+            notes.append("search config differs from the grid recipe: " + ", ".join(mism))
+    failed = [n for n, t in timing.items() if isinstance(t, dict) and t.get("rc") not in (0, None)]
+    done = [s.name for s in cell.stages if stage_done(s)]
+
+    if cell.method == "fp32":
+        info = read_json(cell.dir / "run.json") or {}
+        if info.get("status") == "done":
+            row["status"] = "done"
+            row["metric"] = (info.get("dev") or {}).get(metric_name)
+            sizes = safetensors_sizes(cell.dir / "model" / "state.safetensors")
+            if sizes:
+                row["artifact_mb"], row["encoder_mb"] = sizes[0] / 1e6, sizes[1] / 1e6
+            row["avg_bits"] = 32
+            row["finetune_s"] = _wall(timing, ["teacher"], [cell.dir])
+            t = timing.get("teacher") or {}
+            row["git_rev"] = t.get("git_rev", "")
+            row["date"] = (t.get("finished") or info.get("created") or date_fallback)[:10]
+    else:
+        plan = read_json(cell.dir / "plan.json")
+        ev = read_json(cell.dir / "eval.json")
+        if plan:
+            tot = plan.get("totals") or {}
+            for col, key in (("encoder_mb", "encoder_linear_bytes"), ("artifact_mb", "artifact_tensor_bytes")):
+                if tot.get(key) is not None:
+                    row[col] = tot[key] / 1e6
+            row["avg_bits"] = tot.get("avg_bits")
+            row["within_budget"] = tot.get("within_budget")
+            row["_searched_bytes"] = tot.get("searched_bytes")
+            row["_budget"] = plan.get("budget")
+        names = ["search", "finalize"] if cell.method == "nasq" else ["plan"]
+        rds = [cell.dir / "search", None] if cell.method == "nasq" else [None]
+        row["search_s"] = _wall(timing, names, rds)
+        row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
+        if ev:
+            row["status"] = "done"
+            row["metric"] = (ev.get("int_artifact") or {}).get(metric_name)
+            row["fake_quant_metric"] = (ev.get("fake_quant") or {}).get(metric_name)
+            row["prediction_agreement"] = ev.get("prediction_agreement")
+            t = timing.get("eval") or timing.get("qat") or {}
+            row["git_rev"] = t.get("git_rev") or (plan or {}).get("provenance", {}).get("git_rev", "")
+            fin = t.get("finished") or dt.datetime.fromtimestamp((cell.dir / "eval.json").stat().st_mtime,
+                                                                   dt.UTC).isoformat()
+            row["date"] = fin[:10]
+    if row["status"] != "done":
+        if failed:
+            row["status"] = "failed: " + ", ".join(failed)
+        elif done:
+            row["status"] = "incomplete (done: " + ", ".join(done) + ")"
+    row["note"] = "; ".join(notes)
+    return row
+
+
+def finish_rows(cfg: dict, rows: list[dict]) -> None:
+    """Fill within_budget for plans made without a budget (vs a sibling's budget) and rank per (task, budget)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "fp32":
+            groups.setdefault((r["task"], r["budget"]), []).append(r)
+    for g in groups.values():
+        ref = next((r["_budget"] for r in g if r.get("_budget")), None)
+        for r in g:
+            if r.get("within_budget") is None and ref and r.get("_searched_bytes") is not None and \
+                    r.get("_budget") is None:
+                r["within_budget"] = r["_searched_bytes"] <= ref["bytes"]
+            if r.get("within_budget") is False:
+                r["note"] = "; ".join(x for x in ("over budget", r.get("note")) if x)
+        measured = [r for r in g if r["status"] == "done" and _num(r.get("metric")) is not None
+                    and r.get("within_budget") is not False]
+        for r in measured:
+            r["rank"] = 1 + sum(_num(o["metric"]) > _num(r["metric"]) for o in measured)
+        nasq = next((r for r in measured if r["method"] == "nasq"), None)
+        if nasq:
+            at_least = [r for r in measured if r is not nasq and _num(r["metric"]) >= _num(nasq["metric"])]
+            for r in at_least:
+                r["_beats_nasq"] = True
+            if at_least:
+                nasq["_not_best"] = ", ".join(r["method"] for r in at_least)
+
+
+def _cell_text(v: Any, digits: int) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+CSV_DIGITS = {"metric": 6, "fake_quant_metric": 6, "prediction_agreement": 6, "encoder_mb": 6, "artifact_mb": 6,
+              "avg_bits": 4, "search_s": 1, "finetune_s": 1}
+MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "prediction_agreement": 4, "encoder_mb": 3, "artifact_mb": 3,
+             "avg_bits": 3, "search_s": 0, "finetune_s": 0}
+
+
+def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
+    results.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = results / "results.csv", results / "results.md"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _cell_text(r.get(c), CSV_DIGITS.get(c, 6)) for c in CSV_COLUMNS})
+    os.replace(tmp, csv_path)
+
+    cols = ["task", "budget", "method", "status", "metric_name", "metric", "fake_quant_metric",
+            "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank", "vs_nasq", "search_s",
+            "finetune_s", "note", "git_rev", "date", "command"]
+    lines = [
+        "# Results grid",
+        "",
+        (f"Generated by `python experiments/grid.py --config {cfg_path}` from `{runs}` "
+         f"(`results.csv` holds the same rows). Do not edit: rerun `experiments/grid.py --collect-only`."),
+        "",
+        ("`metric`: main dev metric through the integer artifact (fp32: the teacher); `fake_quant_metric`: the "
+         "QAT model; sizes in MB (10^6 bytes) from the plan totals (`encoder_mb`: encoder linears, `artifact_mb`: "
+         "all tensors of the artifact); `rank`: among the measured within-budget quantized methods of the (task, "
+         "budget), best metric bold; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
+         "rows the methods that reach it; `search_s` / `finetune_s`: wall seconds of the plan and QAT stages."),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    for r in rows:
+        cells = []
+        for c in cols:
+            if c == "vs_nasq":
+                v = ">= nasq" if r.get("_beats_nasq") else (
+                    f"not best: {r['_not_best']}" if r.get("_not_best") else "")
+            elif c == "command":
+                v = f"`{r['command']}`" if r.get("command") else ""
+            else:
+                v = _cell_text(r.get(c), MD_DIGITS.get(c, 4))
+            if c == "metric" and r.get("rank") == 1 and v:
+                v = f"**{v}**"
+            cells.append(v.replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    write_atomic(md_path, "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
+    date = now()
+    rows = [cell_row(cfg, c, date) for c in cells]
+    finish_rows(cfg, rows)
+    return write_results(rows, results, cfg_path, runs)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="experiments/grid.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--config", default=str(REPO / "experiments" / "grid.yaml"), help="grid YAML")
+    p.add_argument("--only", help="task=..,budget=..,method=.. (alternatives with |)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands that would run; run nothing")
+    p.add_argument("--collect-only", action="store_true", help="only rebuild results.csv / results.md / plot")
+    p.add_argument("--runs", default="runs/grid", help="grid run directory (default runs/grid)")
+    p.add_argument("--results", default="experiments/results", help="results directory")
+    p.add_argument("--data-dir", help="GLUE directory (default: the config's data_dir)")
+    p.add_argument("--no-plot", action="store_true", help="skip `nasq plot --pareto`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg_path = Path(args.config)
+        cfg = load_grid(cfg_path)
+        only = parse_only(args.only, cfg)
+        runs, results = Path(args.runs), Path(args.results)
+        data_dir = str(args.data_dir or cfg["data_dir"])
+        cells = all_cells(cfg, runs, data_dir)
+    except GridError as e:
+        print(f"grid: error: {e}", file=sys.stderr)
+        return 2
+    runner = Runner(runs, dry_run=args.dry_run)
+    if not args.collect_only:
+        runner.log(f"start: config {cfg_path}, runs {runs}, only {args.only or 'all'}, git {runner.rev}")
+        todo = [c for c in cells if selected(c, only)]
+        teachers = {c.task: c for c in cells if c.method == "fp32"} or \
+            {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
+        for task in cfg["tasks"]:
+            task_cells = [c for c in todo if c.task == task]
+            if not task_cells:
+                continue
+            t = teachers[task]
+            needs_teacher = t in task_cells or any(
+                not c.skip and not stage_done(c.stages[-1]) for c in task_cells if c.method != "fp32")
+            if needs_teacher and t not in task_cells:
+                runner.log(f"{t.label} (teacher) is needed by the selected cells of {task}")
+            if needs_teacher or t in task_cells:
+                runner.run_cell(t, True)
+            teacher_ok = args.dry_run or stage_done(t.stages[0])
+            for c in task_cells:
+                if c.method != "fp32":
+                    runner.run_cell(c, teacher_ok)
+        runner.log(f"end: {runner.ran} command(s) run, {len(runner.failures)} failed"
+                   + (": " + "; ".join(runner.failures) if runner.failures else ""))
+    if args.dry_run:
+        return 0
+    csv_path, md_path = collect(cfg, cells, results, cfg_path, runs)
+    runner.log(f"wrote {csv_path} and {md_path}")
+    if not args.no_plot:
+        size = str(cfg["plot"].get("size", "artifact_mb"))
+        pargv = ["nasq", "plot", "--pareto", str(csv_path), "--out", str(results), "--size", size]
+        runner.log(f"$ {shlex.join(pargv)}")
+        r = subprocess.run(nasq_prefix() + pargv[1:], check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            runner.log(f"plot failed (rc {r.returncode}): {(r.stderr or r.stdout).strip()}")
+        else:
+            runner.log(r.stdout.strip())
+    return 1 if runner.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
