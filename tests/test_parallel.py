@@ -4,8 +4,10 @@ The device count is fixed when JAX starts, so the multi-device runs happen in su
 `XLA_FLAGS=--xla_force_host_platform_device_count=4`. One subprocess per device count runs the whole chain
 (fp32 fine-tune -> search with KD -> finalize -> QAT fine-tune with KD) through `nasq.cli.main`.
 
-Tolerance: per logged step the losses agree to `RTOL` (relative). Sharding only changes the order of the batch
-sums (partial sums per device + all-reduce); we observe ~1e-6 after a few Adam steps.
+Tolerance: per logged step `|a - b| <= 1e-4 * max(|a|, |b|) + 1e-6`. Sharding only changes the order of the
+batch sums (partial sums per device + all-reduce); we observe ~1e-6 relative on the task loss after a few Adam
+steps. The absolute term is for the KD loss, a KL of two nearly equal distributions (~7e-5 here) whose
+relative error is larger (~4e-4 relative, 3e-8 absolute).
 """
 
 import json
@@ -22,7 +24,7 @@ from nasq.config import build_config
 from nasq.errors import NasqError
 from nasq.parallel import DataParallel, check_batch_size, init_distributed, make_mesh, num_devices
 
-RTOL = 1e-4
+RTOL, ATOL = 1e-4, 1e-6
 REPO = Path(__file__).resolve().parents[1]
 
 RUNNER = """
@@ -62,7 +64,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= RTOL * max(abs(a), abs(b), 1e-6)
+    return abs(a - b) <= RTOL * max(abs(a), abs(b)) + ATOL
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def chains(tiny_model_dir, glue_dir, tmp_path_factory):
     for devices in (1, 4):
         d = tmp / f"d{devices}"
         r = subprocess.run([sys.executable, "-c", RUNNER, str(cfg), str(d), str(devices)], env=_env(devices),
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
         out[devices] = d
     return out
@@ -96,8 +98,8 @@ def test_four_devices_match_one_device_loss_trajectory(chains, run):
         for k in keys:
             if k in a:
                 assert _close(a[k], b[k]), (run, a["step"], k, a[k], b[k])
-    ev1 = [m for m in m1 if m.get("split") == "dev"][-1]
-    ev4 = [m for m in m4 if m.get("split") == "dev"][-1]
+    ev1 = ([m for m in m1 if m.get("split") == "dev"] or [{}])[-1]  # search runs log no dev eval
+    ev4 = ([m for m in m4 if m.get("split") == "dev"] or [{}])[-1]
     for k in ev1:
         if isinstance(ev1[k], float):
             assert _close(ev1[k], ev4[k]), (run, k, ev1[k], ev4[k])
@@ -114,7 +116,7 @@ def test_indivisible_batch_exits_2_with_message(tiny_model_dir, glue_dir, tmp_pa
     cfg = _config(tmp_path, tiny_model_dir, glue_dir, batch_size=10)
     r = subprocess.run([sys.executable, "-m", "nasq.cli", "search", "--config", str(cfg), "--out",
                         str(tmp_path / "s"), "--avg-bits", "3", "--data-parallel", "4"],
-                       env=_env(4), capture_output=True, text=True, timeout=300)
+                       env=_env(4), capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2, r.stderr
     assert "train.batch_size=10 is not divisible by the 4 devices" in r.stderr
     assert "--set train.batch_size=8 or 12" in r.stderr
@@ -127,7 +129,7 @@ def test_single_device_is_identity():
     assert dp.mesh is None and dp.size == 1
     tree = {"a": jax.numpy.ones(3)}
     assert dp.replicate(tree) is tree and dp.shard(tree) is tree
-    f = lambda: 1  # noqa: E731
+    f = lambda: 1
     assert dp.wrap(f) is f
 
 
@@ -145,7 +147,7 @@ def test_batch_check_message_names_numbers_and_fix():
     check_batch_size(7, mesh, "train.batch_size")  # 1 device: anything splits
 
     class Fake:  # a 4-device mesh stand-in (only .devices.size is read)
-        class devices:  # noqa: N801
+        class devices:
             size = 4
 
     with pytest.raises(NasqError, match=r"data.eval_batch_size=3 .* 4 devices .* --set data.eval_batch_size=4"):

@@ -1,0 +1,179 @@
+"""experiments/grid.py end to end on a tiny grid: tiny BERT, SST-2 cut to 64 rows, one budget, fp32 + uniform + nasq
+(2-3 steps per stage), then a rerun that recomputes nothing and a --collect-only rebuild of the table."""
+
+import csv
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = REPO / "experiments" / "grid.py"
+TRAIN_COMMANDS = ("nasq finetune", "nasq search", "nasq baseline", "nasq finalize", "nasq export", "nasq eval")
+
+
+def _grid_module():
+    spec = importlib.util.spec_from_file_location("grid", GRID)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["grid"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mini_glue(src: Path, dst: Path, rows: int = 64) -> Path:
+    (dst / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        lines = (src / "SST-2" / name).read_text().splitlines(keepends=True)
+        (dst / "SST-2" / name).write_text("".join(lines[: rows + 1]))
+    return dst
+
+
+def _grid(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    # a persistent compilation cache shared by the tiny grid's ~10 nasq processes (halves the test's time)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NASQ_NO_PROGRESS": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    r = subprocess.run([sys.executable, str(GRID), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       check=False, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r
+
+
+def _rows(path: Path) -> dict[tuple[str, str, str], dict]:
+    with path.open(newline="") as f:
+        return {(r["task"], r["budget"], r["method"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def grid_config(tmp_path_factory, tiny_model_dir, glue_dir):
+    tmp = tmp_path_factory.mktemp("grid")
+    cfg = {
+        "model": str(tiny_model_dir),
+        "data_dir": str(_mini_glue(glue_dir, tmp / "glue")),
+        "seed": 0,
+        "tasks": ["sst2"],
+        "common": {"set": {"model.max_len": 32, "data.buckets": [32], "train.log_every": 1}},
+        "stages": {
+            "finetune": {"max_steps": 3, "train_subset": 64, "lr": 1e-3},
+            "search": {"max_steps": 3, "train_subset": 64, "lr": 1e-4, "set": {"data.heldout": 0.25}},
+            "qat": {"max_steps": 2, "train_subset": 64},
+        },
+        "budgets": {"avg2": {"avg_bits": 2, "space": "tiny", "uniform": {"bits": 2}}},
+        "methods": ["fp32", "uniform", "random", "nasq"],
+    }
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return tmp, path
+
+
+def test_grid_end_to_end_resume_and_collect(grid_config):
+    tmp, cfg = grid_config
+    runs, results = tmp / "runs", tmp / "results"
+    common = ["--config", str(cfg), "--runs", str(runs), "--results", str(results)]
+    grid = functools.partial(_grid, cache=tmp / "jax_cache")
+
+    # --dry-run prints every command and creates nothing
+    r = grid(*common, "--dry-run")
+    assert r.stdout.count("$ nasq ") == 1 + 4 + 4 + 5  # teacher; uniform, random: plan qat export eval; nasq +search
+    assert not runs.exists() and not results.exists()
+
+    # the grid minus the random baseline
+    r = grid(*common, "--only", "method=fp32|uniform|nasq")
+    cell = runs / "sst2" / "avg2"
+    for m in ("uniform", "nasq"):
+        for p in ("plan.json", "qat/run.json", "model.nasq/manifest.json", "eval.json", "timing.json"):
+            assert (cell / m / p).is_file(), f"{m}/{p} missing"
+        ev = json.loads((cell / m / "eval.json").read_text())
+        assert {"fake_quant", "int_artifact", "prediction_agreement"} <= set(ev)
+    assert (cell / "nasq" / "search" / "run.json").is_file()
+    assert json.loads((runs / "sst2" / "fp32" / "run.json").read_text())["status"] == "done"
+    assert not (cell / "random").exists()
+    timing = json.loads((cell / "nasq" / "timing.json").read_text())
+    assert set(timing) == {"search", "finalize", "qat", "export", "eval"}
+    assert timing["qat"]["cmd"].startswith("nasq finetune --plan ") and timing["qat"]["wall_s"] > 0
+    log = (runs / "grid.log").read_text()
+    assert "$ nasq search --teacher" in log and "$ nasq eval" in log
+
+    rows = _rows(results / "results.csv")
+    assert set(rows) == {("sst2", "fp32", "fp32"), ("sst2", "avg2", "uniform"), ("sst2", "avg2", "random"),
+                         ("sst2", "avg2", "nasq")}
+    assert rows[("sst2", "avg2", "random")]["status"] == "not run"
+    assert rows[("sst2", "avg2", "random")]["metric"] == ""
+    for key in [("sst2", "fp32", "fp32"), ("sst2", "avg2", "uniform"), ("sst2", "avg2", "nasq")]:
+        row = rows[key]
+        assert row["status"] == "done", row
+        assert row["metric_name"] == "accuracy"
+        assert 0 <= float(row["metric"]) <= 1
+        assert float(row["encoder_mb"]) > 0 and float(row["artifact_mb"]) > float(row["encoder_mb"])
+        assert row["git_rev"] and row["date"]
+    for m in ("uniform", "nasq"):
+        row = rows[("sst2", "avg2", m)]
+        plan = json.loads((cell / m / "plan.json").read_text())
+        assert float(row["encoder_mb"]) == pytest.approx(plan["totals"]["encoder_linear_bytes"] / 1e6)
+        assert float(row["avg_bits"]) == pytest.approx(plan["totals"]["avg_bits"], abs=1e-4)
+        assert 0 <= float(row["fake_quant_metric"]) <= 1 and row["within_budget"] == "yes"
+        assert row["command"].startswith("nasq finetune --plan ") and float(row["finetune_s"]) > 0
+        assert float(row["search_s"]) > 0 and row["rank"] in ("1", "2")
+    assert rows[("sst2", "fp32", "fp32")]["avg_bits"] == "32"
+    md = (results / "results.md").read_text()
+    assert "| sst2 | avg2 | random | not run |" in md and "**" in md
+    assert (results / "pareto.png").is_file()
+
+    # rerun: every cell is skipped, nothing recomputed
+    watched = [cell / m / p for m in ("uniform", "nasq") for p in ("eval.json", "plan.json", "qat/run.json")]
+    watched += [runs / "sst2" / "fp32" / "run.json"]
+    mtimes = {p: p.stat().st_mtime_ns for p in watched}
+    r = grid(*common, "--only", "method=fp32|uniform|nasq")
+    assert "skip sst2/avg2/uniform" in r.stdout and "skip sst2/avg2/nasq" in r.stdout
+    assert not any(f"$ {c}" in r.stdout for c in TRAIN_COMMANDS), r.stdout
+    assert "0 command(s) run" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in watched} == mtimes
+    first = (results / "results.csv").read_text()
+
+    # --collect-only rebuilds the same table from the run directories
+    (results / "results.csv").unlink()
+    (results / "results.md").unlink()
+    r = grid(*common, "--collect-only")
+    assert "$ nasq finetune" not in r.stdout
+    assert (results / "results.csv").read_text() == first
+    assert (results / "results.md").is_file()
+
+
+def test_grid_config_and_only_errors(tmp_path):
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "grid.yaml")
+    assert list(cfg["tasks"]) == ["sst2", "mrpc", "cola"]
+    assert list(cfg["budgets"]) == ["avg2", "avg3", "avg4", "mb10"]
+    cells = grid.all_cells(cfg, tmp_path / "runs", "G")
+    assert len(cells) == 3 * (1 + 4 * 4)
+    u3 = next(c for c in cells if (c.task, c.budget, c.method) == ("sst2", "avg3", "uniform"))
+    plan_argv = u3.stages[0].argv
+    assert "--avg-bits" not in plan_argv and plan_argv[plan_argv.index("--bits") + 1] == "3"
+    ((space_path, text),) = u3.spaces.items()
+    assert plan_argv[plan_argv.index("--space") + 1] == str(space_path)
+    assert all(r["choices"] == [3] for r in yaml.safe_load(text)["rules"])
+    mb = next(c for c in cells if (c.task, c.budget, c.method) == ("cola", "mb10", "nasq"))
+    argv = mb.stages[0].argv
+    assert argv[argv.index("--budget-mb") + 1] == "10" and argv[argv.index("--convention") + 1] == "artifact"
+    assert argv[argv.index("--space") + 1] == "whole_model"
+    qat = [c.stages[-3].argv for c in cells if c.task == "sst2" and c.method != "fp32" and c.stages]
+    strip = [[a for a in q if "/avg" not in a and "/mb" not in a] for q in qat]
+    assert all(s == strip[0] for s in strip)  # one QAT recipe for every method and budget
+
+    only = grid.parse_only("task=sst2,method=nasq|uniform", cfg)
+    assert only == {"task": {"sst2"}, "method": {"nasq", "uniform"}}
+    teacher = next(c for c in cells if c.method == "fp32" and c.task == "sst2")
+    assert grid.selected(teacher, grid.parse_only("budget=avg2", cfg))
+    for bad in ("task=qnli", "bits=2", "sst2"):
+        with pytest.raises(grid.GridError):
+            grid.parse_only(bad, cfg)
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "grid.yaml").read_text()),
+                                       "stages": {"qat": {"steps": 3}}}))
+    with pytest.raises(grid.GridError, match="qat.*steps"):
+        grid.load_grid(bad_cfg)
