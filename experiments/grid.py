@@ -195,7 +195,7 @@ def recipe_flags(r: dict, seed: int | None) -> list[str]:
 def recipe_expectations(r: dict, seed: int | None) -> dict[str, Any]:
     """Dotted config keys (as in a run's config.yaml) the recipe sets, for the mismatch check."""
     exp = {f"train.{k}" if k in ("max_steps", "lr", "epochs") else "data.train_subset": r[k]
-           for k in ("max_steps", "lr", "epochs", "train_subset") if r.get(k) is not None}
+           for k in ("max_steps", "lr", "epochs", "train_subset") if k in r}  # explicit null: expect null
     if seed is not None:
         exp["train.seed"] = seed
     if r.get("mode") is not None:
@@ -481,19 +481,29 @@ class Runner:
         env = {**os.environ, "NASQ_NO_PROGRESS": os.environ.get("NASQ_NO_PROGRESS", "1")}
         cmd = nasq_prefix() + argv[1:]
         t0 = time.time()
+        interrupted = False
         with logfile.open("a") as lf:
             lf.write(f"\n# {now()} $ {shown}\n")
             lf.flush()
-            if s.stdout_to:
-                r = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=lf, text=True, env=env)
-                rc, out = r.returncode, r.stdout
-            else:
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-                assert p.stdout is not None
-                for line in p.stdout:
-                    lf.write(line)
-                    print(f"    {line}", end="", flush=True)
-                rc, out = p.wait(), ""
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf if s.stdout_to else subprocess.STDOUT,
+                                 text=True, env=env)
+            assert p.stdout is not None
+            out = ""
+            try:
+                if s.stdout_to:
+                    out = p.stdout.read()
+                else:
+                    for line in p.stdout:
+                        lf.write(line)
+                        print(f"    {line}", end="", flush=True)
+                rc = p.wait()
+            except KeyboardInterrupt:  # the child got the SIGINT too: let it save and stop, record the attempt
+                interrupted = True
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                rc = 130
         wall = time.time() - t0
         if rc == 0 and s.stdout_to:
             res = _parse_json_output(out)
@@ -512,6 +522,10 @@ class Runner:
         entry.update(cmd=shlex.join(s.argv), rc=rc, git_rev=self.rev, finished=now())
         timing[s.name] = entry
         write_atomic(timing_path, json.dumps(timing, indent=2) + "\n")
+        if interrupted:
+            self.log(f"interrupted {cell.label} {s.name} after {wall:.1f}s; rerun the same grid command to go on "
+                     "(unfinished runs continue with --resume)")
+            raise KeyboardInterrupt
         if rc != 0:
             self.failures.append(f"{cell.label} {s.name} (rc {rc}, log {logfile})")
             self.log(f"FAILED {cell.label} {s.name}: rc {rc} after {wall:.1f}s; see {logfile}")
@@ -595,8 +609,9 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _wall(timing: dict, names: list[str], run_dirs: list[Path]) -> float | None:
-    """Sum of the stages' recorded walls; a stage without timing falls back to its run.json wall_s."""
+def _wall(timing: dict, names: list[str], run_dirs: list[Path | None]) -> float | None:
+    """Sum of the stages' recorded walls; a stage without timing (e.g. an adopted run) falls back to its
+    run.json wall_s; `finalize` (seconds) may be missing."""
     total, have = 0.0, False
     for name, rd in zip(names, run_dirs, strict=True):
         if name in timing and timing[name].get("rc") == 0:
@@ -605,7 +620,7 @@ def _wall(timing: dict, names: list[str], run_dirs: list[Path]) -> float | None:
         elif rd is not None and (w := (read_json(rd / "run.json") or {}).get("wall_s")) is not None:
             total += float(w)
             have = True
-        else:
+        elif name != "finalize":
             return None
     return round(total, 1) if have else None
 
@@ -796,6 +811,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_grid(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, data_dir: str, runner: Runner) -> None:
+    """Run the selected cells, task by task, the teacher of a task first."""
+    runner.log(f"start: config {args.config}, runs {runs}, only {args.only or 'all'}, git {runner.rev}")
+    todo = [c for c in cells if selected(c, only)]
+    teachers = {c.task: c for c in cells if c.method == "fp32"} or \
+        {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
+    for task in cfg["tasks"]:
+        task_cells = [c for c in todo if c.task == task]
+        if not task_cells:
+            continue
+        t = teachers[task]
+        needs_teacher = t in task_cells or any(
+            not c.skip and not stage_done(c.stages[-1]) for c in task_cells if c.method != "fp32")
+        if needs_teacher and t not in task_cells:
+            runner.log(f"{t.label} (teacher) is needed by the selected cells of {task}")
+        if needs_teacher or t in task_cells:
+            runner.run_cell(t, True)
+        teacher_ok = args.dry_run or stage_done(t.stages[0])
+        for c in task_cells:
+            if c.method != "fp32":
+                runner.run_cell(c, teacher_ok)
+    runner.log(f"end: {runner.ran} command(s) run, {len(runner.failures)} failed"
+               + (": " + "; ".join(runner.failures) if runner.failures else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -809,28 +849,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grid: error: {e}", file=sys.stderr)
         return 2
     runner = Runner(runs, dry_run=args.dry_run)
-    if not args.collect_only:
-        runner.log(f"start: config {cfg_path}, runs {runs}, only {args.only or 'all'}, git {runner.rev}")
-        todo = [c for c in cells if selected(c, only)]
-        teachers = {c.task: c for c in cells if c.method == "fp32"} or \
-            {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
-        for task in cfg["tasks"]:
-            task_cells = [c for c in todo if c.task == task]
-            if not task_cells:
-                continue
-            t = teachers[task]
-            needs_teacher = t in task_cells or any(
-                not c.skip and not stage_done(c.stages[-1]) for c in task_cells if c.method != "fp32")
-            if needs_teacher and t not in task_cells:
-                runner.log(f"{t.label} (teacher) is needed by the selected cells of {task}")
-            if needs_teacher or t in task_cells:
-                runner.run_cell(t, True)
-            teacher_ok = args.dry_run or stage_done(t.stages[0])
-            for c in task_cells:
-                if c.method != "fp32":
-                    runner.run_cell(c, teacher_ok)
-        runner.log(f"end: {runner.ran} command(s) run, {len(runner.failures)} failed"
-                   + (": " + "; ".join(runner.failures) if runner.failures else ""))
+    try:
+        if not args.collect_only:
+            run_grid(args, cfg, cells, only, runs, data_dir, runner)
+    except KeyboardInterrupt:
+        runner.log("interrupted")
+        return 130
     if args.dry_run:
         return 0
     csv_path, md_path = collect(cfg, cells, results, cfg_path, runs)
