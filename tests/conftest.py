@@ -3,6 +3,8 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NASQ_NO_PROGRESS", "1")
+# Many tests (and their subprocesses) compile the same tiny models: share XLA's persistent compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 
 import pytest
 

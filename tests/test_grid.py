@@ -34,13 +34,13 @@ def _mini_glue(src: Path, dst: Path, rows: int = 64) -> Path:
     return dst
 
 
-def _grid(*args: str, cache: Path) -> subprocess.CompletedProcess:
+def _grid(*args: str, cache: Path, rc: int = 0) -> subprocess.CompletedProcess:
     # a persistent compilation cache shared by the tiny grid's ~10 nasq processes (halves the test's time)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "NASQ_NO_PROGRESS": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     r = subprocess.run([sys.executable, str(GRID), *args], cwd=REPO, env=env, capture_output=True, text=True,
                        check=False, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.returncode == rc, r.stdout[-4000:] + r.stderr[-4000:]
     return r
 
 
@@ -142,6 +142,24 @@ def test_grid_end_to_end_resume_and_collect(grid_config):
     assert "$ nasq finetune" not in r.stdout
     assert (results / "results.csv").read_text() == first
     assert (results / "results.md").is_file()
+
+    # recipe check of existing (e.g. adopted) runs, as reported in the notes column
+    mod = _grid_module()
+    assert mod.config_mismatches(cell / "nasq" / "qat", {"train.max_steps": 800, "train.seed": 0}) == \
+        ["train.max_steps=2 (grid 800)"]
+
+    # a failing stage: logged, the cell is "failed", the others keep their results, exit status 1
+    bad = yaml.safe_load(cfg.read_text())
+    bad["budgets"]["avg3"] = {"avg_bits": 3, "space": "tiny", "uniform": {"bits": 3}}  # tiny has no 3-bit choice
+    bad_cfg = tmp / "grid_bad.yaml"
+    bad_cfg.write_text(yaml.safe_dump(bad))
+    r = grid("--config", str(bad_cfg), "--runs", str(runs), "--results", str(tmp / "results_bad"), "--no-plot",
+             "--only", "budget=avg3,method=uniform", rc=1)
+    assert "FAILED sst2/avg3/uniform plan" in r.stdout and "skip sst2/fp32" in r.stdout
+    rows = _rows(tmp / "results_bad" / "results.csv")
+    assert rows[("sst2", "avg3", "uniform")]["status"] == "failed: plan"
+    assert rows[("sst2", "avg2", "nasq")]["status"] == "done"
+    assert "may only take bits" in (runs / "sst2" / "avg3" / "uniform" / "logs" / "plan.log").read_text()
 
 
 def test_grid_config_and_only_errors(tmp_path):

@@ -173,7 +173,7 @@ def plot_trajectory(metrics: str | Path | Sequence[dict], out: str | Path, title
         ax.set_ylabel("expected cost / budget")
     ax.set_title("expected size vs budget")
     # Keep +-10% of the budget in view: a curve sitting on the budget must not be stretched into noise.
-    ref = [v for v in (col("budget_mb") if any("expected_mb" in r for r in recs) else [1.0]) if v == v]
+    ref = [v for v in (col("budget_mb") if any("expected_mb" in r for r in recs) else [1.0]) if not math.isnan(v)]
     if ref:
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.9 * min(ref)), max(hi, 1.1 * max(ref)))

@@ -48,18 +48,18 @@ def load_task_data(cfg: Config, *, with_heldout: bool = False, model_dir: Path |
     model_dir = model_dir or resolve_model_dir(cfg.model.name)
     tok = load_tokenizer(model_dir)
     buckets = buckets_for(cfg.model.max_len, cfg.data.buckets)
-    train_all = encode(load_split(task, "train", cfg.data.data_dir), tok, task, cfg.model.max_len)
+    train_ds = load_split(task, "train", cfg.data.data_dir)
     dev = encode(load_split(task, "dev", cfg.data.data_dir), tok, task, cfg.model.max_len)
+    heldout = None
+    # Draw the rows first, tokenize only those (the same rows as encoding everything, then selecting).
     if with_heldout:
-        tr_idx, ho_idx = heldout_split(len(train_all), cfg.data.heldout, cfg.train.seed, cfg.data.train_subset)
-        train, heldout = train_all.select(tr_idx), train_all.select(ho_idx)
+        tr_idx, ho_idx = heldout_split(len(train_ds), cfg.data.heldout, cfg.train.seed, cfg.data.train_subset)
+        heldout = encode(train_ds.select(ho_idx), tok, task, cfg.model.max_len)
+    elif cfg.data.train_subset is not None:
+        tr_idx, _ = heldout_split(len(train_ds), 0, cfg.train.seed, cfg.data.train_subset)
     else:
-        heldout = None
-        if cfg.data.train_subset is not None:
-            tr_idx, _ = heldout_split(len(train_all), 0, cfg.train.seed, cfg.data.train_subset)
-            train = train_all.select(tr_idx)
-        else:
-            train = train_all
+        tr_idx = None
+    train = encode(train_ds if tr_idx is None else train_ds.select(tr_idx), tok, task, cfg.model.max_len)
     return TaskData(task, train, heldout, dev, buckets, model_dir)
 
 
