@@ -260,9 +260,7 @@ def test_baseline_plan_errors(model, tiny_model_dir):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    mods = nasq.cli.COMMAND_MODULES
-    monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", mods if "baseline" in mods else [*mods, "baseline"])
+def cli():
     return nasq.cli.main
 
 

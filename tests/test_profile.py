@@ -14,23 +14,11 @@ SEARCH_ARGS = ["--task", "sst2", "--train-subset", "120", "--space", "tiny", "--
                "--set", "train.checkpoint_every=100"]
 
 
-@pytest.fixture(autouse=True)
-def _with_profile(monkeypatch):
-    if "profile" not in nasq.cli.COMMAND_MODULES:
-        monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", [*nasq.cli.COMMAND_MODULES, "profile"])
-
-
 @pytest.fixture(scope="module")
 def lat(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lat") / "lat.json"
-    mods = list(nasq.cli.COMMAND_MODULES)
-    if "profile" not in mods:
-        nasq.cli.COMMAND_MODULES.append("profile")
-    try:
-        rc = nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "32",
-                            "--repeats", "3", "--space", "tiny"])
-    finally:
-        nasq.cli.COMMAND_MODULES[:] = mods
+    rc = nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "32",
+                        "--repeats", "3", "--space", "tiny"])
     assert rc == 0
     return out
 

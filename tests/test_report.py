@@ -249,7 +249,6 @@ def test_cli(paths, tmp_path, capsys, monkeypatch):
         assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert "| layer" in out and '"weight_bits"' in out
-    monkeypatch.setattr(nasq.cli, "COMMAND_MODULES", [*nasq.cli.COMMAND_MODULES, "report"])
     assert nasq.cli.main(["compare", str(paths["a"]), str(paths["b"])]) == 0
     assert "2 tensors differ" in capsys.readouterr().out
     assert nasq.cli.main(["plot", str(paths["qat"]), "--out", str(tmp_path / "o")]) == 0
