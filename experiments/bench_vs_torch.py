@@ -14,6 +14,7 @@ torch is only needed here (the `parity` extra), never by nasq itself.
 
 import argparse
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +71,8 @@ def main():
     base = t["nasq_fp32"]
     print(json.dumps({"bench": "infer-vs-torch", "batch": a.batch, "seq": a.seq, "repeats": a.repeats,
                       "median_ms": ms, "ratio_vs_nasq_fp32": {k: round(v / base, 3) for k, v in t.items()},
-                      "torch_threads": a.threads, "torch": torch.__version__, **environment()}))
+                      "torch_threads": a.threads, "torch": torch.__version__,
+                      **environment(), "command": " ".join(["python", *sys.argv])}))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ class KDConfig(_Section):
     teacher: str | None = None  # fp32 run directory
     beta: float = Field(1.0, ge=0)  # weight of the KD term
     temperature: float = Field(1.0, gt=0)
-    hidden_weight: float = Field(0.0, ge=0)  # optional hidden-state MSE (TernaryBERT/KDLSQ style)
 
 
 class SearchConfig(_Section):
@@ -64,7 +63,6 @@ class SearchConfig(_Section):
     convention: Literal["encoder", "artifact"] = "encoder"
     mode: Literal["bilevel", "single"] = "bilevel"
     gate_lr: float = Field(0.05, gt=0)
-    scale_lr: float = Field(1e-3, gt=0)
     tau_start: float = Field(5.0, gt=0)
     tau_end: float = Field(0.2, gt=0)
     gumbel: bool = False
