@@ -102,14 +102,13 @@ def _merge(base: dict, upd: dict) -> dict:
 
 def load_grid(path: Path) -> dict:
     """Read and validate the grid YAML; errors name the file and key."""
+    from nasq.config import load_yaml
+    from nasq.errors import NasqError
+
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise GridError(f"{path}: grid config not found") from None
-    except yaml.YAMLError as e:
-        raise GridError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise GridError(f"{path}: top level must be a mapping (model, data_dir, tasks, stages, budgets, methods)")
+        cfg = load_yaml(path)  # the same reader (and messages) as `nasq --config`
+    except NasqError as e:
+        raise GridError(str(e)) from None
     allowed = {"model", "data_dir", "seed", "tasks", "common", "stages", "budgets", "methods", "plot"}
     if extra := set(cfg) - allowed:
         raise GridError(f"{path}: unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")

@@ -60,3 +60,22 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, **overrides) -> Path:
         if (src / name).is_file():
             shutil.copyfile(src / name, path / name)
     return path
+
+
+def bert_shapes(layers=6, hidden=384, ffn=1536, vocab=30522, embeddings=True) -> dict[str, tuple[int, int]]:
+    """Module path -> (rows, cols) of a BERT (default: MiniLM-L6 dims): (out, in) for linears, (vocab, hidden)
+    for embeddings; no weights are built."""
+    shapes: dict[str, tuple[int, int]] = {}
+    if embeddings:
+        shapes["embeddings.word_embeddings"] = (vocab, hidden)
+        shapes["embeddings.position_embeddings"] = (512, hidden)
+        shapes["embeddings.token_type_embeddings"] = (2, hidden)
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        for n in ("query", "key", "value"):
+            shapes[f"{p}.attention.self.{n}"] = (hidden, hidden)
+        shapes[f"{p}.attention.output.dense"] = (hidden, hidden)
+        shapes[f"{p}.intermediate.dense"] = (ffn, hidden)
+        shapes[f"{p}.output.dense"] = (hidden, ffn)
+    shapes["pooler.dense"] = (hidden, hidden)
+    return shapes

@@ -16,20 +16,7 @@ from nasq.errors import NasqError
 from nasq.quant.packing import group_nbytes
 from nasq.search import cost
 from nasq.search.space import SearchedTensor, load_space, resolve
-
-
-def bert_shapes(layers=6, hidden=384, ffn=1536, vocab=30522) -> dict[str, tuple[int, int]]:
-    """Module path -> (rows, cols) of a BERT (same layout as tests/test_space.py)."""
-    shapes = {"embeddings.word_embeddings": (vocab, hidden), "embeddings.position_embeddings": (512, hidden)}
-    for i in range(layers):
-        p = f"encoder.layer.{i}"
-        for n in ("query", "key", "value"):
-            shapes[f"{p}.attention.self.{n}"] = (hidden, hidden)
-        shapes[f"{p}.attention.output.dense"] = (hidden, hidden)
-        shapes[f"{p}.intermediate.dense"] = (ffn, hidden)
-        shapes[f"{p}.output.dense"] = (hidden, ffn)
-    shapes["pooler.dense"] = (hidden, hidden)
-    return shapes
+from nasq.testing import bert_shapes
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,9 @@ import yaml
 
 from nasq.errors import NasqError
 from nasq.search.space import SearchedTensor, group_sizes, load_space, parse_space, resolve, search_spaces_dir
+from nasq.testing import bert_shapes
 
 SHIPPED = ["aqbert_128g", "per_head", "per_channel", "per_matrix", "tiny", "whole_model"]
-
-
-def bert_shapes(layers=6, hidden=384, ffn=1536, vocab=30522, embeddings=True) -> dict[str, tuple[int, int]]:
-    """Module path -> (rows, cols) of a BERT: (out, in) for linears, (vocab, hidden) for embeddings."""
-    shapes: dict[str, tuple[int, int]] = {}
-    if embeddings:
-        shapes["embeddings.word_embeddings"] = (vocab, hidden)
-        shapes["embeddings.position_embeddings"] = (512, hidden)
-        shapes["embeddings.token_type_embeddings"] = (2, hidden)
-    for i in range(layers):
-        p = f"encoder.layer.{i}"
-        for n in ("query", "key", "value"):
-            shapes[f"{p}.attention.self.{n}"] = (hidden, hidden)
-        shapes[f"{p}.attention.output.dense"] = (hidden, hidden)
-        shapes[f"{p}.intermediate.dense"] = (ffn, hidden)
-        shapes[f"{p}.output.dense"] = (hidden, ffn)
-    shapes["pooler.dense"] = (hidden, hidden)
-    return shapes
 
 
 def write(tmp_path: Path, data: dict) -> Path:
