@@ -12,13 +12,15 @@ from nasq.data.batching import eval_batches
 from nasq.train.common import load_model_dir, load_task_data, metrics_from_logits, predict_logits
 
 
-def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config) -> dict:
-    """Dev metrics of the run's model (fake-quant) and of the artifact (int kernels), and their agreement."""
+def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config, data=None) -> dict:
+    """Dev metrics of the run's model (fake-quant) and of the artifact (int kernels), and their agreement.
+
+    `data` (a `TaskData`) skips reading and tokenizing the task again when the caller has it."""
     from nasq.export.artifact import load_artifact
 
     run = Path(run)
     model_dir = run / "model" if (run / "model").is_dir() else run
-    data = load_task_data(cfg, model_dir=model_dir)
+    data = data or load_task_data(cfg, model_dir=model_dir)
     model, _ = load_model_dir(run)
     t0 = time.time()
     fq = predict_logits(model, data.dev, cfg.data.eval_batch_size, data.buckets)

@@ -131,10 +131,10 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     from nasq.train.common import evaluate
 
     cfg = stage_config(p, "qat", user_layers)
-    cmp = compare_run_and_artifact(qat_dir, art, cfg)
+    data = load_task_data(cfg, model_dir=qat_dir / "model")
+    cmp = compare_run_and_artifact(qat_dir, art, cfg, data=data)
     teacher_model, _ = load_model_dir(teacher)
-    teacher_metrics = evaluate(teacher_model, load_task_data(cfg, model_dir=qat_dir / "model"),
-                               cfg.data.eval_batch_size)
+    teacher_metrics = evaluate(teacher_model, data, cfg.data.eval_batch_size)
     summary = {
         "preset": preset, "task": cmp["task"], "dev_rows": cmp["dev_rows"],
         "teacher": teacher_metrics, "fake_quant": cmp["fake_quant"], "int_artifact": cmp["int_artifact"],
