@@ -11,7 +11,7 @@ from nasq.errors import NasqError
 from nasq.search.space import SearchedTensor, group_sizes, load_space, parse_space, resolve, search_spaces_dir
 from nasq.testing import bert_shapes
 
-SHIPPED = ["aqbert_128g", "per_head", "per_channel", "per_matrix", "tiny", "whole_model"]
+SHIPPED = ["aqbert_128g", "aqbert_128g_nopruning", "per_head", "per_channel", "per_matrix", "tiny", "whole_model"]
 
 
 def write(tmp_path: Path, data: dict) -> Path:
