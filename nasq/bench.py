@@ -102,7 +102,7 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
     sn = to_supernet(model, problem.tensors, mode=space.quant_mode,
                      costs=normalised_costs(problem.cost_tables, problem.cost_budget))
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
-    w_tx, g_tx = search_optimizers(cfg, 1000, weights)
+    w_tx, g_tx = search_optimizers(cfg, 1000)
     weight_step, gate_step, single_step, single_tx, _, price = build_steps(
         graphdef, rest, problem, w_tx, g_tx, is_regression=False, kd_beta=0.0, kd_temperature=1.0,
         mode="bilevel")

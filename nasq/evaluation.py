@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from nasq.config import Config
-from nasq.data.batching import eval_batches
 from nasq.train.common import load_model_dir, load_task_data, metrics_from_logits, predict_logits
 
 
@@ -17,6 +16,7 @@ def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config,
 
     `data` (a `TaskData`) skips reading and tokenizing the task again when the caller has it."""
     from nasq.export.artifact import load_artifact
+    from nasq.export.artifact import predict_logits as int_logits
 
     run = Path(run)
     model_dir = run / "model" if (run / "model").is_dir() else run
@@ -27,11 +27,7 @@ def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config,
     t_fq = time.time() - t0
     int_model = load_artifact(artifact)
     t0 = time.time()
-    il = np.zeros_like(fq)
-    for b in eval_batches(data.dev, cfg.data.eval_batch_size, data.buckets):
-        lg = np.asarray(int_model(b.input_ids, b.token_type_ids, b.attention_mask))
-        real = b.index >= 0
-        il[b.index[real]] = lg[real]
+    il = int_logits(int_model, data.dev, cfg.data.eval_batch_size, data.buckets)
     t_int = time.time() - t0
     out = {
         "task": data.task.name, "dev_rows": len(data.dev),

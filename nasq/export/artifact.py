@@ -480,14 +480,11 @@ def _artifact_task(path: Path, manifest: dict, override: str | None):
 
 
 def predict_logits(model: IntBert, encoded, batch_size: int, buckets) -> np.ndarray:
-    from nasq.data.batching import eval_batches
+    """Integer-path logits `[N, num_labels]` in the order of `encoded`."""
+    from nasq.train.common import collect_logits
 
-    out = np.zeros((len(encoded), model.num_labels), np.float32)
-    for b in eval_batches(encoded, batch_size, buckets):
-        logits = np.asarray(model(b.input_ids, b.token_type_ids, b.attention_mask))
-        real = b.index >= 0
-        out[b.index[real]] = logits[real]
-    return out
+    return collect_logits(lambda b: model(b.input_ids, b.token_type_ids, b.attention_mask), encoded, batch_size,
+                          buckets)
 
 
 def evaluate_artifact(path: str | Path, cfg) -> dict:
@@ -497,7 +494,6 @@ def evaluate_artifact(path: str | Path, cfg) -> dict:
     """
     from nasq.data.batching import buckets_for, encode
     from nasq.data.glue import load_split
-    from nasq.data.metrics import compute_metrics
     from nasq.models.loading import load_tokenizer
 
     path = Path(path)
@@ -512,9 +508,10 @@ def evaluate_artifact(path: str | Path, cfg) -> dict:
     t0 = time.perf_counter()
     logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets_for(cfg.model.max_len, cfg.data.buckets))
     wall = time.perf_counter() - t0
-    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    from nasq.train.common import metrics_from_logits
+
     return {"task": task.name, "dev_rows": len(dev), "wall_s": round(wall, 3),
-            **compute_metrics(task, preds, dev.labels)}
+            **metrics_from_logits(task, logits, dev.labels)}
 
 
 def predict_texts(path: str | Path, texts: list[str], text_pairs: list[str] | None = None, *,

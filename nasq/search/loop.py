@@ -45,7 +45,7 @@ from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes
 from nasq.parallel import DataParallel
 from nasq.plan import model_param_shapes
-from nasq.quant.layers import GateLogits, QuantScale, gated_modules, set_search_context, to_supernet
+from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
 from nasq.run import Progress, RunDir, check_finite, write_atomic
 from nasq.search import cost as costlib
 from nasq.search.space import SearchedTensor, load_space, resolve
@@ -55,11 +55,11 @@ from nasq.train.common import (
     kd_loss,
     load_model_dir,
     load_task_data,
-    lr_schedule,
     predict_logits,
     task_loss,
     total_steps,
     unflatten_like,
+    weight_optimizer,
 )
 
 
@@ -228,20 +228,9 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
     return weight_step, gate_step, single_step, single_tx, expected_cost, price
 
 
-def weight_decay_mask(weights):
-    """Decay matrices only; never biases, LayerNorm or LSQ steps (under `optax.partition`, leaves of the
-    other partition arrive as `MaskedNode`s without `ndim`)."""
-    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and getattr(v.get_value(), "ndim", 0) >= 2,
-                        weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def search_optimizers(cfg: Config, steps: int, weights):
-    t = cfg.train
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
-    w_tx = optax.chain(*parts, optax.adamw(lr_schedule(t, steps), weight_decay=t.weight_decay,
-                                           mask=weight_decay_mask))
-    g_tx = optax.adam(cfg.search.gate_lr)
-    return w_tx, g_tx
+def search_optimizers(cfg: Config, steps: int):
+    """Weights and LSQ steps: the fine-tuning optimizer (`weight_optimizer`); gate logits: Adam."""
+    return weight_optimizer(cfg.train, steps), optax.adam(cfg.search.gate_lr)
 
 
 def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, model, step: int) -> None:
@@ -284,7 +273,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
                      costs=normalised_costs(problem.cost_tables, problem.cost_budget))
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     steps = total_steps(cfg.train, data)
-    w_tx, g_tx = search_optimizers(cfg, steps, weights)
+    w_tx, g_tx = search_optimizers(cfg, steps)
     weight_step, gate_step, single_step, single_tx, expected_cost, price = build_steps(
         graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression, kd_beta=cfg.kd.beta,
         kd_temperature=cfg.kd.temperature, mode=s.mode)

@@ -94,8 +94,14 @@ def kd_loss(student: jax.Array, teacher: jax.Array, weights: jax.Array, temperat
 
 # ------------------------------------------------------------------------------------------ optimizer
 def _decay_mask(params):
-    """AdamW weight decay on matrices only (not biases, LayerNorm, quantizer scales)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """AdamW weight decay on matrices only: never biases, LayerNorm or LSQ steps (`QuantScale`, 1-D or 2-D).
+
+    Under `optax.partition` (single-level search) leaves of the other partition arrive as `MaskedNode`s
+    without `ndim`; they are not decayed."""
+    from nasq.quant.layers import QuantScale
+
+    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and getattr(v.get_value(), "ndim", 0) >= 2,
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def lr_schedule(train_cfg: TrainConfig, steps: int, peak: float | None = None) -> optax.Schedule:
@@ -163,7 +169,11 @@ def make_predict_fn(model: nnx.Module):
 
 def predict_logits(model: nnx.Module, encoded: Encoded, batch_size: int, buckets, shard=None) -> np.ndarray:
     """Logits `[N, num_labels]` in the order of `encoded`; `shard` places each batch (`nasq.parallel`)."""
-    fn = make_predict_fn(model)
+    return collect_logits(make_predict_fn(model), encoded, batch_size, buckets, shard)
+
+
+def collect_logits(fn, encoded: Encoded, batch_size: int, buckets, shard=None) -> np.ndarray:
+    """Run `fn(batch) -> logits` over one ordered pass of `encoded`; logits `[N, C]` in example order."""
     out = None
     for b in eval_batches(encoded, batch_size, buckets):
         logits = np.asarray(fn(b if shard is None else shard(b)))
