@@ -141,15 +141,13 @@ def _run_config(run: str) -> dict:
     if not p.is_file():
         return {}
     d = yaml.safe_load(p.read_text()) or {}
-    d.pop("plan", None)
-    d.pop("kd", None)
     return {k: v for k, v in d.items() if k in ("model", "data")}
 
 
 def cmd_eval(args) -> int:
     import json
 
-    from nasq.train.common import evaluate, load_model_dir, load_task_data
+    from nasq.train.common import evaluate, load_model_dir, load_task_data, model_dir_of
 
     if args.artifact and args.run:
         from nasq.evaluation import compare_run_and_artifact
@@ -168,8 +166,7 @@ def cmd_eval(args) -> int:
         raise NasqError("eval needs a RUN directory or --artifact FILE.")
     model, _meta = load_model_dir(args.run)
     cfg = config_from_args(args, _run_config(args.run))
-    model_dir = Path(args.run) / "model" if (Path(args.run) / "model").is_dir() else Path(args.run)
-    data = load_task_data(cfg, model_dir=model_dir)
+    data = load_task_data(cfg, model_dir=model_dir_of(args.run))
     res = evaluate(model, data, cfg.data.eval_batch_size)
     print(json.dumps({"task": data.task.name, "dev_rows": len(data.dev), **res}, indent=2))
     return 0

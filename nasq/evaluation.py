@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from nasq.config import Config
-from nasq.train.common import load_model_dir, load_task_data, metrics_from_logits, predict_logits
+from nasq.train.common import (
+    load_model_dir,
+    load_task_data,
+    metrics_from_logits,
+    model_dir_of,
+    predict_logits,
+)
 
 
 def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config, data=None) -> dict:
@@ -18,9 +24,7 @@ def compare_run_and_artifact(run: str | Path, artifact: str | Path, cfg: Config,
     from nasq.export.artifact import load_artifact
     from nasq.export.artifact import predict_logits as int_logits
 
-    run = Path(run)
-    model_dir = run / "model" if (run / "model").is_dir() else run
-    data = data or load_task_data(cfg, model_dir=model_dir)
+    data = data or load_task_data(cfg, model_dir=model_dir_of(run))
     model, _ = load_model_dir(run)
     t0 = time.time()
     fq = predict_logits(model, data.dev, cfg.data.eval_batch_size, data.buckets)

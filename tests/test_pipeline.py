@@ -2,6 +2,7 @@
 
 import json
 
+from nasq.cli import main
 from nasq.pipeline import run_pipeline
 
 
@@ -12,7 +13,7 @@ def _layers(tiny_model_dir, glue_dir):
                       "search": {"space": "tiny"}})]
 
 
-def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path):
+def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "pipe"
     s = run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), log=lambda *a: None)
     for part in ("teacher/model/state.safetensors", "search/alphas.safetensors", "plan.json",
@@ -27,3 +28,14 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path):
     run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), resume=True,
                  log=lambda *a: None)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+    # `nasq eval` on the QAT run (fake-quant), and side by side with the artifact (integer path)
+    capsys.readouterr()
+    assert main(["eval", str(out / "qat"), "--data-dir", str(glue_dir)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["dev_rows"] == 872 and ev["accuracy"] == s["fake_quant"]["accuracy"]
+    assert main(["eval", str(out / "qat"), "--artifact", str(out / "model.nasq"), "--data-dir", str(glue_dir)]) == 0
+    cmp = json.loads(capsys.readouterr().out)
+    assert cmp["int_artifact"] == s["int_artifact"] and cmp["prediction_agreement"] >= 0.995
+    assert main(["eval", "--data-dir", str(glue_dir)]) == 2
+    assert "RUN directory or --artifact" in capsys.readouterr().err

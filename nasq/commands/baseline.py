@@ -10,7 +10,6 @@ batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probe
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nasq.errors import NasqError
 
@@ -48,9 +47,9 @@ def load_model(cfg, log=print):
             raise NasqError(f"--teacher {cfg.kd.teacher} was trained for {meta.get('task')!r} with "
                             f"{meta.get('num_labels')} labels, but --task {cfg.data.task} has {num_labels}; "
                             "pass the matching --task")
-        tdir = Path(cfg.kd.teacher)
-        model_dir = tdir / "model" if (tdir / "model").is_dir() else tdir
-        return model, model_dir, {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
+        from nasq.train.common import model_dir_of
+
+        return model, model_dir_of(cfg.kd.teacher), {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
     model_dir = resolve_model_dir(cfg.model.name)
     model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
     if report.new_head:

@@ -219,15 +219,19 @@ def save_model_dir(out: Path, model: nnx.Module, *, source_model_dir: Path, num_
             shutil.copyfile(source_model_dir / name, out / name)
 
 
+def model_dir_of(run: str | Path) -> Path:
+    """The model directory of a run (`RUN/model/`), or `run` itself when it is one."""
+    run = Path(run)
+    return run / "model" if (run / "model" / MODEL_META).is_file() else run
+
+
 def load_model_dir(path: str | Path) -> tuple[nnx.Module, dict]:
     """Load a model saved by `save_model_dir` (a run dir or its `model/`); returns (model, meta)."""
     from safetensors.numpy import load_file
 
     from nasq.models.bert import BertConfig, BertForSequenceClassification
 
-    path = Path(path)
-    if (path / "model" / MODEL_META).is_file():
-        path = path / "model"
+    path = model_dir_of(path)
     if not (path / MODEL_META).is_file():
         raise NasqError(f"{path}: not a nasq model (no {MODEL_META}); pass a finished finetune/qat run directory.")
     meta = json.loads((path / MODEL_META).read_text())
