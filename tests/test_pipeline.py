@@ -39,3 +39,25 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
     assert cmp["int_artifact"] == s["int_artifact"] and cmp["prediction_agreement"] >= 0.995
     assert main(["eval", "--data-dir", str(glue_dir)]) == 2
     assert "RUN directory or --artifact" in capsys.readouterr().err
+
+
+def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, tmp_path):
+    """What the grid's whole-artifact cells run: word embeddings searched (pruned rows embed to zero), a
+    whole-artifact MB budget; the finalized plan fits it, the artifact's bytes are predicted exactly and the
+    integer path agrees with fake-quant."""
+    space = tmp_path / "tiny_whole.yaml"
+    space.write_text(
+        "name: tiny_whole\ndescription: tiny + word embeddings\nquant_mode: symmetric\n"
+        "activations: {bits: 8, granularity: per_token}\n"
+        "fixed: {word_embeddings_bits: 8, other_embeddings_bits: 32, unsearched_linear_bits: 32}\n"
+        "rules:\n"
+        "  - {name: enc, patterns: ['encoder.layer.*.*.*.*', 'encoder.layer.*.*.dense'], groups: 4, choices: [0, 2, 4, 8]}\n"
+        "  - {name: emb, patterns: ['embeddings.word_embeddings'], groups: 8, choices: [0, 2, 4, 8]}\n")
+    layers = _layers(tiny_model_dir, glue_dir)
+    layers[0][1]["search"] = {"space": str(space), "avg_bits": None, "budget_mb": 0.5, "convention": "artifact"}
+    s = run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
+    plan = json.loads((tmp_path / "pipe" / "plan.json").read_text())
+    emb = [t for t in plan["tensors"] if t["path"] == "embeddings.word_embeddings"]
+    assert len(emb) == 1 and len(emb[0]["bits"]) == 8
+    assert s["plan_totals"]["within_budget"] and s["plan_totals"]["artifact_tensor_bytes"] <= 500_000
+    assert s["artifact_vs_predicted"] == 1.0 and s["fake_quant_vs_int_agreement"] >= 0.995
