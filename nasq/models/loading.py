@@ -152,7 +152,7 @@ def load_bert_weights(model: BertForSequenceClassification, tensors: dict[str, n
         var = state
         for p in path:
             var = var[p]
-        var.value = value
+        var.set_value(value)
     nnx.update(model, state)
     ignored = tuple(sorted(k for k in ckpt if k not in used and k.startswith(IGNORED_PREFIXES + HEAD_PREFIXES)))
     return tuple(new_head), ignored
