@@ -738,6 +738,39 @@ MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "prediction_agreement": 4, "en
              "avg_bits": 3, "search_s": 0, "finetune_s": 0}
 
 
+def summary_table(rows: list[dict]) -> list[str]:
+    """One line per (task, budget): each method's metric (best within-budget one bold; "over" for plans over the
+    budget; the status where the cell has no result), the teacher's metric, nasq's rank."""
+    methods = [m for m in METHODS if m != "fp32" and any(r["method"] == m for r in rows)]
+    teacher = {r["task"]: r for r in rows if r["method"] == "fp32"}
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        if r["method"] != "fp32":
+            groups.setdefault((r["task"], r["budget"]), {})[r["method"]] = r
+
+    def text(r: dict | None) -> str:
+        if r is None:
+            return ""
+        if r["status"] != "done" or _num(r.get("metric")) is None:
+            return r["status"].split(" (")[0].split(":")[0]
+        v = _cell_text(r["metric"], 4)
+        if r.get("within_budget") is False:
+            return f"{v} (over)"
+        return f"**{v}**" if r.get("rank") == 1 else v
+
+    cols = ["task", "metric", "budget", "fp32 teacher", *methods, "nasq rank"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for (task, budget), g in groups.items():
+        t = teacher.get(task)
+        nasq_rank = g.get("nasq", {}).get("rank")
+        n_ranked = sum(1 for r in g.values() if r.get("rank") is not None)
+        cells = [task, next(iter(g.values()))["metric_name"], budget, text(t) if t else "",
+                 *(text(g.get(m)) for m in methods),
+                 f"{nasq_rank} of {n_ranked}" if nasq_rank is not None else ""]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
 def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
     results.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = results / "results.csv", results / "results.md"
@@ -763,6 +796,13 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
          "all tensors of the artifact); `rank`: among the measured within-budget quantized methods of the (task, "
          "budget), best metric bold; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
          "rows the methods that reach it; `search_s` / `finetune_s`: wall seconds of the plan and QAT stages."),
+        "",
+        ("Summary: the main dev metric through the integer artifact per (task, budget); best within-budget "
+         "method bold, `(over)`: the plan exceeds the budget (not ranked)."),
+        "",
+        *summary_table(rows),
+        "",
+        "All cells:",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,10 @@ def test_grid_end_to_end_resume_and_collect(grid_config):
     assert rows[("sst2", "fp32", "fp32")]["avg_bits"] == "32"
     md = (results / "results.md").read_text()
     assert "| sst2 | avg2 | random | not run |" in md and "**" in md
+    # the summary: one line per (task, budget), methods in columns, nasq's rank among the measured ones
+    assert "| task | metric | budget | fp32 teacher | uniform | random | nasq | nasq rank |" in md
+    assert re.search(r"\| sst2 \| accuracy \| avg2 \| 0\.\d{4} \| (\*\*)?0\.\d{4}(\*\*)? \| not run \| "
+                     r"(\*\*)?0\.\d{4}(\*\*)? \| [12] of 2 \|", md), md[:2000]
     assert (results / "pareto.png").is_file()
 
     # rerun: every cell is skipped, nothing recomputed
