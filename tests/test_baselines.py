@@ -139,6 +139,22 @@ def test_random_is_seed_deterministic_and_spends_the_budget(tensors):
                 assert size + extra > budget
 
 
+def test_random_does_not_favour_small_groups():
+    """One tensor in 2 big groups, one of the same size in 64 small ones, budget = half the 8-bit bytes: over
+    seeds, both tensors get about the same share of bits (before the n_g factor the big groups were pruned)."""
+    big = SearchedTensor(path="big", rule="r", rows=128, cols=64, group_sizes=group_sizes(128, 2),
+                         choices=(0, 2, 4, 8), has_bias=False, kind="linear")
+    small = SearchedTensor(path="small", rule="r", rows=128, cols=64, group_sizes=group_sizes(128, 64),
+                           choices=(0, 2, 4, 8), has_bias=False, kind="linear")
+    budget = resolve_budget([big, small], avg_bits=4).bytes
+    share = []
+    for seed in range(40):
+        bits = random_allocation([big, small], budget, seed=seed)
+        b, s = (sum(r * x for r, x in zip(t.group_sizes, bb)) for t, bb in zip((big, small), bits))
+        share.append(b / (b + s))
+    assert 0.35 < np.mean(share) < 0.65, np.mean(share)
+
+
 # ------------------------------------------------------------------------------------------------ magnitude
 
 

@@ -4,11 +4,14 @@
 * ``uniform``: every group at ``bits`` (a Q-BERT-style uniform baseline). Needs no budget.
 * ``random``: random utilities fed to the exact knapsack of ``nasq finalize``
   (:func:`nasq.search.finalize.solve_allocation`) under the budget. The utilities are random *and increasing in
-  bytes*: ``u_{g,c} = sum_{k <= c} e_{g,k}`` with ``e ~ Uniform(0, 1)`` i.i.d. over (group, choice), choices in
-  ascending bits, from ``numpy.random.default_rng(seed)``. Increasing utilities make the knapsack spend the
-  budget as fully as the byte granularity allows, so random spends the same budget as the other methods
-  (with i.i.d. utilities it would stop at the random argmax's size when the budget is loose); which groups get
-  the bits is random. Deterministic in ``seed``.
+  bytes* and *proportional to the group's weight count* ``n_g``: ``u_{g,c} = n_g * sum_{k <= c} e_{g,k}`` with
+  ``e ~ Uniform(0, 1)`` i.i.d. over (group, choice), choices in ascending bits, from
+  ``numpy.random.default_rng(seed)``. Increasing utilities make the knapsack spend the budget as fully as the
+  byte granularity allows, so random spends the same budget as the other methods (with i.i.d. utilities it
+  would stop at the random argmax's size when the budget is loose). The ``n_g`` factor makes utility per *byte*
+  independent of group size: without it a knapsack prunes the biggest groups first (measured: at a 10 MB
+  whole-artifact budget it pruned all 256 word-embedding groups of MiniLM, i.e. every token embedded to zero,
+  50.9% SST-2 accuracy). Which groups get the bits is random. Deterministic in ``seed``.
 * ``magnitude``: magnitude pruning + uniform bits. Every kept group gets ``bits``; groups are pruned in
   ascending order of their normalised magnitude ``m_g = rms(W_g) / rms(W)`` (``rms = ||.||_2 / sqrt(n)``, so
   group size does not matter; normalised per tensor so tensors of different scales compete fairly) until the
@@ -57,9 +60,11 @@ def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tup
 
 
 def random_utilities(tensors: Sequence[SearchedTensor], seed: int) -> list[np.ndarray]:
-    """``[G, C]`` per tensor: cumulative sums of i.i.d. ``Uniform(0, 1)`` over the (ascending) choices."""
+    """``[G, C]`` per tensor: cumulative sums of i.i.d. ``Uniform(0, 1)`` over the (ascending) choices, times
+    each group's weight count (module docstring)."""
     rng = np.random.default_rng(int(seed))
-    return [np.cumsum(rng.random((t.num_groups, len(t.choices))), axis=1) for t in tensors]
+    return [np.cumsum(rng.random((t.num_groups, len(t.choices))), axis=1)
+            * (np.asarray(t.group_sizes, np.float64) * t.cols)[:, None] for t in tensors]
 
 
 def random_allocation(tensors: Sequence[SearchedTensor], budget_bytes: int, seed: int,
