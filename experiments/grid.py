@@ -761,10 +761,9 @@ def summary_table(rows: list[dict]) -> list[str]:
     cols = ["task", "metric", "budget", "fp32 teacher", *methods, "nasq rank"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for (task, budget), g in groups.items():
-        t = teacher.get(task)
         nasq_rank = g.get("nasq", {}).get("rank")
         n_ranked = sum(1 for r in g.values() if r.get("rank") is not None)
-        cells = [task, next(iter(g.values()))["metric_name"], budget, text(t) if t else "",
+        cells = [task, next(iter(g.values()))["metric_name"], budget, text(teacher.get(task)),
                  *(text(g.get(m)) for m in methods),
                  f"{nasq_rank} of {n_ranked}" if nasq_rank is not None else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

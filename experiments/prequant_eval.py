@@ -8,7 +8,7 @@ import json
 
 from nasq.config import build_config
 from nasq.plan import Plan, apply_plan
-from nasq.train.common import evaluate, load_model_dir, load_task_data
+from nasq.train.common import evaluate, load_model_dir, load_task_data, model_dir_of
 
 
 def main():
@@ -20,7 +20,7 @@ def main():
     a = ap.parse_args()
     cfg = build_config(("args", {"data": {"task": a.task, "data_dir": a.data_dir}}))
     teacher, _ = load_model_dir(a.teacher)
-    data = load_task_data(cfg, model_dir=__import__("pathlib").Path(a.teacher) / "model")
+    data = load_task_data(cfg, model_dir=model_dir_of(a.teacher))
     out = {"teacher": evaluate(teacher, data, 64)}
     for p in a.plans:
         out[p] = evaluate(apply_plan(teacher, Plan.load(p)), data, 64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def main() -> None:
     dev = [np.asarray(tok(*[ds[c][i] for c in cols])["input_ids"]) for i in range(len(ds))]
     toks = np.concatenate(dev)
     for path in a.plans:
-        plan = json.loads(open(path).read())
+        plan = json.loads(Path(path).read_text())
         emb = [t for t in plan["tensors"] if t["path"] == "embeddings.word_embeddings"]
         if not emb:
             print(json.dumps({"plan": path, "word_embeddings": "not searched"}))
