@@ -77,6 +77,8 @@ def test_whole_model_embeddings():
     assert emb.path == "embeddings.word_embeddings" and emb.kind == "embedding" and not emb.has_bias
     assert (emb.rows, emb.cols, emb.num_groups) == (30522, 384, 256)
     assert emb.group_sizes[0] == 120 and emb.group_sizes[-1] == 119  # 30522 = 256*119 + 58
+    assert emb.choices == (2, 4, 8)  # vocabulary rows are never pruned (a pruned row embeds its tokens to zero)
+    assert all(0 in t.choices for t in ts[1:])  # encoder linears may still be pruned
 
 
 def test_tiny_space_on_tiny_bert():
