@@ -1,0 +1,83 @@
+"""experiments/vocab_coverage.py and experiments/prequant_eval.py: their numbers and their errors on bad input."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _embedding_plan(bits):
+    from nasq.plan import SpaceInfo, make_plan
+    from nasq.search.space import SearchedTensor
+
+    emb = SearchedTensor(path="embeddings.word_embeddings", rule="emb", rows=8, cols=4, group_sizes=(4, 4),
+                         choices=(0, 2, 4, 8), has_bias=False, kind="embedding")
+    return make_plan([emb], [bits], space=SpaceInfo(name="t", source="test"), budget=None, param_shapes=None,
+                     provenance={"method": "test"})
+
+
+def test_vocab_coverage_counts_pruned_rows():
+    vc = _load("vocab_coverage")
+    plan = _embedding_plan((0, 4))  # rows 0-3 pruned, rows 4-7 at 4 bits
+    dev = [np.array([0, 5]), np.array([6, 7])]
+    seen = np.array([1, 0, 0, 0, 1, 1, 1, 1], bool)
+    out = vc.coverage(plan, dev, seen)
+    assert out["pruned_vocab_rows"] == 0.5
+    assert out["dev_tokens_in_pruned_rows"] == 0.25
+    assert out["dev_examples_with_a_pruned_token"] == 0.5
+    assert out["mean_bits_of_dev_tokens"] == 3.0
+    assert out["search_rows_seen_of_pruned_rows"] == 0.25
+    assert out["search_rows_seen_of_all_rows"] == 0.625
+
+
+def test_vocab_coverage_rejects_ids_outside_the_plan_vocabulary():
+    vc = _load("vocab_coverage")
+    from nasq.errors import NasqError
+
+    with pytest.raises(NasqError, match="vocabulary rows"):
+        vc.coverage(_embedding_plan((0, 4)), [np.array([3, 8])])
+
+
+def test_vocab_coverage_plan_without_embeddings(tiny):
+    vc = _load("vocab_coverage")
+    from nasq.plan import make_plan
+
+    _, space, tensors = tiny
+    plan = make_plan(tensors, [t.choices[-1:] * t.num_groups for t in tensors], space=space, budget=None,
+                     param_shapes=None, provenance={"method": "test"})
+    assert vc.coverage(plan, [np.array([1])])["word_embeddings"] == "not searched"
+
+
+@pytest.mark.parametrize("script,args", [
+    ("vocab_coverage", ["--task", "sst2"]),
+    ("prequant_eval", ["TEACHER_RUN", "--data-dir", "."]),
+])
+def test_scripts_missing_plan_is_a_clear_error(script, args, tmp_path, capsys):
+    missing = str(tmp_path / "nope.json")
+    rc = _load(script).main([*args, missing])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{script}: error: plan {missing} not found" in err
+
+
+def test_scripts_invalid_plan_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    assert _load("vocab_coverage").main(["--task", "sst2", str(bad)]) == 2
+    assert "'format' is 'something-else'" in capsys.readouterr().err
+
+
+def test_prequant_eval_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(_embedding_plan((4, 4)).to_dict()))
+    rc = _load("prequant_eval").main([str(tmp_path / "no_run"), str(plan), "--data-dir", "."])
+    assert rc == 2 and "not a nasq model" in capsys.readouterr().err
