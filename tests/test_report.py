@@ -194,6 +194,25 @@ def test_compare(paths, plan_a, plan_b):
     text = rep.format_compare(cmp)
     assert "2 tensors differ" in text and QUERY in text
     assert rep.compare_plans(paths["a"], paths["qat"])["differ"] == []
+    assert rep.compare_plans(paths["a"], paths["qat"])["agreement"]["same_bits"] == 1.0
+    ag = cmp["agreement"]
+    assert ag["weights"] == sum(t.rows * t.cols for t in plan_a.tensors)
+    assert 0.9 < ag["same_bits"] < 1.0 and "same bits on" in text
+
+
+def test_bits_agreement_and_its_chance_level():
+    from nasq.plan import PlanTensor
+
+    def t(bits, sizes=(2, 2)):
+        return PlanTensor(path="x", kind="linear", rows=sum(sizes), cols=3, has_bias=False, group_sizes=sizes,
+                          choices=(0, 2, 4, 8), bits=bits, pruned_groups=(), bytes=0)
+
+    ag = rep.bits_agreement([t((2, 4))], [t((2, 8))])
+    assert ag == {"weights": 12, "same_bits": 0.5, "chance": 0.25}  # p_A = {2: .5, 4: .5}, p_B = {2: .5, 8: .5}
+    ag = rep.bits_agreement([t((4, 4))], [t((4, 4))])
+    assert ag["same_bits"] == 1.0 and ag["chance"] == 1.0
+    # tensors whose group layouts differ are not compared
+    assert rep.bits_agreement([t((2, 4), (1, 3))], [t((2, 4))])["weights"] == 0
 
 
 def _png_ok(p: Path) -> None:

@@ -409,13 +409,40 @@ def render(alloc: Allocation | Plan | str | Path, fmt: str = "table") -> str:
 # ------------------------------------------------------------------------------------------------ compare
 
 
+def bits_agreement(ta: Sequence[PlanTensor], tb: Sequence[PlanTensor]) -> dict:
+    r"""How alike two allocations of the same tensors are, weighted by weight count.
+
+    Over the pairs ``(ta[i], tb[i])`` with the same group layout: ``same_bits`` = share of weights whose bits are
+    equal in both; ``chance`` = :math:`\sum_b p_A(b)\,p_B(b)`, the share two allocations with the same bit
+    marginals :math:`p_A, p_B` (weight shares per width) would agree on if drawn independently; ``weights`` =
+    the number of weights compared. ``same_bits`` near ``chance`` means the plans are unrelated.
+    """
+    same, n = 0, 0
+    pa: dict[int, int] = {}
+    pb: dict[int, int] = {}
+    for x, y in zip(ta, tb, strict=True):
+        if x.group_sizes != y.group_sizes:
+            continue
+        for rows, p, q in zip(x.group_sizes, x.bits, y.bits, strict=True):
+            w = rows * x.cols
+            n += w
+            same += w * (p == q)
+            pa[p] = pa.get(p, 0) + w
+            pb[q] = pb.get(q, 0) + w
+    if n == 0:
+        return {"weights": 0, "same_bits": None, "chance": None}
+    return {"weights": n, "same_bits": same / n, "chance": sum(v * pb.get(k, 0) for k, v in pa.items()) / n**2}
+
+
 def compare_plans(a: Allocation | Plan | str | Path, b: Allocation | Plan | str | Path) -> dict:
-    """Tensors whose bits differ (groups, avg bits, bytes A vs B), tensors only in one plan, and totals."""
+    """Tensors whose bits differ (groups, avg bits, bytes A vs B), tensors only in one plan, totals, and the
+    weight-weighted :func:`bits_agreement` over the common tensors."""
     A, B = _as_alloc(a), _as_alloc(b)
     ta = {t.path: t for t in A.plan.tensors}
     tb = {t.path: t for t in B.plan.tensors}
+    common = sorted(set(ta) & set(tb), key=_sort_key)
     diffs = []
-    for path in sorted(set(ta) & set(tb), key=_sort_key):
+    for path in common:
         x, y = ta[path], tb[path]
         if x.bits == y.bits and x.group_sizes == y.group_sizes:
             continue
@@ -433,7 +460,8 @@ def compare_plans(a: Allocation | Plan | str | Path, b: Allocation | Plan | str 
             "pruned_fraction", "budget_bytes")
     return {"a": A.source, "b": B.source, "differ": diffs,
             "only_a": sorted(set(ta) - set(tb), key=_sort_key), "only_b": sorted(set(tb) - set(ta), key=_sort_key),
-            "identical": len(set(ta) & set(tb)) - len(diffs),
+            "identical": len(common) - len(diffs),
+            "agreement": bits_agreement([ta[p] for p in common], [tb[p] for p in common]),
             "totals": {k: {"a": A.plan.totals.get(k), "b": B.plan.totals.get(k)} for k in keys}}
 
 
@@ -457,7 +485,12 @@ def format_compare(cmp: dict) -> str:
     for k in ("only_a", "only_b"):
         if cmp[k]:
             out.append(f"only in {k[-1].upper()}: {', '.join(cmp[k])}")
-    out += ["", f"{len(cmp['differ'])} tensors differ, {cmp['identical']} identical", "totals (A -> B):"]
+    out += ["", f"{len(cmp['differ'])} tensors differ, {cmp['identical']} identical"]
+    ag = cmp["agreement"]
+    if ag["weights"]:
+        out.append(f"same bits on {ag['same_bits']:.1%} of {ag['weights']:,} weights "
+                   f"(independent plans with these bit shares: {ag['chance']:.1%})")
+    out.append("totals (A -> B):")
     for k, v in cmp["totals"].items():
         a, b = v["a"], v["b"]
         fa = "?" if a is None else (f"{a:.4f}" if isinstance(a, float) else f"{a:,}")
