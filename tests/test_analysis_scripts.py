@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
