@@ -77,6 +77,8 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
         put("parallel", k, getattr(args, k, None))
     if getattr(args, "plan", None):
         flags["plan"] = args.plan
+    if getattr(args, "init_from", None):
+        flags["init_from"] = args.init_from
     layers.append(("command-line flags", flags))
     layers.append(("--set", parse_set(getattr(args, "set", []) or [])))
     cfg = build_config(*layers)
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(f)
     f.add_argument("--plan", help="plan.json: quantization-aware fine-tune of this plan")
     f.add_argument("--teacher", help="fp32 run directory used as KD teacher")
+    f.add_argument("--init-from", metavar="SEARCH_RUN",
+                   help="with --plan: start QAT from this search run's trained weights and steps "
+                        "(default: the teacher's weights, MSE-initialised steps)")
     f.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("search", help="supernet search under a size / latency budget")

@@ -105,6 +105,15 @@ class Config(_Section):
     search: SearchConfig = SearchConfig()
     parallel: ParallelConfig = ParallelConfig()
     plan: str | None = None  # plan.json for QAT fine-tuning
+    # search run directory: QAT starts from its trained weights and steps (nasq.search.restore), not the teacher's
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _init_from_needs_plan(self):
+        if self.init_from is not None and self.plan is None:
+            raise ValueError(f"init_from={self.init_from!r} needs a plan (--plan PLAN.json): it initialises a "
+                             "quantization-aware fine-tune from a search run")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -148,14 +148,16 @@ class RunDir:
     def latest_step(self) -> int | None:
         return self._manager().latest_step()
 
-    def restore_checkpoint(self, like: dict[str, Any], step: int | None = None) -> tuple[dict, dict]:
+    def restore_checkpoint(self, like: dict[str, Any] | None, step: int | None = None) -> tuple[dict, dict]:
+        """(flat arrays, meta) of checkpoint ``step`` (default: the latest); ``like=None`` restores every array
+        as saved (numpy), otherwise exactly the keys, shapes and dtypes of ``like``."""
         import orbax.checkpoint as ocp
 
         m = self._manager()
         step = m.latest_step() if step is None else step
         if step is None:
             raise NasqError(f"--resume: {self.path} has no checkpoint yet; start it again without --resume.")
-        abstract = {k: np.asarray(v) for k, v in like.items()}
+        abstract = None if like is None else {k: np.asarray(v) for k, v in like.items()}
         try:
             r = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                          meta=ocp.args.JsonRestore()))

@@ -1,6 +1,7 @@
 """Supernet search: gradients, budget convergence, insensitive groups drift to 0 bits, price solver."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from nasq.quant.layers import GateLogits, QuantScale, set_search_context, to_sup
 from nasq.search.loop import normalised_costs, search, solve_price
 from nasq.search.space import load_space, resolve
 from nasq.train.common import save_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(model, glue_dir, **search):
@@ -127,3 +130,139 @@ def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path)
                                  "kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
     run = search(cfg, tmp_path / "single", log=lambda *a: None)
     assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
+
+
+# ------------------------------------------------------------ restored search state (nasq.search.restore)
+@pytest.fixture(scope="module")
+def finished_search(teacher_dir, tiny_model_dir, glue_dir, tmp_path_factory):
+    """(search run, its finalized plan path) on the tiny teacher."""
+    from nasq.search.finalize import finalize_run
+
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=3.0)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 12}),
+                                 "kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
+    d = tmp_path_factory.mktemp("finished_search")
+    run = search(cfg, d / "search", log=lambda *a: None)
+    finalize_run(run, d / "plan.json", overwrite=False, budget_override=None, time_limit=20.0)
+    return run, d / "plan.json"
+
+
+def _logits(model, ids):
+    return np.asarray(model(ids, jnp.zeros_like(ids), jnp.ones_like(ids)))
+
+
+def test_supernet_with_one_hot_gates_is_its_inherited_child(finished_search, teacher_dir):
+    """Gates one-hot on the plan's widths: the restored supernet computes exactly the plan's child built from
+    the search weights and steps (the two views of the checkpoint agree)."""
+    from nasq.plan import Plan
+    from nasq.search.restore import inherit_search_weights, restore_supernet
+    from nasq.train.common import load_model_dir
+
+    run, plan_path = finished_search
+    d = Plan.load(plan_path).to_dict()
+    d["fixed"]["word_embeddings_bits"] = 32  # the supernet keeps unsearched tensors fp32; so does this child
+    plan = Plan.from_dict(d, "fp32-embeddings plan")
+    teacher, _ = load_model_dir(teacher_dir)
+    sn = restore_supernet(run, teacher)
+    child = inherit_search_weights(run, plan, teacher)
+    by_path = {t.path: t for t in plan.tensors}
+    for _, m in nnx.iter_modules(sn):
+        if isinstance(getattr(m, "alpha", None), GateLogits):
+            c = np.array([m.choices.index(b) for b in by_path[m.path].bits])
+            m.alpha[...] = jnp.asarray(1e4 * np.eye(len(m.choices))[c], jnp.float32)
+            m.cost[...] = jnp.zeros_like(m.cost[...])  # price * cost must not move the one-hot logits
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (4, 12)), jnp.int32)
+    np.testing.assert_allclose(_logits(child, ids), _logits(sn, ids), atol=1e-5)
+    # ... and the search did train the weights: the child is not the teacher's plan child
+    from nasq.plan import apply_plan
+
+    assert np.abs(_logits(apply_plan(teacher, plan), ids) - _logits(child, ids)).max() > 1e-4
+
+
+def test_finetune_init_from_search(finished_search, teacher_dir, glue_dir, tmp_path):
+    """`nasq finetune --plan P --init-from SEARCH` starts from the search's weights and planned steps."""
+    from nasq.cli import main
+    from nasq.plan import Plan
+    from nasq.run import RunDir
+    from nasq.search.restore import search_checkpoint, search_steps
+    from nasq.train.common import flatten, load_task_data
+    from nasq.train.finetune import build_student
+
+    run, plan_path = finished_search
+    flags = ["--plan", str(plan_path), "--teacher", str(teacher_dir), "--task", "sst2", "--data-dir",
+             str(glue_dir), "--train-subset", "64", "--max-steps", "2", "--set", "model.max_len=32",
+             "--set", "data.buckets=[32]", "--set", "train.batch_size=16"]
+    out = tmp_path / "qat"
+    assert main(["finetune", *flags, "--init-from", str(run), "--out", str(out)]) == 0
+    cfg = RunDir(out, kind="qat", config=None, resume=True, overwrite=False).config
+    assert cfg.init_from == str(run)
+    student, _ = build_student(cfg, load_task_data(cfg))
+    ck = search_checkpoint(run)
+    steps = search_steps(ck)
+    plan = Plan.load(plan_path)
+    params = flatten(nnx.state(student, nnx.Param), "w.")
+    t = next(t for t in plan.tensors if len(set(t.bits) - {0}) > 0)
+    key = "w.bert." + t.path
+    np.testing.assert_array_equal(np.asarray(params[key + ".kernel"]), ck[key + ".kernel"])
+    g = next(i for i, b in enumerate(t.bits) if b)
+    assert float(np.asarray(params[key + ".scales"])[g]) == float(steps[t.path][g, (0, 2, 4, 8).index(t.bits[g])])
+    # without --init-from the student is the teacher's
+    plain, _ = build_student(cfg.model_copy(update={"init_from": None}), load_task_data(cfg))
+    teacher_k = flatten(nnx.state(plain, nnx.Param), "w.")[key + ".kernel"]
+    assert not np.array_equal(np.asarray(teacher_k), ck[key + ".kernel"])
+
+
+def test_init_from_bad_input_is_a_clear_error(finished_search, teacher_dir, tmp_path):
+    from nasq.config import build_config
+    from nasq.plan import Plan
+    from nasq.search.restore import inherit_search_weights
+    from nasq.train.common import load_model_dir
+
+    run, plan_path = finished_search
+    with pytest.raises(NasqError, match="needs a plan"):
+        build_config(("test", {"init_from": str(run)}))
+    teacher, _ = load_model_dir(teacher_dir)
+    plan = Plan.load(plan_path)
+    with pytest.raises(NasqError, match="not a nasq search run"):
+        inherit_search_weights(tmp_path / "nothing", plan, teacher)
+    with pytest.raises(NasqError, match="finetune run, not a search run"):
+        inherit_search_weights(teacher_dir, plan, teacher)
+    import dataclasses
+
+    from nasq.plan import SpaceInfo, make_plan
+    from nasq.search.finalize import load_search_result
+
+    _, tensors, _ = load_search_result(run)  # a plan over another space: {1, 2, 4, 8}, no pruning
+    other = [dataclasses.replace(t, choices=(1, 2, 4, 8)) for t in tensors]
+    odd = make_plan(other, [(1,) * t.num_groups for t in other], space=SpaceInfo(name="other", source="test"),
+                    budget=None, param_shapes=None, provenance={"method": "test"})
+    with pytest.raises(NasqError, match=r"uses \[1\] bits, which search run .* did not train"):
+        inherit_search_weights(run, odd, teacher)
+    unfinished = tmp_path / "unfinished"
+    import shutil
+
+    shutil.copytree(run, unfinished)
+    info = json.loads((unfinished / "run.json").read_text())
+    (unfinished / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    with pytest.raises(NasqError, match="is not finished"):
+        inherit_search_weights(unfinished, plan, teacher)
+
+
+def test_discretization_gap_script(finished_search, teacher_dir, glue_dir, tmp_path, capsys):
+    """experiments/discretization_gap.py: every number is a dev metric of the right network; bad input: exit 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gap", REPO / "experiments" / "discretization_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    run, plan_path = finished_search
+    assert gap.main([str(run), str(plan_path), "--data-dir", str(glue_dir), "--tau", "0.05"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["teacher_run"] == str(teacher_dir) and out["task"] == "sst2"
+    assert set(out["supernet"]) == {"tau=0.2", "tau=0.05"}
+    for r in [out["teacher"], out["plan_on_teacher"], out["child_of_search_weights"], *out["supernet"].values()]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert gap.main([str(run), str(tmp_path / "none.json"), "--data-dir", str(glue_dir)]) == 2
+    assert "discretization_gap: error: plan" in capsys.readouterr().err
+    assert gap.main([str(tmp_path), str(plan_path), "--data-dir", str(glue_dir)]) == 2
+    assert "is not a nasq search run" in capsys.readouterr().err

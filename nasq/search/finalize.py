@@ -9,8 +9,9 @@ temperature-free log-probability
 
     max_{c_g} sum_g u_{g,c_g}   s.t.   sum_g bytes(g, c_g) <= budget
 
-directly: when the argmax plan fits, this spends the leftover where it raises the plan's log-likelihood the
-most; when it does not fit, it is the repair that gives up the least log-likelihood. Solvers
+directly: when the argmax plan fits, it is the optimum (leftover bytes stay unspent: no choice beats a group's
+argmax in log-likelihood); when it does not fit, the solution is the repair that gives up the least
+log-likelihood. Solvers
 (:func:`allocate`):
 
 * ``milp``: exact, ``scipy.optimize.milp`` (HiGHS) on binaries ``x_{g,c}`` with ``sum_c x_{g,c} = 1`` and

@@ -150,6 +150,12 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
     return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), 0.0, fixed, shapes)
 
 
+def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
+    """The untrained supernet of ``model`` for ``problem``: gated tensors at their initial gates and steps."""
+    return to_supernet(model, problem.tensors, mode=load_space(cfg.search.space).quant_mode,
+                       gate_init=cfg.search.gate_init, costs=normalised_costs(problem.cost_tables, problem.cost_budget))
+
+
 def gate_entropy(probs: list[jax.Array]) -> jax.Array:
     ent = [-(p * jnp.log(p + 1e-12)).sum(-1) for p in probs]
     return jnp.concatenate(ent).mean()
@@ -268,9 +274,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     problem = make_problem(cfg, model)
     run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)
     s = cfg.search
-    space = load_space(s.space)
-    sn = to_supernet(model, problem.tensors, mode=space.quant_mode, gate_init=s.gate_init,
-                     costs=normalised_costs(problem.cost_tables, problem.cost_budget))
+    sn = supernet_of(cfg, model, problem)
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     steps = total_steps(cfg.train, data)
     w_tx, g_tx = search_optimizers(cfg, steps)

@@ -43,7 +43,8 @@ def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, d
     """The model to train: pretrained BERT (fp32) or, with `cfg.plan`, its plan-quantized version.
 
     For QAT the starting weights are the teacher's fine-tuned weights when a teacher run is given
-    (the usual recipe: quantize a fine-tuned model), else the pretrained checkpoint.
+    (the usual recipe: quantize a fine-tuned model), else the pretrained checkpoint; with ``cfg.init_from``
+    (a search run) they are the search's trained weights and the search's steps of the planned widths.
     """
     num_labels = data.task.num_labels
     if cfg.kd.teacher:
@@ -60,7 +61,13 @@ def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, d
         from nasq.plan import Plan, apply_plan
 
         plan_obj = Plan.load(cfg.plan)
-        model = apply_plan(model, plan_obj)
+        if cfg.init_from:
+            from nasq.search.restore import inherit_search_weights
+
+            model = inherit_search_weights(cfg.init_from, plan_obj, model)
+            log(f"QAT starts from the weights and steps of search run {cfg.init_from}")
+        else:
+            model = apply_plan(model, plan_obj)
         plan = plan_obj.to_dict()
     return model, plan
 
