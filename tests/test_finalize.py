@@ -165,3 +165,60 @@ def test_cli(tiny, tmp_path, capsys):
     args.budget_mb = 50
     with pytest.raises(NasqError, match="reachable range"):
         args.fn(args)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_spend_leftover_fills_the_budget_and_never_exceeds_it(problem):
+    """--spend-leftover: within budget, at least the knapsack's bytes, groups only move to wider choices, and
+    afterwards no group can move to a wider choice that still fits."""
+    tensors, alphas, budget = problem
+    u, tabs = utilities(alphas), size_tables(tensors)
+    base = allocate(u, tabs, budget)
+    spent = allocate(u, tabs, budget, spend_leftover=True)
+    bits = choices_to_bits(tensors, spent.choices)
+    assert plan_size_bytes(tensors, bits) == spent.bytes <= budget
+    assert spent.bytes >= base.bytes and (spent.solver, spent.optimal) == (base.solver, base.optimal)
+    left = budget - spent.bytes
+    for tab, c0, c1 in zip(tabs, base.choices, spent.choices, strict=True):
+        rows = np.arange(len(c1))
+        assert np.all(tab[rows, c1] >= tab[rows, c0])  # only upgrades
+        extra = tab - tab[rows, c1][:, None]
+        assert not np.any((extra > 0) & (extra <= left))  # maximal: nothing more fits
+
+
+def test_spend_leftover_takes_the_least_unlikely_upgrade_first():
+    t = SearchedTensor("encoder.x", "r", 2, 16, (1, 1), (2, 4), True, "linear")
+    tab = size_tables([t])[0]
+    # both groups prefer 2 bits; group 1's 4-bit choice is far less unlikely than group 0's
+    alphas = [np.array([[5.0, 0.0], [1.0, 0.9]])]
+    budget = int(tab[:, 0].sum() + (tab[1, 1] - tab[1, 0]))  # room for exactly one upgrade
+    (c,) = allocate(utilities(alphas), [tab], budget, spend_leftover=True).choices
+    assert choices_to_bits([t], [c]) == [(2, 4)]
+    (c,) = allocate(utilities(alphas), [tab], budget).choices
+    assert choices_to_bits([t], [c]) == [(2, 2)]  # default: the argmax, bytes left unused
+
+
+def test_finalize_spend_leftover_cli(tiny, tmp_path, capsys):
+    """Gates that prefer pruning leave most of an avg-4-bit budget unused; --spend-leftover spends it."""
+    import argparse
+
+    from nasq.commands import finalize as cmd
+
+    model, space, tensors = tiny
+    alphas = [np.tile(np.array([3.0, 0.0, 0.0, 0.0]), (t.num_groups, 1)) for t in tensors]  # {0,2,4,8}: 0 wins
+    budget = resolve_budget(tensors, avg_bits=4)
+    run = make_run(tmp_path / "run", model, space, tensors, budget, alphas)
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    plans = {}
+    for name, extra in (("default", []), ("spent", ["--spend-leftover"])):
+        args = parser.parse_args(["finalize", str(run), "--out", str(tmp_path / f"{name}.json"), *extra])
+        assert args.fn(args) == 0
+        plans[name] = Plan.load(tmp_path / f"{name}.json")
+    assert "leftover spent" in capsys.readouterr().out
+    d, sp = plans["default"].provenance, plans["spent"].provenance
+    assert not d["spend_leftover"] and sp["spend_leftover"]
+    assert d["unused_bytes"] == budget.bytes - plans["default"].totals["searched_bytes"] > budget.bytes // 2
+    assert 0 <= sp["unused_bytes"] == budget.bytes - plans["spent"].totals["searched_bytes"]
+    assert sp["unused_bytes"] < budget.bytes // 50, (sp["unused_bytes"], budget.bytes)

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     g.add_argument("--convention", choices=["encoder", "artifact"], default=None,
                    help="--budget-mb covers the searched tensors (encoder, default) or the whole artifact")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
+    p.add_argument("--spend-leftover", action="store_true",
+                   help="spend bytes the optimal plan leaves unused: upgrade the groups whose wider choice loses "
+                        "the least gate log-likelihood per extra byte, while any fits")
     p.set_defaults(fn=cmd_finalize)
 
 
@@ -57,7 +60,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, args.overwrite)
     plan = finalize_run(args.run, args.out, overwrite=args.overwrite, budget_override=_override(args),
-                        time_limit=args.time_limit)
+                        time_limit=args.time_limit, spend_leftover=args.spend_leftover)
     t, p = plan.totals, plan.provenance
     budget = plan.budget or {}
     line = (f"searched {t['searched_bytes'] / MB:.4f} MB / budget {budget.get('bytes', 0) / MB:.4f} MB "
@@ -68,5 +71,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     print(f"argmax plan {p['argmax_bytes'] / MB:.4f} MB ({'fits' if p['argmax_within_budget'] else 'over budget'}), "
           f"{'repaired' if p['repaired'] else 'unchanged'} by the {p['solver']} solver"
           f"{'' if p['optimal'] else ' (not proven optimal)'}")
+    if p.get("spend_leftover"):
+        print(f"leftover spent: {p['unused_bytes']:,} bytes of the budget unused")
     print(f"wrote {args.out}")
     return 0

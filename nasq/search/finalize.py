@@ -21,6 +21,12 @@ log-likelihood. Solvers
   fits, then greedily apply the single-group change with the highest utility gain per extra byte that still
   fits, until none improves.
 
+Spending the leftover (opt-in: ``allocate(..., spend_leftover=True)``, ``nasq finalize --spend-leftover``): an
+optimal allocation can leave bytes unused (always when the argmax fits, since the gates then preferred fewer
+bytes than the budget allows). the unused bytes are spent by upgrading groups to wider choices while any fits, each time
+the one that loses the least utility per extra byte, ``(u_{g,c_g} - u_{g,k}) / (bytes_{g,k} - bytes_{g,c_g})``:
+the wider choices the gates find least unlikely first.
+
 Both results are re-checked in exact integer bytes; a budget below the smallest reachable size is a
 ``NasqError`` stating the reachable range. :func:`solve_allocation` is generic (any utilities, e.g. the
 Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and byte tables.
@@ -217,6 +223,22 @@ def _lagrangian(U: np.ndarray, B: np.ndarray, budget: int) -> np.ndarray:
     return c
 
 
+def _spend(U: np.ndarray, B: np.ndarray, c: np.ndarray, budget: int) -> np.ndarray:
+    rows = np.arange(U.shape[0])
+    c = c.copy()
+    left = budget - int(B[rows, c].sum())
+    while left > 0:
+        extra = B - B[rows, c][:, None]
+        ok = np.isfinite(U) & (extra > 0) & (extra <= left)
+        if not ok.any():
+            break
+        loss = np.where(ok, (U[rows, c][:, None] - U) / np.where(ok, extra, 1), np.inf)
+        g, k = np.unravel_index(int(np.argmin(loss)), loss.shape)
+        left -= int(extra[g, k])
+        c[g] = k
+    return c
+
+
 def allocate(
     utils: Sequence[np.ndarray],
     byte_tables: Sequence[np.ndarray],
@@ -224,8 +246,11 @@ def allocate(
     *,
     time_limit: float = 20.0,
     solver: Solver = "auto",
+    spend_leftover: bool = False,
 ) -> Allocation:
-    """Solve ``max sum_g u_{g,c_g} s.t. sum_g bytes_{g,c_g} <= budget_bytes`` (see the module docstring).
+    """Solve ``max sum_g u_{g,c_g} s.t. sum_g bytes_{g,c_g} <= budget_bytes`` (see the module docstring);
+    with ``spend_leftover`` the solution's unused bytes are then spent (module docstring; ``optimal`` and
+    ``solver`` still describe the knapsack solution before spending).
 
     ``utils[t]`` and ``byte_tables[t]`` are ``[G_t, C_t]`` (finite utilities, non-negative integer bytes).
     ``solver="auto"`` tries the MILP and falls back to the Lagrangian-greedy one; ``"milp"`` raises
@@ -255,21 +280,28 @@ def allocate(
         return Allocation(choices=_split(c, n_groups), bytes=int(B[rows, c].sum()),
                           utility=float(U[rows, c].sum()), solver=name, optimal=optimal)
 
-    if U.shape[0] == 0:
-        return result(np.zeros(0, np.int64), "milp", True)
-    if solver in ("auto", "milp"):
-        out = _milp(U, B, budget_bytes, time_limit)
-        if out is not None and int(B[rows, out[0]].sum()) <= budget_bytes:
-            milp_res = result(out[0], "milp", out[1])
-            if solver == "milp" or out[1]:
-                return milp_res
-            lag = result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
-            return milp_res if milp_res.utility >= lag.utility else lag
-        if solver == "milp":
-            raise RuntimeError("the MILP solver found no feasible allocation")
-    elif solver != "lagrangian":
-        raise ValueError(f"unknown solver {solver!r}")
-    return result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
+    def solve() -> Allocation:
+        if U.shape[0] == 0:
+            return result(np.zeros(0, np.int64), "milp", True)
+        if solver in ("auto", "milp"):
+            out = _milp(U, B, budget_bytes, time_limit)
+            if out is not None and int(B[rows, out[0]].sum()) <= budget_bytes:
+                milp_res = result(out[0], "milp", out[1])
+                if solver == "milp" or out[1]:
+                    return milp_res
+                lag = result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
+                return milp_res if milp_res.utility >= lag.utility else lag
+            if solver == "milp":
+                raise RuntimeError("the MILP solver found no feasible allocation")
+        elif solver != "lagrangian":
+            raise ValueError(f"unknown solver {solver!r}")
+        return result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
+
+    best = solve()
+    if not spend_leftover or U.shape[0] == 0:
+        return best
+    c = _spend(U, B, np.concatenate(best.choices), budget_bytes)
+    return result(c, best.solver, best.optimal)
 
 
 def solve_allocation(
@@ -366,13 +398,15 @@ def finalize_run(
     overwrite: bool = False,
     budget_override: Budget | None = None,
     time_limit: float = 20.0,
+    spend_leftover: bool = False,
 ):
     """Turn a search run's gate logits into ``plan.json`` at ``out_path`` (within the run's budget or
     ``budget_override``) and return the :class:`nasq.plan.Plan`.
 
     Provenance records ``argmax_bytes`` / ``argmax_within_budget`` (the plain argmax plan), ``repaired``
     (True when the final bits differ from the argmax plan), ``solver``, ``optimal``, ``utility`` and
-    ``argmax_utility`` (sums of ``log_softmax(alpha)``).
+    ``argmax_utility`` (sums of ``log_softmax(alpha)``), ``spend_leftover`` and ``unused_bytes`` (budget minus
+    the plan's searched bytes).
     """
     from nasq.plan import SpaceInfo, make_plan
 
@@ -394,7 +428,8 @@ def finalize_run(
     am_bytes = plan_size_bytes(tensors, am_bits)
     rows_u = [u[np.arange(len(u)), np.argmax(a, axis=1)].sum() for u, a in zip(utils, alphas, strict=True)]
     try:
-        alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=time_limit)
+        alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=time_limit,
+                         spend_leftover=spend_leftover)
     except NasqError as e:
         raise NasqError(f"cannot finalize {run_dir}: {e}") from None
     bits = choices_to_bits(tensors, alloc.choices)
@@ -417,6 +452,8 @@ def finalize_run(
         "argmax_within_budget": am_bytes <= budget.bytes,
         "repaired": [tuple(b) for b in bits] != [tuple(b) for b in am_bits],
         "budget_overridden": budget_override is not None,
+        "spend_leftover": spend_leftover,
+        "unused_bytes": budget.bytes - size,
     }
     plan = make_plan(tensors, bits, space=space, budget=budget, param_shapes=shapes, provenance=prov)
     plan.save(out_path, overwrite=overwrite)
