@@ -69,9 +69,10 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         line += f", artifact tensors {t['artifact_tensor_bytes'] / MB:.4f} MB"
     print(line)
     print(f"argmax plan {p['argmax_bytes'] / MB:.4f} MB ({'fits' if p['argmax_within_budget'] else 'over budget'}), "
-          f"{'repaired' if p['repaired'] else 'unchanged'} by the {p['solver']} solver"
+          f"{'kept' if p['argmax_within_budget'] else 'repaired'} by the {p['solver']} solver"
           f"{'' if p['optimal'] else ' (not proven optimal)'}")
     if p.get("spend_leftover"):
-        print(f"leftover spent: {p['unused_bytes']:,} bytes of the budget unused")
+        print(f"leftover spent: {t['searched_bytes'] - p['argmax_bytes']:+,} bytes vs the argmax plan, "
+              f"{p['unused_bytes']:,} bytes of the budget unused")
     print(f"wrote {args.out}")
     return 0
