@@ -10,8 +10,12 @@ Evaluates on the task's dev set (the task, model and data settings of the search
   supernet                 the trained supernet, soft gates, at the search's tau_end and each --tau, final price
   child_of_search_weights  PLAN applied to the search's weights with the search's steps (nasq.search.restore;
                            where `nasq finetune --init-from SEARCH_RUN` starts)
+  gates                    how far the final gates (at tau_end) are from one-hot: the share of searched weights
+                           in groups whose most likely width has probability < 0.9, and in groups whose pruning
+                           probability is between 0.1 and 0.9 (`gate_sharpness`)
 A large supernet -> child drop means the gates had not become near one-hot: finalize's argmax picks a network
-the supernet never trained. Prints JSON. Bad input exits with status 2 and a one-line error.
+the supernet never trained. `--gates-only` skips every evaluation. Prints JSON. Bad input exits with status 2
+and a one-line error.
 """
 
 import argparse
@@ -22,6 +26,25 @@ from pathlib import Path
 from nasq.errors import NasqError
 
 
+def gate_sharpness(alphas, tensors, tau: float) -> dict[str, float]:
+    """Weight-weighted shares of groups with ``max_c p_c < 0.9`` and with ``0.1 < p_pruned < 0.9``, where
+    ``p = softmax(alpha / tau)`` per group (``alphas``: the effective logits finalize reads)."""
+    import numpy as np
+
+    n = unsure = half_pruned = 0.0
+    for a, t in zip(alphas, tensors, strict=True):
+        z = np.asarray(a, np.float64) / tau
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        w = np.asarray(t.group_sizes, np.float64) * t.cols
+        n += w.sum()
+        unsure += w[p.max(axis=1) < 0.9].sum()
+        if 0 in t.choices:
+            p0 = p[:, t.choices.index(0)]
+            half_pruned += w[(p0 > 0.1) & (p0 < 0.9)].sum()
+    return {"tau": tau, "share_max_prob_below_0.9": unsure / n, "share_prune_prob_0.1_to_0.9": half_pruned / n}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("search_run")
@@ -29,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--teacher", help="fp32 teacher run (default: the search's kd.teacher)")
     ap.add_argument("--tau", type=float, action="append", default=[], help="extra supernet temperature(s)")
+    ap.add_argument("--gates-only", action="store_true", help="only the gate statistics (no model evaluation)")
     a = ap.parse_args(argv)
     from nasq.config import load_config
     from nasq.plan import Plan, apply_plan
+    from nasq.search.finalize import load_search_result
     from nasq.search.restore import inherit_search_weights, restore_supernet
     from nasq.train.common import evaluate, load_model_dir, load_task_data, model_dir_of
 
@@ -45,13 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         teacher_run = a.teacher or cfg.kd.teacher
         if not teacher_run:
             raise NasqError(f"{a.search_run} was searched without a teacher; pass --teacher RUN.")
+        _, tensors, alphas = load_search_result(a.search_run)
+        out = {"search_run": a.search_run, "plan": a.plan, "task": cfg.data.task, "teacher_run": teacher_run,
+               "gates": gate_sharpness(alphas, tensors, cfg.search.tau_end)}
+        if a.gates_only:
+            print(json.dumps(out, indent=2))
+            return 0
         teacher, _ = load_model_dir(teacher_run)
         child = inherit_search_weights(a.search_run, plan, teacher)  # validates run and plan before evaluating
         data = load_task_data(cfg, model_dir=model_dir_of(teacher_run))
         bs = cfg.data.eval_batch_size
-        out = {"search_run": a.search_run, "plan": a.plan, "task": data.task.name, "teacher_run": teacher_run,
-               "teacher": evaluate(teacher, data, bs), "plan_on_teacher": evaluate(apply_plan(teacher, plan), data, bs),
-               "supernet": {}, "child_of_search_weights": evaluate(child, data, bs)}
+        out.update({"teacher": evaluate(teacher, data, bs),
+                    "plan_on_teacher": evaluate(apply_plan(teacher, plan), data, bs),
+                    "supernet": {}, "child_of_search_weights": evaluate(child, data, bs)})
         for tau in [cfg.search.tau_end, *a.tau]:
             out["supernet"][f"tau={tau:g}"] = evaluate(restore_supernet(a.search_run, teacher, tau), data, bs)
     except NasqError as e:

@@ -260,6 +260,10 @@ def test_discretization_gap_script(finished_search, teacher_dir, glue_dir, tmp_p
     out = json.loads(capsys.readouterr().out)
     assert out["teacher_run"] == str(teacher_dir) and out["task"] == "sst2"
     assert set(out["supernet"]) == {"tau=0.2", "tau=0.05"}
+    g = out["gates"]
+    assert g["tau"] == 0.2 and 0.0 <= g["share_prune_prob_0.1_to_0.9"] <= g["share_max_prob_below_0.9"] <= 1.0
+    assert gap.main([str(run), str(plan_path), "--data-dir", str(glue_dir), "--gates-only"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"search_run", "plan", "task", "teacher_run", "gates"}
     for r in [out["teacher"], out["plan_on_teacher"], out["child_of_search_weights"], *out["supernet"].values()]:
         assert 0.0 <= r["accuracy"] <= 1.0
     assert gap.main([str(run), str(tmp_path / "none.json"), "--data-dir", str(glue_dir)]) == 2
