@@ -246,6 +246,9 @@ def test_init_from_bad_input_is_a_clear_error(finished_search, teacher_dir, tmp_
     (unfinished / "run.json").write_text(json.dumps({**info, "status": "running"}))
     with pytest.raises(NasqError, match="is not finished"):
         inherit_search_weights(unfinished, plan, teacher)
+    (unfinished / "run.json").write_text("{not json")
+    with pytest.raises(NasqError, match="cannot read .*run.json"):
+        inherit_search_weights(unfinished, plan, teacher)
 
 
 def test_discretization_gap_script(finished_search, teacher_dir, glue_dir, tmp_path, capsys):

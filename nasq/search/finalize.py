@@ -22,9 +22,9 @@ log-likelihood. Solvers
   fits, until none improves.
 
 Spending the leftover (opt-in: ``allocate(..., spend_leftover=True)``, ``nasq finalize --spend-leftover``): an
-optimal allocation can leave bytes unused (always when the argmax fits, since the gates then preferred fewer
-bytes than the budget allows). the unused bytes are spent by upgrading groups to wider choices while any fits, each time
-the one that loses the least utility per extra byte, ``(u_{g,c_g} - u_{g,k}) / (bytes_{g,k} - bytes_{g,c_g})``:
+optimal allocation can leave bytes unused (when the argmax fits, the gates preferred fewer bytes than the
+budget allows). The unused bytes are spent by upgrading groups to wider choices while any fits,
+each time the one that loses the least utility per extra byte, ``(u_{g,c_g} - u_{g,k}) / (bytes_{g,k} - bytes_{g,c_g})``:
 the wider choices the gates find least unlikely first.
 
 Both results are re-checked in exact integer bytes; a budget below the smallest reachable size is a

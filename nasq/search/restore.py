@@ -38,7 +38,10 @@ def _finished_run(run: str | Path) -> tuple[RunDir, dict]:
     if not info_path.is_file():
         raise NasqError(f"{path} is not a nasq search run ({info_path} not found); pass the directory "
                         "`nasq search --out` wrote.")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NasqError(f"cannot read {info_path}: {e}") from None
     if info.get("kind") not in (None, "search"):
         raise NasqError(f"{path} is a {info.get('kind')} run, not a search run.")
     if info.get("status") != "done":
