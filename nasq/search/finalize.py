@@ -205,35 +205,27 @@ def _lagrangian(U: np.ndarray, B: np.ndarray, budget: int) -> np.ndarray:
         c = _pick(U, B, hi)
         if size(c) > budget:  # numerical corner: fall back to the cheapest choice per group
             c = np.argmin(np.where(np.isfinite(U), B, np.iinfo(np.int64).max), axis=1)
-    # greedy upgrades with the leftover: best utility gain per extra byte that still fits
-    left = budget - size(c)
-    for _ in range(10 * U.size + 10):
-        cu = U[rows, c][:, None]
-        cb = B[rows, c][:, None]
-        gain = U - cu
-        extra = B - cb
-        ok = np.isfinite(U) & (gain > 1e-12) & (extra <= left)
-        if not ok.any():
-            break
-        ratio = np.where(ok, gain / np.maximum(extra, 0.5), -np.inf)  # extra <= 0: a free gain, take first
-        ratio = np.where(ok & (extra <= 0), np.inf, ratio)
-        g, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-        left -= int(extra[g, k])
-        c[g] = k
-    return c
+    return _greedy_moves(U, B, c, budget, only_gains=True)  # spend the leftover where utility rises
 
 
-def _spend(U: np.ndarray, B: np.ndarray, c: np.ndarray, budget: int) -> np.ndarray:
+def _greedy_moves(U: np.ndarray, B: np.ndarray, c: np.ndarray, budget: int, *, only_gains: bool) -> np.ndarray:
+    """Repeatedly move one group to the choice with the best utility change per extra byte that still fits.
+
+    ``only_gains``: only moves that raise the utility (a free one, ``extra <= 0``, first); otherwise only moves
+    to choices with more bytes, whatever they cost in utility (spending the leftover)."""
     rows = np.arange(U.shape[0])
     c = c.copy()
     left = budget - int(B[rows, c].sum())
-    while left > 0:
+    for _ in range(10 * U.size + 10):
+        gain = U - U[rows, c][:, None]
         extra = B - B[rows, c][:, None]
-        ok = np.isfinite(U) & (extra > 0) & (extra <= left)
+        ok = np.isfinite(U) & (extra <= left) & ((gain > 1e-12) if only_gains else (extra > 0))
         if not ok.any():
             break
-        loss = np.where(ok, (U[rows, c][:, None] - U) / np.where(ok, extra, 1), np.inf)
-        g, k = np.unravel_index(int(np.argmin(loss)), loss.shape)
+        ratio = np.where(ok, gain / np.maximum(extra, 0.5), -np.inf)
+        if only_gains:
+            ratio = np.where(ok & (extra <= 0), np.inf, ratio)
+        g, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         left -= int(extra[g, k])
         c[g] = k
     return c
@@ -300,7 +292,7 @@ def allocate(
     best = solve()
     if not spend_leftover or U.shape[0] == 0:
         return best
-    c = _spend(U, B, np.concatenate(best.choices), budget_bytes)
+    c = _greedy_moves(U, B, np.concatenate(best.choices), budget_bytes, only_gains=False)
     return result(c, best.solver, best.optimal)
 
 

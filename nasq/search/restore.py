@@ -32,7 +32,8 @@ from nasq.search.finalize import load_search_result
 _SCALES = ".scales"
 
 
-def _finished_run(run: str | Path) -> tuple[RunDir, dict]:
+def _restore(run: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(last checkpoint as flat arrays, run.json) of a finished search run; clear errors for anything else."""
     path = Path(run)
     info_path = path / "run.json"
     if not info_path.is_file():
@@ -42,19 +43,18 @@ def _finished_run(run: str | Path) -> tuple[RunDir, dict]:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise NasqError(f"cannot read {info_path}: {e}") from None
-    if info.get("kind") not in (None, "search"):
+    if info.get("kind") != "search":
         raise NasqError(f"{path} is a {info.get('kind')} run, not a search run.")
     if info.get("status") != "done":
         raise NasqError(f"search run {path} is not finished (status {info.get('status')!r}); resume it with "
                         f"`nasq search --resume --out {path}` first.")
-    return RunDir(path, kind="search", config=None, resume=True, overwrite=False), info
+    flat, _meta = RunDir(path, kind="search", config=None, resume=True, overwrite=False).restore_checkpoint(None)
+    return flat, info
 
 
 def search_checkpoint(run: str | Path) -> dict[str, np.ndarray]:
     """The last checkpoint of a finished search run: flat ``{"w.<param>" | "g.<gate>" | "opt.<...>": array}``."""
-    rd, _ = _finished_run(run)
-    flat, _meta = rd.restore_checkpoint(None)
-    return flat
+    return _restore(run)[0]
 
 
 def search_steps(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,11 +122,10 @@ def restore_supernet(run: str | Path, model: nnx.Module, tau: float | None = Non
     from nasq.search.loop import make_problem, supernet_of
     from nasq.train.common import unflatten_like
 
-    _, info = _finished_run(run)
+    flat, info = _restore(run)
     cfg = load_config(Path(run) / "config.yaml")
     problem = make_problem(cfg, model)
     sn = supernet_of(cfg, model, problem)
-    flat = search_checkpoint(run)
     weights, gates = nnx.state(sn, nnx.Param), nnx.state(sn, GateLogits)
     nnx.update(sn, unflatten_like(weights, flat, "w."), unflatten_like(gates, flat, "g."))
     graphdef, state = nnx.split(sn)
