@@ -35,10 +35,11 @@ def main():
     from flax import nnx
     from transformers import BertForSequenceClassification
 
-    from nasq.bench import environment, time_interleaved
-    from nasq.export.artifact import dequantized_fp32_model, load_artifact
+    from nasq.bench import dequantized_fp32_model
+    from nasq.contract.model_dir import load_model_dir
+    from nasq.export.reader import load_artifact
     from nasq.models.loading import resolve_model_dir
-    from nasq.train.common import load_model_dir
+    from nasq.timing import environment, time_interleaved
 
     torch.set_num_threads(a.threads)
     rng = np.random.default_rng(0)

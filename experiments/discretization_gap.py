@@ -55,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gates-only", action="store_true", help="only the gate statistics (no model evaluation)")
     a = ap.parse_args(argv)
     from nasq.config import load_config
-    from nasq.plan import Plan, apply_plan
-    from nasq.search.finalize import load_search_result
+    from nasq.contract.model_dir import load_model_dir, model_dir_of
+    from nasq.contract.plan import Plan
+    from nasq.contract.search_result import SearchResult
+    from nasq.data.tasks import load_task_data
+    from nasq.evaluation import evaluate
+    from nasq.quant.apply import apply_plan
     from nasq.search.restore import inherit_search_weights, restore_supernet
-    from nasq.train.common import evaluate, load_model_dir, load_task_data, model_dir_of
 
     try:
         plan = Plan.load(a.plan)
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher_run = a.teacher or cfg.kd.teacher
         if not teacher_run:
             raise NasqError(f"{a.search_run} was searched without a teacher; pass --teacher RUN.")
-        _, tensors, alphas = load_search_result(a.search_run)
+        res, alphas = SearchResult.load(a.search_run)
+        tensors = list(res.tensors)
         out = {"search_run": a.search_run, "plan": a.plan, "task": cfg.data.task, "teacher_run": teacher_run,
                "gates": gate_sharpness(alphas, tensors, cfg.search.tau_end)}
         if a.gates_only:

@@ -52,7 +52,6 @@ import math
 import os
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -61,6 +60,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from nasq.config import deep_update
+from nasq.io import git_rev, write_atomic
+from nasq.run import run_finished
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "hessian", "random", "nasq")
@@ -91,13 +94,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, list | tuple | dict):
         return json.dumps(v, separators=(",", ":"))
     return str(v)
-
-
-def _merge(base: dict, upd: dict) -> dict:
-    out = dict(base)
-    for k, v in (upd or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_grid(path: Path) -> dict:
@@ -168,7 +164,7 @@ def load_grid(path: Path) -> dict:
 
 def recipe(cfg: dict, task: str, stage: str) -> dict:
     """The stage recipe for a task: `stages.<stage>` merged with `tasks.<task>.<stage>`, plus `common.set`."""
-    r = _merge(cfg["stages"].get(stage) or {}, cfg["tasks"][task].get(stage) or {})
+    r = deep_update(cfg["stages"].get(stage) or {}, cfg["tasks"][task].get(stage) or {})
     r["set"] = {**(cfg["common"].get("set") or {}), **(r.get("set") or {})}
     return r
 
@@ -247,7 +243,7 @@ class Cell:
 
 def derived_space(base: str, choices: list[int], runs: Path) -> tuple[Path, str]:
     """(path, YAML text) of `base` (a space name or YAML path) with every rule's choices replaced."""
-    from nasq.search.space import search_spaces_dir
+    from nasq.contract.space import search_spaces_dir
 
     p = Path(base)
     src = p if p.suffix in (".yaml", ".yml") else search_spaces_dir() / f"{base}.yaml"
@@ -378,7 +374,7 @@ def read_json(p: Path) -> dict | None:
 
 def stage_done(s: Stage) -> bool:
     if s.kind == "run":
-        return (read_json(s.out / "run.json") or {}).get("status") == "done"
+        return run_finished(s.out)
     if s.kind == "plan":
         return (read_json(s.out) or {}).get("format") == "nasq-plan"
     if s.kind == "export":
@@ -395,24 +391,8 @@ def exec_argv(s: Stage) -> list[str]:
     return list(s.argv)
 
 
-def git_rev() -> str:
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
-                           check=False, capture_output=True, text=True, timeout=30)
-        return r.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def nasq_prefix() -> list[str]:
@@ -430,7 +410,7 @@ def nasq_prefix() -> list[str]:
 class Runner:
     def __init__(self, runs: Path, dry_run: bool):
         self.runs, self.dry_run = runs, dry_run
-        self.rev = git_rev()
+        self.rev = git_rev(REPO, describe=True) or "unknown"
         self.failures: list[str] = []
         self.ran = 0
         self._log = None
@@ -558,22 +538,22 @@ def main_metric(task: str) -> str:
     return get_task(task).main_metric
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def safetensors_sizes(path: Path) -> tuple[int, int] | None:
-    """(bytes of all tensors, bytes of the encoder linears' weights + biases) from a safetensors header."""
+    """(bytes of all tensors, bytes of the encoder linears' weights + biases) of a safetensors file, from its
+    header (nothing is loaded)."""
+    from safetensors import safe_open
+
     try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        with safe_open(str(path), framework="numpy") as f:
+            sizes = {k: math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE[f.get_slice(k).get_dtype()]
+                     for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), no iteration
+    except (OSError, ValueError, TypeError, Exception):  # noqa: BLE001 - a missing or unreadable file: no sizes
         return None
-    total = enc = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        total += end - start
-        if ".encoder." in f".{name}" and "LayerNorm" not in name:
-            enc += end - start
+    total = sum(sizes.values())
+    enc = sum(n for k, n in sizes.items() if ".encoder." in f".{k}" and "LayerNorm" not in k)
     return total, enc
 
 

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default="sst2")
     a = ap.parse_args(argv)
     from nasq.config import build_config
-    from nasq.plan import Plan, apply_plan
-    from nasq.train.common import evaluate, load_model_dir, load_task_data, model_dir_of
+    from nasq.contract.model_dir import load_model_dir, model_dir_of
+    from nasq.contract.plan import Plan
+    from nasq.data.tasks import load_task_data
+    from nasq.evaluation import evaluate
+    from nasq.quant.apply import apply_plan
 
     try:
         plans = {p: Plan.load(p) for p in a.plans}  # validate every plan before loading the model

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nasq.contract.plan import Plan
 from nasq.errors import NasqError
-from nasq.plan import Plan
 
 WORD_EMBEDDINGS = "embeddings.word_embeddings"
 
@@ -82,7 +82,7 @@ def run(a: argparse.Namespace, plans: list[Plan]):
     seen = None
     if a.search_run:
         from nasq.config import load_config
-        from nasq.train.common import load_task_data
+        from nasq.data.tasks import load_task_data
 
         cfg_path = Path(a.search_run) / "config.yaml"
         if not cfg_path.is_file():

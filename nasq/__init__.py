@@ -1,3 +1,5 @@
 """nasq: search how many bits each part of a BERT deserves, prune the rest, ship a small integer model."""
 
-__version__ = "0.1.0"
+from nasq._version import __version__
+
+__all__ = ["__version__"]

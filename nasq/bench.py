@@ -8,11 +8,8 @@ when given) with the machine, date and command.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +17,18 @@ import numpy as np
 from flax import nnx
 
 from nasq.config import Config
+from nasq.contract.model_dir import load_model_dir
+from nasq.contract.space import load_space
 from nasq.data.batching import Batch
 from nasq.errors import NasqError
+from nasq.export.reader import load_artifact
+from nasq.models.bert import Embedding, Linear
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import replace_modules
+from nasq.quant.layers import GateLogits, QuantEmbedding, QuantLinear, set_search_context, to_supernet
+from nasq.search.loop import build_steps, make_problem, normalised_costs, search_optimizers
+from nasq.timing import environment, time_interleaved
+from nasq.train.finetune import make_train_step
 
 
 def fixed_batch(batch_size: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0) -> Batch:
@@ -34,39 +41,8 @@ def fixed_batch(batch_size: int, seq_len: int, vocab: int, num_labels: int, seed
                  weights=np.ones(batch_size, np.float32), index=np.arange(batch_size, dtype=np.int32))
 
 
-def _block(tree):
-    jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
-    return tree
-
-
-def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each zero-arg fn, calls interleaved round-robin (fair under noise)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            _block(fn())
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            _block(fn())
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of `fn(*args)` (blocked until ready) over `repeats` calls after `warmup`."""
-    return 1e3 * time_interleaved({"fn": lambda: fn(*args)}, repeats, warmup)["fn"]
-
-
-def environment() -> dict:
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "command": " ".join(["nasq", *sys.argv[1:]])}
-
-
 def _fp32_train_step(model, cfg: Config, batch: Batch):
     import optax
-
-    from nasq.train.finetune import make_train_step
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(1e-5)
@@ -77,8 +53,6 @@ def _fp32_train_step(model, cfg: Config, batch: Batch):
 
 
 def bench_train_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) -> dict:
-    from nasq.models.loading import load_pretrained
-
     model, mcfg, _ = load_pretrained(cfg.model.name, 2)
     batch = fixed_batch(batch_size, seq_len, mcfg.vocab_size, 2)
     t = time_interleaved({"fp32_train_step": _fp32_train_step(model, cfg, batch)}, repeats)
@@ -88,11 +62,6 @@ def bench_train_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) -
 
 def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) -> dict:
     """fp32 fine-tune step vs supernet weight step, bi-level (weight + gate) step and single-level step."""
-    from nasq.models.loading import load_pretrained
-    from nasq.quant.layers import GateLogits, set_search_context, to_supernet
-    from nasq.search.loop import build_steps, make_problem, normalised_costs, search_optimizers
-    from nasq.search.space import load_space
-
     if cfg.search.budget_mb is None and cfg.search.avg_bits is None and cfg.search.ratio is None:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"avg_bits": 2.0})})
     model, mcfg, _ = load_pretrained(cfg.model.name, 2)
@@ -131,6 +100,53 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
             "single_level_vs_fp32": t["single_level_step"] / base}
 
 
+def dequantized_fp32_model(model):
+    """A plain fp32 BERT holding the (dequantized) weights of a fixed-plan model (for timing references)."""
+    def fn(_, m):
+        if isinstance(m, QuantLinear):
+            new = Linear(m.in_features, m.out_features, rngs=nnx.Rngs(0))
+            new.kernel = nnx.Param(jnp.asarray(m.quantized_weight()).T)
+            new.bias = nnx.Param(m.bias[...] * jnp.asarray(m.rows_bits() > 0, jnp.float32))
+            return new
+        if isinstance(m, QuantEmbedding):
+            new = Embedding(m.num_embeddings, m.features, rngs=nnx.Rngs(0))
+            new.embedding = nnx.Param(jnp.asarray(m.quantized_weight()))
+            return new
+        return None
+
+    return replace_modules(model, fn)
+
+
+def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, batch: int, seq: int,
+                repeats: int = 10, seed: int = 0) -> dict:
+    """Median ms of the integer model (both unpack modes) vs the jitted fp32 forward, one process.
+
+    The fp32 reference is the model at ``fp32_model_dir_or_run`` (a QAT run's weights are dequantized into
+    plain fp32 ``Linear``/``Embedding``). Returns ``{int_fused_ms, int_load_ms, fp32_ms, ratio_fused,
+    ratio_load, batch, seq, repeats}`` with ``ratio = int_ms / fp32_ms`` (< 1: int path faster).
+    """
+    rng = np.random.default_rng(seed)
+    fp_model, _ = load_model_dir(fp32_model_dir_or_run)
+    fp_model = dequantized_fp32_model(fp_model)
+    vocab = fp_model.config.vocab_size
+    ids = jnp.asarray(rng.integers(1000, min(vocab, 30000), (batch, seq)), jnp.int32)
+    tt = jnp.zeros_like(ids)
+    am = jnp.ones_like(ids)
+    res: dict[str, Any] = {"batch": batch, "seq": seq, "repeats": repeats}
+    fns = {}
+    for mode in ("fused", "load"):
+        m = load_artifact(artifact_path, unpack=mode)
+        fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
+    graphdef, state = nnx.split(fp_model)
+    fwd = jax.jit(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c))
+    fns["fp32_ms"] = lambda: fwd(state, ids, tt, am)
+    # medians of calls interleaved round-robin, so machine noise hits every variant alike
+    res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
+    for mode in ("fused", "load"):
+        res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
+    return res
+
+
 def main(what: str, cfg: Config, args) -> int:
     if what == "train-step":
         res = bench_train_step(cfg, args.batch_size, args.seq_len, args.repeats)
@@ -139,8 +155,6 @@ def main(what: str, cfg: Config, args) -> int:
     elif what == "infer":
         if not args.artifact:
             raise NasqError("bench infer needs --artifact model.nasq (and --teacher RUN for the fp32 baseline).")
-        from nasq.export.artifact import bench_infer
-
         res = bench_infer(args.artifact, getattr(args, "teacher", None), args.batch_size, args.seq_len,
                           args.repeats)
     else:  # argparse restricts choices

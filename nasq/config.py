@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nasq.errors import NasqError
+from nasq.errors import NasqError, validation_problems
 
 
 class _Section(BaseModel):
@@ -120,14 +120,7 @@ class Config(_Section):
 
 
 def _format_validation(e: ValidationError, source: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(f"{source}: {p}" for p in validation_problems(e))
 
 
 def deep_update(base: dict, upd: dict) -> dict:

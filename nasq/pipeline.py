@@ -21,8 +21,17 @@ import time
 from pathlib import Path
 
 from nasq.config import Config, build_config
+from nasq.contract.model_dir import load_model_dir
+from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
-from nasq.run import check_output_path, write_atomic
+from nasq.evaluation import evaluate
+from nasq.export.reader import compare_with_run
+from nasq.export.writer import export_artifact
+from nasq.io import check_output_path, write_atomic
+from nasq.run import run_finished
+from nasq.search.finalize import finalize_run
+from nasq.search.loop import search
+from nasq.train.finetune import finetune
 
 # Per-stage overrides of the config; the user's --config/--set apply on top of every stage.
 PRESETS: dict[str, dict] = {
@@ -53,19 +62,8 @@ def stage_config(preset: dict, stage: str, user_layers: list[tuple[str, dict]], 
     return build_config(*layers)
 
 
-def _done(run: Path) -> bool:
-    info = run / "run.json"
-    return info.is_file() and json.loads(info.read_text()).get("status") == "done"
-
-
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    from nasq.export.artifact import export_artifact
-    from nasq.search.finalize import finalize_run
-    from nasq.search.loop import search
-    from nasq.train.common import load_model_dir, load_task_data
-    from nasq.train.finetune import finetune
-
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]
@@ -85,7 +83,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     t0 = time.time()
     if teacher is None:
         teacher = str(out / "teacher")
-        if not _done(Path(teacher)):
+        if not run_finished(Path(teacher)):
             cfg = stage_config(p, "finetune", user_layers)
             log(f"[1/6] fp32 fine-tune -> {teacher}")
             finetune(cfg, teacher, resume=resume and (Path(teacher) / "config.yaml").is_file(), overwrite=True)
@@ -96,7 +94,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     # 2. search
     t0 = time.time()
     search_dir = out / "search"
-    if not _done(search_dir):
+    if not run_finished(search_dir):
         cfg = stage_config(p, "search", user_layers, {"kd": {"teacher": teacher}})
         log(f"[2/6] search -> {search_dir}")
         search(cfg, search_dir, resume=resume and (search_dir / "config.yaml").is_file(), overwrite=True)
@@ -112,7 +110,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     # 4. QAT + KD
     t0 = time.time()
     qat_dir = out / "qat"
-    if not _done(qat_dir):
+    if not run_finished(qat_dir):
         cfg = stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher}, "plan": str(plan_path)})
         log(f"[4/6] QAT + KD -> {qat_dir}")
         finetune(cfg, qat_dir, resume=resume and (qat_dir / "config.yaml").is_file(), overwrite=True)
@@ -127,12 +125,9 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
 
     # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions
     log("[6/6] eval (dev set)")
-    from nasq.evaluation import compare_run_and_artifact
-    from nasq.train.common import evaluate
-
     cfg = stage_config(p, "qat", user_layers)
     data = load_task_data(cfg, model_dir=qat_dir / "model")
-    cmp = compare_run_and_artifact(qat_dir, art, cfg, data=data)
+    cmp = compare_with_run(qat_dir, art, cfg, data=data)
     teacher_model, _ = load_model_dir(teacher)
     teacher_metrics = evaluate(teacher_model, data, cfg.data.eval_batch_size)
     summary = {
@@ -152,36 +147,3 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                                             "artifact_vs_predicted")}, indent=2))
     log(f"pipeline done -> {out}/summary.json")
     return summary
-
-
-def register(sub) -> None:
-    from nasq.cli import add_common
-
-    p = sub.add_parser("pipeline", help="finetune -> search -> finalize -> QAT -> export -> eval")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
-    add_common(p)
-    p.set_defaults(fn=_cmd)
-
-
-def _cmd(args) -> int:
-    from nasq.config import load_yaml, parse_set
-
-    layers: list[tuple[str, dict]] = []
-    if args.config:
-        layers.append((args.config, load_yaml(args.config)))
-    flags: dict = {}
-    for sec, key, val in (("model", "name", args.model), ("data", "task", args.task),
-                          ("data", "data_dir", args.data_dir), ("data", "train_subset", args.train_subset),
-                          ("train", "seed", args.seed)):
-        if val is not None:
-            flags.setdefault(sec, {})[key] = val
-    layers.append(("command-line flags", flags))
-    layers.append(("--set", parse_set(args.set)))
-    if args.max_steps is not None:
-        raise NasqError("pipeline: --max-steps is ambiguous across stages; use --set train.max_steps=N "
-                        "(applies to every stage) or a --config file.")
-    out = args.out or "runs/pipeline"
-    run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
-                 overwrite=args.overwrite)
-    return 0

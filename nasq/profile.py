@@ -7,7 +7,7 @@ weights) runs on ``x [tokens, cols]`` with ``rows`` = the most common ``out_feat
 
     ms_per_row(cols, b) = median_r(wall time of one call) / rows
 
-so a group of ``r`` rows costs ``r * ms_per_row`` in the search's latency model (`nasq.search.cost.latency_table`).
+so a group of ``r`` rows costs ``r * ms_per_row`` in the search's latency model (`nasq.contract.cost.latency_table`).
 The per-call overhead (activation quantization, scatter) is spread over the rows: the model is linear in rows,
 which is what the search needs.
 
@@ -32,18 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nasq.bench import median_ms
+from nasq.contract.cost import LatencyTable
 from nasq.errors import NasqError
-from nasq.search.cost import LatencyTable
+from nasq.kernels.int_linear import pack_linear, packed_linear_apply
+from nasq.models.bert import Linear
+from nasq.models.loading import load_pretrained
+from nasq.models.surgery import iter_named
+from nasq.timing import median_ms
 
 DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def encoder_linear_shapes(model) -> dict[str, tuple[int, int]]:
     """``{path: (rows, cols)}`` of the model's encoder linears (the ones a search space can search)."""
-    from nasq.models.bert import Linear
-    from nasq.models.surgery import iter_named
-
     return {p: (m.out_features, m.in_features) for p, m in iter_named(model.bert, (Linear,))
             if p.startswith("encoder.")}
 
@@ -58,8 +59,6 @@ def typical_rows(shapes: dict[str, tuple[int, int]]) -> dict[int, int]:
 
 def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0) -> float:
     """Median ms of one jitted ``packed_linear_apply`` on ``x [tokens, cols]``, ``rows`` rows at ``bits``."""
-    from nasq.kernels.int_linear import pack_linear, packed_linear_apply
-
     rng = np.random.default_rng(seed)
     w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
     b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
@@ -106,13 +105,11 @@ def profile_latency(
     measure_fixed: bool = True,
     log=None,
 ) -> LatencyTable:
-    """Measure a :class:`~nasq.search.cost.LatencyTable` for the model ``model_ref`` (alias, dir or hub id).
+    """Measure a :class:`~nasq.contract.cost.LatencyTable` for the model ``model_ref`` (alias, dir or hub id).
 
     ``tokens`` = batch * sequence length of the workload; ``bits`` the widths to measure (default 1..8; 0 =
     pruned costs nothing and is never measured); ``repeats`` timed calls per entry (median).
     """
-    from nasq.models.loading import load_pretrained
-
     if tokens < 1:
         raise NasqError(f"--tokens must be >= 1, got {tokens}")
     if repeats < 1:

@@ -13,11 +13,11 @@ Nothing is overwritten unless the user passes `--overwrite`; `--resume` continue
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,30 +28,7 @@ import yaml
 
 from nasq.config import Config
 from nasq.errors import NasqError
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write a file via a temp file in the same directory + `os.replace` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an existing file or non-empty directory unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise NasqError(f"{path} already exists; pass --overwrite to replace it (or --resume to continue a run).")
-    return path
+from nasq.io import check_output_path, write_atomic
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -62,6 +39,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def run_finished(path: str | Path) -> bool:
+    """True when ``path`` is a run directory whose ``run.json`` says ``status: done``."""
+    p = Path(path) / "run.json"
+    try:
+        return p.is_file() and json.loads(p.read_text()).get("status") == "done"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 class RunDir:
@@ -148,6 +134,17 @@ class RunDir:
     def latest_step(self) -> int | None:
         return self._manager().latest_step()
 
+    def resume(self, like: dict[str, Any], total: int, log=print) -> tuple[dict | None, int]:
+        """Continue from the latest checkpoint, if any: ``(flat arrays shaped like like, its step)``, metrics
+        logged after it dropped; ``(None, 0)`` when the run has no checkpoint yet."""
+        if self.latest_step() is None:
+            return None, 0
+        flat, meta = self.restore_checkpoint(like)
+        start = int(meta["step"])
+        self.truncate_metrics(start)
+        log(f"resumed {self.path} at step {start}/{total}")
+        return flat, start
+
     def restore_checkpoint(self, like: dict[str, Any] | None, step: int | None = None) -> tuple[dict, dict]:
         """(flat arrays, meta) of checkpoint ``step`` (default: the latest); ``like=None`` restores every array
         as saved (numpy), otherwise exactly the keys, shapes and dtypes of ``like``."""
@@ -164,6 +161,30 @@ class RunDir:
         except Exception as e:  # noqa: BLE001
             raise NasqError(f"{self.path}/checkpoints/{step}: cannot restore checkpoint ({type(e).__name__}: {e}).") from None
         return dict(r["state"]), dict(r["meta"])
+
+
+@dataclasses.dataclass
+class Cadence:
+    """When a training loop (fine-tuning, QAT, search) logs, evaluates and checkpoints, counted in finished steps.
+
+    A checkpoint is due every ``checkpoint_every`` steps before the last (the last step always saves); a log
+    record is due every ``log_every`` steps, at the last step and with every checkpoint (values are checked to be
+    finite before a checkpoint is written); an intermediate dev evaluation every ``eval_every`` steps."""
+
+    total: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int | None = None
+    last_checkpoint: int = 0
+
+    def checkpoint_due(self, done: int) -> bool:
+        return done - self.last_checkpoint >= self.checkpoint_every and done < self.total
+
+    def log_due(self, done: int) -> bool:
+        return done % self.log_every == 0 or done == self.total or self.checkpoint_due(done)
+
+    def eval_due(self, done: int) -> bool:
+        return bool(self.eval_every) and done % self.eval_every == 0 and done < self.total
 
 
 class Progress:

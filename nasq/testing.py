@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nasq.models.loading import resolve_model_dir
+
 TINY_CONFIG = {
     "model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
     "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 128, "type_vocab_size": 2,
@@ -21,8 +23,6 @@ TINY_CONFIG = {
 
 def make_tiny_checkpoint(path: str | Path, seed: int = 0, **overrides) -> Path:
     from safetensors.numpy import save_file
-
-    from nasq.models.loading import resolve_model_dir
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

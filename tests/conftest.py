@@ -29,9 +29,9 @@ def glue_dir():
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(tiny model, `tiny` search space, its resolved SearchedTensors); treat as read-only."""
+    from nasq.contract.space import load_space, resolve
     from nasq.models.loading import load_pretrained
     from nasq.models.surgery import linear_shapes
-    from nasq.search.space import load_space, resolve
 
     model, _, _ = load_pretrained(tiny_model_dir, 2)
     space = load_space("tiny")

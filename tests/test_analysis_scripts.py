@@ -18,8 +18,8 @@ def _load(name):
 
 
 def _embedding_plan(bits):
-    from nasq.plan import SpaceInfo, make_plan
-    from nasq.search.space import SearchedTensor
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import SearchedTensor, SpaceInfo
 
     emb = SearchedTensor(path="embeddings.word_embeddings", rule="emb", rows=8, cols=4, group_sizes=(4, 4),
                          choices=(0, 2, 4, 8), has_bias=False, kind="embedding")
@@ -51,7 +51,7 @@ def test_vocab_coverage_rejects_ids_outside_the_plan_vocabulary():
 
 def test_vocab_coverage_plan_without_embeddings(tiny):
     vc = _load("vocab_coverage")
-    from nasq.plan import make_plan
+    from nasq.contract.plan import make_plan
 
     _, space, tensors = tiny
     plan = make_plan(tensors, [t.choices[-1:] * t.num_groups for t in tensors], space=space, budget=None,

@@ -21,13 +21,13 @@ from nasq.baselines.hessian import (
     tensor_weights,
 )
 from nasq.config import build_config
+from nasq.contract.cost import Budget, plan_size_bytes, resolve_budget, size_tables
+from nasq.contract.plan import Plan
+from nasq.contract.space import SearchedTensor, group_sizes
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained
-from nasq.plan import Plan
 from nasq.quant.packing import group_nbytes
-from nasq.search.cost import Budget, plan_size_bytes, resolve_budget, size_tables
 from nasq.search.finalize import allocate, choices_to_bits
-from nasq.search.space import SearchedTensor, group_sizes
 
 
 def _cfg(model_dir, glue=None, **search):
@@ -50,7 +50,7 @@ def tensors(model, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def task_data(glue_dir, tiny_model_dir):
-    from nasq.train.common import load_task_data
+    from nasq.data.tasks import load_task_data
 
     return load_task_data(_cfg(tiny_model_dir, glue_dir))
 

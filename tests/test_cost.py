@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nasq.contract import cost
+from nasq.contract.space import SearchedTensor, load_space, resolve
 from nasq.errors import NasqError
 from nasq.quant.packing import group_nbytes
-from nasq.search import cost
-from nasq.search.space import SearchedTensor, load_space, resolve
 from nasq.testing import bert_shapes
 
 
@@ -49,20 +49,20 @@ def test_size_table_uses_group_nbytes():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_expected_equals_plan_for_onehot(tiny, seed):
     probs, plan = onehot_plan(tiny, seed)
-    e = cost.expected_size_bytes(probs, cost.size_tables(tiny))
+    e = cost.expected_cost(probs, cost.size_tables(tiny))
     assert float(e) == cost.plan_size_bytes(tiny, plan)
 
 
 def test_expected_equals_plan_minilm(minilm):
     probs, plan = onehot_plan(minilm, 3)
-    e = cost.expected_size_bytes(probs, cost.size_tables(minilm))
+    e = cost.expected_cost(probs, cost.size_tables(minilm))
     assert abs(float(e) - cost.plan_size_bytes(minilm, plan)) <= 1e-6 * float(e)
 
 
 def test_expected_size_is_differentiable(tiny):
     tabs = cost.size_tables(tiny)
     logits = [jnp.zeros(t.shape) for t in tabs]
-    grads = jax.grad(lambda ls: cost.expected_size_bytes([jax.nn.softmax(x) for x in ls], tabs))(logits)
+    grads = jax.grad(lambda ls: cost.expected_cost([jax.nn.softmax(x) for x in ls], tabs))(logits)
     # raising the logit of the 8-bit choice increases size; of the pruned choice decreases it
     assert all((g[:, -1] > 0).all() and (g[:, 0] < 0).all() for g in grads)
 

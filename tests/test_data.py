@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -284,7 +285,7 @@ def test_eval_batches_cover_all_once_and_pytree():
     enc = _fake(21)
     seen = []
     for b in eval_batches(enc, 4, buckets_for(128)):
-        assert set(b.as_dict()) == {"input_ids", "token_type_ids", "attention_mask", "labels", "weights", "index"}
+        assert {f.name for f in dataclasses.fields(b)} == {"input_ids", "token_type_ids", "attention_mask", "labels", "weights", "index"}
         seen += b.index[b.weights > 0].tolist()
     assert sorted(seen) == list(range(21))
     leaves = jax.tree_util.tree_leaves(b)

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nasq.contract.plan import Plan
 from nasq.errors import NasqError
-from nasq.export.artifact import (
-    TENSORS,
-    _manifest_digest,
-    _sha256,
-    export_model,
-    load_artifact,
-    pack_rows,
-    predicted_artifact_bytes,
-    searched_bytes,
-)
+from nasq.export.format import TENSORS
+from nasq.export.format import manifest_digest as _manifest_digest
+from nasq.export.format import sha256 as _sha256
+from nasq.export.reader import load_artifact
+from nasq.export.writer import export_model, predicted_artifact_bytes
 from nasq.kernels.int_linear import PackedLinear, pack_linear
-from nasq.quant.packing import tensor_nbytes
+from nasq.quant.packing import pack_rows, tensor_nbytes
 from nasq.quant.quantizer import quantize_codes
 
 NAMES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -39,10 +35,12 @@ TOL = 1e-5  # int path vs fake-quant, max |logit diff| (observed <= 1.5e-8 on lo
 
 
 def build_quant_model(model_dir, *, unsearched_bits=8, word_bits=8, other_bits=32, seed=0):
-    """Tiny fixed-plan classifier via ``nasq.plan.make_plan`` + ``apply_plan``; returns (model, plan dict)."""
+    """Tiny fixed-plan classifier via ``nasq.contract.plan.make_plan`` + ``apply_plan``; returns (model, plan dict)."""
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import Fixed, SearchedTensor, SpaceInfo
     from nasq.models.loading import load_pretrained
-    from nasq.plan import SpaceInfo, apply_plan, make_plan, model_param_shapes
-    from nasq.search.space import Fixed, SearchedTensor
+    from nasq.models.surgery import model_param_shapes
+    from nasq.quant.apply import apply_plan
 
     model, cfg, _ = load_pretrained(model_dir, 2, seed=seed)
     rng = np.random.default_rng(seed)
@@ -89,19 +87,31 @@ def fake_quant_logits(model, ids, tt, am):
 
 
 # ------------------------------------------------------------------------------------------- packing
-def test_pack_rows_matches_pack_linear():
+def test_pack_rows_matches_per_group_packing():
+    """The one packer (vectorised per width) equals packing group by group: segments by ascending width, rows
+    in original order, one scale per kept group, kept biases; pruned groups absent."""
+    from nasq.quant.packing import pack_codes
+
     rng = np.random.default_rng(1)
     w = rng.standard_normal((24, 13)).astype(np.float32)
     bias = rng.standard_normal(24).astype(np.float32)
     sizes, bits, scales = [5, 5, 5, 5, 4], [4, 0, 1, 4, 8], np.array([.3, .2, .5, .4, .02], np.float32)
-    ref = pack_linear(w, bias, sizes, bits, scales)
+    starts = np.cumsum([0, *sizes[:-1]])
     got = pack_rows(w, bias, sizes, bits, scales)
     assert sorted(got) == ["bias", "scale", "seg1", "seg4", "seg8"]
-    for b, p in ref.segments:
-        np.testing.assert_array_equal(np.asarray(p), got[f"seg{b}"])
-    np.testing.assert_array_equal(np.asarray(ref.group_scale), got["scale"])
-    np.testing.assert_array_equal(np.asarray(ref.bias), got["bias"])
+    for b in (1, 4, 8):
+        groups = [g for g, gb in enumerate(bits) if gb == b]
+        codes = np.concatenate([np.asarray(quantize_codes(w[starts[g]:starts[g] + sizes[g]], scales[g], b))
+                                for g in groups])
+        np.testing.assert_array_equal(pack_codes(codes, b), got[f"seg{b}"])
+    order = [g for b in (1, 4, 8) for g, gb in enumerate(bits) if gb == b]
+    np.testing.assert_array_equal(scales[order], got["scale"])
+    np.testing.assert_array_equal(np.concatenate([bias[starts[g]:starts[g] + sizes[g]] for g in order]),
+                                  got["bias"])
     assert pack_rows(w, bias, [24], [0], [1.0]) == {}
+    p = pack_linear(w, bias, sizes, bits, scales)  # the kernel's PackedLinear holds exactly these arrays
+    for b, packed in p.segments:
+        np.testing.assert_array_equal(np.asarray(packed), got[f"seg{b}"])
 
 
 # ------------------------------------------------------------------------------------------ round trip
@@ -184,7 +194,8 @@ def test_payload_bytes_equal_cost_model(exported):
         assert got == tensor_nbytes(pt["group_sizes"], pt["cols"], pt["bits"], True), pt["path"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["searched_tensor_bytes"] == m["searched_predicted_bytes"] == plan["totals"]["searched_bytes"]
-    assert m["searched_predicted_bytes"] == searched_bytes(plan)
+    assert m["searched_predicted_bytes"] == sum(tensor_nbytes(t["group_sizes"], t["cols"], t["bits"], t["has_bias"])
+                                                for t in plan["tensors"])
     assert m["tensor_bytes"] == sum(a.nbytes for a in t.values())
     assert m["tensor_bytes"] == m["predicted_bytes"]  # exact, fixed tensors included
     assert m["payload_vs_predicted"] == 1.0
@@ -193,14 +204,13 @@ def test_payload_bytes_equal_cost_model(exported):
         assert name in m["files"]
 
 
-def test_predicted_bytes_fallback_matches_plan(exported):
-    """Without totals.artifact_tensor_bytes the exporter recomputes it with the cost model: same number."""
-    from nasq.export.artifact import model_tensors
+def test_predicted_bytes_recomputed_matches_plan(exported):
+    """The exporter recomputes the artifact's bytes with the cost model from the model's shapes: the plan's number."""
+    from nasq.export.writer import model_tensors
 
     model, plan, _ = exported
     _, _, shapes = model_tensors(model)
-    bare = {**plan, "totals": {}}
-    assert predicted_artifact_bytes(bare, shapes) == plan["totals"]["artifact_tensor_bytes"]
+    assert predicted_artifact_bytes(Plan.from_dict(plan), shapes) == plan["totals"]["artifact_tensor_bytes"]
 
 
 def test_refuses_overwrite(exported):
@@ -320,7 +330,7 @@ def test_fuzz_byte_flips(exported, copy):
 
 # ------------------------------------------------------------------------------------ predict / cli
 def test_predict_texts(exported):
-    from nasq.export.artifact import predict_texts
+    from nasq.export.reader import predict_texts
 
     res = predict_texts(exported[2], ["a fine film", "dull and long"], max_len=16)
     assert len(res) == 2 and all(r["label"] in (0, 1) and len(r["scores"]) == 2 for r in res)
@@ -341,8 +351,8 @@ def test_cli_parsers():
 
 
 def test_export_artifact_from_run(exported, tiny_model_dir, tmp_path):
-    from nasq.export.artifact import export_artifact
-    from nasq.train.common import save_model_dir
+    from nasq.contract.model_dir import save_model_dir
+    from nasq.export.writer import export_artifact
 
     model, plan, _ = exported
     run = tmp_path / "run"

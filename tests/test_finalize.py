@@ -7,18 +7,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from nasq.contract.cost import fixed_nbytes, plan_size_bytes, resolve_budget, size_range, size_tables
+from nasq.contract.plan import Plan
+from nasq.contract.space import SearchedTensor, group_sizes
 from nasq.errors import NasqError
-from nasq.plan import Plan, apply_plan, model_param_shapes
-from nasq.search.cost import fixed_nbytes, plan_size_bytes, resolve_budget, size_range, size_tables
+from nasq.models.surgery import model_param_shapes
+from nasq.quant.apply import apply_plan
 from nasq.search.finalize import (
     allocate,
     argmax_plan,
     choices_to_bits,
     finalize_run,
-    solve_allocation,
     utilities,
 )
-from nasq.search.space import SearchedTensor, group_sizes
 
 
 @st.composite
@@ -68,7 +69,7 @@ def test_generous_budget_gives_argmax():
     t = SearchedTensor("encoder.x", "r", 8, 16, (2, 2, 2, 2), (0, 2, 4, 8), True, "linear")
     alphas = [np.array([[0, 1, 0, 0], [0, 0, 3, 0], [5, 0, 0, 0], [0, 0, 0, 1.0]])]
     _, hi = size_range([t])
-    (c,) = solve_allocation(utilities(alphas), size_tables([t]), hi)
+    (c,) = allocate(utilities(alphas), size_tables([t]), hi).choices
     assert choices_to_bits([t], [c]) == argmax_plan(alphas, [t]) == [(2, 4, 0, 8)]
 
 

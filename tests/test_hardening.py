@@ -265,7 +265,7 @@ def test_finalize_refuses_existing(tmp_path, capsys):
 
 
 def test_write_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    from nasq.run import write_atomic
+    from nasq.io import write_atomic
 
     p = tmp_path / "f.json"
     write_atomic(p, "old")
@@ -359,10 +359,10 @@ def test_infeasible_budget(tmp_path, tiny_model_dir, glue_dir, capsys):
 
 
 def test_plan_for_another_model(tmp_path, tiny_model_dir, glue_dir, capsys):
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import load_space, resolve
     from nasq.models.loading import load_pretrained
-    from nasq.models.surgery import linear_shapes
-    from nasq.plan import make_plan, model_param_shapes
-    from nasq.search.space import load_space, resolve
+    from nasq.models.surgery import linear_shapes, model_param_shapes
     from nasq.testing import make_tiny_checkpoint
 
     other_dir = make_tiny_checkpoint(tmp_path / "other", intermediate_size=48)

@@ -42,7 +42,7 @@ def test_layer_norm_matches_model():
 def artifact(tiny_model_dir, tmp_path_factory):
     from test_export import build_quant_model
 
-    from nasq.export.artifact import export_model
+    from nasq.export.writer import export_model
 
     model, plan = build_quant_model(tiny_model_dir, seed=5)
     return export_model(model, plan, tmp_path_factory.mktemp("ib") / "m.nasq", task="sst2", num_labels=2,
@@ -51,7 +51,7 @@ def artifact(tiny_model_dir, tmp_path_factory):
 
 def test_dropped_heads_change_nothing(artifact):
     """Skipping heads with all-pruned value rows gives the same logits as computing every head."""
-    from nasq.export.artifact import load_artifact
+    from nasq.export.reader import load_artifact
 
     im = load_artifact(artifact)
     assert im.meta.active_heads[1] == (1,)
@@ -66,7 +66,7 @@ def test_dropped_heads_change_nothing(artifact):
 
 
 def test_input_checks(artifact):
-    from nasq.export.artifact import load_artifact
+    from nasq.export.reader import load_artifact
 
     with pytest.raises(NasqError, match="unpack"):
         load_artifact(artifact, unpack="lazy")

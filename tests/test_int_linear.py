@@ -7,17 +7,14 @@ from nasq.errors import NasqError
 from nasq.kernels.int_linear import (
     EmbeddingTable,
     PackedLinear,
-    bench_int_vs_fp32,
     embedding_lookup,
     int8_matmul,
-    pack_embedding,
     pack_linear,
     packed_linear_apply,
-    reference_linear,
     unpack_embedding,
 )
 from nasq.quant.packing import tensor_nbytes
-from nasq.quant.quantizer import fake_quant_mixed, init_group_scales
+from nasq.quant.quantizer import fake_quant_act_int8, fake_quant_mixed, init_group_scales
 
 IN, OUT = 48, 40
 SIZES = [8, 8, 8, 8, 8]
@@ -32,6 +29,18 @@ def _layer(seed=0, bits=BITS, sizes=SIZES, mode="symmetric"):
         [init_group_scales(w, sizes, max(bb, 1), mode)[g] for g, bb in enumerate(bits)], np.float32
     )
     return w, b, scales
+
+
+def reference_linear(x, w_rows, bias, group_sizes, bits_per_group, scales_per_group, mode="symmetric"):
+    """The fake-quant path the integer kernel must match: ``fq_act(x) @ fake_quant_mixed(W).T + b * kept``."""
+    sizes = np.asarray(group_sizes)
+    bits_rows = np.repeat(np.asarray(bits_per_group), sizes)
+    scale_rows = np.repeat(np.asarray(scales_per_group, np.float32), sizes)
+    wq = fake_quant_mixed(jnp.asarray(w_rows, jnp.float32), scale_rows, bits_rows, mode)
+    y = fake_quant_act_int8(x) @ wq.T
+    if bias is not None:
+        y = y + jnp.asarray(bias, jnp.float32) * jnp.asarray(bits_rows != 0, jnp.float32)
+    return y
 
 
 def test_int8_matmul_exact():
@@ -103,7 +112,7 @@ def test_embedding_lookup_matches_fake_quant():
     sizes, bits = [10, 10, 10, 10], [8, 0, 4, 2]
     table = (rng.standard_normal((40, 16)) * 0.1).astype(np.float32)
     scales = init_group_scales(table, sizes, 4)
-    p = pack_embedding(table, sizes, bits, scales)
+    p = pack_linear(table, None, sizes, bits, scales)  # an embedding: vocabulary row groups, no bias
     assert p.nbytes() == tensor_nbytes(sizes, 16, bits, has_bias=False)
     t = unpack_embedding(p)
     assert isinstance(t, EmbeddingTable) and t.codes.dtype == jnp.int8
@@ -113,8 +122,3 @@ def test_embedding_lookup_matches_fake_quant():
     np.testing.assert_array_equal(out, ref[ids])
     assert not np.any(np.asarray(out)[0, 2]) and not np.any(np.asarray(out)[1, 1])
     np.testing.assert_array_equal(embedding_lookup(ids, p), out)
-
-
-def test_bench_runs():
-    r = bench_int_vs_fp32(1, 4, 32, 16, 4, n_iter=2)
-    assert set(r) == {"int_ms", "fp32_ms"} and r["int_ms"] > 0 and r["fp32_ms"] > 0

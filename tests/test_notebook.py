@@ -19,11 +19,11 @@ def test_notebook_committed_without_outputs():
 def tiny_plan(tiny_model_dir, tmp_path_factory):
     import numpy as np
 
+    from nasq.contract.cost import Budget
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import load_space, resolve
     from nasq.models.loading import load_pretrained
-    from nasq.models.surgery import linear_shapes
-    from nasq.plan import make_plan, model_param_shapes
-    from nasq.search.cost import Budget
-    from nasq.search.space import load_space, resolve
+    from nasq.models.surgery import linear_shapes, model_param_shapes
 
     model, _, _ = load_pretrained(tiny_model_dir, 2)
     space = load_space("tiny")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nasq.contract.cost import Budget, fixed_nbytes, plan_size_bytes
+from nasq.contract.plan import Plan, make_plan
 from nasq.errors import NasqError
 from nasq.models.bert import Embedding, Linear
-from nasq.plan import Plan, apply_plan, check_plan_matches, make_plan, model_param_shapes
+from nasq.models.surgery import model_param_shapes
+from nasq.quant.apply import apply_plan, check_plan_matches
 from nasq.quant.layers import QuantEmbedding, QuantLinear
-from nasq.search.cost import Budget, fixed_nbytes, plan_size_bytes
 
 QUERY = "encoder.layer.0.attention.self.query"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import nasq.cli
-from nasq.search.cost import load_latency_table
+from nasq.contract.cost import load_latency_table
 
 SEARCH_ARGS = ["--task", "sst2", "--train-subset", "120", "--space", "tiny", "--max-steps", "6",
                "--set", "train.batch_size=16", "--set", "model.max_len=32", "--set", "data.buckets=[32]",
@@ -24,9 +24,9 @@ def lat(tiny_model_dir, tmp_path_factory):
 
 
 def _tensors(tiny_model_dir):
+    from nasq.contract.space import load_space, resolve
     from nasq.models.loading import load_pretrained
     from nasq.models.surgery import linear_shapes
-    from nasq.search.space import load_space, resolve
 
     model, _, _ = load_pretrained(tiny_model_dir, 2)
     return resolve(load_space("tiny"), linear_shapes(model.bert), model.config.num_attention_heads)
@@ -61,7 +61,7 @@ def test_profile_refuses_overwrite_and_bad_args(lat, tiny_model_dir, capsys):
 
 
 def test_latency_budget_search(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
-    from nasq.search.cost import latency_range
+    from nasq.contract.cost import latency_range
 
     table = load_latency_table(lat)
     lo, hi = latency_range(_tensors(tiny_model_dir), table)
@@ -80,7 +80,7 @@ def test_latency_budget_search(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
 
 
 def test_infeasible_latency_budget(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
-    from nasq.search.cost import latency_range
+    from nasq.contract.cost import latency_range
 
     lo, hi = latency_range(_tensors(tiny_model_dir), load_latency_table(lat))
     run = tmp_path / "run"

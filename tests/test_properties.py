@@ -14,8 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nasq.contract.plan import Plan, make_plan
 from nasq.errors import NasqError
-from nasq.plan import Plan, apply_plan, make_plan, model_param_shapes
+from nasq.models.surgery import model_param_shapes
+from nasq.quant.apply import apply_plan
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -24,9 +26,9 @@ SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=list(He
 @given(data=st.data())
 @SETTINGS
 def test_exported_bytes_equal_cost_model(tiny, tmp_path_factory, data):
-    from nasq.export.artifact import export_model, read_manifest
-    from nasq.plan import SpaceInfo
-    from nasq.search.space import Fixed
+    from nasq.contract.space import Fixed, SpaceInfo
+    from nasq.export.reader import read_manifest
+    from nasq.export.writer import export_model
 
     model, space, tensors = tiny
     bits = [tuple(data.draw(st.lists(st.sampled_from(t.choices), min_size=t.num_groups, max_size=t.num_groups)))

@@ -10,8 +10,6 @@ from nasq.quant.quantizer import (
     fake_quant_act_int8,
     fake_quant_mixed,
     init_group_scales,
-    init_scale,
-    quant_mse,
     quantize_act_int8,
     quantize_codes,
 )
@@ -101,6 +99,17 @@ def test_fake_quant_mixed_matches_per_row(mode):
         np.testing.assert_allclose(gs[r], gsr, rtol=1e-5, atol=1e-7)
     with pytest.raises(NasqError):
         fake_quant_mixed(w, s, bits_rows[:3], mode)
+
+
+def quant_mse(w, scale, bits: int, mode: str = "symmetric") -> float:
+    """``mean (w - Q_b(w; s))^2``."""
+    w = jnp.asarray(w, jnp.float32)
+    return float(jnp.mean(jnp.square(w - fake_quant(w, scale, bits, mode))))
+
+
+def init_scale(w_rows, bits: int, mode: str = "symmetric", method: str = "mse"):
+    """One step for all of ``w_rows`` (laid out as a single row group)."""
+    return init_group_scales(np.asarray(w_rows, np.float32).reshape(1, -1), [1], bits, mode, method)[0]
 
 
 def _weights(kind, rng):

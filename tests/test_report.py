@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nasq.contract.cost import Budget
+from nasq.contract.plan import Plan, make_plan
+from nasq.contract.space import match_path
 from nasq.errors import NasqError
-from nasq.plan import Plan, make_plan, model_param_shapes
+from nasq.models.surgery import model_param_shapes
 from nasq.report import inspect as rep
 from nasq.report import plots
-from nasq.search.cost import Budget
-from nasq.search.space import match_path
 
 QUERY = "encoder.layer.0.attention.self.query"
 FFN_OUT = "encoder.layer.1.output.dense"
@@ -51,7 +52,7 @@ def paths(tmp_path_factory, tiny, plan_a, plan_b):
     """plan files, a fake search run, a QAT run dir and a fake artifact dir."""
     from safetensors.numpy import save_file
 
-    from nasq.export.artifact import _manifest_digest
+    from nasq.export.format import manifest_digest as _manifest_digest
 
     model, space, tensors = tiny
     root = tmp_path_factory.mktemp("report")
@@ -112,7 +113,7 @@ def test_module_of():
 
 
 def test_load_every_source(paths, plan_a):
-    kinds = {k: rep.load_allocation(paths[k]) for k in ("a", "search", "qat", "artifact")}
+    kinds = {k: rep.load_sourced_plan(paths[k]) for k in ("a", "search", "qat", "artifact")}
     assert [kinds[k].kind for k in kinds] == ["plan", "search", "finetune", "artifact"]
     for a in kinds.values():
         assert a.plan.bits_per_group() == plan_a.bits_per_group()
@@ -120,9 +121,9 @@ def test_load_every_source(paths, plan_a):
     assert kinds["search"].plan.totals["fixed_bytes"] == plan_a.totals["fixed_bytes"]
     assert kinds["artifact"].manifest["tensor_bytes"] == plan_a.totals["artifact_tensor_bytes"]
     with pytest.raises(NasqError, match="no plan.json"):
-        rep.load_allocation(paths["root"] / "search" / "..")  # root: only loose plan files, no plan.json
+        rep.load_sourced_plan(paths["root"] / "search" / "..")  # root: only loose plan files, no plan.json
     with pytest.raises(NasqError, match="not found"):
-        rep.load_allocation(paths["root"] / "missing")
+        rep.load_sourced_plan(paths["root"] / "missing")
 
 
 def test_stats_and_budget(plan_a):
@@ -201,7 +202,7 @@ def test_compare(paths, plan_a, plan_b):
 
 
 def test_bits_agreement_and_its_chance_level():
-    from nasq.plan import PlanTensor
+    from nasq.contract.plan import PlanTensor
 
     def t(bits, sizes=(2, 2)):
         return PlanTensor(path="x", kind="linear", rows=sum(sizes), cols=3, has_bias=False, group_sizes=sizes,
@@ -221,7 +222,7 @@ def _png_ok(p: Path) -> None:
 
 
 def test_plots_and_html(paths, tmp_path):
-    files = plots.write_report(rep.load_allocation(paths["search"]), tmp_path / "rep")
+    files = plots.write_report(rep.load_sourced_plan(paths["search"]), tmp_path / "rep")
     assert set(files) == {"heatmap", "modules", "trajectory", "html"}
     for k in ("heatmap", "modules", "trajectory"):
         _png_ok(files[k])

@@ -11,13 +11,13 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from nasq.config import build_config
+from nasq.contract.model_dir import save_model_dir
+from nasq.contract.space import load_space, resolve
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes
 from nasq.quant.layers import GateLogits, QuantScale, set_search_context, to_supernet
 from nasq.search.loop import normalised_costs, search, solve_price
-from nasq.search.space import load_space, resolve
-from nasq.train.common import save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +154,9 @@ def _logits(model, ids):
 def test_supernet_with_one_hot_gates_is_its_inherited_child(finished_search, teacher_dir):
     """Gates one-hot on the plan's widths: the restored supernet computes exactly the plan's child built from
     the search weights and steps (the two views of the checkpoint agree)."""
-    from nasq.plan import Plan
+    from nasq.contract.model_dir import load_model_dir
+    from nasq.contract.plan import Plan
     from nasq.search.restore import inherit_search_weights, restore_supernet
-    from nasq.train.common import load_model_dir
 
     run, plan_path = finished_search
     d = Plan.load(plan_path).to_dict()
@@ -174,7 +174,7 @@ def test_supernet_with_one_hot_gates_is_its_inherited_child(finished_search, tea
     ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (4, 12)), jnp.int32)
     np.testing.assert_allclose(_logits(child, ids), _logits(sn, ids), atol=1e-5)
     # ... and the search did train the weights: the child is not the teacher's plan child
-    from nasq.plan import apply_plan
+    from nasq.quant.apply import apply_plan
 
     assert np.abs(_logits(apply_plan(teacher, plan), ids) - _logits(child, ids)).max() > 1e-4
 
@@ -182,11 +182,12 @@ def test_supernet_with_one_hot_gates_is_its_inherited_child(finished_search, tea
 def test_finetune_init_from_search(finished_search, teacher_dir, glue_dir, tmp_path):
     """`nasq finetune --plan P --init-from SEARCH` starts from the search's weights and planned steps."""
     from nasq.cli import main
-    from nasq.plan import Plan
+    from nasq.contract.plan import Plan
+    from nasq.data.tasks import load_task_data
     from nasq.run import RunDir
     from nasq.search.restore import search_checkpoint, search_steps
-    from nasq.train.common import flatten, load_task_data
     from nasq.train.finetune import build_student
+    from nasq.tree import flatten
 
     run, plan_path = finished_search
     flags = ["--plan", str(plan_path), "--teacher", str(teacher_dir), "--task", "sst2", "--data-dir",
@@ -214,9 +215,9 @@ def test_finetune_init_from_search(finished_search, teacher_dir, glue_dir, tmp_p
 
 def test_init_from_bad_input_is_a_clear_error(finished_search, teacher_dir, tmp_path):
     from nasq.config import build_config
-    from nasq.plan import Plan
+    from nasq.contract.model_dir import load_model_dir
+    from nasq.contract.plan import Plan
     from nasq.search.restore import inherit_search_weights
-    from nasq.train.common import load_model_dir
 
     run, plan_path = finished_search
     with pytest.raises(NasqError, match="needs a plan"):
@@ -229,10 +230,11 @@ def test_init_from_bad_input_is_a_clear_error(finished_search, teacher_dir, tmp_
         inherit_search_weights(teacher_dir, plan, teacher)
     import dataclasses
 
-    from nasq.plan import SpaceInfo, make_plan
-    from nasq.search.finalize import load_search_result
+    from nasq.contract.plan import make_plan
+    from nasq.contract.search_result import SearchResult
+    from nasq.contract.space import SpaceInfo
 
-    _, tensors, _ = load_search_result(run)  # a plan over another space: {1, 2, 4, 8}, no pruning
+    tensors = list(SearchResult.load(run)[0].tensors)  # a plan over another space: {1, 2, 4, 8}, no pruning
     other = [dataclasses.replace(t, choices=(1, 2, 4, 8)) for t in tensors]
     odd = make_plan(other, [(1,) * t.num_groups for t in other], space=SpaceInfo(name="other", source="test"),
                     budget=None, param_shapes=None, provenance={"method": "test"})

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nasq.contract.space import (
+    SearchedTensor,
+    group_sizes,
+    load_space,
+    parse_space,
+    resolve,
+    search_spaces_dir,
+)
 from nasq.errors import NasqError
-from nasq.search.space import SearchedTensor, group_sizes, load_space, parse_space, resolve, search_spaces_dir
 from nasq.testing import bert_shapes
 
 SHIPPED = ["aqbert_128g", "aqbert_128g_nopruning", "per_head", "per_channel", "per_matrix", "tiny", "whole_model"]
@@ -187,7 +194,7 @@ def test_per_head_indivisible_rows_and_embedding():
 
 
 def test_match_path_is_component_wise():
-    from nasq.search.space import match_path
+    from nasq.contract.space import match_path
 
     assert match_path("encoder.layer.3.output.dense", "encoder.layer.*.output.dense")
     assert not match_path("encoder.layer.3.attention.output.dense", "encoder.layer.*.output.dense")

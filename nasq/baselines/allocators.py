@@ -1,9 +1,9 @@
 """Baseline bit allocators. Each returns ``bits_per_group`` (one tuple per searched tensor) and
-:func:`baseline_plan` turns it into the same ``plan.json`` search writes (:func:`nasq.plan.make_plan`).
+:func:`baseline_plan` turns it into the same ``plan.json`` search writes (:func:`nasq.contract.plan.make_plan`).
 
 * ``uniform``: every group at ``bits`` (a Q-BERT-style uniform baseline). Needs no budget.
 * ``random``: random utilities fed to the exact knapsack of ``nasq finalize``
-  (:func:`nasq.search.finalize.solve_allocation`) under the budget. The utilities are random *and increasing in
+  (:func:`nasq.search.finalize.allocate`) under the budget. The utilities are random *and increasing in
   bytes* and *proportional to the group's weight count* ``n_g``: ``u_{g,c} = n_g * sum_{k <= c} e_{g,k}`` with
   ``e ~ Uniform(0, 1)`` i.i.d. over (group, choice), choices in ascending bits, from
   ``numpy.random.default_rng(seed)``. Increasing utilities make the knapsack spend the budget as fully as the
@@ -28,10 +28,15 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nasq.baselines.hessian import hessian_allocation, tensor_weights
 from nasq.config import Config
+from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
+from nasq.contract.plan import make_plan
+from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.errors import NasqError
-from nasq.search.cost import MB, Budget, plan_size_bytes, resolve_budget, size_tables, uniform_plan
-from nasq.search.space import SearchedTensor, SearchSpace
+from nasq.models.surgery import linear_shapes, model_param_shapes
+from nasq.quant.packing import group_nbytes
+from nasq.search.finalize import allocate, choices_to_bits
 
 __all__ = [
     "METHODS",
@@ -70,17 +75,12 @@ def random_utilities(tensors: Sequence[SearchedTensor], seed: int) -> list[np.nd
 def random_allocation(tensors: Sequence[SearchedTensor], budget_bytes: int, seed: int,
                       *, time_limit: float = 20.0) -> list[tuple[int, ...]]:
     """The knapsack optimum of :func:`random_utilities` within ``budget_bytes`` (module docstring)."""
-    from nasq.search.finalize import choices_to_bits, solve_allocation
-
-    choices = solve_allocation(random_utilities(tensors, seed), size_tables(tensors), int(budget_bytes),
-                               time_limit=time_limit)
-    return choices_to_bits(tensors, choices)
+    alloc = allocate(random_utilities(tensors, seed), size_tables(tensors), int(budget_bytes), time_limit=time_limit)
+    return choices_to_bits(tensors, alloc.choices)
 
 
 def group_magnitudes(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> list[np.ndarray]:
     """``[G]`` per tensor: ``rms(W_g) / rms(W)`` of the fp32 weights (biases excluded)."""
-    from nasq.baselines.hessian import tensor_weights
-
     out = []
     for t, (w, _b) in zip(tensors, tensor_weights(model, tensors), strict=True):
         row_sq = np.square(w, dtype=np.float64).sum(axis=1)
@@ -94,8 +94,6 @@ def group_magnitudes(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> li
 def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], budget_bytes: int,
                          bits: int) -> list[tuple[int, ...]]:
     """Uniform ``bits`` with the smallest-magnitude groups pruned until the plan fits ``budget_bytes``."""
-    from nasq.quant.packing import group_nbytes
-
     plan = [list(b) for b in uniform_allocation(tensors, bits)]
     size = plan_size_bytes(tensors, plan)
     if size <= budget_bytes:
@@ -122,9 +120,6 @@ def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], b
 
 def baseline_tensors(cfg: Config, model: nnx.Module) -> tuple[SearchSpace, list[SearchedTensor]]:
     """The search space ``cfg.search.space`` resolved on ``model`` (as the search does)."""
-    from nasq.models.surgery import linear_shapes
-    from nasq.search.space import load_space, resolve
-
     space = load_space(cfg.search.space)
     return space, resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
 
@@ -132,19 +127,13 @@ def baseline_tensors(cfg: Config, model: nnx.Module) -> tuple[SearchSpace, list[
 def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
     """The budget of ``cfg.search`` (``budget_mb`` / ``avg_bits`` / ``ratio``, ``convention``) on ``model``'s
     searched tensors, or None when none is given. ``latency_ms`` is refused (baselines are size-based)."""
-    from nasq.plan import model_param_shapes
-    from nasq.search.cost import fixed_nbytes
-
     s = cfg.search
     if s.latency_ms is not None:
         raise NasqError("baselines allocate under a size budget; use --budget-mb, --avg-bits or --ratio "
                         "instead of --latency-ms")
-    if s.budget_mb is None and s.avg_bits is None and s.ratio is None:
-        return None
     space, tensors = baseline_tensors(cfg, model)
-    fixed = fixed_nbytes(model_param_shapes(model), tensors, space)
-    return resolve_budget(tensors, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
-                          convention=s.convention, fixed_bytes=fixed)
+    return size_budget(tensors, space, model_param_shapes(model), budget_mb=s.budget_mb, avg_bits=s.avg_bits,
+                       ratio=s.ratio, convention=s.convention)
 
 
 def baseline_plan(
@@ -161,15 +150,13 @@ def baseline_plan(
     time_limit: float = 20.0,
     provenance: dict[str, Any] | None = None,
 ):
-    """A :class:`nasq.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
+    """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
     ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
     given budget is recorded and must be met). ``magnitude`` needs ``bits``; ``hessian`` needs ``data``
-    (:class:`nasq.train.common.TaskData`) and uses ``cfg.train.batch_size``. ``seed`` defaults to
+    (:class:`nasq.data.tasks.TaskData`) and uses ``cfg.train.batch_size``. ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
-    from nasq.plan import make_plan, model_param_shapes
-
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     seed = cfg.train.seed if seed is None else int(seed)
@@ -195,8 +182,6 @@ def baseline_plan(
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
     else:
-        from nasq.baselines.hessian import hessian_allocation
-
         if data is None:
             raise NasqError("the hessian baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}

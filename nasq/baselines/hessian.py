@@ -38,8 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nasq.contract.cost import size_tables
+from nasq.contract.space import SearchedTensor
+from nasq.data.batching import iterate_batches
 from nasq.errors import NasqError
-from nasq.search.space import SearchedTensor
+from nasq.models.bert import Embedding, Linear
+from nasq.models.surgery import iter_named
+from nasq.objectives import task_loss
+from nasq.quant.quantizer import fake_quant, init_group_scales
+from nasq.search.finalize import allocate, choices_to_bits
+from nasq.tree import keystr as _keystr
 
 __all__ = [
     "group_traces",
@@ -101,17 +109,12 @@ def hutchinson_diagonal(
 
 
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
-    from nasq.models.bert import Embedding, Linear
-    from nasq.models.surgery import iter_named
-
     return dict(iter_named(model.bert, (Linear, Embedding)))
 
 
 def tensor_weights(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """``(w_rows [rows, cols], bias [rows] | None)`` (float32 numpy) of each searched tensor of a
     ``BertForSequenceClassification`` (linears: ``kernel.T``, the ``(out, in)`` view; embeddings: the table)."""
-    from nasq.models.bert import Linear
-
     mods = _modules(model)
     out = []
     for t in tensors:
@@ -138,8 +141,6 @@ def _starts(t: SearchedTensor) -> np.ndarray:
 def quant_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mode: str) -> list[np.ndarray]:
     """``[G, C]`` float64 per tensor: ``||W_g - Q_c(W_g)||^2`` with MSE-initialised steps, and
     ``||W_g||^2 + ||b_g||^2`` for ``c == 0`` (pruned rows take their bias with them)."""
-    from nasq.quant.quantizer import fake_quant, init_group_scales
-
     out = []
     for t, (w, b) in zip(tensors, tensor_weights(model, tensors), strict=True):
         starts = _starts(t)
@@ -160,8 +161,6 @@ def quant_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mo
 
 
 def _param_key(mods: dict[str, nnx.Module], path: str) -> str:
-    from nasq.models.bert import Linear
-
     return f"bert.{path}." + ("kernel" if isinstance(mods[path], Linear) else "embedding")
 
 
@@ -176,9 +175,6 @@ def group_traces(
 ) -> list[np.ndarray]:
     """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor): Hutchinson over ``batches`` (each a ``Batch``), the task
     loss of the fp32 ``model`` (no dropout) as a function of the searched weight matrices only."""
-    from nasq.models.bert import Linear
-    from nasq.train.common import _keystr, task_loss
-
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [_keystr(p) for p, _ in leaves]
@@ -224,8 +220,6 @@ def hessian_utilities(traces: Sequence[np.ndarray], perturbations: Sequence[np.n
 
 
 def _train_batches(data, n_batches: int, batch_size: int, seed: int) -> list:
-    from nasq.data.batching import iterate_batches
-
     if n_batches < 1:
         raise NasqError(f"n_batches must be >= 1, got {n_batches}")
     if len(data.train) == 0:
@@ -250,11 +244,8 @@ def hessian_allocation(
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` within ``budget_bytes``
     (module docstring; Q-BERT / HAWQ-V3). ``model`` is the fp32 (fine-tuned) model, ``data`` a
-    :class:`nasq.train.common.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
+    :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
     ``n_probes`` Rademacher probes each. ``info`` (optional dict) receives solver and estimator statistics."""
-    from nasq.search.cost import size_tables
-    from nasq.search.finalize import allocate, choices_to_bits
-
     batches = _train_batches(data, n_batches, batch_size, seed)
     traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
                           seed=seed)

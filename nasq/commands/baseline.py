@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import argparse
 
+from nasq.baselines.allocators import METHODS, baseline_budget, baseline_plan
+from nasq.commands._common import add_budget_flags, add_common, config_from_args
+from nasq.contract.cost import MB
+from nasq.contract.model_dir import load_model_dir, model_dir_of
+from nasq.data.glue import get_task
+from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
+from nasq.io import check_output_path
+from nasq.models.loading import load_pretrained, resolve_model_dir
 
 
 def register(subparsers) -> None:
-    from nasq.baselines.allocators import METHODS
-    from nasq.cli import add_budget_flags, add_common
-
     p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, hessian, random or magnitude",
                               description=__doc__)
     p.add_argument("method", choices=METHODS)
@@ -33,10 +38,6 @@ def register(subparsers) -> None:
 
 def load_model(cfg, log=print):
     """(fp32 model, model dir with the tokenizer, provenance) for `cfg.kd.teacher` or `cfg.model.name`."""
-    from nasq.data.glue import get_task
-    from nasq.models.loading import load_pretrained, resolve_model_dir
-    from nasq.train.common import load_model_dir
-
     num_labels = get_task(cfg.data.task).num_labels
     if cfg.kd.teacher:
         model, meta = load_model_dir(cfg.kd.teacher)
@@ -47,8 +48,6 @@ def load_model(cfg, log=print):
             raise NasqError(f"--teacher {cfg.kd.teacher} was trained for {meta.get('task')!r} with "
                             f"{meta.get('num_labels')} labels, but --task {cfg.data.task} has {num_labels}; "
                             "pass the matching --task")
-        from nasq.train.common import model_dir_of
-
         return model, model_dir_of(cfg.kd.teacher), {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
     model_dir = resolve_model_dir(cfg.model.name)
     model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
@@ -59,12 +58,6 @@ def load_model(cfg, log=print):
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from nasq.baselines.allocators import baseline_budget, baseline_plan
-    from nasq.cli import config_from_args
-    from nasq.run import check_output_path
-    from nasq.search.cost import MB
-    from nasq.train.common import load_task_data
-
     if not args.out:
         raise NasqError("baseline needs --out plan.json")
     check_output_path(args.out, args.overwrite)

@@ -6,11 +6,11 @@ import argparse
 import json
 
 from nasq.errors import NasqError
+from nasq.export.reader import predict_texts, read_manifest
+from nasq.export.writer import export_artifact
 
 
 def cmd_export(args) -> int:
-    from nasq.export.artifact import export_artifact, read_manifest
-
     if not args.out:
         raise NasqError("export needs --out FILE (the artifact directory to write, e.g. model.nasq)")
     out = export_artifact(args.run, args.out, overwrite=args.overwrite)
@@ -23,8 +23,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from nasq.export.artifact import predict_texts
-
     if not args.texts:
         raise NasqError("predict needs at least one TEXT")
     pairs = args.pair or None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from nasq.contract.cost import MB, Budget, size_budget
+from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
+from nasq.io import check_output_path
+from nasq.search.finalize import finalize_run
 
 
 def register(subparsers) -> None:
@@ -29,35 +33,22 @@ def register(subparsers) -> None:
     p.set_defaults(fn=cmd_finalize)
 
 
-def _override(args: argparse.Namespace):
-    from nasq.plan import SpaceInfo
-    from nasq.search.cost import fixed_nbytes, resolve_budget
-    from nasq.search.finalize import load_search_result
-    from nasq.search.space import Fixed
-
+def _override(args: argparse.Namespace) -> Budget | None:
+    """The budget given on the command line (on the search's tensors and model), or None for the run's own."""
     given = [k for k in ("budget_mb", "avg_bits", "ratio") if getattr(args, k) is not None]
     if not given:
         if args.convention:
             raise NasqError("--convention only applies together with --budget-mb")
         return None
-    res, tensors, _ = load_search_result(args.run)
-    convention = args.convention or "encoder"
-    fixed = 0
-    if convention == "artifact":
-        if not res.get("param_shapes"):
-            raise NasqError(f"{args.run}: search_result.json has no param_shapes; use the 'encoder' convention")
-        space = SpaceInfo(name=str(res["space_name"]), source=str(res["space_source"]),
-                          fixed=Fixed.model_validate(res["fixed"]))
-        fixed = fixed_nbytes(res["param_shapes"], tensors, space)
-    return resolve_budget(tensors, budget_mb=args.budget_mb, avg_bits=args.avg_bits, ratio=args.ratio,
-                          convention=convention, fixed_bytes=fixed)
+    res, _ = SearchResult.load(args.run)
+    try:
+        return size_budget(res.tensors, res.space, res.param_shapes, budget_mb=args.budget_mb,
+                           avg_bits=args.avg_bits, ratio=args.ratio, convention=args.convention or "encoder")
+    except NasqError as e:
+        raise NasqError(f"{args.run}: {e}") from None
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from nasq.run import check_output_path
-    from nasq.search.cost import MB
-    from nasq.search.finalize import finalize_run
-
     check_output_path(args.out, args.overwrite)
     plan = finalize_run(args.run, args.out, overwrite=args.overwrite, budget_override=_override(args),
                         time_limit=args.time_limit, spend_leftover=args.spend_leftover)

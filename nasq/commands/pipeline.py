@@ -1,5 +1,27 @@
-"""`nasq pipeline` (implemented in nasq.pipeline)."""
+"""`nasq pipeline`: finetune -> search -> finalize -> QAT -> export -> eval (`nasq.pipeline`)."""
 
-from nasq.pipeline import register
+from __future__ import annotations
 
-__all__ = ["register"]
+from nasq.commands._common import add_common, user_layers
+from nasq.errors import NasqError
+from nasq.pipeline import PRESETS, run_pipeline
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pipeline", help="finetune -> search -> finalize -> QAT -> export -> eval")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
+    add_common(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+
+def cmd_pipeline(args) -> int:
+    if args.max_steps is not None:
+        raise NasqError("pipeline: --max-steps is ambiguous across stages; use --set train.max_steps=N "
+                        "(applies to every stage) or a --config file.")
+    # --teacher is also recorded as kd.teacher: the stages that read it (search, QAT) get exactly that run
+    layers = user_layers(args)
+    out = args.out or "runs/pipeline"
+    run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
+                 overwrite=args.overwrite)
+    return 0

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from nasq.contract.cost import save_latency_table
+from nasq.contract.space import load_space
 from nasq.errors import NasqError
+from nasq.io import check_output_path
+from nasq.profile import profile_latency
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,15 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from nasq.profile import profile_latency
-    from nasq.run import check_output_path
-    from nasq.search.cost import save_latency_table
-
     check_output_path(args.out, args.overwrite)
     bits = None
     if args.space:
-        from nasq.search.space import load_space
-
         bits = sorted({int(b) for r in load_space(args.space).rules for b in r.choices if int(b) != 0})
         if not bits:
             raise NasqError(f"search space {args.space} has no non-zero bit widths to profile")

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from nasq.errors import NasqError
+from nasq.report import plots
+from nasq.report.inspect import FORMATS, compare_plans, format_compare, load_sourced_plan, render
 
 
 def cmd_inspect(args) -> int:
-    from nasq.report.inspect import render
-
     print(render(args.path, args.format), end="")
     return 0
 
 
 def cmd_plot(args) -> int:
-    from pathlib import Path
-
-    from nasq.report import plots
-
     if args.pareto:
         out = Path(args.out or "report")
         png = plots.plot_pareto(args.pareto, out / "pareto.png", size=args.size)
@@ -31,9 +28,7 @@ def cmd_plot(args) -> int:
         return 0
     if not args.path:
         raise NasqError("plot needs PATH (plan, search run, QAT run or artifact) or --pareto RESULTS")
-    from nasq.report.inspect import load_allocation
-
-    alloc = load_allocation(args.path)
+    alloc = load_sourced_plan(args.path)
     src = Path(alloc.source)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report"
     files = plots.write_report(alloc, out)
@@ -43,16 +38,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from nasq.report.inspect import compare_plans, format_compare
-
     cmp = compare_plans(args.plan_a, args.plan_b)
     print(json.dumps(cmp, indent=1) + "\n" if args.format == "json" else format_compare(cmp), end="")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nasq.report.inspect import FORMATS
-
     i = subparsers.add_parser("inspect", help="bit allocation per layer x module (plan, search run, QAT run, "
                                               "artifact)")
     i.add_argument("path", help="plan.json, search run dir, QAT run dir or exported artifact dir")

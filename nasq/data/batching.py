@@ -6,7 +6,7 @@ rows (``weights == 0``, ``index == -1``, all-pad tokens, ``attention_mask == 0``
 weighted by ``weights``.
 
 `Batch` is registered as a JAX pytree (``jax.tree_util.register_dataclass``), so it can be passed straight
-into jitted functions; ``Batch.as_dict()`` gives a plain dict of the same arrays.
+into jitted functions.
 
 Order: an epoch's plan is a pure function of ``(seed, epoch)``. Each example goes to the smallest bucket
 ``b >= length``; indices are permuted within each bucket, cut into batches, and the batch order is permuted.
@@ -17,7 +17,7 @@ The number of batches per epoch does not depend on the seed, so global step ``s`
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -107,9 +107,6 @@ class Batch:
     labels: np.ndarray
     weights: np.ndarray
     index: np.ndarray
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _bucket_of(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Inference-only integer BERT classifier built from artifact tensors (``nasq.export.artifact``).
+"""Inference-only integer BERT classifier built from artifact tensors (``nasq.export.reader``).
 
 It mirrors ``nasq.models.bert.BertForSequenceClassification`` (eval mode, no dropout) op for op, with every
 quantized linear replaced by the integer kernel of ``nasq.kernels.int_linear``::
@@ -195,7 +195,7 @@ def int_bert_forward(meta: IntBertMeta, params: dict, input_ids, token_type_ids,
 class IntBert:
     """Integer BERT classifier: ``IntBert(input_ids, token_type_ids, attention_mask) -> logits``.
 
-    Build it with ``nasq.export.artifact.load_artifact``. ``params`` is a pytree (dicts of ``PackedLinear`` /
+    Build it with ``nasq.export.reader.load_artifact``. ``params`` is a pytree (dicts of ``PackedLinear`` /
     ``ResidentLinear`` / ``Fp32Linear`` / ``EmbeddingTable`` / arrays); ``meta`` is static.
     """
 

@@ -35,13 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasq.errors import NasqError
-from nasq.quant.packing import BIAS_BYTES, SCALE_BYTES, pack_codes, unpack_codes
-from nasq.quant.quantizer import (
-    fake_quant_act_int8,
-    fake_quant_mixed,
-    quantize_act_int8,
-    quantize_codes,
-)
+from nasq.quant.packing import BIAS_BYTES, SCALE_BYTES, pack_rows, packed_row_bytes, unpack_codes
+from nasq.quant.quantizer import quantize_act_int8
 
 
 def int8_matmul(x_codes, w_codes):
@@ -147,6 +142,35 @@ def _check_plan(rows: int, group_sizes, bits_per_group, scales_per_group):
     return sizes, bits
 
 
+def packed_linear(get, group_sizes: Sequence[int], bits_per_group: Sequence[int], cols: int, *,
+                  has_bias: bool) -> PackedLinear:
+    """A ``PackedLinear`` over stored arrays (the names of :func:`nasq.quant.packing.pack_rows`).
+
+    ``get(name, shape, dtype)`` returns the stored array ``name`` (``seg{b}``, ``scale``, ``bias``) and checks
+    its shape and dtype (the artifact reader raises a corrupt-artifact error there); out_index and the kept
+    group sizes are derived from ``group_sizes`` and ``bits_per_group``.
+    """
+    sizes, bits = [int(r) for r in group_sizes], [int(b) for b in bits_per_group]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    segments, kept_sizes, out_index = [], [], []
+    for b in sorted({b for b in bits if b > 0}):
+        sel = [g for g, gb in enumerate(bits) if gb == b]
+        n = sum(sizes[g] for g in sel)
+        segments.append((b, jnp.asarray(get(f"seg{b}", (n, packed_row_bytes(cols, b)), np.uint8))))
+        kept_sizes += [sizes[g] for g in sel]
+        out_index += [np.arange(starts[g], starts[g] + sizes[g]) for g in sel]
+    k = sum(kept_sizes)
+    scale = get("scale", (len(kept_sizes),), np.float32) if segments else np.zeros(0, np.float32)
+    bias = None
+    if has_bias:
+        bias = jnp.asarray(get("bias", (k,), np.float32) if segments else np.zeros(0, np.float32))
+    return PackedLinear(
+        segments=tuple(segments), group_scale=jnp.asarray(scale), bias=bias,
+        out_index=jnp.asarray(np.concatenate(out_index).astype(np.int32) if out_index else np.zeros(0, np.int32)),
+        kept_group_sizes=tuple(kept_sizes), in_features=int(cols), out_features=int(sum(sizes)),
+    )
+
+
 def pack_linear(
     w_rows,
     bias,
@@ -155,7 +179,8 @@ def pack_linear(
     scales_per_group,
     mode: str = "symmetric",
 ) -> PackedLinear:
-    """Quantize (``quantize_codes``), drop pruned groups, and pack ``w_rows [out, in]`` per bit width.
+    """Quantize and pack ``w_rows [out, in]`` (:func:`nasq.quant.packing.pack_rows`, the exporter's packer) and
+    wrap the arrays as a ``PackedLinear``; pruned groups are dropped.
 
     ``scales_per_group`` ``[G]`` are the (learned) steps; entries of pruned groups are ignored.
     """
@@ -163,36 +188,12 @@ def pack_linear(
     if w.ndim != 2:
         raise NasqError(f"pack_linear expects a [out, in] weight, got shape {w.shape}")
     sizes, bits = _check_plan(w.shape[0], group_sizes, bits_per_group, scales_per_group)
-    scales = np.asarray(scales_per_group, np.float32).reshape(-1)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
     b_arr = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
     if b_arr is not None and b_arr.shape[0] != w.shape[0]:
         raise NasqError(f"bias has {b_arr.shape[0]} entries but the weight has {w.shape[0]} rows")
-
-    segments, gscale, kept_sizes, out_index, kept_bias = [], [], [], [], []
-    for b in sorted({b for b in bits if b > 0}):
-        seg_codes = []
-        for g, (r0, r, gb) in enumerate(zip(starts, sizes, bits, strict=True)):
-            if gb != b:
-                continue
-            codes = np.asarray(quantize_codes(w[r0 : r0 + r], scales[g], b, mode))
-            seg_codes.append(codes)
-            gscale.append(scales[g])
-            kept_sizes.append(r)
-            out_index.append(np.arange(r0, r0 + r))
-            if b_arr is not None:
-                kept_bias.append(b_arr[r0 : r0 + r])
-        segments.append((b, jnp.asarray(pack_codes(np.concatenate(seg_codes, axis=0), b))))
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros((0,), dt)
-    return PackedLinear(
-        segments=tuple(segments),
-        group_scale=jnp.asarray(np.asarray(gscale, np.float32).reshape(-1)),
-        bias=None if b_arr is None else jnp.asarray(cat(kept_bias, np.float32)),
-        out_index=jnp.asarray(cat(out_index, np.int32)),
-        kept_group_sizes=tuple(kept_sizes),
-        in_features=int(w.shape[1]),
-        out_features=int(w.shape[0]),
-    )
+    arrays = pack_rows(w, b_arr, sizes, bits, scales_per_group, mode)
+    return packed_linear(lambda name, shape, dtype: arrays[name], sizes, bits, w.shape[1],
+                         has_bias=b_arr is not None)
 
 
 def packed_linear_apply(x, p: PackedLinear, output: str = "scatter"):
@@ -220,18 +221,6 @@ def packed_linear_apply(x, p: PackedLinear, output: str = "scatter"):
     return jnp.zeros((*lead, p.out_features), jnp.float32).at[..., p.out_index].set(y)
 
 
-def reference_linear(x, w_rows, bias, group_sizes, bits_per_group, scales_per_group, mode: str = "symmetric"):
-    """The fake-quant path the integer kernel must match: ``fq_act(x) @ fake_quant_mixed(W).T + b * kept``."""
-    sizes = np.asarray(group_sizes)
-    bits_rows = np.repeat(np.asarray(bits_per_group), sizes)
-    scale_rows = np.repeat(np.asarray(scales_per_group, np.float32), sizes)
-    wq = fake_quant_mixed(jnp.asarray(w_rows, jnp.float32), scale_rows, bits_rows, mode)
-    y = fake_quant_act_int8(x) @ wq.T
-    if bias is not None:
-        y = y + jnp.asarray(bias, jnp.float32) * jnp.asarray(bits_rows != 0, jnp.float32)
-    return y
-
-
 # ----------------------------------------------------------------------------------------------- embeddings
 
 
@@ -241,11 +230,6 @@ class EmbeddingTable(NamedTuple):
 
     codes: Any
     row_scale: Any
-
-
-def pack_embedding(table, group_sizes, bits_per_group, scales, mode: str = "symmetric") -> PackedLinear:
-    """Pack a ``[vocab, hidden]`` table with row groups over the vocabulary (no bias)."""
-    return pack_linear(table, None, group_sizes, bits_per_group, scales, mode)
 
 
 def unpack_embedding(p: PackedLinear) -> EmbeddingTable:
@@ -268,32 +252,3 @@ def embedding_lookup(ids, table):
         table = unpack_embedding(table)
     ids = jnp.asarray(ids)
     return table.codes[ids].astype(jnp.float32) * table.row_scale[ids][..., None]
-
-
-# ----------------------------------------------------------------------------------------------- benchmark
-
-
-def bench_int_vs_fp32(
-    batch: int, seq: int, in_f: int, out_f: int, bits, n_groups: int = 1, n_iter: int = 20, seed: int = 0
-) -> dict[str, float]:
-    """Median wall time (ms) of the jitted packed int linear vs a jitted fp32 ``x @ W.T + b``.
-
-    ``bits`` is one width for all ``n_groups`` groups or a sequence of widths (one per group).
-    Returns ``{"int_ms": ..., "fp32_ms": ...}``.
-    """
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((out_f, in_f)).astype(np.float32) * 0.05
-    b = rng.standard_normal(out_f).astype(np.float32) * 0.01
-    x = jnp.asarray(rng.standard_normal((batch, seq, in_f)).astype(np.float32))
-    bits_g = [int(bits)] * n_groups if np.ndim(bits) == 0 else [int(v) for v in bits]
-    sizes = [len(a) for a in np.array_split(np.arange(out_f), len(bits_g))]
-    scales = np.full(len(bits_g), 0.02, np.float32)
-    p = pack_linear(w, b, sizes, bits_g, scales)
-    int_fn = jax.jit(packed_linear_apply)
-    fp_fn = jax.jit(lambda x, w, b: x @ w.T + b)
-    from nasq.bench import median_ms
-
-    return {
-        "int_ms": median_ms(int_fn, x, p, repeats=n_iter),
-        "fp32_ms": median_ms(fp_fn, x, jnp.asarray(w), jnp.asarray(b), repeats=n_iter),
-    }

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from flax import nnx
 
 from nasq.models.bert import Embedding, Linear
+from nasq.tree import flatten
 
 
 def module_path(path: tuple) -> str:
@@ -56,3 +58,28 @@ def replace_modules(model: nnx.Module, fn: Callable[[str, nnx.Module], nnx.Modul
             parent = parent[p] if isinstance(p, int) else getattr(parent, p)
         _set_child(parent, path[-1], repl)
     return new
+
+
+def strip_root(path: str) -> str:
+    """A classifier's module path relative to the BERT root: ``bert.encoder.layer.0...`` -> ``encoder.layer.0...``
+    (the head stays ``classifier``)."""
+    return path.removeprefix("bert.")
+
+
+def module_shapes(model: nnx.Module) -> dict[str, tuple[str, int, int]]:
+    """``{path: (kind, rows, cols)}`` for every Linear/Embedding of a ``BertForSequenceClassification`` (or a
+    ``BertModel``), paths relative to the BERT root (``classifier`` for the head)."""
+    out = {}
+    for p, m in iter_named(model, (Linear, Embedding)):
+        if isinstance(m, Linear):
+            out[strip_root(p)] = ("linear", m.out_features, m.in_features)
+        else:
+            out[strip_root(p)] = ("embedding", m.num_embeddings, m.features)
+    return out
+
+
+def model_param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """``{param_path: shape}`` of a (fp32) model's parameters, paths relative to the BERT root
+    (``embeddings.word_embeddings.embedding``, ``encoder.layer.0.attention.self.query.kernel``,
+    ``classifier.kernel``): the ``param_shapes`` that :func:`nasq.contract.cost.fixed_nbytes` takes."""
+    return {strip_root(k): tuple(int(d) for d in np.shape(v)) for k, v in flatten(nnx.state(model, nnx.Param)).items()}

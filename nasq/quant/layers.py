@@ -4,7 +4,7 @@ Two families, both fake-quant (float tensors holding exactly representable quant
 
 * **Supernet** (`GatedLinear`, `GatedEmbedding`): per row-group gate logits `alpha_g in R^C` over the bit
   choices `c`; probabilities `p_g = softmax((alpha_g - mu * k_g + eps) / tau)` where `k_{g,c}` is the group's
-  normalised cost at choice `c` (bytes or ms, `nasq.search.cost`), `mu >= 0` the budget price set by the search
+  normalised cost at choice `c` (bytes or ms, `nasq.contract.cost`), `mu >= 0` the budget price set by the search
   loop (`nasq.search.loop.solve_price`) and eps Gumbel noise (optional); then the EdMIPS composite weight
 
       W~_g = sum_c p_{g,c} * Q_{b_c}(W_g; s_{g,c}),     b~_g = (1 - p_{g,0}) * b_g   (if 0 = pruned is a choice)
@@ -27,8 +27,14 @@ import numpy as np
 from flax import nnx
 
 from nasq.models.bert import Embedding, Linear
-from nasq.models.surgery import replace_modules
-from nasq.quant.quantizer import fake_quant, fake_quant_act_int8, fake_quant_mixed, init_group_scales
+from nasq.models.surgery import replace_modules, strip_root
+from nasq.quant.quantizer import (
+    fake_quant,
+    fake_quant_act_int8,
+    fake_quant_mixed,
+    init_group_scales,
+    init_plan_scales,
+)
 
 
 class QuantScale(nnx.Param):
@@ -144,17 +150,6 @@ class GatedEmbedding(_Gated):
         return (w_tilde).reshape(*ids.shape, self.features)
 
 
-def fixed_plan_scales(w_rows: np.ndarray, group_sizes, bits, mode: str) -> np.ndarray:
-    """MSE-initialised step of each row group at its own bit width (`[G]`, 1.0 for pruned groups)."""
-    out = np.ones(len(group_sizes), np.float32)
-    starts = np.cumsum((0,) + tuple(group_sizes[:-1]))
-    for b in sorted(set(bits) - {0}):  # one vectorised call per distinct width
-        idx = [g for g, bg in enumerate(bits) if bg == b]
-        rows = np.concatenate([np.arange(starts[g], starts[g] + group_sizes[g]) for g in idx])
-        out[idx] = init_group_scales(w_rows[rows], [group_sizes[g] for g in idx], b, mode)
-    return out
-
-
 class QuantLinear(nnx.Module):
     """Fixed-plan fake-quant linear: per-group bits (static) and learned per-group steps."""
 
@@ -165,7 +160,7 @@ class QuantLinear(nnx.Module):
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.bits = tuple(int(b) for b in bits)
         if scales is None:
-            scales = fixed_plan_scales(np.asarray(lin.kernel[...]).T, self.group_sizes, self.bits, mode)
+            scales = init_plan_scales(np.asarray(lin.kernel[...]).T, self.group_sizes, self.bits, mode)
         self.scales = QuantScale(jnp.asarray(scales, jnp.float32))
         self.kernel = nnx.Param(lin.kernel[...])
         self.bias = nnx.Param(lin.bias[...])
@@ -191,7 +186,7 @@ class QuantEmbedding(nnx.Module):
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.bits = tuple(int(b) for b in bits)
         if scales is None:
-            scales = fixed_plan_scales(np.asarray(emb.embedding[...]), self.group_sizes, self.bits, mode)
+            scales = init_plan_scales(np.asarray(emb.embedding[...]), self.group_sizes, self.bits, mode)
         self.scales = QuantScale(jnp.asarray(scales, jnp.float32))
         self.embedding = nnx.Param(emb.embedding[...])
 
@@ -234,10 +229,6 @@ class QuantEmbedding(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------- surgery
-def _strip(path: str) -> str:
-    return path.removeprefix("bert.")
-
-
 def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_init: str = "uniform",
                 costs: list[np.ndarray] | None = None) -> nnx.Module:
     """A copy of `model` whose searched Linear/Embedding modules (`SearchedTensor`s) are gated.
@@ -248,7 +239,7 @@ def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_ini
     ids = {t.path: i for i, t in enumerate(tensors)}
 
     def fn(path, mod):
-        t = by_path.get(_strip(path))
+        t = by_path.get(strip_root(path))
         if t is None:
             return None
         cls = GatedEmbedding if isinstance(mod, Embedding) else GatedLinear

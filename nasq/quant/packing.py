@@ -1,6 +1,6 @@
 """Bit packing of integer weight codes and THE byte-count function.
 
-Storage containers (DESIGN.md section 8): a ``b``-bit code is stored in ``CONTAINER_BITS[b]`` bits
+Storage containers (docs/CONVENTIONS.md): a ``b``-bit code is stored in ``CONTAINER_BITS[b]`` bits
 (1->1, 2->2, 3->4, 4->4, 5..8->8), so 8 codes per byte at 1 bit, 4 at 2 bits, 2 at 3/4 bits, 1 at 5..8 bits.
 Each row is packed independently into ``packed_row_bytes(cols, b) = ceil(cols * container / 8)`` bytes.
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasq.errors import NasqError
+from nasq.quant.quantizer import quantize_codes
 
 CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 SCALE_BYTES = 4  # one fp32 scale per (kept) group
@@ -134,3 +135,38 @@ def unpack_codes(packed, bits: int, cols: int, xp=jnp):
         m = 1 << (c - 1)
         out = (f ^ m) - m
     return out.astype(xp.int8)
+
+
+def pack_rows(w_rows, bias, group_sizes, bits, scales, mode: str = "symmetric") -> dict[str, np.ndarray]:
+    """THE packer: the stored arrays of one quantized tensor (``seg{b}``, ``scale``, ``bias``).
+
+    Segments by ascending width, rows in original order within a segment, one scale per kept group in
+    segment order, the bias of kept rows; pruned groups are absent. One ``quantize_codes`` call per width, so a
+    vocabulary with one group per row packs in milliseconds. Empty arrays are omitted. The exporter and
+    ``nasq.kernels.int_linear.pack_linear`` both use it.
+    """
+    w = np.asarray(w_rows, np.float32)
+    sizes = np.asarray(group_sizes, np.int64)
+    bits = np.asarray(bits, np.int64)
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    if sizes.sum() != w.shape[0] or len(bits) != len(sizes) or len(scales) != len(sizes):
+        raise NasqError(
+            f"plan does not fit the weight: {len(sizes)} groups summing to {int(sizes.sum())} rows, "
+            f"{len(bits)} bit widths, {len(scales)} scales for a [{w.shape[0]}, {w.shape[1]}] tensor"
+        )
+    gid = np.repeat(np.arange(len(sizes)), sizes)
+    row_bits, row_scale = bits[gid], scales[gid]
+    out: dict[str, np.ndarray] = {}
+    gscale, kept_bias = [], []
+    for b in sorted({int(v) for v in bits if v > 0}):
+        sel = row_bits == b
+        codes = np.asarray(quantize_codes(w[sel], row_scale[sel][:, None], b, mode))
+        out[f"seg{b}"] = pack_codes(codes, b)
+        gscale.append(scales[bits == b])
+        if bias is not None:
+            kept_bias.append(np.asarray(bias, np.float32)[sel])
+    if gscale:
+        out["scale"] = np.concatenate(gscale).astype(np.float32)
+        if bias is not None:
+            out["bias"] = np.concatenate(kept_bias).astype(np.float32)
+    return out

@@ -1,6 +1,6 @@
 """Weight and activation quantizers (LSQ fake quantization, codes, scale init).
 
-Weights (DESIGN.md section 3). For a static bit width ``b`` and a positive step ``s``::
+Weights. For a static bit width ``b`` and a positive step ``s``::
 
     b >= 2:  Q_b(w; s) = s * clip(round(w / s), qn, qp)
     b == 1:  Q_1(w; s) = s * sign(w)            (sign(0) = +1, codes -1/+1)
@@ -281,16 +281,22 @@ def init_group_scales(
     return np.maximum(np.asarray(s, np.float32), _MIN_SCALE)
 
 
-def init_scale(w_rows, bits: int, mode: str = "symmetric", method: str = "mse") -> np.float32:
-    """Initial step for one group of rows (all of ``w_rows`` shares one scale); see ``init_group_scales``."""
-    w = np.asarray(w_rows, np.float32).reshape(1, -1)
-    return init_group_scales(w, [1], bits, mode, method)[0]
 
-
-def quant_mse(w, scale, bits: int, mode: str = "symmetric") -> float:
-    """``mean (w - Q_b(w; s))^2`` (numpy float), a helper for tests and reports."""
-    w = jnp.asarray(w, jnp.float32)
-    return float(jnp.mean(jnp.square(w - fake_quant(w, scale, bits, mode))))
+def init_plan_scales(w_rows: np.ndarray, group_sizes: Sequence[int], bits: Sequence[int], mode: str) -> np.ndarray:
+    """MSE-initialised step of each row group at its own bit width: ``[G]`` float32, 1.0 for pruned groups
+    (one vectorised :func:`init_group_scales` call per distinct width)."""
+    bits = np.asarray(bits)
+    out = np.ones(len(group_sizes), np.float32)
+    for b in np.unique(bits):
+        if b == 0:
+            continue
+        sel = bits == b
+        if sel.all():
+            out[:] = init_group_scales(w_rows, group_sizes, int(b), mode)
+            continue
+        rows_sel = np.repeat(sel, np.asarray(group_sizes))
+        out[sel] = init_group_scales(w_rows[rows_sel], np.asarray(group_sizes)[sel], int(b), mode)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- activations

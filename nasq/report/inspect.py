@@ -1,6 +1,6 @@
 """Inspect a bit allocation: per layer x module tables, JSON, markdown, Qwix/MaxText-style rules, plan diffs.
 
-Sources (:func:`load_allocation`):
+Sources (:func:`load_sourced_plan`):
 
 * a ``plan.json`` file (or a directory holding one);
 * a search run directory (``search_result.json`` + ``alphas.safetensors``): the per-group **argmax** of the gate
@@ -28,13 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nasq.contract.plan import Plan, PlanTensor, make_plan
+from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
-from nasq.plan import Plan, PlanTensor
+from nasq.export.reader import read_manifest
+from nasq.search.finalize import argmax_plan
 
 __all__ = [
     "FORMATS",
     "MODULE_ORDER",
-    "Allocation",
+    "SourcedPlan",
+    "as_sourced_plan",
     "budget_check",
     "compare_plans",
     "format_compare",
@@ -43,7 +47,7 @@ __all__ = [
     "format_rules",
     "format_table",
     "histogram",
-    "load_allocation",
+    "load_sourced_plan",
     "module_of",
     "parse_rules",
     "render",
@@ -87,7 +91,7 @@ def _sort_key(path: str) -> tuple:
 
 
 @dataclass(frozen=True)
-class Allocation:
+class SourcedPlan:
     """A plan to inspect and where it came from.
 
     ``kind``: ``plan`` | ``search`` | ``finetune`` | ``artifact``. ``note`` says how to read it (e.g. that a search
@@ -103,62 +107,46 @@ class Allocation:
     manifest: dict | None = field(default=None)
 
 
-def _search_argmax(run_dir: Path) -> Allocation:
-    from nasq.plan import SpaceInfo, make_plan
-    from nasq.search.cost import Budget
-    from nasq.search.finalize import argmax_plan, load_search_result
-    from nasq.search.space import Fixed
-
-    res, tensors, alphas = load_search_result(run_dir)
+def _search_argmax(run_dir: Path) -> SourcedPlan:
+    res, alphas = SearchResult.load(run_dir)
+    tensors = list(res.tensors)
     bits = argmax_plan(alphas, tensors)
-    b = res.get("budget") or None
-    budget = None
-    if isinstance(b, dict) and isinstance(b.get("bytes"), int):
-        budget = Budget(bytes=b["bytes"], convention=b.get("convention", "encoder"),
-                        source=str(b.get("source", "search")), fixed_bytes=int(b.get("fixed_bytes") or 0))
-    info = SpaceInfo(name=str(res.get("space_name", "?")), source=str(res.get("space_source", "?")),
-                     quant_mode=res.get("quant_mode", "symmetric"),
-                     activations=res.get("activations") or {"bits": 8, "granularity": "per_token"},
-                     fixed=Fixed.model_validate(res.get("fixed") or {}))
-    shapes = {k: tuple(v) for k, v in (res.get("param_shapes") or {}).items()} or None
-    plan = make_plan(tensors, bits, space=info, budget=budget, param_shapes=shapes,
-                     provenance={"method": "nasq-search-argmax", "run": str(run_dir), "step": res.get("step"),
+    plan = make_plan(tensors, bits, space=res.space, budget=res.budget, param_shapes=res.param_shapes,
+                     provenance={"method": "nasq-search-argmax", "run": str(run_dir), "step": res.step,
                                  "pre_repair_argmax": True, "git_rev": None})
-    note = (f"pre-repair argmax of {run_dir / 'alphas.safetensors'} at step {res.get('step')}: not a finalized "
+    note = (f"pre-repair argmax of {run_dir / 'alphas.safetensors'} at step {res.step}: not a finalized "
             "plan and possibly over budget; `nasq finalize` solves the budget exactly")
-    return Allocation(plan=plan, source=str(run_dir), kind="search", note=note, run_dir=run_dir)
+    return SourcedPlan(plan=plan, source=str(run_dir), kind="search", note=note, run_dir=run_dir)
 
 
-def load_allocation(path: str | Path) -> Allocation:
+def load_sourced_plan(path: str | Path) -> SourcedPlan:
     """Read a plan.json, search run, fine-tune/QAT run or exported artifact (see the module docstring)."""
     p = Path(path)
     if p.is_file():
-        return Allocation(plan=Plan.load(p), source=str(p), kind="plan")
+        return SourcedPlan(plan=Plan.load(p), source=str(p), kind="plan")
     if not p.is_dir():
         raise NasqError(f"{p} not found; pass a plan.json, a search run, a fine-tune run or an artifact directory")
     if (p / "manifest.json").is_file() and (p / "plan.json").is_file():
-        from nasq.export.artifact import read_manifest
-
         manifest = read_manifest(p)
-        return Allocation(plan=Plan.load(p / "plan.json"), source=str(p), kind="artifact",
+        return SourcedPlan(plan=Plan.load(p / "plan.json"), source=str(p), kind="artifact",
                           note="exported artifact: sizes from its manifest.json", manifest=manifest)
     if (p / "search_result.json").is_file():
         return _search_argmax(p)
     if (p / "model" / "plan.json").is_file():
-        return Allocation(plan=Plan.load(p / "model" / "plan.json"), source=str(p), kind="finetune",
+        return SourcedPlan(plan=Plan.load(p / "model" / "plan.json"), source=str(p), kind="finetune",
                           note=f"QAT run: the plan in {p / 'model' / 'plan.json'}")
     if (p / "plan.json").is_file():
-        return Allocation(plan=Plan.load(p / "plan.json"), source=str(p), kind="plan")
+        return SourcedPlan(plan=Plan.load(p / "plan.json"), source=str(p), kind="plan")
     raise NasqError(f"{p}: no plan.json, model/plan.json, search_result.json or artifact manifest.json found; "
                     "pass a plan file, a search run, a QAT run (`nasq finetune --plan`) or an exported artifact")
 
 
-def _as_alloc(x: Allocation | Plan | str | Path) -> Allocation:
-    if isinstance(x, Allocation):
+def as_sourced_plan(x: SourcedPlan | Plan | str | Path) -> SourcedPlan:
+    if isinstance(x, SourcedPlan):
         return x
     if isinstance(x, Plan):
-        return Allocation(plan=x, source=x.source, kind="plan")
-    return load_allocation(x)
+        return SourcedPlan(plan=x, source=x.source, kind="plan")
+    return load_sourced_plan(x)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -213,9 +201,9 @@ def budget_check(plan: Plan) -> dict:
     }
 
 
-def summary(alloc: Allocation | Plan | str | Path) -> dict:
+def summary(alloc: SourcedPlan | Plan | str | Path) -> dict:
     """Everything :func:`format_json` prints: source, kind, note, per-tensor stats, totals, budgets, manifest."""
-    a = _as_alloc(alloc)
+    a = as_sourced_plan(alloc)
     p = a.plan
     out = {"source": a.source, "kind": a.kind, "note": a.note, "method": p.provenance.get("method"),
            "space": p.space, "quant_mode": p.quant_mode, "fixed": p.fixed.model_dump(),
@@ -284,7 +272,7 @@ def _cells(r: dict) -> list[str]:
             " ".join(f"{b}:{n}" for b, n in r["histogram"].items())]
 
 
-def format_table(alloc: Allocation | Plan | str | Path) -> str:
+def format_table(alloc: SourcedPlan | Plan | str | Path) -> str:
     """Plain-text table, one row per tensor (layer x module), then totals and budgets."""
     s = summary(alloc)
     rows = [_cells(r) for r in s["tensors"]]
@@ -302,7 +290,7 @@ def format_table(alloc: Allocation | Plan | str | Path) -> str:
     return "\n".join(out + [""] + _totals_lines(s)) + "\n"
 
 
-def format_markdown(alloc: Allocation | Plan | str | Path) -> str:
+def format_markdown(alloc: SourcedPlan | Plan | str | Path) -> str:
     """A markdown table (one row per tensor) plus the totals as a list."""
     s = summary(alloc)
     out = [f"**{line}**" if i == 0 else f"> {line}" for i, line in enumerate(_header_lines(s))] + [""]
@@ -314,7 +302,7 @@ def format_markdown(alloc: Allocation | Plan | str | Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def format_json(alloc: Allocation | Plan | str | Path) -> str:
+def format_json(alloc: SourcedPlan | Plan | str | Path) -> str:
     """:func:`summary` as indented JSON."""
     return json.dumps(summary(alloc), indent=1) + "\n"
 
@@ -328,7 +316,7 @@ def _layer_glob(path: str) -> str:
 
 def rules(plan: Plan, *, merge_layers: bool = True, include_fixed: bool = True) -> list[dict]:
     """Ordered rules ``{"pattern", "weight_bits" | "bits", ...}``; the first rule whose pattern matches a module
-    path wins. Patterns are :func:`nasq.search.space.match_path` globs over the dotted paths (``fnmatch`` per
+    path wins. Patterns are :func:`nasq.contract.space.match_path` globs over the dotted paths (``fnmatch`` per
     component: ``*`` stays inside one component, ``**`` = any number of components; dots are literal), like
     Qwix's / MaxText's module-path rules (regex users: escape the dots, ``*`` -> ``[^.]*``, ``**`` -> ``.*``).
 
@@ -385,9 +373,9 @@ RULES_HEADER = (
 )
 
 
-def format_rules(alloc: Allocation | Plan | str | Path) -> str:
+def format_rules(alloc: SourcedPlan | Plan | str | Path) -> str:
     """The header comment, then a JSON list with one rule per line."""
-    a = _as_alloc(alloc)
+    a = as_sourced_plan(alloc)
     body = ",\n ".join(json.dumps(r) for r in rules(a.plan))
     extra = f"# source: {a.source} ({a.kind}){'; ' + a.note if a.note else ''}\n"
     return f"{RULES_HEADER}\n{extra}[{body}]\n"
@@ -398,7 +386,7 @@ def parse_rules(text: str) -> list[dict]:
     return json.loads("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
 
 
-def render(alloc: Allocation | Plan | str | Path, fmt: str = "table") -> str:
+def render(alloc: SourcedPlan | Plan | str | Path, fmt: str = "table") -> str:
     """One of :data:`FORMATS`."""
     fns = {"table": format_table, "json": format_json, "md": format_markdown, "rules": format_rules}
     if fmt not in fns:
@@ -434,10 +422,10 @@ def bits_agreement(ta: Sequence[PlanTensor], tb: Sequence[PlanTensor]) -> dict:
     return {"weights": n, "same_bits": same / n, "chance": sum(v * pb.get(k, 0) for k, v in pa.items()) / n**2}
 
 
-def compare_plans(a: Allocation | Plan | str | Path, b: Allocation | Plan | str | Path) -> dict:
+def compare_plans(a: SourcedPlan | Plan | str | Path, b: SourcedPlan | Plan | str | Path) -> dict:
     """Tensors whose bits differ (groups, avg bits, bytes A vs B), tensors only in one plan, totals, and the
     weight-weighted :func:`bits_agreement` over the common tensors."""
-    A, B = _as_alloc(a), _as_alloc(b)
+    A, B = as_sourced_plan(a), as_sourced_plan(b)
     ta = {t.path: t for t in A.plan.tensors}
     tb = {t.path: t for t in B.plan.tensors}
     common = sorted(set(ta) & set(tb), key=_sort_key)

@@ -25,9 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
+from nasq.contract.plan import Plan
 from nasq.errors import NasqError
-from nasq.plan import Plan
-from nasq.report.inspect import MODULE_ORDER, Allocation, _as_alloc, format_table, tensor_stats
+from nasq.report.inspect import MODULE_ORDER, SourcedPlan, as_sourced_plan, format_table, tensor_stats
 
 __all__ = [
     "bit_levels",
@@ -67,10 +67,10 @@ def _save(fig: Figure, out: str | Path) -> Path:
     return out
 
 
-def plot_heatmap(plan: Plan | Allocation, out: str | Path, title: str | None = None) -> Path:
+def plot_heatmap(plan: Plan | SourcedPlan, out: str | Path, title: str | None = None) -> Path:
     """Bits per subgroup: rows = tensors (layer x module), columns = group index; tensors with fewer groups
     leave the remaining cells blank (light grey). Pruned groups are black."""
-    a = _as_alloc(plan)
+    a = as_sourced_plan(plan)
     stats = tensor_stats(a.plan)
     levels = bit_levels(a.plan)
     gmax = max(r["groups"] for r in stats)
@@ -101,10 +101,10 @@ def plot_heatmap(plan: Plan | Allocation, out: str | Path, title: str | None = N
     return _save(fig, out)
 
 
-def plot_module_bits(plan: Plan | Allocation, out: str | Path, title: str | None = None) -> Path:
+def plot_module_bits(plan: Plan | SourcedPlan, out: str | Path, title: str | None = None) -> Path:
     """Average bits per module type (q, k, v, o, ffn_in, ffn_out) against the layer index, one line each;
     tensors outside the encoder layers (embeddings, ...) are drawn as horizontal dashed lines."""
-    a = _as_alloc(plan)
+    a = as_sourced_plan(plan)
     stats = tensor_stats(a.plan)
     fig = _figure((7, 4))
     ax = fig.subplots()
@@ -261,10 +261,10 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
     return _save(fig, out)
 
 
-def write_report(source: Allocation | Plan | str | Path, out_dir: str | Path) -> dict[str, Path]:
+def write_report(source: SourcedPlan | Plan | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Heatmap + module lines (+ trajectory for a search run) as PNGs and a ``report.html`` with the text
     table and the images (relative paths). Returns ``{name: path}``."""
-    a = _as_alloc(source)
+    a = as_sourced_plan(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"heatmap": plot_heatmap(a, out_dir / "bits_heatmap.png"),

@@ -28,13 +28,12 @@ each time the one that loses the least utility per extra byte, ``(u_{g,c_g} - u_
 the wider choices the gates find least unlikely first.
 
 Both results are re-checked in exact integer bytes; a budget below the smallest reachable size is a
-``NasqError`` stating the reachable range. :func:`solve_allocation` is generic (any utilities, e.g. the
+``NasqError`` stating the reachable range. :func:`allocate` is generic (any utilities, e.g. the
 Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and byte tables.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,11 +41,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import ValidationError
 
+from nasq.contract.cost import MB, Budget, plan_size_bytes, size_tables
+from nasq.contract.plan import make_plan
+from nasq.contract.search_result import SearchResult
+from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
-from nasq.search.cost import MB, Budget, plan_size_bytes, size_tables
-from nasq.search.space import Fixed, SearchedTensor
 
 __all__ = [
     "Allocation",
@@ -54,9 +54,6 @@ __all__ = [
     "argmax_plan",
     "choices_to_bits",
     "finalize_run",
-    "load_search_result",
-    "repair",
-    "solve_allocation",
     "utilities",
 ]
 
@@ -296,93 +293,6 @@ def allocate(
     return result(c, best.solver, best.optimal)
 
 
-def solve_allocation(
-    utils: Sequence[np.ndarray],
-    byte_tables: Sequence[np.ndarray],
-    budget_bytes: int,
-    *,
-    time_limit: float = 20.0,
-) -> list[np.ndarray]:
-    """Choice indices (one int array per tensor) of :func:`allocate` (``solver="auto"``)."""
-    return allocate(utils, byte_tables, budget_bytes, time_limit=time_limit).choices
-
-
-def repair(utils: Sequence[np.ndarray], tensors: Sequence[SearchedTensor], budget_bytes: int,
-           *, time_limit: float = 20.0) -> list[tuple[int, ...]]:
-    """Bits per group of the best allocation of ``tensors`` within ``budget_bytes`` (sizes from the cost
-    model; re-checked with :func:`plan_size_bytes`)."""
-    alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
-    bits = choices_to_bits(tensors, alloc.choices)
-    if plan_size_bytes(tensors, bits) > budget_bytes:  # pragma: no cover - guarded by allocate
-        raise RuntimeError("allocation exceeds the budget")
-    return bits
-
-
-# ------------------------------------------------------------------------------------------------ run dirs
-
-SEARCH_RESULT = "search_result.json"
-ALPHAS = "alphas.safetensors"
-_RESULT_KEYS = ("space_source", "space_name", "quant_mode", "budget", "fixed", "tensors", "param_shapes", "step")
-_TENSOR_FIELDS = ("path", "rule", "rows", "cols", "group_sizes", "choices", "has_bias", "kind")
-
-
-def load_search_result(run_dir: str | Path) -> tuple[dict, list[SearchedTensor], list[np.ndarray]]:
-    """Read ``RUN/search_result.json`` and ``RUN/alphas.safetensors`` -> (result dict, tensors, alphas)."""
-    run_dir = Path(run_dir)
-    rpath = run_dir / SEARCH_RESULT
-    if not rpath.is_file():
-        raise NasqError(f"{run_dir} is not a finished search run: {rpath} not found; run `nasq search` "
-                        "to completion first (or pass the search run directory)")
-    try:
-        res = json.loads(rpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NasqError(f"cannot read {rpath}: {e}") from None
-    if not isinstance(res, dict):
-        raise NasqError(f"{rpath}: the top level must be a JSON object")
-    missing = [k for k in _RESULT_KEYS if k not in res]
-    if missing:
-        raise NasqError(f"{rpath}: missing key(s) {', '.join(missing)}; the search run is incomplete or from "
-                        "another nasq version")
-    tensors = []
-    for i, d in enumerate(res["tensors"]):
-        miss = [k for k in _TENSOR_FIELDS if k not in d] if isinstance(d, dict) else list(_TENSOR_FIELDS)
-        if miss:
-            raise NasqError(f"{rpath}: tensors[{i}] lacks {', '.join(miss)}")
-        tensors.append(SearchedTensor(path=d["path"], rule=d["rule"], rows=int(d["rows"]), cols=int(d["cols"]),
-                                      group_sizes=tuple(int(x) for x in d["group_sizes"]),
-                                      choices=tuple(int(x) for x in d["choices"]), has_bias=bool(d["has_bias"]),
-                                      kind=d["kind"]))
-    apath = run_dir / ALPHAS
-    try:
-        from safetensors.numpy import load_file
-
-        arrays = load_file(str(apath))
-    except FileNotFoundError:
-        raise NasqError(f"{apath} not found; the search run is incomplete") from None
-    except Exception as e:  # noqa: BLE001 - safetensors raises various errors on corrupt files
-        raise NasqError(f"cannot read {apath}: {e}") from None
-    alphas = []
-    for t in tensors:
-        if t.path not in arrays:
-            raise NasqError(f"{apath} has no gate logits for {t.path}; the search run is incomplete or corrupt")
-        a = np.asarray(arrays[t.path], np.float64)
-        if a.shape != (t.num_groups, len(t.choices)):
-            raise NasqError(f"{apath}: {t.path} has shape {a.shape}, expected {(t.num_groups, len(t.choices))}")
-        if not np.all(np.isfinite(a)):
-            raise NasqError(f"{apath}: gate logits of {t.path} are not finite; the search diverged")
-        alphas.append(a)
-    return res, tensors, alphas
-
-
-def _budget_from_result(res: dict, rpath: Path) -> Budget:
-    b = res["budget"]
-    try:
-        return Budget(bytes=int(b["bytes"]), convention=b["convention"], source=str(b.get("source", "search")),
-                      fixed_bytes=int(b.get("fixed_bytes", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise NasqError(f"{rpath}: invalid 'budget' {b!r} ({e})") from None
-
-
 def finalize_run(
     run_dir: str | Path,
     out_path: str | Path,
@@ -393,28 +303,20 @@ def finalize_run(
     spend_leftover: bool = False,
 ):
     """Turn a search run's gate logits into ``plan.json`` at ``out_path`` (within the run's budget or
-    ``budget_override``) and return the :class:`nasq.plan.Plan`.
+    ``budget_override``) and return the :class:`nasq.contract.plan.Plan`.
 
     Provenance records ``argmax_bytes`` / ``argmax_within_budget`` (the plain argmax plan), ``repaired``
     (True when the final bits differ from the argmax plan), ``solver``, ``optimal``, ``utility`` and
     ``argmax_utility`` (sums of ``log_softmax(alpha)``), ``spend_leftover`` and ``unused_bytes`` (budget minus
     the plan's searched bytes).
     """
-    from nasq.plan import SpaceInfo, make_plan
-
     run_dir = Path(run_dir)
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise NasqError(f"{out_path} already exists; pass --overwrite to replace it")
-    res, tensors, alphas = load_search_result(run_dir)
-    rpath = run_dir / SEARCH_RESULT
-    budget = budget_override or _budget_from_result(res, rpath)
-    try:
-        fixed = Fixed.model_validate(res["fixed"])
-    except ValidationError as e:
-        raise NasqError(f"{rpath}: invalid 'fixed': {e}") from None
-    space = SpaceInfo(name=str(res["space_name"]), source=str(res["space_source"]), quant_mode=res["quant_mode"],
-                      activations=res.get("activations") or {"bits": 8, "granularity": "per_token"}, fixed=fixed)
+    res, alphas = SearchResult.load(run_dir)
+    tensors = list(res.tensors)
+    budget = budget_override or res.budget
     utils = utilities(alphas)
     am_bits = argmax_plan(alphas, tensors)
     am_bytes = plan_size_bytes(tensors, am_bits)
@@ -428,14 +330,13 @@ def finalize_run(
     size = plan_size_bytes(tensors, bits, check_choices=True)
     if size > budget.bytes:  # pragma: no cover - allocate guarantees this
         raise RuntimeError(f"finalized plan has {size} bytes > budget {budget.bytes}")
-    shapes = {k: tuple(int(x) for x in v) for k, v in res["param_shapes"].items()} if res["param_shapes"] else None
     prov = {
         "method": "nasq-search",
         "run": str(run_dir),
-        "step": res.get("step"),
-        "task": res.get("task"),
-        "model_dir": res.get("model_dir"),
-        "num_labels": res.get("num_labels"),
+        "step": res.step,
+        "task": res.task,
+        "model_dir": res.model_dir,
+        "num_labels": res.num_labels,
         "solver": alloc.solver,
         "optimal": alloc.optimal,
         "utility": alloc.utility if math.isfinite(alloc.utility) else None,
@@ -447,6 +348,6 @@ def finalize_run(
         "spend_leftover": spend_leftover,
         "unused_bytes": budget.bytes - size,
     }
-    plan = make_plan(tensors, bits, space=space, budget=budget, param_shapes=shapes, provenance=prov)
+    plan = make_plan(tensors, bits, space=res.space, budget=budget, param_shapes=res.param_shapes, provenance=prov)
     plan.save(out_path, overwrite=overwrite)
     return plan

@@ -6,7 +6,7 @@ Alternating steps (weights on train batches, gates on held-out batches split off
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
 
 The gate step size is scaled by tau (Adam's step is constant in units of alpha/tau), so annealing does not
-make late gate updates jumpier. `E[size] = sum_g sum_c p_{g,c} * bytes(g, c)` (`nasq.search.cost`, the exporter's byte function) or the
+make late gate updates jumpier. `E[size] = sum_g sum_c p_{g,c} * bytes(g, c)` (`nasq.contract.cost`, the exporter's byte function) or the
 expected latency from a `nasq profile` table. `single` mode (EdMIPS style) updates both from one backward pass
 of `task(train) + beta*KD` via `optax.partition`.
 
@@ -27,7 +27,7 @@ fixed point each step; `lambda` in the metrics is mu*. Temperature anneals geome
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -39,28 +39,21 @@ import optax
 from flax import nnx
 
 from nasq.config import Config
+from nasq.contract import cost as costlib
+from nasq.contract.model_dir import load_model_dir
+from nasq.contract.search_result import SearchResult
+from nasq.contract.space import SearchedTensor, SpaceInfo, load_space, resolve
 from nasq.data.batching import iterate_batches
+from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError
+from nasq.evaluation import predict_logits
 from nasq.models.loading import load_pretrained
-from nasq.models.surgery import linear_shapes
+from nasq.models.surgery import linear_shapes, model_param_shapes
+from nasq.objectives import kd_loss, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
-from nasq.plan import model_param_shapes
 from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
-from nasq.run import Progress, RunDir, check_finite, write_atomic
-from nasq.search import cost as costlib
-from nasq.search.space import SearchedTensor, load_space, resolve
-from nasq.train.common import (
-    TaskData,
-    flatten,
-    kd_loss,
-    load_model_dir,
-    load_task_data,
-    predict_logits,
-    task_loss,
-    total_steps,
-    unflatten_like,
-    weight_optimizer,
-)
+from nasq.run import Cadence, Progress, RunDir, check_finite
+from nasq.tree import flatten, unflatten_like
 
 
 def solve_price(alphas: list[jax.Array], costs: list[jax.Array], tables: list[jax.Array], tau, budget: float,
@@ -68,7 +61,8 @@ def solve_price(alphas: list[jax.Array], costs: list[jax.Array], tables: list[ja
     """Smallest price `mu >= 0` with `sum p(mu) * table <= budget` (see module docstring); jit-friendly."""
 
     def expected(mu):
-        return sum((jax.nn.softmax((a - mu * k) / tau, axis=-1) * t).sum() for a, k, t in zip(alphas, costs, tables))
+        return costlib.expected_cost([jax.nn.softmax((a - mu * k) / tau, axis=-1) for a, k in zip(alphas, costs)],
+                                     tables)
 
     def grow(c):
         hi, n = c
@@ -116,7 +110,6 @@ class Problem(NamedTuple):
     cost_tables: list[np.ndarray]  # bytes (or ms) per (group, choice), tensor order
     cost_kind: str  # "size" | "latency"
     cost_budget: float  # bytes or ms
-    cost_offset: float  # fixed latency (ms) added to E[cost]
     fixed_bytes: int
     param_shapes: dict
 
@@ -141,13 +134,13 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
         _lo_b, hi_b = costlib.size_range(tensors)
         budget = costlib.Budget(bytes=hi_b, convention="encoder", source=f"latency_ms={s.latency_ms}")
         tables = [costlib.latency_table(t, table) for t in tensors]
-        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, table.fixed_ms,
+        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms,
                        fixed, shapes)
-    if s.budget_mb is None and s.avg_bits is None and s.ratio is None:
+    budget = costlib.size_budget(tensors, space, shapes, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
+                                 convention=s.convention)
+    if budget is None:
         raise NasqError("search needs a budget: one of --budget-mb, --avg-bits, --ratio, --latency-ms.")
-    budget = costlib.resolve_budget(tensors, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
-                                    convention=s.convention, fixed_bytes=fixed)
-    return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), 0.0, fixed, shapes)
+    return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), fixed, shapes)
 
 
 def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
@@ -162,7 +155,7 @@ def gate_entropy(probs: list[jax.Array]) -> jax.Array:
 
 
 def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: bool, kd_beta: float,
-                kd_temperature: float, mode: str):
+                kd_temperature: float):
     """Jitted weight / gate / single-level steps over the split supernet state."""
     tables = [jnp.asarray(t, jnp.float32) for t in problem.cost_tables]
 
@@ -173,7 +166,7 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
         return logits, probs
 
     def expected_cost(probs):
-        return sum((p * t).sum() for p, t in zip(probs, tables))
+        return costlib.expected_cost(probs, tables)
 
     def supervised(logits, batch, teacher_logits):
         lt = task_loss(logits, batch.labels, batch.weights, is_regression)
@@ -241,27 +234,17 @@ def search_optimizers(cfg: Config, steps: int):
 
 def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, model, step: int) -> None:
     """`search_result.json` + `alphas.safetensors` + `scales.safetensors`: what `nasq finalize` reads."""
-    from safetensors.numpy import save
-
     mods = gated_modules(model)
-    # Effective logits (alpha - mu*k): the distribution the network was trained with, at the current price.
-    write_atomic(run.path / "alphas.safetensors", save({m.path: np.asarray(m.effective_logits()) for m in mods}))
-    write_atomic(run.path / "scales.safetensors", save({m.path: np.asarray(m.scales[...]) for m in mods}))
     space = load_space(cfg.search.space)
-    result = {
-        "space_source": space.source, "space_name": space.name, "quant_mode": space.quant_mode,
-        "budget": {"bytes": problem.budget.bytes, "convention": problem.budget.convention,
-                   "source": problem.budget.source, "fixed_bytes": problem.fixed_bytes},
-        "cost_kind": problem.cost_kind, "cost_budget": problem.cost_budget,
-        "fixed": space.fixed.model_dump(), "activations": space.activations.model_dump(),
-        "tensors": [{"path": t.path, "rule": t.rule, "rows": t.rows, "cols": t.cols,
-                     "group_sizes": list(t.group_sizes), "choices": list(t.choices), "has_bias": t.has_bias,
-                     "kind": t.kind} for t in problem.tensors],
-        "param_shapes": {k: list(v) for k, v in problem.param_shapes.items()},
-        "step": step, "num_labels": data.task.num_labels, "task": data.task.name,
-        "model_dir": str(data.model_dir), "teacher": cfg.kd.teacher,
-    }
-    write_atomic(run.path / "search_result.json", json.dumps(result, indent=2))
+    result = SearchResult(
+        space=SpaceInfo.of(space),
+        budget=dataclasses.replace(problem.budget, fixed_bytes=problem.fixed_bytes),
+        tensors=tuple(problem.tensors), param_shapes=problem.param_shapes, step=step,
+        cost_kind=problem.cost_kind, cost_budget=problem.cost_budget, num_labels=data.task.num_labels,
+        task=data.task.name, model_dir=str(data.model_dir), teacher=cfg.kd.teacher)
+    # Effective logits (alpha - mu*k): the distribution the network was trained with, at the current price.
+    result.save(run.path, alphas={m.path: np.asarray(m.effective_logits()) for m in mods},
+                scales={m.path: np.asarray(m.scales[...]) for m in mods})
 
 
 def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
@@ -280,21 +263,19 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     w_tx, g_tx = search_optimizers(cfg, steps)
     weight_step, gate_step, single_step, single_tx, expected_cost, price = build_steps(
         graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression, kd_beta=cfg.kd.beta,
-        kd_temperature=cfg.kd.temperature, mode=s.mode)
+        kd_temperature=cfg.kd.temperature)
     weight_step, gate_step, single_step, price = map(dp.wrap, (weight_step, gate_step, single_step, price))
     if s.mode == "bilevel":
         opt = (w_tx.init(weights), g_tx.init(gates))
     else:
         opt = single_tx.init((weights, gates))
     start = 0
-    if resume and run.latest_step() is not None:
-        like = {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")}
-        flat, meta = run.restore_checkpoint(like)
-        weights, gates = unflatten_like(weights, flat, "w."), unflatten_like(gates, flat, "g.")
-        opt = unflatten_like(opt, flat, "opt.")
-        start = int(meta["step"])
-        run.truncate_metrics(start)
-        log(f"resumed {run.path} at step {start}/{steps}")
+    if resume:
+        flat, start = run.resume({**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")}, steps,
+                                 log)
+        if flat is not None:
+            weights, gates = unflatten_like(weights, flat, "w."), unflatten_like(gates, flat, "g.")
+            opt = unflatten_like(opt, flat, "opt.")
     weights, gates, opt = dp.replicate((weights, gates, opt))  # identity unless data_parallel > 1
     teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
@@ -310,7 +291,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     train_it = iterate_batches(data.train, bs, data.buckets, cfg.train.seed, start_step=start)
     held_it = iterate_batches(data.heldout, bs, data.buckets, cfg.train.seed + 1, start_step=start)
     bar = Progress(steps, start, desc="search")
-    t0, last_ckpt = time.time(), start
+    t0 = time.time()
+    cadence = Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, last_checkpoint=start)
     unit = 1e6 if problem.cost_kind == "size" else 1.0
     for (step, epoch, batch), (_, _, hbatch) in zip(train_it, held_it):
         if step >= steps:
@@ -331,8 +313,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         else:
             weights, gates, opt, m = single_step(weights, gates, opt, ctx, batch, key, tl, jnp.float32(tau))
         done = step + 1
-        ckpt_due = done - last_ckpt >= cfg.train.checkpoint_every and done < steps
-        if done % cfg.train.log_every == 0 or done == steps or ckpt_due:  # check finiteness before checkpoints
+        ckpt_due = cadence.checkpoint_due(done)
+        if cadence.log_due(done):  # check finiteness before checkpoints
             if "expected_cost" not in m:  # gates frozen during warm-up
                 m["expected_cost"] = expected_cost([g.probs(noise=False) for g in gated_modules(
                     nnx.merge(graphdef, weights, gates, ctx))])
@@ -351,7 +333,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
             run.save_checkpoint(done, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
                                 {"step": done})
             write_result(run, problem, cfg, data, nnx.merge(graphdef, weights, gates, ctx), done)
-            last_ckpt = done
+            cadence.last_checkpoint = done
     bar.close()
     # Final state at the final temperature and its price, no noise.
     tau = jnp.float32(temperature(steps, steps, s.tau_start, s.tau_end))

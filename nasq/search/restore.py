@@ -24,10 +24,15 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nasq.config import load_config
+from nasq.contract.plan import Plan
+from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
-from nasq.plan import Plan, apply_plan
+from nasq.quant.apply import apply_plan
+from nasq.quant.layers import GateLogits, set_search_context
 from nasq.run import RunDir
-from nasq.search.finalize import load_search_result
+from nasq.search.loop import make_problem, supernet_of
+from nasq.tree import flatten, unflatten_like
 
 _SCALES = ".scales"
 
@@ -65,8 +70,6 @@ def search_steps(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def load_search_weights(model: nnx.Module, flat: dict[str, np.ndarray], source: str) -> nnx.Module:
     """A copy of the plain (unquantized) ``model`` with every parameter from the search checkpoint ``flat``."""
-    from nasq.train.common import flatten, unflatten_like
-
     model = nnx.clone(model)
     params = nnx.state(model, nnx.Param)
     mine = flatten(params, "w.")
@@ -89,7 +92,7 @@ def inherit_search_weights(run: str | Path, plan: Plan, model: nnx.Module) -> nn
     this run; a baseline plan over the same search space qualifies too).
     """
     flat = search_checkpoint(run)  # checks the run first: a clear error for a wrong or unfinished directory
-    _, tensors, _ = load_search_result(run)
+    tensors = list(SearchResult.load(run)[0].tensors)
     steps = search_steps(flat)
     by_path = {t.path: t for t in tensors}
     scales = {}
@@ -117,11 +120,6 @@ def restore_supernet(run: str | Path, model: nnx.Module, tau: float | None = Non
 
     ``model``: the plain model the search started from (the run's teacher, ``kd.teacher`` of its config).
     """
-    from nasq.config import load_config
-    from nasq.quant.layers import GateLogits, set_search_context
-    from nasq.search.loop import make_problem, supernet_of
-    from nasq.train.common import unflatten_like
-
     flat, info = _restore(run)
     cfg = load_config(Path(run) / "config.yaml")
     problem = make_problem(cfg, model)

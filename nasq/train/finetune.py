@@ -1,6 +1,6 @@
 """Fine-tuning: fp32 (the teacher / accuracy reference) and quantization-aware (a fixed plan + KD).
 
-One loop serves both: the model is either the plain BERT or the plan-applied one (`nasq.plan.apply_plan`,
+One loop serves both: the model is either the plain BERT or the plan-applied one (`nasq.quant.apply.apply_plan`,
 fake-quant `QuantLinear`s with learned LSQ scales); the loss adds the KD term when a teacher is given.
 Teacher logits are computed once for the training rows and cached (the teacher is frozen).
 """
@@ -17,26 +17,19 @@ import optax
 from flax import nnx
 
 from nasq.config import Config
+from nasq.contract.model_dir import load_model_dir, save_model_dir
+from nasq.contract.plan import Plan
 from nasq.data.batching import iterate_batches
+from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError
+from nasq.evaluation import evaluate, predict_logits
 from nasq.models.loading import load_pretrained
+from nasq.objectives import kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
-from nasq.run import Progress, RunDir, check_finite
-from nasq.train.common import (
-    TaskData,
-    evaluate,
-    flatten,
-    kd_loss,
-    load_model_dir,
-    load_task_data,
-    lr_schedule,
-    predict_logits,
-    save_model_dir,
-    task_loss,
-    total_steps,
-    unflatten_like,
-    weight_optimizer,
-)
+from nasq.quant.apply import apply_plan
+from nasq.run import Cadence, Progress, RunDir, check_finite
+from nasq.search.restore import inherit_search_weights
+from nasq.tree import flatten, unflatten_like
 
 
 def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, dict | None]:
@@ -58,12 +51,8 @@ def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, d
             log(f"initialised a new task head: {', '.join(report.new_head)}")
     plan = None
     if cfg.plan:
-        from nasq.plan import Plan, apply_plan
-
         plan_obj = Plan.load(cfg.plan)
         if cfg.init_from:
-            from nasq.search.restore import inherit_search_weights
-
             model = inherit_search_weights(cfg.init_from, plan_obj, model)
             log(f"QAT starts from the weights and steps of search run {cfg.init_from}")
         else:
@@ -119,12 +108,10 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     tx = weight_optimizer(cfg.train, steps)
     opt_state = tx.init(params)
     start = 0
-    if resume and run.latest_step() is not None:
-        flat, meta = run.restore_checkpoint({**flatten(params, "params."), **flatten(opt_state, "opt.")})
-        params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
-        start = int(meta["step"])
-        run.truncate_metrics(start)
-        log(f"resumed {run.path} at step {start}/{steps}")
+    if resume:
+        flat, start = run.resume({**flatten(params, "params."), **flatten(opt_state, "opt.")}, steps, log)
+        if flat is not None:
+            params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
     params, opt_state = dp.replicate((params, opt_state))  # identity unless data_parallel > 1
     teacher = teacher_logits_for(cfg, data)
     step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
@@ -135,7 +122,8 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
                    train_rows=len(data.train), status="running")
     bar = Progress(steps, start, desc=kind)
-    t0, last_ckpt = time.time(), start
+    t0 = time.time()
+    cadence = Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, start)
     step = start
     batches = iterate_batches(data.train, cfg.train.batch_size, data.buckets, cfg.train.seed, start_step=start)
     for step, epoch, batch in batches:
@@ -145,19 +133,19 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         batch, tl = dp.shard((batch, tl))
         params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl)
         done = step + 1
-        ckpt_due = done - last_ckpt >= cfg.train.checkpoint_every and done < steps
-        if done % cfg.train.log_every == 0 or done == steps or ckpt_due:
+        ckpt_due = cadence.checkpoint_due(done)
+        if cadence.log_due(done):
             m = {k: float(v) for k, v in m.items()}
             check_finite(done, **m)  # never checkpoint non-finite state
             run.log({"step": done, "epoch": epoch, "lr": float(schedule(step)), **m,
                      "elapsed_s": round(time.time() - t0, 2)})
             bar.update(done - bar.bar.n, loss=m["loss"], lr=float(schedule(step)))
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+        if cadence.eval_due(done):
             ev = evaluate(nnx.merge(graphdef, params, rest), data, cfg.data.eval_batch_size, shard=dp.shard)
             run.log({"step": done, "split": "dev", **ev})
         if ckpt_due:
             run.save_checkpoint(done, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": done})
-            last_ckpt = done
+            cadence.last_checkpoint = done
     bar.close()
     model = nnx.merge(graphdef, params, rest)
     wall = time.time() - t0

@@ -11,7 +11,7 @@ QAT fine-tuning, export and inspection. The schema is documented in ``docs/PLAN_
      "budget": {"bytes", "convention", "source", "fixed_bytes"} | null,
      "totals": {...}, "provenance": {...}}
 
-Sizes come from :mod:`nasq.search.cost` only (``group_nbytes`` per group, ``fixed_nbytes`` for the rest), so the
+Sizes come from :mod:`nasq.contract.cost` only (``group_nbytes`` per group, ``fixed_nbytes`` for the rest), so the
 plan, the search's cost model and the exporter always agree.
 
 Decisions:
@@ -21,7 +21,7 @@ Decisions:
   ``choices``.
 * Paths are relative to the BERT root (``encoder.layer.0.attention.self.query``); the head is ``classifier``.
 * Fixed (unsearched) tensors at 8 bits are int8 with one step per row (vocabulary entry / output feature), in the
-  plan's ``quant_mode``, exactly what :func:`nasq.search.cost.fixed_nbytes` counts; biases and LayerNorms stay fp32.
+  plan's ``quant_mode``, exactly what :func:`nasq.contract.cost.fixed_nbytes` counts; biases and LayerNorms stay fp32.
 """
 
 from __future__ import annotations
@@ -29,19 +29,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from flax import nnx
 from pydantic import ValidationError
 
-import nasq
-from nasq.errors import NasqError
-from nasq.search.cost import (
+from nasq._version import __version__
+from nasq.contract.cost import (
     Budget,
     avg_bits,
     encoder_linear_nbytes,
@@ -49,20 +46,16 @@ from nasq.search.cost import (
     fp32_nbytes,
     plan_size_bytes,
 )
-from nasq.search.space import Fixed, SearchedTensor, SearchSpace
+from nasq.contract.space import Fixed, SearchedTensor, SearchSpace, SpaceInfo
+from nasq.errors import NasqError
+from nasq.io import git_rev, write_atomic
 
 __all__ = [
     "PLAN_FORMAT",
     "PLAN_VERSION",
     "Plan",
     "PlanTensor",
-    "SpaceInfo",
-    "apply_plan",
-    "check_plan_matches",
-    "git_rev",
     "make_plan",
-    "model_param_shapes",
-    "module_shapes",
 ]
 
 PLAN_FORMAT = "nasq-plan"
@@ -71,24 +64,6 @@ _MB = 10**6
 
 
 # ------------------------------------------------------------------------------------------------ dataclasses
-
-
-@dataclass(frozen=True)
-class SpaceInfo:
-    """What a plan needs from its search space (a :class:`SearchSpace` carries the same attributes)."""
-
-    name: str
-    source: str
-    quant_mode: Literal["symmetric", "signed"] = "symmetric"
-    activations: Mapping[str, Any] = field(default_factory=lambda: {"bits": 8, "granularity": "per_token"})
-    fixed: Fixed = field(default_factory=Fixed)
-
-    @classmethod
-    def of(cls, space: SearchSpace | SpaceInfo) -> SpaceInfo:
-        if isinstance(space, SpaceInfo):
-            return space
-        return cls(name=space.name, source=space.source, quant_mode=space.quant_mode,
-                   activations=space.activations.model_dump(), fixed=space.fixed)
 
 
 @dataclass(frozen=True)
@@ -252,8 +227,6 @@ class Plan:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``plan.json`` atomically; refuses to replace an existing file unless ``overwrite``."""
-        from nasq.run import write_atomic
-
         path = Path(path)
         if path.exists() and not overwrite:
             raise NasqError(f"{path} already exists; pass --overwrite to replace it")
@@ -330,17 +303,6 @@ def _tensor_from_dict(d: Any, where: str) -> PlanTensor:
 # --------------------------------------------------------------------------------------------------- creation
 
 
-def git_rev() -> str | None:
-    """The nasq checkout's ``git rev-parse HEAD`` (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(nasq.__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else None
-
-
 def make_plan(
     tensors: Sequence[SearchedTensor],
     bits_per_group: Sequence[Sequence[int]],
@@ -350,7 +312,7 @@ def make_plan(
     param_shapes: Mapping[str, Sequence[int]] | None,
     provenance: Mapping[str, Any],
 ) -> Plan:
-    """Build a :class:`Plan` with every size from :mod:`nasq.search.cost`.
+    """Build a :class:`Plan` with every size from :mod:`nasq.contract.cost`.
 
     Totals (bytes): ``searched_bytes`` = :func:`plan_size_bytes`; ``encoder_linear_bytes`` =
     :func:`encoder_linear_nbytes` (the "encoder weights" convention); ``fixed_bytes`` = :func:`fixed_nbytes` of
@@ -385,7 +347,7 @@ def make_plan(
     }
     prov = {"method": None, "run": None, "step": None,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "nasq_version": nasq.__version__, "git_rev": git_rev(), **dict(provenance)}
+            "nasq_version": __version__, "git_rev": git_rev(), **dict(provenance)}
     bud = None if budget is None else {"bytes": budget.bytes, "convention": budget.convention,
                                        "source": budget.source, "fixed_bytes": budget.fixed_bytes}
     return Plan(quant_mode=info.quant_mode, space={"name": info.name, "source": info.source},
@@ -405,125 +367,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
-
-
-# ---------------------------------------------------------------------------------------------- model side
-
-
-def _strip(path: str) -> str:
-    return path.removeprefix("bert.")
-
-
-def module_shapes(model: nnx.Module) -> dict[str, tuple[str, int, int]]:
-    """``{path: (kind, rows, cols)}`` for every Linear/Embedding of a ``BertForSequenceClassification`` (or a
-    ``BertModel``), paths relative to the BERT root (``classifier`` for the head)."""
-    from nasq.models.bert import Embedding, Linear
-    from nasq.models.surgery import iter_named
-
-    out = {}
-    for p, m in iter_named(model, (Linear, Embedding)):
-        if isinstance(m, Linear):
-            out[_strip(p)] = ("linear", m.out_features, m.in_features)
-        else:
-            out[_strip(p)] = ("embedding", m.num_embeddings, m.features)
-    return out
-
-
-def model_param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    """``{param_path: shape}`` of a (fp32) model's parameters, paths relative to the BERT root
-    (``embeddings.word_embeddings.embedding``, ``encoder.layer.0.attention.self.query.kernel``,
-    ``classifier.kernel``): the ``param_shapes`` that :func:`nasq.search.cost.fixed_nbytes` takes."""
-    from nasq.train.common import flatten
-
-    return {_strip(k): tuple(int(d) for d in np.shape(v)) for k, v in flatten(nnx.state(model, nnx.Param)).items()}
-
-
-def check_plan_matches(plan: Plan, model: nnx.Module) -> None:
-    """Raise ``NasqError`` unless every plan tensor exists in ``model`` with the same kind and (rows, cols)."""
-    shapes = module_shapes(model)
-    problems = []
-    for t in plan.tensors:
-        got = shapes.get(t.path)
-        if got is None:
-            problems.append(f"{t.path}: not in the model")
-        elif got != (t.kind, t.rows, t.cols):
-            problems.append(f"{t.path}: plan has {t.kind} {t.rows}x{t.cols}, model has {got[0]} {got[1]}x{got[2]}")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
-        raise NasqError(f"plan {plan.source} was made for another model: {shown}. Use a plan finalized for "
-                        "this model (same architecture and search space)")
-
-
-def _init_scales(w_rows: np.ndarray, group_sizes: Sequence[int], bits: Sequence[int], mode: str) -> np.ndarray:
-    """MSE-initialised step per group (vectorised per distinct bit width; 1.0 for pruned groups)."""
-    from nasq.quant.quantizer import init_group_scales
-
-    bits = np.asarray(bits)
-    out = np.ones(len(group_sizes), np.float32)
-    for b in np.unique(bits):
-        if b == 0:
-            continue
-        sel = bits == b
-        if sel.all():
-            out[:] = init_group_scales(w_rows, group_sizes, int(b), mode)
-            continue
-        rows_sel = np.repeat(sel, np.asarray(group_sizes))
-        out[sel] = init_group_scales(w_rows[rows_sel], np.asarray(group_sizes)[sel], int(b), mode)
-    return out
-
-
-def apply_plan(model: nnx.Module, plan: Plan, scales: Mapping[str, np.ndarray] | None = None) -> nnx.Module:
-    """A copy of ``model`` (``BertForSequenceClassification``) quantized as ``plan`` says (pure).
-
-    * plan tensors: ``QuantLinear`` / ``QuantEmbedding`` with the plan's groups and bits (pruned groups give
-      zero rows and zero bias);
-    * unsearched embeddings: ``embeddings.word_embeddings*`` at ``fixed.word_embeddings_bits``, other
-      embeddings at ``fixed.other_embeddings_bits``; unsearched linears (pooler, classifier) at
-      ``fixed.unsearched_linear_bits``. At 8 bits: one group per row (int8, one step per vocabulary entry /
-      output feature, as :func:`nasq.search.cost.fixed_nbytes` counts); at 32 the module stays fp32.
-
-    ``scales`` (``{plan path: [G] steps}``, e.g. from the search) initialise the searched tensors' steps;
-    otherwise (and for the fixed int8 tensors) each group's step is the MSE-optimal one.
-    """
-    from nasq.models.bert import Embedding, Linear
-    from nasq.models.surgery import replace_modules
-    from nasq.quant.layers import QuantEmbedding, QuantLinear
-
-    check_plan_matches(plan, model)
-    scales = dict(scales or {})
-    unknown = sorted(set(scales) - set(plan.paths))
-    if unknown:
-        raise NasqError(f"scales given for tensors not in plan {plan.source}: {', '.join(unknown[:5])}")
-    by_path = {t.path: t for t in plan.tensors}
-    for path, s in list(scales.items()):
-        s = np.asarray(s, np.float32).reshape(-1)
-        if s.shape != (by_path[path].num_groups,):
-            raise NasqError(f"scales for {path} have {s.size} entries, the plan has {by_path[path].num_groups} "
-                            "groups")
-        scales[path] = s
-    mode = plan.quant_mode
-
-    def fn(mpath: str, mod):
-        if not isinstance(mod, Linear | Embedding):
-            return None
-        path = _strip(mpath)
-        w_rows = np.asarray(mod.kernel[...]).T if isinstance(mod, Linear) else np.asarray(mod.embedding[...])
-        t = by_path.get(path)
-        if t is not None:
-            sizes, bits = t.group_sizes, t.bits
-            s = scales.get(path)
-        else:
-            if isinstance(mod, Embedding):
-                fixed_bits = (plan.fixed.word_embeddings_bits if path.startswith("embeddings.word_embeddings")
-                              else plan.fixed.other_embeddings_bits)
-            else:
-                fixed_bits = plan.fixed.unsearched_linear_bits
-            if fixed_bits == 32:
-                return None
-            sizes, bits, s = (1,) * w_rows.shape[0], (fixed_bits,) * w_rows.shape[0], None
-        if s is None:
-            s = _init_scales(w_rows, sizes, bits, mode)
-        cls = QuantLinear if isinstance(mod, Linear) else QuantEmbedding
-        return cls(mod, path, sizes, bits, mode=mode, scales=s)
-
-    return replace_modules(model, fn)

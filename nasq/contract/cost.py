@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nasq.errors import NasqError
-from nasq.quant.packing import group_nbytes
-from nasq.search.space import SearchedTensor, SearchSpace
+from nasq.contract.space import SearchedTensor, SearchSpace
+from nasq.errors import NasqError, validation_problems
+from nasq.io import write_atomic
+from nasq.quant.packing import group_nbytes, tensor_nbytes
 
 __all__ = [
     "Budget",
@@ -58,8 +57,8 @@ __all__ = [
     "avg_bits_of_extreme",
     "budget_avg_bits_bytes",
     "encoder_linear_nbytes",
+    "expected_cost",
     "expected_latency_ms",
-    "expected_size_bytes",
     "fixed_nbytes",
     "fixed_tensor_nbytes",
     "fp32_nbytes",
@@ -70,6 +69,7 @@ __all__ = [
     "plan_size_bytes",
     "resolve_budget",
     "save_latency_table",
+    "size_budget",
     "size_range",
     "size_table",
     "size_tables",
@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 MB = 10**6
-Plan = Sequence[Sequence[int]]
+BitsPerGroup = Sequence[Sequence[int]]  # bits[t][g] of group g of tensor t
 
 
 # ----------------------------------------------------------------------------------------------------- size
@@ -96,8 +96,10 @@ def size_tables(tensors: Sequence[SearchedTensor]) -> list[np.ndarray]:
     return [size_table(t) for t in tensors]
 
 
-def expected_size_bytes(probs: Sequence[jnp.ndarray], tables: Sequence[np.ndarray]) -> jnp.ndarray:
-    """Differentiable ``sum_t sum_{g,c} probs_t[g, c] * tables_t[g, c]`` (scalar, dtype of ``probs``)."""
+def expected_cost(probs: Sequence[jnp.ndarray], tables: Sequence[np.ndarray]) -> jnp.ndarray:
+    """THE expected cost: differentiable ``sum_t sum_{g,c} probs_t[g, c] * tables_t[g, c]`` (scalar, dtype of
+    ``probs``). With byte tables (:func:`size_tables`) it is ``E[size]``, with :func:`latency_table` tables the
+    searched part of ``E[ms]``; the search loop, its budget price and the reports all call it."""
     if len(probs) != len(tables):
         raise ValueError(f"{len(probs)} probability arrays for {len(tables)} size tables")
     total = jnp.zeros((), dtype=probs[0].dtype if probs else jnp.float32)
@@ -108,7 +110,7 @@ def expected_size_bytes(probs: Sequence[jnp.ndarray], tables: Sequence[np.ndarra
     return total
 
 
-def _check_plan(tensors: Sequence[SearchedTensor], plan: Plan, check_choices: bool) -> None:
+def _check_plan(tensors: Sequence[SearchedTensor], plan: BitsPerGroup, check_choices: bool) -> None:
     if len(plan) != len(tensors):
         raise NasqError(f"plan has {len(plan)} tensors but the search space resolves to {len(tensors)}")
     for t, bits in zip(tensors, plan, strict=True):
@@ -124,15 +126,12 @@ def _check_plan(tensors: Sequence[SearchedTensor], plan: Plan, check_choices: bo
 
 
 def plan_size_bytes(
-    tensors: Sequence[SearchedTensor], bits_per_group: Plan, *, check_choices: bool = True
+    tensors: Sequence[SearchedTensor], bits_per_group: BitsPerGroup, *, check_choices: bool = True
 ) -> int:
     """Exact bytes of a discrete plan (``bits_per_group[t][g]`` = bits of group g of tensor t)."""
     _check_plan(tensors, bits_per_group, check_choices)
-    return sum(
-        group_nbytes(r, t.cols, int(b), has_bias=t.has_bias)
-        for t, bits in zip(tensors, bits_per_group, strict=True)
-        for r, b in zip(t.group_sizes, bits, strict=True)
-    )
+    return sum(tensor_nbytes(t.group_sizes, t.cols, [int(b) for b in bits], has_bias=t.has_bias)
+               for t, bits in zip(tensors, bits_per_group, strict=True))
 
 
 def uniform_plan(tensors: Sequence[SearchedTensor], bits: int) -> list[tuple[int, ...]]:
@@ -147,7 +146,7 @@ def size_range(tensors: Sequence[SearchedTensor]) -> tuple[int, int]:
     return lo, hi
 
 
-def avg_bits(tensors: Sequence[SearchedTensor], bits_per_group: Plan) -> float:
+def avg_bits(tensors: Sequence[SearchedTensor], bits_per_group: BitsPerGroup) -> float:
     """Weight-count-weighted mean bits over the searched weights (pruned = 0; nominal bits, not containers)."""
     _check_plan(tensors, bits_per_group, check_choices=False)
     n = sum(t.num_weights for t in tensors)
@@ -160,7 +159,7 @@ def avg_bits(tensors: Sequence[SearchedTensor], bits_per_group: Plan) -> float:
 
 
 def encoder_linear_nbytes(
-    tensors: Sequence[SearchedTensor], bits_per_group: Plan, *, include_bias: bool = True
+    tensors: Sequence[SearchedTensor], bits_per_group: BitsPerGroup, *, include_bias: bool = True
 ) -> int:
     """Bytes of the searched linears under ``encoder.`` (the AQ-BERT/Q-BERT "encoder weights" convention).
 
@@ -255,14 +254,6 @@ class Budget:
     source: str
     fixed_bytes: int = 0
 
-    @property
-    def mb(self) -> float:
-        return self.bytes / MB
-
-    @property
-    def total_bytes(self) -> int:
-        return self.bytes + self.fixed_bytes
-
 
 def budget_avg_bits_bytes(tensors: Sequence[SearchedTensor], bits: float) -> int:
     """``floor(sum_t n_weights*bits/8 + 4*G + 4*rows*has_bias)``: the ``avg_bits`` budget in bytes."""
@@ -324,6 +315,32 @@ def resolve_budget(
             + "); choose a budget inside it or change the search space's choices"
         )
     return Budget(bytes=b, convention=convention, source=f"{kind}={value}", fixed_bytes=fixed)
+
+
+def size_budget(
+    tensors: Sequence[SearchedTensor],
+    space,
+    param_shapes: Mapping[str, Sequence[int]] | None,
+    *,
+    budget_mb: float | None = None,
+    avg_bits: float | None = None,
+    ratio: float | None = None,
+    convention: Literal["encoder", "artifact"] = "encoder",
+) -> Budget | None:
+    """THE budget resolution of search, baselines and finalize: :func:`resolve_budget` with the unsearched
+    bytes of the artifact (:func:`fixed_nbytes` of ``param_shapes`` at ``space.fixed``), or None when no size
+    budget is given. ``space`` is anything with a ``fixed`` (a search space, ``SpaceInfo`` or ``Plan``)."""
+    if budget_mb is None and avg_bits is None and ratio is None:
+        return None
+    if param_shapes is None:
+        if convention == "artifact":
+            raise NasqError("the 'artifact' budget convention needs the model's parameter shapes, which this "
+                            "search run did not record; use the 'encoder' convention")
+        fixed = 0
+    else:
+        fixed = fixed_nbytes(param_shapes, tensors, space)
+    return resolve_budget(tensors, budget_mb=budget_mb, avg_bits=avg_bits, ratio=ratio, convention=convention,
+                          fixed_bytes=fixed)
 
 
 def avg_bits_of_extreme(tensors: Sequence[SearchedTensor], idx: int) -> float:
@@ -399,9 +416,7 @@ def load_latency_table(path: str | Path) -> LatencyTable:
     try:
         f = _TableFile.model_validate(data)
     except ValidationError as e:
-        probs = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or '<top level>'}: {err['msg']}" for err in e.errors()
-        )
+        probs = "; ".join(validation_problems(e))
         raise NasqError(f"invalid latency table {path}: {probs}; run `nasq profile` to rebuild it") from None
     table: dict[tuple[int, int], float] = {}
     for i, e in enumerate(f.entries):
@@ -427,15 +442,7 @@ def save_latency_table(table: LatencyTable, path: str | Path, *, overwrite: bool
         ],
         "meta": table.meta,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def latency_table(t: SearchedTensor, table: LatencyTable) -> np.ndarray:
@@ -451,10 +458,10 @@ def expected_latency_ms(
 ) -> jnp.ndarray:
     """Differentiable ``fixed_ms + sum_t sum_{g,c} p * rows_g * ms_per_row(cols_t, c)``."""
     tabs = [latency_table(t, table) for t in tensors]
-    return expected_size_bytes(probs, tabs) + table.fixed_ms
+    return expected_cost(probs, tabs) + table.fixed_ms
 
 
-def plan_latency_ms(tensors: Sequence[SearchedTensor], bits_per_group: Plan, table: LatencyTable) -> float:
+def plan_latency_ms(tensors: Sequence[SearchedTensor], bits_per_group: BitsPerGroup, table: LatencyTable) -> float:
     """Latency of a discrete plan under ``table``."""
     _check_plan(tensors, bits_per_group, check_choices=False)
     total = table.fixed_ms

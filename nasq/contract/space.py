@@ -43,9 +43,10 @@ Decisions:
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -60,8 +61,7 @@ from pydantic import (
     model_validator,
 )
 
-import nasq
-from nasq.errors import NasqError
+from nasq.errors import NasqError, validation_problems
 
 __all__ = [
     "Activations",
@@ -69,6 +69,7 @@ __all__ = [
     "Rule",
     "SearchSpace",
     "SearchedTensor",
+    "SpaceInfo",
     "group_sizes",
     "load_space",
     "match_path",
@@ -196,42 +197,55 @@ class SearchedTensor:
         """Start row of each group (length G+1, last = rows)."""
         return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.group_sizes)]))
 
+    def to_dict(self) -> dict:
+        """The JSON form (``search_result.json``; ``plan.json`` tensors add their bits)."""
+        return {"path": self.path, "rule": self.rule, "rows": self.rows, "cols": self.cols,
+                "group_sizes": list(self.group_sizes), "choices": list(self.choices), "has_bias": self.has_bias,
+                "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> SearchedTensor:
+        """Inverse of :meth:`to_dict`; a missing key or a wrong type is a ``NasqError`` naming ``where``."""
+        missing = [k for k in _TENSOR_FIELDS if k not in d] if isinstance(d, dict) else list(_TENSOR_FIELDS)
+        if missing:
+            raise NasqError(f"{where} lacks {', '.join(missing)}")
+        try:
+            return cls(path=str(d["path"]), rule=str(d["rule"]), rows=int(d["rows"]), cols=int(d["cols"]),
+                       group_sizes=tuple(int(x) for x in d["group_sizes"]),
+                       choices=tuple(int(x) for x in d["choices"]), has_bias=bool(d["has_bias"]), kind=d["kind"])
+        except (TypeError, ValueError) as e:
+            raise NasqError(f"{where}: invalid value ({e})") from None
+
+
+_TENSOR_FIELDS = ("path", "rule", "rows", "cols", "group_sizes", "choices", "has_bias", "kind")
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """What a plan needs from its search space (a :class:`SearchSpace` carries the same attributes)."""
+
+    name: str
+    source: str
+    quant_mode: Literal["symmetric", "signed"] = "symmetric"
+    activations: Mapping[str, Any] = field(default_factory=lambda: {"bits": 8, "granularity": "per_token"})
+    fixed: Fixed = field(default_factory=Fixed)
+
+    @classmethod
+    def of(cls, space: SearchSpace | SpaceInfo) -> SpaceInfo:
+        if isinstance(space, SpaceInfo):
+            return space
+        return cls(name=space.name, source=space.source, quant_mode=space.quant_mode,
+                   activations=space.activations.model_dump(), fixed=space.fixed)
+
 
 def search_spaces_dir() -> Path:
     """The repository's ``search_spaces/`` directory."""
-    return Path(nasq.__file__).resolve().parents[1] / "search_spaces"
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "<top level>"
+    return Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        typ = e["type"]
-        if "groups" in loc[-2:-1]:  # a failed alternative of the int | literal union
-            loc = loc[:-1]
-            msg = f"must be an integer >= 1 or one of per_matrix, per_head, per_channel (got {e.get('input')!r})"
-        elif typ == "extra_forbidden":
-            msg = "unknown key (check spelling; see nasq/search/space.py for the schema)"
-        elif typ == "missing":
-            msg = "required key is missing"
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and typ not in ("value_error",):
-                msg += f" (got {e['input']!r})"
-        lines.append(f"  {_loc(loc)}: {msg}")
-    # the union 'groups' reports one error per alternative; keep each message once
-    uniq = list(dict.fromkeys(lines))
-    return f"invalid search space {source}:\n" + "\n".join(uniq)
+    problems = validation_problems(err, unknown_key_hint="check spelling; see nasq/contract/space.py for the schema")
+    return f"invalid search space {source}:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def parse_space(data: object, source: str = "<inline>") -> SearchSpace:

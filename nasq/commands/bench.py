@@ -1,0 +1,23 @@
+"""`nasq bench {train-step, search-step, infer}`: timing ratios measured side by side (`nasq.bench`)."""
+
+from __future__ import annotations
+
+from nasq import bench
+from nasq.commands._common import add_budget_flags, add_common, config_from_args
+
+
+def cmd_bench(args) -> int:
+    return bench.main(args.what, config_from_args(args), args)
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="timing ratios: train-step, search-step, infer")
+    b.add_argument("what", choices=["train-step", "search-step", "infer"])
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--seq-len", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--artifact", help="artifact for `bench infer`")
+    b.add_argument("--teacher", help="fp32 run directory: the fp32 JAX baseline of `bench infer`")
+    add_common(b)
+    add_budget_flags(b)
+    b.set_defaults(fn=cmd_bench)

@@ -1,0 +1,81 @@
+"""What training minimises and how, shared by fine-tuning, QAT, search and the Hessian baseline: the losses,
+the weight optimizer, its learning-rate schedule and the run length.
+
+Losses (per-example weights `w_i` mask padding rows of a fixed-shape batch):
+
+    task (classification)  = sum_i w_i * CE(softmax(z_i), y_i) / sum_i w_i
+    task (regression)      = sum_i w_i * (z_i - y_i)^2 / sum_i w_i
+    KD (Hinton)            = T^2 * sum_i w_i * KL(softmax(t_i/T) || softmax(z_i/T)) / sum_i w_i
+                             (regression: MSE between student and teacher outputs)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nasq.config import TrainConfig
+from nasq.data.batching import steps_per_epoch
+from nasq.data.tasks import TaskData
+from nasq.quant.layers import QuantScale
+
+__all__ = ["kd_loss", "lr_schedule", "task_loss", "total_steps", "weight_optimizer"]
+
+
+def total_steps(train_cfg: TrainConfig, data: TaskData) -> int:
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps
+    spe = steps_per_epoch(data.train, train_cfg.batch_size, data.buckets)
+    return max(1, int(np.ceil(train_cfg.epochs * spe)))
+
+
+# --------------------------------------------------------------------------------------------- losses
+def task_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, is_regression: bool) -> jax.Array:
+    denom = jnp.maximum(weights.sum(), 1.0)
+    if is_regression:
+        per = jnp.square(logits[:, 0] - labels)
+    else:
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    return (per * weights).sum() / denom
+
+
+def kd_loss(student: jax.Array, teacher: jax.Array, weights: jax.Array, temperature: float,
+            is_regression: bool) -> jax.Array:
+    denom = jnp.maximum(weights.sum(), 1.0)
+    if is_regression:
+        per = jnp.square(student[:, 0] - teacher[:, 0])
+    else:
+        t = jax.nn.log_softmax(teacher / temperature)
+        s = jax.nn.log_softmax(student / temperature)
+        per = (jnp.exp(t) * (t - s)).sum(-1) * temperature**2
+    return (per * weights).sum() / denom
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+def _decay_mask(params):
+    """AdamW weight decay on matrices only: never biases, LayerNorm or LSQ steps (`QuantScale`, 1-D or 2-D).
+
+    Under `optax.partition` (single-level search) leaves of the other partition arrive as `MaskedNode`s
+    without `ndim`; they are not decayed."""
+    return jax.tree.map(lambda v: (not isinstance(v, QuantScale)) and getattr(v.get_value(), "ndim", 0) >= 2,
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def lr_schedule(train_cfg: TrainConfig, steps: int, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup to `peak` over `warmup_frac * steps`, then linear decay to 0 (HF `get_linear_schedule`)."""
+    peak = train_cfg.lr if peak is None else peak
+    warm = int(train_cfg.warmup_frac * steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warm, 1)), optax.linear_schedule(peak, 0.0, max(steps - warm, 1))],
+        [max(warm, 1)],
+    )
+
+
+def weight_optimizer(train_cfg: TrainConfig, steps: int) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip else []
+    parts.append(optax.adamw(lr_schedule(train_cfg, steps), b1=0.9, b2=0.999, eps=1e-8,
+                             weight_decay=train_cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
