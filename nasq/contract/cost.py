@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nasq.contract.space import SearchedTensor, SearchSpace
 from nasq.errors import NasqError, validation_problems
-from nasq.io import write_atomic
+from nasq.io import read_json, write_atomic
 from nasq.quant.packing import group_nbytes, tensor_nbytes
 
 __all__ = [
@@ -254,6 +254,11 @@ class Budget:
     source: str
     fixed_bytes: int = 0
 
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole artifact's tensors the budget allows (searched + fixed, ``artifact`` convention)."""
+        return self.bytes + self.fixed_bytes
+
 
 def budget_avg_bits_bytes(tensors: Sequence[SearchedTensor], bits: float) -> int:
     """``floor(sum_t n_weights*bits/8 + 4*G + 4*rows*has_bias)``: the ``avg_bits`` budget in bytes."""
@@ -407,12 +412,9 @@ class LatencyTable:
 def load_latency_table(path: str | Path) -> LatencyTable:
     """Read and validate a latency table written by :func:`save_latency_table`."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NasqError(f"latency table {path} not found; run `nasq profile --out {path}` first") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise NasqError(f"cannot read latency table {path}: {e}; run `nasq profile` to rebuild it") from None
+    if not path.exists():
+        raise NasqError(f"latency table {path} not found; run `nasq profile --out {path}` first")
+    data = read_json(path, what="latency table", max_bytes=2**26)
     try:
         f = _TableFile.model_validate(data)
     except ValidationError as e:
