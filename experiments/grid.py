@@ -61,9 +61,11 @@ from typing import Any
 
 import yaml
 
-from nasq.config import deep_update
+from nasq.config import deep_update, load_yaml
+from nasq.contract.plan import Plan
+from nasq.errors import NasqError
 from nasq.io import git_rev, write_atomic
-from nasq.run import run_finished
+from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "hessian", "random", "nasq")
@@ -98,9 +100,6 @@ def _fmt(v: Any) -> str:
 
 def load_grid(path: Path) -> dict:
     """Read and validate the grid YAML; errors name the file and key."""
-    from nasq.config import load_yaml
-    from nasq.errors import NasqError
-
     try:
         cfg = load_yaml(path)  # the same reader (and messages) as `nasq --config`
     except NasqError as e:
@@ -373,12 +372,8 @@ def read_json(p: Path) -> dict | None:
 
 
 def stage_done(s: Stage) -> bool:
-    if s.kind == "run":
-        return run_finished(s.out)
-    if s.kind == "plan":
-        return (read_json(s.out) or {}).get("format") == "nasq-plan"
-    if s.kind == "export":
-        return (s.out / "manifest.json").is_file()
+    if s.kind in ("run", "plan", "export"):
+        return output_complete(s.kind, s.out)  # the pipeline's own checks
     return read_json(s.out) is not None  # eval
 
 
@@ -604,6 +599,14 @@ def _wall(timing: dict, names: list[str], run_dirs: list[Path | None]) -> float 
     return round(total, 1) if have else None
 
 
+def _plan_or_none(path: Path) -> Plan | None:
+    """The cell's validated plan (``Plan.load``), or None while it is missing or unreadable."""
+    try:
+        return Plan.load(path)
+    except NasqError:
+        return None
+
+
 def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
     metric_name = main_metric(cell.task)
     row: dict[str, Any] = {"task": cell.task, "method": cell.method, "budget": cell.budget_label,
@@ -641,17 +644,17 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
             row["git_rev"] = t.get("git_rev", "")
             row["date"] = (t.get("finished") or info.get("created") or date_fallback)[:10]
     else:
-        plan = read_json(cell.dir / "plan.json")
+        plan = _plan_or_none(cell.dir / "plan.json")
         ev = read_json(cell.dir / "eval.json")
         if plan:
-            tot = plan.get("totals") or {}
+            tot = plan.totals
             for col, key in (("encoder_mb", "encoder_linear_bytes"), ("artifact_mb", "artifact_tensor_bytes")):
                 if tot.get(key) is not None:
                     row[col] = tot[key] / 1e6
             row["avg_bits"] = tot.get("avg_bits")
             row["within_budget"] = tot.get("within_budget")
             row["_searched_bytes"] = tot.get("searched_bytes")
-            row["_budget"] = plan.get("budget")
+            row["_budget"] = plan.budget
         names = ["search", "finalize"] if cell.method == "nasq" else ["plan"]
         rds = [cell.dir / "search", None] if cell.method == "nasq" else [None]
         row["search_s"] = _wall(timing, names, rds)
@@ -662,7 +665,7 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
             row["fake_quant_metric"] = (ev.get("fake_quant") or {}).get(metric_name)
             row["prediction_agreement"] = ev.get("prediction_agreement")
             t = timing.get("eval") or timing.get("qat") or {}
-            row["git_rev"] = t.get("git_rev") or (plan or {}).get("provenance", {}).get("git_rev", "")
+            row["git_rev"] = t.get("git_rev") or (plan.provenance.get("git_rev") if plan else "") or ""
             fin = t.get("finished") or dt.datetime.fromtimestamp((cell.dir / "eval.json").stat().st_mtime,
                                                                    dt.UTC).isoformat()
             row["date"] = fin[:10]

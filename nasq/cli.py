@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except NasqError as e:
         print(f"nasq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only directory, permission denied, ...: the user's to fix
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nasq {args.command}: error: {where}{e.strerror or e}; check the path, its permissions and the free "
+              "disk space, then run the same command again (add --resume for a run).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"nasq {args.command}: interrupted; continue with the same command plus --resume.", file=sys.stderr)
         return 130

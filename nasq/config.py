@@ -13,10 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nasq.errors import NasqError, validation_problems
+from nasq.io import read_yaml
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -155,16 +156,11 @@ def parse_set(items: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML config file: a mapping of sections (model, data, train, ...), bounded and checked (``nasq.io``)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise NasqError(f"config file {path} not found.") from None
-    except yaml.YAMLError as e:
-        raise NasqError(f"{path}: invalid YAML ({e}).") from None
-    if not isinstance(data, dict):
-        raise NasqError(f"{path}: top level must be a mapping of sections (model, data, train, ...).")
-    return data
+    if not path.exists():
+        raise NasqError(f"config file {path} not found.")
+    return read_yaml(path, what="config file", max_bytes=2**24)
 
 
 def build_config(*layers: tuple[str, dict[str, Any]]) -> Config:

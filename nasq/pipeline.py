@@ -17,17 +17,19 @@ Presets set step counts and subsets. They are *quick* recipes for a 2-core CPU, 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from nasq.config import Config, build_config
 from nasq.contract.model_dir import load_model_dir
+from nasq.contract.plan import Plan
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate
-from nasq.export.reader import compare_with_run
+from nasq.export.reader import compare_with_run, read_manifest
 from nasq.export.writer import export_artifact
-from nasq.io import check_output_path, write_atomic
+from nasq.io import check_output_path, mark_nasq_made, read_json, write_atomic
 from nasq.run import run_finished
 from nasq.search.finalize import finalize_run
 from nasq.search.loop import search
@@ -54,6 +56,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def output_complete(kind: str, out: str | Path) -> bool:
+    """Whether a stage's output is complete, so the stage is skipped on a rerun: ``run`` a run directory whose
+    run.json says done; ``plan`` a file that is a nasq plan; ``export`` an artifact (its manifest is written last,
+    after every other file)."""
+    out = Path(out)
+    if kind == "run":
+        return run_finished(out)
+    if kind == "plan":
+        try:
+            return read_json(out, what="plan", expect=None).get("format") == "nasq-plan"
+        except (NasqError, AttributeError):
+            return False
+    if kind == "export":
+        return (out / "manifest.json").is_file()
+    raise ValueError(f"unknown stage output kind {kind!r}")
+
+
 def stage_config(preset: dict, stage: str, user_layers: list[tuple[str, dict]], extra: dict | None = None) -> Config:
     layers = [("preset (common)", preset.get("common", {})), (f"preset ({stage})", preset.get(stage, {}))]
     layers += user_layers
@@ -69,63 +88,67 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     p = PRESETS[preset]
     user_layers = user_layers or []
     out = Path(out)
+    # Every stage's config is validated before --out is touched (a bad --set loses nothing).
+    teacher_dir = str(out / "teacher") if teacher is None else teacher
+    configs = {"finetune": stage_config(p, "finetune", user_layers),
+               "search": stage_config(p, "search", user_layers, {"kd": {"teacher": teacher_dir}}),
+               "qat": stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher_dir},
+                                                           "plan": str(out / "plan.json")}),
+               "eval": stage_config(p, "qat", user_layers)}
+    if teacher is not None and not (Path(teacher) / "model").is_dir():
+        raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:
-        check_output_path(out, overwrite)
+        check_output_path(out, overwrite)  # --overwrite replaces only a directory nasq made
         if out.exists() and overwrite:
-            import shutil
-
-            shutil.rmtree(out)
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    mark_nasq_made(out, "pipeline")
     times: dict[str, float] = {}
     log(f"nasq pipeline, preset {preset!r} (a quick recipe: subsets and few steps; see README for the full one)")
 
     # 1. fp32 teacher
     t0 = time.time()
     if teacher is None:
-        teacher = str(out / "teacher")
-        if not run_finished(Path(teacher)):
-            cfg = stage_config(p, "finetune", user_layers)
+        teacher = teacher_dir
+        if not output_complete("run", teacher):
             log(f"[1/6] fp32 fine-tune -> {teacher}")
-            finetune(cfg, teacher, resume=resume and (Path(teacher) / "config.yaml").is_file(), overwrite=True)
-    elif not (Path(teacher) / "model").is_dir():
-        raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
+            finetune(configs["finetune"], teacher, resume=resume and (Path(teacher) / "config.yaml").is_file(),
+                     overwrite=True)
     times["finetune_s"] = time.time() - t0
 
     # 2. search
     t0 = time.time()
     search_dir = out / "search"
-    if not run_finished(search_dir):
-        cfg = stage_config(p, "search", user_layers, {"kd": {"teacher": teacher}})
+    if not output_complete("run", search_dir):
         log(f"[2/6] search -> {search_dir}")
-        search(cfg, search_dir, resume=resume and (search_dir / "config.yaml").is_file(), overwrite=True)
+        search(configs["search"], search_dir, resume=resume and (search_dir / "config.yaml").is_file(), overwrite=True)
     times["search_s"] = time.time() - t0
 
     # 3. finalize
     plan_path = out / "plan.json"
-    if not plan_path.is_file():
+    if not output_complete("plan", plan_path):
         log(f"[3/6] finalize -> {plan_path}")
         finalize_run(search_dir, plan_path)
-    plan = json.loads(plan_path.read_text())
+    plan = Plan.load(plan_path)
 
     # 4. QAT + KD
     t0 = time.time()
     qat_dir = out / "qat"
-    if not run_finished(qat_dir):
-        cfg = stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher}, "plan": str(plan_path)})
+    if not output_complete("run", qat_dir):
         log(f"[4/6] QAT + KD -> {qat_dir}")
-        finetune(cfg, qat_dir, resume=resume and (qat_dir / "config.yaml").is_file(), overwrite=True)
+        finetune(configs["qat"], qat_dir, resume=resume and (qat_dir / "config.yaml").is_file(), overwrite=True)
     times["qat_s"] = time.time() - t0
 
     # 5. export
     art = out / "model.nasq"
-    if not (art / "manifest.json").is_file():
+    if not output_complete("export", art):
         log(f"[5/6] export -> {art}")
         export_artifact(qat_dir, art, overwrite=True)
-    manifest = json.loads((art / "manifest.json").read_text())
+    manifest = read_manifest(art)
 
     # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions
     log("[6/6] eval (dev set)")
-    cfg = stage_config(p, "qat", user_layers)
+    cfg = configs["eval"]
     data = load_task_data(cfg, model_dir=qat_dir / "model")
     cmp = compare_with_run(qat_dir, art, cfg, data=data)
     teacher_model, _ = load_model_dir(teacher)
@@ -135,7 +158,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         "teacher": teacher_metrics, "fake_quant": cmp["fake_quant"], "int_artifact": cmp["int_artifact"],
         "fake_quant_vs_int_agreement": cmp.get("prediction_agreement"),
         "max_abs_logit_diff_fake_vs_int": cmp["max_abs_logit_diff"],
-        "plan_totals": plan["totals"], "budget": plan.get("budget"),
+        "plan_totals": plan.totals, "budget": plan.budget,
         "artifact_tensor_bytes": manifest.get("tensor_bytes"),
         "predicted_bytes": manifest.get("predicted_bytes"),
         "artifact_vs_predicted": manifest.get("payload_vs_predicted"),

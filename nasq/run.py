@@ -24,11 +24,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
+from pydantic import ValidationError
 
 from nasq.config import Config
-from nasq.errors import NasqError
-from nasq.io import check_output_path, write_atomic
+from nasq.errors import NasqError, validation_problems
+from nasq.io import check_output_path, mark_nasq_made, read_json, read_yaml, write_atomic
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -39,6 +39,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def load_run_config(run: str | Path) -> Config:
+    """The validated config snapshot ``RUN/config.yaml`` of a run directory."""
+    p = Path(run) / "config.yaml"
+    try:
+        return Config.model_validate(read_yaml(p, what="run config", max_bytes=2**24))
+    except ValidationError as e:
+        raise NasqError(f"{p}: not a valid nasq config: " + "; ".join(validation_problems(e)[:6])) from None
 
 
 def run_finished(path: str | Path) -> bool:
@@ -62,7 +71,7 @@ class RunDir:
             info = self.info()
             if info.get("kind") != kind:
                 raise NasqError(f"--resume: {self.path} is a {info.get('kind')!r} run, not {kind!r}.")
-            saved = Config.model_validate(yaml.safe_load((self.path / "config.yaml").read_text()))
+            saved = load_run_config(self.path)
             self.config = saved if config is None else config
             if config is not None and config != saved:  # e.g. a lower lr after a NaN: record what changed
                 old, new = _flat(saved.model_dump(mode="json")), _flat(config.model_dump(mode="json"))
@@ -72,10 +81,11 @@ class RunDir:
         else:
             if config is None:
                 raise ValueError("config required for a new run")
-            check_output_path(self.path, overwrite)
+            check_output_path(self.path, overwrite)  # --overwrite replaces only a directory nasq made
             if self.path.exists() and overwrite:
-                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+                shutil.rmtree(self.path) if self.path.is_dir() and not self.path.is_symlink() else self.path.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
+            mark_nasq_made(self.path, kind)
             self.config = config
             write_atomic(self.path / "config.yaml", config.to_yaml())
             self.write_info(kind=kind, status="running", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -83,7 +93,7 @@ class RunDir:
     # -- run.json ---------------------------------------------------------------------------------
     def info(self) -> dict:
         p = self.path / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json(p, what="run info", max_bytes=2**24, root=self.path) if p.is_file() else {}
 
     def write_info(self, **updates) -> None:
         info = {**self.info(), **updates}

@@ -92,8 +92,13 @@ def paths(tmp_path_factory, tiny, plan_a, plan_b):
     art = root / "model.nasq"
     art.mkdir()
     plan_a.save(art / "plan.json")
-    m = {"format": "nasq-artifact", "version": 1, "task": "sst2",
-         "files": {n: {"bytes": 0, "sha256": ""} for n in ("tensors.safetensors", "layout.json", "config.json")},
+    import hashlib
+
+    plan_bytes = (art / "plan.json").read_bytes()
+    m = {"format": "nasq-artifact", "version": 1, "task": "sst2", "num_labels": 2,
+         "files": {**{n: {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+                      for n in ("tensors.safetensors", "layout.json", "config.json")},
+                   "plan.json": {"bytes": len(plan_bytes), "sha256": hashlib.sha256(plan_bytes).hexdigest()}},
          "tensor_bytes": plan_a.totals["artifact_tensor_bytes"], "predicted_bytes": plan_a.totals[
              "artifact_tensor_bytes"], "payload_vs_predicted": 1.0,
          "searched_tensor_bytes": plan_a.totals["searched_bytes"],

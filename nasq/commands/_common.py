@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from nasq.config import Config, build_config, load_yaml, parse_set
 from nasq.errors import NasqError
+from nasq.io import read_yaml
 from nasq.parallel import init_distributed, init_from_config
 
 __all__ = ["add_budget_flags", "add_common", "config_from_args", "init_distributed_from_args", "resume_base",
@@ -113,7 +112,7 @@ def resume_base(args) -> dict:
         return {}
     if not p.is_file():
         raise NasqError(f"--resume: {args.out} is not a nasq run directory (no config.yaml).")
-    return yaml.safe_load(p.read_text()) or {}
+    return read_yaml(p, what="run config", max_bytes=2**24)
 
 
 def run_config(run: str) -> dict:
@@ -121,5 +120,4 @@ def run_config(run: str) -> dict:
     p = Path(run) / "config.yaml"
     if not p.is_file():
         return {}
-    d = yaml.safe_load(p.read_text()) or {}
-    return {k: v for k, v in d.items() if k in ("model", "data")}
+    return {k: v for k, v in read_yaml(p, what="run config", max_bytes=2**24).items() if k in ("model", "data")}

@@ -414,7 +414,10 @@ def load_latency_table(path: str | Path) -> LatencyTable:
     path = Path(path)
     if not path.exists():
         raise NasqError(f"latency table {path} not found; run `nasq profile --out {path}` first")
-    data = read_json(path, what="latency table", max_bytes=2**26)
+    try:
+        data = read_json(path, what="latency table", max_bytes=2**26)
+    except NasqError as e:
+        raise NasqError(f"cannot read latency table: {e}; run `nasq profile` to rebuild it") from None
     try:
         f = _TableFile.model_validate(data)
     except ValidationError as e:

@@ -48,7 +48,7 @@ from nasq.contract.cost import (
 )
 from nasq.contract.space import Fixed, SearchedTensor, SearchSpace, SpaceInfo
 from nasq.errors import NasqError
-from nasq.io import git_rev, write_atomic
+from nasq.io import git_rev, read_json, write_atomic
 
 __all__ = [
     "PLAN_FORMAT",
@@ -212,18 +212,9 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         """Read and validate ``plan.json`` (``NasqError`` naming the file on any problem)."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise NasqError(f"plan {path} not found; write one with `nasq finalize RUN --out {path}` or a "
-                            "baseline") from None
-        except OSError as e:
-            raise NasqError(f"cannot read plan {path}: {e}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise NasqError(f"plan {path} is not valid JSON: {e}") from None
-        return cls.from_dict(data, str(path))
+        if not path.exists():
+            raise NasqError(f"plan {path} not found; write one with `nasq finalize RUN --out {path}` or a baseline")
+        return cls.from_dict(read_json(path, what="plan", expect=None), str(path))
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``plan.json`` atomically; refuses to replace an existing file unless ``overwrite``."""

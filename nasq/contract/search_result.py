@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from nasq.contract.cost import Budget
 from nasq.contract.space import Fixed, SearchedTensor, SpaceInfo
 from nasq.errors import NasqError
-from nasq.io import write_atomic
+from nasq.io import load_safetensors, read_bytes, read_json, write_atomic
 
 __all__ = ["ALPHAS", "SCALES", "SEARCH_RESULT", "SearchResult"]
 
@@ -112,20 +112,13 @@ class SearchResult:
         if not rpath.is_file():
             raise NasqError(f"{run_dir} is not a finished search run: {rpath} not found; run `nasq search` "
                             "to completion first (or pass the search run directory)")
-        try:
-            data = json.loads(rpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise NasqError(f"cannot read {rpath}: {e}") from None
-        result = cls.from_dict(data, str(rpath))
+        result = cls.from_dict(read_json(rpath, what="search result"), str(rpath))
         apath = run_dir / ALPHAS
-        try:
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(apath))
-        except FileNotFoundError:
-            raise NasqError(f"{apath} not found; the search run is incomplete") from None
-        except Exception as e:  # noqa: BLE001 - safetensors raises various errors on corrupt files
-            raise NasqError(f"cannot read {apath}: {e}") from None
+        if not apath.exists():
+            raise NasqError(f"{apath} not found; the search run is incomplete")
+        # gate logits are G x C float32 per tensor: bounded by the result's own tensors
+        limit = 2**20 + sum(8 * t.num_groups * len(t.choices) + 256 for t in result.tensors)
+        arrays = load_safetensors(read_bytes(apath, what="gate logits", max_bytes=limit), apath)
         alphas = []
         for t in result.tensors:
             if t.path not in arrays:

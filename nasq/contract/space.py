@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -62,6 +61,7 @@ from pydantic import (
 )
 
 from nasq.errors import NasqError, validation_problems
+from nasq.io import read_yaml
 
 __all__ = [
     "Activations",
@@ -275,13 +275,7 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
             f"search space {str(path_or_name)!r} not found (tried {', '.join(str(c) for c in candidates)}); "
             f"pass a YAML path or one of: {', '.join(avail) or '(none)'}"
         )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise NasqError(f"invalid search space {path}: not valid YAML: {e}") from None
-    except OSError as e:
-        raise NasqError(f"cannot read search space {path}: {e}") from None
-    return parse_space(data, str(path))
+    return parse_space(read_yaml(path, what="search space", max_bytes=2**24, expect=None), str(path))
 
 
 def match_path(path: str, pattern: str) -> bool:

@@ -14,6 +14,7 @@ Two sources:
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,13 @@ def read_tsv(spec: TaskSpec, path: Path) -> dict[str, list]:
 
 def _label_parser(spec: TaskSpec):
     if spec.is_regression:
-        return float
+        def parse_float(s: str) -> float:
+            v = float(s)
+            if not math.isfinite(v):  # nan / inf would poison every loss and metric
+                raise ValueError(s)
+            return v
+
+        return parse_float
     if spec.label_names is not None:
         table = {n: i for i, n in enumerate(spec.label_names)}
         return lambda s: table[s.strip()]
@@ -208,7 +215,7 @@ def _label_parser(spec: TaskSpec):
 
 def _label_expectation(spec: TaskSpec) -> str:
     if spec.is_regression:
-        return "a float"
+        return "a finite number"
     if spec.label_names is not None:
         return f"one of {list(spec.label_names)}"
     return f"an integer in [0, {spec.num_labels})"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from nasq.contract.model_dir import MODEL_META, TOKENIZER_FILES, load_model_dir
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 from nasq.export.format import FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, rle, sha256
-from nasq.io import write_atomic
+from nasq.io import check_output_path, read_bytes, replace_dir, write_atomic
 from nasq.models.bert import Embedding, LayerNorm, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.quant.layers import QuantEmbedding, QuantLinear, _Gated
@@ -120,13 +119,7 @@ def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_la
     if not isinstance(plan, Plan):
         plan = Plan.from_dict(plan)
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise NasqError(f"{out} already exists; pass --overwrite to replace it")
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
+    check_output_path(out, overwrite)  # before any work: a refused --out costs nothing
     tensors, layout, shapes = model_tensors(model)
     files: dict[str, bytes] = {
         TENSORS: save(tensors),
@@ -137,7 +130,8 @@ def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_la
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).is_file():
-                files[name] = (Path(source_dir) / name).read_bytes()
+                files[name] = read_bytes(Path(source_dir) / name, what="tokenizer file", max_bytes=2**26,
+                                         root=source_dir)
     tensor_bytes = int(sum(a.nbytes for a in tensors.values()))
     predicted = predicted_artifact_bytes(plan, shapes)
     searched_paths = set(plan.paths)
@@ -152,10 +146,15 @@ def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_la
         "searched_tensor_bytes": searched_payload, "searched_predicted_bytes": plan.totals["searched_bytes"],
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    for name, data in files.items():
-        write_atomic(out / name, data)
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2))  # last: its presence marks a complete export
-    return out
+
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))  # last: its presence marks a complete export
+
+    # built beside `out` and moved into place: an existing artifact is replaced only by a complete new one (no
+    # marker file: an artifact holds exactly its manifest's files, and nasq_made knows it by its manifest)
+    return replace_dir(out, write, kind=None, overwrite=overwrite)
 
 
 def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -165,9 +164,7 @@ def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite:
         src = src / "model"
     if not (src / "plan.json").is_file():
         raise NasqError(f"{src}: no plan.json; export needs a quantized (QAT) run, e.g. `nasq finetune --plan ...`")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise NasqError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output_path(out, overwrite)
     model, meta = load_model_dir(src)
     plan = Plan.load(src / "plan.json")
     return export_model(model, plan, out, task=meta.get("task", ""), num_labels=int(meta["num_labels"]),

@@ -12,7 +12,7 @@ for each dropout site is `fold_in(key, site_id)`, so a training step is reproduc
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
 
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nasq.errors import NasqError
+from nasq.io import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,34 +51,67 @@ class BertConfig:
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise NasqError(f"{source}: only position_embedding_type 'absolute' is supported.")
         names = {f.name for f in dataclasses.fields(cls)}
+        for key, (lo, hi) in _BOUNDS.items():
+            if key not in d:
+                continue
+            v = d[key]
+            ok = (type(v) is int if isinstance(lo, int) else isinstance(v, int | float) and not isinstance(v, bool)
+                  and math.isfinite(v))
+            if not ok or not lo <= v <= hi:
+                kind = "an integer" if isinstance(lo, int) else "a finite number"
+                raise NasqError(f"{source}: {key} must be {kind} in {lo}..{hi}, got {v!r}")
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if cfg.hidden_size % cfg.num_attention_heads:
             raise NasqError(
                 f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
                 f"{cfg.num_attention_heads}."
             )
-        if cfg.hidden_act not in _ACTIVATIONS:
+        if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in _ACTIVATIONS:
             raise NasqError(f"{source}: hidden_act {cfg.hidden_act!r} unsupported; use one of {sorted(_ACTIVATIONS)}.")
         return cfg
 
     @classmethod
     def from_json(cls, path: str | Path) -> BertConfig:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NasqError(f"{path}: config.json not found; a model directory needs an HF config.json.") from None
-        except json.JSONDecodeError as e:
-            raise NasqError(f"{path}: not valid JSON ({e}).") from None
-        return cls.from_dict(d, source=str(path))
+        if not path.exists():
+            raise NasqError(f"{path}: config.json not found; a model directory needs an HF config.json.")
+        return cls.from_dict(read_json(path, what="model config", max_bytes=2**20), source=str(path))
 
     def to_dict(self) -> dict:
         return {"model_type": "bert", **dataclasses.asdict(self)}
+
+    def module_dims(self, num_labels: int) -> dict[str, tuple[str, int, int]]:
+        """Every module of the classifier: ``{path: (family, rows, cols)}``, family ``linear`` (rows = outputs),
+        ``embedding`` or ``layernorm``; paths relative to the BERT root (the head is ``classifier``)."""
+        h, i = self.hidden_size, self.intermediate_size
+        out = {"embeddings.word_embeddings": ("embedding", self.vocab_size, h),
+               "embeddings.position_embeddings": ("embedding", self.max_position_embeddings, h),
+               "embeddings.token_type_embeddings": ("embedding", self.type_vocab_size, h),
+               "embeddings.LayerNorm": ("layernorm", h, h)}
+        for n in range(self.num_hidden_layers):
+            p = f"encoder.layer.{n}."
+            out.update({p + "attention.self.query": ("linear", h, h), p + "attention.self.key": ("linear", h, h),
+                        p + "attention.self.value": ("linear", h, h),
+                        p + "attention.output.dense": ("linear", h, h),
+                        p + "attention.output.LayerNorm": ("layernorm", h, h),
+                        p + "intermediate.dense": ("linear", i, h), p + "output.dense": ("linear", h, i),
+                        p + "output.LayerNorm": ("layernorm", h, h)})
+        out.update({"pooler.dense": ("linear", h, h), "classifier": ("linear", num_labels, h)})
+        return out
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+
+# What a config may say (inclusive): far beyond any BERT, small enough that a crafted config cannot ask for
+# terabytes before a shape check runs.
+_BOUNDS = {
+    "vocab_size": (1, 2**22), "hidden_size": (1, 2**16), "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 2**12), "intermediate_size": (1, 2**18), "max_position_embeddings": (1, 2**20),
+    "type_vocab_size": (1, 2**12), "pad_token_id": (0, 2**22), "layer_norm_eps": (1e-30, 1.0),
+    "hidden_dropout_prob": (0.0, 1.0), "attention_probs_dropout_prob": (0.0, 1.0),
+}
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -31,7 +31,7 @@ from pathlib import Path
 from nasq.contract.plan import Plan, PlanTensor, make_plan
 from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
-from nasq.export.reader import read_manifest
+from nasq.export.reader import read_artifact_plan
 from nasq.search.finalize import argmax_plan
 
 __all__ = [
@@ -127,8 +127,8 @@ def load_sourced_plan(path: str | Path) -> SourcedPlan:
     if not p.is_dir():
         raise NasqError(f"{p} not found; pass a plan.json, a search run, a fine-tune run or an artifact directory")
     if (p / "manifest.json").is_file() and (p / "plan.json").is_file():
-        manifest = read_manifest(p)
-        return SourcedPlan(plan=Plan.load(p / "plan.json"), source=str(p), kind="artifact",
+        manifest, plan = read_artifact_plan(p)
+        return SourcedPlan(plan=plan, source=str(p), kind="artifact",
                           note="exported artifact: sizes from its manifest.json", manifest=manifest)
     if (p / "search_result.json").is_file():
         return _search_argmax(p)

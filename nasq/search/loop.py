@@ -52,7 +52,7 @@ from nasq.models.surgery import linear_shapes, model_param_shapes
 from nasq.objectives import kd_loss, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
-from nasq.run import Cadence, Progress, RunDir, check_finite
+from nasq.run import Cadence, Progress, RunDir, check_finite, run_finished
 from nasq.tree import flatten, unflatten_like
 
 
@@ -249,6 +249,9 @@ def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, mod
 
 def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
     """Run the search into `out`; returns the run directory."""
+    if resume and run_finished(out):
+        log(f"{out} is finished (run.json status done); nothing to resume.")
+        return Path(out)
     # Validate the budget before touching the run directory (nothing is created for an infeasible budget).
     dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
                                                     "data.eval_batch_size": cfg.data.eval_batch_size})

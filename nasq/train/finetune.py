@@ -27,7 +27,7 @@ from nasq.models.loading import load_pretrained
 from nasq.objectives import kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.apply import apply_plan
-from nasq.run import Cadence, Progress, RunDir, check_finite
+from nasq.run import Cadence, Progress, RunDir, check_finite, run_finished
 from nasq.search.restore import inherit_search_weights
 from nasq.tree import flatten, unflatten_like
 
@@ -97,6 +97,9 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
              log=print) -> Path:
     """Train into run directory `out`; returns the path. `cfg.plan` set -> QAT, `cfg.kd.teacher` set -> KD."""
     kind = "qat" if cfg.plan else "finetune"
+    if resume and run_finished(out):
+        log(f"{out} is finished (run.json status done); nothing to resume.")
+        return Path(out)
     # Validate data, model and plan before the run directory exists (a typo leaves nothing behind).
     dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
                                                     "data.eval_batch_size": cfg.data.eval_batch_size})
