@@ -34,7 +34,7 @@ from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError, validation_problems
 from nasq.evaluation import compare_logits, metrics_from_logits, predict_logits
 from nasq.export.format import FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, sha256, unrle
-from nasq.io import parse_json, read_bytes, read_json
+from nasq.io import load_safetensors, parse_json, read_bytes, read_json
 from nasq.kernels.int_bert import Fp32Linear, IntBert, IntBertMeta
 from nasq.kernels.int_linear import PackedLinear, packed_linear, unpack_embedding
 from nasq.models.bert import BertConfig
@@ -257,51 +257,8 @@ def _packed(t: dict, p: str, spec: _Quantized, fpath: Path) -> PackedLinear:
                          unrle(spec.group_sizes), unrle(spec.bits), spec.cols, has_bias=spec.has_bias)
 
 
-def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
-    """Validate and load an artifact as an ``IntBert`` (``unpack="fused"`` | ``"load"``, see ``int_bert``).
-
-    Everything is checked before it is used: the manifest and every file's size before reading and sha256
-    after; config.json's bounds; layout.json's schema, its counts (summed before anything is expanded) and that
-    every module has the dims config.json implies; each tensor's name, shape and dtype; finite values. Memory:
-    each file is read once, so loading takes a small multiple of the artifact's declared size."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    small = verify_files(path, manifest, [n for n in manifest["files"] if n != TENSORS])
-    fpath = path / TENSORS
-    cpath = path / "config.json"
-    try:
-        cfg = BertConfig.from_dict(parse_json(small["config.json"], str(cpath)), source=str(cpath))
-    except NasqError as e:
-        raise _corrupt_read(e) from None
-    dims = cfg.module_dims(manifest["num_labels"])
-    layout = _read_layout(small[LAYOUT], path / LAYOUT, dims, cfg.num_hidden_layers)
-    # the tensors can be no larger than every module in fp32 (+ the safetensors header), and the model they
-    # describe no more than 64x larger than them (int8 codes of a heavily pruned 1-bit model): before reading
-    limit = 2**20 + sum(4 * r * (c + 1) + 256 for _, r, c in dims.values())
-    weights = sum(r * c for fam, r, c in dims.values() if fam != "layernorm")
-    if weights > 64 * manifest["files"][TENSORS]["bytes"] + 2**26:
-        raise _corrupt(path / "config.json", f"describes {weights:,} weights, far more than the "
-                                              f"{manifest['files'][TENSORS]['bytes']:,} bytes of {TENSORS} can hold")
-    data = verify_files(path, manifest, [TENSORS], max_bytes=limit)[TENSORS]
-    try:
-        t = load(data)
-    except (SafetensorError, ValueError, TypeError, OSError) as e:  # header / layout problems of an unexpected file (checksums passed)
-        raise _corrupt(fpath, f"unreadable safetensors ({type(e).__name__}: {e})") from None
-    del data
-    expected = [n for p, spec in layout.items() for n in _expected_names(p, spec)]
-    missing = [n for n in expected if n not in t]
-    if missing:
-        raise _corrupt(fpath, f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
-                              + (" ..." if len(missing) > 8 else ""))
-    extra = sorted(set(t) - set(expected))
-    if extra:
-        raise _corrupt(fpath, f"unexpected tensors {extra[:8]}")
-    for name, a in t.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise _corrupt(fpath, f"tensor {name} has non-finite values (NaN or infinity)")
+def _int_params(t: dict, layout: dict, cfg: BertConfig, fpath: Path) -> tuple[dict, tuple]:
+    """The ``IntBert`` parameter pytree of validated tensors ``t`` and the heads each layer keeps."""
 
     def linear(p):
         s = layout[p]
@@ -350,7 +307,48 @@ def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
         params["layers"].append(lp)
     params["pooler"] = linear("pooler.dense")
     params["classifier"] = linear("classifier")
-    meta = IntBertMeta(config=cfg, num_labels=manifest["num_labels"], active_heads=tuple(active), unpack=unpack)
+    return params, tuple(active)
+
+
+def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
+    """Validate and load an artifact as an ``IntBert`` (``unpack="fused"`` | ``"load"``, see ``int_bert``).
+
+    Everything is checked before it is used: the manifest and every file's size before reading and sha256
+    after; config.json's bounds; layout.json's schema, its counts (summed before anything is expanded) and that
+    every module has the dims config.json implies; each tensor's name, shape and dtype; finite values. Memory:
+    each file is read once, so loading takes a small multiple of the artifact's declared size."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    small = verify_files(path, manifest, [n for n in manifest["files"] if n != TENSORS])
+    fpath = path / TENSORS
+    cpath = path / "config.json"
+    try:
+        cfg = BertConfig.from_dict(parse_json(small["config.json"], str(cpath)), source=str(cpath))
+    except NasqError as e:
+        raise _corrupt_read(e) from None
+    dims = cfg.module_dims(manifest["num_labels"])
+    layout = _read_layout(small[LAYOUT], path / LAYOUT, dims, cfg.num_hidden_layers)
+    # the tensors can be no larger than every module in fp32 (+ the safetensors header), and the model they
+    # describe no more than 64x larger than them (int8 codes of a heavily pruned 1-bit model): before reading
+    limit = 2**20 + sum(4 * r * (c + 1) + 256 for _, r, c in dims.values())
+    weights = sum(r * c for fam, r, c in dims.values() if fam != "layernorm")
+    if weights > 64 * manifest["files"][TENSORS]["bytes"] + 2**26:
+        raise _corrupt(path / "config.json", f"describes {weights:,} weights, far more than the "
+                                              f"{manifest['files'][TENSORS]['bytes']:,} bytes of {TENSORS} can hold")
+    try:  # checksums passed: an unreadable header or a NaN is a crafted (or a buggy writer's) file
+        t = load_safetensors(verify_files(path, manifest, [TENSORS], max_bytes=limit)[TENSORS], fpath)
+    except NasqError as e:
+        raise _corrupt_read(e) from None
+    expected = [n for p, spec in layout.items() for n in _expected_names(p, spec)]
+    missing = [n for n in expected if n not in t]
+    if missing:
+        raise _corrupt(fpath, f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+    extra = sorted(set(t) - set(expected))
+    if extra:
+        raise _corrupt(fpath, f"unexpected tensors {extra[:8]}")
+    params, active = _int_params(t, layout, cfg, fpath)
+    meta = IntBertMeta(config=cfg, num_labels=manifest["num_labels"], active_heads=active, unpack=unpack)
     return IntBert(meta, params, manifest)
 
 
