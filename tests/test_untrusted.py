@@ -130,10 +130,13 @@ def test_written_files_get_normal_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
 
 
-def test_exported_artifact_is_readable_by_others(artifact):
+def test_exported_artifact_gets_normal_permissions(artifact):
+    """Files 0666 and the directory 0777, less the umask (not mkstemp's 0600): a shared artifact is readable."""
+    mask = os.umask(0o022)
+    os.umask(mask)
     for f in artifact.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f.name  # umask 022 in CI and here
-    assert stat.S_IMODE(artifact.stat().st_mode) & 0o055 == 0o055
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+    assert stat.S_IMODE(artifact.stat().st_mode) == 0o777 & ~mask
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
