@@ -213,7 +213,7 @@ def nasq_made(path: str | Path) -> bool:
         return False
     if (path / MARKER).is_file():
         return True
-    runs = [f"{d}/run.json" for d in ("", "teacher/", "search/", "qat/")]  # a run, or a pipeline's output
+    runs = [f"{d}run.json" for d in ("", "teacher/", "search/", "qat/")]  # a run, or a pipeline's output
     for name, key, ok in [*((r, "kind", ("finetune", "qat", "search")) for r in runs),
                           ("manifest.json", "format", ("nasq-artifact",))]:
         try:

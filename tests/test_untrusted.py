@@ -248,6 +248,17 @@ def test_overwrite_refuses_a_directory_nasq_did_not_make(tmp_path):
     assert not nasq_made(d)
 
 
+def test_nasq_made_recognises_runs_pipelines_and_artifacts_without_marker(tmp_path, artifact):
+    run, pipe, user = tmp_path / "run", tmp_path / "pipe", tmp_path / "user"
+    (pipe / "search").mkdir(parents=True)
+    run.mkdir()
+    user.mkdir()
+    (run / "run.json").write_text('{"kind": "qat", "status": "done"}')
+    (pipe / "search" / "run.json").write_text('{"kind": "search"}')
+    (user / "run.json").write_text('{"kind": "thesis"}')
+    assert nasq_made(run) and nasq_made(pipe) and nasq_made(artifact) and not nasq_made(user)
+
+
 def test_finetune_bad_set_loses_nothing(tmp_path, tiny_model_dir, glue_dir, capsys):
     d = tmp_path / "mythesis"
     d.mkdir()
