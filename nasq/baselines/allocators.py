@@ -31,9 +31,12 @@ from flax import nnx
 from nasq.baselines.hessian import hessian_allocation, tensor_weights
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
+from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.contract.plan import make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
+from nasq.data.glue import get_task
 from nasq.errors import NasqError
+from nasq.models.loading import load_pretrained, resolve_model_dir
 from nasq.models.surgery import linear_shapes, model_param_shapes
 from nasq.quant.packing import group_nbytes
 from nasq.search.finalize import allocate, choices_to_bits
@@ -41,6 +44,7 @@ from nasq.search.finalize import allocate, choices_to_bits
 __all__ = [
     "METHODS",
     "baseline_budget",
+    "baseline_model",
     "baseline_plan",
     "baseline_tensors",
     "group_magnitudes",
@@ -116,6 +120,27 @@ def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], b
 
 
 # ---------------------------------------------------------------------------------------------- plans
+
+
+def baseline_model(cfg: Config, log=print):
+    """(fp32 model, model dir with the tokenizer, provenance) for `cfg.kd.teacher` or `cfg.model.name`."""
+    num_labels = get_task(cfg.data.task).num_labels
+    if cfg.kd.teacher:
+        model, meta = load_model_dir(cfg.kd.teacher)
+        if meta.get("quantized"):
+            raise NasqError(f"--teacher {cfg.kd.teacher} is a quantized run; baselines allocate for the fp32 "
+                            "fine-tune (pass the `nasq finetune` run without --plan)")
+        if meta.get("num_labels") != num_labels:
+            raise NasqError(f"--teacher {cfg.kd.teacher} was trained for {meta.get('task')!r} with "
+                            f"{meta.get('num_labels')} labels, but --task {cfg.data.task} has {num_labels}; "
+                            "pass the matching --task")
+        return model, model_dir_of(cfg.kd.teacher), {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
+    model_dir = resolve_model_dir(cfg.model.name)
+    model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
+    if report.new_head:
+        log("warning: allocating for a pretrained checkpoint with a fresh task head; pass --teacher RUN (an "
+            "fp32 fine-tune) for a meaningful Hessian baseline.")
+    return model, model_dir, {"model_dir": str(model_dir)}
 
 
 def baseline_tensors(cfg: Config, model: nnx.Module) -> tuple[SearchSpace, list[SearchedTensor]]:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from nasq.baselines.allocators import METHODS, baseline_budget, baseline_plan
+from nasq.baselines.allocators import METHODS, baseline_budget, baseline_model, baseline_plan
 from nasq.commands._common import add_budget_flags, add_common, config_from_args
 from nasq.contract.cost import MB
-from nasq.contract.model_dir import load_model_dir, model_dir_of
-from nasq.data.glue import get_task
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.io import check_output_path
-from nasq.models.loading import load_pretrained, resolve_model_dir
 
 
 def register(subparsers) -> None:
@@ -36,33 +33,12 @@ def register(subparsers) -> None:
     p.set_defaults(fn=cmd_baseline)
 
 
-def load_model(cfg, log=print):
-    """(fp32 model, model dir with the tokenizer, provenance) for `cfg.kd.teacher` or `cfg.model.name`."""
-    num_labels = get_task(cfg.data.task).num_labels
-    if cfg.kd.teacher:
-        model, meta = load_model_dir(cfg.kd.teacher)
-        if meta.get("quantized"):
-            raise NasqError(f"--teacher {cfg.kd.teacher} is a quantized run; baselines allocate for the fp32 "
-                            "fine-tune (pass the `nasq finetune` run without --plan)")
-        if meta.get("num_labels") != num_labels:
-            raise NasqError(f"--teacher {cfg.kd.teacher} was trained for {meta.get('task')!r} with "
-                            f"{meta.get('num_labels')} labels, but --task {cfg.data.task} has {num_labels}; "
-                            "pass the matching --task")
-        return model, model_dir_of(cfg.kd.teacher), {"run": str(cfg.kd.teacher), "teacher_task": meta.get("task")}
-    model_dir = resolve_model_dir(cfg.model.name)
-    model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
-    if report.new_head:
-        log("warning: allocating for a pretrained checkpoint with a fresh task head; pass --teacher RUN (an "
-            "fp32 fine-tune) for a meaningful Hessian baseline.")
-    return model, model_dir, {"model_dir": str(model_dir)}
-
-
 def cmd_baseline(args: argparse.Namespace) -> int:
     if not args.out:
         raise NasqError("baseline needs --out plan.json")
     check_output_path(args.out, args.overwrite)
     cfg = config_from_args(args)
-    model, model_dir, prov = load_model(cfg)
+    model, model_dir, prov = baseline_model(cfg)
     budget = baseline_budget(cfg, model)
     data = load_task_data(cfg, model_dir=model_dir) if args.method == "hessian" else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
