@@ -133,16 +133,10 @@ def read_artifact_plan(path: str | Path) -> tuple[dict, Plan]:
     (for inspection: the tensors are not read)."""
     path = Path(path)
     manifest = read_manifest(path)
-    info = manifest["files"].get("plan.json")
-    if info is None:
+    if "plan.json" not in manifest["files"]:
         raise _corrupt(path / MANIFEST, "lists no plan.json")
     f = path / "plan.json"
-    try:
-        data = read_bytes(f, what="artifact file", max_bytes=info["bytes"], size=info["bytes"], root=path)
-    except NasqError as e:
-        raise _corrupt_read(e) from None
-    if sha256(data) != info["sha256"]:
-        raise _corrupt(f, "sha256 mismatch (bytes changed since export)")
+    data = verify_files(path, manifest, ["plan.json"])["plan.json"]
     return manifest, Plan.from_dict(parse_json(data, str(f)), str(f))
 
 
