@@ -52,7 +52,7 @@ MARKER = ".nasq"  # written into every directory nasq creates: --overwrite repla
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _inside(path: Path, root: Path | None) -> None:
+def _inside(path: Path, root: str | Path | None) -> None:
     if root is None:
         return
     root_r = Path(root).resolve()
@@ -66,7 +66,7 @@ def read_bytes(path: str | Path, *, what: str, max_bytes: int, root: str | Path 
     """The bytes of the regular file ``path`` (``what`` names it in errors), checked before reading: inside
     ``root`` when given, at most ``max_bytes`` long, exactly ``size`` bytes when given."""
     path = Path(path)
-    _inside(path, None if root is None else Path(root))
+    _inside(path, root)
     try:
         st = path.stat()
     except FileNotFoundError:

@@ -54,8 +54,8 @@ def run_finished(path: str | Path) -> bool:
     """True when ``path`` is a run directory whose ``run.json`` says ``status: done``."""
     p = Path(path) / "run.json"
     try:
-        return p.is_file() and json.loads(p.read_text()).get("status") == "done"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return p.is_file() and read_json(p, what="run info", max_bytes=2**24).get("status") == "done"
+    except NasqError:
         return False
 
 

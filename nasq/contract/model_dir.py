@@ -89,7 +89,7 @@ def load_model_dir(path: str | Path) -> tuple[nnx.Module, dict]:
     cfg = BertConfig.from_dict(read_json(path / "config.json", what="model config", max_bytes=2**20, root=path),
                                source=str(path / "config.json"))
     spath = path / "state.safetensors"
-    weights = sum(r * c for fam, r, c in cfg.module_dims(meta.num_labels).values() if fam != "layernorm")
+    weights = cfg.num_weights(meta.num_labels)
     have = spath.stat().st_size if spath.is_file() else 0
     if 4 * weights > have:  # before building: a crafted config.json must not allocate what the file cannot hold
         raise NasqError(f"{path / 'config.json'} describes {weights:,} fp32 weights, more than the {have:,} bytes of "

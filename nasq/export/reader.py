@@ -46,8 +46,6 @@ __all__ = ["compare_with_run", "evaluate_artifact", "load_artifact", "predict_te
 
 MAX_MANIFEST_BYTES = 2**24  # 16 MiB
 
-
-
 _REEXPORT = "the artifact is corrupt or incomplete: re-export it with `nasq export`"
 
 
@@ -325,7 +323,7 @@ def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
     # the tensors can be no larger than every module in fp32 (+ the safetensors header), and the model they
     # describe no more than 64x larger than them (int8 codes of a heavily pruned 1-bit model): before reading
     limit = 2**20 + sum(4 * r * (c + 1) + 256 for _, r, c in dims.values())
-    weights = sum(r * c for fam, r, c in dims.values() if fam != "layernorm")
+    weights = cfg.num_weights(manifest["num_labels"])
     if weights > 64 * manifest["files"][TENSORS]["bytes"] + 2**26:
         raise _corrupt(path / "config.json", f"describes {weights:,} weights, far more than the "
                                               f"{manifest['files'][TENSORS]['bytes']:,} bytes of {TENSORS} can hold")

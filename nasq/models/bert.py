@@ -80,6 +80,10 @@ class BertConfig:
     def to_dict(self) -> dict:
         return {"model_type": "bert", **dataclasses.asdict(self)}
 
+    def num_weights(self, num_labels: int) -> int:
+        """Weights of every linear and embedding matrix of the classifier (LayerNorms and biases not counted)."""
+        return sum(r * c for fam, r, c in self.module_dims(num_labels).values() if fam != "layernorm")
+
     def module_dims(self, num_labels: int) -> dict[str, tuple[str, int, int]]:
         """Every module of the classifier: ``{path: (family, rows, cols)}``, family ``linear`` (rows = outputs),
         ``embedding`` or ``layernorm``; paths relative to the BERT root (the head is ``classifier``)."""
