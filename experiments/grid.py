@@ -7,8 +7,15 @@ Usage (from the repo root)::
                                [--dry-run] [--collect-only] [--runs runs/grid] [--results experiments/results]
                                [--data-dir DIR] [--no-plot]
 
-``--only`` keeps the cells matching every given key (``task``, ``budget``, ``method``; alternatives with ``|``:
-``method=nasq|uniform``); the fp32 teacher of a selected cell's task is always run first when missing.
+``--only`` keeps the cells matching every given key (``task``, ``budget``, ``method``, ``seed``; alternatives with
+``|``: ``method=nasq|uniform``); the fp32 teacher of a selected cell's task is always run first when missing.
+
+Seeds and protocol (``experiments/protocol.yaml``, issue 16): a config with ``seeds: [0, 1, 2]`` runs every
+quantized cell once per seed in ``.../{method}/seed{N}/`` (one teacher per task, seed ``seed``), and its results page
+reports mean ± std over seeds, nasq's margin over the best baseline (a result only beyond the spread) and the QAT
+dev curves. ``protocol:`` switches: ``equal_compute`` (baselines' QAT gets the search's ``max_steps`` on top),
+``spend_leftover`` (``nasq finalize --spend-leftover``), ``init_from_search`` (nasq's QAT ``--init-from`` its
+search).
 ``--dry-run`` prints the commands that would run. ``--collect-only`` only rebuilds the results table and plot.
 
 Every stage is a subprocess running exactly the ``nasq ...`` command line written to ``RUNS/grid.log`` (and to
@@ -25,6 +32,7 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/{budget}/{method}/eval.json     stdout of `nasq eval qat --artifact model.nasq ...`
     RUNS/{task}/{budget}/{method}/timing.json   per stage: command, wall seconds, rc, git revision, date
     RUNS/{task}/{budget}/{method}/logs/*.log    per stage output
+    (with ``seeds``: every RUNS/{task}/{budget}/{method}/... path above sits in .../{method}/seed{N}/)
 
 Resuming: a cell whose eval.json exists is skipped; a stage whose output is complete is skipped (run dir with
 run.json status "done", plan.json, model.nasq/manifest.json); an unfinished run dir is continued with
@@ -75,11 +83,17 @@ STAGE_KEYS = {
     "hessian": {"train_subset", "n_batches", "n_probes", "set"},
     "qat": {"max_steps", "epochs", "train_subset", "lr", "set"},
 }
+# `protocol:` switches (all default false), see experiments/protocol.yaml:
+PROTOCOL_KEYS = {
+    "equal_compute": "baselines' QAT runs the search's max_steps more steps (the search's training counts)",
+    "init_from_search": "nasq's QAT starts from the search's weights and steps (`--init-from`)",
+    "spend_leftover": "`nasq finalize --spend-leftover`: the plan spends the bytes the knapsack leaves unused",
+}
 # Config keys that do not change results: not reported as recipe mismatches of existing runs.
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
-CSV_COLUMNS = ["task", "method", "budget", "status", "metric_name", "metric", "fake_quant_metric",
+CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
                "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget", "rank",
-               "search_s", "finetune_s", "command", "git_rev", "date", "note"]
+               "search_s", "finetune_s", "qat_steps", "dev_curve", "command", "git_rev", "date", "note"]
 
 
 class GridError(Exception):
@@ -104,7 +118,8 @@ def load_grid(path: Path) -> dict:
         cfg = load_yaml(path)  # the same reader (and messages) as `nasq --config`
     except NasqError as e:
         raise GridError(str(e)) from None
-    allowed = {"model", "data_dir", "seed", "tasks", "common", "stages", "budgets", "methods", "plot"}
+    allowed = {"model", "data_dir", "seed", "seeds", "tasks", "common", "stages", "budgets", "methods", "plot",
+               "protocol"}
     if extra := set(cfg) - allowed:
         raise GridError(f"{path}: unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
     for k in ("model", "tasks", "budgets", "methods"):
@@ -158,6 +173,17 @@ def load_grid(path: Path) -> dict:
     cfg["plot"] = cfg["plot"] or {}
     cfg.setdefault("data_dir", "../shared/data/glue")
     cfg.setdefault("seed", 0)
+    seeds = cfg.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise GridError(f"{path}: `seeds` must be a non-empty list of distinct integers, got {seeds!r}")
+    proto = cfg.get("protocol") or {}
+    if not isinstance(proto, dict) or (bad := set(proto) - set(PROTOCOL_KEYS)):
+        raise GridError(f"{path}: `protocol` must be a mapping with keys from {sorted(PROTOCOL_KEYS)}")
+    if bad := [k for k, v in proto.items() if not isinstance(v, bool)]:
+        raise GridError(f"{path}: `protocol.{bad[0]}` must be true or false")
+    cfg["protocol"] = {k: bool(proto.get(k, False)) for k in PROTOCOL_KEYS}
     return cfg
 
 
@@ -226,14 +252,19 @@ class Cell:
     budget: str | None  # None for fp32
     method: str
     dir: Path
+    seed: int = 0
     stages: list[Stage] = field(default_factory=list)
     skip: str | None = None  # configured skip reason
     note: str = ""
     spaces: dict[Path, str] = field(default_factory=dict)  # derived space files this cell needs
 
+    seeded: bool = False  # the config lists `seeds`: the cell lives in a seed{N} directory
+
     @property
     def label(self) -> str:
-        return f"{self.task}/{self.budget}/{self.method}" if self.budget else f"{self.task}/fp32"
+        if not self.budget:
+            return f"{self.task}/fp32"
+        return f"{self.task}/{self.budget}/{self.method}" + (f"/seed{self.seed}" if self.seeded else "")
 
     @property
     def budget_label(self) -> str:
@@ -262,19 +293,38 @@ def teacher_cell(cfg: dict, task: str, runs: Path, data_dir: str) -> Cell:
     tdir = runs / task / "fp32"
     argv = ["nasq", "finetune", "--model", str(cfg["model"]), "--task", task, "--data-dir", data_dir,
             *recipe_flags(recipe(cfg, task, "finetune"), cfg["seed"]), "--out", str(tdir)]
-    c = Cell(task, None, "fp32", tdir)
+    c = Cell(task, None, "fp32", tdir, seed=cfg["seed"])
     c.stages = [Stage("teacher", argv, tdir, "run")]
     return c
 
 
-def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_dir: str) -> Cell:
+def seeds_of(cfg: dict) -> list[int]:
+    """The seeds every quantized cell runs with: `seeds` (one seed{N} directory each) or the single `seed`."""
+    return list(cfg.get("seeds") or [cfg["seed"]])
+
+
+def qat_recipe(cfg: dict, task: str, method: str) -> dict:
+    """The QAT recipe of a method: `protocol.equal_compute` gives the baselines the search's steps on top."""
+    r = recipe(cfg, task, "qat")
+    if cfg["protocol"]["equal_compute"] and method != "nasq":
+        extra = recipe(cfg, task, "search").get("max_steps")
+        if extra is None or r.get("max_steps") is None:
+            raise GridError(f"protocol.equal_compute needs max_steps in the search and qat recipes of {task}")
+        r["max_steps"] = int(r["max_steps"]) + int(extra)
+    return r
+
+
+def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_dir: str,
+               seed: int | None = None) -> Cell:
     b = cfg["budgets"][budget]
-    d = runs / task / budget / method
+    seeded = "seeds" in cfg and cfg["seeds"] is not None
+    seed = cfg["seed"] if seed is None else seed
+    d = runs / task / budget / method / (f"seed{seed}" if seeded else "")  # pathlib drops the empty part
     teacher = str(runs / task / "fp32")
     common = ["--task", task, "--data-dir", data_dir]
-    seed = cfg["seed"]
+    proto = cfg["protocol"]
     space = str(b.get("space", "aqbert_128g"))
-    c = Cell(task, budget, method, d)
+    c = Cell(task, budget, method, d, seed=seed, seeded=seeded)
     plan = d / "plan.json"
     bflags = budget_flags(b)
     if method == "uniform":
@@ -310,13 +360,15 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), "--out", str(sdir)],
                               sdir, "run"))
-        c.stages.append(Stage("finalize", ["nasq", "finalize", str(sdir), "--out", str(plan)], plan, "plan"))
+        c.stages.append(Stage("finalize", ["nasq", "finalize", str(sdir), "--out", str(plan),
+                                           *(["--spend-leftover"] if proto["spend_leftover"] else [])], plan, "plan"))
     else:  # pragma: no cover - validated
         raise GridError(f"unknown method {method}")
     qat, art = d / "qat", d / "model.nasq"
+    init = ["--init-from", str(d / "search")] if method == "nasq" and proto["init_from_search"] else []
     c.stages += [
-        Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *common,
-                      *recipe_flags(recipe(cfg, task, "qat"), seed), "--out", str(qat)], qat, "run"),
+        Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *init, *common,
+                      *recipe_flags(qat_recipe(cfg, task, method), seed), "--out", str(qat)], qat, "run"),
         Stage("export", ["nasq", "export", str(qat), "--out", str(art)], art, "export"),
         Stage("eval", ["nasq", "eval", str(qat), "--artifact", str(art), *common], d / "eval.json", "eval",
               stdout_to=d / "eval.json"),
@@ -330,16 +382,18 @@ def all_cells(cfg: dict, runs: Path, data_dir: str) -> list[Cell]:
         if "fp32" in cfg["methods"]:
             cells.append(teacher_cell(cfg, task, runs, data_dir))
         for budget in cfg["budgets"]:
-            for method in cfg["methods"]:
-                if method != "fp32":
-                    cells.append(quant_cell(cfg, task, budget, method, runs, data_dir))
+            for seed in seeds_of(cfg):
+                for method in cfg["methods"]:
+                    if method != "fp32":
+                        cells.append(quant_cell(cfg, task, budget, method, runs, data_dir, seed))
     return cells
 
 
 def parse_only(spec: str | None, cfg: dict) -> dict[str, set[str]]:
     if not spec:
         return {}
-    valid = {"task": list(cfg["tasks"]), "budget": list(cfg["budgets"]), "method": cfg["methods"]}
+    valid = {"task": list(cfg["tasks"]), "budget": list(cfg["budgets"]), "method": cfg["methods"],
+             "seed": [str(x) for x in seeds_of(cfg)]}
     out: dict[str, set[str]] = {}
     for part in spec.split(","):
         if "=" not in part:
@@ -347,7 +401,7 @@ def parse_only(spec: str | None, cfg: dict) -> dict[str, set[str]]:
                             "task=sst2,budget=avg2,method=nasq")
         k, v = (s.strip() for s in part.split("=", 1))
         if k not in valid:
-            raise GridError(f"--only: unknown key {k!r}; keys are task, budget, method")
+            raise GridError(f"--only: unknown key {k!r}; keys are task, budget, method, seed")
         vals = {x.strip() for x in v.split("|") if x.strip()}
         if bad := sorted(vals - set(valid[k])):
             raise GridError(f"--only {k}: unknown {bad}; the config has {valid[k]}")
@@ -357,7 +411,8 @@ def parse_only(spec: str | None, cfg: dict) -> dict[str, set[str]]:
 
 def selected(cell: Cell, only: dict[str, set[str]]) -> bool:
     """A filter key does not apply to a cell without it (the fp32 teacher has no budget)."""
-    vals = {"task": cell.task, "budget": cell.budget, "method": cell.method}
+    vals = {"task": cell.task, "budget": cell.budget, "method": cell.method,
+            "seed": None if cell.method == "fp32" else str(cell.seed)}
     return all(vals[k] is None or vals[k] in v for k, v in only.items())
 
 
@@ -599,6 +654,23 @@ def _wall(timing: dict, names: list[str], run_dirs: list[Path | None]) -> float 
     return round(total, 1) if have else None
 
 
+def dev_curve(metrics: Path, metric_name: str) -> str:
+    """``"step:metric ..."`` of a run's dev evaluations (``train.eval_every`` and the final one), or ''."""
+    points = {}
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("split") == "dev" and _num(rec.get(metric_name)) is not None:
+            points[int(rec["step"])] = float(rec[metric_name])  # a resumed run may repeat a step: keep the last
+    return " ".join(f"{k}:{v:.4f}" for k, v in sorted(points.items()))
+
+
 def _plan_or_none(path: Path) -> Plan | None:
     """The cell's validated plan (``Plan.load``), or None while it is missing or unreadable."""
     try:
@@ -610,7 +682,8 @@ def _plan_or_none(path: Path) -> Plan | None:
 def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
     metric_name = main_metric(cell.task)
     row: dict[str, Any] = {"task": cell.task, "method": cell.method, "budget": cell.budget_label,
-                           "metric_name": metric_name, "status": "not run"}
+                           "seed": cell.seed if cell.method != "fp32" else cfg["seed"],
+                           "metric_name": metric_name, "status": "not run", "_seeded": cell.seeded}
     notes = [cell.note] if cell.note else []
     timing = read_json(cell.dir / "timing.json") or {}
     if cell.skip:
@@ -619,12 +692,14 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
         return row
     qat_stage = next(s for s in cell.stages if s.name in ("qat", "teacher"))
     row["command"] = shlex.join(qat_stage.argv)
-    exp = recipe_expectations(recipe(cfg, cell.task, "qat" if cell.method != "fp32" else "finetune"), cfg["seed"])
+    exp = recipe_expectations(qat_recipe(cfg, cell.task, cell.method) if cell.method != "fp32"
+                              else recipe(cfg, cell.task, "finetune"), cell.seed if cell.method != "fp32"
+                              else cfg["seed"])
     if mism := config_mismatches(qat_stage.out, exp):
         notes.append(f"{qat_stage.out.name} config differs from the grid recipe: " + ", ".join(mism))
     if cell.method == "nasq":
         search = cell.stages[0]
-        sexp = recipe_expectations(recipe(cfg, cell.task, "search"), cfg["seed"])
+        sexp = recipe_expectations(recipe(cfg, cell.task, "search"), cell.seed)
         if mism := config_mismatches(search.out, sexp):
             notes.append("search config differs from the grid recipe: " + ", ".join(mism))
     failed = [n for n, t in timing.items() if isinstance(t, dict) and t.get("rc") not in (0, None)]
@@ -659,6 +734,8 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
         rds = [cell.dir / "search", None] if cell.method == "nasq" else [None]
         row["search_s"] = _wall(timing, names, rds)
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
+        row["qat_steps"] = (read_json(cell.dir / "qat" / "run.json") or {}).get("total_steps")
+        row["dev_curve"] = dev_curve(cell.dir / "qat" / "metrics.jsonl", metric_name)
         if ev:
             row["status"] = "done"
             row["metric"] = (ev.get("int_artifact") or {}).get(metric_name)
@@ -680,10 +757,10 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
 
 def finish_rows(cfg: dict, rows: list[dict]) -> None:
     """Fill within_budget for plans made without a budget (vs a sibling's budget) and rank per (task, budget)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, Any], list[dict]] = {}
     for r in rows:
         if r["method"] != "fp32":
-            groups.setdefault((r["task"], r["budget"]), []).append(r)
+            groups.setdefault((r["task"], r["budget"], r["seed"]), []).append(r)
     for g in groups.values():
         ref = next((r["_budget"] for r in g if r.get("_budget")), None)
         for r in g:
@@ -753,6 +830,82 @@ def summary_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def mean_std(xs: list[float]) -> tuple[float, float | None, int]:
+    """(mean, sample standard deviation or None for n < 2, n)."""
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return m, sd, n
+
+
+def _stat_text(m: str, stats: dict, rows_by_method: dict, over: set, best: str | None) -> str:
+    if m not in stats:
+        rs = rows_by_method.get(m) or []
+        return rs[0]["status"].split(" (")[0].split(":")[0] if rs else ""
+    mu, sd, n = stats[m]
+    v = f"{mu:.4f} ± {sd:.4f} (n={n})" if sd is not None else f"{mu:.4f} (n={n})"
+    return f"{v} (over)" if m in over else (f"**{v}**" if m == best else v)
+
+
+def seed_summary(rows: list[dict]) -> list[str]:
+    """Per (task, budget): every method's mean ± std (n seeds) of the main metric, best within-budget mean bold,
+    and nasq's margin over the best within-budget baseline, called a result only when it exceeds the larger of
+    the two standard deviations (and both have n >= 2)."""
+    methods = [m for m in METHODS if m != "fp32" and any(r["method"] == m for r in rows)]
+    teacher = {r["task"]: r for r in rows if r["method"] == "fp32"}
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["method"] != "fp32":
+            groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], []).append(r)
+    cols = ["task", "metric", "budget", "fp32 teacher", *methods, "nasq - best baseline"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for (task, budget), g in groups.items():
+        stats: dict[str, tuple[float, float | None, int]] = {}
+        over: set[str] = set()
+        for m, rs in g.items():
+            vals = [_num(r["metric"]) for r in rs if r["status"] == "done" and _num(r.get("metric")) is not None]
+            if vals:
+                stats[m] = mean_std(vals)
+            if any(r.get("within_budget") is False for r in rs):
+                over.add(m)
+        ranked = {m: st for m, st in stats.items() if m not in over}
+        best = max(ranked, key=lambda m: ranked[m][0]) if ranked else None
+
+        margin = ""
+        bases = {m: st for m, st in ranked.items() if m != "nasq"}
+        if "nasq" in ranked and bases:
+            bm = max(bases, key=lambda m: bases[m][0])
+            (mu, sd, _), (bmu, bsd, _) = ranked["nasq"], bases[bm]
+            d = mu - bmu
+            if sd is None or bsd is None:
+                verdict = "n < 2: no claim"
+            else:
+                verdict = "beyond the spread" if abs(d) > max(sd, bsd) else "within the spread: no claim"
+            margin = f"{d:+.4f} vs {bm} ({verdict})"
+        t = teacher.get(task)
+        tt = _cell_text(t.get("metric"), 4) if t else ""
+        cells = [task, next(iter(g.values()))[0]["metric_name"], budget, tt,
+                 *(_stat_text(m, stats, g, over, best) for m in methods), margin]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    """Mean dev metric over seeds at each QAT evaluation step, per (task, budget, method)."""
+    curves: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        for point in (r.get("dev_curve") or "").split():
+            step, v = point.split(":")
+            curves.setdefault((r["task"], r["budget"], r["method"]), {}).setdefault(int(step), []).append(float(v))
+    if not curves:
+        return []
+    lines = ["| task | budget | method | QAT step: mean dev metric (n) |", "|---|---|---|---|"]
+    for (task, budget, method), pts in curves.items():
+        txt = ", ".join(f"{k}: {sum(v) / len(v):.4f} ({len(v)})" for k, v in sorted(pts.items()))
+        lines.append(f"| {task} | {budget} | {method} | {txt} |")
+    return lines
+
+
 def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
     results.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = results / "results.csv", results / "results.md"
@@ -764,9 +917,27 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
             w.writerow({c: _cell_text(r.get(c), CSV_DIGITS.get(c, 6)) for c in CSV_COLUMNS})
     os.replace(tmp, csv_path)
 
-    cols = ["task", "budget", "method", "status", "metric_name", "metric", "fake_quant_metric",
-            "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank", "vs_nasq", "search_s",
-            "finetune_s", "note", "git_rev", "date", "command"]
+    seeded = any(r.get("_seeded") for r in rows)
+    cols = ["task", "budget", "method", *(["seed"] if seeded else []), "status", "metric_name", "metric",
+            "fake_quant_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank", "vs_nasq",
+            "search_s", "finetune_s", *(["qat_steps"] if seeded else []), "note", "git_rev", "date", "command"]
+    summary = [
+        ("Summary over seeds: the main dev metric through the integer artifact, mean ± sample std (n seeds) per "
+         "(task, budget); best within-budget mean bold, `(over)`: a plan exceeds the budget (not ranked). The last "
+         "column is nasq's mean minus the best within-budget baseline's, a result only beyond the larger std."),
+        "",
+        *seed_summary(rows),
+        "",
+        ("QAT learning curves (fake-quant dev metric at each `train.eval_every` step; the QAT length is chosen "
+         "from them):"),
+        "",
+        *curve_table(rows),
+    ] if seeded else [
+        ("Summary: the main dev metric through the integer artifact per (task, budget); best within-budget "
+         "method bold, `(over)`: the plan exceeds the budget (not ranked)."),
+        "",
+        *summary_table(rows),
+    ]
     lines = [
         "# Results grid",
         "",
@@ -779,12 +950,9 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
          "budget), best metric bold; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
          "rows the methods that reach it; `search_s` / `finetune_s`: wall seconds of the plan and QAT stages."),
         "",
-        ("Summary: the main dev metric through the integer artifact per (task, budget); best within-budget "
-         "method bold, `(over)`: the plan exceeds the budget (not ranked)."),
+        *summary,
         "",
-        *summary_table(rows),
-        "",
-        "All cells:",
+        "All cells" + (" (`rank` within a seed)" if seeded else "") + ":",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",

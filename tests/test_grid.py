@@ -200,3 +200,59 @@ def test_grid_config_and_only_errors(tmp_path):
                                        "stages": {"qat": {"steps": 3}}}))
     with pytest.raises(grid.GridError, match="qat.*steps"):
         grid.load_grid(bad_cfg)
+
+
+def test_protocol_seeds_equal_compute_and_summary(tmp_path):
+    """protocol.yaml: one cell per seed in seed{N} dirs, baselines' QAT = nasq QAT + search steps, nasq QAT from
+    its search, finalize spends the leftover; the seed summary claims a margin only beyond the spread."""
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    cells = grid.all_cells(cfg, tmp_path / "runs", "G")
+    quant = [c for c in cells if c.method != "fp32"]
+    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 4 * len(cfg["budgets"])
+
+    def steps(argv):
+        return int(argv[argv.index("--max-steps") + 1])
+
+    u = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2", "uniform", 1))
+    n = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2", "nasq", 1))
+    assert u.dir == tmp_path / "runs" / "sst2" / "avg2" / "uniform" / "seed1" and u.label.endswith("/seed1")
+    qat_u, qat_n = (next(s for s in c.stages if s.name == "qat").argv for c in (u, n))
+    search = next(s for s in n.stages if s.name == "search").argv
+    assert steps(qat_u) == steps(qat_n) + steps(search)
+    assert qat_n[qat_n.index("--init-from") + 1] == str(n.dir / "search") and "--init-from" not in qat_u
+    assert "--spend-leftover" in next(s for s in n.stages if s.name == "finalize").argv
+    assert all(a[a.index("--seed") + 1] == "1" for a in (qat_u, qat_n, search))
+    assert grid.selected(u, grid.parse_only("seed=1", cfg)) and not grid.selected(u, grid.parse_only("seed=0", cfg))
+    with pytest.raises(grid.GridError, match="seed"):
+        grid.parse_only("seed=7", cfg)
+
+    def row(method, seed, metric):
+        return {"task": "sst2", "budget": "avg2", "method": method, "seed": seed, "metric_name": "accuracy",
+                "status": "done", "metric": metric, "_seeded": True}
+
+    rows = [row("uniform", s, v) for s, v in enumerate((0.80, 0.81, 0.82))]
+    rows += [row("nasq", s, v) for s, v in enumerate((0.85, 0.86, 0.84))]
+    (line,) = grid.seed_summary(rows)[2:]
+    assert "**0.8500 ± 0.0100 (n=3)**" in line and "+0.0400 vs uniform (beyond the spread)" in line
+    rows[3]["metric"] = 0.79  # nasq 0.79/0.86/0.84: mean 0.83, std 0.036 > margin 0.02
+    assert "within the spread: no claim" in grid.seed_summary(rows)[2]
+    assert grid.mean_std([1.0])[1] is None
+
+    bad = tmp_path / "bad.yaml"
+    for patch in ({"seeds": [0, 0]}, {"seeds": "0,1"}, {"protocol": {"equal_compute": "yes"}},
+                  {"protocol": {"fair": True}}):
+        bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text()),
+                                       **patch}))
+        with pytest.raises(grid.GridError):
+            grid.load_grid(bad)
+
+
+def test_dev_curve_reads_eval_records(tmp_path):
+    grid = _grid_module()
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in (
+        {"step": 50, "loss": 0.3}, {"step": 100, "split": "dev", "accuracy": 0.8},
+        {"step": 100, "split": "dev", "accuracy": 0.81}, {"step": 200, "split": "dev", "accuracy": 0.85})) + "\nnot json\n")
+    assert grid.dev_curve(m, "accuracy") == "100:0.8100 200:0.8500"
+    assert grid.dev_curve(tmp_path / "missing.jsonl", "accuracy") == ""
