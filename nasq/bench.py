@@ -73,8 +73,7 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     w_tx, g_tx = search_optimizers(cfg, 1000)
     weight_step, gate_step, single_step, single_tx, _, price = build_steps(
-        graphdef, rest, problem, w_tx, g_tx, is_regression=False, kd_beta=0.0, kd_temperature=1.0,
-        mode="bilevel")
+        graphdef, rest, problem, w_tx, g_tx, is_regression=False, kd_beta=0.0, kd_temperature=1.0)
     ctx = set_search_context(rest, 1.0, jax.random.key(1), False)
     w_opt, g_opt, s_opt = w_tx.init(weights), g_tx.init(gates), single_tx.init((weights, gates))
     key, tau = jax.random.key(0), jnp.float32(1.0)
@@ -93,10 +92,14 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
     }
     t = time_interleaved(fns, repeats)
     base = t["fp32_step"]
+    every = cfg.search.gate_every
+    # one gate step per `every` weight steps: price + weight step every step, the gate step's share every k-th
+    amortized = t["supernet_weight_step"] + (t["bilevel_step"] - t["supernet_weight_step"]) / every
     return {"bench": "search-step", "model": cfg.model.name, "space": cfg.search.space, "batch": batch_size,
             "seq": seq_len, "groups": sum(x.num_groups for x in problem.tensors),
             **{f"{k}_s": v for k, v in t.items()},
             "weight_step_vs_fp32": t["supernet_weight_step"] / base, "bilevel_vs_fp32": t["bilevel_step"] / base,
+            "gate_every": every, "search_iteration_vs_fp32": amortized / base,
             "single_level_vs_fp32": t["single_level_step"] / base}
 
 

@@ -70,6 +70,9 @@ class SearchConfig(_Section):
     gate_init: Literal["uniform", "high_bits"] = "uniform"
     # The budget is enforced by an exact dual price solved every step (nasq.search.loop): no penalty weight.
     warmup_steps: int = Field(0, ge=0)  # weight-only steps before gates move
+    # bilevel: one gate step per `gate_every` weight steps (1 = every step); a larger value makes a search
+    # iteration cheaper (the gate step is a second forward + backward; `nasq bench search-step` measures it)
+    gate_every: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _one_budget(self):

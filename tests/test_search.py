@@ -132,6 +132,18 @@ def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path)
     assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
 
 
+def test_gate_every_takes_one_gate_step_per_k_weight_steps(tiny_model_dir, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_every=3, warmup_steps=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8, "log_every": 1})})
+    run = search(cfg, tmp_path / "k3", log=lambda *a: None)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    gated = [r["step"] for r in recs if "gate_loss" in r]
+    assert gated == [2, 5, 8]  # steps 1, 4, 7 (0-based) after one warm-up step; `step` counts done steps
+    assert all("expected_cost" in r for r in recs)  # logged on weight-only steps too
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["cost_ratio"] <= 1.0 + 1e-4
+
+
 # ------------------------------------------------------------ restored search state (nasq.search.restore)
 @pytest.fixture(scope="module")
 def finished_search(teacher_dir, tiny_model_dir, glue_dir, tmp_path_factory):

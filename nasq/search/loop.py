@@ -4,6 +4,7 @@ Alternating steps (weights on train batches, gates on held-out batches split off
 
     weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
+                  (after `search.warmup_steps` weight-only steps, then every `search.gate_every`-th step)
 
 The gate step size is scaled by tau (Adam's step is constant in units of alpha/tau), so annealing does not
 make late gate updates jumpier. `E[size] = sum_g sum_c p_{g,c} * bytes(g, c)` (`nasq.contract.cost`, the exporter's byte function) or the
@@ -309,7 +310,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         if s.mode == "bilevel":
             w_opt, g_opt = opt
             weights, w_opt, m = weight_step(weights, gates, w_opt, ctx, batch, key, tl)
-            if step >= s.warmup_steps:
+            if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
                 gates, g_opt, mg = gate_step(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau))
                 m = {**m, **mg}
             opt = (w_opt, g_opt)
@@ -318,7 +319,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         done = step + 1
         ckpt_due = cadence.checkpoint_due(done)
         if cadence.log_due(done):  # check finiteness before checkpoints
-            if "expected_cost" not in m:  # gates frozen during warm-up
+            if "expected_cost" not in m:  # no gate step this step (warm-up, or between gate_every steps)
                 m["expected_cost"] = expected_cost([g.probs(noise=False) for g in gated_modules(
                     nnx.merge(graphdef, weights, gates, ctx))])
             m = {k: float(v) for k, v in m.items()}

@@ -1,0 +1,23 @@
+"""`nasq bench` drivers on a tiny random BERT: they run and report consistent ratios (no timing asserted)."""
+
+import math
+
+from nasq.bench import bench_search_step, bench_train_step
+from nasq.config import build_config
+
+
+def _cfg(model, **search):
+    return build_config(("test", {"model": {"name": str(model), "max_len": 16},
+                                  "search": {"space": "tiny", **search}}))
+
+
+def test_bench_train_and_search_step(tiny_model_dir):
+    r = bench_train_step(_cfg(tiny_model_dir), batch_size=2, seq_len=8, repeats=1)
+    assert r["bench"] == "train-step" and r["fp32_train_step_s"] > 0
+    s = bench_search_step(_cfg(tiny_model_dir, gate_every=4), batch_size=2, seq_len=8, repeats=1)
+    assert s["gate_every"] == 4 and s["groups"] > 0
+    for k in ("fp32_step_s", "supernet_weight_step_s", "bilevel_step_s", "single_level_step_s"):
+        assert s[k] > 0 and math.isfinite(s[k])
+    weight, bilevel = s["supernet_weight_step_s"], s["bilevel_step_s"]
+    assert math.isclose(s["search_iteration_vs_fp32"] * s["fp32_step_s"], weight + (bilevel - weight) / 4)
+    assert math.isclose(s["bilevel_vs_fp32"], bilevel / s["fp32_step_s"])
