@@ -43,7 +43,7 @@ def test_size_table_uses_group_nbytes():
     assert tab.shape == (3, 4) and tab.dtype == np.int64
     assert (tab[:, 0] == 0).all()
     assert tab[0, 3] == group_nbytes(4, 12, 8) == 4 * 12 + 4 + 16
-    assert tab[1, 2] == 3 * math.ceil(12 * 4 / 8) + 4 + 12
+    assert tab[1, 2] == 3 * math.ceil(12 * 3 / 8) + 4 + 12  # 3 bits packed densely: 5 bytes per row
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -71,9 +71,9 @@ def test_plan_checks(tiny):
     plan = cost.uniform_plan(tiny, 4)
     with pytest.raises(NasqError, match="not one of the choices"):
         cost.plan_size_bytes(tiny, cost.uniform_plan(tiny, 3))
-    assert cost.plan_size_bytes(
-        tiny, cost.uniform_plan(tiny, 3), check_choices=False
-    ) == cost.plan_size_bytes(tiny, plan)  # 3 bits sits in a 4-bit container
+    three = cost.plan_size_bytes(tiny, cost.uniform_plan(tiny, 3), check_choices=False)
+    two = cost.plan_size_bytes(tiny, cost.uniform_plan(tiny, 2))
+    assert two < three < cost.plan_size_bytes(tiny, plan)  # 3 bits is packed densely, not in a 4-bit container
     with pytest.raises(NasqError, match="groups"):
         cost.plan_size_bytes(tiny, [(4,)] + plan[1:])
 
@@ -125,6 +125,20 @@ def test_avg_bits_budget_equals_uniform_plan(minilm, b):
     budget = cost.resolve_budget(minilm, avg_bits=b)
     assert budget.bytes == cost.plan_size_bytes(minilm, cost.uniform_plan(minilm, b))
     assert budget.convention == "encoder" and budget.source == f"avg_bits={b}"
+
+
+@pytest.mark.parametrize("b", range(1, 9))
+def test_uniform_plan_fits_its_avg_bits_budget_exactly(minilm, b):
+    """Dense packing: uniform b-bit is exactly the avg_bits=b budget for every width, 3, 5, 6, 7 included
+    (through size_budget, the budget resolution of search, baselines and finalize)."""
+    space = load_space("aqbert_128g")
+    budget = cost.size_budget(minilm, space, bert_shapes(), avg_bits=b)
+    uniform = cost.plan_size_bytes(minilm, cost.uniform_plan(minilm, b), check_choices=False)
+    assert budget.bytes == uniform
+    n = sum(t.num_weights for t in minilm)
+    assert uniform == n * b // 8 + 4 * sum(t.num_groups + t.rows for t in minilm)
+    if b > 1:
+        assert cost.plan_size_bytes(minilm, cost.uniform_plan(minilm, b - 1), check_choices=False) < budget.bytes
 
 
 def test_avg_bits_budget_minilm_value(minilm):

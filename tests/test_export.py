@@ -12,7 +12,7 @@ from flax import nnx
 
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
-from nasq.export.format import TENSORS
+from nasq.export.format import TENSORS, VERSION
 from nasq.export.format import manifest_digest as _manifest_digest
 from nasq.export.format import sha256 as _sha256
 from nasq.export.reader import load_artifact
@@ -24,24 +24,28 @@ from nasq.quant.quantizer import quantize_codes
 NAMES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense")
 # hand-picked groups (4 per tensor): pruned head 1 in layer 0's value, heads 0/2/3 in layer 1's value,
-# a fully pruned attention.output.dense; every width 0..4 and 8 appears.
+# a fully pruned attention.output.dense; every width 0..8 appears (3, 5, 6, 7 densely packed since format 2).
 FIXED_BITS = {
     "encoder.layer.0.attention.self.value": (8, 0, 4, 2),
     "encoder.layer.1.attention.self.value": (0, 2, 0, 0),
     "encoder.layer.1.attention.output.dense": (0, 0, 0, 0),
     "encoder.layer.0.attention.self.query": (1, 3, 8, 0),
+    "encoder.layer.1.attention.self.query": (5, 6, 7, 3),
 }
 TOL = 1e-5  # int path vs fake-quant, max |logit diff| (observed <= 1.5e-8 on logits of ~0.05)
 
 
-def build_quant_model(model_dir, *, unsearched_bits=8, word_bits=8, other_bits=32, seed=0):
-    """Tiny fixed-plan classifier via ``nasq.contract.plan.make_plan`` + ``apply_plan``; returns (model, plan dict)."""
+def build_quant_model(model_dir, *, unsearched_bits=8, word_bits=8, other_bits=32, seed=0, fixed_bits=None):
+    """Tiny fixed-plan classifier via ``nasq.contract.plan.make_plan`` + ``apply_plan``; returns (model, plan dict).
+
+    ``fixed_bits`` (default ``FIXED_BITS``): hand-picked bits of some tensors; the others draw from {0, 2, 4, 8}."""
     from nasq.contract.plan import make_plan
     from nasq.contract.space import Fixed, SearchedTensor, SpaceInfo
     from nasq.models.loading import load_pretrained
     from nasq.models.surgery import model_param_shapes
     from nasq.quant.apply import apply_plan
 
+    fixed_bits = FIXED_BITS if fixed_bits is None else fixed_bits
     model, cfg, _ = load_pretrained(model_dir, 2, seed=seed)
     rng = np.random.default_rng(seed)
     tensors, bits_all = [], []
@@ -51,9 +55,9 @@ def build_quant_model(model_dir, *, unsearched_bits=8, word_bits=8, other_bits=3
             rows = cfg.intermediate_size if n == "intermediate.dense" else cfg.hidden_size
             cols = cfg.intermediate_size if n == "output.dense" else cfg.hidden_size
             sizes = tuple(len(a) for a in np.array_split(np.arange(rows), 4))
-            bits = FIXED_BITS.get(path, tuple(int(b) for b in rng.choice([0, 2, 4, 8], 4, p=[.1, .3, .3, .3])))
+            bits = fixed_bits.get(path, tuple(int(b) for b in rng.choice([0, 2, 4, 8], 4, p=[.1, .3, .3, .3])))
             tensors.append(SearchedTensor(path=path, rule="test", rows=rows, cols=cols, group_sizes=sizes,
-                                          choices=(0, 1, 2, 3, 4, 8), has_bias=True, kind="linear"))
+                                          choices=tuple(range(9)), has_bias=True, kind="linear"))
             bits_all.append(bits)
     fixed = Fixed(word_embeddings_bits=word_bits, other_embeddings_bits=other_bits,
                   unsearched_linear_bits=unsearched_bits)
@@ -93,22 +97,25 @@ def test_pack_rows_matches_per_group_packing():
     from nasq.quant.packing import pack_codes
 
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((24, 13)).astype(np.float32)
-    bias = rng.standard_normal(24).astype(np.float32)
-    sizes, bits, scales = [5, 5, 5, 5, 4], [4, 0, 1, 4, 8], np.array([.3, .2, .5, .4, .02], np.float32)
+    w = rng.standard_normal((34, 13)).astype(np.float32)  # 13 columns: 3/5-bit rows end mid-byte
+    bias = rng.standard_normal(34).astype(np.float32)
+    sizes, bits = [5, 5, 5, 5, 4, 5, 5], [4, 0, 1, 4, 8, 3, 5]
+    scales = np.array([.3, .2, .5, .4, .02, .6, .1], np.float32)
     starts = np.cumsum([0, *sizes[:-1]])
     got = pack_rows(w, bias, sizes, bits, scales)
-    assert sorted(got) == ["bias", "scale", "seg1", "seg4", "seg8"]
-    for b in (1, 4, 8):
+    assert sorted(got) == ["bias", "scale", "seg1", "seg3", "seg4", "seg5", "seg8"]
+    assert got["seg3"].shape == (5, 5) and got["seg5"].shape == (5, 9)  # ceil(13*3/8), ceil(13*5/8)
+    assert sum(a.nbytes for a in got.values()) == tensor_nbytes(sizes, 13, bits)
+    for b in (1, 3, 4, 5, 8):
         groups = [g for g, gb in enumerate(bits) if gb == b]
         codes = np.concatenate([np.asarray(quantize_codes(w[starts[g]:starts[g] + sizes[g]], scales[g], b))
                                 for g in groups])
         np.testing.assert_array_equal(pack_codes(codes, b), got[f"seg{b}"])
-    order = [g for b in (1, 4, 8) for g, gb in enumerate(bits) if gb == b]
+    order = [g for b in (1, 3, 4, 5, 8) for g, gb in enumerate(bits) if gb == b]
     np.testing.assert_array_equal(scales[order], got["scale"])
     np.testing.assert_array_equal(np.concatenate([bias[starts[g]:starts[g] + sizes[g]] for g in order]),
                                   got["bias"])
-    assert pack_rows(w, bias, [24], [0], [1.0]) == {}
+    assert pack_rows(w, bias, [34], [0], [1.0]) == {}
     p = pack_linear(w, bias, sizes, bits, scales)  # the kernel's PackedLinear holds exactly these arrays
     for b, packed in p.segments:
         np.testing.assert_array_equal(np.asarray(packed), got[f"seg{b}"])
@@ -199,7 +206,11 @@ def test_payload_bytes_equal_cost_model(exported):
     assert m["tensor_bytes"] == sum(a.nbytes for a in t.values())
     assert m["tensor_bytes"] == m["predicted_bytes"]  # exact, fixed tensors included
     assert m["payload_vs_predicted"] == 1.0
-    assert m["format"] == "nasq-artifact" and m["version"] == 1 and m["task"] == "sst2"
+    assert m["format"] == "nasq-artifact" and m["version"] == VERSION == 2 and m["task"] == "sst2"
+    # every width is stored, 3/5/6/7 bits densely: ceil(cols*b/8) bytes per row
+    q = "encoder.layer.1.attention.self.query"
+    for b, rows in ((3, 8), (5, 8), (6, 8), (7, 8)):
+        assert t[f"{q}.seg{b}"].shape == (rows, 32 * b // 8)
     for name in ("plan.json", "config.json", "layout.json", "vocab.txt", TENSORS):
         assert name in m["files"]
 
@@ -261,10 +272,35 @@ def test_flipped_byte(copy):
         load_artifact(copy)
 
 
-def test_wrong_version(copy):
-    _rewrite_manifest(copy, version=2)
-    with pytest.raises(NasqError, match="artifact format version 2 unsupported, this nasq reads 1"):
+@pytest.mark.parametrize("version", [0, 3, True, 2.0, "2"])
+def test_wrong_version(copy, version):
+    _rewrite_manifest(copy, version=version)
+    with pytest.raises(NasqError, match="artifact format version .* unsupported, this nasq reads 1 and 2"):
         load_artifact(copy)
+
+
+def test_v1_artifact_with_3_bit_rows_refused(copy):
+    """Format 1 stored 3-bit codes in 4-bit (5..7 in 8-bit) containers: refused before the tensors are read."""
+    _rewrite_manifest(copy, version=1)
+    with pytest.raises(NasqError, match=r"version 1 stored 3-bit codes in 4-bit.*layer\.0\.attention\.self\.query "
+                                        r"has 3-bit rows.*Re-export.*`nasq export RUN --out DIR`"):
+        load_artifact(copy)
+
+
+def test_v1_artifact_with_unchanged_widths_loads(tiny_model_dir, tmp_path):
+    """0/1/2/4/8-bit rows have the same bytes in formats 1 and 2: a version-1 artifact of them still loads."""
+    old_widths = {p: tuple(4 if b in (3, 5, 6, 7) else b for b in bits) for p, bits in FIXED_BITS.items()}
+    model, plan = build_quant_model(tiny_model_dir, fixed_bits=old_widths)
+    out = export_model(model, plan, tmp_path / "v1.nasq", task="sst2", num_labels=2, source_dir=tiny_model_dir)
+    widths = {b for tn in plan["tensors"] for b in tn["bits"]}
+    assert widths == {0, 1, 2, 4, 8}
+    ids, tt, am = _batch(4)
+    v2 = np.asarray(load_artifact(out)(ids, tt, am))
+    _rewrite_manifest(out, version=1)
+    im = load_artifact(out)
+    assert im.manifest["version"] == 1
+    np.testing.assert_array_equal(np.asarray(im(ids, tt, am)), v2)
+    assert np.abs(v2 - fake_quant_logits(model, ids, tt, am)).max() < TOL
 
 
 def test_missing_manifest(copy):

@@ -64,6 +64,21 @@ def _write(tmp_path, d):
     return p
 
 
+def test_pre_dense_packing_plan_refused_with_advice(plan, tmp_path):
+    """A plan counting 3-bit groups in 4-bit containers (nasq before dense packing) is refused, saying why."""
+    from nasq.quant.packing import V1_CONTAINER_BITS
+
+    d = plan.to_dict()
+    t = next(x for x in d["tensors"] if x["path"] == QUERY)
+    t["choices"], t["bits"][1] = sorted({*t["choices"], 3}), 3
+    t["bytes"] = sum(r * -(-t["cols"] * V1_CONTAINER_BITS[b] // 8) + 4 + 4 * r
+                     for r, b in zip(t["group_sizes"], t["bits"]) if b)
+    d["totals"]["searched_bytes"] = sum(x["bytes"] for x in d["tensors"])
+    with pytest.raises(NasqError, match=r"\.bytes: .*before dense packing counted its 3-bit groups.*"
+                                        r"re-create the plan with this nasq"):
+        Plan.load(_write(tmp_path, d))
+
+
 def test_bad_files(plan, tmp_path):
     with pytest.raises(NasqError, match="not found"):
         Plan.load(tmp_path / "missing.json")

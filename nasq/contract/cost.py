@@ -2,7 +2,7 @@
 
 Size. A group of ``r`` rows and ``k`` columns at ``b`` bits stores
 ``bytes(r, k, b) = group_nbytes(r, k, b, has_bias)`` (:mod:`nasq.quant.packing`, also used by the exporter):
-``0`` if ``b == 0`` else ``r * ceil(k * container(b) / 8) + 4 (fp32 scale) + 4r (fp32 bias, linears)``.
+``0`` if ``b == 0`` else ``r * ceil(k * b / 8) + 4 (fp32 scale) + 4r (fp32 bias, linears)`` (dense packing).
 For gate probabilities ``p_{g,c}`` of one tensor the expected size is
 
     E[size] = sum_t sum_g sum_c p_{t,g,c} * bytes(rows_{t,g}, cols_t, choice_{t,c})
@@ -15,8 +15,9 @@ Budgets (MB = 10^6 bytes; published anchors such as Q-BERT's 81.2 MB are MiB = 2
   ``"artifact"`` = every tensor of the artifact, so the searched part gets ``M*10^6 - fixed_bytes``
   (:func:`fixed_nbytes`). Manifest, config and tokenizer files are not counted.
 * ``avg_bits=b``: ``floor(sum_t (n_weights_t * b / 8 + 4 * G_t + 4 * rows_t * has_bias_t))`` bytes: every weight
-  at ``b`` bits plus each group's scale and the fp32 biases. For b in {1, 2, 4, 8} (and ``cols*b % 8 == 0``)
-  this is exactly the uniform b-bit plan.
+  at ``b`` bits plus each group's scale and the fp32 biases. For integer ``b`` in 1..8 it is exactly the uniform
+  b-bit plan whenever every tensor has ``cols*b % 8 == 0`` (BERT's dims are multiples of 8); otherwise the
+  uniform plan's ``ceil`` per row puts it a few bytes over.
 * ``ratio=r``: ``floor(sum_t 4 * (n_weights_t + rows_t * has_bias_t) / r)``: fp32 bytes of the searched tensors
   over ``r``.
 
@@ -147,7 +148,7 @@ def size_range(tensors: Sequence[SearchedTensor]) -> tuple[int, int]:
 
 
 def avg_bits(tensors: Sequence[SearchedTensor], bits_per_group: BitsPerGroup) -> float:
-    """Weight-count-weighted mean bits over the searched weights (pruned = 0; nominal bits, not containers)."""
+    """Weight-count-weighted mean bits over the searched weights (pruned = 0)."""
     _check_plan(tensors, bits_per_group, check_choices=False)
     n = sum(t.num_weights for t in tensors)
     s = sum(

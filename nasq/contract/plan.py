@@ -49,6 +49,7 @@ from nasq.contract.cost import (
 from nasq.contract.space import Fixed, SearchedTensor, SearchSpace, SpaceInfo
 from nasq.errors import NasqError
 from nasq.io import git_rev, read_json, write_atomic
+from nasq.quant.packing import V1_REPACKED_WIDTHS
 
 __all__ = [
     "PLAN_FORMAT",
@@ -286,8 +287,12 @@ def _tensor_from_dict(d: Any, where: str) -> PlanTensor:
                    choices=choices, bits=bits, pruned_groups=pruned, bytes=nbytes, rule=rule)
     expect = plan_size_bytes([t.searched()], [bits])
     if nbytes != expect:
-        raise NasqError(f"{where}.bytes: {nbytes}, but the cost model gives {expect} for these bits; "
-                        "the file was edited by hand or written by an incompatible nasq")
+        old = sorted({b for b in bits if b in V1_REPACKED_WIDTHS})
+        why = ("the file was edited by hand or written by an incompatible nasq" if not old else
+               f"nasq before dense packing counted its {'/'.join(map(str, old))}-bit groups in 4- or 8-bit "
+               "containers, this nasq counts b bits per weight: re-create the plan with this nasq (`nasq finalize` "
+               "or `nasq baseline`)")
+        raise NasqError(f"{where}.bytes: {nbytes}, but the cost model gives {expect} for these bits; {why}")
     return t
 
 

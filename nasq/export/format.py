@@ -6,10 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 
-__all__ = ["FORMAT", "LAYOUT", "MANIFEST", "TENSORS", "VERSION", "manifest_digest", "rle", "sha256", "unrle"]
+__all__ = ["FORMAT", "LAYOUT", "MANIFEST", "READABLE_VERSIONS", "TENSORS", "VERSION", "manifest_digest", "rle",
+           "sha256", "unrle"]
 
 FORMAT = "nasq-artifact"
-VERSION = 1
+# 2: every width b in 1..8 packed densely (b bits per code, ``nasq.quant.packing``). 1: 3-bit codes in 4-bit and
+# 5..7-bit codes in 8-bit containers; 0/1/2/4/8-bit rows are laid out identically in both, so a version-1
+# artifact is readable when it has no rows at 3, 5, 6 or 7 bits (``packing.V1_REPACKED_WIDTHS``).
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSORS = "tensors.safetensors"
 LAYOUT = "layout.json"
 MANIFEST = "manifest.json"

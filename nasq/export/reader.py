@@ -33,12 +33,22 @@ from nasq.data.glue import get_task, load_split
 from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError, validation_problems
 from nasq.evaluation import compare_logits, metrics_from_logits, predict_logits
-from nasq.export.format import FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, sha256, unrle
+from nasq.export.format import (
+    FORMAT,
+    LAYOUT,
+    MANIFEST,
+    READABLE_VERSIONS,
+    TENSORS,
+    manifest_digest,
+    sha256,
+    unrle,
+)
 from nasq.io import load_safetensors, parse_json, read_bytes, read_json
 from nasq.kernels.int_bert import Fp32Linear, IntBert, IntBertMeta
 from nasq.kernels.int_linear import PackedLinear, packed_linear, unpack_embedding
 from nasq.models.bert import BertConfig
 from nasq.models.loading import load_tokenizer
+from nasq.quant.packing import V1_REPACKED_WIDTHS
 
 __all__ = ["compare_with_run", "evaluate_artifact", "load_artifact", "predict_texts", "read_artifact_plan",
            "read_manifest", "verify_files"]
@@ -78,9 +88,11 @@ def read_manifest(path: str | Path) -> dict:
         raise _corrupt_read(e) from None
     if manifest.get("format") != FORMAT:
         raise _corrupt(mpath, f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise NasqError(f"{mpath}: artifact format version {manifest.get('version')} unsupported, this nasq reads "
-                        f"{VERSION}; re-export the run with this nasq version")
+    version = manifest.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True / 2.0
+        raise NasqError(f"{mpath}: artifact format version {version!r} unsupported, this nasq reads "
+                        f"{' and '.join(map(str, READABLE_VERSIONS))}; re-export the run with this nasq version "
+                        "(`nasq export RUN --out DIR`)")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise _corrupt(mpath, "checksum mismatch")
     files = manifest.get("files")
@@ -223,6 +235,19 @@ def _read_layout(data: bytes, lpath: Path, dims: dict, num_layers: int) -> dict:
     return layout
 
 
+def _check_v1_widths(layout: dict, mpath: Path) -> None:
+    """A version-1 artifact is read only if no row uses a width whose packing changed in version 2."""
+    for p, spec in layout.items():
+        if spec.kind in ("qlinear", "qembedding"):
+            old = sorted({b for b, _ in spec.bits if b in V1_REPACKED_WIDTHS})
+            if old:
+                raise NasqError(
+                    f"{mpath}: artifact format version 1 stored 3-bit codes in 4-bit and 5..7-bit codes in 8-bit "
+                    f"containers, and {p} has {'/'.join(map(str, old))}-bit rows; this nasq packs every width "
+                    "densely and reads only version-1 artifacts whose rows use 0, 1, 2, 4 or 8 bits. Re-export "
+                    "the run with this nasq (`nasq export RUN --out DIR`)")
+
+
 def _expect(t: dict, name: str, shape: tuple, dtype, path: Path) -> np.ndarray:
     a = t[name]
     if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
@@ -320,6 +345,8 @@ def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
         raise _corrupt_read(e) from None
     dims = cfg.module_dims(manifest["num_labels"])
     layout = _read_layout(small[LAYOUT], path / LAYOUT, dims, cfg.num_hidden_layers)
+    if manifest["version"] == 1:
+        _check_v1_widths(layout, path / MANIFEST)
     # the tensors can be no larger than every module in fp32 (+ the safetensors header), and the model they
     # describe no more than 64x larger than them (int8 codes of a heavily pruned 1-bit model): before reading
     limit = 2**20 + sum(4 * r * (c + 1) + 256 for _, r, c in dims.values())

@@ -12,7 +12,7 @@ Format (see ``docs/ARTIFACT_FORMAT.md``)::
 
 Tensor names (module paths relative to the encoder root, e.g. ``encoder.layer.0.attention.self.query``):
 
-* quantized linear / embedding ``P``: ``P.seg{b}`` uint8 ``[R_b, ceil(cols*container(b)/8)]`` for each
+* quantized linear / embedding ``P``: ``P.seg{b}`` uint8 ``[R_b, ceil(cols*b/8)]`` (dense) for each
   non-zero width ``b`` present (rows of the groups at ``b`` bits, original order), ``P.scale`` fp32
   ``[G_kept]`` (segment order), ``P.bias`` fp32 ``[R_kept]`` (linears). Pruned groups are absent; a fully
   pruned tensor stores nothing.

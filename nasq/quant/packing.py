@@ -1,17 +1,20 @@
 """Bit packing of integer weight codes and THE byte-count function.
 
-Storage containers (docs/CONVENTIONS.md): a ``b``-bit code is stored in ``CONTAINER_BITS[b]`` bits
-(1->1, 2->2, 3->4, 4->4, 5..8->8), so 8 codes per byte at 1 bit, 4 at 2 bits, 2 at 3/4 bits, 1 at 5..8 bits.
-Each row is packed independently into ``packed_row_bytes(cols, b) = ceil(cols * container / 8)`` bytes.
+Dense packing (docs/CONVENTIONS.md): a ``b``-bit code occupies exactly ``b`` bits, for every width 1..8. Each
+row is packed independently as a little-endian bitstream: code ``j`` of a row occupies stream bits
+``[j*b, (j+1)*b)``, and stream bit ``k`` is bit ``k % 8`` of byte ``k // 8`` of the row. A row of ``cols`` codes
+therefore takes ``packed_row_bytes(cols, b) = ceil(cols * b / 8)`` bytes (the last byte zero-padded).
+For ``b`` in {1, 2, 4, 8} this is the byte-aligned layout "element ``j`` of a byte occupies bits
+``[j*b, (j+1)*b)``" of artifact format 1; format 1 stored 3-bit codes in 4-bit and 5..7-bit codes in 8-bit
+containers (``V1_CONTAINER_BITS``, kept only to recognise such files).
 
-Layout inside a byte is little-endian: element ``j`` of a byte occupies bits ``[j*c, (j+1)*c)``.
-Codes for ``b >= 2`` are stored in two's complement within the container (sign-extended on unpack);
-binary codes map ``+1 -> 1`` and ``-1 -> 0``; 8-bit codes are the int8 bytes reinterpreted as uint8.
+Codes for ``b >= 2`` are stored in ``b``-bit two's complement (sign-extended on unpack); binary codes map
+``+1 -> 1`` and ``-1 -> 0``; 8-bit codes are the int8 bytes reinterpreted as uint8.
 
 Byte count of one quantization group (``rows`` output rows of ``cols`` inputs) at ``b`` bits::
 
     group_nbytes = 0                                                        if b == 0 (pruned, bias too)
-                 = rows * packed_row_bytes(cols, b) + SCALE_BYTES + rows * BIAS_BYTES * has_bias
+                 = rows * ceil(cols * b / 8) + SCALE_BYTES + rows * BIAS_BYTES * has_bias
 
 This single function is used by the search cost model, the finalize repair, and the exporter, so the
 predicted size equals the exported size.
@@ -27,23 +30,29 @@ import numpy as np
 from nasq.errors import NasqError
 from nasq.quant.quantizer import quantize_codes
 
-CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 SCALE_BYTES = 4  # one fp32 scale per (kept) group
 BIAS_BYTES = 4  # one fp32 bias per kept row
 
+# Storage container of each width in artifact format 1 and in plans written before dense packing (issue 16).
+# Not used to pack or count bytes any more: only to recognise files written with it.
+V1_CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+V1_REPACKED_WIDTHS = tuple(b for b, c in V1_CONTAINER_BITS.items() if c != b)  # (3, 5, 6, 7): layout changed
 
-def _container(bits) -> int:
+
+def _width(bits) -> int:
+    """``bits`` as an int in 1..8, else ``NasqError``."""
     try:
-        return CONTAINER_BITS[int(bits)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise NasqError(
-            f"cannot pack {bits!r}-bit codes; packable widths are 1..8 (0 = pruned, not stored)"
-        ) from e
+        b = int(bits)
+    except (TypeError, ValueError):
+        b = 0
+    if not 1 <= b <= 8:
+        raise NasqError(f"cannot pack {bits!r}-bit codes; packable widths are 1..8 (0 = pruned, not stored)")
+    return b
 
 
 def packed_row_bytes(cols: int, bits: int) -> int:
-    """``ceil(cols * container(bits) / 8)``: bytes of one packed row."""
-    return -(-int(cols) * _container(bits) // 8)
+    """``ceil(cols * bits / 8)``: bytes of one densely packed row."""
+    return -(-int(cols) * _width(bits) // 8)
 
 
 def group_nbytes(rows: int, cols: int, bits: int, has_bias: bool = True) -> int:
@@ -78,14 +87,16 @@ def _code_bounds(bits: int) -> tuple[int, int]:
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack int8 codes ``[rows, cols]`` into ``uint8 [rows, packed_row_bytes(cols, bits)]`` (numpy).
 
+    Each row is a little-endian bitstream of ``b``-bit fields (module docstring):
+    ``field_j = code_j mod 2^b`` (binary: ``code > 0``), stream bit ``j*b + i`` = bit ``i`` of ``field_j``.
     Accepts the widest range for the width (``-2^(b-1) .. 2^(b-1)-1``, i.e. both quantizer modes);
     binary codes must be exactly -1 or +1.
     """
-    c = _container(bits)
+    bits = _width(bits)
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise NasqError(f"pack_codes expects [rows, cols] codes, got shape {codes.shape}")
-    lo, hi = _code_bounds(int(bits))
+    lo, hi = _code_bounds(bits)
     if codes.size:
         cmin, cmax = int(codes.min()), int(codes.max())
         if cmin < lo or cmax > hi or (bits == 1 and (codes == 0).any()):
@@ -95,44 +106,68 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
                 + f"; got values in [{cmin}, {cmax}]"
             )
     rows, cols = codes.shape
-    if c == 8:
+    if bits == 8:
         return np.ascontiguousarray(codes.astype(np.int8).view(np.uint8))
-    per_byte = 8 // c
-    nbytes = packed_row_bytes(cols, bits)
     if bits == 1:
         fields = (codes > 0).astype(np.uint8)
     else:
-        fields = (codes.astype(np.int16) & ((1 << c) - 1)).astype(np.uint8)
-    padded = np.zeros((rows, nbytes * per_byte), np.uint8)
-    padded[:, :cols] = fields
-    shifts = (np.arange(per_byte, dtype=np.uint8) * c).astype(np.uint8)
-    return np.bitwise_or.reduce(padded.reshape(rows, nbytes, per_byte) << shifts, axis=-1).astype(np.uint8)
+        fields = (codes.astype(np.int16) & ((1 << bits) - 1)).astype(np.uint8)
+    stream = (fields[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # [rows, cols, b], LSB first
+    return np.packbits(stream.reshape(rows, cols * bits), axis=-1, bitorder="little")
+
+
+def _stream_fields(v, bits: int, cols: int, xp):
+    """The unsigned ``b``-bit fields ``int32 [..., cols]`` of densely packed rows ``v`` (int32 bytes), any width."""
+    lead, nbytes = v.shape[:-1], v.shape[-1]
+    blocks = -(-int(cols) // 8)
+    pad = blocks * bits - nbytes  # 0 <= pad < bits
+    if pad:
+        v = xp.concatenate([v, xp.zeros((*lead, pad), xp.int32)], axis=-1)
+    blk = v.reshape(*lead, blocks, bits)
+    mask = (1 << bits) - 1
+    fields = []
+    for j in range(8):
+        s = j * bits
+        lo, hi = s // 8, (s + bits - 1) // 8
+        w = blk[..., lo] if lo == hi else blk[..., lo] | (blk[..., hi] << 8)
+        fields.append((w >> (s % 8)) & mask)
+    return xp.stack(fields, axis=-1).reshape(*lead, blocks * 8)[..., :cols]
 
 
 def unpack_codes(packed, bits: int, cols: int, xp=jnp):
-    """Inverse of ``pack_codes``: ``uint8 [..., nbytes] -> int8 [..., cols]``.
+    """Inverse of ``pack_codes``: ``uint8 [..., packed_row_bytes(cols, bits)] -> int8 [..., cols]``.
 
-    Pure shifts, masks and sign extension (``(f ^ m) - m`` with ``m = 2^(c-1)``) in int32, so under ``jit``
-    it fuses into the consumer. ``xp`` is ``jax.numpy`` (default) or ``numpy``.
+    Eight ``b``-bit codes fill exactly ``b`` bytes, so the (zero-padded) row is viewed as ``[ceil(cols/8), b]``
+    blocks; code ``j`` of a block starts at bit ``s = j*b`` and lies in bytes ``s//8 .. (s+b-1)//8`` (at most
+    two, as ``b <= 8``)::
+
+        field_j = ((B[s//8] | B[(s+b-1)//8] << 8) >> (s % 8)) & (2^b - 1)
+        code_j  = 2*field_j - 1                      if b == 1
+                = (field_j ^ m) - m,  m = 2^(b-1)    otherwise (two's complement sign extension)
+
+    Static slices, shifts and masks in int32, so under ``jit`` it fuses into the consumer (widths dividing 8
+    take the equivalent per-byte shift ``(B[..., None] >> b*arange(8/b)) & (2^b - 1)``). ``xp`` is ``jax.numpy``
+    (default) or ``numpy``.
     """
-    c = _container(bits)
-    per_byte = 8 // c
+    bits = _width(bits)
     v = xp.asarray(packed).astype(xp.int32)
     lead = v.shape[:-1]
-    if v.shape[-1] != packed_row_bytes(cols, bits):
+    nbytes = packed_row_bytes(cols, bits)
+    if v.shape[-1] != nbytes:
         raise NasqError(
-            f"packed rows have {v.shape[-1]} bytes but {cols} {bits}-bit codes need {packed_row_bytes(cols, bits)}"
+            f"packed rows have {v.shape[-1]} bytes but {cols} {bits}-bit codes need {nbytes}"
         )
-    if per_byte == 1:
+    if bits == 8:
         f = v
+    elif 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, one broadcast shift (same result, a bit faster)
+        shifts = xp.asarray(np.arange(8 // bits, dtype=np.int32) * bits)
+        f = ((v[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*lead, nbytes * (8 // bits))[..., :cols]
     else:
-        shifts = xp.asarray(np.arange(per_byte, dtype=np.int32) * c)
-        f = (v[..., None] >> shifts) & ((1 << c) - 1)
-        f = f.reshape(*lead, v.shape[-1] * per_byte)[..., :cols]
+        f = _stream_fields(v, bits, cols, xp)
     if bits == 1:
         out = f * 2 - 1
     else:
-        m = 1 << (c - 1)
+        m = 1 << (bits - 1)
         out = (f ^ m) - m
     return out.astype(xp.int8)
 
