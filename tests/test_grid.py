@@ -72,6 +72,7 @@ def grid_config(tmp_path_factory, tiny_model_dir, glue_dir):
     return tmp, path
 
 
+@pytest.mark.slow
 def test_grid_end_to_end_resume_and_collect(grid_config):
     tmp, cfg = grid_config
     runs, results = tmp / "runs", tmp / "results"

@@ -101,6 +101,7 @@ def run_ok(argv, **kw):
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL + resume
+@pytest.mark.slow
 def test_search_sigkill_resume(tiny_model_dir, glue_dir, tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     full = subprocess.Popen(nasq_argv(*search_args(tiny_model_dir, glue_dir, a)), env=ENV,
@@ -133,6 +134,7 @@ def test_search_sigkill_resume(tiny_model_dir, glue_dir, tmp_path):
     assert plans[0] == plans[1]
 
 
+@pytest.mark.slow
 def test_finetune_sigkill_resume(tiny_model_dir, glue_dir, tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     full = subprocess.Popen(nasq_argv(*finetune_args(tiny_model_dir, glue_dir, a)), env=ENV,
@@ -174,6 +176,7 @@ def blown_up(tiny_model_dir, glue_dir, tmp_path_factory):
     return run, subprocess.run(argv, check=False, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_good_checkpoint(blown_up):
     run, r = blown_up
     assert r.returncode == 2, r.stderr[-2000:]
@@ -190,6 +193,7 @@ def test_nonfinite_loss_stops_with_good_checkpoint(blown_up):
     assert not (run / "model").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_lower_lr_recovers(blown_up, tiny_model_dir, glue_dir):
     run, r = blown_up
     assert r.returncode == 2

@@ -82,12 +82,14 @@ def chains(tiny_model_dir, glue_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_runs_were_sharded(chains):
     assert yaml.safe_load((chains[4] / "search" / "config.yaml").read_text())["parallel"]["data_parallel"] == 4
     assert (chains[4] / "search" / "checkpoints").is_dir()  # orbax saved the replicated arrays
 
 
 @pytest.mark.parametrize("run", ["teacher", "search", "qat"])
+@pytest.mark.slow
 def test_four_devices_match_one_device_loss_trajectory(chains, run):
     m1, m4 = _metrics(chains[1] / run), _metrics(chains[4] / run)
     steps1 = [m for m in m1 if "task_loss" in m]
@@ -105,6 +107,7 @@ def test_four_devices_match_one_device_loss_trajectory(chains, run):
             assert _close(ev1[k], ev4[k]), (run, k, ev1[k], ev4[k])
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_same_finalized_plan(chains):
     p1 = json.loads((chains[1] / "plan.json").read_text())
     p4 = json.loads((chains[4] / "plan.json").read_text())

@@ -1,5 +1,6 @@
 """`nasq pipeline` end to end on the tiny model: every stage, summary numbers, resume skips finished stages."""
 
+import pytest
 import json
 
 from nasq.cli import main
@@ -13,6 +14,7 @@ def _layers(tiny_model_dir, glue_dir):
                       "search": {"space": "tiny"}})]
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "pipe"
     s = run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), log=lambda *a: None)
@@ -41,6 +43,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
     assert "RUN directory or --artifact" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, tmp_path):
     """What the grid's whole-artifact cells run: word embeddings searched (pruned rows embed to zero), a
     whole-artifact MB budget; the finalized plan fits it, the artifact's bytes are predicted exactly and the

@@ -60,6 +60,7 @@ def test_profile_refuses_overwrite_and_bad_args(lat, tiny_model_dir, capsys):
     assert "--tokens" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.slow
 def test_latency_budget_search(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
     from nasq.contract.cost import latency_range
 

@@ -43,6 +43,7 @@ def teacher_dir(tiny_model_dir, glue_dir, tmp_path_factory):
     return finetune(cfg, tmp_path_factory.mktemp("teacher") / "run", log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_gradients_reach_alpha_weights_and_scales(tiny_model_dir):
     model, cfg, _ = load_pretrained(tiny_model_dir, 2)
     tensors = resolve(load_space("tiny"), linear_shapes(model.bert), cfg.num_attention_heads)
@@ -79,6 +80,7 @@ def test_price_solver_hits_budget():
     assert float(solve_price(alphas, costs, [jnp.asarray(t, jnp.float32) for t in tables], 0.5, 1e9)) == 0.0
 
 
+@pytest.mark.slow
 def test_expected_size_ends_at_budget_for_two_budgets(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
     ratios = {}
     for bits in (2.0, 3.0):
@@ -124,6 +126,7 @@ def test_infeasible_budget_fails_before_training(tiny_model_dir, glue_dir, tmp_p
         assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, mode="single")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10}),
@@ -191,6 +194,7 @@ def test_supernet_with_one_hot_gates_is_its_inherited_child(finished_search, tea
     assert np.abs(_logits(apply_plan(teacher, plan), ids) - _logits(child, ids)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_finetune_init_from_search(finished_search, teacher_dir, glue_dir, tmp_path):
     """`nasq finetune --plan P --init-from SEARCH` starts from the search's weights and planned steps."""
     from nasq.cli import main

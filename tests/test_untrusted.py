@@ -410,6 +410,7 @@ def test_fuzz_model_dir(model_dir, tmp_path_factory, data):
         pass
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_run_dir_resume(tmp_path_factory, tiny_model_dir, glue_dir, data, capsys):
