@@ -11,6 +11,10 @@ import argparse
 import os
 import sys
 
+# transformers (tokenizers and configs only) advises on import that PyTorch is missing, which reads like an
+# error to a user of a JAX tool: the CLI silences transformers' advisory warnings (a user's own setting wins).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from nasq.commands import baseline, bench, eval, export, finalize, finetune, pipeline, profile, report, search
 from nasq.commands._common import init_distributed_from_args
 from nasq.errors import NasqError

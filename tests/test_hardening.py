@@ -394,3 +394,13 @@ def test_resume_non_run_dir(tmp_path, tiny_model_dir, glue_dir, capsys):
                  "--resume"]) == 2
     assert "not a nasq run directory" in capsys.readouterr().err
     assert sorted(p.name for p in d.iterdir()) == ["x.txt"]
+
+
+def test_cli_output_has_no_pytorch_advice():
+    """Without torch, importing transformers advises "PyTorch was not found"; the CLI must not print it."""
+    code = "import sys; sys.modules['torch'] = None\nimport nasq.cli, transformers\nprint('ok')"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert "PyTorch was not found" not in r.stderr
