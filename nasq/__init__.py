@@ -1,5 +1,26 @@
-"""nasq: search how many bits each part of a BERT deserves, prune the rest, ship a small integer model."""
+"""nasq: search how many bits each part of a BERT deserves, prune the rest, ship a small integer model.
+
+The Python API (``nasq.api``) is re-exported here lazily, so ``import nasq`` stays light (no JAX until used)::
+
+    import nasq
+    model = nasq.load("runs/model.nasq")
+    model.predict(["a gripping, funny film"])
+"""
 
 from nasq._version import __version__
 
-__all__ = ["__version__"]
+_API = ("Model", "evaluate", "export_artifact", "finalize", "finetune", "load", "make_config", "run_search")
+__all__ = ["Model", "__version__", "evaluate", "export_artifact", "finalize", "finetune", "load", "make_config",
+           "run_search"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from nasq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'nasq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -403,10 +403,15 @@ def predict_texts(path: str | Path, texts: list[str], text_pairs: list[str] | No
                   max_len: int = 128) -> list[dict]:
     """Classify raw texts: one ``{"label", "scores"}`` per text (softmax scores; regression: the value)."""
     path = Path(path)
-    model = load_artifact(path)
+    return predict_with(load_artifact(path), load_tokenizer(path), texts, text_pairs, max_len=max_len, source=path)
+
+
+def predict_with(model: IntBert, tok, texts: list[str], text_pairs: list[str] | None = None, *, max_len: int = 128,
+                 source: str | Path = "the artifact") -> list[dict]:
+    """:func:`predict_texts` with an already loaded model and tokenizer (``nasq.api.Model.predict``)."""
+    path = source
     if text_pairs is not None and len(text_pairs) != len(texts):
         raise NasqError(f"{len(texts)} texts but {len(text_pairs)} pair texts; give one --pair per text")
-    tok = load_tokenizer(path)
     max_len = min(max_len, model.config.max_position_embeddings)
     enc = tok(list(texts), text_pairs, truncation=True, max_length=max_len, padding="longest",
               return_token_type_ids=True, return_attention_mask=True)
