@@ -22,6 +22,7 @@ from nasq.contract.space import load_space
 from nasq.data.batching import Batch
 from nasq.errors import NasqError
 from nasq.export.reader import load_artifact
+from nasq.kernels.native import describe as describe_kernel
 from nasq.models.bert import Embedding, Linear
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import replace_modules
@@ -126,7 +127,8 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
 
     The fp32 reference is the model at ``fp32_model_dir_or_run`` (a QAT run's weights are dequantized into
     plain fp32 ``Linear``/``Embedding``). Returns ``{int_fused_ms, int_load_ms, fp32_ms, ratio_fused,
-    ratio_load, batch, seq, repeats}`` with ``ratio = int_ms / fp32_ms`` (< 1: int path faster).
+    ratio_load, batch, seq, repeats, kernel}`` with ``ratio = int_ms / fp32_ms`` (< 1: int path faster) and
+    ``kernel`` the integer GEMM used (``nasq.kernels.native.describe()``).
     """
     rng = np.random.default_rng(seed)
     fp_model, _ = load_model_dir(fp32_model_dir_or_run)
@@ -147,6 +149,7 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
     for mode in ("fused", "load"):
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
+    res["kernel"] = describe_kernel()  # which integer GEMM ran (native C++ or XLA) and why
     return res
 
 

@@ -1,7 +1,8 @@
 """`nasq pipeline` end to end on the tiny model: every stage, summary numbers, resume skips finished stages."""
 
-import pytest
 import json
+
+import pytest
 
 from nasq.cli import main
 from nasq.pipeline import run_pipeline

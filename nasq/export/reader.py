@@ -46,6 +46,7 @@ from nasq.export.format import (
 from nasq.io import load_safetensors, parse_json, read_bytes, read_json
 from nasq.kernels.int_bert import Fp32Linear, IntBert, IntBertMeta
 from nasq.kernels.int_linear import PackedLinear, packed_linear, unpack_embedding
+from nasq.kernels.native import describe as describe_kernel
 from nasq.models.bert import BertConfig
 from nasq.models.loading import load_tokenizer
 from nasq.quant.packing import V1_REPACKED_WIDTHS
@@ -379,7 +380,8 @@ def _artifact_task(path: Path, manifest: dict, override: str | None):
 
 
 def evaluate_artifact(path: str | Path, cfg) -> dict:
-    """Dev-set metrics of the integer model: ``{task, dev_rows, wall_s, <metrics>}``.
+    """Dev-set metrics of the integer model: ``{task, dev_rows, wall_s, kernel, <metrics>}`` (``kernel``: which
+    integer GEMM ran, ``nasq.kernels.native.describe()``).
 
     The task is ``cfg.data.task`` when it was set explicitly, else the manifest's.
     """
@@ -395,7 +397,7 @@ def evaluate_artifact(path: str | Path, cfg) -> dict:
     t0 = time.perf_counter()
     logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets_for(cfg.model.max_len, cfg.data.buckets))
     wall = time.perf_counter() - t0
-    return {"task": task.name, "dev_rows": len(dev), "wall_s": round(wall, 3),
+    return {"task": task.name, "dev_rows": len(dev), "wall_s": round(wall, 3), "kernel": describe_kernel(),
             **metrics_from_logits(task, logits, dev.labels)}
 
 

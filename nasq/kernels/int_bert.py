@@ -24,6 +24,10 @@ jitted forward on every call (XLA fuses the shifts/masks into the consumer); ``u
 load time and keeps int8 codes resident (4x/2x more memory for sub-byte widths, usually faster on CPU).
 Both give bit-identical outputs.
 
+**Kernels.** ``IntBertMeta.kernel`` (``"auto"`` | ``"native"`` | ``"xla"``; None: the ``NASQ_KERNEL`` environment
+variable) selects the integer GEMM of every quantized linear (``nasq.kernels.int_linear``, module docstring);
+the native kernel reads the packed weights directly, so with it ``unpack="fused"`` is the natural choice.
+
 Everything runs under one ``jax.jit`` per ``(batch, seq)`` shape: weights are pytree leaves, the config,
 head lists and bit widths are static aux data.
 """
@@ -38,12 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasq.errors import NasqError
+from nasq.kernels import native
 from nasq.kernels.int_linear import (
     EmbeddingTable,
     PackedLinear,
     embedding_lookup,
     int8_matmul,
+    kept_rows_apply,
     packed_linear_apply,
+    scatter_rows,
 )
 from nasq.models.bert import _ACTIVATIONS, BertConfig
 from nasq.quant.packing import unpack_codes
@@ -102,25 +109,30 @@ class ResidentLinear:
         return cls(*children, aux)
 
 
-def resident_linear_apply(x, p: ResidentLinear):
-    """``packed_linear_apply(x, packed, "scatter")`` with pre-unpacked codes."""
+def resident_linear_apply(x, p: ResidentLinear, kernel: str | None = None):
+    """``packed_linear_apply(x, packed, "scatter", kernel)`` with pre-unpacked codes (the native kernel reads
+    them as 8-bit packed rows: int8 codes reinterpreted as uint8 are exactly that layout)."""
     x = jnp.asarray(x, jnp.float32)
     lead = x.shape[:-1]
     if p.codes.shape[0] == 0:
         return jnp.zeros((*lead, p.out_features), jnp.float32)
     xq, sx = quantize_act_int8(x)
-    y = int8_matmul(xq, p.codes).astype(jnp.float32) * sx * p.row_scale
-    if p.bias is not None:
-        y = y + p.bias
-    return jnp.zeros((*lead, p.out_features), jnp.float32).at[..., p.out_index].set(y)
+    if native.resolve_kernel(kernel) == "native":
+        segments = ((8, jax.lax.bitcast_convert_type(p.codes, jnp.uint8)),)
+        y = kept_rows_apply(xq, sx, segments, p.row_scale, p.bias, "native")
+    else:
+        y = int8_matmul(xq, p.codes).astype(jnp.float32) * sx * p.row_scale
+        if p.bias is not None:
+            y = y + p.bias
+    return scatter_rows(y, p.out_index, p.out_features)
 
 
-def linear_apply(x, lin):
-    """Dispatch on the linear kind (static pytree type)."""
+def linear_apply(x, lin, kernel: str | None = None):
+    """Dispatch on the linear kind (static pytree type); ``kernel`` selects the integer GEMM."""
     if isinstance(lin, PackedLinear):
-        return packed_linear_apply(x, lin, output="scatter")
+        return packed_linear_apply(x, lin, output="scatter", kernel=kernel)
     if isinstance(lin, ResidentLinear):
-        return resident_linear_apply(x, lin)
+        return resident_linear_apply(x, lin, kernel)
     if isinstance(lin, Fp32Linear):
         return x @ lin.kernel + lin.bias
     raise TypeError(f"unknown linear kind {type(lin).__name__}")
@@ -150,9 +162,10 @@ class IntBertMeta:
     num_labels: int
     active_heads: tuple[tuple[int, ...], ...]  # per layer: heads whose value rows are not all pruned
     unpack: str = "fused"
+    kernel: str | None = None  # integer GEMM: "auto" | "native" | "xla"; None: NASQ_KERNEL (default "auto")
 
 
-def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...]):
+def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel: str | None):
     b, s, _ = x.shape
     nh, hd = cfg.num_attention_heads, cfg.head_dim
     if not heads:  # every value row pruned: the context is exactly zero
@@ -161,7 +174,7 @@ def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...]):
     def split(t):
         return t.reshape(b, s, nh, hd)
 
-    q, k, v = (split(linear_apply(x, lp[n])) for n in ("query", "key", "value"))
+    q, k, v = (split(linear_apply(x, lp[n], kernel)) for n in ("query", "key", "value"))
     if len(heads) < nh:
         idx = np.asarray(heads)
         q, k, v = q[:, :, idx], k[:, :, idx], v[:, :, idx]
@@ -182,13 +195,14 @@ def int_bert_forward(meta: IntBertMeta, params: dict, input_ids, token_type_ids,
     x = embed(input_ids, e["word"]) + embed(jnp.arange(seq), e["position"])[None] + embed(token_type_ids, e["type"])
     x = layer_norm(x, e["ln"], eps)
     act = _ACTIVATIONS[cfg.hidden_act]
+    kern = meta.kernel
     for lp, heads in zip(params["layers"], meta.active_heads, strict=True):
-        ctx = _attention(x, lp, mask_bias, cfg, heads)
-        a = layer_norm(linear_apply(ctx, lp["attn_out"]) + x, lp["attn_ln"], eps)
-        h = act(linear_apply(a, lp["inter"]))
-        x = layer_norm(linear_apply(h, lp["out"]) + a, lp["out_ln"], eps)
-    pooled = jnp.tanh(linear_apply(x[:, 0], params["pooler"]))
-    return linear_apply(pooled, params["classifier"])
+        ctx = _attention(x, lp, mask_bias, cfg, heads, kern)
+        a = layer_norm(linear_apply(ctx, lp["attn_out"], kern) + x, lp["attn_ln"], eps)
+        h = act(linear_apply(a, lp["inter"], kern))
+        x = layer_norm(linear_apply(h, lp["out"], kern) + a, lp["out_ln"], eps)
+    pooled = jnp.tanh(linear_apply(x[:, 0], params["pooler"], kern))
+    return linear_apply(pooled, params["classifier"], kern)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -8,11 +8,20 @@
     y_k    = acc * sx * row_scale + bias               # fp32 [..., R_kept]
 
 Pruned (0-bit) groups are physically absent: they are never unpacked or multiplied. ``output="scatter"``
-writes ``y_k`` back to the original row positions (zeros at pruned rows); ``output="compact"`` returns the
-kept rows in segment order for a consumer whose input columns are compacted the same way.
+writes ``y_k`` back to the original row positions (zeros at pruned rows; computed as a gather,
+``scatter_rows``); ``output="compact"`` returns the kept rows in segment order for a consumer whose input
+columns are compacted the same way.
 
 This agrees with the fake-quant path ``fake_quant_act_int8(x) @ fake_quant_mixed(W).T + b`` up to fp32
 summation order (the integer dot product is exact; the fp32 one rounds).
+
+**Kernels.** The three lines after the activation quantization run either as XLA ops (above: unpack, int8
+``dot_general``, epilogue) or as one native C++ call per segment (``nasq.kernels.native``: the packed codes are
+unpacked in small tiles inside the kernel, AVX512-VNNI / AVX2 / scalar, multi-threaded, fused epilogue).
+Both give bit-identical int32 accumulators, and the native epilogue rounds like XLA's CPU code
+(``fma(acc * sx, row_scale, bias)``), so the outputs agree to the last bit where XLA contracts alike. Pick with
+``kernel=`` on :func:`packed_linear_apply` (``"auto"``: native when available, ``"native"``, ``"xla"``); the
+default ``None`` reads ``NASQ_KERNEL`` (default ``"auto"``), at trace time.
 
 What ``PackedLinear`` stores vs derives (the artifact stores the first list, the plan gives the rest):
 
@@ -35,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasq.errors import NasqError
+from nasq.kernels import native
 from nasq.quant.packing import BIAS_BYTES, SCALE_BYTES, pack_rows, packed_row_bytes, unpack_codes
 from nasq.quant.quantizer import quantize_act_int8
 
@@ -196,11 +206,46 @@ def pack_linear(
                          has_bias=b_arr is not None)
 
 
-def packed_linear_apply(x, p: PackedLinear, output: str = "scatter"):
+def kept_rows_int(xq, p: PackedLinear, kernel: str | None = None):
+    """Integer accumulators of the kept rows: ``int8 [..., in] -> int32 [..., R_kept]`` (segment order, exact).
+
+    ``acc[..., r] = sum_k xq[..., k] * code[r, k]``; the same on both kernels (``kernel`` as in
+    :func:`packed_linear_apply`)."""
+    xq = jnp.asarray(xq, jnp.int8)
+    if p.kept_rows == 0:
+        return jnp.zeros((*xq.shape[:-1], 0), jnp.int32)
+    if native.resolve_kernel(kernel) == "xla":
+        return int8_matmul(xq, p.unpacked_codes())
+    parts = [native.int_gemm(xq, packed, b) for b, packed in p.segments]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def kept_rows_apply(xq, sx, segments, row_scale, bias, kernel: str | None = None):
+    """fp32 outputs of the kept rows: ``acc * sx * row_scale (+ bias)``, ``[..., R_kept]`` (segment order).
+
+    ``xq, sx``: ``quantize_act_int8`` of the input; ``segments``: ``((bits, packed uint8 [R_b, bytes]), ...)``
+    (``PackedLinear.segments``); ``row_scale``, ``bias`` (or None): fp32 ``[R_kept]``. XLA path: unpack all
+    segments, one int8 ``dot_general``, elementwise epilogue; native path: one fused call per segment."""
+    if native.resolve_kernel(kernel) == "native":
+        parts, r0 = [], 0
+        for b, packed in segments:
+            r1 = r0 + packed.shape[0]
+            parts.append(native.int_linear(xq, sx, packed, b, row_scale[r0:r1],
+                                           None if bias is None else bias[r0:r1]))
+            r0 = r1
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    codes = [unpack_codes(packed, b, xq.shape[-1]) for b, packed in segments]
+    acc = int8_matmul(xq, codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=0))
+    y = acc.astype(jnp.float32) * sx * row_scale
+    return y if bias is None else y + bias
+
+
+def packed_linear_apply(x, p: PackedLinear, output: str = "scatter", kernel: str | None = None):
     """Integer forward of a ``PackedLinear``: ``x fp32 [..., in] -> fp32 [..., out]`` (or ``[..., R_kept]``).
 
     ``output="scatter"``: original row order, exact zeros at pruned rows. ``output="compact"``: kept rows in
-    segment order (``p.out_index`` maps them back).
+    segment order (``p.out_index`` maps them back). ``kernel``: ``"auto"`` | ``"native"`` | ``"xla"``, or None
+    for ``NASQ_KERNEL`` (module docstring); resolved when traced.
     """
     if output not in ("scatter", "compact"):
         raise NasqError(f"output={output!r}; use 'scatter' or 'compact'")
@@ -212,13 +257,22 @@ def packed_linear_apply(x, p: PackedLinear, output: str = "scatter"):
         y = jnp.zeros((*lead, 0), jnp.float32)
     else:
         xq, sx = quantize_act_int8(x)
-        acc = int8_matmul(xq, p.unpacked_codes())
-        y = acc.astype(jnp.float32) * sx * p.row_scale
-        if p.bias is not None:
-            y = y + p.bias
+        y = kept_rows_apply(xq, sx, p.segments, p.row_scale, p.bias, kernel)
     if output == "compact":
         return y
-    return jnp.zeros((*lead, p.out_features), jnp.float32).at[..., p.out_index].set(y)
+    return scatter_rows(y, p.out_index, p.out_features)
+
+
+def scatter_rows(y, out_index, out_features: int):
+    """``[..., R_kept]`` kept-row outputs -> ``[..., out_features]`` in original row order, 0 at pruned rows.
+
+    The same values as ``zeros.at[..., out_index].set(y)``, computed as a gather (``take`` with an inverse
+    index, out of range -> 0 at pruned rows): XLA's CPU scatter costs about as much as the matmul itself."""
+    kept = y.shape[-1]
+    if kept == 0:  # every row pruned
+        return jnp.zeros((*y.shape[:-1], out_features), y.dtype)
+    inverse = jnp.full((out_features,), kept, jnp.int32).at[out_index].set(jnp.arange(kept, dtype=jnp.int32))
+    return jnp.take(y, inverse, axis=-1, mode="fill", fill_value=0)
 
 
 # ----------------------------------------------------------------------------------------------- embeddings

@@ -1,0 +1,285 @@
+"""Native CPU integer GEMM behind ``nasq.kernels.int_linear.packed_linear_apply`` (C++ called through the XLA FFI).
+
+One call computes, for one segment of a packed linear layer (all rows at one bit width ``b``)::
+
+    acc[m, n] = sum_k xq[m, k] * code[n, k]                     int8 x (b-bit codes) -> int32, exact
+    y[m, n]   = float(acc[m, n]) * sx[m] * row_scale[n] + bias[n]                     (fused fp32 epilogue)
+
+reading the weights in their packed layout (``nasq.quant.packing``: each row a little-endian bitstream of
+``b``-bit two's complement codes, binary ``+1 -> 1, -1 -> 0``) and unpacking small tiles in the kernel; the
+int8 weight matrix is never materialised. The C++ source (``nasq_kernels.cc``, next to this file) documents the
+layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
+blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
+The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
+rounds like XLA's (``int_linear``).
+
+Choosing the kernel (one mechanism): ``packed_linear_apply(..., kernel=...)`` with ``kernel`` one of
+``"auto"`` (native when :func:`available`, else XLA), ``"native"`` (error if unavailable), ``"xla"``; the
+default ``None`` reads the environment variable ``NASQ_KERNEL`` (same values, default ``"auto"``). The choice
+is made when a function is traced, so a jitted function keeps the kernel it was compiled with.
+``NASQ_NATIVE_ISA`` (``auto``/``avx512-vnni``/``avx2``/``scalar``) forces an instruction set, and
+``NASQ_NUM_THREADS`` (or :func:`set_num_threads`) the thread count (default: the CPUs this process may use).
+
+Building: ``pip install -e .`` compiles the library (``setup.py``, an optional extension: without a compiler
+the install still succeeds and everything runs on XLA). :func:`describe` says which path runs and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nasq.errors import NasqError
+from nasq.quant.packing import packed_row_bytes
+
+__all__ = [
+    "ISAS",
+    "KERNELS",
+    "Library",
+    "available",
+    "describe",
+    "int_gemm",
+    "int_linear",
+    "library",
+    "num_threads",
+    "resolve_kernel",
+    "set_num_threads",
+]
+
+KERNELS = ("auto", "native", "xla")
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
+_ISA_NAMES = {code: name for name, code in ISAS.items()}
+_SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
+ABI_VERSION = 1  # nasq::kAbiVersion
+LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
+_TARGET_S32 = "nasq_int_gemm_s32"
+_TARGET_F32 = "nasq_int_gemm_f32"
+
+
+def _ptr(a):
+    """Address of a C-contiguous numpy array (or NULL for None) for a ``void*`` argument."""
+    return None if a is None else ctypes.c_void_p(a.ctypes.data)
+
+
+class Library:
+    """ctypes view of one built ``nasq_kernels`` shared library (the FFI handlers and the C ABI)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.cdll = ctypes.cdll.LoadLibrary(str(self.path))
+        c = self.cdll
+        c.nasq_abi_version.restype = ctypes.c_int
+        version = c.nasq_abi_version()
+        if version != ABI_VERSION:
+            raise OSError(f"{self.path.name} has ABI version {version}, nasq expects {ABI_VERSION}: rebuild it")
+        for name in ("nasq_best_isa", "nasq_num_threads"):
+            getattr(c, name).restype = ctypes.c_int
+        c.nasq_isa_supported.argtypes = [ctypes.c_int]
+        c.nasq_isa_supported.restype = ctypes.c_int
+        c.nasq_set_num_threads.argtypes = [ctypes.c_int]
+        c.nasq_set_num_threads.restype = None
+        c.nasq_error_message.argtypes = [ctypes.c_int]
+        c.nasq_error_message.restype = ctypes.c_char_p
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        c.nasq_int_gemm.argtypes = [p, p, i64, i64, i64, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
+        c.nasq_int_gemm.restype = ctypes.c_int
+        self.has_ffi = hasattr(c, "NasqIntGemmS32")  # a -DNASQ_NO_FFI test build has only the C ABI
+
+    def best_isa(self) -> str:
+        return _ISA_NAMES[self.cdll.nasq_best_isa()]
+
+    def isa_supported(self, isa: str) -> bool:
+        return isa == "auto" or bool(self.cdll.nasq_isa_supported(_isa_code(isa)))
+
+    def num_threads(self) -> int:
+        return int(self.cdll.nasq_num_threads())
+
+    def set_num_threads(self, n: int) -> None:
+        self.cdll.nasq_set_num_threads(int(n))
+
+    def gemm(self, xq, w, bits: int, *, isa: str = "auto", sx=None, row_scale=None, bias=None) -> np.ndarray:
+        """The kernel on numpy arrays (no JAX): int32 ``[M, N]``, or the fused fp32 output when ``sx`` and
+        ``row_scale`` are given. For tests and for libraries built without the FFI."""
+        x = np.ascontiguousarray(xq, np.int8)
+        w = np.ascontiguousarray(w, np.uint8)
+        m, k = x.shape
+        n = w.shape[0]
+        if w.shape != (n, packed_row_bytes(k, bits)):
+            raise NasqError(f"packed weights {w.shape} do not hold {k} {bits}-bit codes per row")
+        fused = sx is not None
+        out = np.empty((m, n), np.float32 if fused else np.int32)
+
+        def f32(a):
+            return None if a is None else np.ascontiguousarray(a, np.float32).reshape(-1)
+
+        sx, row_scale, bias = f32(sx), f32(row_scale), f32(bias)
+        if fused and (sx.shape != (m,) or row_scale.shape != (n,) or bias is not None and bias.shape != (n,)):
+            raise NasqError(f"sx must be [{m}], row_scale and bias [{n}]")
+        code = self.cdll.nasq_int_gemm(_ptr(x), _ptr(w), m, n, k, int(bits), _isa_code(isa),
+                                       None if fused else _ptr(out), _ptr(out) if fused else None,
+                                       _ptr(sx), _ptr(row_scale), _ptr(bias))
+        if code:
+            raise NasqError(f"native int GEMM failed: {self.cdll.nasq_error_message(code).decode()}")
+        return out
+
+
+def library_path() -> Path | None:
+    """The built library in this package's directory, or None."""
+    here = Path(__file__).resolve().parent
+    found = sorted(p for p in here.glob(f"{LIBRARY_STEM}*") if p.suffix in (".so", ".pyd", ".dylib"))
+    return found[0] if found else None
+
+
+@functools.cache
+def _load() -> tuple[Library | None, str]:
+    path = library_path()
+    if path is None:
+        return None, (f"native library not built: no {LIBRARY_STEM}*.so in {Path(__file__).parent}; "
+                      "reinstall with a C++17 compiler (pip install -e .)")
+    try:
+        return Library(path), ""
+    except (OSError, AttributeError) as e:
+        return None, f"native library {path.name} failed to load: {e}"
+
+
+def library() -> Library:
+    """The loaded library, else ``NasqError`` saying why not."""
+    lib, why = _load()
+    if lib is None:
+        raise NasqError(why)
+    return lib
+
+
+def _blocker(explicit: bool = False) -> str:
+    """Why the native kernel cannot run here ('' if it can). ``explicit`` (``kernel="native"``) also accepts a
+    CPU with only the scalar path; ``"auto"`` wants a SIMD path (the scalar one is slower than XLA)."""
+    lib, why = _load()
+    if lib is None:
+        return why
+    if not lib.has_ffi:
+        return f"{lib.path.name} was built without the XLA FFI handlers"
+    if jax.default_backend() != "cpu":
+        return f"JAX's default backend is {jax.default_backend()}, the native kernel is CPU only"
+    if not explicit and lib.best_isa() not in _SIMD_ISAS:
+        return "this CPU has neither AVX2+BMI2+FMA nor AVX512-VNNI (the scalar path runs only on request)"
+    return ""
+
+
+def available() -> bool:
+    """True when ``kernel="auto"`` uses the native kernel: library built and loadable, a SIMD path for this
+    CPU, JAX on CPU."""
+    return not _blocker()
+
+
+def _kernel_name(kernel: str | None) -> str:
+    name = os.environ.get("NASQ_KERNEL", "auto") if kernel is None else kernel
+    if name not in KERNELS:
+        raise NasqError(f"kernel {name!r} (argument or NASQ_KERNEL); use one of {', '.join(KERNELS)}")
+    return name
+
+
+def resolve_kernel(kernel: str | None = None) -> str:
+    """``"native"`` or ``"xla"``: the path ``kernel`` (None: ``NASQ_KERNEL``, default ``"auto"``) takes here.
+    ``"native"`` raises ``NasqError`` when the native kernel cannot run."""
+    name = _kernel_name(kernel)
+    if name == "auto":
+        return "native" if available() else "xla"
+    if name == "native" and (why := _blocker(explicit=True)):
+        raise NasqError(f"kernel='native' but {why}")
+    return name
+
+
+def describe(kernel: str | None = None) -> str:
+    """One line: which path ``kernel`` (default: ``NASQ_KERNEL``) takes, e.g. ``"native avx2, 2 threads"`` or
+    ``"xla (native library not built: ...)"``."""
+    name = _kernel_name(kernel)
+    if name == "xla":
+        return "xla (chosen: kernel='xla' / NASQ_KERNEL=xla)"
+    why = _blocker(explicit=name == "native")
+    if why:
+        return f"xla ({why})" if name == "auto" else f"native requested but unavailable: {why}"
+    isa = _isa_name(None)
+    return f"native {library().best_isa() if isa == 'auto' else isa}, {num_threads()} threads"
+
+
+def _isa_code(isa: str) -> int:
+    if isa not in ISAS:
+        raise NasqError(f"ISA {isa!r} (argument or NASQ_NATIVE_ISA); use one of {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
+def _isa_name(isa: str | None) -> str:
+    return os.environ.get("NASQ_NATIVE_ISA", "auto") if isa is None else isa
+
+
+def num_threads() -> int:
+    """Threads the native kernel uses (``NASQ_NUM_THREADS`` or the CPUs this process may run on)."""
+    return library().num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the native kernel's thread count (process wide; takes effect on the next call)."""
+    if int(n) < 1:
+        raise NasqError(f"thread count must be >= 1, got {n}")
+    library().set_num_threads(int(n))
+
+
+@functools.cache
+def _register() -> None:
+    lib = library()
+    if not lib.has_ffi:
+        raise NasqError(f"{lib.path.name} was built without the XLA FFI handlers")
+    jax.ffi.register_ffi_target(_TARGET_S32, jax.ffi.pycapsule(lib.cdll.NasqIntGemmS32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_F32, jax.ffi.pycapsule(lib.cdll.NasqIntGemmF32), platform="cpu")
+
+
+def _prepare(xq, w, bits: int, isa: str | None):
+    """Checks, registration, the ISA code; returns ``(x2 [M, K], w, lead dims, isa code)``."""
+    _register()
+    isa = _isa_name(isa)
+    code = _isa_code(isa)
+    if not library().isa_supported(isa):
+        raise NasqError(f"this CPU does not support the {isa} path of the native kernel")
+    xq = jnp.asarray(xq)
+    w = jnp.asarray(w)
+    if xq.dtype != jnp.int8 or w.dtype != jnp.uint8 or w.ndim != 2:
+        raise NasqError(f"native int GEMM wants int8 [..., K] and uint8 [N, bytes]; got {xq.dtype} {xq.shape}, "
+                        f"{w.dtype} {w.shape}")
+    k = xq.shape[-1]
+    if w.shape[1] != packed_row_bytes(k, bits):
+        raise NasqError(f"packed rows have {w.shape[1]} bytes but {k} {bits}-bit codes need "
+                        f"{packed_row_bytes(k, bits)}")
+    return xq.reshape(-1, k), w, xq.shape[:-1], code
+
+
+def int_gemm(xq, w, bits: int, *, isa: str | None = None):
+    """``int8 [..., K] x packed uint8 [N, ceil(K*bits/8)] -> int32 [..., N]`` (exact), under jit or not.
+
+    ``isa``: ``"auto"``, ``"avx512-vnni"``, ``"avx2"`` or ``"scalar"``; None reads ``NASQ_NATIVE_ISA``."""
+    x2, w, lead, code = _prepare(xq, w, bits, isa)
+    out = jax.ffi.ffi_call(_TARGET_S32, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.int32),
+                           vmap_method="sequential")(x2, w, bits=np.int64(bits), isa=np.int64(code))
+    return out.reshape(*lead, w.shape[0])
+
+
+def int_linear(xq, sx, w, bits: int, row_scale, bias=None, *, isa: str | None = None):
+    """Fused ``float(int_gemm(xq, w)) * sx * row_scale (+ bias)``: fp32 ``[..., N]``.
+
+    ``sx``: fp32 ``[...]`` or ``[..., 1]`` (one scale per token, ``quantize_act_int8``); ``row_scale``,
+    ``bias``: fp32 ``[N]``. Rounds like XLA's CPU code for the same expression: ``t = acc * sx``, then
+    ``fma(t, row_scale, bias)`` (``t * row_scale`` without bias), so both paths agree bit for bit where XLA
+    contracts the multiply-add as it does on x86-64 with FMA."""
+    x2, w, lead, code = _prepare(xq, w, bits, isa)
+    n = w.shape[0]
+    sx = jnp.asarray(sx, jnp.float32).reshape(-1)
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    out = jax.ffi.ffi_call(_TARGET_F32, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                           vmap_method="sequential")(
+        x2, sx, w, jnp.asarray(row_scale, jnp.float32), bias, bits=np.int64(bits), isa=np.int64(code))
+    return out.reshape(*lead, n)

@@ -1,0 +1,771 @@
+// nasq native CPU kernels: integer GEMM of int8 activations with bit-packed weights, for XLA (FFI) and ctypes.
+//
+// WHAT IS COMPUTED (one "segment" of a linear layer: all its rows packed at one bit width b):
+//
+//   x      int8  [M, K]                    activations, already quantized per token
+//   w      uint8 [N, ceil(K*b/8)]          packed weight codes (layout below), one row per output feature
+//   acc    int32 [M, N]   acc[m,n] = sum_k x[m,k] * code[n,k]                     (exact integer result)
+//   y      fp32  [M, N]   y[m,n]   = float(acc[m,n]) * sx[m] * row_scale[n] (+ bias[n])   (fused epilogue)
+//
+// The int32 variant exists for exactness tests; the fused one is what the model runs (the int32 matrix never
+// goes through memory). The fp32 epilogue is evaluated like XLA's CPU code for
+// `acc.astype(f32) * sx * row_scale + bias`: t = float(acc) * sx[m], then fma(t, row_scale[n], bias[n])
+// (XLA contracts the multiply-add into one FMA), or t * row_scale[n] without bias; no other contraction
+// (build with -ffp-contract=off).
+//
+// WEIGHT LAYOUT (nasq/quant/packing.py, "dense packing"): each row is a little-endian bitstream; code j of a
+// row occupies stream bits [j*b, (j+1)*b), stream bit k is bit k%8 of byte k//8; a row takes ceil(K*b/8)
+// bytes (last byte zero padded). Codes are b-bit two's complement for b >= 2; for b == 1 the bit 1 means +1
+// and 0 means -1. Hence 8 consecutive codes ("a group") fill exactly b bytes, starting at byte g*b for group
+// g. For b in {1, 2, 4, 8} this is the byte-aligned layout (code j of a byte at bits [j*b, (j+1)*b)).
+//
+// THE OFFSET TRICK (why the weights become unsigned bytes). The fast instructions multiply unsigned by signed
+// bytes (AVX512-VNNI vpdpbusd: u8 x s8, 4 products summed into an int32, no saturation). Every b-bit code is
+// shifted into an unsigned byte u = code + o with a per-width offset o:
+//
+//   b >= 2:  o = 2^(b-1),  u = field XOR o           (field = the b stored bits; u in [0, 2^b))
+//   b == 1:  o = 1,        u = 2 * field             (code -1 -> u 0, code +1 -> u 2)
+//
+// so that   acc[m,n] = sum_k x[m,k] * (u[n,k] - o) = dot(x[m], u[n]) - o * xsum[m],   xsum[m] = sum_k x[m,k].
+//
+// xsum is computed once per token when x is copied (below). Everything is exact: u <= 255, |x| <= 128, and
+// int32 arithmetic wraps modulo 2^32, so the result equals the int64 sum whenever that sum fits in int32 (the
+// same condition as for XLA's int32 dot).
+//
+// PANELS (the only unpacked copy of the weights: one small block per thread, sized for L2). NR consecutive
+// weight rows (NR = the int32 lanes of two vectors: 32 for AVX-512, 16 otherwise) are unpacked to u and
+// interleaved by 4 codes:
+//
+//   panel[((k4 * planes + p) * NR + n) * 4 + t] = plane p of u[n, 4*k4 + t]       n < NR, t < 4, k4 < Kp/4
+//
+// The 4 bytes of int32 lane n hold 4 consecutive codes of weight row n; broadcasting 4 bytes of x[m] to all
+// lanes and multiplying bytewise (vpdpbusd, or vpmaddubsw + vpmaddwd) adds x[m] . u[n] over those 4 codes
+// into lane n. So a micro tile of MR tokens x NR weight rows keeps MR x 2 vector accumulators, one per (token,
+// half of the panel), and needs no horizontal sums. planes = 1 (the bytes u), or 2 on the AVX2 path for
+// b > 4: the low and high nibbles of u (u = lo + 16 * hi) so that vpmaddubsw stays exact (dot_tile_avx2).
+//
+// HOW (one call):
+//   1. x is copied into a zero-padded buffer xp [Mp, Kp] (Mp = M rounded up to MR, Kp = K rounded up to 64)
+//      and xsum is computed. Zero padding makes every loop run over whole vectors; the values of u past K
+//      are then irrelevant (multiplied by 0).
+//   2. The N output rows are split statically into one contiguous range of panels per thread (a small
+//      persistent pool; the calling thread works too).
+//   3. Each thread unpacks a block of panels (kPanelBlockBytes) and, for blocks of MC tokens (kXBlockBytes,
+//      the xp block stays in L2), runs the ISA's micro kernel on each MR x NR tile: int32 dot products.
+//   4. The epilogue applies the offset correction and writes int32 or fused fp32 outputs.
+//
+// ISA PATHS (chosen at run time; each function carries its own target attribute, so this file compiles with
+// plain -O3 on any x86-64, and on other CPUs only the scalar path is compiled):
+//   avx512-vnni  vpdpbusd (u8 x s8 -> int32, exact for any u8), 8 x 32 tiles; BMI2 pdep to unpack
+//   avx2         vpmaddubsw (u8 x s8 -> int16 pair sums; it saturates in general, but is exact for u <= 15:
+//                b <= 4 directly, b > 4 as two nibble planes), 8 steps summed in int16, then vpmaddwd into
+//                int32; 4 x 16 tiles (2 x 16 with two planes); BMI2 pdep to unpack; FMA in the epilogue
+//   scalar       plain C++ (int64 sums), 4 x 16 tiles
+//
+// EXPORTS: two XLA FFI handlers (NasqIntGemmS32, NasqIntGemmF32; compiled unless NASQ_NO_FFI) and a small C ABI
+// (nasq_*) used by ctypes: information, thread count, and the same GEMM on raw pointers (tests).
+//
+// TEST-ONLY BUILD: -DNASQ_SIMDE compiles the x86 paths against SIMDe's portable emulation of the intrinsics
+// (headers from Debian's libsimde-dev), so the AVX-512 code can be checked for exactness on a CPU without it.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#include <unistd.h>
+#endif
+
+#if defined(NASQ_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define NASQ_X86 1
+#define NASQ_TARGET(features)
+#elif defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NASQ_X86 1
+#define NASQ_TARGET(features) __attribute__((target(features)))
+#else
+#define NASQ_X86 0
+#endif
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "nasq_kernels.cc reads packed rows as little-endian words"
+#endif
+
+namespace nasq {
+
+// Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
+constexpr int kAbiVersion = 1;
+
+enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+
+constexpr int kMaxMR = 8;                        // largest micro tile: 8 tokens ...
+constexpr int kMaxNR = 32;                       // ... x 32 weight rows (AVX-512)
+constexpr int64_t kKAlign = 64;                  // K is padded to whole 64-byte vectors
+constexpr int64_t kPanelBlockBytes = 96 << 10;   // unpacked panels per thread and block (L2)
+constexpr int64_t kXBlockBytes = 192 << 10;      // tokens of xp reused against one panel block (L2)
+constexpr int64_t kMinParallelMacs = int64_t{1} << 20;  // below this many multiply-adds: one thread
+
+static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------------- CPU features
+
+static bool cpu_has(Isa isa) {
+  switch (isa) {
+    case kScalar:
+      return true;
+#if defined(NASQ_SIMDE)
+    case kAvx2:
+    case kAvx512Vnni:
+      return true;  // emulated
+#elif NASQ_X86
+    case kAvx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("fma");
+    case kAvx512Vnni:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("fma");
+#endif
+    default:
+      return false;
+  }
+}
+
+static Isa best_isa() {
+  if (cpu_has(kAvx512Vnni)) return kAvx512Vnni;
+  if (cpu_has(kAvx2)) return kAvx2;
+  return kScalar;
+}
+
+// ------------------------------------------------------------------------------------------- buffers
+
+// Grow-only 64-byte aligned byte buffer (one per thread: no allocation, no page faults in steady state).
+class AlignedBuffer {
+ public:
+  ~AlignedBuffer() { std::free(data_); }
+  uint8_t* get(int64_t bytes) {
+    if (bytes > size_) {
+      std::free(data_);
+      size_ = round_up(std::max<int64_t>(bytes, 4096), 64);
+      data_ = static_cast<uint8_t*>(std::aligned_alloc(64, static_cast<size_t>(size_)));
+      if (data_ == nullptr) {
+        size_ = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return data_;
+  }
+
+ private:
+  uint8_t* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+// ------------------------------------------------------------------------------------------- unpacking
+
+// The 8 codes of group g of a packed row (stream bits [8*b*g, 8*b*(g+1))) as the low 8*b bits of a uint64.
+static inline uint64_t load_group(const uint8_t* row, int64_t row_bytes, int b, int64_t g) {
+  const int64_t start = g * b;
+  uint64_t word = 0;
+  if (start + 8 <= row_bytes)
+    std::memcpy(&word, row + start, 8);  // one load (may read bytes of the next groups: masked below)
+  else
+    std::memcpy(&word, row + start, static_cast<size_t>(row_bytes - start));  // end of the row
+  return b == 8 ? word : word & ((uint64_t{1} << (8 * b)) - 1);
+}
+
+// 0x0101...01 * v: v repeated in each of the 8 bytes of a uint64.
+static constexpr uint64_t bytes_of(uint64_t v) { return v * 0x0101010101010101ULL; }
+
+// Fields (one per byte) -> unsigned values u = code + offset (header comment).
+static inline uint64_t offset_fields(uint64_t fields, int b) {
+  return b == 1 ? fields << 1 : fields ^ bytes_of(uint64_t{1} << (b - 1));
+}
+
+// The code offset o of width b (u = code + o).
+static inline int32_t code_offset(int b) { return b == 1 ? 1 : 1 << (b - 1); }
+
+// Spread the 8 b-bit fields of `word` into the 8 bytes of the result (field j -> byte j), portable version.
+static inline uint64_t spread_fields(uint64_t word, int b) {
+  const uint64_t mask = (uint64_t{1} << b) - 1;
+  uint64_t out = 0;
+  for (int j = 0; j < 8; ++j) out |= ((word >> (j * b)) & mask) << (8 * j);
+  return out;
+}
+
+// One packed row -> u[k] = code k + offset, for k < 8 * ceil(K / 8) (8 codes per group).
+using UnpackRowFn = void (*)(const uint8_t* row, int64_t row_bytes, int b, int64_t K, uint8_t* u);
+
+static void unpack_row_portable(const uint8_t* row, int64_t row_bytes, int b, int64_t K, uint8_t* u) {
+  for (int64_t g = 0; g < (K + 7) / 8; ++g) {
+    const uint64_t v = offset_fields(spread_fields(load_group(row, row_bytes, b, g), b), b);
+    std::memcpy(u + 8 * g, &v, 8);
+  }
+}
+
+#if NASQ_X86
+// Same, with BMI2 pdep spreading the 8 fields in one instruction (mask: the b low bits of every byte).
+NASQ_TARGET("bmi2")
+static void unpack_row_bmi2(const uint8_t* row, int64_t row_bytes, int b, int64_t K, uint8_t* u) {
+#if defined(NASQ_SIMDE)
+  unpack_row_portable(row, row_bytes, b, K, u);  // SIMDe has no pdep
+#else
+  const uint64_t byte_mask = bytes_of((uint64_t{1} << b) - 1);
+  for (int64_t g = 0; g < (K + 7) / 8; ++g) {
+    const uint64_t v = offset_fields(_pdep_u64(load_group(row, row_bytes, b, g), byte_mask), b);
+    std::memcpy(u + 8 * g, &v, 8);
+  }
+#endif
+}
+#endif
+
+// Unpack weight rows [0, rows) of w (rows <= nr) into one panel (layout: header comment); panel rows past
+// `rows` are zero. `row_u`: scratch of Kp bytes.
+static void unpack_panel(const uint8_t* w, int64_t row_bytes, int b, int64_t K, int64_t Kp, int64_t rows, int nr,
+                         int planes, UnpackRowFn unpack_row, uint8_t* row_u, uint8_t* panel) {
+  const int64_t steps = Kp / 4;
+  const int64_t unpacked = 8 * ((K + 7) / 8);
+  for (int64_t n = 0; n < nr; ++n) {
+    if (n < rows) {
+      unpack_row(w + n * row_bytes, row_bytes, b, K, row_u);
+      std::memset(row_u + unpacked, 0, static_cast<size_t>(Kp - unpacked));
+    } else {
+      std::memset(row_u, 0, static_cast<size_t>(Kp));
+    }
+    for (int64_t s = 0; s < steps; ++s) {
+      uint32_t v;
+      std::memcpy(&v, row_u + 4 * s, 4);
+      if (planes == 1) {
+        std::memcpy(panel + (s * nr + n) * 4, &v, 4);
+      } else {  // nibble planes: u = lo + 16 * hi
+        const uint32_t lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+        std::memcpy(panel + ((2 * s) * nr + n) * 4, &lo, 4);
+        std::memcpy(panel + ((2 * s + 1) * nr + n) * 4, &hi, 4);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- micro kernels
+//
+// dot_tile(x, Kp, panel, out): out[i * NR + n] = sum_{k < Kp} x[i * Kp + k] * u[n, k]  (int32, wrapping)
+// for the kernel's MR tokens (rows of xp, stride Kp) and the NR weight rows of one panel.
+
+using DotTileFn = void (*)(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out);
+
+// 4 bytes of x as one int32 (to broadcast to every lane).
+static inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+static void dot_tile_scalar(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out) {
+  constexpr int kMR = 4, kNR = 16;
+  for (int i = 0; i < kMR; ++i) {
+    for (int n = 0; n < kNR; ++n) {
+      int64_t s = 0;
+      for (int64_t k = 0; k < Kp; ++k) s += int64_t{panel[((k / 4) * kNR + n) * 4 + k % 4]} * x[i * Kp + k];
+      out[i * kNR + n] = static_cast<int32_t>(static_cast<uint32_t>(s));
+    }
+  }
+}
+
+#if NASQ_X86
+// AVX2, 16 weight rows (two vectors of 8 int32 lanes) x kMR tokens. vpmaddubsw multiplies u8 by s8 and adds
+// adjacent pairs into int16 with saturation; with every u <= 15 (b <= 4, or a nibble plane) a pair sum is at
+// most 2 * 15 * 128 = 3840 in magnitude, and 8 of them (kChunk steps) at most 30720 < 2^15: exact. Every
+// kChunk steps vpmaddwd (with 1, or 16 for the high nibble plane) adds the int16 pairs into int32 lanes.
+template <int kPlanes>
+NASQ_TARGET("avx2")
+static void dot_tile_avx2(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out) {
+  constexpr int kMR = 4 / kPlanes;  // 16 ymm registers: kMR * kPlanes * 2 int16 sums + 2 * kPlanes weights
+  constexpr int kNR = 16;
+  constexpr int64_t kChunk = 8;
+  const __m256i ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
+  alignas(32) int32_t acc[kMR * kNR] = {};
+  for (int64_t s0 = 0; s0 < Kp / 4; s0 += kChunk) {
+    __m256i sum16[kMR][kPlanes][2];
+    for (auto& a : sum16)
+      for (auto& b : a)
+        for (auto& c : b) c = _mm256_setzero_si256();
+    const int64_t s1 = std::min(Kp / 4, s0 + kChunk);
+    for (int64_t s = s0; s < s1; ++s) {
+      const uint8_t* p = panel + s * (kPlanes * kNR * 4);
+      __m256i u[kPlanes][2];
+      for (int pl = 0; pl < kPlanes; ++pl)
+        for (int h = 0; h < 2; ++h)
+          u[pl][h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + (pl * kNR + 8 * h) * 4));
+      for (int i = 0; i < kMR; ++i) {
+        const __m256i xb = _mm256_set1_epi32(load4(x + i * Kp + 4 * s));
+        for (int pl = 0; pl < kPlanes; ++pl)
+          for (int h = 0; h < 2; ++h)
+            sum16[i][pl][h] = _mm256_add_epi16(sum16[i][pl][h], _mm256_maddubs_epi16(u[pl][h], xb));
+      }
+    }
+    for (int i = 0; i < kMR; ++i) {
+      for (int h = 0; h < 2; ++h) {
+        __m256i v = _mm256_madd_epi16(sum16[i][0][h], ones);
+        if constexpr (kPlanes == 2) v = _mm256_add_epi32(v, _mm256_madd_epi16(sum16[i][1][h], sixteens));
+        __m256i* a = reinterpret_cast<__m256i*>(acc + i * kNR + 8 * h);
+        _mm256_store_si256(a, _mm256_add_epi32(_mm256_load_si256(a), v));
+      }
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+// AVX512-VNNI, 32 weight rows (two vectors of 16 int32 lanes) x 8 tokens: vpdpbusd multiplies u8 by s8 and
+// adds each group of 4 products into an int32 lane, without saturation (exact for any u8).
+NASQ_TARGET("avx512f,avx512bw,avx512vnni")
+static void dot_tile_vnni(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out) {
+  constexpr int kMR = 8, kNR = 32;
+  __m512i acc[kMR][2];
+  for (auto& a : acc) a[0] = a[1] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < Kp / 4; ++s) {
+    const uint8_t* p = panel + s * (kNR * 4);
+    const __m512i u0 = _mm512_load_si512(reinterpret_cast<const void*>(p));
+    const __m512i u1 = _mm512_load_si512(reinterpret_cast<const void*>(p + 64));
+    for (int i = 0; i < kMR; ++i) {
+      const __m512i xb = _mm512_set1_epi32(load4(x + i * Kp + 4 * s));
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], u0, xb);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], u1, xb);
+    }
+  }
+  for (int i = 0; i < kMR; ++i) {
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i * kNR), acc[i][0]);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i * kNR + 16), acc[i][1]);
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------- epilogue
+
+struct Gemm {
+  const int8_t* x;   // [M, K]
+  const uint8_t* w;  // [N, row_bytes]
+  int64_t M, N, K;
+  int bits;
+  int32_t* out_i32;        // [M, N], or null for the fused output
+  float* out_f32;          // [M, N] fused: acc * sx[m] * row_scale[n] (+ bias[n])
+  const float* sx;         // [M]
+  const float* row_scale;  // [N]
+  const float* bias;       // [N] or null
+};
+
+template <int NR, typename T>
+static inline __attribute__((always_inline)) void copy_row(T* dst, const T* src, size_t n) {
+  if (n == NR)
+    std::memcpy(dst, src, sizeof(T) * NR);  // the common case: a constant-size copy (vector stores)
+  else
+    std::memcpy(dst, src, sizeof(T) * n);
+}
+
+// Offset correction and output of one mr x NR tile at (m0, n0) from its dot products `dots` [mr, NR]; rows and
+// columns past M, N are dropped. rs, bs: row_scale and bias of the tile's NR columns (zero padded).
+// always_inline: compiled into each store_tile_* below with that function's instruction set (vectorized).
+template <int NR>
+static inline __attribute__((always_inline)) void store_tile_body(const Gemm& g, const int32_t* dots,
+                                                                  const int32_t* xsum, int32_t offset,
+                                                                  const float* rs, const float* bs, int64_t m0,
+                                                                  int mr, int64_t n0) {
+  const auto nr = static_cast<size_t>(std::min<int64_t>(NR, g.N - n0));
+  for (int i = 0; i < mr && m0 + i < g.M; ++i) {
+    const int64_t m = m0 + i;
+    const uint32_t correction = static_cast<uint32_t>(offset) * static_cast<uint32_t>(xsum[m]);
+    int32_t acc[NR];
+    for (int n = 0; n < NR; ++n) acc[n] = static_cast<int32_t>(static_cast<uint32_t>(dots[i * NR + n]) - correction);
+    if (g.out_i32 != nullptr) {
+      copy_row<NR>(g.out_i32 + m * g.N + n0, acc, nr);
+      continue;
+    }
+    float y[NR];
+    const float s = g.sx[m];
+    if (g.bias != nullptr) {
+      // XLA's CPU compiler contracts `acc * sx * row_scale + bias` into fma(acc * sx, row_scale, bias): same here.
+      for (int n = 0; n < NR; ++n) y[n] = std::fma(static_cast<float>(acc[n]) * s, rs[n], bs[n]);
+    } else {
+      for (int n = 0; n < NR; ++n) y[n] = static_cast<float>(acc[n]) * s * rs[n];
+    }
+    copy_row<NR>(g.out_f32 + m * g.N + n0, y, nr);
+  }
+}
+
+using StoreTileFn = void (*)(const Gemm&, const int32_t*, const int32_t*, int32_t, const float*, const float*,
+                             int64_t, int, int64_t);
+
+template <int NR>
+static void store_tile_portable(const Gemm& g, const int32_t* dots, const int32_t* xsum, int32_t offset,
+                                const float* rs, const float* bs, int64_t m0, int mr, int64_t n0) {
+  store_tile_body<NR>(g, dots, xsum, offset, rs, bs, m0, mr, n0);  // std::fma: a libm call without FMA
+}
+
+#if NASQ_X86
+template <int NR>
+NASQ_TARGET("avx2,fma")
+static void store_tile_fma(const Gemm& g, const int32_t* dots, const int32_t* xsum, int32_t offset,
+                           const float* rs, const float* bs, int64_t m0, int mr, int64_t n0) {
+  store_tile_body<NR>(g, dots, xsum, offset, rs, bs, m0, mr, n0);  // std::fma: vfmadd
+}
+#endif
+
+// ------------------------------------------------------------------------------------------- thread pool
+
+static int default_num_threads() {
+  if (const char* env = std::getenv("NASQ_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// A tiny persistent pool: parallel_for(n, fn) runs fn(0..n-1) on the workers and the calling thread and
+// returns when all are done. One parallel_for at a time; a call that finds the pool busy (XLA may run two
+// custom calls concurrently) runs its tasks serially on its own thread instead of waiting.
+class ThreadPool {
+ public:
+  ~ThreadPool() { stop_workers(); }
+
+  int num_threads() const { return num_threads_.load(); }
+
+  void set_num_threads(int n) {
+    std::lock_guard<std::mutex> run(run_mu_);
+    stop_workers();
+    num_threads_ = std::max(1, n);
+  }
+
+  void parallel_for(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> run(run_mu_, std::try_to_lock);
+    if (!run.owns_lock() || n <= 1 || num_threads_ <= 1) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    start_workers();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &fn;
+      job_size_ = n;
+      next_.store(0);
+      busy_ = static_cast<int>(workers_->size());
+      ++generation_;
+    }
+    work_cv_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return busy_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (int i = next_.fetch_add(1); i < job_size_; i = next_.fetch_add(1)) (*job_)(i);
+  }
+
+  void worker() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--busy_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  void start_workers() {  // under run_mu_
+#if defined(__linux__)
+    if (workers_ != nullptr && pid_ != getpid()) workers_ = nullptr;  // forked child: the threads are gone (leak)
+    pid_ = getpid();
+#endif
+    if (workers_ != nullptr) return;
+    stop_ = false;
+    workers_ = new std::vector<std::thread>();
+    for (int t = 1; t < num_threads_; ++t) workers_->emplace_back([this] { worker(); });
+  }
+
+  void stop_workers() {  // under run_mu_ (or at exit)
+    if (workers_ == nullptr) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (auto& t : *workers_) t.join();
+    delete workers_;
+    workers_ = nullptr;
+  }
+
+  std::mutex run_mu_;  // held by the running parallel_for
+  std::atomic<int> num_threads_{default_num_threads()};
+  std::vector<std::thread>* workers_ = nullptr;
+#if defined(__linux__)
+  pid_t pid_ = 0;
+#endif
+  std::mutex mu_;  // guards the fields below
+  std::condition_variable work_cv_, done_cv_;
+  const std::function<void(int)>* job_ = nullptr;
+  int job_size_ = 0;
+  std::atomic<int> next_{0};
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+static ThreadPool& pool() {
+  static ThreadPool* p = new ThreadPool();  // never destroyed: workers may outlive static destruction order
+  return *p;
+}
+
+// ------------------------------------------------------------------------------------------- the GEMM
+
+// The pieces of one ISA path for one bit width.
+struct IsaKernels {
+  int mr, nr, planes;  // micro tile: mr tokens x nr weight rows; panel planes (1, or 2 nibble planes)
+  DotTileFn dot_tile;
+  UnpackRowFn unpack_row;
+  StoreTileFn store_tile;
+};
+
+static IsaKernels kernels_for(Isa isa, int bits) {
+  switch (isa) {
+#if NASQ_X86
+    case kAvx512Vnni:
+      return {8, 32, 1, dot_tile_vnni, unpack_row_bmi2, store_tile_fma<32>};
+    case kAvx2:
+      if (bits <= 4) return {4, 16, 1, dot_tile_avx2<1>, unpack_row_bmi2, store_tile_fma<16>};
+      return {2, 16, 2, dot_tile_avx2<2>, unpack_row_bmi2, store_tile_fma<16>};
+#endif
+    default:
+      return {4, 16, 1, dot_tile_scalar, unpack_row_portable, store_tile_portable<16>};
+  }
+}
+
+// Output columns [n0, n1) (n0 a multiple of kern.nr) for all tokens.
+static void gemm_columns(const Gemm& g, const IsaKernels& kern, const int8_t* xp, const int32_t* xsum,
+                         int64_t Mp, int64_t Kp, int64_t n0, int64_t n1) {
+  static thread_local AlignedBuffer panel_buf, row_buf;
+  const int64_t row_bytes = (g.K * g.bits + 7) / 8;
+  const int32_t offset = code_offset(g.bits);
+  const int64_t panel_bytes = Kp * kern.nr * kern.planes;
+  const int64_t block_panels = std::max<int64_t>(1, kPanelBlockBytes / panel_bytes);
+  const int64_t MC = std::max<int64_t>(kern.mr, kXBlockBytes / Kp / kern.mr * kern.mr);
+  uint8_t* panels = panel_buf.get(block_panels * panel_bytes);
+  uint8_t* row_u = row_buf.get(Kp);
+  alignas(64) int32_t dots[kMaxMR * kMaxNR];
+  alignas(64) float rs[kMaxNR], bs[kMaxNR];
+  for (int64_t nb = n0; nb < n1; nb += block_panels * kern.nr) {
+    // 3a. unpack this block's panels
+    const int64_t np = std::min(block_panels, (n1 - nb + kern.nr - 1) / kern.nr);
+    for (int64_t q = 0; q < np; ++q) {
+      const int64_t first = nb + q * kern.nr;
+      unpack_panel(g.w + first * row_bytes, row_bytes, g.bits, g.K, Kp, std::min<int64_t>(kern.nr, n1 - first),
+                   kern.nr, kern.planes, kern.unpack_row, row_u, panels + q * panel_bytes);
+    }
+    // 3b. all tokens against them, a block of MC tokens at a time
+    for (int64_t mb = 0; mb < Mp; mb += MC) {
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t first = nb + q * kern.nr;
+        for (int c = 0; c < kern.nr; ++c) {  // this panel's scales and biases, zero padded
+          const bool real = g.out_f32 != nullptr && first + c < g.N;
+          rs[c] = real ? g.row_scale[first + c] : 0.0f;
+          bs[c] = real && g.bias != nullptr ? g.bias[first + c] : 0.0f;
+        }
+        for (int64_t m = mb; m < std::min(mb + MC, Mp); m += kern.mr) {
+          kern.dot_tile(xp + m * Kp, Kp, panels + q * panel_bytes, dots);
+          kern.store_tile(g, dots, xsum, offset, rs, bs, m, kern.mr, first);  // 4.
+        }
+      }
+    }
+  }
+}
+
+// Returns 0, or a non-zero error code (see error_message).
+static int run_gemm(const Gemm& g, int isa_request) {
+  if (g.bits < 1 || g.bits > 8) return 1;
+  if (g.M < 0 || g.N < 0 || g.K < 0) return 2;
+  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
+  if (isa < kScalar || isa > kAvx512Vnni) return 3;
+  if (!cpu_has(isa)) return 4;
+  if (g.M == 0 || g.N == 0) return 0;
+  const IsaKernels kern = kernels_for(isa, g.bits);
+
+  // 1. zero-padded copy of x and the token sums.
+  static thread_local AlignedBuffer xbuf;
+  static thread_local std::vector<int32_t> xsum;
+  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(g.K, kKAlign));
+  const int64_t Mp = round_up(g.M, kern.mr);
+  int8_t* xp = reinterpret_cast<int8_t*>(xbuf.get(Mp * Kp));
+  xsum.assign(static_cast<size_t>(Mp), 0);
+  for (int64_t m = 0; m < Mp; ++m) {
+    int8_t* dst = xp + m * Kp;
+    if (m < g.M) {
+      std::memcpy(dst, g.x + m * g.K, static_cast<size_t>(g.K));
+      std::memset(dst + g.K, 0, static_cast<size_t>(Kp - g.K));
+      int32_t s = 0;
+      for (int64_t k = 0; k < g.K; ++k) s += dst[k];
+      xsum[m] = s;
+    } else {
+      std::memset(dst, 0, static_cast<size_t>(Kp));
+    }
+  }
+
+  // 2. split the output rows over threads (whole panels), 3./4. per thread: unpack, micro tiles, epilogue.
+  const int64_t panels = (g.N + kern.nr - 1) / kern.nr;
+  int tasks = 1;
+  if (g.M * g.N * g.K >= kMinParallelMacs)
+    tasks = static_cast<int>(std::min<int64_t>(pool().num_threads(), panels));
+  const int32_t* xs = xsum.data();
+  std::atomic<bool> out_of_memory{false};
+  pool().parallel_for(tasks, [&](int t) {
+    const int64_t n0 = panels * t / tasks * kern.nr;
+    const int64_t n1 = std::min(g.N, panels * (t + 1) / tasks * kern.nr);
+    try {  // no exception may leave a pool task
+      if (n0 < n1) gemm_columns(g, kern, xp, xs, Mp, Kp, n0, n1);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+    }
+  });
+  return out_of_memory ? 6 : 0;
+}
+
+static const char* error_message(int code) {
+  switch (code) {
+    case 0: return "ok";
+    case 1: return "bit width must be 1..8";
+    case 2: return "negative dimension";
+    case 3: return "unknown ISA code (0 auto, 1 scalar, 2 avx2, 3 avx512-vnni)";
+    case 4: return "this CPU does not support the requested ISA";
+    case 5: return "array shapes do not match (x [M,K], w [N,ceil(K*b/8)], out [M,N], sx [M], scale/bias [N])";
+    case 6: return "out of memory";
+    default: return "unknown error";
+  }
+}
+
+static int run_gemm_checked(const Gemm& g, int isa) {
+  try {
+    return run_gemm(g, isa);
+  } catch (const std::bad_alloc&) {
+    return 6;
+  }
+}
+
+}  // namespace nasq
+
+// ------------------------------------------------------------------------------------------- C ABI (ctypes)
+
+extern "C" {
+
+int nasq_abi_version() { return nasq::kAbiVersion; }
+int nasq_best_isa() { return nasq::best_isa(); }
+int nasq_isa_supported(int isa) {
+  return isa >= nasq::kScalar && isa <= nasq::kAvx512Vnni && nasq::cpu_has(static_cast<nasq::Isa>(isa));
+}
+int nasq_num_threads() { return nasq::pool().num_threads(); }
+void nasq_set_num_threads(int n) { nasq::pool().set_num_threads(n); }
+const char* nasq_error_message(int code) { return nasq::error_message(code); }
+
+// The GEMM on raw C-contiguous arrays: int32 output if out_i32 is not null, else the fused fp32 output
+// (sx, row_scale required, bias optional). Returns 0 or an error code (nasq_error_message).
+int nasq_int_gemm(const int8_t* x, const uint8_t* w, int64_t M, int64_t N, int64_t K, int bits, int isa,
+                  int32_t* out_i32, float* out_f32, const float* sx, const float* row_scale, const float* bias) {
+  if (out_i32 == nullptr && (out_f32 == nullptr || sx == nullptr || row_scale == nullptr)) return 5;
+  const nasq::Gemm g{x, w, M, N, K, bits, out_i32, out_f32, sx, row_scale, bias};
+  return nasq::run_gemm_checked(g, isa);
+}
+
+}  // extern "C"
+
+// ------------------------------------------------------------------------------------------- XLA FFI
+
+#if !defined(NASQ_NO_FFI)
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace nasq {
+
+static ffi::Error to_ffi_error(int code) {
+  if (code == 0) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("nasq native int GEMM: ") + error_message(code));
+}
+
+// x [M, K] and w [N, ceil(K*b/8)]: the problem's dimensions, or false if the shapes do not fit.
+static bool gemm_dims(const ffi::Buffer<ffi::S8>& x, const ffi::Buffer<ffi::U8>& w, int64_t bits, int64_t* M,
+                      int64_t* N, int64_t* K) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || bits < 1 || bits > 8) return false;
+  *M = xd[0];
+  *K = xd[1];
+  *N = wd[0];
+  return wd[1] == (*K * bits + 7) / 8;
+}
+
+static ffi::Error IntGemmS32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::S32> out,
+                                 int64_t bits, int64_t isa) {
+  int64_t M, N, K;
+  if (!gemm_dims(x, w, bits, &M, &N, &K) || out->element_count() != static_cast<size_t>(M * N))
+    return to_ffi_error(bits < 1 || bits > 8 ? 1 : 5);
+  const Gemm g{x.typed_data(), w.typed_data(), M, N, K, static_cast<int>(bits), out->typed_data(), nullptr,
+               nullptr, nullptr, nullptr};
+  return to_ffi_error(run_gemm_checked(g, static_cast<int>(isa)));
+}
+
+static ffi::Error IntGemmF32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::U8> w,
+                                 ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> bias,
+                                 ffi::ResultBuffer<ffi::F32> out, int64_t bits, int64_t isa) {
+  int64_t M, N, K;
+  if (!gemm_dims(x, w, bits, &M, &N, &K) || out->element_count() != static_cast<size_t>(M * N) ||
+      sx.element_count() != static_cast<size_t>(M) || row_scale.element_count() != static_cast<size_t>(N) ||
+      (bias.element_count() != 0 && bias.element_count() != static_cast<size_t>(N)))
+    return to_ffi_error(bits < 1 || bits > 8 ? 1 : 5);
+  const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
+  const Gemm g{x.typed_data(), w.typed_data(), M, N, K, static_cast<int>(bits), nullptr, out->typed_data(),
+               sx.typed_data(), row_scale.typed_data(), b};
+  return to_ffi_error(run_gemm_checked(g, static_cast<int>(isa)));
+}
+
+}  // namespace nasq
+
+// int32 acc [M, N] = x int8 [M, K] . codes(w uint8 [N, ceil(K*bits/8)])^T; attributes bits, isa (int64).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntGemmS32, nasq::IntGemmS32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("isa"));
+
+// fp32 y [M, N] = acc * sx[m] * row_scale[n] (+ bias[n]; pass a [0] bias for none).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntGemmF32, nasq::IntGemmF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("isa"));
+#endif  // NASQ_NO_FFI

@@ -1,0 +1,328 @@
+"""The native integer GEMM (``nasq.kernels.native``, C++ through the XLA FFI) against numpy int64 and the XLA path.
+
+Every instruction-set path this CPU has is forced in turn (``isa=`` / ``NASQ_NATIVE_ISA``); the AVX-512 VNNI path,
+when the CPU lacks it, is checked on a test build that emulates the intrinsics with SIMDe (if its headers are
+installed: Debian's libsimde-dev). Tests that need the built library (``pip install -e .``) skip with the reason
+when it is missing; the fallback to XLA is tested either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nasq.errors import NasqError
+from nasq.kernels import native
+from nasq.kernels.int_linear import int8_matmul, kept_rows_int, pack_linear, packed_linear_apply
+from nasq.quant.packing import pack_codes, unpack_codes
+from nasq.quant.quantizer import quantize_act_int8
+
+LIB, WHY = native._load()  # (Library, "") or (None, why not)
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"native kernel library unavailable: {WHY}")
+ISAS = [isa for isa in ("scalar", "avx2", "avx512-vnni") if LIB is not None and LIB.isa_supported(isa)]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+JIT_SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # compiles
+
+
+# ------------------------------------------------------------------------------------------------ references
+def random_codes(rng, rows, cols, bits):
+    """Random codes of a width, extremes included (binary: +-1)."""
+    if bits == 1:
+        return rng.choice(np.array([-1, 1], np.int8), (rows, cols))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = rng.integers(lo, hi + 1, (rows, cols)).astype(np.int8)
+    if rows and cols:
+        codes[0, 0], codes[-1, -1] = lo, hi
+    return codes
+
+
+def random_x(rng, m, k):
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    if m and k:
+        x[0, :] = -128  # the extreme row: every product at its largest magnitude
+    return x
+
+
+def ref_acc(x, codes):
+    return x.astype(np.int64) @ codes.astype(np.int64).T
+
+
+def ref_epilogue(acc, sx, row_scale, bias):
+    """fp32 ``acc * sx * row_scale (+ bias)`` as XLA's CPU code evaluates it (one FMA for the multiply-add)."""
+    t = acc.astype(np.float32) * sx[:, None]
+    if bias is None:
+        return t * row_scale[None, :]
+    return (t.astype(np.float64) * row_scale[None, :] + bias[None, :]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------- the GEMM on its own
+@needs_lib
+@SETTINGS
+@given(m=st.integers(1, 37), k=st.integers(1, 300), n=st.integers(1, 37), bits=st.integers(1, 8),
+       seed=st.integers(0, 2**31 - 1))
+def test_int_gemm_exact_every_isa(m, k, n, bits, seed):
+    """int32 accumulators == numpy int64 for every ISA (ctypes, no JAX), K not a multiple of 8/64 included."""
+    rng = np.random.default_rng(seed)
+    x, codes = random_x(rng, m, k), random_codes(rng, n, k, bits)
+    w = pack_codes(codes, bits)
+    want = ref_acc(x, codes)
+    for isa in ISAS:
+        np.testing.assert_array_equal(LIB.gemm(x, w, bits, isa=isa).astype(np.int64), want, err_msg=isa)
+
+
+@needs_lib
+@SETTINGS
+@given(m=st.integers(1, 20), k=st.integers(1, 200), n=st.integers(1, 20), bits=st.integers(1, 8),
+       has_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_epilogue(m, k, n, bits, has_bias, seed):
+    """Fused fp32 output == XLA's formula on the exact accumulators (bit for bit where FMA is used alike)."""
+    rng = np.random.default_rng(seed)
+    x, codes = random_x(rng, m, k), random_codes(rng, n, k, bits)
+    w = pack_codes(codes, bits)
+    sx = (rng.random(m) * 0.1).astype(np.float32)
+    rs = (rng.random(n) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    want = ref_epilogue(ref_acc(x, codes), sx, rs, bias)
+    for isa in ISAS:
+        got = LIB.gemm(x, w, bits, isa=isa, sx=sx, row_scale=rs, bias=bias)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()), err_msg=isa)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_split_exact(threads):
+    """Shapes large enough to run on the thread pool (also more threads than cores, odd splits)."""
+    rng = np.random.default_rng(threads)
+    x, codes = random_x(rng, 45, 1543), random_codes(rng, 103, 1543, 3)
+    w = pack_codes(codes, 3)
+    before = LIB.num_threads()
+    try:
+        LIB.set_num_threads(threads)
+        for isa in ISAS:
+            np.testing.assert_array_equal(LIB.gemm(x, w, 3, isa=isa), ref_acc(x, codes), err_msg=isa)
+    finally:
+        LIB.set_num_threads(before)
+
+
+@needs_lib
+def test_concurrent_calls():
+    """Calls from several threads at once (XLA may run custom calls concurrently): all exact."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for bits in (1, 2, 4, 8):
+        x, codes = random_x(rng, 64, 512), random_codes(rng, 96, 512, bits)
+        cases.append((x, pack_codes(codes, bits), bits, ref_acc(x, codes)))
+    errors = []
+
+    def run(case):
+        x, w, bits, want = case
+        for _ in range(5):
+            if not np.array_equal(LIB.gemm(x, w, bits), want):
+                errors.append(bits)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@needs_lib
+def test_empty_and_bad_arguments():
+    w = pack_codes(np.ones((3, 10), np.int8), 4)
+    assert LIB.gemm(np.zeros((0, 10), np.int8), w, 4).shape == (0, 3)
+    with pytest.raises(NasqError, match="do not hold"):
+        LIB.gemm(np.zeros((2, 11), np.int8), w, 4)
+    with pytest.raises(NasqError, match="ISA"):
+        LIB.gemm(np.zeros((2, 10), np.int8), w, 4, isa="sse9")
+
+
+# ------------------------------------------------------------------------------------ through JAX (the FFI)
+@needs_lib
+@JIT_SETTINGS
+@given(lead=st.sampled_from([(), (3,), (2, 5)]), k=st.integers(1, 150), n=st.integers(1, 30),
+       bits=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_ffi_int_gemm_matches_numpy_and_xla(lead, k, n, bits, seed):
+    """native int32 (eager and under jit, leading batch dims) == numpy int64 == XLA's int8 dot."""
+    rng = np.random.default_rng(seed)
+    x = random_x(rng, int(np.prod(lead, dtype=int)), k).reshape(*lead, k)
+    codes = random_codes(rng, n, k, bits)
+    w = jnp.asarray(pack_codes(codes, bits))
+    want = ref_acc(x.reshape(-1, k), codes).reshape(*lead, n)
+    np.testing.assert_array_equal(np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(codes)), np.int64), want)
+    for isa in ISAS:
+        got = jax.jit(lambda x, w, isa=isa: native.int_gemm(x, w, bits, isa=isa))(jnp.asarray(x), w)
+        assert got.dtype == jnp.int32 and got.shape == (*lead, n)
+        np.testing.assert_array_equal(np.asarray(got, np.int64), want, err_msg=isa)
+    np.testing.assert_array_equal(np.asarray(native.int_gemm(jnp.asarray(x), w, bits), np.int64), want)
+
+
+sizes_bits = st.lists(st.tuples(st.integers(1, 9), st.integers(0, 8)), min_size=1, max_size=6)
+
+
+@needs_lib
+@JIT_SETTINGS
+@given(groups=sizes_bits, k=st.integers(1, 130), has_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_packed_linear_native_vs_xla(groups, k, has_bias, seed):
+    """Mixed segments and pruned groups: kept-row int32 accumulators native == XLA == numpy int64 (exact), and
+    ``packed_linear_apply`` outputs (jit, batch dims, scatter and compact) agree to fp32 rounding."""
+    rng = np.random.default_rng(seed)
+    sizes, bits = [g[0] for g in groups], [g[1] for g in groups]
+    w = (rng.standard_normal((sum(sizes), k)) * 0.05).astype(np.float32)
+    bias = rng.standard_normal(sum(sizes)).astype(np.float32) if has_bias else None
+    p = pack_linear(w, bias, sizes, bits, (rng.random(len(sizes)) * 0.02 + 1e-3).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 3, k)).astype(np.float32))
+    xq, _ = quantize_act_int8(x)
+
+    codes = [unpack_codes(np.asarray(pk), b, k, xp=np) for b, pk in p.segments]
+    want = ref_acc(np.asarray(xq).reshape(-1, k), np.concatenate(codes) if codes else np.zeros((0, k), np.int8))
+
+    def f(x, p, kernel):  # one compilation per kernel
+        xq, _ = quantize_act_int8(x)
+        return (kept_rows_int(xq, p, kernel), packed_linear_apply(x, p, "scatter", kernel),
+                packed_linear_apply(x, p, "compact", kernel))
+
+    (acc_n, yn, cn), (acc_x, yx, cx) = (jax.jit(f, static_argnums=2)(x, p, kern) for kern in ("native", "xla"))
+    for acc in (acc_n, acc_x):
+        np.testing.assert_array_equal(np.asarray(acc, np.int64).reshape(want.shape), want)
+    for got, ref in ((yn, yx), (cn, cx)):
+        assert got.shape == ref.shape
+        ref = np.asarray(ref)
+        atol = 1e-6 * max(1.0, float(np.abs(ref).max(initial=0)))
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=atol)
+
+
+@needs_lib
+@pytest.mark.parametrize("isa", ISAS)
+def test_packed_linear_each_isa(isa, monkeypatch):
+    """NASQ_NATIVE_ISA forces a path through ``packed_linear_apply`` (read when traced)."""
+    rng = np.random.default_rng(3)
+    sizes, bits = [16, 8, 8, 16, 24], [4, 0, 8, 1, 3]
+    w = (rng.standard_normal((72, 200)) * 0.05).astype(np.float32)
+    p = pack_linear(w, rng.standard_normal(72).astype(np.float32), sizes, bits, np.full(5, 0.01, np.float32))
+    x = jnp.asarray(rng.standard_normal((4, 9, 200)).astype(np.float32))
+    yx = np.asarray(jax.jit(lambda x, p: packed_linear_apply(x, p, kernel="xla"))(x, p))
+    monkeypatch.setenv("NASQ_NATIVE_ISA", isa)
+    yn = np.asarray(jax.jit(lambda x, p: packed_linear_apply(x, p, kernel="native"))(x, p))
+    np.testing.assert_allclose(yn, yx, rtol=1e-6, atol=1e-6 * float(np.abs(yx).max()))
+
+
+@needs_lib
+def test_kernel_selection(monkeypatch):
+    assert native.resolve_kernel("xla") == "xla"
+    assert native.describe("xla").startswith("xla")
+    monkeypatch.setenv("NASQ_KERNEL", "xla")
+    assert native.resolve_kernel() == "xla"
+    monkeypatch.setenv("NASQ_KERNEL", "auto")
+    assert native.resolve_kernel() == ("native" if native.available() else "xla")
+    assert native.describe().startswith("native" if native.available() else "xla (")
+    if native.available():
+        assert native.describe() == f"native {LIB.best_isa()}, {LIB.num_threads()} threads"
+    monkeypatch.setenv("NASQ_KERNEL", "fast")
+    with pytest.raises(NasqError, match="NASQ_KERNEL"):
+        native.resolve_kernel()
+    p = pack_linear(np.ones((4, 8), np.float32), None, [4], [4], np.array([0.1], np.float32))
+    with pytest.raises(NasqError, match="kernel"):
+        packed_linear_apply(jnp.ones((2, 8)), p, kernel="gpu")
+    missing = [isa for isa in ("avx2", "avx512-vnni") if isa not in ISAS]
+    if missing:
+        with pytest.raises(NasqError, match="does not support"):
+            native.int_gemm(jnp.zeros((2, 8), jnp.int8), jnp.asarray(pack_codes(np.ones((4, 8), np.int8), 4)), 4,
+                            isa=missing[0])
+
+
+def test_fallback_to_xla_without_library(monkeypatch):
+    """No library (or one that failed to load): "auto" runs XLA, describe() says why, "native" refuses."""
+    monkeypatch.setattr(native, "_load", lambda: (None, "native library not built: (test)"))
+    monkeypatch.delenv("NASQ_KERNEL", raising=False)
+    assert not native.available()
+    assert native.resolve_kernel() == "xla"
+    assert native.describe() == "xla (native library not built: (test))"
+    with pytest.raises(NasqError, match="not built"):
+        native.resolve_kernel("native")
+    rng = np.random.default_rng(0)
+    p = pack_linear(rng.standard_normal((8, 20)).astype(np.float32), None, [4, 4], [2, 4],
+                    np.array([0.3, 0.1], np.float32))
+    x = jnp.asarray(rng.standard_normal((3, 20)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(packed_linear_apply(x, p)),
+                                  np.asarray(packed_linear_apply(x, p, kernel="xla")))
+
+
+# --------------------------------------------------------------------------------------- whole integer BERT
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory):
+    from test_export import build_quant_model
+
+    from nasq.export.writer import export_model
+
+    model, plan = build_quant_model(tiny_model_dir, seed=11)
+    return export_model(model, plan, tmp_path_factory.mktemp("nk") / "m.nasq", task="sst2", num_labels=2,
+                        source_dir=tiny_model_dir)
+
+
+@needs_lib
+def test_int_bert_native_vs_xla(artifact):
+    """A whole tiny integer BERT: same predictions, logits equal to fp32 rounding, on both kernels (and the
+    native kernel on resident int8 codes, ``unpack="load"``, bit-identical to packed)."""
+    from nasq.export.reader import load_artifact
+
+    rng = np.random.default_rng(5)
+    ids = rng.integers(1000, 30000, (4, 12)).astype(np.int32)
+    am = np.ones_like(ids)
+    am[1, 8:] = 0
+    logits = {}
+    for unpack, kernel in (("fused", "native"), ("fused", "xla"), ("load", "native")):
+        im = load_artifact(artifact, unpack=unpack)
+        m = type(im)(dataclasses.replace(im.meta, kernel=kernel), im.params)
+        logits[unpack, kernel] = np.asarray(m(ids, None, am))
+    ref = logits["fused", "xla"]
+    for key, got in logits.items():
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()), err_msg=str(key))
+        np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+    np.testing.assert_array_equal(logits["load", "native"], logits["fused", "native"])
+
+
+# --------------------------------------------------------------------------- AVX-512 VNNI path, emulated
+SOURCE = Path(native.__file__).with_name("nasq_kernels.cc")
+
+
+@pytest.fixture(scope="module")
+def emulated_lib(tmp_path_factory):
+    """The kernels compiled against SIMDe's emulation of the AVX2/AVX-512 intrinsics (C ABI only)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not Path("/usr/include/simde/x86/avx512.h").is_file():
+        pytest.skip("needs a C++ compiler and SIMDe headers (apt-get install libsimde-dev)")
+    out = tmp_path_factory.mktemp("simde") / "libnasq_simde.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-DNASQ_SIMDE",
+           "-DNASQ_NO_FFI", str(SOURCE), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return native.Library(out)
+
+
+@pytest.mark.skipif("avx512-vnni" in ISAS, reason="the CPU runs the real AVX-512 VNNI path above")
+def test_emulated_vnni_exact(emulated_lib):
+    rng = np.random.default_rng(11)
+    for m, k, n, bits in [(1, 1, 1, 1), (5, 63, 7, 2), (9, 64, 4, 3), (13, 130, 17, 4), (4, 200, 9, 5),
+                          (7, 129, 5, 6), (3, 77, 11, 7), (21, 700, 33, 8), (40, 1100, 50, 4)]:
+        x, codes = random_x(rng, m, k), random_codes(rng, n, k, bits)
+        w = pack_codes(codes, bits)
+        sx, rs, bias = (rng.random(m).astype(np.float32), rng.random(n).astype(np.float32),
+                        rng.standard_normal(n).astype(np.float32))
+        for isa in ("avx512-vnni", "avx2"):
+            np.testing.assert_array_equal(emulated_lib.gemm(x, w, bits, isa=isa), ref_acc(x, codes),
+                                          err_msg=f"{isa} {m}x{k}x{n} b{bits}")
+            want = ref_epilogue(ref_acc(x, codes), sx, rs, bias)
+            got = emulated_lib.gemm(x, w, bits, isa=isa, sx=sx, row_scale=rs, bias=bias)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
