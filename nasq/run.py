@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,14 @@ def run_finished(path: str | Path) -> bool:
         return False
 
 
+def _command_line() -> str:
+    """How this process was started (``nasq finetune ...`` for the CLI), for a run's provenance (model cards)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("nasq", "cli.py"):
+        argv[0] = "nasq"
+    return shlex.join(argv)
+
+
 class RunDir:
     """A run directory opened for a new run, an overwrite, or a resume."""
 
@@ -88,7 +98,8 @@ class RunDir:
             mark_nasq_made(self.path, kind)
             self.config = config
             write_atomic(self.path / "config.yaml", config.to_yaml())
-            self.write_info(kind=kind, status="running", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.write_info(kind=kind, status="running", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            command=_command_line())
 
     # -- run.json ---------------------------------------------------------------------------------
     def info(self) -> dict:

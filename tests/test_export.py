@@ -402,6 +402,38 @@ def test_export_artifact_from_run(exported, tiny_model_dir, tmp_path):
         export_artifact(run, out)
 
 
+def test_model_card(exported, tiny_model_dir, tmp_path):
+    """README.md: listed and checksummed in the manifest; the plan's bytes and bits per rule, the budget, the QAT
+    run's dev metric and command (from its run.json)."""
+    import json
+
+    from nasq.contract.model_dir import save_model_dir
+    from nasq.contract.plan import Plan
+    from nasq.export.card import bits_by_rule
+    from nasq.export.writer import export_artifact
+
+    model, plan, _ = exported
+    run = tmp_path / "run"
+    save_model_dir(run / "model", model, source_model_dir=tiny_model_dir, num_labels=2, task="sst2", plan=plan)
+    (run / "run.json").write_text(json.dumps({"kind": "qat", "dev": {"accuracy": 0.8125}, "total_steps": 7,
+                                              "train_rows": 96, "command": "nasq finetune --plan p.json"}))
+    out = export_artifact(run, tmp_path / "m.nasq")
+    manifest = json.loads((out / "manifest.json").read_text())
+    card = (out / "README.md").read_text()
+    assert manifest["files"]["README.md"]["bytes"] == len(card.encode())
+    p = Plan.from_dict(plan)
+    assert f"{p.totals['searched_bytes']:,} bytes" in card and f"{manifest['tensor_bytes']:,} bytes" in card
+    assert "accuracy 0.8125" in card and "`nasq finetune --plan p.json`" in card and "7 steps" in card
+    rows = bits_by_rule(p)
+    assert sum(r["weights"] for r in rows) == sum(t.rows * t.cols for t in p.tensors)
+    for r in rows:
+        assert abs(sum(r["share"].values()) - 1) < 1e-9 and f"| {r['rule']} | {r['tensors']} |" in card
+    load_artifact(out)  # the card is verified like every other file
+    (out / "README.md").write_text(card + "edited")
+    with pytest.raises(NasqError, match="README.md"):
+        load_artifact(out)
+
+
 def test_intbert_is_pytree(exported):
     im = load_artifact(exported[2])
     leaves, treedef = jax.tree_util.tree_flatten(im)

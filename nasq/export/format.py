@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-__all__ = ["FORMAT", "LAYOUT", "MANIFEST", "READABLE_VERSIONS", "TENSORS", "VERSION", "manifest_digest", "rle",
+__all__ = ["CARD", "FORMAT", "LAYOUT", "MANIFEST", "READABLE_VERSIONS", "TENSORS", "VERSION", "manifest_digest", "rle",
            "sha256", "unrle"]
 
 FORMAT = "nasq-artifact"
@@ -18,6 +18,7 @@ READABLE_VERSIONS = (1, 2)
 TENSORS = "tensors.safetensors"
 LAYOUT = "layout.json"
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the model card (nasq.export.card); listed and checksummed like every other file
 
 
 def rle(values) -> list[list[int]]:

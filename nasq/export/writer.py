@@ -7,6 +7,7 @@ Format (see ``docs/ARTIFACT_FORMAT.md``)::
       layout.json           per module: kind, rows, cols, group sizes and bits (run-length), quant mode
       plan.json             the plan the model was trained with (provenance; the loader reads layout.json)
       config.json           HF BERT config
+      README.md             model card (nasq.export.card): bits per module kind, budget, bytes, metrics, provenance
       vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json   (those present)
       manifest.json         format, version, sizes + sha256 of every other file, byte accounting; written last
 
@@ -45,8 +46,9 @@ from nasq.contract.cost import fixed_nbytes
 from nasq.contract.model_dir import MODEL_META, TOKENIZER_FILES, load_model_dir
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
-from nasq.export.format import FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, rle, sha256
-from nasq.io import check_output_path, read_bytes, replace_dir, write_atomic
+from nasq.export.card import model_card
+from nasq.export.format import CARD, FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, rle, sha256
+from nasq.io import check_output_path, read_bytes, read_json, replace_dir, write_atomic
 from nasq.models.bert import Embedding, LayerNorm, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.quant.layers import QuantEmbedding, QuantLinear, _Gated
@@ -110,7 +112,7 @@ def predicted_artifact_bytes(plan: Plan, param_shapes: dict[str, tuple]) -> int:
 
 
 def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_labels: int,
-                 source_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+                 source_dir: str | Path | None = None, run_info: dict | None = None, overwrite: bool = False) -> Path:
     """Write the artifact of an in-memory fixed-plan classifier (see module docstring). Returns ``out``.
 
     ``plan`` is the model's :class:`Plan` (a ``plan.json`` mapping is validated into one)."""
@@ -145,6 +147,9 @@ def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_la
         "payload_vs_predicted": tensor_bytes / predicted if predicted else None,
         "searched_tensor_bytes": searched_payload, "searched_predicted_bytes": plan.totals["searched_bytes"],
     }
+    card = model_card(plan, manifest, source=str(source_dir or ""), run_info=run_info).encode()
+    files[CARD] = card
+    manifest["files"][CARD] = {"bytes": len(card), "sha256": sha256(card)}
     manifest["manifest_sha256"] = manifest_digest(manifest)
 
     def write(tmp: Path) -> None:
@@ -167,5 +172,7 @@ def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite:
     out = check_output_path(out, overwrite)
     model, meta = load_model_dir(src)
     plan = Plan.load(src / "plan.json")
+    run_json = src.parent / "run.json"  # the QAT run's record (dev metrics, command) when src is <run>/model
+    run_info = read_json(run_json, what="run info", max_bytes=2**24, root=src.parent) if run_json.is_file() else None
     return export_model(model, plan, out, task=meta.get("task", ""), num_labels=int(meta["num_labels"]),
-                        source_dir=src, overwrite=overwrite)
+                        source_dir=src, run_info=run_info, overwrite=overwrite)
