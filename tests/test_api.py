@@ -36,6 +36,7 @@ def test_config_layers_and_errors(tmp_path):
         nasq.make_config(**{"train.bogus": 1})
 
 
+@pytest.mark.slow
 def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
     quiet = {"log": lambda *a: None}
     teacher = nasq.finetune(_cfg(tiny_model_dir, glue_dir), tmp_path / "teacher", **quiet)

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from nasq.bench import bench_search_step, bench_train_step
 from nasq.config import build_config
 
@@ -11,6 +13,7 @@ def _cfg(model, **search):
                                   "search": {"space": "tiny", **search}}))
 
 
+@pytest.mark.slow
 def test_bench_train_and_search_step(tiny_model_dir):
     r = bench_train_step(_cfg(tiny_model_dir), batch_size=2, seq_len=8, repeats=1)
     assert r["bench"] == "train-step" and r["fp32_train_step_s"] > 0
