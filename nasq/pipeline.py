@@ -24,6 +24,7 @@ from pathlib import Path
 from nasq.config import Config, build_config
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
+from nasq.data.glue import load_split
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate
@@ -81,6 +82,20 @@ def stage_config(preset: dict, stage: str, user_layers: list[tuple[str, dict]], 
     return build_config(*layers)
 
 
+def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, dict]], log=print) -> dict:
+    """The preset's train subset is a cap: on a task whose train split is smaller (MRPC has about 3,700 rows, the
+    ``quick`` preset draws 8,000) every row is used instead, unless the user set ``data.train_subset``."""
+    subset = preset.get("common", {}).get("data", {}).get("train_subset")
+    if subset is None or any("train_subset" in (layer.get("data") or {}) for _, layer in user_layers):
+        return preset
+    n = len(load_split(cfg.data.task, "train", cfg.data.data_dir))
+    if subset <= n:
+        return preset
+    log(f"preset train subset {subset:,} > the {n:,} train rows of {cfg.data.task}: using every row")
+    common = {**preset["common"], "data": {**preset["common"]["data"], "train_subset": None}}
+    return {**preset, "common": common}
+
+
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     if preset not in PRESETS:
@@ -90,6 +105,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     teacher_dir = str(out / "teacher") if teacher is None else teacher
+    p = fit_preset_to_task(p, stage_config(p, "finetune", user_layers), user_layers, log)
     configs = {"finetune": stage_config(p, "finetune", user_layers),
                "search": stage_config(p, "search", user_layers, {"kd": {"teacher": teacher_dir}}),
                "qat": stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher_dir},

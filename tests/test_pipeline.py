@@ -65,3 +65,20 @@ def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, 
     assert len(emb) == 1 and len(emb[0]["bits"]) == 8
     assert s["plan_totals"]["within_budget"] and s["plan_totals"]["artifact_tensor_bytes"] <= 500_000
     assert s["artifact_vs_predicted"] == 1.0 and s["fake_quant_vs_int_agreement"] >= 0.995
+
+
+def test_preset_subset_is_a_cap(glue_dir):
+    """`--preset quick` (8,000 train rows) on MRPC (3,667 in this copy) uses every row instead of failing; a user's own
+    --train-subset is left alone; SST-2 keeps the preset's subset."""
+    from nasq.pipeline import PRESETS, fit_preset_to_task, stage_config
+
+    quick = PRESETS["quick"]
+    said = []
+    mrpc = [("user", {"data": {"task": "mrpc", "data_dir": str(glue_dir)}})]
+    fitted = fit_preset_to_task(quick, stage_config(quick, "finetune", mrpc), mrpc, said.append)
+    assert stage_config(fitted, "qat", mrpc).data.train_subset is None and "3,667 train rows" in said[0]
+    assert quick["common"]["data"]["train_subset"] == 8000  # the preset itself is not modified
+    own = [("user", {"data": {"task": "mrpc", "data_dir": str(glue_dir), "train_subset": 9000}})]
+    assert fit_preset_to_task(quick, stage_config(quick, "finetune", own), own) is quick
+    sst2 = [("user", {"data": {"task": "sst2", "data_dir": str(glue_dir)}})]
+    assert fit_preset_to_task(quick, stage_config(quick, "finetune", sst2), sst2) is quick
