@@ -666,7 +666,8 @@ def dev_curve(metrics: Path, metric_name: str) -> str:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("split") == "dev" and _num(rec.get(metric_name)) is not None:
+        if (isinstance(rec, dict) and rec.get("split") == "dev" and isinstance(rec.get("step"), int)
+                and _num(rec.get(metric_name)) is not None):
             points[int(rec["step"])] = float(rec[metric_name])  # a resumed run may repeat a step: keep the last
     return " ".join(f"{k}:{v:.4f}" for k, v in sorted(points.items()))
 

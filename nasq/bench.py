@@ -88,14 +88,17 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
     fns = {
         "fp32_step": _fp32_train_step(model, cfg, batch),
         "supernet_weight_step": lambda: weight_step(weights, gates, w_opt, ctx, batch, key, None),
+        "budget_price": lambda: price(weights, gates, ctx, tau),
         "bilevel_step": bilevel,
         "single_level_step": lambda: single_step(weights, gates, s_opt, ctx, batch, key, None, tau),
     }
     t = time_interleaved(fns, repeats)
     base = t["fp32_step"]
     every = cfg.search.gate_every
-    # one gate step per `every` weight steps: price + weight step every step, the gate step's share every k-th
-    amortized = t["supernet_weight_step"] + (t["bilevel_step"] - t["supernet_weight_step"]) / every
+    # one gate step per `every` weight steps: the price and the weight step run every step, the gate step (the
+    # rest of a bi-level iteration) every `every`-th
+    every_step = t["budget_price"] + t["supernet_weight_step"]
+    amortized = every_step + max(t["bilevel_step"] - every_step, 0.0) / every
     return {"bench": "search-step", "model": cfg.model.name, "space": cfg.search.space, "batch": batch_size,
             "seq": seq_len, "groups": sum(x.num_groups for x in problem.tensors),
             **{f"{k}_s": v for k, v in t.items()},
