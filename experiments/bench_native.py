@@ -22,26 +22,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nasq.io import git_rev
 from nasq.kernels import native
 from nasq.kernels.int_linear import pack_linear, packed_linear_apply
 from nasq.timing import environment, time_interleaved
 
 SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]  # (K in, N out): qkv fused, attn out, inter, out
-
-
-def git_revision() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-
-    rev = git("rev-parse", "--short", "HEAD")
-    return rev + (" dirty" if git("status", "--porcelain") else "")
 
 
 def main():
@@ -91,7 +83,7 @@ def main():
     if a.artifact:
         bench_model(a.artifact, a.repeats)
     print()
-    print(f"git {git_revision()}; {env}")
+    print(f"git {git_rev(describe=True)}; {env}")
 
 
 def bench_model(path: str, repeats: int):

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from nasq.config import Config, build_config
-from nasq.contract.cost import Budget
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
@@ -79,17 +78,11 @@ def finalize(run: str | Path, out: str | Path, *, avg_bits: float | None = None,
              ratio: float | None = None, spend_leftover: bool = False, overwrite: bool = False,
              time_limit: float = 20.0) -> Plan:
     """A search run's gates -> a discrete plan within its budget (or the one given here), saved to ``out``."""
-    from nasq.contract.cost import size_budget
-    from nasq.contract.search_result import SearchResult
-    from nasq.search.finalize import finalize_run
+    from nasq.search.finalize import finalize_run, run_budget
 
-    override: Budget | None = None
     if sum(x is not None for x in (avg_bits, budget_mb, ratio)) > 1:
         raise NasqError("give at most one of avg_bits, budget_mb, ratio")
-    if any(x is not None for x in (avg_bits, budget_mb, ratio)):
-        res, _ = SearchResult.load(run)
-        override = size_budget(list(res.tensors), res.space, res.param_shapes, budget_mb=budget_mb,
-                               avg_bits=avg_bits, ratio=ratio, convention=res.budget.convention)
+    override = run_budget(run, budget_mb=budget_mb, avg_bits=avg_bits, ratio=ratio)
     return finalize_run(run, out, overwrite=overwrite, budget_override=override, time_limit=time_limit,
                         spend_leftover=spend_leftover)
 
@@ -143,9 +136,9 @@ class Model:
 
     def evaluate(self, cfg: Config | None = None) -> dict:
         """Dev-set metrics through the integer path (task: the manifest's unless ``cfg`` sets one)."""
-        from nasq.export.reader import evaluate_artifact
+        from nasq.export.reader import evaluate_with
 
-        return evaluate_artifact(self.path, cfg or make_config())
+        return evaluate_with(self.int_model, self.tokenizer, cfg or make_config(), source=self.path)
 
 
 def load(path: str | Path) -> Model:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from nasq.errors import NasqError
 from nasq.kernels import native
-from nasq.kernels.int_linear import int8_matmul, kept_rows_int, pack_linear, packed_linear_apply
+from nasq.kernels.int_linear import PackedLinear, int8_matmul, pack_linear, packed_linear_apply
 from nasq.quant.packing import pack_codes, unpack_codes
 from nasq.quant.quantizer import quantize_act_int8
 
@@ -35,6 +35,16 @@ JIT_SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[H
 
 
 # ------------------------------------------------------------------------------------------------ references
+def kept_rows_int(xq, p: PackedLinear, kernel: str):
+    """Integer accumulators of a layer's kept rows on one kernel: ``int8 [..., in] -> int32 [..., R_kept]``."""
+    if p.kept_rows == 0:
+        return jnp.zeros((*xq.shape[:-1], 0), jnp.int32)
+    if kernel == "xla":
+        return int8_matmul(xq, p.unpacked_codes())
+    parts = [native.int_gemm(xq, packed, b) for b, packed in p.segments]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def random_codes(rng, rows, cols, bits):
     """Random codes of a width, extremes included (binary: +-1)."""
     if bits == 1:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from nasq.contract.cost import MB, Budget, size_budget
-from nasq.contract.search_result import SearchResult
+from nasq.contract.cost import MB, Budget
 from nasq.errors import NasqError
 from nasq.io import check_output_path
-from nasq.search.finalize import finalize_run
+from nasq.search.finalize import finalize_run, run_budget
 
 
 def register(subparsers) -> None:
@@ -35,17 +34,10 @@ def register(subparsers) -> None:
 
 def _override(args: argparse.Namespace) -> Budget | None:
     """The budget given on the command line (on the search's tensors and model), or None for the run's own."""
-    given = [k for k in ("budget_mb", "avg_bits", "ratio") if getattr(args, k) is not None]
-    if not given:
-        if args.convention:
-            raise NasqError("--convention only applies together with --budget-mb")
-        return None
-    res, _ = SearchResult.load(args.run)
-    try:
-        return size_budget(res.tensors, res.space, res.param_shapes, budget_mb=args.budget_mb,
-                           avg_bits=args.avg_bits, ratio=args.ratio, convention=args.convention or "encoder")
-    except NasqError as e:
-        raise NasqError(f"{args.run}: {e}") from None
+    if args.convention and all(getattr(args, k) is None for k in ("budget_mb", "avg_bits", "ratio")):
+        raise NasqError("--convention only applies together with --budget-mb")
+    return run_budget(args.run, budget_mb=args.budget_mb, avg_bits=args.avg_bits, ratio=args.ratio,
+                      convention=args.convention or "encoder")
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:

@@ -386,13 +386,17 @@ def evaluate_artifact(path: str | Path, cfg) -> dict:
     The task is ``cfg.data.task`` when it was set explicitly, else the manifest's.
     """
     path = Path(path)
-    model = load_artifact(path)
+    return evaluate_with(load_artifact(path), load_tokenizer(path), cfg, source=path)
+
+
+def evaluate_with(model: IntBert, tok, cfg, *, source: str | Path) -> dict:
+    """:func:`evaluate_artifact` with an already loaded model and tokenizer (``nasq.api.Model.evaluate``)."""
+    path = Path(source)
     override = cfg.data.task if "task" in cfg.data.model_fields_set else None
     task = _artifact_task(path, model.manifest, override)
     if task.num_labels != model.num_labels:
         raise NasqError(f"task {task.name} has {task.num_labels} labels but the artifact's classifier has "
                         f"{model.num_labels}; pass the task it was trained on ({model.manifest.get('task')})")
-    tok = load_tokenizer(path)
     dev = encode(load_split(task, "dev", cfg.data.data_dir), tok, task, cfg.model.max_len)
     t0 = time.perf_counter()
     logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets_for(cfg.model.max_len, cfg.data.buckets))

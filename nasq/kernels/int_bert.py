@@ -47,10 +47,10 @@ from nasq.kernels.int_linear import (
     EmbeddingTable,
     PackedLinear,
     embedding_lookup,
-    int8_matmul,
     kept_rows_apply,
     packed_linear_apply,
     scatter_rows,
+    xla_rows_apply,
 )
 from nasq.models.bert import _ACTIVATIONS, BertConfig
 from nasq.quant.packing import unpack_codes
@@ -121,9 +121,7 @@ def resident_linear_apply(x, p: ResidentLinear, kernel: str | None = None):
         segments = ((8, jax.lax.bitcast_convert_type(p.codes, jnp.uint8)),)
         y = kept_rows_apply(xq, sx, segments, p.row_scale, p.bias, "native")
     else:
-        y = int8_matmul(xq, p.codes).astype(jnp.float32) * sx * p.row_scale
-        if p.bias is not None:
-            y = y + p.bias
+        y = xla_rows_apply(xq, sx, p.codes, p.row_scale, p.bias)
     return scatter_rows(y, p.out_index, p.out_features)
 
 

@@ -206,20 +206,6 @@ def pack_linear(
                          has_bias=b_arr is not None)
 
 
-def kept_rows_int(xq, p: PackedLinear, kernel: str | None = None):
-    """Integer accumulators of the kept rows: ``int8 [..., in] -> int32 [..., R_kept]`` (segment order, exact).
-
-    ``acc[..., r] = sum_k xq[..., k] * code[r, k]``; the same on both kernels (``kernel`` as in
-    :func:`packed_linear_apply`)."""
-    xq = jnp.asarray(xq, jnp.int8)
-    if p.kept_rows == 0:
-        return jnp.zeros((*xq.shape[:-1], 0), jnp.int32)
-    if native.resolve_kernel(kernel) == "xla":
-        return int8_matmul(xq, p.unpacked_codes())
-    parts = [native.int_gemm(xq, packed, b) for b, packed in p.segments]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-
-
 def kept_rows_apply(xq, sx, segments, row_scale, bias, kernel: str | None = None):
     """fp32 outputs of the kept rows: ``acc * sx * row_scale (+ bias)``, ``[..., R_kept]`` (segment order).
 
@@ -235,8 +221,13 @@ def kept_rows_apply(xq, sx, segments, row_scale, bias, kernel: str | None = None
             r0 = r1
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     codes = [unpack_codes(packed, b, xq.shape[-1]) for b, packed in segments]
-    acc = int8_matmul(xq, codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=0))
-    y = acc.astype(jnp.float32) * sx * row_scale
+    return xla_rows_apply(xq, sx, codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=0), row_scale, bias)
+
+
+def xla_rows_apply(xq, sx, codes, row_scale, bias):
+    """The XLA integer path on unpacked codes ``int8 [R, in]``: ``int8_matmul(xq, codes) * sx * row_scale
+    (+ bias)``, fp32 ``[..., R]`` (also the resident-codes path of ``nasq.kernels.int_bert``)."""
+    y = int8_matmul(xq, codes).astype(jnp.float32) * sx * row_scale
     return y if bias is None else y + bias
 
 

@@ -42,7 +42,7 @@ from typing import Literal
 
 import numpy as np
 
-from nasq.contract.cost import MB, Budget, plan_size_bytes, size_tables
+from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables
 from nasq.contract.plan import make_plan
 from nasq.contract.search_result import SearchResult
 from nasq.contract.space import SearchedTensor
@@ -291,6 +291,20 @@ def allocate(
         return best
     c = _greedy_moves(U, B, np.concatenate(best.choices), budget_bytes, only_gains=False)
     return result(c, best.solver, best.optimal)
+
+
+def run_budget(run_dir: str | Path, *, budget_mb: float | None = None, avg_bits: float | None = None,
+               ratio: float | None = None, convention: Literal["encoder", "artifact"] | None = None) -> Budget | None:
+    """A budget other than the search run's own, resolved on its tensors and model (``size_budget``), for
+    finalizing one search at several budgets; None when none is given. ``convention`` None: the run's own."""
+    if budget_mb is None and avg_bits is None and ratio is None:
+        return None
+    res, _ = SearchResult.load(run_dir)
+    try:
+        return size_budget(res.tensors, res.space, res.param_shapes, budget_mb=budget_mb, avg_bits=avg_bits,
+                           ratio=ratio, convention=convention or res.budget.convention)
+    except NasqError as e:
+        raise NasqError(f"{run_dir}: {e}") from None
 
 
 def finalize_run(
