@@ -31,7 +31,7 @@ from nasq.config import Config, build_config
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
-__all__ = ["Model", "evaluate", "export_artifact", "finalize", "finetune", "load", "make_config", "run_search"]
+__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "load", "make_config", "run_search"]
 
 
 def make_config(*, task: str | None = None, model: str | None = None, data_dir: str | None = None,
@@ -103,6 +103,14 @@ def export_artifact(run: str | Path, out: str | Path, *, overwrite: bool = False
     from nasq.export import writer
 
     return Path(writer.export_artifact(run, out, overwrite=overwrite))
+
+
+def export_onnx(artifact: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """An artifact directory -> one ONNX file ``out`` for ONNX Runtime (needs ``pip install 'nasq[onnx]'``);
+    returns the byte report (``docs/ARTIFACT_FORMAT.md``, "ONNX"). Run it with ``nasq.export.onnx.load_onnx``."""
+    from nasq.export import onnx
+
+    return onnx.export_onnx(artifact, out, overwrite=overwrite).as_dict()
 
 
 @dataclass

@@ -1,24 +1,59 @@
-"""`nasq export RUN --out model.nasq` and `nasq predict --artifact model.nasq TEXT... [--pair TEXT]`."""
+"""`nasq export RUN --out model.nasq`, `nasq export SRC --format onnx --out model.onnx [--verify]` and
+`nasq predict --artifact model.nasq TEXT... [--pair TEXT]`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
+from nasq.commands._common import config_from_args
 from nasq.errors import NasqError
+from nasq.export.format import MANIFEST
 from nasq.export.reader import predict_texts, read_manifest
 from nasq.export.writer import export_artifact
 
 
-def cmd_export(args) -> int:
-    if not args.out:
-        raise NasqError("export needs --out FILE (the artifact directory to write, e.g. model.nasq)")
-    out = export_artifact(args.run, args.out, overwrite=args.overwrite)
+def _print_nasq(out) -> None:
     m = read_manifest(out)
     ratio = m["payload_vs_predicted"]
     print(f"wrote {out}: tensor payload {m['tensor_bytes']:,} bytes, cost model predicted {m['predicted_bytes']:,}"
           f" (ratio {ratio:.4f}); searched tensors {m['searched_tensor_bytes']:,} vs "
           f"{m['searched_predicted_bytes']:,} predicted")
+
+
+def _export_onnx(args) -> int:
+    from nasq.export.onnx import export_onnx, verify_onnx
+
+    src = Path(args.run)
+    with tempfile.TemporaryDirectory(prefix="nasq-onnx-") as tmp:
+        if (src / MANIFEST).is_file():
+            artifact = src
+        else:  # a QAT run: its integer artifact first (the ONNX graph is built from the validated artifact)
+            artifact = export_artifact(src, Path(tmp) / "model.nasq")
+        rep = export_onnx(artifact, args.out, overwrite=args.overwrite)
+        widths = ", ".join(f"{b}-bit {n:,}" for b, n in sorted(rep.weights_by_bits.items()))
+        print(f"wrote {rep.path}: {rep.onnx_file_bytes:,} bytes (opset {rep.opset}); the nasq artifact's tensors "
+              f"are {rep.nasq_tensor_bytes:,} bytes (ONNX / nasq {rep.onnx_file_bytes / rep.nasq_tensor_bytes:.3f})")
+        print(f"  quantized codes {rep.code_bytes_onnx:,} bytes in ONNX containers vs {rep.code_bytes_nasq:,} at their "
+              f"own widths; per-row scales and row indices +{rep.extra_bytes:,} bytes; linear weights by bits: "
+              f"{widths or 'none'}")
+        if args.verify:
+            print(json.dumps(verify_onnx(args.out, artifact, config_from_args(args)), indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    if not args.out:
+        raise NasqError("export needs --out (the artifact directory to write, e.g. model.nasq; "
+                        "with --format onnx a file, e.g. model.onnx)")
+    if args.format == "onnx":
+        return _export_onnx(args)
+    if args.verify:
+        raise NasqError("--verify compares an ONNX export with the integer path; use it with --format onnx "
+                        "(for a .nasq artifact: nasq eval RUN --artifact OUT)")
+    _print_nasq(export_artifact(args.run, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -32,10 +67,21 @@ def cmd_predict(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    e = subparsers.add_parser("export", help="write a bit-packed integer artifact (model.nasq) from a QAT run")
-    e.add_argument("run", help="QAT run directory (or its model/ directory)")
-    e.add_argument("--out", help="artifact directory to write, e.g. model.nasq")
+    e = subparsers.add_parser("export", help="write a bit-packed integer artifact (model.nasq) or an ONNX model")
+    e.add_argument("run", help="QAT run directory (or its model/ directory); with --format onnx also an artifact")
+    e.add_argument("--out", help="artifact directory to write, e.g. model.nasq (--format onnx: a file, model.onnx)")
+    e.add_argument("--format", choices=["nasq", "onnx"], default="nasq",
+                   help="nasq: bit-packed artifact (default); onnx: ONNX model for ONNX Runtime (pip install "
+                        "'nasq[onnx]'; docs/ARTIFACT_FORMAT.md, 'ONNX')")
+    e.add_argument("--verify", action="store_true",
+                   help="--format onnx: run the dev set through ONNX Runtime and nasq's integer path and print "
+                        "both metrics and their prediction agreement")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g = e.add_argument_group("--verify data")
+    g.add_argument("--task", help="GLUE task (default: the artifact's)")
+    g.add_argument("--data-dir", help="local GLUE directory, e.g. ../shared/data/glue")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. model.max_len=128")
     e.set_defaults(fn=cmd_export)
 
     p = subparsers.add_parser("predict", help="classify texts with an exported artifact (integer kernels)")

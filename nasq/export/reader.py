@@ -389,8 +389,9 @@ def evaluate_artifact(path: str | Path, cfg) -> dict:
     return evaluate_with(load_artifact(path), load_tokenizer(path), cfg, source=path)
 
 
-def evaluate_with(model: IntBert, tok, cfg, *, source: str | Path) -> dict:
-    """:func:`evaluate_artifact` with an already loaded model and tokenizer (``nasq.api.Model.evaluate``)."""
+def artifact_dev_set(model: IntBert, tok, cfg, *, source: str | Path):
+    """``(task, encoded dev split, buckets)`` an artifact is evaluated on: ``cfg.data.task`` when it was set
+    explicitly, else the manifest's; its label count must match the classifier's."""
     path = Path(source)
     override = cfg.data.task if "task" in cfg.data.model_fields_set else None
     task = _artifact_task(path, model.manifest, override)
@@ -398,8 +399,14 @@ def evaluate_with(model: IntBert, tok, cfg, *, source: str | Path) -> dict:
         raise NasqError(f"task {task.name} has {task.num_labels} labels but the artifact's classifier has "
                         f"{model.num_labels}; pass the task it was trained on ({model.manifest.get('task')})")
     dev = encode(load_split(task, "dev", cfg.data.data_dir), tok, task, cfg.model.max_len)
+    return task, dev, buckets_for(cfg.model.max_len, cfg.data.buckets)
+
+
+def evaluate_with(model: IntBert, tok, cfg, *, source: str | Path) -> dict:
+    """:func:`evaluate_artifact` with an already loaded model and tokenizer (``nasq.api.Model.evaluate``)."""
+    task, dev, buckets = artifact_dev_set(model, tok, cfg, source=source)
     t0 = time.perf_counter()
-    logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets_for(cfg.model.max_len, cfg.data.buckets))
+    logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets)
     wall = time.perf_counter() - t0
     return {"task": task.name, "dev_rows": len(dev), "wall_s": round(wall, 3), "kernel": describe_kernel(),
             **metrics_from_logits(task, logits, dev.labels)}
