@@ -11,7 +11,12 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
 
 Presets set step counts and subsets. They are *quick* recipes for a 2-core CPU, not the full recipe:
-`smoke` (a few minutes, CI / first run) and `quick` (~15 minutes on MiniLM + an SST-2 subset).
+`smoke` (a few minutes, CI / first run) and `quick` (MiniLM + an SST-2 subset). A preset adapts to the task
+(:func:`fit_preset_to_task`: train subset capped to the split, max length from the task's token lengths).
+
+The user's ``--config`` / ``--set`` apply to every stage; a ``stages`` section applies to one stage:
+``--set stages.qat.train.max_steps=800 --set stages.search.train.lr=1e-5`` (or ``stages: {qat: {train: ...}}``
+in the YAML file).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from nasq.config import Config, build_config
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
 from nasq.data.glue import load_split
-from nasq.data.tasks import load_task_data
+from nasq.data.tasks import fitting_max_len, load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate
 from nasq.export.reader import compare_with_run, read_manifest
@@ -74,25 +79,64 @@ def output_complete(kind: str, out: str | Path) -> bool:
     raise ValueError(f"unknown stage output kind {kind!r}")
 
 
+STAGES = ("finetune", "search", "qat")
+
+
+def split_stage_layers(user_layers: list[tuple[str, dict]]) -> list[tuple[str, dict, dict]]:
+    """``(source, common, per-stage)`` of each user layer: a layer's ``stages: {finetune|search|qat: {...}}``
+    section applies to that stage only (``--set stages.qat.train.max_steps=800``); the rest to every stage."""
+    out = []
+    for source, layer in user_layers:
+        layer = dict(layer or {})
+        stages = layer.pop("stages", None) or {}
+        if not isinstance(stages, dict) or any(k not in STAGES or not isinstance(v, dict) for k, v in stages.items()):
+            bad = sorted(stages) if isinstance(stages, dict) else [type(stages).__name__]
+            raise NasqError(f"{source}: stages: expected a mapping of {', '.join(STAGES)} to config sections, "
+                            f"got {bad}; e.g. --set stages.qat.train.max_steps=800")
+        out.append((source, layer, stages))
+    return out
+
+
 def stage_config(preset: dict, stage: str, user_layers: list[tuple[str, dict]], extra: dict | None = None) -> Config:
+    """A stage's config: the preset's common and stage sections, the user's layers (their ``stages.<stage>``
+    sections after their common part), then ``extra`` (what the pipeline wires: teacher, plan)."""
     layers = [("preset (common)", preset.get("common", {})), (f"preset ({stage})", preset.get(stage, {}))]
-    layers += user_layers
+    for source, common, stages in split_stage_layers(user_layers):
+        layers.append((source, common))
+        if stage in stages:
+            layers.append((f"{source} (stages.{stage})", stages[stage]))
     if extra:
         layers.append((f"pipeline ({stage})", extra))
     return build_config(*layers)
 
 
+def _user_sets(user_layers: list[tuple[str, dict]], section: str, key: str) -> bool:
+    """Whether the user set ``section.key``, for every stage or for one."""
+    return any(key in (part.get(section) or {}) for _, common, stages in split_stage_layers(user_layers)
+               for part in (common, *stages.values()))
+
+
 def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, dict]], log=print) -> dict:
-    """The preset's train subset is a cap: on a task whose train split is smaller (MRPC has about 3,700 rows, the
-    ``quick`` preset draws 8,000) every row is used instead, unless the user set ``data.train_subset``."""
-    subset = preset.get("common", {}).get("data", {}).get("train_subset")
-    if subset is None or any("train_subset" in (layer.get("data") or {}) for _, layer in user_layers):
-        return preset
-    n = len(load_split(cfg.data.task, "train", cfg.data.data_dir))
-    if subset <= n:
-        return preset
-    log(f"preset train subset {subset:,} > the {n:,} train rows of {cfg.data.task}: using every row")
-    common = {**preset["common"], "data": {**preset["common"]["data"], "train_subset": None}}
+    """A preset adapted to the task (a new dict; the preset is not modified), except where the user set the key:
+
+    * the train subset is a cap: on a task whose train split is smaller (MRPC has about 3,700 rows, the
+      ``quick`` preset draws 8,000) every row is used instead;
+    * the max length comes from the task's token lengths (``nasq.data.tasks.fitting_max_len``: the longest dev
+      row and sampled train row, rounded up to 16), instead of the preset's 64, which cuts a fifth of MRPC.
+    """
+    common = {k: dict(v) for k, v in preset.get("common", {}).items()}
+    subset = common.get("data", {}).get("train_subset")
+    if subset is not None and not _user_sets(user_layers, "data", "train_subset"):
+        n = len(load_split(cfg.data.task, "train", cfg.data.data_dir))
+        if subset > n:
+            log(f"preset train subset {subset:,} > the {n:,} train rows of {cfg.data.task}: using every row")
+            common["data"]["train_subset"] = None
+    if "max_len" in common.get("model", {}) and not _user_sets(user_layers, "model", "max_len"):
+        max_len, longest = fitting_max_len(cfg)
+        if max_len != common["model"]["max_len"]:
+            log(f"max length {max_len} for {cfg.data.task} (longest sampled example: {longest} tokens; "
+                f"the preset's was {common['model']['max_len']})")
+        common["model"]["max_len"] = max_len
     return {**preset, "common": common}
 
 

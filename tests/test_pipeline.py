@@ -79,6 +79,61 @@ def test_preset_subset_is_a_cap(glue_dir):
     assert stage_config(fitted, "qat", mrpc).data.train_subset is None and "3,667 train rows" in said[0]
     assert quick["common"]["data"]["train_subset"] == 8000  # the preset itself is not modified
     own = [("user", {"data": {"task": "mrpc", "data_dir": str(glue_dir), "train_subset": 9000}})]
-    assert fit_preset_to_task(quick, stage_config(quick, "finetune", own), own) is quick
+    assert stage_config(fit_preset_to_task(quick, stage_config(quick, "finetune", own), own), "qat",
+                        own).data.train_subset == 9000
     sst2 = [("user", {"data": {"task": "sst2", "data_dir": str(glue_dir)}})]
-    assert fit_preset_to_task(quick, stage_config(quick, "finetune", sst2), sst2) is quick
+    assert stage_config(fit_preset_to_task(quick, stage_config(quick, "finetune", sst2), sst2), "qat",
+                        sst2).data.train_subset == 8000
+
+
+def test_preset_max_len_from_task(glue_dir):
+    """The preset's max length 64 cuts a fifth of MRPC (pairs up to 103 tokens): the fitted preset holds the
+    longest example, rounded up to 16; CoLA's short sentences get a shorter one; a user's max_len stays."""
+    from nasq.data.batching import encode
+    from nasq.data.glue import load_split
+    from nasq.models.loading import load_tokenizer, resolve_model_dir
+    from nasq.pipeline import PRESETS, fit_preset_to_task, stage_config
+
+    quick = PRESETS["quick"]
+    said = []
+    mrpc = [("user", {"data": {"task": "mrpc", "data_dir": str(glue_dir)}})]
+    cfg = stage_config(fit_preset_to_task(quick, stage_config(quick, "finetune", mrpc), mrpc, said.append), "qat",
+                       mrpc)
+    assert cfg.model.max_len == 112 and any("max length 112" in m for m in said)
+    dev = load_split("mrpc", "dev", glue_dir)
+    tok = load_tokenizer(resolve_model_dir("minilm-l6"))
+    assert encode(dev, tok, "mrpc", 64).num_truncated > 50  # what the preset's 64 did
+    assert encode(dev, tok, "mrpc", cfg.model.max_len).num_truncated == 0
+    cola = [("user", {"data": {"task": "cola", "data_dir": str(glue_dir)}})]
+    assert stage_config(fit_preset_to_task(quick, stage_config(quick, "finetune", cola), cola), "qat",
+                        cola).model.max_len == 48
+    own = [("user", {"data": {"task": "mrpc", "data_dir": str(glue_dir)}, "model": {"max_len": 64}})]
+    assert stage_config(fit_preset_to_task(quick, stage_config(quick, "finetune", own), own), "qat",
+                        own).model.max_len == 64
+
+
+def test_truncation_note(glue_dir):
+    from nasq.config import build_config
+    from nasq.data.tasks import load_task_data
+
+    cfg = build_config(("t", {"data": {"task": "mrpc", "data_dir": str(glue_dir), "train_subset": 400},
+                              "model": {"max_len": 64}}))
+    note = load_task_data(cfg).truncation_note(64)
+    assert note.startswith("warning: model.max_len 64 truncates") and "dev rows" in note and "mrpc" in note
+    cfg = build_config(("t", {"data": {"task": "cola", "data_dir": str(glue_dir), "train_subset": 400},
+                              "model": {"max_len": 64}}))
+    assert load_task_data(cfg).truncation_note(64) is None
+
+
+def test_stage_sections():
+    """`stages.<stage>` applies to one stage only; the common part to all; a bad stage name is a clear error."""
+    from nasq.errors import NasqError
+    from nasq.pipeline import PRESETS, stage_config
+
+    smoke = PRESETS["smoke"]
+    layers = [("--set", {"train": {"lr": 1e-4}, "stages": {"qat": {"train": {"max_steps": 7}}}})]
+    assert stage_config(smoke, "qat", layers).train.max_steps == 7
+    assert stage_config(smoke, "search", layers).train.max_steps == 16  # the preset's
+    assert all(stage_config(smoke, s, layers).train.lr == 1e-4 for s in ("finetune", "search", "qat"))
+    with pytest.raises(NasqError, match="stages"):
+        stage_config(smoke, "qat", [("--set", {"stages": {"qta": {"train": {"max_steps": 7}}}})])

@@ -17,8 +17,9 @@ def register(sub) -> None:
 
 def cmd_pipeline(args) -> int:
     if args.max_steps is not None:
-        raise NasqError("pipeline: --max-steps is ambiguous across stages; use --set train.max_steps=N "
-                        "(applies to every stage) or a --config file.")
+        raise NasqError("pipeline: --max-steps is ambiguous across stages; set one stage's steps with "
+                        "--set stages.{finetune,search,qat}.train.max_steps=N, or every stage's with "
+                        "--set train.max_steps=N.")
     # --teacher is also recorded as kd.teacher: the stages that read it (search, QAT) get exactly that run
     layers = user_layers(args)
     out = args.out or "runs/pipeline"

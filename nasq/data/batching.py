@@ -38,15 +38,20 @@ class Encoded:
     labels: np.ndarray  # int32 [N] (classification) or float32 [N] (regression)
     lengths: np.ndarray  # int32 [N]
     pad_id: int = 0
+    truncated: np.ndarray | None = None  # bool [N]: the example was cut to max_len (None: not recorded)
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
+
+    @property
+    def num_truncated(self) -> int:
+        return 0 if self.truncated is None else int(self.truncated.sum())
 
     def select(self, indices: Sequence[int] | np.ndarray) -> Encoded:
         """The examples at ``indices`` (in that order), as a new `Encoded`."""
         idx = np.asarray(indices, dtype=np.int64)
         return Encoded(self.input_ids[idx], self.token_type_ids[idx], self.labels[idx], self.lengths[idx],
-                       self.pad_id)
+                       self.pad_id, None if self.truncated is None else self.truncated[idx])
 
 
 def _object_array(seqs: list[np.ndarray]) -> np.ndarray:
@@ -58,7 +63,9 @@ def _object_array(seqs: list[np.ndarray]) -> np.ndarray:
 def encode(dataset, tokenizer, task: TaskSpec | str, max_len: int) -> Encoded:
     """Tokenize ``dataset`` (columns text_a[, text_b], label) with a (fast) HF tokenizer.
 
-    Sequences include the special tokens and are truncated to ``max_len`` (pairs: ``longest_first``).
+    Sequences include the special tokens and are truncated to ``max_len`` (pairs: ``longest_first``);
+    ``Encoded.truncated`` marks the examples that were cut (only rows that came out exactly ``max_len`` long are
+    tokenized again, untruncated, to tell).
     """
     spec = get_task(task)
     if max_len < 4:
@@ -82,7 +89,28 @@ def encode(dataset, tokenizer, task: TaskSpec | str, max_len: int) -> Encoded:
     labels = np.asarray(dataset["label"], dtype=np.float32 if spec.is_regression else np.int32)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    return Encoded(_object_array(ids), _object_array(tts), labels, lengths, int(pad_id))
+    truncated = np.zeros(len(ids), bool)
+    full = np.flatnonzero(lengths >= max_len)
+    if full.size:
+        a = [text_a[i] for i in full]
+        b = [text_b[i] for i in full] if text_b is not None else None
+        enc = tokenizer(a, b, truncation=False, return_attention_mask=False, return_token_type_ids=False)
+        truncated[full] = [len(x) > max_len for x in enc["input_ids"]]
+    return Encoded(_object_array(ids), _object_array(tts), labels, lengths, int(pad_id), truncated)
+
+
+def token_lengths(dataset, tokenizer, task: TaskSpec | str) -> np.ndarray:
+    """Untruncated token counts (special tokens included) of every example of ``dataset``."""
+    spec = get_task(task)
+    text_a = list(dataset["text_a"])
+    text_b = list(dataset["text_b"]) if spec.is_pair else None
+    out = []
+    for start in range(0, len(text_a), _TOKENIZE_CHUNK):
+        b = text_b[start:start + _TOKENIZE_CHUNK] if text_b is not None else None
+        enc = tokenizer(text_a[start:start + _TOKENIZE_CHUNK], b, truncation=False, return_attention_mask=False,
+                        return_token_type_ids=False)
+        out.extend(len(x) for x in enc["input_ids"])
+    return np.asarray(out, np.int64)
 
 
 def buckets_for(max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:

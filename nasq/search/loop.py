@@ -257,6 +257,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
                                                     "data.eval_batch_size": cfg.data.eval_batch_size})
     data = load_task_data(cfg, with_heldout=True)
+    if note := data.truncation_note(cfg.model.max_len):
+        log(note)
     model = base_model(cfg, data, log=log)
     problem = make_problem(cfg, model)
     run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)

@@ -104,6 +104,8 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     dp = DataParallel.from_config(cfg, batch_sizes={"train.batch_size": cfg.train.batch_size,
                                                     "data.eval_batch_size": cfg.data.eval_batch_size})
     data = load_task_data(cfg)
+    if note := data.truncation_note(cfg.model.max_len):
+        log(note)
     model, plan = build_student(cfg, data, log=log)
     run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
     steps = total_steps(cfg.train, data)
