@@ -6,15 +6,21 @@ Variants (same batch of random in-vocabulary tokens, full attention mask):
   nasq_fp32       the same model's fp32 JAX forward (QAT weights dequantized)
   torch_fp32      transformers BertForSequenceClassification (all-MiniLM-L6-v2), PyTorch fp32
   torch_dyn_int8  the same after torch.ao.quantization.quantize_dynamic(int8 Linear)
+  ort_nasq        ONNX Runtime on nasq's own ONNX export of ARTIFACT (`nasq export --format onnx`)
+  ort_fp32        ONNX Runtime on the PyTorch model exported to ONNX (torch.onnx.export, opset 17)
+  ort_dyn_int8    the same after onnxruntime.quantization.quantize_dynamic (int8 weights, QInt8)
 
 Usage (repo root): python experiments/bench_vs_torch.py ARTIFACT QAT_RUN [--batch 1 --seq 128 --repeats 20]
 Prints one JSON line; the README / experiments/results/bench.md quote ratios from one such run.
-torch is only needed here (the `parity` extra), never by nasq itself.
+torch is only needed here (the `parity` extra), onnxruntime for the ort_* variants (the `onnx` extra; skipped
+without it), never by nasq itself. `--threads` sets torch's and ORT's intra-op threads.
 """
 
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,12 +73,39 @@ def main():
 
     fns["torch_fp32"] = lambda: run_torch(tm)
     fns["torch_dyn_int8"] = lambda: run_torch(tq)
+    versions = {"torch": torch.__version__}
+    tmp = tempfile.TemporaryDirectory(prefix="nasq-bench-")
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from nasq.export.onnx import export_onnx, load_onnx
+    except ImportError:
+        ort = None
+    if ort is not None:
+        versions["onnxruntime"] = ort.__version__
+        d = Path(tmp.name)
+        export_onnx(a.artifact, d / "nasq.onnx")
+        om = load_onnx(d / "nasq.onnx", threads=a.threads)
+        fns["ort_nasq"] = lambda: om(ids, np.zeros_like(ids), np.ones_like(ids))
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        torch.onnx.export(tm, (t_ids, t_am, torch.zeros_like(t_ids)), str(d / "fp32.onnx"), input_names=names,
+                          output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
+                          opset_version=17, dynamo=False)
+        quantize_dynamic(str(d / "fp32.onnx"), str(d / "int8.onnx"), weight_type=QuantType.QInt8)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = a.threads
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64),
+                "token_type_ids": np.zeros_like(ids, np.int64)}
+        for name, f in (("ort_fp32", "fp32.onnx"), ("ort_dyn_int8", "int8.onnx")):
+            sess = ort.InferenceSession(str(d / f), opts, providers=["CPUExecutionProvider"])
+            fns[name] = lambda sess=sess: sess.run(None, feed)[0]
     t = time_interleaved(fns, a.repeats, warmup=3)
     ms = {k: round(1e3 * v, 2) for k, v in t.items()}
     base = t["nasq_fp32"]
     print(json.dumps({"bench": "infer-vs-torch", "batch": a.batch, "seq": a.seq, "repeats": a.repeats,
                       "median_ms": ms, "ratio_vs_nasq_fp32": {k: round(v / base, 3) for k, v in t.items()},
-                      "torch_threads": a.threads, "torch": torch.__version__,
+                      "threads": a.threads, **versions,
                       **environment(), "command": " ".join(["python", *sys.argv])}))
 
 
