@@ -163,10 +163,22 @@ def load_grid(path: Path) -> dict:
             if not isinstance(u, dict):
                 raise GridError(f"{where}.uniform must be a mapping {{bits, space_choices, budget, note}} or "
                                 "{skip: reason}")
-            if extra := set(u) - {"bits", "space", "space_choices", "budget", "note", "skip"}:
+            if extra := set(u) - {"bits", "space", "space_choices", "budget", "note", "skip", "same_as"}:
                 raise GridError(f"{where}.uniform: unknown keys {sorted(extra)}")
             if "skip" not in u and not isinstance(u.get("bits"), int):
                 raise GridError(f"{where}.uniform.bits: an integer bit width is required")
+    for name, b in cfg["budgets"].items():  # uniform.same_as: another budget's cell, the same plan and recipe
+        ref = (b.get("uniform") or {}).get("same_as")
+        if ref is None:
+            continue
+        where = f"{path}: `budgets.{name}.uniform.same_as`"
+        other = (cfg["budgets"].get(ref) or {}).get("uniform") if ref != name else None
+        if not isinstance(other, dict) or "skip" in other or "same_as" in other:
+            raise GridError(f"{where}: {ref!r} must be another budget with its own uniform cell")
+        if other.get("bits") != b["uniform"].get("bits") or other.get("space_choices") != b["uniform"].get(
+                "space_choices"):
+            raise GridError(f"{where}: budget {ref!r} runs uniform {other.get('bits')}-bit, not "
+                            f"{b['uniform'].get('bits')}-bit: only the same plan can be shared")
     cfg.setdefault("common", {})
     cfg["common"] = cfg["common"] or {}
     cfg.setdefault("plot", {})
@@ -331,6 +343,11 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         u = b.get("uniform") or {}
         if "skip" in u:
             c.skip = str(u["skip"])
+            return c
+        if u.get("same_as"):  # the same plan and recipe as another budget's uniform cell: run (and read) it once
+            ref = quant_cell(cfg, task, str(u["same_as"]), method, runs, data_dir, seed)
+            c.dir, c.stages, c.spaces = ref.dir, ref.stages, ref.spaces
+            c.note = f"the {u['same_as']} cell (the same {u['bits']}-bit plan and QAT recipe, run once)"
             return c
         if u.get("space"):
             space = str(u["space"])

@@ -249,6 +249,24 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
             grid.load_grid(bad)
 
 
+def test_uniform_same_as_shares_one_cell(tmp_path):
+    """protocol.yaml's avg2.5 uniform 2-bit cell is avg2's (the same plan and recipe run once); a same_as that
+    names a different plan is refused."""
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    cells = grid.all_cells(cfg, tmp_path / "runs", "G")
+    a, b = (next(c for c in cells if (c.budget, c.method, c.seed) == (bud, "uniform", 2)) for bud in ("avg2", "avg2.5"))
+    assert b.dir == a.dir and [s.argv for s in b.stages] == [s.argv for s in a.stages] and "avg2 cell" in b.note
+    assert b.label == "sst2/avg2.5/uniform/seed2"
+    raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    for same_as, match in (("avg4", "4-bit"), ("avg2.5", "another budget"), ("nope", "another budget")):
+        raw["budgets"]["avg2.5"]["uniform"]["same_as"] = same_as
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(grid.GridError, match=match):
+            grid.load_grid(bad)
+
+
 def test_dev_curve_reads_eval_records(tmp_path):
     grid = _grid_module()
     m = tmp_path / "metrics.jsonl"
