@@ -9,10 +9,10 @@ The Python API (``nasq.api``) is re-exported here lazily, so ``import nasq`` sta
 
 from nasq._version import __version__
 
-_API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "load", "make_config",
-        "run_search")
-__all__ = ["Model", "__version__", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "load",
-           "make_config", "run_search"]
+_API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
+        "make_config", "run_search")
+__all__ = ["Model", "__version__", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect",
+           "load", "make_config", "run_search"]
 
 
 def __getattr__(name: str):

@@ -31,7 +31,8 @@ from nasq.config import Config, build_config
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
-__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "load", "make_config", "run_search"]
+__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load", "make_config",
+           "run_search"]
 
 
 def make_config(*, task: str | None = None, model: str | None = None, data_dir: str | None = None,
@@ -75,14 +76,18 @@ def run_search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite:
 
 
 def finalize(run: str | Path, out: str | Path, *, avg_bits: float | None = None, budget_mb: float | None = None,
-             ratio: float | None = None, spend_leftover: bool = False, overwrite: bool = False,
-             time_limit: float = 20.0) -> Plan:
-    """A search run's gates -> a discrete plan within its budget (or the one given here), saved to ``out``."""
+             ratio: float | None = None, convention: str | None = None, spend_leftover: bool = False,
+             overwrite: bool = False, time_limit: float = 20.0) -> Plan:
+    """A search run's gates -> a discrete plan within its budget (or the one given here), saved to ``out``.
+
+    ``convention``: whether ``budget_mb`` covers the searched tensors (``"encoder"``) or the whole artifact's
+    (``"artifact"``); None: the search run's own.
+    ``spend_leftover``: upgrade groups into the bytes the optimal plan leaves unused (equal-bytes comparisons)."""
     from nasq.search.finalize import finalize_run, run_budget
 
     if sum(x is not None for x in (avg_bits, budget_mb, ratio)) > 1:
         raise NasqError("give at most one of avg_bits, budget_mb, ratio")
-    override = run_budget(run, budget_mb=budget_mb, avg_bits=avg_bits, ratio=ratio)
+    override = run_budget(run, budget_mb=budget_mb, avg_bits=avg_bits, ratio=ratio, convention=convention)
     return finalize_run(run, out, overwrite=overwrite, budget_override=override, time_limit=time_limit,
                         spend_leftover=spend_leftover)
 
@@ -156,6 +161,15 @@ def load(path: str | Path) -> Model:
 
     path = Path(path)
     return Model(path, load_artifact(path), load_tokenizer(path))
+
+
+def inspect(source: str | Path):
+    """The bit allocation of a plan.json, search run (its gates' pre-repair argmax), QAT run or artifact, as a
+    ``nasq.report.inspect.SourcedPlan`` (``.plan``, ``.kind``, ``.source``, ``.note``): what ``nasq inspect``
+    prints; ``nasq.report.inspect.format_markdown`` / ``nasq.report.plots.write_report`` render it."""
+    from nasq.report.inspect import load_sourced_plan
+
+    return load_sourced_plan(source)
 
 
 def evaluate(artifact: str | Path, cfg: Config | None = None) -> dict:

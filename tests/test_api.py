@@ -3,11 +3,14 @@ the results equal what the library (and so the CLI) gives, bad input is a NasqEr
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import nasq
+
+REPO = Path(__file__).resolve().parents[1]
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
@@ -67,3 +70,17 @@ def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
     assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in ev.items() if k != "wall_s"}
     with pytest.raises(NasqError):
         nasq.load(tmp_path / "missing.nasq")
+
+
+@pytest.mark.slow
+def test_quickstart_example_script(tiny_model_dir, glue_dir, tmp_path):
+    """notebooks/quickstart.py (the API example) runs end to end on the tiny model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "notebooks" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--model", str(tiny_model_dir), "--data-dir", str(glue_dir), "--out", str(tmp_path / "q"),
+                    "--steps", "3", "--train-subset", "64", "--avg-bits", "3"])
+    assert res["dev"]["dev_rows"] == 872 and (tmp_path / "q" / "model.nasq" / "manifest.json").is_file()
+    assert (tmp_path / "q" / "plan_wider.json").is_file()

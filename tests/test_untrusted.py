@@ -315,12 +315,12 @@ def test_read_only_output_is_a_clean_error(tmp_path, capsys):
 def test_os_errors_exit_2_with_the_path(tmp_path, monkeypatch, capsys):
     import errno
 
-    import nasq.commands.finalize as cmd
+    from nasq import api
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "plan.json"))
 
-    monkeypatch.setattr(cmd, "finalize_run", full)
+    monkeypatch.setattr(api, "finalize", full)
     assert main(["finalize", str(tmp_path), "--out", str(tmp_path / "plan.json")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "plan.json" in err and "Traceback" not in err

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+from nasq import api
 from nasq.commands._common import add_common, config_from_args, run_config
 from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate
-from nasq.export.reader import compare_with_run, evaluate_artifact
+from nasq.export.reader import compare_with_run
 
 
 def cmd_eval(args) -> int:
@@ -18,7 +19,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(compare_with_run(args.run, args.artifact, cfg), indent=2))
         return 0
     if args.artifact:
-        print(json.dumps(evaluate_artifact(args.artifact, config_from_args(args)), indent=2))
+        print(json.dumps(api.evaluate(args.artifact, config_from_args(args)), indent=2))
         return 0
     if not args.run:
         raise NasqError("eval needs a RUN directory or --artifact FILE.")

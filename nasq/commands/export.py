@@ -8,11 +8,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from nasq import api
 from nasq.commands._common import config_from_args
 from nasq.errors import NasqError
 from nasq.export.format import MANIFEST
-from nasq.export.reader import predict_texts, read_manifest
-from nasq.export.writer import export_artifact
+from nasq.export.reader import read_manifest
 
 
 def _print_nasq(out) -> None:
@@ -24,21 +24,22 @@ def _print_nasq(out) -> None:
 
 
 def _export_onnx(args) -> int:
-    from nasq.export.onnx import export_onnx, verify_onnx
+    from nasq.export.onnx import verify_onnx
 
     src = Path(args.run)
     with tempfile.TemporaryDirectory(prefix="nasq-onnx-") as tmp:
         if (src / MANIFEST).is_file():
             artifact = src
         else:  # a QAT run: its integer artifact first (the ONNX graph is built from the validated artifact)
-            artifact = export_artifact(src, Path(tmp) / "model.nasq")
-        rep = export_onnx(artifact, args.out, overwrite=args.overwrite)
-        widths = ", ".join(f"{b}-bit {n:,}" for b, n in sorted(rep.weights_by_bits.items()))
-        print(f"wrote {rep.path}: {rep.onnx_file_bytes:,} bytes (opset {rep.opset}); the nasq artifact's tensors "
-              f"are {rep.nasq_tensor_bytes:,} bytes (ONNX / nasq {rep.onnx_file_bytes / rep.nasq_tensor_bytes:.3f})")
-        print(f"  quantized codes {rep.code_bytes_onnx:,} bytes in ONNX containers vs {rep.code_bytes_nasq:,} at their "
-              f"own widths; per-row scales and row indices +{rep.extra_bytes:,} bytes; linear weights by bits: "
-              f"{widths or 'none'}")
+            artifact = api.export_artifact(src, Path(tmp) / "model.nasq")
+        rep = api.export_onnx(artifact, args.out, overwrite=args.overwrite)
+        widths = ", ".join(f"{b}-bit {n:,}" for b, n in sorted(rep["weights_by_bits"].items()))
+        print(f"wrote {rep['path']}: {rep['onnx_file_bytes']:,} bytes (opset {rep['opset']}); the nasq artifact's "
+              f"tensors are {rep['nasq_tensor_bytes']:,} bytes (ONNX / nasq "
+              f"{rep['onnx_file_bytes'] / rep['nasq_tensor_bytes']:.3f})")
+        print(f"  quantized codes {rep['code_bytes_onnx']:,} bytes in ONNX containers vs {rep['code_bytes_nasq']:,} "
+              f"at their own widths; per-row scales and row indices +{rep['extra_bytes']:,} bytes; linear weights "
+              f"by bits: {widths or 'none'}")
         if args.verify:
             print(json.dumps(verify_onnx(args.out, artifact, config_from_args(args)), indent=2))
     return 0
@@ -53,7 +54,7 @@ def cmd_export(args) -> int:
     if args.verify:
         raise NasqError("--verify compares an ONNX export with the integer path; use it with --format onnx "
                         "(for a .nasq artifact: nasq eval RUN --artifact OUT)")
-    _print_nasq(export_artifact(args.run, args.out, overwrite=args.overwrite))
+    _print_nasq(api.export_artifact(args.run, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -61,7 +62,7 @@ def cmd_predict(args) -> int:
     if not args.texts:
         raise NasqError("predict needs at least one TEXT")
     pairs = args.pair or None
-    for res in predict_texts(args.artifact, args.texts, pairs, max_len=args.max_len):
+    for res in api.load(args.artifact).predict(args.texts, pairs, max_len=args.max_len):
         print(json.dumps(res))
     return 0
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from nasq.contract.cost import MB, Budget
+from nasq import api
+from nasq.contract.cost import MB
 from nasq.errors import NasqError
 from nasq.io import check_output_path
-from nasq.search.finalize import finalize_run, run_budget
 
 
 def register(subparsers) -> None:
@@ -32,18 +32,13 @@ def register(subparsers) -> None:
     p.set_defaults(fn=cmd_finalize)
 
 
-def _override(args: argparse.Namespace) -> Budget | None:
-    """The budget given on the command line (on the search's tensors and model), or None for the run's own."""
-    if args.convention and all(getattr(args, k) is None for k in ("budget_mb", "avg_bits", "ratio")):
-        raise NasqError("--convention only applies together with --budget-mb")
-    return run_budget(args.run, budget_mb=args.budget_mb, avg_bits=args.avg_bits, ratio=args.ratio,
-                      convention=args.convention or "encoder")
-
-
 def cmd_finalize(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
-    plan = finalize_run(args.run, args.out, overwrite=args.overwrite, budget_override=_override(args),
-                        time_limit=args.time_limit, spend_leftover=args.spend_leftover)
+    if args.convention and all(getattr(args, k) is None for k in ("budget_mb", "avg_bits", "ratio")):
+        raise NasqError("--convention only applies together with --budget-mb")
+    plan = api.finalize(args.run, args.out, avg_bits=args.avg_bits, budget_mb=args.budget_mb, ratio=args.ratio,
+                        convention=args.convention or "encoder", spend_leftover=args.spend_leftover,
+                        overwrite=args.overwrite, time_limit=args.time_limit)
     t, p = plan.totals, plan.provenance
     budget = plan.budget or {}
     line = (f"searched {t['searched_bytes'] / MB:.4f} MB / budget {budget.get('bytes', 0) / MB:.4f} MB "

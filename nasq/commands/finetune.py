@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from nasq import api
 from nasq.commands._common import add_common, config_from_args, resume_base
 from nasq.errors import NasqError
-from nasq.train.finetune import finetune
 
 
 def cmd_finetune(args) -> int:
     if not args.out:
         raise NasqError("finetune needs --out DIR (the run directory).")
     cfg = config_from_args(args, resume_base(args))
-    finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    api.finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

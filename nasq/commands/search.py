@@ -1,16 +1,16 @@
-"""`nasq search`: supernet search under a size or latency budget (`nasq.search.loop`)."""
+"""`nasq search`: supernet search under a size or latency budget (``nasq.run_search``)."""
 
 from __future__ import annotations
 
+from nasq import api
 from nasq.commands._common import add_budget_flags, add_common, config_from_args, resume_base
 from nasq.errors import NasqError
-from nasq.search.loop import search
 
 
 def cmd_search(args) -> int:
     if not args.out:
         raise NasqError("search needs --out DIR (the run directory).")
-    search(config_from_args(args, resume_base(args)), args.out, resume=args.resume, overwrite=args.overwrite)
+    api.run_search(config_from_args(args, resume_base(args)), args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
