@@ -5,7 +5,7 @@ Usage (from the repo root)::
 
     python experiments/grid.py [--config experiments/grid.yaml] [--only task=sst2,budget=avg2,method=nasq]
                                [--dry-run] [--collect-only] [--runs runs/grid] [--results experiments/results]
-                               [--data-dir DIR] [--no-plot]
+                               [--data-dir DIR] [--no-plot] [--ray [--ray-address ADDR] [--cpus-per-stage N]]
 
 ``--only`` keeps the cells matching every given key (``task``, ``budget``, ``method``, ``seed``; alternatives with
 ``|``: ``method=nasq|uniform``); the fp32 teacher of a selected cell's task is always run first when missing.
@@ -17,6 +17,11 @@ dev curves. ``protocol:`` switches: ``equal_compute`` (baselines' QAT gets the s
 ``spend_leftover`` (``nasq finalize --spend-leftover``), ``init_from_search`` (nasq's QAT ``--init-from`` its
 search).
 ``--dry-run`` prints the commands that would run. ``--collect-only`` only rebuilds the results table and plot.
+
+``--ray`` runs the same cells on Ray (``pip install -e '.[sweep]'``; :func:`run_grid_ray`): an embedded local Ray
+by default, a cluster with ``--ray-address``; every stage is a Ray task declaring the CPUs of the config's
+``resources: {search: {num_cpus: 4}, ...}`` (default ``--cpus-per-stage``), the teachers first, then every
+selected cell at once. Same commands, same RUNS layout, same resume and results as without Ray.
 
 Every stage is a subprocess running exactly the ``nasq ...`` command line written to ``RUNS/grid.log`` (and to
 each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRESS=1``. Layout::
@@ -89,6 +94,8 @@ PROTOCOL_KEYS = {
     "init_from_search": "nasq's QAT starts from the search's weights and steps (`--init-from`)",
     "spend_leftover": "`nasq finalize --spend-leftover`: the plan spends the bytes the knapsack leaves unused",
 }
+# Stage names of a cell (`Stage.name`); `resources.<stage>.num_cpus` declares what each needs on Ray.
+STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 # Config keys that do not change results: not reported as recipe mismatches of existing runs.
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
@@ -119,7 +126,7 @@ def load_grid(path: Path) -> dict:
     except NasqError as e:
         raise GridError(str(e)) from None
     allowed = {"model", "data_dir", "seed", "seeds", "tasks", "common", "stages", "budgets", "methods", "plot",
-               "protocol"}
+               "protocol", "resources"}
     if extra := set(cfg) - allowed:
         raise GridError(f"{path}: unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
     for k in ("model", "tasks", "budgets", "methods"):
@@ -196,6 +203,14 @@ def load_grid(path: Path) -> dict:
     if bad := [k for k, v in proto.items() if not isinstance(v, bool)]:
         raise GridError(f"{path}: `protocol.{bad[0]}` must be true or false")
     cfg["protocol"] = {k: bool(proto.get(k, False)) for k in PROTOCOL_KEYS}
+    res = cfg.get("resources") or {}
+    if not isinstance(res, dict) or (bad := set(res) - set(STAGE_NAMES)):
+        raise GridError(f"{path}: `resources` must map stages {list(STAGE_NAMES)} to {{num_cpus: N}}")
+    for name, r in res.items():
+        if not isinstance(r, dict) or set(r) - {"num_cpus"} or not isinstance(r.get("num_cpus"), (int, float)) \
+                or isinstance(r.get("num_cpus"), bool) or r["num_cpus"] <= 0:
+            raise GridError(f"{path}: `resources.{name}` must be {{num_cpus: N}} with N > 0, got {r!r}")
+    cfg["resources"] = {k: dict(v) for k, v in res.items()}
     return cfg
 
 
@@ -475,9 +490,9 @@ def nasq_prefix() -> list[str]:
 
 
 class Runner:
-    def __init__(self, runs: Path, dry_run: bool):
+    def __init__(self, runs: Path, dry_run: bool, rev: str | None = None):
         self.runs, self.dry_run = runs, dry_run
-        self.rev = git_rev(REPO, describe=True) or "unknown"
+        self.rev = rev or git_rev(REPO, describe=True) or "unknown"
         self.failures: list[str] = []
         self.ran = 0
         self._log = None
@@ -492,20 +507,26 @@ class Runner:
             self._log.write(line + "\n")
             self._log.flush()
 
-    def run_cell(self, cell: Cell, teacher_ok: bool) -> None:
+    def cell_ready(self, cell: Cell, teacher_ok: bool) -> bool:
+        """Whether the cell has stages to run (logs why not); writes the derived spaces it needs."""
         if cell.skip:
             self.log(f"skip {cell.label}: configured skip ({cell.skip})")
-            return
+            return False
         last = cell.stages[-1]
         if last.kind == "eval" and stage_done(last):
             self.log(f"skip {cell.label}: {last.out} exists")
-            return
+            return False
         if cell.method != "fp32" and not teacher_ok:
             self.log(f"skip {cell.label}: its teacher {self.runs / cell.task / 'fp32'} is not done")
-            return
+            return False
         for path, text in cell.spaces.items():
             if not self.dry_run and (not path.is_file() or path.read_text() != text):
                 write_atomic(path, text)
+        return True
+
+    def run_cell(self, cell: Cell, teacher_ok: bool) -> None:
+        if not self.cell_ready(cell, teacher_ok):
+            return
         timing_path = cell.dir / "timing.json"
         for s in cell.stages:
             if stage_done(s):
@@ -1000,6 +1021,85 @@ def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: P
     return write_results(rows, results, cfg_path, runs)
 
 
+# -------------------------------------------------------------------------------------------- Ray backend
+
+
+def unique_cells(cells: list[Cell]) -> list[Cell]:
+    """The cells to execute, one per directory (a `uniform.same_as` cell shares its directory with the cell it
+    names: running both at once would race), in order."""
+    seen: set[Path] = set()
+    out = []
+    for c in cells:
+        if c.dir not in seen:
+            seen.add(c.dir)
+            out.append(c)
+    return out
+
+
+def stage_cpus(cfg: dict, stage: str, default: float) -> float:
+    return float((cfg.get("resources") or {}).get(stage, {}).get("num_cpus", default))
+
+
+def run_grid_ray(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, data_dir: str,
+                 runner: Runner) -> None:
+    """:func:`run_grid` on Ray: each cell is a lightweight coordinating task (0 CPUs) that runs its stages in
+    order, each stage a Ray task declaring ``resources.<stage>.num_cpus`` (default: ``--cpus-per-stage``);
+    the teachers run first, then every selected cell at once, as the cluster's CPUs allow.
+
+    Local by default (``ray.init()`` starts an embedded Ray on this machine); ``--ray-address`` joins a running
+    cluster, whose nodes must see the same checkout, data directory and RUNS directory (a shared filesystem):
+    every stage is the same ``nasq`` subprocess as without Ray, and all state stays in RUNS, so an interrupted
+    sweep resumes by running the same command again."""
+    try:
+        import ray
+    except ImportError:
+        raise GridError("--ray needs Ray: pip install -e '.[sweep]'") from None
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"NASQ_NO_PROGRESS": "1"}}, ignore_reinit_error=True)
+    default, rev = float(args.cpus_per_stage), runner.rev  # the tasks capture these, never the driver's Runner
+    runner.log(f"start (ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs): config "
+               f"{args.config}, runs {runs}, only {args.only or 'all'}, git {runner.rev}")
+
+    @ray.remote
+    def stage_task(cell: Cell, stage: Stage) -> tuple[bool, list[str]]:
+        r = Runner(runs, dry_run=False, rev=rev)
+        ok = r.run_stage(cell, stage, cell.dir / "timing.json")
+        return ok, r.failures
+
+    @ray.remote(num_cpus=0)
+    def cell_task(cell: Cell, teacher_ok: bool) -> tuple[int, list[str]]:
+        r = Runner(runs, dry_run=False, rev=rev)
+        if not r.cell_ready(cell, teacher_ok):
+            return 0, []
+        ran, failures = 0, []
+        for s in cell.stages:
+            if stage_done(s):
+                r.log(f"skip {cell.label} {s.name}: {s.out} is complete")
+                continue
+            cpus = stage_cpus(cfg, s.name, default)
+            ok, f = ray.get(stage_task.options(num_cpus=cpus, name=f"{cell.label}:{s.name}").remote(cell, s))
+            ran, failures = ran + 1, failures + f
+            if not ok:
+                break
+        return ran, failures
+
+    def run_all(batch: list[tuple[Cell, bool]]) -> None:
+        for ran, failures in ray.get([cell_task.options(name=c.label).remote(c, ok) for c, ok in batch]):
+            runner.ran += ran
+            runner.failures += failures
+
+    todo = unique_cells([c for c in cells if selected(c, only)])
+    teachers = {c.task: c for c in cells if c.method == "fp32"} or \
+        {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
+    needed = [teachers[t] for t in cfg["tasks"] if any(c.task == t for c in todo)]
+    run_all([(t, True) for t in needed if t in todo or any(
+        c.task == t.task and not c.skip and not stage_done(c.stages[-1]) for c in todo if c.method != "fp32")])
+    run_all([(c, stage_done(teachers[c.task].stages[0])) for c in todo if c.method != "fp32"])
+    runner.log(f"end: {runner.ran} command(s) run, {len(runner.failures)} failed"
+               + (": " + "; ".join(runner.failures) if runner.failures else ""))
+    ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -1015,6 +1115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="experiments/results", help="results directory")
     p.add_argument("--data-dir", help="GLUE directory (default: the config's data_dir)")
     p.add_argument("--no-plot", action="store_true", help="skip `nasq plot --pareto`")
+    r = p.add_argument_group("Ray (pip install -e '.[sweep]')")
+    r.add_argument("--ray", action="store_true",
+                   help="run the cells as Ray tasks, in parallel as the CPUs allow (embedded local Ray by default)")
+    r.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead")
+    r.add_argument("--cpus-per-stage", type=float, default=2,
+                   help="CPUs a stage declares unless the config's resources.<stage>.num_cpus says (default 2)")
     return p
 
 
@@ -1058,10 +1164,18 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(runs, dry_run=args.dry_run)
     try:
         if not args.collect_only:
-            run_grid(args, cfg, cells, only, runs, data_dir, runner)
+            if args.ray or args.ray_address:
+                if args.dry_run:
+                    raise GridError("--dry-run prints the commands; drop --ray to see them")
+                run_grid_ray(args, cfg, cells, only, runs, data_dir, runner)
+            else:
+                run_grid(args, cfg, cells, only, runs, data_dir, runner)
     except KeyboardInterrupt:
         runner.log("interrupted")
         return 130
+    except GridError as e:
+        print(f"grid: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         return 0
     csv_path, md_path = collect(cfg, cells, results, cfg_path, runs)

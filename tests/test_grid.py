@@ -267,6 +267,49 @@ def test_uniform_same_as_shares_one_cell(tmp_path):
             grid.load_grid(bad)
 
 
+def test_ray_scheduling_helpers(tmp_path):
+    """Cells sharing a directory (uniform.same_as) run once; `resources` is validated; --ray with --dry-run is
+    refused."""
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    cells = grid.all_cells(cfg, tmp_path / "runs", "G")
+    uniq = grid.unique_cells(cells)
+    assert len(uniq) == len(cells) - len(cfg["seeds"])  # avg2.5's uniform cells are avg2's
+    assert len({c.dir for c in uniq}) == len(uniq)
+    assert grid.stage_cpus(cfg, "search", 2) == 2
+    raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({**raw, "resources": {"search": {"num_cpus": 4}}}))
+    assert grid.stage_cpus(grid.load_grid(good), "search", 2) == 4.0
+    bad = tmp_path / "bad.yaml"
+    for res in ({"serach": {"num_cpus": 1}}, {"qat": {"num_cpus": 0}}, {"qat": {"gpus": 1}}, {"qat": 2}):
+        bad.write_text(yaml.safe_dump({**raw, "resources": res}))
+        with pytest.raises(grid.GridError, match="resources"):
+            grid.load_grid(bad)
+    assert grid.main(["--config", str(good), "--runs", str(tmp_path / "r"), "--ray", "--dry-run"]) == 2
+
+
+@pytest.mark.slow
+def test_grid_on_ray(grid_config):
+    """The same grid on an embedded local Ray: every stage a Ray task (1 CPU each here), the same outputs and
+    results as without Ray; a second run finds everything done."""
+    pytest.importorskip("ray")
+    tmp, cfg = grid_config
+    runs, results = tmp / "runs_ray", tmp / "results_ray"
+    common = ["--config", str(cfg), "--runs", str(runs), "--results", str(results), "--no-plot", "--ray",
+              "--cpus-per-stage", "1", "--only", "method=fp32|uniform"]
+    r = _grid(*common, cache=tmp / "jax_cache")
+    assert "ray" in r.stdout and "0 failed" in r.stdout
+    cell = runs / "sst2" / "avg2"
+    ev = json.loads((cell / "uniform" / "eval.json").read_text())
+    assert {"fake_quant", "int_artifact", "prediction_agreement"} <= set(ev)
+    timing = json.loads((cell / "uniform" / "timing.json").read_text())
+    assert set(timing) == {"plan", "qat", "export", "eval"} and all(t["rc"] == 0 for t in timing.values())
+    assert _rows(results / "results.csv")[("sst2", "avg2", "uniform")]["status"] == "done"
+    r = _grid(*common, cache=tmp / "jax_cache")
+    assert "end: 0 command(s) run, 0 failed" in r.stdout
+
+
 def test_dev_curve_reads_eval_records(tmp_path):
     grid = _grid_module()
     m = tmp_path / "metrics.jsonl"
