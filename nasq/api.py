@@ -103,11 +103,15 @@ def finetune(cfg: Config, out: str | Path, *, plan: str | Path | None = None, in
     return Path(_finetune(cfg, out, resume=resume, overwrite=overwrite, log=log))
 
 
-def export_artifact(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """A finished QAT run -> the bit-packed integer artifact directory ``out`` (``docs/ARTIFACT_FORMAT.md``)."""
+def export_artifact(run: str | Path, out: str | Path, *, overwrite: bool = False,
+                    eval_config: Config | None = None) -> Path:
+    """A finished QAT run -> the bit-packed integer artifact directory ``out`` (``docs/ARTIFACT_FORMAT.md``).
+
+    ``eval_config`` (e.g. ``make_config(data_dir=...)``): measure the dev metrics through the integer path
+    before the artifact is moved into place, and write them into its model card (README.md)."""
     from nasq.export import writer
 
-    return Path(writer.export_artifact(run, out, overwrite=overwrite))
+    return Path(writer.export_artifact(run, out, overwrite=overwrite, eval_config=eval_config))
 
 
 def export_onnx(artifact: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:

@@ -203,7 +203,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     art = out / "model.nasq"
     if not output_complete("export", art):
         log(f"[5/6] export -> {art}")
-        export_artifact(qat_dir, art, overwrite=True)
+        export_artifact(qat_dir, art, overwrite=True, eval_config=configs["eval"])  # the card gets int metrics
     manifest = read_manifest(art)
 
     # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions

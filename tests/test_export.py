@@ -434,6 +434,27 @@ def test_model_card(exported, tiny_model_dir, tmp_path):
         load_artifact(out)
 
 
+def test_model_card_with_int_metrics(exported, tiny_model_dir, glue_dir, tmp_path, capsys):
+    """`nasq export --eval`: the dev metrics measured through the finished artifact's integer path are in its card
+    (and equal `nasq eval --artifact`'s); the artifact still verifies."""
+    from nasq.cli import main
+    from nasq.config import build_config
+    from nasq.contract.model_dir import save_model_dir
+    from nasq.export.reader import evaluate_artifact
+
+    model, plan, _ = exported
+    run = tmp_path / "run"
+    save_model_dir(run / "model", model, source_model_dir=tiny_model_dir, num_labels=2, task="sst2", plan=plan)
+    out = tmp_path / "m.nasq"
+    assert main(["export", str(run), "--out", str(out), "--eval", "--data-dir", str(glue_dir),
+                 "--set", "model.max_len=32"]) == 0
+    card = (out / "README.md").read_text()
+    ev = evaluate_artifact(out, build_config(("t", {"data": {"data_dir": str(glue_dir)}, "model": {"max_len": 32}})))
+    assert f"sst2 dev, 872 rows, kernel {ev['kernel']}): accuracy {ev['accuracy']:.4f}" in card
+    assert "not measured at export" not in card
+    load_artifact(out)
+
+
 def test_intbert_is_pytree(exported):
     im = load_artifact(exported[2])
     leaves, treedef = jax.tree_util.tree_flatten(im)

@@ -26,6 +26,8 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
     assert s["fake_quant_vs_int_agreement"] >= 0.995
     assert s["plan_totals"]["within_budget"] and s["dev_rows"] == 872
     assert json.loads((out / "summary.json").read_text())["int_artifact"] == s["int_artifact"]
+    acc = s["int_artifact"]["accuracy"]
+    assert f"accuracy {acc:.4f}" in (out / "model.nasq" / "README.md").read_text()  # the card: int-path metrics
     # resume: every stage is complete, nothing is retrained (checkpoints and plan untouched)
     stamp = {p: p.stat().st_mtime_ns for p in [out / "plan.json", out / "qat" / "run.json", out / "search" / "run.json"]}
     run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), resume=True,

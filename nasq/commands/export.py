@@ -54,7 +54,8 @@ def cmd_export(args) -> int:
     if args.verify:
         raise NasqError("--verify compares an ONNX export with the integer path; use it with --format onnx "
                         "(for a .nasq artifact: nasq eval RUN --artifact OUT)")
-    _print_nasq(api.export_artifact(args.run, args.out, overwrite=args.overwrite))
+    eval_cfg = config_from_args(args) if args.eval else None
+    _print_nasq(api.export_artifact(args.run, args.out, overwrite=args.overwrite, eval_config=eval_cfg))
     return 0
 
 
@@ -77,9 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--verify", action="store_true",
                    help="--format onnx: run the dev set through ONNX Runtime and nasq's integer path and print "
                         "both metrics and their prediction agreement")
+    e.add_argument("--eval", action="store_true",
+                   help="measure the dev metrics through the integer path and record them in the model card")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    g = e.add_argument_group("--verify data")
-    g.add_argument("--task", help="GLUE task (default: the artifact's)")
+    g = e.add_argument_group("--eval / --verify data")
+    g.add_argument("--task", help="GLUE task (default: the run's / artifact's)")
     g.add_argument("--data-dir", help="local GLUE directory, e.g. ../shared/data/glue")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. model.max_len=128")

@@ -15,7 +15,7 @@ __all__ = ["model_card"]
 def _metrics(m: dict | None) -> str:
     if not m:
         return ""
-    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "wall_s")
 
 
 def bits_by_rule(plan: Plan) -> list[dict[str, Any]]:
@@ -38,8 +38,10 @@ def bits_by_rule(plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
-def model_card(plan: Plan, manifest: dict, *, source: str, run_info: dict | None) -> str:
-    """Markdown text of the card (see module docstring). ``run_info``: the source run's ``run.json``."""
+def model_card(plan: Plan, manifest: dict, *, source: str, run_info: dict | None,
+               int_metrics: dict | None = None) -> str:
+    """Markdown text of the card (see module docstring). ``run_info``: the source run's ``run.json``;
+    ``int_metrics``: the dev metrics measured through this artifact's integer path (``evaluate_artifact``)."""
     t = plan.totals
     run_info = run_info or {}
     b = plan.budget
@@ -80,8 +82,10 @@ def model_card(plan: Plan, manifest: dict, *, source: str, run_info: dict | None
         "",
         (f"- fake-quant model of the QAT run (its final dev evaluation): {dev}" if dev else
          "- the QAT run recorded no dev evaluation"),
-        ("- through this integer artifact: not measured at export; `nasq eval RUN --artifact DIR` measures them "
-         "and the prediction agreement with the fake-quant model"),
+        (f"- through this integer artifact ({int_metrics.get('task')} dev, {int_metrics.get('dev_rows')} rows, "
+         f"kernel {int_metrics.get('kernel')}): {_metrics(int_metrics)}" if int_metrics else
+         "- through this integer artifact: not measured at export (`nasq export --eval` measures them; `nasq eval "
+         "RUN --artifact DIR` also the prediction agreement with the fake-quant model)"),
         "",
         "## How it was made",
         "",

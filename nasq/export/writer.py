@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,14 @@ import numpy as np
 from flax import nnx
 
 from nasq._version import __version__
+from nasq.config import Config
 from nasq.contract.cost import fixed_nbytes
 from nasq.contract.model_dir import MODEL_META, TOKENIZER_FILES, load_model_dir
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 from nasq.export.card import model_card
 from nasq.export.format import CARD, FORMAT, LAYOUT, MANIFEST, TENSORS, VERSION, manifest_digest, rle, sha256
+from nasq.export.reader import evaluate_artifact
 from nasq.io import check_output_path, read_bytes, read_json, replace_dir, write_atomic
 from nasq.models.bert import Embedding, LayerNorm, Linear
 from nasq.models.surgery import module_path, strip_root
@@ -112,10 +115,13 @@ def predicted_artifact_bytes(plan: Plan, param_shapes: dict[str, tuple]) -> int:
 
 
 def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_labels: int,
-                 source_dir: str | Path | None = None, run_info: dict | None = None, overwrite: bool = False) -> Path:
+                 source_dir: str | Path | None = None, run_info: dict | None = None, overwrite: bool = False,
+                 measure: Callable[[Path], dict] | None = None) -> Path:
     """Write the artifact of an in-memory fixed-plan classifier (see module docstring). Returns ``out``.
 
-    ``plan`` is the model's :class:`Plan` (a ``plan.json`` mapping is validated into one)."""
+    ``plan`` is the model's :class:`Plan` (a ``plan.json`` mapping is validated into one). ``measure``: called
+    with the complete artifact (in its temporary directory, before it is moved to ``out``); the dev metrics it
+    returns (``nasq.export.reader.evaluate_artifact``'s dict) go into the model card."""
     from safetensors.numpy import save
 
     if not isinstance(plan, Plan):
@@ -147,23 +153,33 @@ def export_model(model, plan: Plan | dict, out: str | Path, *, task: str, num_la
         "payload_vs_predicted": tensor_bytes / predicted if predicted else None,
         "searched_tensor_bytes": searched_payload, "searched_predicted_bytes": plan.totals["searched_bytes"],
     }
-    card = model_card(plan, manifest, source=str(source_dir or ""), run_info=run_info).encode()
-    files[CARD] = card
-    manifest["files"][CARD] = {"bytes": len(card), "sha256": sha256(card)}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
+
+    def write_card(tmp: Path, int_metrics: dict | None) -> None:
+        card = model_card(plan, manifest, source=str(source_dir or ""), run_info=run_info,
+                          int_metrics=int_metrics).encode()
+        write_atomic(tmp / CARD, card)
+        manifest["files"][CARD] = {"bytes": len(card), "sha256": sha256(card)}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))  # last: its presence marks a complete export
 
     def write(tmp: Path) -> None:
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))  # last: its presence marks a complete export
+        write_card(tmp, None)
+        if measure is not None:  # the finished artifact, measured where it is, then its card says so
+            write_card(tmp, measure(tmp))
 
     # built beside `out` and moved into place: an existing artifact is replaced only by a complete new one (no
     # marker file: an artifact holds exactly its manifest's files, and nasq_made knows it by its manifest)
     return replace_dir(out, write, kind=None, overwrite=overwrite)
 
 
-def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Export a finished QAT run (or its ``model/`` dir) to the artifact directory ``out``."""
+def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite: bool = False,
+                    eval_config: Config | None = None) -> Path:
+    """Export a finished QAT run (or its ``model/`` dir) to the artifact directory ``out``.
+
+    ``eval_config``: also measure the dev metrics through the integer path (``evaluate_artifact`` with this
+    config's data settings) and record them in the model card."""
     src = Path(model_dir_or_run)
     if (src / "model" / MODEL_META).is_file():
         src = src / "model"
@@ -174,5 +190,6 @@ def export_artifact(model_dir_or_run: str | Path, out: str | Path, *, overwrite:
     plan = Plan.load(src / "plan.json")
     run_json = src.parent / "run.json"  # the QAT run's record (dev metrics, command) when src is <run>/model
     run_info = read_json(run_json, what="run info", max_bytes=2**24, root=src.parent) if run_json.is_file() else None
+    measure = None if eval_config is None else (lambda path: evaluate_artifact(path, eval_config))
     return export_model(model, plan, out, task=meta.get("task", ""), num_labels=int(meta["num_labels"]),
-                        source_dir=src, run_info=run_info, overwrite=overwrite)
+                        source_dir=src, run_info=run_info, overwrite=overwrite, measure=measure)
