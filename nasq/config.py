@@ -52,6 +52,9 @@ class KDConfig(_Section):
     teacher: str | None = None  # fp32 run directory
     beta: float = Field(1.0, ge=0)  # weight of the KD term
     temperature: float = Field(1.0, gt=0)
+    # weight of hidden-state distillation (objectives.hidden_kd_loss; fine-tune / QAT only): the teacher runs
+    # alongside the student on every step (about +40% step time); 0 = logits only
+    hidden_beta: float = Field(0.0, ge=0)
 
 
 class SearchConfig(_Section):

@@ -54,6 +54,26 @@ def kd_loss(student: jax.Array, teacher: jax.Array, weights: jax.Array, temperat
     return (per * weights).sum() / denom
 
 
+def hidden_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attention_mask: jax.Array,
+                   weights: jax.Array) -> jax.Array:
+    r"""Hidden-state distillation (TinyBERT, TernaryBERT): the mean over the ``L + 1`` hidden states (embeddings
+    output, then every layer) of the per-token mean squared error, over real tokens of weighted rows:
+
+    .. math:: \frac{1}{L+1} \sum_{l=0}^{L} \frac{\sum_{b,s} w_b m_{bs} \lVert h^S_{l,bs} - h^T_{l,bs} \rVert^2 / d}
+              {\sum_{b,s} w_b m_{bs}}
+
+    ``student`` / ``teacher``: lists of ``[batch, seq, d]`` (the teacher's are treated as constants);
+    ``attention_mask`` ``[batch, seq]`` (1 = real token); ``weights`` ``[batch]`` (0 = padding row).
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student hidden states vs {len(teacher)} of the teacher")
+    m = attention_mask.astype(jnp.float32) * weights[:, None]
+    denom = jnp.maximum(m.sum(), 1.0)
+    per_layer = [(jnp.mean(jnp.square(s - jax.lax.stop_gradient(t)), axis=-1) * m).sum() / denom
+                 for s, t in zip(student, teacher, strict=True)]
+    return jnp.mean(jnp.stack(per_layer))
+
+
 # ------------------------------------------------------------------------------------------ optimizer
 def _decay_mask(params):
     """AdamW weight decay on matrices only: never biases, LayerNorm or LSQ steps (`QuantScale`, 1-D or 2-D).

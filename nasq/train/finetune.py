@@ -24,7 +24,7 @@ from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate, predict_logits
 from nasq.models.loading import load_pretrained
-from nasq.objectives import kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
+from nasq.objectives import hidden_kd_loss, kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.apply import apply_plan
 from nasq.run import Cadence, Progress, RunDir, check_finite, run_finished
@@ -68,27 +68,57 @@ def teacher_logits_for(cfg: Config, data: TaskData) -> np.ndarray | None:
     return predict_logits(teacher, data.train, cfg.data.eval_batch_size, data.buckets)
 
 
-def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, kd_temperature: float):
-    """Jitted `(params, opt_state, batch, key, teacher_logits) -> (params, opt_state, metrics)`."""
+def hidden_teacher_for(cfg: Config, student) -> tuple | None:
+    """``(graphdef, state)`` of the frozen teacher when ``kd.hidden_beta > 0`` (hidden-state KD runs it on every
+    step), else None. Its hidden states must have the student's shapes."""
+    if cfg.kd.hidden_beta == 0:
+        return None
+    if not cfg.kd.teacher:
+        raise NasqError("kd.hidden_beta > 0 distils hidden states from a teacher: set --teacher (kd.teacher)")
+    teacher, _ = load_model_dir(cfg.kd.teacher)
+    tc, sc = teacher.config, student.config
+    if (tc.num_hidden_layers, tc.hidden_size) != (sc.num_hidden_layers, sc.hidden_size):
+        raise NasqError(f"kd.hidden_beta: teacher {cfg.kd.teacher} has {tc.num_hidden_layers} layers x "
+                        f"{tc.hidden_size}, the student {sc.num_hidden_layers} x {sc.hidden_size}; hidden-state KD "
+                        "needs the same shapes (set kd.hidden_beta=0)")
+    return nnx.split(teacher)
+
+
+def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, kd_temperature: float,
+                    hidden_beta: float = 0.0, teacher_graphdef=None):
+    """Jitted `(params, opt_state, batch, key, teacher_logits, teacher_state) -> (params, opt_state, metrics)`.
+
+    ``teacher_state`` (with ``teacher_graphdef``; None when ``hidden_beta == 0``): the frozen teacher, run on the
+    batch for hidden-state KD (``objectives.hidden_kd_loss``, weight ``hidden_beta``)."""
 
     @jax.jit
-    def step(params, opt_state, batch, key, teacher_logits):
+    def step(params, opt_state, batch, key, teacher_logits, teacher_state=None):
         def loss_fn(p):
-            logits = nnx.merge(graphdef, p, rest)(batch.input_ids, batch.token_type_ids, batch.attention_mask,
-                                                  key=key)
+            ids, tt, am = batch.input_ids, batch.token_type_ids, batch.attention_mask
+            student = nnx.merge(graphdef, p, rest)
+            if teacher_state is None:
+                logits, hidden = student(ids, tt, am, key=key), None
+            else:
+                logits, hidden = student(ids, tt, am, key=key, return_hidden=True)
             lt = task_loss(logits, batch.labels, batch.weights, is_regression)
             loss = lt
-            lkd = jnp.float32(0)
+            lkd = lhid = jnp.float32(0)
             if teacher_logits is not None:
                 lkd = kd_loss(logits, teacher_logits, batch.weights, kd_temperature, is_regression)
                 loss = lt + kd_beta * lkd
-            return loss, (lt, lkd)
+            if teacher_state is not None:
+                _, t_hidden = nnx.merge(teacher_graphdef, teacher_state)(ids, tt, am, return_hidden=True)
+                lhid = hidden_kd_loss(hidden, t_hidden, am, batch.weights)
+                loss = loss + hidden_beta * lhid
+            return loss, (lt, lkd, lhid)
 
-        (loss, (lt, lkd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (lt, lkd, lhid)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "task_loss": lt, "kd_loss": lkd,
-                                   "grad_norm": optax.global_norm(grads)}
+        m = {"loss": loss, "task_loss": lt, "kd_loss": lkd, "grad_norm": optax.global_norm(grads)}
+        if teacher_state is not None:
+            m["hidden_kd_loss"] = lhid
+        return params, opt_state, m
 
     return step
 
@@ -107,6 +137,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     if note := data.truncation_note(cfg.model.max_len):
         log(note)
     model, plan = build_student(cfg, data, log=log)
+    hidden_teacher = hidden_teacher_for(cfg, model)
     run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
     steps = total_steps(cfg.train, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -119,8 +150,11 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
             params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
     params, opt_state = dp.replicate((params, opt_state))  # identity unless data_parallel > 1
     teacher = teacher_logits_for(cfg, data)
+    teacher_state = None if hidden_teacher is None else dp.replicate(hidden_teacher[1])
     step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
-                              kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature)
+                              kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature,
+                              hidden_beta=cfg.kd.hidden_beta,
+                              teacher_graphdef=None if hidden_teacher is None else hidden_teacher[0])
     step_fn = dp.wrap(step_fn)
     schedule = lr_schedule(cfg.train, steps)
     base_key = jax.random.key(cfg.train.seed)
@@ -136,7 +170,8 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
             break
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
         batch, tl = dp.shard((batch, tl))
-        params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl)
+        params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl,
+                                       teacher_state)
         done = step + 1
         ckpt_due = cadence.checkpoint_due(done)
         if cadence.log_due(done):
