@@ -31,8 +31,8 @@ from nasq.config import Config, build_config
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
-__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load", "make_config",
-           "run_search"]
+__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
+           "make_config", "run_search"]
 
 
 def make_config(*, task: str | None = None, model: str | None = None, data_dir: str | None = None,
