@@ -1049,7 +1049,9 @@ def run_grid_ray(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, dat
     Local by default (``ray.init()`` starts an embedded Ray on this machine); ``--ray-address`` joins a running
     cluster, whose nodes must see the same checkout, data directory and RUNS directory (a shared filesystem):
     every stage is the same ``nasq`` subprocess as without Ray, and all state stays in RUNS, so an interrupted
-    sweep resumes by running the same command again."""
+    sweep resumes by running the same command again. Interrupting the driver shuts Ray down; a stage's ``nasq``
+    process that Ray's workers started may outlive them (it finishes or is resumed; check with ``pgrep nasq``
+    before rerunning on the same RUNS)."""
     try:
         import ray
     except ImportError:
@@ -1092,12 +1094,14 @@ def run_grid_ray(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, dat
     teachers = {c.task: c for c in cells if c.method == "fp32"} or \
         {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
     needed = [teachers[t] for t in cfg["tasks"] if any(c.task == t for c in todo)]
-    run_all([(t, True) for t in needed if t in todo or any(
-        c.task == t.task and not c.skip and not stage_done(c.stages[-1]) for c in todo if c.method != "fp32")])
-    run_all([(c, stage_done(teachers[c.task].stages[0])) for c in todo if c.method != "fp32"])
+    try:
+        run_all([(t, True) for t in needed if t in todo or any(
+            c.task == t.task and not c.skip and not stage_done(c.stages[-1]) for c in todo if c.method != "fp32")])
+        run_all([(c, stage_done(teachers[c.task].stages[0])) for c in todo if c.method != "fp32"])
+    finally:
+        ray.shutdown()
     runner.log(f"end: {runner.ran} command(s) run, {len(runner.failures)} failed"
                + (": " + "; ".join(runner.failures) if runner.failures else ""))
-    ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -31,18 +31,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=24, help="training steps of each stage")
     ap.add_argument("--train-subset", type=int, default=512)
     ap.add_argument("--avg-bits", type=float, default=2.0, help="the search's budget")
+    ap.add_argument("--space", default="aqbert_128g", help="search space (search_spaces/)")
+    ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
     mode = {"resume": a.resume, "overwrite": not a.resume}
 
-    cfg = nasq.make_config(task=a.task, model=a.model, data_dir=a.data_dir,
-                           **{"data.train_subset": a.train_subset, "train.max_steps": a.steps, "model.max_len": 64})
+    common = {"data.train_subset": a.train_subset, "train.max_steps": a.steps, "model.max_len": a.max_len}
+    cfg = nasq.make_config(task=a.task, model=a.model, data_dir=a.data_dir, **common)
     teacher = nasq.finetune(cfg, out / "teacher", **mode)  # fp32 fine-tune: the KD teacher
 
     cfg = nasq.make_config(task=a.task, model=a.model, data_dir=a.data_dir, teacher=str(teacher),
-                           **{"data.train_subset": a.train_subset, "train.max_steps": a.steps, "model.max_len": 64,
-                              "search.avg_bits": a.avg_bits, "search.space": "aqbert_128g"})
+                           **common, **{"search.avg_bits": a.avg_bits, "search.space": a.space})
     search = nasq.run_search(cfg, out / "search", **mode)
 
     plan = nasq.finalize(search, out / "plan.json", spend_leftover=True, overwrite=True)
@@ -57,9 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     artifact = nasq.export_artifact(qat, out / "model.nasq", overwrite=True)
     model = nasq.load(artifact)
     print(json.dumps(model.predict(["a gripping, funny film", "a dull, lifeless mess"])))
-    metrics = model.evaluate(nasq.make_config(data_dir=a.data_dir, **{"model.max_len": 64}))
+    metrics = model.evaluate(nasq.make_config(data_dir=a.data_dir, **{"model.max_len": a.max_len}))
     print("dev through the integer path:", json.dumps(metrics))
-    result = {"artifact": str(artifact), "dev": metrics}
+    result = {"artifact": str(artifact), "search": str(search), "plan": plan, "wider": wider, "dev": metrics,
+              "predictions": model.predict(["a gripping, funny film", "dull"])}
     try:
         result["onnx"] = nasq.export_onnx(artifact, out / "model.onnx", overwrite=True)
         print(f"ONNX: {result['onnx']['onnx_file_bytes']:,} bytes")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import nasq
-
-REPO = Path(__file__).resolve().parents[1]
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tiny_model_dir, glue_dir, **kw):
@@ -41,22 +41,27 @@ def test_config_layers_and_errors(tmp_path):
 
 @pytest.mark.slow
 def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
-    quiet = {"log": lambda *a: None}
-    teacher = nasq.finetune(_cfg(tiny_model_dir, glue_dir), tmp_path / "teacher", **quiet)
-    cfg = _cfg(tiny_model_dir, glue_dir, **{"kd.teacher": str(teacher), "search.avg_bits": 3.0})
-    run = nasq.run_search(cfg, tmp_path / "search", **quiet)
-    plan = nasq.finalize(run, tmp_path / "plan.json")
-    assert isinstance(plan, Plan) and plan.totals["within_budget"] and Plan.load(tmp_path / "plan.json") == plan
-    lower = nasq.finalize(run, tmp_path / "plan2.json", avg_bits=2.0)  # one search, another budget
-    assert lower.budget["bytes"] < plan.budget["bytes"] and lower.totals["searched_bytes"] <= lower.budget["bytes"]
-    with pytest.raises(NasqError, match="at most one"):
-        nasq.finalize(run, tmp_path / "plan3.json", avg_bits=2.0, ratio=8.0)
-    qat = nasq.finetune(cfg, tmp_path / "qat", plan=tmp_path / "plan.json", init_from=run, **quiet)
-    art = nasq.export_artifact(qat, tmp_path / "model.nasq")
+    """notebooks/quickstart.py (the API example: every stage through `nasq.*`) on the tiny model, then what its
+    outputs must satisfy: plans within budget and equal to their files, one search finalized at a second budget,
+    predictions equal to the CLI path's, the artifact's metrics the same through `Model.evaluate` and
+    `nasq.evaluate`."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "notebooks" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q"
+    res = mod.main(["--model", str(tiny_model_dir), "--data-dir", str(glue_dir), "--out", str(out), "--steps", "3",
+                    "--train-subset", "96", "--avg-bits", "3", "--space", "tiny", "--max-len", "32"])
+    plan, wider = res["plan"], res["wider"]
+    assert isinstance(plan, Plan) and plan.totals["within_budget"] and Plan.load(out / "plan.json") == plan
+    assert wider.budget["bytes"] > plan.budget["bytes"] and wider.totals["searched_bytes"] <= wider.budget["bytes"]
+    with pytest.raises(NasqError, match="at most one"):
+        nasq.finalize(res["search"], tmp_path / "plan3.json", avg_bits=2.0, ratio=8.0)
+    art = res["artifact"]
     model = nasq.load(art)
     assert model.num_labels == 2 and model.manifest["task"] == "sst2"
-    preds = model.predict(["a gripping, funny film", "dull"])
+    preds = res["predictions"]
     assert len(preds) == 2 and all(abs(sum(p["scores"]) - 1) < 1e-5 for p in preds)
     from nasq.export.reader import predict_texts
 
@@ -64,23 +69,11 @@ def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
     ids = np.array([[101, 2023, 102, 0]])
     logits = model.logits(ids, attention_mask=(ids > 0).astype(np.int32))
     assert logits.shape == (1, 2) and np.isfinite(logits).all()
-    ev = model.evaluate(nasq.make_config(data_dir=str(glue_dir), **{"model.max_len": 32}))
+    ev = res["dev"]
     assert ev["task"] == "sst2" and ev["dev_rows"] == 872 and ev["kernel"].split()[0] in ("native", "xla")
     again = nasq.evaluate(art, nasq.make_config(data_dir=str(glue_dir), **{"model.max_len": 32}))
     assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in ev.items() if k != "wall_s"}
+    if "onnx" in res:  # the onnx extra is installed
+        assert (out / "model.onnx").stat().st_size == res["onnx"]["onnx_file_bytes"]
     with pytest.raises(NasqError):
         nasq.load(tmp_path / "missing.nasq")
-
-
-@pytest.mark.slow
-def test_quickstart_example_script(tiny_model_dir, glue_dir, tmp_path):
-    """notebooks/quickstart.py (the API example) runs end to end on the tiny model."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "notebooks" / "quickstart.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    res = mod.main(["--model", str(tiny_model_dir), "--data-dir", str(glue_dir), "--out", str(tmp_path / "q"),
-                    "--steps", "3", "--train-subset", "64", "--avg-bits", "3"])
-    assert res["dev"]["dev_rows"] == 872 and (tmp_path / "q" / "model.nasq" / "manifest.json").is_file()
-    assert (tmp_path / "q" / "plan_wider.json").is_file()
