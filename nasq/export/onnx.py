@@ -14,11 +14,12 @@ INT4 since 21), stored densely packed, so a b-bit code is stored in the narrowes
     nasq bits   1   2   3   4   5   6   7   8
     ONNX type   INT2    INT4    INT8 ............
 
-1- and 2-bit codes keep their size, 4- and 8-bit too; 3-bit codes take 4 bits (+33%) and 5-7-bit codes 8 bits.
+2-, 4- and 8-bit codes keep their size; 1-bit codes take 2 bits (2x), 3-bit codes 4 (+33%), 5-7-bit codes 8.
 ORT's integer matmul (``MatMulInteger``) takes 8-bit operands only, so an INT2/INT4 weight reaches it through
-``DequantizeLinear`` (scale 1: the codes themselves) and a ``Cast`` to int8; ORT folds these constant
-subgraphs once when the session is created, so the *file* keeps the packed bytes and the *memory* holds
-int8 codes (as nasq's ``unpack="load"`` does). Group scales are stored per kept row (fp32, ``R_kept`` values
+``DequantizeLinear`` (scale 1: the codes themselves) and a ``Cast`` to int8. The *file* keeps the packed
+bytes; ONNX Runtime 1.32 runs these two nodes on every call (its constant folding skips ``DequantizeLinear``
+unless the session sets ``session.disable_quant_qdq=1``; at batch 1 x 16 folding them made no measurable
+difference: ``MatMulInteger`` dominates). Group scales are stored per kept row (fp32, ``R_kept`` values
 instead of one per group) and each linear stores an int64 row index for the pruned-row gather: both are
 counted in the report (``extra_bytes``). Quantized embedding tables are stored at the container of their
 widest row group (one table for the row lookup; a table mixing widths is widened to its widest); fp32
