@@ -174,7 +174,11 @@ def load_grid(path: Path) -> dict:
                 raise GridError(f"{where}.uniform: unknown keys {sorted(extra)}")
             if "skip" not in u and not isinstance(u.get("bits"), int):
                 raise GridError(f"{where}.uniform.bits: an integer bit width is required")
-    for name, b in cfg["budgets"].items():  # uniform.same_as: another budget's cell, the same plan and recipe
+    # uniform.same_as: another budget's uniform cell is this one (run once). It asserts that both budgets' uniform
+    # plans are the same: checked here are the bits; the spaces must cover the same tensors in the same row
+    # groups (aqbert_128g and its _w234 / _w1234 variants do), which needs the model to check, so it is on the
+    # config's author.
+    for name, b in cfg["budgets"].items():
         ref = (b.get("uniform") or {}).get("same_as")
         if ref is None:
             continue
