@@ -255,6 +255,13 @@ def test_pareto(tmp_path):
         w.writerow(["sst2", "fp32", "", "accuracy", 0.92, 85.0, ""])  # no artifact size -> auto uses encoder_mb
     _png_ok(plots.plot_pareto(res, tmp_path / "p.png"))
     _png_ok(plots.plot_pareto(tmp_path, tmp_path / "p2.png", size="artifact_mb"))
+    # seeds of one (method, budget) are one point: mean ± sample std
+    rows = [{"task": "sst2", "method": "nasq", "budget": "avg2", "encoder_mb": 2.7, "metric": m} for m in (0.8, 0.9)]
+    rows.append({"task": "sst2", "method": "nasq", "budget": "avg4", "encoder_mb": 5.4, "metric": 0.91})
+    pts = plots.pareto_points(rows, "encoder_mb")[("sst2", "nasq")]
+    assert [(x, n) for x, _, _, n in pts] == [(2.7, 2), (5.4, 1)]
+    assert abs(pts[0][1] - 0.85) < 1e-12 and abs(pts[0][2] - 0.0707107) < 1e-6 and pts[1][2] == 0.0
+    _png_ok(plots.plot_pareto(rows, tmp_path / "p3.png", size="encoder_mb"))
     bad = tmp_path / "bad" / "x.csv"
     bad.parent.mkdir()
     bad.write_text("a,b\n1,2\n")

@@ -228,9 +228,26 @@ def _num(x) -> float:
         return math.nan
 
 
+def pareto_points(rows: Sequence[dict], size: str) -> dict[tuple[str, str], list[tuple[float, float, float, int]]]:
+    """``{(task, method): [(size, mean metric, sample std, n), ...]}`` sorted by size: the rows of one
+    ``(task, method, budget)`` (one per seed) become one point, its std 0 for a single row."""
+    groups: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        key = (r.get("task") or "", r["method"], str(r.get("budget") or ""))
+        groups.setdefault(key, []).append((_num(r[size]), _num(r["metric"])))
+    out: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
+    for (task, method, _), pts in groups.items():
+        xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        std = float(ys.std(ddof=1)) if len(ys) > 1 else 0.0
+        out.setdefault((task, method), []).append((float(xs.mean()), float(ys.mean()), std, len(ys)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: str = "auto",
                 title: str | None = None) -> Path:
-    """Size (MB) vs metric, one line (sorted by size) per method, one panel per task.
+    """Size (MB) vs metric, one line (sorted by size) per method, one panel per task; the seeds of a
+    ``(method, budget)`` are one point, mean ± sample std (:func:`pareto_points`). A log size axis when the sizes
+    span more than 10x (e.g. fp32 beside 2-bit plans).
 
     ``size``: ``artifact_mb``, ``encoder_mb`` or ``auto`` (``artifact_mb`` where every row has it, else
     ``encoder_mb``)."""
@@ -241,14 +258,24 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
     rows = [r for r in rows if not math.isnan(_num(r.get(size))) and not math.isnan(_num(r.get("metric")))]
     if not rows:
         raise NasqError(f"no result rows with numeric {size} and metric to plot")
+    points = pareto_points(rows, size)
     tasks = sorted({r.get("task") or "" for r in rows})
     fig = _figure((6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         tr = [r for r in rows if (r.get("task") or "") == task]
         for method in sorted({r["method"] for r in tr}):
-            pts = sorted((_num(r[size]), _num(r["metric"])) for r in tr if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            pts = points[(task, method)]
+            n = max(p[3] for p in pts)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=method + (f" (mean ± std, n <= {n})" if n > 1 else ""))
+        xs = [_num(r[size]) for r in tr]
+        if min(xs) > 0 and max(xs) / min(xs) > 10:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         names = sorted({r.get("metric_name") or "metric" for r in tr})
         ax.set_xlabel(f"{size.replace('_mb', '')} size (MB)")
         ax.set_ylabel(" / ".join(names))
