@@ -60,6 +60,17 @@ def _object_array(seqs: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _texts(dataset, spec: TaskSpec) -> tuple[list[str], list[str] | None]:
+    return list(dataset["text_a"]), (list(dataset["text_b"]) if spec.is_pair else None)
+
+
+def _tokenized(tokenizer, text_a: list[str], text_b: list[str] | None, **kwargs):
+    """The tokenizer's output for ``text_a`` (paired with ``text_b``) in chunks of ``_TOKENIZE_CHUNK`` rows."""
+    for start in range(0, len(text_a), _TOKENIZE_CHUNK):
+        b = text_b[start:start + _TOKENIZE_CHUNK] if text_b is not None else None
+        yield tokenizer(text_a[start:start + _TOKENIZE_CHUNK], b, return_attention_mask=False, **kwargs)
+
+
 def encode(dataset, tokenizer, task: TaskSpec | str, max_len: int) -> Encoded:
     """Tokenize ``dataset`` (columns text_a[, text_b], label) with a (fast) HF tokenizer.
 
@@ -70,15 +81,11 @@ def encode(dataset, tokenizer, task: TaskSpec | str, max_len: int) -> Encoded:
     spec = get_task(task)
     if max_len < 4:
         raise NasqError(f"max_len={max_len} is too small; need room for [CLS]/[SEP] and text (>= 4)")
-    text_a = list(dataset["text_a"])
-    text_b = list(dataset["text_b"]) if spec.is_pair else None
+    text_a, text_b = _texts(dataset, spec)
     ids: list[np.ndarray] = []
     tts: list[np.ndarray] = []
-    for start in range(0, len(text_a), _TOKENIZE_CHUNK):
-        a = text_a[start:start + _TOKENIZE_CHUNK]
-        b = text_b[start:start + _TOKENIZE_CHUNK] if text_b is not None else None
-        enc = tokenizer(a, b, truncation=True, max_length=max_len, return_attention_mask=False,
-                        return_token_type_ids=True)
+    for enc in _tokenized(tokenizer, text_a, text_b, truncation=True, max_length=max_len,
+                          return_token_type_ids=True):
         chunk_ids = [np.asarray(seq, dtype=np.int32) for seq in enc["input_ids"]]
         chunk_tts = enc.get("token_type_ids")
         if chunk_tts is None:
@@ -94,23 +101,18 @@ def encode(dataset, tokenizer, task: TaskSpec | str, max_len: int) -> Encoded:
     if full.size:
         a = [text_a[i] for i in full]
         b = [text_b[i] for i in full] if text_b is not None else None
-        enc = tokenizer(a, b, truncation=False, return_attention_mask=False, return_token_type_ids=False)
-        truncated[full] = [len(x) > max_len for x in enc["input_ids"]]
+        truncated[full] = _untruncated_lengths(tokenizer, a, b) > max_len
     return Encoded(_object_array(ids), _object_array(tts), labels, lengths, int(pad_id), truncated)
 
 
 def token_lengths(dataset, tokenizer, task: TaskSpec | str) -> np.ndarray:
     """Untruncated token counts (special tokens included) of every example of ``dataset``."""
-    spec = get_task(task)
-    text_a = list(dataset["text_a"])
-    text_b = list(dataset["text_b"]) if spec.is_pair else None
-    out = []
-    for start in range(0, len(text_a), _TOKENIZE_CHUNK):
-        b = text_b[start:start + _TOKENIZE_CHUNK] if text_b is not None else None
-        enc = tokenizer(text_a[start:start + _TOKENIZE_CHUNK], b, truncation=False, return_attention_mask=False,
-                        return_token_type_ids=False)
-        out.extend(len(x) for x in enc["input_ids"])
-    return np.asarray(out, np.int64)
+    return _untruncated_lengths(tokenizer, *_texts(dataset, get_task(task)))
+
+
+def _untruncated_lengths(tokenizer, text_a: list[str], text_b: list[str] | None) -> np.ndarray:
+    enc = _tokenized(tokenizer, text_a, text_b, truncation=False, return_token_type_ids=False)
+    return np.asarray([len(x) for chunk in enc for x in chunk["input_ids"]], np.int64)
 
 
 def buckets_for(max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
