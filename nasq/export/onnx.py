@@ -41,7 +41,7 @@ import numpy as np
 
 from nasq.errors import NasqError
 from nasq.evaluation import compare_logits, predict_logits
-from nasq.export.reader import artifact_dev_set, load_artifact, read_manifest
+from nasq.export.reader import artifact_dev_set, load_artifact
 from nasq.io import check_output_path, write_atomic
 from nasq.kernels.int_bert import Fp32Linear, IntBert
 from nasq.kernels.int_linear import EmbeddingTable, PackedLinear
@@ -298,7 +298,7 @@ def export_onnx(artifact: str | Path, out: str | Path, *, overwrite: bool = Fals
         raise NasqError(f"{out} is a directory; --out for --format onnx is a file, e.g. model.onnx")
     check_output_path(out, overwrite)
     model = load_artifact(artifact)
-    manifest = read_manifest(artifact)
+    manifest = model.manifest  # verified by load_artifact
     report = OnnxReport(path=str(out), onnx_file_bytes=0, nasq_tensor_bytes=int(manifest["tensor_bytes"]))
     proto = _Builder(model, report).build()
     meta = {"nasq_task": str(manifest.get("task") or ""), "nasq_num_labels": str(model.num_labels),

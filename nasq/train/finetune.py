@@ -61,10 +61,12 @@ def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, d
     return model, plan
 
 
-def teacher_logits_for(cfg: Config, data: TaskData) -> np.ndarray | None:
+def teacher_logits_for(cfg: Config, data: TaskData, teacher=None) -> np.ndarray | None:
+    """The teacher's logits on every training row (None without KD); ``teacher``: the model when already loaded."""
     if not cfg.kd.teacher or cfg.kd.beta == 0:
         return None
-    teacher, _ = load_model_dir(cfg.kd.teacher)
+    if teacher is None:
+        teacher, _ = load_model_dir(cfg.kd.teacher)
     return predict_logits(teacher, data.train, cfg.data.eval_batch_size, data.buckets)
 
 
@@ -149,7 +151,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         if flat is not None:
             params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
     params, opt_state = dp.replicate((params, opt_state))  # identity unless data_parallel > 1
-    teacher = teacher_logits_for(cfg, data)
+    teacher = teacher_logits_for(cfg, data, None if hidden_teacher is None else nnx.merge(*hidden_teacher))
     teacher_state = None if hidden_teacher is None else dp.replicate(hidden_teacher[1])
     step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
                               kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature,
