@@ -1025,6 +1025,18 @@ def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: P
     return write_results(rows, results, cfg_path, runs)
 
 
+def task_teachers(cfg: dict, cells: list[Cell], runs: Path, data_dir: str) -> dict[str, Cell]:
+    """The fp32 teacher cell of every task (built when the config's methods leave fp32 out)."""
+    return {c.task: c for c in cells if c.method == "fp32"} or \
+        {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
+
+
+def teacher_needed(teacher: Cell, task_cells: list[Cell]) -> bool:
+    """Whether the teacher runs: it was selected itself, or a selected quantized cell of its task is unfinished."""
+    return teacher in task_cells or any(
+        not c.skip and not stage_done(c.stages[-1]) for c in task_cells if c.method != "fp32")
+
+
 # -------------------------------------------------------------------------------------------- Ray backend
 
 
@@ -1095,12 +1107,10 @@ def run_grid_ray(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, dat
             runner.failures += failures
 
     todo = unique_cells([c for c in cells if selected(c, only)])
-    teachers = {c.task: c for c in cells if c.method == "fp32"} or \
-        {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
-    needed = [teachers[t] for t in cfg["tasks"] if any(c.task == t for c in todo)]
+    teachers = task_teachers(cfg, cells, runs, data_dir)
     try:
-        run_all([(t, True) for t in needed if t in todo or any(
-            c.task == t.task and not c.skip and not stage_done(c.stages[-1]) for c in todo if c.method != "fp32")])
+        run_all([(teachers[t], True) for t in cfg["tasks"]
+                 if teacher_needed(teachers[t], [c for c in todo if c.task == t])])
         run_all([(c, stage_done(teachers[c.task].stages[0])) for c in todo if c.method != "fp32"])
     finally:
         ray.shutdown()
@@ -1136,18 +1146,15 @@ def run_grid(args, cfg: dict, cells: list[Cell], only: dict, runs: Path, data_di
     """Run the selected cells, task by task, the teacher of a task first."""
     runner.log(f"start: config {args.config}, runs {runs}, only {args.only or 'all'}, git {runner.rev}")
     todo = [c for c in cells if selected(c, only)]
-    teachers = {c.task: c for c in cells if c.method == "fp32"} or \
-        {t: teacher_cell(cfg, t, runs, data_dir) for t in cfg["tasks"]}
+    teachers = task_teachers(cfg, cells, runs, data_dir)
     for task in cfg["tasks"]:
         task_cells = [c for c in todo if c.task == task]
         if not task_cells:
             continue
         t = teachers[task]
-        needs_teacher = t in task_cells or any(
-            not c.skip and not stage_done(c.stages[-1]) for c in task_cells if c.method != "fp32")
-        if needs_teacher and t not in task_cells:
-            runner.log(f"{t.label} (teacher) is needed by the selected cells of {task}")
-        if needs_teacher or t in task_cells:
+        if teacher_needed(t, task_cells):
+            if t not in task_cells:
+                runner.log(f"{t.label} (teacher) is needed by the selected cells of {task}")
             runner.run_cell(t, True)
         teacher_ok = args.dry_run or stage_done(t.stages[0])
         for c in task_cells:
