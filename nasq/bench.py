@@ -27,7 +27,7 @@ from nasq.models.bert import Embedding, Linear
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import replace_modules
 from nasq.quant.layers import GateLogits, QuantEmbedding, QuantLinear, set_search_context, to_supernet
-from nasq.search.loop import build_steps, make_problem, normalised_costs, search_optimizers
+from nasq.search.loop import build_steps, make_problem, normalised_costs, search_iteration, search_optimizers
 from nasq.timing import environment, time_interleaved
 from nasq.train.finetune import make_train_step
 
@@ -73,24 +73,20 @@ def bench_search_step(cfg: Config, batch_size: int, seq_len: int, repeats: int) 
                      costs=normalised_costs(problem.cost_tables, problem.cost_budget))
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     w_tx, g_tx = search_optimizers(cfg, 1000)
-    weight_step, gate_step, single_step, single_tx, _, price = build_steps(
-        graphdef, rest, problem, w_tx, g_tx, is_regression=False, kd_beta=0.0, kd_temperature=1.0)
+    steps = build_steps(graphdef, rest, problem, w_tx, g_tx, is_regression=False, kd_beta=0.0, kd_temperature=1.0)
     ctx = set_search_context(rest, 1.0, jax.random.key(1), False)
-    w_opt, g_opt, s_opt = w_tx.init(weights), g_tx.init(gates), single_tx.init((weights, gates))
+    w_opt, g_opt, s_opt = w_tx.init(weights), g_tx.init(gates), steps.single_tx.init((weights, gates))
     key, tau = jax.random.key(0), jnp.float32(1.0)
-
-    def bilevel():  # what one search iteration costs: budget price + weight step + gate step
-        mu = price(weights, gates, ctx, tau)
-        c = set_search_context(rest, tau, key, False, mu)
-        w, _wo, _ = weight_step(weights, gates, w_opt, c, batch, key, None)
-        return gate_step(w, gates, g_opt, c, batch, key, tau)
-
+    # what one search iteration costs (`search_iteration`): budget price + weight step + gate step
+    every_step_gate = cfg.search.model_copy(update={"mode": "bilevel", "warmup_steps": 0, "gate_every": 1,
+                                                    "gumbel": False})
+    state = {"w.": weights, "g.": gates, "opt.": (w_opt, g_opt)}
     fns = {
         "fp32_step": _fp32_train_step(model, cfg, batch),
-        "supernet_weight_step": lambda: weight_step(weights, gates, w_opt, ctx, batch, key, None),
-        "budget_price": lambda: price(weights, gates, ctx, tau),
-        "bilevel_step": bilevel,
-        "single_level_step": lambda: single_step(weights, gates, s_opt, ctx, batch, key, None, tau),
+        "supernet_weight_step": lambda: steps.weight(weights, gates, w_opt, ctx, batch, key, None),
+        "budget_price": lambda: steps.price(weights, gates, ctx, tau),
+        "bilevel_step": lambda: search_iteration(steps, every_step_gate, state, 0, 1000, batch, batch, key, rest)[:2],
+        "single_level_step": lambda: steps.single(weights, gates, s_opt, ctx, batch, key, None, tau),
     }
     t = time_interleaved(fns, repeats)
     base = t["fp32_step"]

@@ -21,6 +21,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from pydantic import ValidationError
 from nasq.config import Config
 from nasq.errors import NasqError, validation_problems
 from nasq.io import check_output_path, mark_nasq_made, read_json, read_yaml, write_atomic
+from nasq.tree import flatten, unflatten_like
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -234,3 +236,70 @@ def check_finite(step: int, **values: float) -> None:
             f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped. The last good "
             "checkpoint is kept: lower the learning rate and start again (--overwrite), or continue from the last checkpoint with --resume --set train.lr=..."
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training-loop skeleton shared by fine-tuning / QAT (`nasq.train.finetune`) and the search
+# (`nasq.search.loop`): one resume, one log / eval / checkpoint cadence, one finiteness check, one progress bar.
+
+TrainState = dict[str, Any]
+"""What a loop checkpoints: ``{prefix: pytree}``, e.g. ``{"params.": params, "opt.": opt_state}``; every leaf is
+saved under ``prefix + its flattened path`` (`nasq.tree.flatten`), so the prefixes name the checkpoint's keys."""
+
+
+def state_arrays(state: TrainState) -> dict[str, Any]:
+    """The flat ``{name: array}`` a checkpoint stores for ``state``."""
+    return {k: v for prefix, tree in state.items() for k, v in flatten(tree, prefix).items()}
+
+
+def resume_state(run: RunDir, state: TrainState, total: int, log=print) -> tuple[TrainState, int]:
+    """``(state, step)`` from the run's latest checkpoint (same structure, shapes and dtypes as ``state``), or
+    ``(state, 0)`` unchanged when it has none; metrics logged after that step are dropped."""
+    flat, start = run.resume(state_arrays(state), total, log)
+    if flat is None:
+        return state, 0
+    return {prefix: unflatten_like(tree, flat, prefix) for prefix, tree in state.items()}, start
+
+
+def save_state(run: RunDir, state: TrainState, step: int) -> None:
+    run.save_checkpoint(step, state_arrays(state), {"step": step})
+
+
+def train_loop(run: RunDir, state: TrainState, batches: Iterable[tuple[int, int, Any]],
+               step_fn: Callable[[TrainState, int, Any], tuple[TrainState, dict]], *, total: int, start: int,
+               cadence: Cadence, desc: str,
+               record: Callable[[TrainState, int, dict[str, float]], tuple[dict, dict]],
+               evaluate: Callable[[TrainState], dict] | None = None,
+               on_checkpoint: Callable[[TrainState, int], None] | None = None) -> tuple[TrainState, float]:
+    """Run ``step_fn`` on ``batches`` (``(step, epoch, batch)``, from ``start``) up to ``total`` steps; returns
+    the final state and the wall seconds. For every finished step ``done = step + 1``, in this order:
+
+    * log (``cadence.log_due``): the step's metrics as floats go to ``record(state, done, metrics)``, which returns
+      ``(fields, progress postfix)``; every numeric field must be finite (else `NasqError`, before any checkpoint
+      of that state), and ``{"step", "epoch", **fields, "elapsed_s"}`` is appended to metrics.jsonl;
+    * ``evaluate(state)`` every ``cadence.eval_every`` steps, logged as a ``"split": "dev"`` record;
+    * checkpoint (``cadence.checkpoint_due``), then ``on_checkpoint(state, done)``.
+
+    The caller saves the last step (it usually finalises the state first)."""
+    bar = Progress(total, start, desc=desc)
+    t0 = time.time()
+    for step, epoch, batch in batches:
+        if step >= total:
+            break
+        state, m = step_fn(state, step, batch)
+        done = step + 1
+        ckpt_due = cadence.checkpoint_due(done)
+        if cadence.log_due(done):
+            fields, postfix = record(state, done, {k: float(v) for k, v in m.items()})
+            check_finite(done, **{k: v for k, v in fields.items() if isinstance(v, (int, float))})
+            run.log({"step": done, "epoch": epoch, **fields, "elapsed_s": round(time.time() - t0, 2)})
+            bar.update(done - bar.bar.n, **postfix)
+        if evaluate is not None and cadence.eval_due(done):
+            run.log({"step": done, "split": "dev", **evaluate(state)})
+        if ckpt_due:
+            save_state(run, state, done)
+            if on_checkpoint is not None:
+                on_checkpoint(state, done)
+            cadence.last_checkpoint = done
+    bar.close()
+    return state, time.time() - t0

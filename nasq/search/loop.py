@@ -29,9 +29,9 @@ fixed point each step; `lambda` in the metrics is mu*. Temperature anneals geome
 from __future__ import annotations
 
 import dataclasses
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nasq.config import Config
+from nasq.config import Config, SearchConfig
 from nasq.contract import cost as costlib
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.search_result import SearchResult
@@ -53,8 +53,7 @@ from nasq.models.surgery import linear_shapes, model_param_shapes
 from nasq.objectives import kd_loss, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
-from nasq.run import Cadence, Progress, RunDir, check_finite, run_finished
-from nasq.tree import flatten, unflatten_like
+from nasq.run import Cadence, RunDir, TrainState, resume_state, run_finished, save_state, train_loop
 
 
 def solve_price(alphas: list[jax.Array], costs: list[jax.Array], tables: list[jax.Array], tau, budget: float,
@@ -155,8 +154,19 @@ def gate_entropy(probs: list[jax.Array]) -> jax.Array:
     return jnp.concatenate(ent).mean()
 
 
+class SearchSteps(NamedTuple):
+    """The jitted pieces of one search iteration over the split supernet state (`build_steps`)."""
+
+    weight: Callable   # (weights, gates, w_opt, ctx, batch, key, teacher_logits) -> (weights, w_opt, metrics)
+    gate: Callable     # (weights, gates, g_opt, ctx, held-out batch, key, tau) -> (gates, g_opt, metrics)
+    single: Callable   # (weights, gates, opt, ctx, batch, key, teacher_logits, tau) -> (weights, gates, opt, metrics)
+    single_tx: optax.GradientTransformation  # the single-level optimizer over (weights, gates)
+    expected_cost: Callable  # gate probabilities -> E[cost]
+    price: Callable    # (weights, gates, ctx, tau) -> mu*, the budget's dual price
+
+
 def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: bool, kd_beta: float,
-                kd_temperature: float):
+                kd_temperature: float) -> SearchSteps:
     """Jitted weight / gate / single-level steps over the split supernet state."""
     tables = [jnp.asarray(t, jnp.float32) for t in problem.cost_tables]
 
@@ -225,7 +235,29 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
     single_tx = optax.partition(
         {"weights": w_tx, "gates": g_tx},
         lambda wg: (jax.tree.map(lambda _: "weights", wg[0]), jax.tree.map(lambda _: "gates", wg[1])))
-    return weight_step, gate_step, single_step, single_tx, expected_cost, price
+    return SearchSteps(weight_step, gate_step, single_step, single_tx, expected_cost, price)
+
+
+def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step: int, total: int, batch, hbatch,
+                     key: jax.Array, rest, teacher_logits=None) -> tuple[TrainState, dict, Any]:
+    """One search step on ``state = {"w.": weights, "g.": gates, "opt.": optimizer state}``: ``(state, metrics,
+    the step's search context)``. The temperature ``tau_t`` and the price ``mu*`` are set first (the context the
+    step trains under); bi-level mode then takes a weight step on ``batch`` and, after ``s.warmup_steps`` and every
+    ``s.gate_every``-th step, a gate step on the held-out ``hbatch``; single-level mode one joint step."""
+    weights, gates, opt = state["w."], state["g."], state["opt."]
+    tau = temperature(step, total, s.tau_start, s.tau_end)
+    mu = fns.price(weights, gates, rest, jnp.float32(tau))
+    ctx = set_search_context(rest, tau, jax.random.fold_in(key, 1), s.gumbel, mu)
+    if s.mode == "bilevel":
+        w_opt, g_opt = opt
+        weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits)
+        if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
+            gates, g_opt, mg = fns.gate(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau))
+            m = {**m, **mg}
+        opt = (w_opt, g_opt)
+    else:
+        weights, gates, opt, m = fns.single(weights, gates, opt, ctx, batch, key, teacher_logits, jnp.float32(tau))
+    return {"w.": weights, "g.": gates, "opt.": opt}, {"tau": tau, "lambda": mu, **m}, ctx
 
 
 def search_optimizers(cfg: Config, steps: int):
@@ -267,22 +299,14 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     steps = total_steps(cfg.train, data)
     w_tx, g_tx = search_optimizers(cfg, steps)
-    weight_step, gate_step, single_step, single_tx, expected_cost, price = build_steps(
-        graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression, kd_beta=cfg.kd.beta,
-        kd_temperature=cfg.kd.temperature)
-    weight_step, gate_step, single_step, price = map(dp.wrap, (weight_step, gate_step, single_step, price))
-    if s.mode == "bilevel":
-        opt = (w_tx.init(weights), g_tx.init(gates))
-    else:
-        opt = single_tx.init((weights, gates))
-    start = 0
+    fns = build_steps(graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression,
+                      kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature)
+    fns = fns._replace(**{k: dp.wrap(getattr(fns, k)) for k in ("weight", "gate", "single", "price")})
+    opt = (w_tx.init(weights), g_tx.init(gates)) if s.mode == "bilevel" else fns.single_tx.init((weights, gates))
+    state, start = {"w.": weights, "g.": gates, "opt.": opt}, 0
     if resume:
-        flat, start = run.resume({**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")}, steps,
-                                 log)
-        if flat is not None:
-            weights, gates = unflatten_like(weights, flat, "w."), unflatten_like(gates, flat, "g.")
-            opt = unflatten_like(opt, flat, "opt.")
-    weights, gates, opt = dp.replicate((weights, gates, opt))  # identity unless data_parallel > 1
+        state, start = resume_state(run, state, steps, log)
+    state = dp.replicate(state)  # identity unless data_parallel > 1
     teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
         teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
@@ -296,61 +320,43 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     bs = cfg.train.batch_size
     train_it = iterate_batches(data.train, bs, data.buckets, cfg.train.seed, start_step=start)
     held_it = iterate_batches(data.heldout, bs, data.buckets, cfg.train.seed + 1, start_step=start)
-    bar = Progress(steps, start, desc="search")
-    t0 = time.time()
-    cadence = Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, last_checkpoint=start)
+    batches = ((step, epoch, (batch, hbatch)) for (step, epoch, batch), (_, _, hbatch) in zip(train_it, held_it))
     unit = 1e6 if problem.cost_kind == "size" else 1.0
-    for (step, epoch, batch), (_, _, hbatch) in zip(train_it, held_it):
-        if step >= steps:
-            break
-        tau = temperature(step, steps, s.tau_start, s.tau_end)
-        key = jax.random.fold_in(base_key, step)
-        mu = price(weights, gates, rest, jnp.float32(tau))
-        ctx = set_search_context(rest, tau, jax.random.fold_in(key, 1), s.gumbel, mu)
+    last_ctx = [rest]  # the search context (temperature, noise, price) of the latest step
+
+    def step_fn(state, step, batches):
+        batch, hbatch = batches
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
         batch, hbatch, tl = dp.shard((batch, hbatch, tl))
-        if s.mode == "bilevel":
-            w_opt, g_opt = opt
-            weights, w_opt, m = weight_step(weights, gates, w_opt, ctx, batch, key, tl)
-            if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
-                gates, g_opt, mg = gate_step(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau))
-                m = {**m, **mg}
-            opt = (w_opt, g_opt)
-        else:
-            weights, gates, opt, m = single_step(weights, gates, opt, ctx, batch, key, tl, jnp.float32(tau))
-        done = step + 1
-        ckpt_due = cadence.checkpoint_due(done)
-        if cadence.log_due(done):  # check finiteness before checkpoints
-            if "expected_cost" not in m:  # no gate step this step (warm-up, or between gate_every steps)
-                m["expected_cost"] = expected_cost([g.probs(noise=False) for g in gated_modules(
-                    nnx.merge(graphdef, weights, gates, ctx))])
-            m = {k: float(v) for k, v in m.items()}
-            e = m["expected_cost"]
-            check_finite(done, **m)
-            rec = {"step": done, "epoch": epoch, "tau": tau, "lambda": float(mu), **m,
-                   "cost_ratio": e / problem.cost_budget, "elapsed_s": round(time.time() - t0, 2)}
-            if problem.cost_kind == "size":
-                rec["expected_mb"] = e / 1e6
-                rec["budget_mb"] = problem.cost_budget / 1e6
-            run.log(rec)
-            bar.update(done - bar.bar.n, loss=m["task_loss"], E=f"{e / unit:.4g}",
-                       budget=f"{problem.cost_budget / unit:.4g}", mu=float(mu), tau=tau)
-        if ckpt_due:
-            run.save_checkpoint(done, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
-                                {"step": done})
-            write_result(run, problem, cfg, data, nnx.merge(graphdef, weights, gates, ctx), done)
-            cadence.last_checkpoint = done
-    bar.close()
+        state, m, last_ctx[0] = search_iteration(fns, s, state, step, steps, batch, hbatch,
+                                                 jax.random.fold_in(base_key, step), rest, tl)
+        return state, m
+
+    def record(state, done, m):
+        if "expected_cost" not in m:  # no gate step this step (warm-up, or between gate_every steps)
+            m["expected_cost"] = float(fns.expected_cost([g.probs(noise=False) for g in gated_modules(
+                nnx.merge(graphdef, state["w."], state["g."], last_ctx[0]))]))
+        e = m["expected_cost"]
+        fields = {**m, "cost_ratio": e / problem.cost_budget}
+        if problem.cost_kind == "size":
+            fields.update(expected_mb=e / 1e6, budget_mb=problem.cost_budget / 1e6)
+        return fields, {"loss": m["task_loss"], "E": f"{e / unit:.4g}", "budget": f"{problem.cost_budget / unit:.4g}",
+                        "mu": m["lambda"], "tau": m["tau"]}
+
+    def on_checkpoint(state, done):
+        write_result(run, problem, cfg, data, nnx.merge(graphdef, state["w."], state["g."], last_ctx[0]), done)
+
+    state, wall = train_loop(run, state, batches, step_fn, total=steps, start=start, desc="search", record=record,
+                             on_checkpoint=on_checkpoint,
+                             cadence=Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every,
+                                             last_checkpoint=start))
     # Final state at the final temperature and its price, no noise.
     tau = jnp.float32(temperature(steps, steps, s.tau_start, s.tau_end))
-    mu = price(weights, gates, rest, tau)
-    ctx = set_search_context(rest, tau, base_key, False, mu)
-    final = nnx.merge(graphdef, weights, gates, ctx)
-    run.save_checkpoint(steps, {**flatten(weights, "w."), **flatten(gates, "g."), **flatten(opt, "opt.")},
-                        {"step": steps})
+    mu = fns.price(state["w."], state["g."], rest, tau)
+    final = nnx.merge(graphdef, state["w."], state["g."], set_search_context(rest, tau, base_key, False, mu))
+    save_state(run, state, steps)
     write_result(run, problem, cfg, data, final, steps)
-    e_final = float(expected_cost([g.probs(noise=False) for g in gated_modules(final)]))
-    wall = time.time() - t0
+    e_final = float(fns.expected_cost([g.probs(noise=False) for g in gated_modules(final)]))
     run.write_info(status="done", wall_s=round(wall, 1), s_per_step=round(wall / max(steps - start, 1), 4),
                    expected_cost=e_final, final_price=float(mu), cost_budget=problem.cost_budget,
                    cost_ratio=e_final / problem.cost_budget)

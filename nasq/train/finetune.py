@@ -7,7 +7,6 @@ Teacher logits are computed once for the training rows and cached (the teacher i
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -27,9 +26,8 @@ from nasq.models.loading import load_pretrained
 from nasq.objectives import hidden_kd_loss, kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.apply import apply_plan
-from nasq.run import Cadence, Progress, RunDir, check_finite, run_finished
+from nasq.run import Cadence, RunDir, resume_state, run_finished, save_state, train_loop
 from nasq.search.restore import inherit_search_weights
-from nasq.tree import flatten, unflatten_like
 
 
 def build_student(cfg: Config, data: TaskData, log=print) -> tuple[nnx.Module, dict | None]:
@@ -144,58 +142,44 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     steps = total_steps(cfg.train, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = weight_optimizer(cfg.train, steps)
-    opt_state = tx.init(params)
-    start = 0
+    state, start = {"params.": params, "opt.": tx.init(params)}, 0
     if resume:
-        flat, start = run.resume({**flatten(params, "params."), **flatten(opt_state, "opt.")}, steps, log)
-        if flat is not None:
-            params, opt_state = unflatten_like(params, flat, "params."), unflatten_like(opt_state, flat, "opt.")
-    params, opt_state = dp.replicate((params, opt_state))  # identity unless data_parallel > 1
+        state, start = resume_state(run, state, steps, log)
+    state = dp.replicate(state)  # identity unless data_parallel > 1
     teacher = teacher_logits_for(cfg, data, None if hidden_teacher is None else nnx.merge(*hidden_teacher))
     teacher_state = None if hidden_teacher is None else dp.replicate(hidden_teacher[1])
-    step_fn = make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
-                              kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature,
-                              hidden_beta=cfg.kd.hidden_beta,
-                              teacher_graphdef=None if hidden_teacher is None else hidden_teacher[0])
-    step_fn = dp.wrap(step_fn)
+    train_step = dp.wrap(make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
+                                         kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature,
+                                         hidden_beta=cfg.kd.hidden_beta,
+                                         teacher_graphdef=None if hidden_teacher is None else hidden_teacher[0]))
     schedule = lr_schedule(cfg.train, steps)
     base_key = jax.random.key(cfg.train.seed)
     run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
                    train_rows=len(data.train), status="running")
-    bar = Progress(steps, start, desc=kind)
-    t0 = time.time()
-    cadence = Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, start)
-    step = start
-    batches = iterate_batches(data.train, cfg.train.batch_size, data.buckets, cfg.train.seed, start_step=start)
-    for step, epoch, batch in batches:
-        if step >= steps:
-            break
+
+    def step_fn(state, step, batch):
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
         batch, tl = dp.shard((batch, tl))
-        params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), tl,
-                                       teacher_state)
-        done = step + 1
-        ckpt_due = cadence.checkpoint_due(done)
-        if cadence.log_due(done):
-            m = {k: float(v) for k, v in m.items()}
-            check_finite(done, **m)  # never checkpoint non-finite state
-            run.log({"step": done, "epoch": epoch, "lr": float(schedule(step)), **m,
-                     "elapsed_s": round(time.time() - t0, 2)})
-            bar.update(done - bar.bar.n, loss=m["loss"], lr=float(schedule(step)))
-        if cadence.eval_due(done):
-            ev = evaluate(nnx.merge(graphdef, params, rest), data, cfg.data.eval_batch_size, shard=dp.shard)
-            run.log({"step": done, "split": "dev", **ev})
-        if ckpt_due:
-            run.save_checkpoint(done, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": done})
-            cadence.last_checkpoint = done
-    bar.close()
-    model = nnx.merge(graphdef, params, rest)
-    wall = time.time() - t0
+        params, opt_state, m = train_step(state["params."], state["opt."], batch, jax.random.fold_in(base_key, step),
+                                          tl, teacher_state)
+        return {"params.": params, "opt.": opt_state}, m
+
+    def record(state, done, m):
+        lr = float(schedule(done - 1))
+        return {"lr": lr, **m}, {"loss": m["loss"], "lr": lr}
+
+    batches = iterate_batches(data.train, cfg.train.batch_size, data.buckets, cfg.train.seed, start_step=start)
+    state, wall = train_loop(
+        run, state, batches, step_fn, total=steps, start=start, desc=kind, record=record,
+        cadence=Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, start),
+        evaluate=lambda st: evaluate(nnx.merge(graphdef, st["params."], rest), data, cfg.data.eval_batch_size,
+                                     shard=dp.shard))
+    model = nnx.merge(graphdef, state["params."], rest)
     ev = evaluate(model, data, cfg.data.eval_batch_size, shard=dp.shard)
     run.log({"step": steps, "split": "dev", **ev})
     save_model_dir(run.path / "model", model, source_model_dir=data.model_dir, num_labels=data.task.num_labels,
                    task=data.task.name, plan=plan)
-    run.save_checkpoint(steps, {**flatten(params, "params."), **flatten(opt_state, "opt.")}, {"step": steps})
+    save_state(run, state, steps)
     trained = steps - start
     run.write_info(status="done", dev=ev, wall_s=round(wall, 1),
                    s_per_step=round(wall / max(trained, 1), 4))
