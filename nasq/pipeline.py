@@ -140,6 +140,39 @@ def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, d
     return {**preset, "common": common}
 
 
+def pipeline_configs(preset: dict, user_layers: list[tuple[str, dict]], out: Path, teacher: str | None,
+                     log=print) -> dict[str, Config]:
+    """Every stage's config (``finetune``, ``search``, ``qat``, ``eval``), the preset fitted to the task first;
+    the search and QAT distil from ``teacher`` (default ``OUT/teacher``), QAT trains ``OUT/plan.json``."""
+    teacher_dir = str(out / "teacher") if teacher is None else teacher
+    p = fit_preset_to_task(preset, stage_config(preset, "finetune", user_layers), user_layers, log)
+    return {"finetune": stage_config(p, "finetune", user_layers),
+            "search": stage_config(p, "search", user_layers, {"kd": {"teacher": teacher_dir}}),
+            "qat": stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher_dir},
+                                                        "plan": str(out / "plan.json")}),
+            "eval": stage_config(p, "qat", user_layers)}
+
+
+def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, plan: Plan) -> dict:
+    """The summary's dev metrics: the teacher, the fake-quant QAT model and the integer artifact, their prediction
+    agreement, and the plan's / artifact's sizes."""
+    manifest = read_manifest(art)
+    data = load_task_data(cfg, model_dir=qat_dir / "model")
+    cmp = compare_with_run(qat_dir, art, cfg, data=data)
+    teacher_model, _ = load_model_dir(teacher)
+    return {
+        "task": cmp["task"], "dev_rows": cmp["dev_rows"],
+        "teacher": evaluate(teacher_model, data, cfg.data.eval_batch_size),
+        "fake_quant": cmp["fake_quant"], "int_artifact": cmp["int_artifact"],
+        "fake_quant_vs_int_agreement": cmp.get("prediction_agreement"),
+        "max_abs_logit_diff_fake_vs_int": cmp["max_abs_logit_diff"],
+        "plan_totals": plan.totals, "budget": plan.budget,
+        "artifact_tensor_bytes": manifest.get("tensor_bytes"),
+        "predicted_bytes": manifest.get("predicted_bytes"),
+        "artifact_vs_predicted": manifest.get("payload_vs_predicted"),
+    }
+
+
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     if preset not in PRESETS:
@@ -148,13 +181,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     user_layers = user_layers or []
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
-    teacher_dir = str(out / "teacher") if teacher is None else teacher
-    p = fit_preset_to_task(p, stage_config(p, "finetune", user_layers), user_layers, log)
-    configs = {"finetune": stage_config(p, "finetune", user_layers),
-               "search": stage_config(p, "search", user_layers, {"kd": {"teacher": teacher_dir}}),
-               "qat": stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher_dir},
-                                                           "plan": str(out / "plan.json")}),
-               "eval": stage_config(p, "qat", user_layers)}
+    configs = pipeline_configs(p, user_layers, out, teacher, log)
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:
@@ -169,7 +196,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     # 1. fp32 teacher
     t0 = time.time()
     if teacher is None:
-        teacher = teacher_dir
+        teacher = str(out / "teacher")
         if not output_complete("run", teacher):
             log(f"[1/6] fp32 fine-tune -> {teacher}")
             finetune(configs["finetune"], teacher, resume=resume and (Path(teacher) / "config.yaml").is_file(),
@@ -204,27 +231,12 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     if not output_complete("export", art):
         log(f"[5/6] export -> {art}")
         export_artifact(qat_dir, art, overwrite=True, eval_config=configs["eval"])  # the card gets int metrics
-    manifest = read_manifest(art)
 
     # 6. eval: teacher, fake-quant QAT model, integer artifact; agreement of fake-quant vs int predictions
     log("[6/6] eval (dev set)")
-    cfg = configs["eval"]
-    data = load_task_data(cfg, model_dir=qat_dir / "model")
-    cmp = compare_with_run(qat_dir, art, cfg, data=data)
-    teacher_model, _ = load_model_dir(teacher)
-    teacher_metrics = evaluate(teacher_model, data, cfg.data.eval_batch_size)
-    summary = {
-        "preset": preset, "task": cmp["task"], "dev_rows": cmp["dev_rows"],
-        "teacher": teacher_metrics, "fake_quant": cmp["fake_quant"], "int_artifact": cmp["int_artifact"],
-        "fake_quant_vs_int_agreement": cmp.get("prediction_agreement"),
-        "max_abs_logit_diff_fake_vs_int": cmp["max_abs_logit_diff"],
-        "plan_totals": plan.totals, "budget": plan.budget,
-        "artifact_tensor_bytes": manifest.get("tensor_bytes"),
-        "predicted_bytes": manifest.get("predicted_bytes"),
-        "artifact_vs_predicted": manifest.get("payload_vs_predicted"),
-        "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
-        "created": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    summary = {"preset": preset, **evaluate_stages(configs["eval"], teacher, qat_dir, art, plan),
+               "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
+               "created": time.strftime("%Y-%m-%d %H:%M")}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     log(json.dumps({k: summary[k] for k in ("teacher", "fake_quant", "int_artifact", "fake_quant_vs_int_agreement",
                                             "artifact_vs_predicted")}, indent=2))
