@@ -37,3 +37,11 @@ def tiny(tiny_model_dir):
     space = load_space("tiny")
     tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
     return model, space, tensors
+
+
+@pytest.fixture(scope="module")
+def grid_config(tmp_path_factory, tiny_model_dir, glue_dir):
+    """The tiny grid of tests/grid_support.py: (directory, grid.yaml path)."""
+    from grid_support import make_grid_config
+
+    return make_grid_config(tmp_path_factory, tiny_model_dir, glue_dir)

@@ -1,75 +1,13 @@
 """experiments/grid.py end to end on a tiny grid: tiny BERT, SST-2 cut to 64 rows, one budget, fp32 + uniform + nasq
 (2-3 steps per stage), then a rerun that recomputes nothing and a --collect-only rebuild of the table."""
 
-import csv
 import functools
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-GRID = REPO / "experiments" / "grid.py"
-TRAIN_COMMANDS = ("nasq finetune", "nasq search", "nasq baseline", "nasq finalize", "nasq export", "nasq eval")
-
-
-def _grid_module():
-    spec = importlib.util.spec_from_file_location("grid", GRID)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["grid"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _mini_glue(src: Path, dst: Path, rows: int = 64) -> Path:
-    (dst / "SST-2").mkdir(parents=True)
-    for name in ("train.tsv", "dev.tsv"):
-        lines = (src / "SST-2" / name).read_text().splitlines(keepends=True)
-        (dst / "SST-2" / name).write_text("".join(lines[: rows + 1]))
-    return dst
-
-
-def _grid(*args: str, cache: Path, rc: int = 0) -> subprocess.CompletedProcess:
-    # a persistent compilation cache shared by the tiny grid's ~10 nasq processes (halves the test's time)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NASQ_NO_PROGRESS": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    r = subprocess.run([sys.executable, str(GRID), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       check=False, timeout=900)
-    assert r.returncode == rc, r.stdout[-4000:] + r.stderr[-4000:]
-    return r
-
-
-def _rows(path: Path) -> dict[tuple[str, str, str], dict]:
-    with path.open(newline="") as f:
-        return {(r["task"], r["budget"], r["method"]): r for r in csv.DictReader(f)}
-
-
-@pytest.fixture(scope="module")
-def grid_config(tmp_path_factory, tiny_model_dir, glue_dir):
-    tmp = tmp_path_factory.mktemp("grid")
-    cfg = {
-        "model": str(tiny_model_dir),
-        "data_dir": str(_mini_glue(glue_dir, tmp / "glue")),
-        "seed": 0,
-        "tasks": ["sst2"],
-        "common": {"set": {"model.max_len": 32, "data.buckets": [32], "train.log_every": 1}},
-        "stages": {
-            "finetune": {"max_steps": 3, "train_subset": 64, "lr": 1e-3},
-            "search": {"max_steps": 3, "train_subset": 64, "lr": 1e-4, "set": {"data.heldout": 0.25}},
-            "qat": {"max_steps": 2, "train_subset": 64},
-        },
-        "budgets": {"avg2": {"avg_bits": 2, "space": "tiny", "uniform": {"bits": 2}}},
-        "methods": ["fp32", "uniform", "random", "nasq"],
-    }
-    path = tmp / "grid.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return tmp, path
+from grid_support import REPO, TRAIN_COMMANDS, _grid, _grid_module, _rows
 
 
 @pytest.mark.slow
@@ -288,27 +226,6 @@ def test_ray_scheduling_helpers(tmp_path):
         with pytest.raises(grid.GridError, match="resources"):
             grid.load_grid(bad)
     assert grid.main(["--config", str(good), "--runs", str(tmp_path / "r"), "--ray", "--dry-run"]) == 2
-
-
-@pytest.mark.slow
-def test_grid_on_ray(grid_config):
-    """The same grid on an embedded local Ray: every stage a Ray task (1 CPU each here), the same outputs and
-    results as without Ray; a second run finds everything done."""
-    pytest.importorskip("ray")
-    tmp, cfg = grid_config
-    runs, results = tmp / "runs_ray", tmp / "results_ray"
-    common = ["--config", str(cfg), "--runs", str(runs), "--results", str(results), "--no-plot", "--ray",
-              "--cpus-per-stage", "1", "--only", "method=fp32|uniform"]
-    r = _grid(*common, cache=tmp / "jax_cache")
-    assert "ray" in r.stdout and "0 failed" in r.stdout
-    cell = runs / "sst2" / "avg2"
-    ev = json.loads((cell / "uniform" / "eval.json").read_text())
-    assert {"fake_quant", "int_artifact", "prediction_agreement"} <= set(ev)
-    timing = json.loads((cell / "uniform" / "timing.json").read_text())
-    assert set(timing) == {"plan", "qat", "export", "eval"} and all(t["rc"] == 0 for t in timing.values())
-    assert _rows(results / "results.csv")[("sst2", "avg2", "uniform")]["status"] == "done"
-    r = _grid(*common, cache=tmp / "jax_cache")
-    assert "end: 0 command(s) run, 0 failed" in r.stdout
 
 
 def test_dev_curve_reads_eval_records(tmp_path):
