@@ -81,7 +81,7 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "hessian", "random", "nasq")
+METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq")
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -159,7 +159,7 @@ def load_grid(path: Path) -> dict:
         where = f"{path}: `budgets.{name}`"
         if not isinstance(b, dict):
             raise GridError(f"{where} must be a mapping")
-        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform"}:
+        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform", "rule"}:
             raise GridError(f"{where}: unknown keys {sorted(extra)}")
         if sum(k in b for k in ("avg_bits", "budget_mb", "ratio")) != 1:
             raise GridError(f"{where}: give exactly one of avg_bits / budget_mb / ratio")
@@ -174,6 +174,13 @@ def load_grid(path: Path) -> dict:
                 raise GridError(f"{where}.uniform: unknown keys {sorted(extra)}")
             if "skip" not in u and not isinstance(u.get("bits"), int):
                 raise GridError(f"{where}.uniform.bits: an integer bit width is required")
+        r = b.get("rule")  # a hand allocation by module type: `nasq baseline rule` (no rule: the cell is skipped)
+        if r is not None and (not isinstance(r, dict) or set(r) - {"bits", "rule_bits", "note"}
+                              or not isinstance(r.get("bits"), int) or not isinstance(r.get("rule_bits"), dict)
+                              or not r["rule_bits"]
+                              or not all(isinstance(v, int) and not isinstance(v, bool) for v in r["rule_bits"].values())):
+            raise GridError(f"{where}.rule must be {{bits: B, rule_bits: {{RULE: BITS, ...}}, note}} (the space's "
+                            "rules by name), e.g. {bits: 2, rule_bits: {attention_qkv: 3, attention_output: 3}}")
     # uniform.same_as: another budget's uniform cell is this one (run once). It asserts that both budgets' uniform
     # plans are the same: checked here are the bits; the spaces must cover the same tensors in the same row
     # groups (aqbert_128g and its _w234 / _w1234 variants do), which needs the model to check, so it is on the
@@ -380,6 +387,17 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         setf = recipe_flags({"set": cfg["common"].get("set")}, None)
         c.stages.append(Stage("plan", ["nasq", "baseline", "uniform", "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(u["bits"]), *bflags, *setf, "--out", str(plan)], plan, "plan"))
+    elif method == "rule":
+        r = b.get("rule")
+        if r is None:
+            c.skip = "no `rule` for this budget in the config"
+            return c
+        c.note = str(r.get("note", ""))
+        rb = ",".join(f"{k}={_fmt(v)}" for k, v in r["rule_bits"].items())
+        setf = recipe_flags({"set": cfg["common"].get("set")}, None)
+        c.stages.append(Stage("plan", ["nasq", "baseline", "rule", "--teacher", teacher, *common, "--space", space,
+                                       "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
+                                       "--out", str(plan)], plan, "plan"))
     elif method in ("hessian", "random"):
         if method == "hessian":
             h = recipe(cfg, task, "hessian")

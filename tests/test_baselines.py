@@ -11,6 +11,7 @@ from nasq.baselines.allocators import (
     group_magnitudes,
     magnitude_allocation,
     random_allocation,
+    rule_allocation,
     uniform_allocation,
 )
 from nasq.baselines.hessian import (
@@ -118,6 +119,21 @@ def test_uniform_bits_must_be_a_choice(tensors):
         uniform_allocation(tensors, 3)
     t3 = [_t("encoder.a", 8, 16, 2, (0, 3, 4)), _t("encoder.b", 4, 8, 4, (3,))]
     assert uniform_allocation(t3, 3) == [(3, 3), (3, 3, 3, 3)]
+
+
+def test_rule_puts_each_rule_at_its_width(tensors):
+    rules = sorted({t.rule for t in tensors})
+    assert rules == ["attention", "ffn"]
+    bits = rule_allocation(tensors, 2, {"attention": 4})
+    assert all(set(b) == {4 if t.rule == "attention" else 2} for t, b in zip(tensors, bits))
+    size = plan_size_bytes(tensors, bits)
+    assert plan_size_bytes(tensors, uniform_allocation(tensors, 2)) < size < plan_size_bytes(
+        tensors, uniform_allocation(tensors, 4))
+    assert rule_allocation(tensors, 4, {"attention": 4, "ffn": 4}) == uniform_allocation(tensors, 4)
+    with pytest.raises(NasqError, match=r"no rule 'mlp'.*\['attention', 'ffn'\]"):
+        rule_allocation(tensors, 2, {"mlp": 4})
+    with pytest.raises(NasqError, match=r"rule 'attention'.*\[0, 2, 4, 8\].*not 3"):
+        rule_allocation(tensors, 2, {"attention": 3})
 
 
 # ------------------------------------------------------------------------------------------------ random
@@ -242,18 +258,21 @@ def test_group_traces_on_tiny_model(model, tensors, task_data):
 # ------------------------------------------------------------------------------------------------ plans
 
 
-@pytest.mark.parametrize("method", ["uniform", "random", "magnitude", "hessian"])
+@pytest.mark.parametrize("method", ["uniform", "rule", "random", "magnitude", "hessian"])
 def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_dir, task_data, tmp_path):
     cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=3)
     budget = baseline_budget(cfg, model)
     plan = baseline_plan(method, model, task_data if method == "hessian" else None, cfg, budget,
-                         bits=2 if method == "uniform" else 8, n_batches=1, n_probes=1)
+                         bits=2 if method in ("uniform", "rule") else 8, rule_bits={"attention": 4},
+                         n_batches=1, n_probes=1)
     plan.save(tmp_path / "plan.json")
     p = Plan.load(tmp_path / "plan.json")
     assert p.provenance["method"] == method
     assert p.totals["within_budget"] is True
     assert p.totals["searched_bytes"] <= budget.bytes == p.budget["bytes"]
-    if method != "uniform":  # the knapsack / pruning uses most of the budget
+    if method == "rule":
+        assert p.provenance["rule_bits"] == {"attention": 4} and p.provenance["bits"] == 2
+    if method not in ("uniform", "rule"):  # the knapsack / pruning uses most of the budget
         assert p.totals["searched_bytes"] > 0.9 * budget.bytes
 
 
@@ -265,6 +284,10 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("uniform", model, None, cfg, None)
     with pytest.raises(NasqError, match="over the budget"):
         baseline_plan("uniform", model, None, cfg, Budget(1000, "encoder", "test"), bits=8)
+    with pytest.raises(NasqError, match="rule widths"):
+        baseline_plan("rule", model, None, cfg, None, bits=2)
+    with pytest.raises(NasqError, match=r"rule \{'attention': 8\}, else 8 bits takes .* over the budget"):
+        baseline_plan("rule", model, None, cfg, Budget(1000, "encoder", "test"), bits=8, rule_bits={"attention": 8})
     with pytest.raises(NasqError, match="unknown baseline"):
         baseline_plan("foo", model, None, cfg, None)
     assert baseline_budget(cfg, model) is None
@@ -295,6 +318,19 @@ def test_cli_uniform_and_random(cli, tiny_model_dir, tmp_path, capsys):
                 str(tmp_path / "r.json")]) == 0
     r = Plan.load(tmp_path / "r.json")
     assert r.provenance["seed"] == 3 and r.totals["within_budget"]
+    assert cli(["baseline", "rule", *common, "--bits", "2", "--rule-bits", "attention=4", "--avg-bits", "4",
+                "--out", str(tmp_path / "h.json")]) == 0
+    h = Plan.load(tmp_path / "h.json")
+    assert {(t.path.split(".")[3], b) for t in h.tensors for b in t.bits} >= {("attention", 4), ("intermediate", 2)}
+    assert h.totals["within_budget"] and h.provenance["rule_bits"] == {"attention": 4}
+    for bad in ("attention", "attention=x", ","):
+        with pytest.raises(SystemExit) as e:
+            cli(["baseline", "rule", *common, "--bits", "2", "--rule-bits", bad, "--out", str(tmp_path / "x.json")])
+        assert e.value.code == 2
+    assert "RULE=BITS" in capsys.readouterr().err
+    assert cli(["baseline", "uniform", *common, "--bits", "2", "--rule-bits", "attention=4",
+                "--out", str(tmp_path / "x.json")]) == 2
+    assert "--rule-bits is for the rule baseline" in capsys.readouterr().err
 
 
 def test_cli_hessian(cli, tiny_model_dir, glue_dir, tmp_path):

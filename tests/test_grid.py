@@ -148,7 +148,12 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     quant = [c for c in cells if c.method != "fp32"]
-    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 4 * len(cfg["budgets"])
+    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 5 * len(cfg["budgets"])
+    rule = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "rule", 0))
+    plan_argv = rule.stages[0].argv
+    assert plan_argv[:3] == ["nasq", "baseline", "rule"] and "--avg-bits" in plan_argv
+    assert plan_argv[plan_argv.index("--rule-bits") + 1] == "attention_qkv=3,attention_output=3"
+    assert next(c for c in quant if (c.budget, c.method) == ("avg2", "rule")).skip  # no rule for avg2
 
     def steps(argv):
         return int(argv[argv.index("--max-steps") + 1])
@@ -179,8 +184,12 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert grid.mean_std([1.0])[1] is None
 
     bad = tmp_path / "bad.yaml"
+    raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
     for patch in ({"seeds": [0, 0]}, {"seeds": "0,1"}, {"protocol": {"equal_compute": "yes"}},
-                  {"protocol": {"fair": True}}):
+                  {"protocol": {"fair": True}},
+                  {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"], "rule": {"bits": 2}}}},
+                  {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"],
+                                                            "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}}):
         bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text()),
                                        **patch}))
         with pytest.raises(grid.GridError):

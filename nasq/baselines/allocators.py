@@ -2,6 +2,9 @@
 :func:`baseline_plan` turns it into the same ``plan.json`` search writes (:func:`nasq.contract.plan.make_plan`).
 
 * ``uniform``: every group at ``bits`` (a Q-BERT-style uniform baseline). Needs no budget.
+* ``rule``: a hand allocation by module type: every group of a space rule's tensors at that rule's width
+  (``rule_bits``, e.g. ``{"attention_qkv": 3, "attention_output": 3}``), the other rules at ``bits``: what a
+  person would write ("attention at 3 bits, the FFN at 2"). Needs no budget; a given budget must be met.
 * ``random``: random utilities fed to the exact knapsack of ``nasq finalize``
   (:func:`nasq.search.finalize.allocate`) under the budget. The utilities are random *and increasing in
   bytes* and *proportional to the group's weight count* ``n_g``: ``u_{g,c} = n_g * sum_{k <= c} e_{g,k}`` with
@@ -51,10 +54,11 @@ __all__ = [
     "magnitude_allocation",
     "random_allocation",
     "random_utilities",
+    "rule_allocation",
     "uniform_allocation",
 ]
 
-METHODS = ("uniform", "hessian", "random", "magnitude")
+METHODS = ("uniform", "rule", "hessian", "random", "magnitude")
 
 
 def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tuple[int, ...]]:
@@ -66,6 +70,22 @@ def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tup
                             f"{list(t.choices)} in this search space; pick one of them or use a space whose "
                             f"rules allow {bits}")
     return uniform_plan(tensors, bits)
+
+
+def rule_allocation(tensors: Sequence[SearchedTensor], bits: int, rule_bits: dict[str, int]) -> list[tuple[int, ...]]:
+    """Every group of a tensor at ``rule_bits[t.rule]``, ``bits`` for the rules not named; ``NasqError`` for a rule
+    the space does not have or a width a tensor may not take."""
+    rules = sorted({t.rule for t in tensors})
+    if unknown := sorted(set(rule_bits) - set(rules)):
+        raise NasqError(f"rule bits: the space has no rule {', '.join(map(repr, unknown))}; its rules are {rules}")
+    out = []
+    for t in tensors:
+        b = int(rule_bits.get(t.rule, bits))
+        if b not in t.choices:
+            raise NasqError(f"rule bits: tensor {t.path} (rule {t.rule!r}) may only take bits {list(t.choices)} in "
+                            f"this search space, not {b}")
+        out.append((b,) * t.num_groups)
+    return out
 
 
 def random_utilities(tensors: Sequence[SearchedTensor], seed: int) -> list[np.ndarray]:
@@ -169,6 +189,7 @@ def baseline_plan(
     budget: Budget | None,
     *,
     bits: int | None = None,
+    rule_bits: dict[str, int] | None = None,
     seed: int | None = None,
     n_batches: int = 8,
     n_probes: int = 4,
@@ -178,7 +199,8 @@ def baseline_plan(
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
     ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
-    given budget is recorded and must be met). ``magnitude`` needs ``bits``; ``hessian`` needs ``data``
+    given budget is recorded and must be met); ``rule`` needs ``bits`` (the width of the rules not in ``rule_bits``)
+    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` needs ``data``
     (:class:`nasq.data.tasks.TaskData`) and uses ``cfg.train.batch_size``. ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
@@ -186,20 +208,28 @@ def baseline_plan(
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
-    if method != "uniform" and budget is None:
+    if method not in ("uniform", "rule") and budget is None:
         raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    if method in ("uniform", "magnitude") and bits is None:
+    if method in ("uniform", "rule", "magnitude") and bits is None:
         raise NasqError(f"the {method} baseline needs --bits K (one of the space's choices, e.g. "
                         f"{sorted({b for t in tensors for b in t.choices if b})})")
     prov: dict[str, Any] = {"method": method, "run": None, "step": None, "model": cfg.model.name,
                             "space_name": space.name, **(provenance or {})}
-    if method == "uniform":
-        bpg = uniform_allocation(tensors, bits)
+    if method in ("uniform", "rule"):
+        if method == "rule" and not rule_bits:
+            raise NasqError("the rule baseline needs rule widths, e.g. --rule-bits attention_qkv=3,attention_output=3 "
+                            f"(the space's rules: {sorted({t.rule for t in tensors})})")
+        if method == "uniform":
+            bpg, what = uniform_allocation(tensors, bits), f"uniform {bits} bits"
+        else:
+            rule_bits = {str(k): int(v) for k, v in rule_bits.items()}
+            bpg, what = rule_allocation(tensors, bits, rule_bits), f"rule {rule_bits}, else {bits} bits"
+            prov["rule_bits"] = rule_bits
         prov["bits"] = int(bits)
         size = plan_size_bytes(tensors, bpg)
         if budget is not None and size > budget.bytes:
-            raise NasqError(f"uniform {bits} bits takes {size:,} bytes ({size / MB:.4f} MB), over the budget of "
-                            f"{budget.bytes:,} bytes ({budget.source}); lower --bits or drop the budget flag")
+            raise NasqError(f"{what} takes {size:,} bytes ({size / MB:.4f} MB), over the budget of "
+                            f"{budget.bytes:,} bytes ({budget.source}); lower the bits or drop the budget flag")
     elif method == "random":
         bpg = random_allocation(tensors, budget.bytes, seed, time_limit=time_limit)
         prov.update(seed=seed, utilities="cumsum of iid Uniform(0,1) over ascending choices")

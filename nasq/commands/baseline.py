@@ -1,9 +1,11 @@
-"""`nasq baseline {uniform,hessian,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
+"""`nasq baseline {uniform,rule,hessian,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
 
 The model allocated for is the fp32 fine-tuned run `--teacher RUN` (recommended; the Hessian baseline needs a
 trained head to mean anything), else the pretrained `--model`. Budgets (`--budget-mb` / `--avg-bits` /
 `--ratio`, `--convention`) and the search space (`--space`) are the search's. `uniform` needs `--bits` and no
-budget (it records the size it takes); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
+budget (it records the size it takes); `rule` is a hand allocation by module type: `--rule-bits
+attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space at their widths and the others at
+`--bits` (checked against a budget when one is given); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `random` uses `--seed`.
 """
 
@@ -19,14 +21,30 @@ from nasq.errors import NasqError
 from nasq.io import check_output_path
 
 
+def parse_rule_bits(text: str) -> dict[str, int]:
+    """``"attention_qkv=3,attention_output=3"`` -> ``{"attention_qkv": 3, "attention_output": 3}``."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, bits = item.partition("=")
+        if not eq or not name.strip() or not bits.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected RULE=BITS, e.g. attention_qkv=3")
+        out[name.strip()] = int(bits)
+    if not out:
+        raise argparse.ArgumentTypeError("expected RULE=BITS[,RULE=BITS], e.g. attention_qkv=3,attention_output=3")
+    return out
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, hessian, random or magnitude",
+    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, random or magnitude",
                               description=__doc__)
     p.add_argument("method", choices=METHODS)
     add_common(p)
     add_budget_flags(p)
     p.add_argument("--teacher", help="fp32 fine-tune run to allocate for (default: the pretrained --model)")
-    p.add_argument("--bits", type=int, help="bit width of uniform / of the kept groups of magnitude")
+    p.add_argument("--bits", type=int, help="bit width of uniform / of the rules not in --rule-bits / of the kept "
+                   "groups of magnitude")
+    p.add_argument("--rule-bits", type=parse_rule_bits, metavar="RULE=BITS[,RULE=BITS]",
+                   help="rule: widths of the space's rules by name, e.g. attention_qkv=3,attention_output=3")
     p.add_argument("--n-batches", type=int, default=8, help="hessian: train batches per probe (default 8)")
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
@@ -42,7 +60,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     budget = baseline_budget(cfg, model)
     data = load_task_data(cfg, model_dir=model_dir) if args.method == "hessian" else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
-    plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, n_batches=args.n_batches,
+    if args.rule_bits and args.method != "rule":
+        raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
+    plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
+                         n_batches=args.n_batches,
                          n_probes=args.n_probes, time_limit=args.time_limit, provenance=prov)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
