@@ -75,3 +75,42 @@ def test_input_checks(artifact):
         im(np.ones((1, 200), np.int32))
     with pytest.raises(NasqError, match=r"\[batch, seq\]"):
         im(np.ones((5,), np.int32))
+
+
+def test_profile_scripts_time_the_real_parts(artifact, capsys, tmp_path):
+    """experiments/profile_int_forward.py: the `whole` part is the model's forward, every part runs, the records
+    carry the environment; experiments/segments_bench.py compares the artifact's own linear."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from nasq.export.reader import load_artifact
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" /
+                                                      f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    prof = load("profile_int_forward")
+    model = load_artifact(artifact)
+    fns = prof.parts(model, 2, 8, "xla")
+    assert set(fns) >= {"whole", "qkv_linears", "attention_core", "ffn_in_linear", "gelu", "dispatch"}
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1000, 2000, (2, 8)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(fns["whole"]()), np.asarray(model(ids)), rtol=1e-5, atol=1e-5)
+    assert all(f() is not None for f in fns.values())
+    out = tmp_path / "p.jsonl"
+    assert prof.main([str(artifact), "--shapes", "1x8", "--repeats", "1", "--kernel", "xla", "--out", str(out)]) == 0
+    (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rec["whole_ms"] > 0 and rec["layers"] == model.config.num_hidden_layers and "date" in rec
+    assert abs(rec["whole_ms"] - sum(rec["parts_ms"].values()) - rec["rest_ms"]) < 1e-6
+    assert "| **whole forward** |" in capsys.readouterr().out
+    from nasq.kernels import native
+
+    if native.available():
+        seg = load("segments_bench")
+        assert seg.main([str(artifact), "--tokens", "4", "--repeats", "1", "--module", "inter"]) == 0
+        line = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert line["tokens"] == 4 and any(k.startswith("mixed") for k in line["ms"])
