@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
                 ref = x.astype(np.int64) @ codes.astype(np.int64).T
                 exact = {isa: bool(np.array_equal(lib.gemm(x, w, bits, isa=isa), ref)) for isa in isas}
-                t = time_interleaved({isa: (lambda isa=isa: lib.gemm(x, w, bits, isa=isa)) for isa in isas},
+                t = time_interleaved({isa: (lambda isa=isa, x=x, w=w, b=bits: lib.gemm(x, w, b, isa=isa)) for isa in isas},
                                      a.repeats)
                 rec = {"bench": "isa", "m": m, "k": k, "n": n, "bits": bits, "exact": exact,
                        "ms": {isa: round(1e3 * v, 4) for isa, v in t.items()}}

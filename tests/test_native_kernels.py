@@ -108,6 +108,82 @@ def test_fused_epilogue(m, k, n, bits, has_bias, seed):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()), err_msg=isa)
 
 
+# ------------------------------------------------------------------ a mixed-width layer in one call
+def random_segments(rng, k, widths_rows):
+    """``((bits, packed), ...)`` and the codes ``int8 [sum R, k]`` of a layer with those segments."""
+    codes = [random_codes(rng, r, k, b) for b, r in widths_rows]
+    segs = tuple((b, pack_codes(c, b)) for (b, _), c in zip(widths_rows, codes, strict=True))
+    return segs, (np.concatenate(codes) if codes else np.zeros((0, k), np.int8))
+
+
+SEGMENTS = st.lists(st.tuples(st.integers(1, 8), st.integers(0, 45)), min_size=1, max_size=4)
+
+
+@needs_lib
+@SETTINGS
+@given(m=st.integers(1, 20), k=st.integers(1, 260), segs=SEGMENTS, has_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_segments_one_call_exact(m, k, segs, has_bias, seed):
+    """One call over several widths (empty segments included) == numpy int64 per ISA; its fused output == the
+    per-segment fused calls side by side, bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = random_x(rng, m, k)
+    segments, codes = random_segments(rng, k, segs)
+    r = codes.shape[0]
+    sx = (rng.random(m) * 0.1).astype(np.float32)
+    rs = (rng.random(r) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(r).astype(np.float32) if has_bias else None
+    for isa in ISAS:
+        np.testing.assert_array_equal(LIB.gemm_segments(x, segments, isa=isa).astype(np.int64), ref_acc(x, codes),
+                                      err_msg=isa)
+        got = LIB.gemm_segments(x, segments, isa=isa, sx=sx, row_scale=rs, bias=bias)
+        parts, r0 = [], 0
+        for b, w in segments:
+            r1 = r0 + w.shape[0]
+            parts.append(LIB.gemm(x, w, b, isa=isa, sx=sx, row_scale=rs[r0:r1],
+                                  bias=None if bias is None else bias[r0:r1]))
+            r0 = r1
+        np.testing.assert_array_equal(got, np.concatenate(parts, axis=1), err_msg=isa)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_segments_thread_split_exact(threads):
+    """Thread ranges that start and end inside segments (panels of different widths split together)."""
+    rng = np.random.default_rng(threads)
+    x = random_x(rng, 33, 700)
+    segments, codes = random_segments(rng, 700, [(2, 70), (3, 33), (4, 129), (8, 17)])
+    before = LIB.num_threads()
+    try:
+        LIB.set_num_threads(threads)
+        for isa in ISAS:
+            np.testing.assert_array_equal(LIB.gemm_segments(x, segments, isa=isa), ref_acc(x, codes), err_msg=isa)
+    finally:
+        LIB.set_num_threads(before)
+
+
+@needs_lib
+def test_segments_ffi_matches_ctypes_and_errors():
+    """The FFI call (jitted, leading dims) == the C ABI; a segment of the wrong byte width is refused."""
+    rng = np.random.default_rng(3)
+    x = random_x(rng, 10, 96)
+    segments, codes = random_segments(rng, 96, [(2, 40), (4, 24), (3, 8)])
+    r = codes.shape[0]
+    sx = (rng.random(10) * 0.1).astype(np.float32)
+    rs, bias = (rng.random(r) * 0.01).astype(np.float32), rng.standard_normal(r).astype(np.float32)
+    f = jax.jit(lambda x, sx, rs, b: native.int_linear_segments(x, sx, segments, rs, b))
+    got = f(jnp.asarray(x).reshape(2, 5, 96), jnp.asarray(sx).reshape(2, 5, 1), rs, bias)
+    assert got.shape == (2, 5, r)
+    np.testing.assert_array_equal(np.asarray(got).reshape(10, r),
+                                  LIB.gemm_segments(x, segments, sx=sx, row_scale=rs, bias=bias))
+    with pytest.raises(NasqError, match="3-bit rows"):
+        native.int_linear_segments(x, sx, ((2, segments[0][1]), (3, segments[1][1])), rs[:64], None)
+    with pytest.raises(NasqError, match="at least one segment"):
+        native.int_linear_segments(x, sx, (), rs[:0])
+    with pytest.raises(NasqError, match="do not hold"):
+        LIB.gemm_segments(x, ((3, segments[0][1]),))
+
+
 @needs_lib
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_split_exact(threads):
@@ -336,3 +412,8 @@ def test_emulated_vnni_exact(emulated_lib):
             want = ref_epilogue(ref_acc(x, codes), sx, rs, bias)
             got = emulated_lib.gemm(x, w, bits, isa=isa, sx=sx, row_scale=rs, bias=bias)
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+    segments, codes = random_segments(rng, 333, [(2, 70), (3, 33), (4, 41), (8, 17), (1, 9)])
+    x = random_x(rng, 19, 333)
+    for isa in ("avx512-vnni", "avx2"):
+        np.testing.assert_array_equal(emulated_lib.gemm_segments(x, segments, isa=isa), ref_acc(x, codes),
+                                      err_msg=f"{isa} segments")

@@ -7,7 +7,8 @@ One call computes, for one segment of a packed linear layer (all rows at one bit
 
 reading the weights in their packed layout (``nasq.quant.packing``: each row a little-endian bitstream of
 ``b``-bit two's complement codes, binary ``+1 -> 1, -1 -> 0``) and unpacking small tiles in the kernel; the
-int8 weight matrix is never materialised. The C++ source (``nasq_kernels.cc``, next to this file) documents the
+int8 weight matrix is never materialised. A mixed-width layer (several segments) runs in one call,
+``int_linear_segments``: the activations are copied once and one thread split covers every segment. The C++ source (``nasq_kernels.cc``, next to this file) documents the
 layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
 blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
 The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
@@ -46,6 +47,7 @@ __all__ = [
     "describe",
     "int_gemm",
     "int_linear",
+    "int_linear_segments",
     "library",
     "num_threads",
     "resolve_kernel",
@@ -56,10 +58,11 @@ KERNELS = ("auto", "native", "xla")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
 _SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
-ABI_VERSION = 1  # nasq::kAbiVersion
+ABI_VERSION = 2  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
 _TARGET_F32 = "nasq_int_gemm_f32"
+_TARGET_SEGMENTS = "nasq_int_linear_segments_f32"
 
 
 def _ptr(a):
@@ -89,6 +92,8 @@ class Library:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         c.nasq_int_gemm.argtypes = [p, p, i64, i64, i64, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
         c.nasq_int_gemm.restype = ctypes.c_int
+        c.nasq_int_gemm_segments.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int, p, p, p, p, p]
+        c.nasq_int_gemm_segments.restype = ctypes.c_int
         self.has_ffi = hasattr(c, "NasqIntGemmS32")  # a -DNASQ_NO_FFI test build has only the C ABI
 
     def best_isa(self) -> str:
@@ -124,6 +129,39 @@ class Library:
         code = self.cdll.nasq_int_gemm(_ptr(x), _ptr(w), m, n, k, int(bits), _isa_code(isa),
                                        None if fused else _ptr(out), _ptr(out) if fused else None,
                                        _ptr(sx), _ptr(row_scale), _ptr(bias))
+        if code:
+            raise NasqError(f"native int GEMM failed: {self.cdll.nasq_error_message(code).decode()}")
+        return out
+
+
+    def gemm_segments(self, xq, segments, *, isa: str = "auto", sx=None, row_scale=None,
+                      bias=None) -> np.ndarray:
+        """A whole layer in one call: ``segments`` ``((bits, packed uint8 [R_s, bytes]), ...)``; the outputs of
+        all segments side by side, int32 ``[M, sum R_s]``, or fused fp32 when ``sx`` and ``row_scale`` are given
+        (as :meth:`gemm`)."""
+        x = np.ascontiguousarray(xq, np.int8)
+        m, k = x.shape
+        ws = [np.ascontiguousarray(w, np.uint8) for _, w in segments]
+        bits = [int(b) for b, _ in segments]
+        for b, w in zip(bits, ws, strict=True):
+            if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
+                raise NasqError(f"packed weights {w.shape} do not hold {k} {b}-bit codes per row")
+        width = sum(w.shape[0] for w in ws)
+        fused = sx is not None
+        out = np.empty((m, width), np.float32 if fused else np.int32)
+
+        def f32(a):
+            return None if a is None else np.ascontiguousarray(a, np.float32).reshape(-1)
+
+        sx, row_scale, bias = f32(sx), f32(row_scale), f32(bias)
+        if fused and (sx.shape != (m,) or row_scale.shape != (width,) or bias is not None and bias.shape != (width,)):
+            raise NasqError(f"sx must be [{m}], row_scale and bias [{width}]")
+        ptrs = (ctypes.c_void_p * max(len(ws), 1))(*[w.ctypes.data for w in ws])
+        rows = np.array([w.shape[0] for w in ws] or [0], np.int64)
+        bits_arr = (ctypes.c_int * max(len(bits), 1))(*bits)
+        code = self.cdll.nasq_int_gemm_segments(
+            _ptr(x), m, k, len(ws), ptrs, _ptr(rows), bits_arr, _isa_code(isa), None if fused else _ptr(out),
+            _ptr(out) if fused else None, _ptr(sx), _ptr(row_scale), _ptr(bias))
         if code:
             raise NasqError(f"native int GEMM failed: {self.cdll.nasq_error_message(code).decode()}")
         return out
@@ -237,6 +275,8 @@ def _register() -> None:
         raise NasqError(f"{lib.path.name} was built without the XLA FFI handlers")
     jax.ffi.register_ffi_target(_TARGET_S32, jax.ffi.pycapsule(lib.cdll.NasqIntGemmS32), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_F32, jax.ffi.pycapsule(lib.cdll.NasqIntGemmF32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_SEGMENTS, jax.ffi.pycapsule(lib.cdll.NasqIntLinearSegmentsF32),
+                                platform="cpu")
 
 
 def _prepare(xq, w, bits: int, isa: str | None):
@@ -283,3 +323,34 @@ def int_linear(xq, sx, w, bits: int, row_scale, bias=None, *, isa: str | None = 
                            vmap_method="sequential")(
         x2, sx, w, jnp.asarray(row_scale, jnp.float32), bias, bits=np.int64(bits), isa=np.int64(code))
     return out.reshape(*lead, n)
+
+
+def int_linear_segments(xq, sx, segments, row_scale, bias=None, *, isa: str | None = None):
+    """A whole mixed-width layer in one native call: ``int_linear`` of every segment, side by side.
+
+    ``segments``: ``((bits, packed uint8 [R_s, ceil(K*bits/8)]), ...)`` (``PackedLinear.segments``);
+    ``row_scale``, ``bias``: fp32 ``[sum R_s]`` in segment order. Returns fp32 ``[..., sum R_s]``, bit for bit
+    the concatenation of ``int_linear`` per segment, but x is copied once and one thread split covers all
+    segments (a per-segment loop cost 1.1-1.7x a single-width layer: experiments/results/profile_int_forward.md).
+    """
+    if not segments:
+        raise NasqError("int_linear_segments needs at least one segment")
+    x2, _, lead, code = _prepare(xq, segments[0][1], segments[0][0], isa)
+    k = x2.shape[1]
+    ws, bits = [], []
+    for b, w in segments:
+        w = jnp.asarray(w)
+        if w.dtype != jnp.uint8 or w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
+            raise NasqError(f"segment of {b}-bit rows: want uint8 [R, {packed_row_bytes(k, b)}], got {w.dtype} "
+                            f"{w.shape}")
+        ws.append(w)
+        bits.append(int(b))
+    width = sum(w.shape[0] for w in ws)
+    sx = jnp.asarray(sx, jnp.float32).reshape(-1)
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    out = jax.ffi.ffi_call(_TARGET_SEGMENTS, jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32),
+                           vmap_method="sequential")(
+        x2, sx, jnp.asarray(row_scale, jnp.float32), bias, *ws, bits=np.asarray(bits, np.int64),
+        isa=np.int64(code))
+    return out.reshape(*lead, width)
+

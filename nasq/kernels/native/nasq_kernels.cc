@@ -62,8 +62,13 @@
 //                int32; 4 x 16 tiles (2 x 16 with two planes); BMI2 pdep to unpack; FMA in the epilogue
 //   scalar       plain C++ (int64 sums), 4 x 16 tiles
 //
-// EXPORTS: two XLA FFI handlers (NasqIntGemmS32, NasqIntGemmF32; compiled unless NASQ_NO_FFI) and a small C ABI
-// (nasq_*) used by ctypes: information, thread count, and the same GEMM on raw pointers (tests).
+// A LAYER IN ONE CALL: a mixed-width layer is several segments (one per bit width). run_segments does steps
+// 1-4 once for all of them: x is copied and summed once, and the panels of every segment are split over the
+// threads together; each segment writes its columns of the one output (row stride = the layer's width).
+//
+// EXPORTS: three XLA FFI handlers (NasqIntGemmS32, NasqIntGemmF32, and NasqIntLinearSegmentsF32 for a whole
+// layer; compiled unless NASQ_NO_FFI) and a small C ABI (nasq_*) used by ctypes: information, thread count,
+// and the same GEMMs on raw pointers (tests).
 //
 // TEST-ONLY BUILD: -DNASQ_SIMDE compiles the x86 paths against SIMDe's portable emulation of the intrinsics
 // (headers from Debian's libsimde-dev), so the AVX-512 code can be checked for exactness on a CPU without it.
@@ -106,7 +111,7 @@
 namespace nasq {
 
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
 
@@ -364,6 +369,7 @@ struct Gemm {
   const float* sx;         // [M]
   const float* row_scale;  // [N]
   const float* bias;       // [N] or null
+  int64_t ldo;             // output row stride (elements): N, or the whole layer's width for one segment of it
 };
 
 template <int NR, typename T>
@@ -389,7 +395,7 @@ static inline __attribute__((always_inline)) void store_tile_body(const Gemm& g,
     int32_t acc[NR];
     for (int n = 0; n < NR; ++n) acc[n] = static_cast<int32_t>(static_cast<uint32_t>(dots[i * NR + n]) - correction);
     if (g.out_i32 != nullptr) {
-      copy_row<NR>(g.out_i32 + m * g.N + n0, acc, nr);
+      copy_row<NR>(g.out_i32 + m * g.ldo + n0, acc, nr);
       continue;
     }
     float y[NR];
@@ -400,7 +406,7 @@ static inline __attribute__((always_inline)) void store_tile_body(const Gemm& g,
     } else {
       for (int n = 0; n < NR; ++n) y[n] = static_cast<float>(acc[n]) * s * rs[n];
     }
-    copy_row<NR>(g.out_f32 + m * g.N + n0, y, nr);
+    copy_row<NR>(g.out_f32 + m * g.ldo + n0, y, nr);
   }
 }
 
@@ -600,54 +606,79 @@ static void gemm_columns(const Gemm& g, const IsaKernels& kern, const int8_t* xp
   }
 }
 
+// One call for a whole layer (issue 17): its segments (one Gemm each: the same x, M, K and sx; each its own
+// rows, bit width and output columns, out/row_scale/bias pointing at the segment's first column, ldo the
+// layer's width). x is copied and summed once, and one parallel_for splits the panels of all segments over the
+// threads, so a mixed-width layer costs what a single-width one of the same shape does.
 // Returns 0, or a non-zero error code (see error_message).
-static int run_gemm(const Gemm& g, int isa_request) {
-  if (g.bits < 1 || g.bits > 8) return 1;
-  if (g.M < 0 || g.N < 0 || g.K < 0) return 2;
+static int run_segments(const Gemm* segs, int nseg, int isa_request) {
+  if (nseg < 0) return 5;
+  for (int s = 0; s < nseg; ++s) {
+    const Gemm& g = segs[s];
+    if (g.bits < 1 || g.bits > 8) return 1;
+    if (g.M < 0 || g.N < 0 || g.K < 0) return 2;
+    if (g.x != segs[0].x || g.M != segs[0].M || g.K != segs[0].K || g.ldo < g.N) return 5;
+  }
   const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
   if (isa < kScalar || isa > kAvx512Vnni) return 3;
   if (!cpu_has(isa)) return 4;
-  if (g.M == 0 || g.N == 0) return 0;
-  const IsaKernels kern = kernels_for(isa, g.bits);
+  if (nseg == 0 || segs[0].M == 0) return 0;
+  const int64_t M = segs[0].M, K = segs[0].K;
 
-  // 1. zero-padded copy of x and the token sums.
+  // 1. zero-padded copy of x (rows padded for the largest micro tile) and the token sums, once for all segments.
   static thread_local AlignedBuffer xbuf;
   static thread_local std::vector<int32_t> xsum;
-  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(g.K, kKAlign));
-  const int64_t Mp = round_up(g.M, kern.mr);
-  int8_t* xp = reinterpret_cast<int8_t*>(xbuf.get(Mp * Kp));
-  xsum.assign(static_cast<size_t>(Mp), 0);
-  for (int64_t m = 0; m < Mp; ++m) {
+  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
+  const int64_t Mx = round_up(M, kMaxMR);  // every ISA's mr divides kMaxMR
+  int8_t* xp = reinterpret_cast<int8_t*>(xbuf.get(Mx * Kp));
+  xsum.assign(static_cast<size_t>(Mx), 0);
+  for (int64_t m = 0; m < Mx; ++m) {
     int8_t* dst = xp + m * Kp;
-    if (m < g.M) {
-      std::memcpy(dst, g.x + m * g.K, static_cast<size_t>(g.K));
-      std::memset(dst + g.K, 0, static_cast<size_t>(Kp - g.K));
-      int32_t s = 0;
-      for (int64_t k = 0; k < g.K; ++k) s += dst[k];
-      xsum[m] = s;
+    if (m < M) {
+      std::memcpy(dst, segs[0].x + m * K, static_cast<size_t>(K));
+      std::memset(dst + K, 0, static_cast<size_t>(Kp - K));
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += dst[k];
+      xsum[m] = sum;
     } else {
       std::memset(dst, 0, static_cast<size_t>(Kp));
     }
   }
 
-  // 2. split the output rows over threads (whole panels), 3./4. per thread: unpack, micro tiles, epilogue.
-  const int64_t panels = (g.N + kern.nr - 1) / kern.nr;
+  // 2. number the panels of all segments in order and split them over threads (contiguous ranges),
+  // 3./4. per thread and segment: unpack, micro tiles, epilogue.
+  std::vector<IsaKernels> kern;
+  std::vector<int64_t> first_panel(static_cast<size_t>(nseg) + 1, 0);
+  int64_t macs = 0;
+  for (int s = 0; s < nseg; ++s) {
+    kern.push_back(kernels_for(isa, segs[s].bits));
+    first_panel[s + 1] = first_panel[s] + (segs[s].N + kern[s].nr - 1) / kern[s].nr;
+    macs += M * segs[s].N * K;
+  }
+  const int64_t panels = first_panel[nseg];
+  if (panels == 0) return 0;
   int tasks = 1;
-  if (g.M * g.N * g.K >= kMinParallelMacs)
-    tasks = static_cast<int>(std::min<int64_t>(pool().num_threads(), panels));
+  if (macs >= kMinParallelMacs) tasks = static_cast<int>(std::min<int64_t>(pool().num_threads(), panels));
   const int32_t* xs = xsum.data();
   std::atomic<bool> out_of_memory{false};
   pool().parallel_for(tasks, [&](int t) {
-    const int64_t n0 = panels * t / tasks * kern.nr;
-    const int64_t n1 = std::min(g.N, panels * (t + 1) / tasks * kern.nr);
+    const int64_t p0 = panels * t / tasks, p1 = panels * (t + 1) / tasks;
     try {  // no exception may leave a pool task
-      if (n0 < n1) gemm_columns(g, kern, xp, xs, Mp, Kp, n0, n1);
+      for (int s = 0; s < nseg; ++s) {
+        const int64_t q0 = std::max(p0, first_panel[s]) - first_panel[s];
+        const int64_t q1 = std::min(p1, first_panel[s + 1]) - first_panel[s];
+        if (q0 >= q1) continue;
+        const int64_t n0 = q0 * kern[s].nr, n1 = std::min(segs[s].N, q1 * kern[s].nr);
+        gemm_columns(segs[s], kern[s], xp, xs, round_up(M, kern[s].mr), Kp, n0, n1);
+      }
     } catch (const std::bad_alloc&) {
       out_of_memory = true;
     }
   });
   return out_of_memory ? 6 : 0;
 }
+
+static int run_gemm(const Gemm& g, int isa_request) { return run_segments(&g, 1, isa_request); }
 
 static const char* error_message(int code) {
   switch (code) {
@@ -690,8 +721,37 @@ const char* nasq_error_message(int code) { return nasq::error_message(code); }
 int nasq_int_gemm(const int8_t* x, const uint8_t* w, int64_t M, int64_t N, int64_t K, int bits, int isa,
                   int32_t* out_i32, float* out_f32, const float* sx, const float* row_scale, const float* bias) {
   if (out_i32 == nullptr && (out_f32 == nullptr || sx == nullptr || row_scale == nullptr)) return 5;
-  const nasq::Gemm g{x, w, M, N, K, bits, out_i32, out_f32, sx, row_scale, bias};
+  const nasq::Gemm g{x, w, M, N, K, bits, out_i32, out_f32, sx, row_scale, bias, N};
   return nasq::run_gemm_checked(g, isa);
+}
+
+
+// A whole layer in one call: nseg segments, segment s has rows[s] weight rows of bits[s] bits packed in ws[s];
+// the outputs of all segments side by side, [M, sum(rows)] in segment order (int32 if out_i32 is not null,
+// else fused fp32 with sx [M], row_scale and optional bias [sum(rows)]). Returns 0 or an error code.
+int nasq_int_gemm_segments(const int8_t* x, int64_t M, int64_t K, int nseg, const uint8_t* const* ws,
+                           const int64_t* rows, const int* bits, int isa, int32_t* out_i32, float* out_f32,
+                           const float* sx, const float* row_scale, const float* bias) {
+  if (out_i32 == nullptr && (out_f32 == nullptr || sx == nullptr || row_scale == nullptr)) return 5;
+  if (nseg < 0) return 5;
+  int64_t width = 0;
+  for (int s = 0; s < nseg; ++s) {
+    if (rows[s] < 0) return 2;
+    width += rows[s];
+  }
+  std::vector<nasq::Gemm> segs;
+  int64_t c = 0;
+  for (int s = 0; s < nseg; ++s) {
+    segs.push_back({x, ws[s], M, rows[s], K, bits[s], out_i32 ? out_i32 + c : nullptr,
+                    out_i32 ? nullptr : out_f32 + c, sx, row_scale ? row_scale + c : nullptr,
+                    bias ? bias + c : nullptr, width});
+    c += rows[s];
+  }
+  try {
+    return nasq::run_segments(segs.data(), nseg, isa);
+  } catch (const std::bad_alloc&) {
+    return 6;
+  }
 }
 
 }  // extern "C"
@@ -728,7 +788,7 @@ static ffi::Error IntGemmS32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::U8> w,
   if (!gemm_dims(x, w, bits, &M, &N, &K) || out->element_count() != static_cast<size_t>(M * N))
     return to_ffi_error(bits < 1 || bits > 8 ? 1 : 5);
   const Gemm g{x.typed_data(), w.typed_data(), M, N, K, static_cast<int>(bits), out->typed_data(), nullptr,
-               nullptr, nullptr, nullptr};
+               nullptr, nullptr, nullptr, N};
   return to_ffi_error(run_gemm_checked(g, static_cast<int>(isa)));
 }
 
@@ -742,8 +802,42 @@ static ffi::Error IntGemmF32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> s
     return to_ffi_error(bits < 1 || bits > 8 ? 1 : 5);
   const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
   const Gemm g{x.typed_data(), w.typed_data(), M, N, K, static_cast<int>(bits), nullptr, out->typed_data(),
-               sx.typed_data(), row_scale.typed_data(), b};
+               sx.typed_data(), row_scale.typed_data(), b, N};
   return to_ffi_error(run_gemm_checked(g, static_cast<int>(isa)));
+}
+
+// A whole layer: x [M, K], sx [M], row_scale and bias ([R] or [0]) of all its kept rows, then one packed
+// buffer per segment (uint8 [R_s, ceil(K*bits[s]/8)]); out [M, R], the segments' outputs side by side.
+static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
+                                        ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> bias,
+                                        ffi::RemainingArgs ws, ffi::ResultBuffer<ffi::F32> out,
+                                        ffi::Span<const int64_t> bits, int64_t isa) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || bits.size() != ws.size()) return to_ffi_error(5);
+  const int64_t M = xd[0], K = xd[1];
+  const int64_t R = static_cast<int64_t>(row_scale.element_count());
+  if (sx.element_count() != static_cast<size_t>(M) || out->element_count() != static_cast<size_t>(M * R) ||
+      (bias.element_count() != 0 && bias.element_count() != static_cast<size_t>(R)))
+    return to_ffi_error(5);
+  const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
+  std::vector<Gemm> segs;
+  int64_t c = 0;
+  for (size_t s = 0; s < ws.size(); ++s) {
+    auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
+    if (!w.has_value()) return w.error();
+    const auto wd = w->dimensions();
+    if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
+    if (wd.size() != 2 || wd[1] != (K * bits[s] + 7) / 8 || c + wd[0] > R) return to_ffi_error(5);
+    segs.push_back({x.typed_data(), w->typed_data(), M, wd[0], K, static_cast<int>(bits[s]), nullptr,
+                    out->typed_data() + c, sx.typed_data(), row_scale.typed_data() + c, b ? b + c : nullptr, R});
+    c += wd[0];
+  }
+  if (c != R) return to_ffi_error(5);
+  try {
+    return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
+  } catch (const std::bad_alloc&) {
+    return to_ffi_error(6);
+  }
 }
 
 }  // namespace nasq
@@ -767,5 +861,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntGemmF32, nasq::IntGemmF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("isa"));
+
+// fp32 y [M, R]: every segment of a layer in one call (IntLinearSegmentsImpl); attributes bits (int64 array,
+// one per segment buffer), isa.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntLinearSegmentsF32, nasq::IntLinearSegmentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("bits")
                                   .Attr<int64_t>("isa"));
 #endif  // NASQ_NO_FFI
