@@ -70,7 +70,11 @@ class SearchConfig(_Section):
     tau_start: float = Field(5.0, gt=0)
     tau_end: float = Field(0.2, gt=0)
     gumbel: bool = False
-    gate_init: Literal["uniform", "high_bits"] = "uniform"
+    # initial gate logits: all equal ("uniform"), +2 on the widest choice ("high_bits"), or +`init_plan_logit`
+    # on the width a plan gives each group ("plan", with `init_plan`: e.g. a Hessian baseline's plan.json)
+    gate_init: Literal["uniform", "high_bits", "plan"] = "uniform"
+    init_plan: str | None = None
+    init_plan_logit: float = Field(2.0, gt=0)
     # The budget is enforced by an exact dual price solved every step (nasq.search.loop): no penalty weight.
     warmup_steps: int = Field(0, ge=0)  # weight-only steps before gates move
     # bilevel: one gate step per `gate_every` weight steps (1 = every step); a larger value makes a search
@@ -82,6 +86,8 @@ class SearchConfig(_Section):
         given = [k for k in ("budget_mb", "avg_bits", "ratio", "latency_ms") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give exactly one budget, got {given}")
+        if (self.gate_init == "plan") != (self.init_plan is not None):
+            raise ValueError("gate_init=plan and init_plan=PLAN.json go together (set both or neither)")
         return self
 
 

@@ -1,5 +1,6 @@
 """Supernet search: gradients, budget convergence, insensitive groups drift to 0 bits, price solver."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -160,6 +161,49 @@ def finished_search(teacher_dir, tiny_model_dir, glue_dir, tmp_path_factory):
     run = search(cfg, d / "search", log=lambda *a: None)
     finalize_run(run, d / "plan.json", overwrite=False, budget_override=None, time_limit=20.0)
     return run, d / "plan.json"
+
+
+def test_gate_init_from_a_plan(finished_search, teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    """search.gate_init=plan: every group starts with `init_plan_logit` on the plan's width and 0 elsewhere; a plan
+    of another space is a clear error, and the config needs gate_init and init_plan together; a search so
+    initialised runs."""
+    from nasq.contract.model_dir import load_model_dir
+    from nasq.contract.plan import Plan
+    from nasq.quant.layers import gated_modules
+    from nasq.search.loop import make_problem, plan_gate_logits, supernet_of
+
+    _run, plan_path = finished_search
+    plan = Plan.load(plan_path)
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=3.0, gate_init="plan", init_plan=str(plan_path),
+               init_plan_logit=3.0)
+    model, _ = load_model_dir(teacher_dir)
+    problem = make_problem(cfg, model)
+    sn = supernet_of(cfg, model, problem)
+    planned = {t.path: t.bits for t in plan.tensors}
+    mods = gated_modules(sn)
+    assert len(mods) == len(problem.tensors) > 0
+    for m in mods:
+        a = np.asarray(m.alpha[...])
+        want = [m.choices.index(b) for b in planned[m.path]]
+        np.testing.assert_array_equal(a.argmax(-1), want)
+        assert set(np.unique(a)) == {0.0, 3.0} and (a == 3.0).sum() == a.shape[0]
+
+    def changed(**kw):
+        return [dataclasses.replace(t, **kw) for t in problem.tensors]
+
+    with pytest.raises(NasqError, match="not in the plan"):
+        plan_gate_logits(plan, changed(path="encoder.layer.9.elsewhere"), 2.0)
+    with pytest.raises(NasqError, match="same search space"):
+        plan_gate_logits(plan, [dataclasses.replace(t, group_sizes=(t.rows,)) for t in problem.tensors], 2.0)
+    with pytest.raises(NasqError, match="not among the space's choices"):
+        plan_gate_logits(plan, changed(choices=(5, 6)), 2.0)
+    with pytest.raises(NasqError, match="go together"):
+        _cfg(tiny_model_dir, glue_dir, avg_bits=3.0, gate_init="plan")
+
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 4}),
+                                 "kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
+    run = search(cfg, tmp_path / "plan_init", log=lambda *a: None)
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
 
 
 def _logits(model, ids):

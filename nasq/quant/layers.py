@@ -70,7 +70,7 @@ class _Gated(nnx.Module):
     """Shared gate machinery of the supernet layers."""
 
     def _init_gates(self, w_rows: np.ndarray, path: str, group_sizes, choices, mode: str, gate_init: str,
-                    layer_id: int, cost: np.ndarray | None):
+                    layer_id: int, cost: np.ndarray | None, alpha0: np.ndarray | None = None):
         self.path = path
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.choices = tuple(int(c) for c in choices)
@@ -80,7 +80,11 @@ class _Gated(nnx.Module):
         scales = np.stack([init_group_scales(w_rows, self.group_sizes, b, mode) for b in self.choices], axis=1)
         self.scales = QuantScale(jnp.asarray(scales))  # [G, C]
         a = np.zeros((G, C), np.float32)
-        if gate_init == "high_bits":  # start near the largest width (a fine-tuned model is near it)
+        if alpha0 is not None:  # given initial logits (e.g. from a plan: `nasq.search.loop.plan_gate_logits`)
+            if np.shape(alpha0) != (G, C):
+                raise ValueError(f"{path}: initial gate logits have shape {np.shape(alpha0)}, need {(G, C)}")
+            a = np.asarray(alpha0, np.float32).copy()
+        elif gate_init == "high_bits":  # start near the largest width (a fine-tuned model is near it)
             a[:, int(np.argmax(self.choices))] = 2.0
         self.alpha = GateLogits(jnp.asarray(a))
         self.cost = CostTable(jnp.zeros((G, C), jnp.float32) if cost is None else jnp.asarray(cost, jnp.float32))
@@ -120,12 +124,13 @@ class _Gated(nnx.Module):
 
 class GatedLinear(_Gated):
     def __init__(self, lin: Linear, path: str, group_sizes, choices, *, mode: str = "symmetric",
-                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None):
+                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None,
+                 alpha0: np.ndarray | None = None):
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.kernel = nnx.Param(lin.kernel[...])
         self.bias = nnx.Param(lin.bias[...])
         self._init_gates(np.asarray(lin.kernel[...]).T, path, group_sizes, choices, mode, gate_init, layer_id,
-                         cost)
+                         cost, alpha0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w_tilde, keep = self._composite(self.kernel[...].T)
@@ -136,11 +141,12 @@ class GatedEmbedding(_Gated):
     """Supernet embedding: only the looked-up rows are quantized (cost ~ tokens, not vocabulary)."""
 
     def __init__(self, emb: Embedding, path: str, group_sizes, choices, *, mode: str = "symmetric",
-                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None):
+                 gate_init: str = "uniform", layer_id: int = 0, cost: np.ndarray | None = None,
+                 alpha0: np.ndarray | None = None):
         self.num_embeddings, self.features = emb.num_embeddings, emb.features
         self.embedding = nnx.Param(emb.embedding[...])
         self._init_gates(np.asarray(emb.embedding[...]), path, group_sizes, choices, mode, gate_init, layer_id,
-                         cost)
+                         cost, alpha0)
         self.row_group = nnx.Variable(jnp.asarray(_row_groups(self.group_sizes), jnp.int32))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -230,10 +236,12 @@ class QuantEmbedding(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------- surgery
 def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_init: str = "uniform",
-                costs: list[np.ndarray] | None = None) -> nnx.Module:
+                costs: list[np.ndarray] | None = None,
+                gate_logits: dict[str, np.ndarray] | None = None) -> nnx.Module:
     """A copy of `model` whose searched Linear/Embedding modules (`SearchedTensor`s) are gated.
 
     `costs[i]` is tensor i's normalised cost table `[G, C]` used by the budget price (zeros if None).
+    `gate_logits[path]`, where given, is that tensor's initial gate logits `[G, C]` (instead of `gate_init`).
     """
     by_path = {t.path: t for t in tensors}
     ids = {t.path: i for i, t in enumerate(tensors)}
@@ -245,7 +253,8 @@ def to_supernet(model: nnx.Module, tensors, *, mode: str = "symmetric", gate_ini
         cls = GatedEmbedding if isinstance(mod, Embedding) else GatedLinear
         i = ids[t.path]
         return cls(mod, t.path, t.group_sizes, t.choices, mode=mode, gate_init=gate_init, layer_id=i,
-                   cost=None if costs is None else costs[i])
+                   cost=None if costs is None else costs[i],
+                   alpha0=None if gate_logits is None else gate_logits.get(t.path))
 
     return replace_modules(model, fn)
 

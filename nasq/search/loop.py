@@ -42,6 +42,7 @@ from flax import nnx
 from nasq.config import Config, SearchConfig
 from nasq.contract import cost as costlib
 from nasq.contract.model_dir import load_model_dir
+from nasq.contract.plan import Plan
 from nasq.contract.search_result import SearchResult
 from nasq.contract.space import SearchedTensor, SpaceInfo, load_space, resolve
 from nasq.data.batching import iterate_batches
@@ -143,10 +144,39 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
     return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), fixed, shapes)
 
 
+def plan_gate_logits(plan: Plan, tensors: list[SearchedTensor], logit: float) -> dict[str, np.ndarray]:
+    """Initial gate logits from a plan: ``logit`` on the width the plan gives each group, 0 elsewhere.
+
+    Every searched tensor must be in the plan with the same row groups, and each planned width must be one of
+    the tensor's choices (a plan of the same model and space, e.g. `nasq baseline hessian`'s)."""
+    by_path = {t.path: t for t in plan.tensors}
+    out = {}
+    for t in tensors:
+        p = by_path.get(t.path)
+        if p is None:
+            raise NasqError(f"init plan {plan.source}: tensor {t.path} is searched but not in the plan; give a plan "
+                            "of the same model and search space")
+        if tuple(p.group_sizes) != tuple(t.group_sizes):
+            raise NasqError(f"init plan {plan.source}: {t.path} has {len(p.group_sizes)} row groups of sizes "
+                            f"{list(p.group_sizes)[:4]}..., the space has {len(t.group_sizes)}; give a plan of the "
+                            "same search space")
+        bad = sorted({b for b in p.bits if b not in t.choices})
+        if bad:
+            raise NasqError(f"init plan {plan.source}: {t.path} uses widths {bad}, not among the space's choices "
+                            f"{list(t.choices)}")
+        a = np.zeros((len(t.group_sizes), len(t.choices)), np.float32)
+        a[np.arange(len(p.bits)), [t.choices.index(b) for b in p.bits]] = logit
+        out[t.path] = a
+    return out
+
+
 def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
     """The untrained supernet of ``model`` for ``problem``: gated tensors at their initial gates and steps."""
-    return to_supernet(model, problem.tensors, mode=load_space(cfg.search.space).quant_mode,
-                       gate_init=cfg.search.gate_init, costs=normalised_costs(problem.cost_tables, problem.cost_budget))
+    s = cfg.search
+    logits = (plan_gate_logits(Plan.load(s.init_plan), problem.tensors, s.init_plan_logit)
+              if s.gate_init == "plan" else None)
+    return to_supernet(model, problem.tensors, mode=load_space(s.space).quant_mode, gate_init=s.gate_init,
+                       costs=normalised_costs(problem.cost_tables, problem.cost_budget), gate_logits=logits)
 
 
 def gate_entropy(probs: list[jax.Array]) -> jax.Array:
