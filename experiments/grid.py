@@ -31,7 +31,8 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/fp32/                           teacher (`nasq finetune`), + timing.json
     RUNS/{task}/logs/fp32.log                   its output
     RUNS/{task}/{budget}/{method}/plan.json     `nasq baseline ...` or `nasq finalize search/`
-    RUNS/{task}/{budget}/nasq/search/           `nasq search` (method nasq only)
+    RUNS/{task}/{budget}/nasq/search/           `nasq search` (searched methods only)
+    RUNS/{task}/{budget}/nasq_hinit/init_plan.json  `nasq baseline hessian` (the search's initial gates)
     RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
     RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
     RUNS/{task}/{budget}/{method}/eval.json     stdout of `nasq eval qat --artifact model.nasq ...`
@@ -81,7 +82,10 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq")
+METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit")
+# the searched methods (the rest are baselines): nasq, and nasq with its gates started on the same seed's Hessian
+# plan (`search.gate_init=plan`, issue 16's gate-initialisation lever)
+SEARCHED = ("nasq", "nasq_hinit")
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -344,7 +348,7 @@ def seeds_of(cfg: dict) -> list[int]:
 def qat_recipe(cfg: dict, task: str, method: str) -> dict:
     """The QAT recipe of a method: `protocol.equal_compute` gives the baselines the search's steps on top."""
     r = recipe(cfg, task, "qat")
-    if cfg["protocol"]["equal_compute"] and method != "nasq":
+    if cfg["protocol"]["equal_compute"] and method not in SEARCHED:
         extra = recipe(cfg, task, "search").get("max_steps")
         if extra is None or r.get("max_steps") is None:
             raise GridError(f"protocol.equal_compute needs max_steps in the search and qat recipes of {task}")
@@ -399,27 +403,28 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
                                        "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
                                        "--out", str(plan)], plan, "plan"))
     elif method in ("hessian", "random"):
-        if method == "hessian":
-            h = recipe(cfg, task, "hessian")
-            extra = recipe_flags({k: v for k, v in h.items() if k in ("train_subset", "set")}, seed)
-            for k in ("n_batches", "n_probes"):
-                if h.get(k) is not None:
-                    extra += [f"--{k.replace('_', '-')}", _fmt(h[k])]
-        else:
-            extra = recipe_flags({"set": cfg["common"].get("set")}, seed)
+        extra = hessian_flags(cfg, task, seed) if method == "hessian" else recipe_flags(
+            {"set": cfg["common"].get("set")}, seed)
         c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
                                        *bflags, *extra, "--out", str(plan)], plan, "plan"))
-    elif method == "nasq":
+    elif method in SEARCHED:
         sdir = d / "search"
+        init = []
+        if method == "nasq_hinit":  # the same seed's Hessian plan (the hessian cell's command) as initial gates
+            ip = d / "init_plan.json"
+            c.stages.append(Stage("init_plan", ["nasq", "baseline", "hessian", "--teacher", teacher, *common,
+                                                "--space", space, *bflags, *hessian_flags(cfg, task, seed),
+                                                "--out", str(ip)], ip, "plan"))
+            init = ["--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
-                                         *recipe_flags(recipe(cfg, task, "search"), seed), "--out", str(sdir)],
-                              sdir, "run"))
+                                         *recipe_flags(recipe(cfg, task, "search"), seed), *init,
+                                         "--out", str(sdir)], sdir, "run"))
         c.stages.append(Stage("finalize", ["nasq", "finalize", str(sdir), "--out", str(plan),
                                            *(["--spend-leftover"] if proto["spend_leftover"] else [])], plan, "plan"))
     else:  # pragma: no cover - validated
         raise GridError(f"unknown method {method}")
     qat, art = d / "qat", d / "model.nasq"
-    init = ["--init-from", str(d / "search")] if method == "nasq" and proto["init_from_search"] else []
+    init = ["--init-from", str(d / "search")] if method in SEARCHED and proto["init_from_search"] else []
     c.stages += [
         Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *init, *common,
                       *recipe_flags(qat_recipe(cfg, task, method), seed), "--out", str(qat)], qat, "run"),
@@ -428,6 +433,16 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
               stdout_to=d / "eval.json"),
     ]
     return c
+
+
+def hessian_flags(cfg: dict, task: str, seed: int | None) -> list[str]:
+    """`nasq baseline hessian` flags of the config's hessian recipe (the hessian cells and nasq_hinit's init)."""
+    h = recipe(cfg, task, "hessian")
+    extra = recipe_flags({k: v for k, v in h.items() if k in ("train_subset", "set")}, seed)
+    for k in ("n_batches", "n_probes"):
+        if h.get(k) is not None:
+            extra += [f"--{k.replace('_', '-')}", _fmt(h[k])]
+    return extra
 
 
 def all_cells(cfg: dict, runs: Path, data_dir: str) -> list[Cell]:
@@ -758,8 +773,8 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
                               else cfg["seed"])
     if mism := config_mismatches(qat_stage.out, exp):
         notes.append(f"{qat_stage.out.name} config differs from the grid recipe: " + ", ".join(mism))
-    if cell.method == "nasq":
-        search = cell.stages[0]
+    if cell.method in SEARCHED:
+        search = next(st for st in cell.stages if st.name == "search")
         sexp = recipe_expectations(recipe(cfg, cell.task, "search"), cell.seed)
         if mism := config_mismatches(search.out, sexp):
             notes.append("search config differs from the grid recipe: " + ", ".join(mism))
@@ -791,8 +806,11 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
             row["within_budget"] = tot.get("within_budget")
             row["_searched_bytes"] = tot.get("searched_bytes")
             row["_budget"] = plan.budget
-        names = ["search", "finalize"] if cell.method == "nasq" else ["plan"]
-        rds = [cell.dir / "search", None] if cell.method == "nasq" else [None]
+        names = ["plan"]
+        rds = [None]
+        if cell.method in SEARCHED:
+            names = ["init_plan", "search", "finalize"] if cell.method == "nasq_hinit" else ["search", "finalize"]
+            rds = [None] * (len(names) - 2) + [cell.dir / "search", None]
         row["search_s"] = _wall(timing, names, rds)
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
         row["qat_steps"] = (read_json(cell.dir / "qat" / "run.json") or {}).get("total_steps")
@@ -932,17 +950,18 @@ def seed_summary(rows: list[dict]) -> list[str]:
         ranked = {m: st for m, st in stats.items() if m not in over}
         best = max(ranked, key=lambda m: ranked[m][0]) if ranked else None
 
-        margin = ""
-        bases = {m: st for m, st in ranked.items() if m != "nasq"}
-        if "nasq" in ranked and bases:
+        margins = []
+        bases = {m: st for m, st in ranked.items() if m not in SEARCHED}
+        for sm in (m for m in SEARCHED if m in ranked and bases):
             bm = max(bases, key=lambda m: bases[m][0])
-            (mu, sd, _), (bmu, bsd, _) = ranked["nasq"], bases[bm]
+            (mu, sd, _), (bmu, bsd, _) = ranked[sm], bases[bm]
             d = mu - bmu
             if sd is None or bsd is None:
                 verdict = "n < 2: no claim"
             else:
                 verdict = "beyond the spread" if abs(d) > max(sd, bsd) else "within the spread: no claim"
-            margin = f"{d:+.4f} vs {bm} ({verdict})"
+            margins.append(f"{d:+.4f} vs {bm} ({verdict})" if sm == "nasq" else f"{sm}: {d:+.4f} vs {bm} ({verdict})")
+        margin = "; ".join(margins)
         t = teacher.get(task)
         tt = _cell_text(t.get("metric"), 4) if t else ""
         cells = [task, next(iter(g.values()))[0]["metric_name"], budget, tt,

@@ -148,7 +148,7 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     quant = [c for c in cells if c.method != "fp32"]
-    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 5 * len(cfg["budgets"])
+    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 6 * len(cfg["budgets"])
     rule = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "rule", 0))
     plan_argv = rule.stages[0].argv
     assert plan_argv[:3] == ["nasq", "baseline", "rule"] and "--avg-bits" in plan_argv
@@ -167,6 +167,16 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert qat_n[qat_n.index("--init-from") + 1] == str(n.dir / "search") and "--init-from" not in qat_u
     assert "--spend-leftover" in next(s for s in n.stages if s.name == "finalize").argv
     assert all(a[a.index("--seed") + 1] == "1" for a in (qat_u, qat_n, search))
+    # nasq_hinit: the same seed's Hessian plan (the hessian cell's command) as the search's initial gates, then
+    # nasq's stages and recipe (no extra QAT steps: it is a searched method)
+    h = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_hinit", 1))
+    hess = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "hessian", 1))
+    assert [st.name for st in h.stages] == ["init_plan", "search", "finalize", "qat", "export", "eval"]
+    init_argv, h_search = h.stages[0].argv, h.stages[1].argv
+    assert init_argv[:init_argv.index("--out")] == hess.stages[0].argv[:hess.stages[0].argv.index("--out")]
+    assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
+    h_qat = next(st for st in h.stages if st.name == "qat").argv
+    assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
     assert grid.selected(u, grid.parse_only("seed=1", cfg)) and not grid.selected(u, grid.parse_only("seed=0", cfg))
     with pytest.raises(grid.GridError, match="seed"):
         grid.parse_only("seed=7", cfg)
@@ -182,6 +192,9 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     rows[3]["metric"] = 0.79  # nasq 0.79/0.86/0.84: mean 0.83, std 0.036 > margin 0.02
     assert "within the spread: no claim" in grid.seed_summary(rows)[2]
     assert grid.mean_std([1.0])[1] is None
+    rows += [row("nasq_hinit", s, v) for s, v in enumerate((0.90, 0.91, 0.92))]
+    line = grid.seed_summary(rows)[2]
+    assert "nasq_hinit: +0.1000 vs uniform (beyond the spread)" in line  # a searched method, not a baseline
 
     bad = tmp_path / "bad.yaml"
     raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
