@@ -90,7 +90,7 @@ def bench_model(path: str, repeats: int):
     """Whole integer BERT forward, native vs XLA kernel, seq 128."""
     from nasq.export.reader import load_artifact
 
-    im = load_artifact(path)
+    im = load_artifact(path, unpack="fused")  # the same packed weights under both kernels
     models = {k: type(im)(dataclasses.replace(im.meta, kernel=k), im.params) for k in ("native", "xla")}
     rng = np.random.default_rng(0)
     print()

@@ -3,6 +3,7 @@
 Variants (same batch of random in-vocabulary tokens, full attention mask):
   nasq_int_load   nasq integer path, weights unpacked to int8 once at load
   nasq_int_fused  nasq integer path, sub-byte unpacking fused into every call (jit)
+  nasq_int_panels nasq integer path, weights unpacked once into the native kernel's panels (native only)
   nasq_fp32       the same model's fp32 JAX forward (QAT weights dequantized)
   torch_fp32      transformers BertForSequenceClassification (all-MiniLM-L6-v2), PyTorch fp32
   torch_dyn_int8  the same after torch.ao.quantization.quantize_dynamic(int8 Linear)
@@ -56,7 +57,9 @@ def main():
     t_am = torch.ones_like(t_ids)
 
     fns = {}
-    for mode in ("load", "fused"):
+    from nasq.kernels.native import resolve_kernel
+
+    for mode in ("load", "fused", "panels") if resolve_kernel() == "native" else ("load", "fused"):
         m = load_artifact(a.artifact, unpack=mode)
         fns[f"nasq_int_{mode}"] = lambda m=m: m(j_ids, j_tt, j_am)
     fp, _ = load_model_dir(a.run)

@@ -93,7 +93,7 @@ def parts(model, batch: int, seq: int, kernel: str) -> dict:
 
 
 def profile(artifact: str, shapes: list[tuple[int, int]], repeats: int, kernel: str) -> list[dict]:
-    model = load_artifact(artifact)
+    model = load_artifact(artifact, unpack="fused" if kernel == "xla" else "auto")  # panels only on native
     n_layers = model.meta.config.num_hidden_layers
     out = []
     for b, s in shapes:

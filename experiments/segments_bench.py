@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="16,4096")
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args(argv)
-    mixed = load_artifact(a.artifact).params["layers"][a.layer][a.module]
+    mixed = load_artifact(a.artifact, unpack="fused").params["layers"][a.layer][a.module]
     segs = ", ".join(f"{p.shape[0]} rows at {b} bits" for b, p in mixed.segments)
     rng = np.random.default_rng(0)
     n, k = mixed.out_features, mixed.in_features

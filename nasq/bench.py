@@ -23,6 +23,7 @@ from nasq.data.batching import Batch
 from nasq.errors import NasqError
 from nasq.export.reader import load_artifact
 from nasq.kernels.native import describe as describe_kernel
+from nasq.kernels.native import resolve_kernel
 from nasq.models.bert import Embedding, Linear
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import replace_modules
@@ -138,7 +139,8 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     am = jnp.ones_like(ids)
     res: dict[str, Any] = {"batch": batch, "seq": seq, "repeats": repeats}
     fns = {}
-    for mode in ("fused", "load"):
+    modes = ("fused", "load", "panels") if resolve_kernel() == "native" else ("fused", "load")
+    for mode in modes:
         m = load_artifact(artifact_path, unpack=mode)
         fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
     graphdef, state = nnx.split(fp_model)
@@ -146,7 +148,7 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     fns["fp32_ms"] = lambda: fwd(state, ids, tt, am)
     # medians of calls interleaved round-robin, so machine noise hits every variant alike
     res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
-    for mode in ("fused", "load"):
+    for mode in modes:
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
     res["kernel"] = describe_kernel()  # which integer GEMM ran (native C++ or XLA) and why
     return res

@@ -126,7 +126,7 @@ def test_roundtrip_codes_exact(exported):
     from nasq.quant.layers import QuantLinear
 
     model, _, out = exported
-    im = load_artifact(out)
+    im = load_artifact(out, unpack="fused")  # the packed linears themselves
     lin = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
            "attn_out": "attention.output.dense", "inter": "intermediate.dense", "out": "output.dense"}
     mods = {m.path: m for _, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}

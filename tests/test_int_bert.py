@@ -94,7 +94,7 @@ def test_profile_scripts_time_the_real_parts(artifact, capsys, tmp_path):
         return mod
 
     prof = load("profile_int_forward")
-    model = load_artifact(artifact)
+    model = load_artifact(artifact, unpack="fused")
     fns = prof.parts(model, 2, 8, "xla")
     assert set(fns) >= {"whole", "qkv_linears", "attention_core", "ffn_in_linear", "gelu", "dispatch"}
     rng = np.random.default_rng(0)
@@ -114,3 +114,25 @@ def test_profile_scripts_time_the_real_parts(artifact, capsys, tmp_path):
         assert seg.main([str(artifact), "--tokens", "4", "--repeats", "1", "--module", "inter"]) == 0
         line = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert line["tokens"] == 4 and any(k.startswith("mixed") for k in line["ms"])
+
+
+def test_unpack_modes_agree_and_panels_need_native(artifact):
+    """Every unpack mode gives the same logits, bit for bit ("auto" is "panels" on the native kernel, else
+    "fused"); resident panels under the XLA kernel are a clear error."""
+    from nasq.export.reader import load_artifact
+    from nasq.kernels import native
+
+    rng = np.random.default_rng(6)
+    ids = rng.integers(1000, 30000, (3, 9)).astype(np.int32)
+    am = np.ones_like(ids)
+    modes = ("auto", "fused", "load") + (("panels",) if native.available() else ())
+    models = {m: load_artifact(artifact, unpack=m) for m in modes}
+    assert models["auto"].meta.unpack == ("panels" if native.resolve_kernel() == "native" else "fused")
+    ref = np.asarray(models["fused"](ids, None, am))
+    for m, im in models.items():
+        np.testing.assert_array_equal(np.asarray(im(ids, None, am)), ref, err_msg=m)
+    if native.available():
+        with pytest.raises(NasqError, match="native kernel"):
+            IntBert(dataclasses.replace(models["panels"].meta, kernel="xla", unpack="panels"),
+                    load_artifact(artifact, unpack="fused").params)
+

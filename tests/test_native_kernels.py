@@ -185,6 +185,49 @@ def test_segments_ffi_matches_ctypes_and_errors():
 
 
 @needs_lib
+@SETTINGS
+@given(m=st.integers(1, 20), k=st.integers(1, 260), segs=SEGMENTS, seed=st.integers(0, 2**31 - 1))
+def test_resident_panels_exact(m, k, segs, seed):
+    """Weights unpacked once into resident panels (prepack) give the packed path's outputs, bit for bit, on every
+    ISA (int32 and fused fp32), with threads splitting panels across segments."""
+    rng = np.random.default_rng(seed)
+    x = random_x(rng, m, k)
+    segments, codes = random_segments(rng, k, segs)
+    r = codes.shape[0]
+    sx, rs = (rng.random(m) * 0.1).astype(np.float32), (rng.random(r) * 0.01).astype(np.float32)
+    rows = [w.shape[0] for _, w in segments]
+    for isa in ISAS:
+        panels = tuple((b, LIB.prepack(w, b, k, isa=isa)) for b, w in segments)
+        np.testing.assert_array_equal(LIB.gemm_segments(x, panels, isa=isa, rows=rows).astype(np.int64),
+                                      ref_acc(x, codes), err_msg=isa)
+        np.testing.assert_array_equal(LIB.gemm_segments(x, panels, isa=isa, rows=rows, sx=sx, row_scale=rs),
+                                      LIB.gemm_segments(x, segments, isa=isa, sx=sx, row_scale=rs), err_msg=isa)
+
+
+@needs_lib
+def test_resident_panels_ffi_and_errors():
+    """int_linear_panels (jitted FFI) == int_linear_segments; panels of the wrong size or for "auto" are refused."""
+    rng = np.random.default_rng(4)
+    x = random_x(rng, 12, 200)
+    segments, codes = random_segments(rng, 200, [(2, 70), (3, 20), (8, 9)])
+    r = codes.shape[0]
+    sx, rs = (rng.random(12) * 0.1).astype(np.float32), (rng.random(r) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(r).astype(np.float32)
+    isa, panels = native.prepack_segments(segments, 200)
+    assert isa == native.resolved_isa() != "auto" and [p[:2] for p in panels] == [(2, 70), (3, 20), (8, 9)]
+    got = jax.jit(lambda x, sx: native.int_linear_panels(x, sx, panels, isa, rs, bias))(
+        jnp.asarray(x).reshape(3, 4, 200), jnp.asarray(sx).reshape(3, 4, 1))
+    want = native.int_linear_segments(jnp.asarray(x), jnp.asarray(sx), segments, rs, bias)
+    np.testing.assert_array_equal(np.asarray(got).reshape(12, r), np.asarray(want))
+    with pytest.raises(NasqError, match="one ISA"):
+        native.int_linear_panels(x, sx, panels, "auto", rs, bias)
+    with pytest.raises(NasqError, match="do not hold"):
+        native.int_linear_panels(x, sx, ((2, 170, panels[0][2]),) + panels[1:], isa, np.ones(r + 100, np.float32))
+    with pytest.raises(NasqError, match="do not hold"):
+        LIB.prepack(segments[0][1], 3, 200)
+
+
+@needs_lib
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_split_exact(threads):
     """Shapes large enough to run on the thread pool (also more threads than cores, odd splits)."""
@@ -417,3 +460,7 @@ def test_emulated_vnni_exact(emulated_lib):
     for isa in ("avx512-vnni", "avx2"):
         np.testing.assert_array_equal(emulated_lib.gemm_segments(x, segments, isa=isa), ref_acc(x, codes),
                                       err_msg=f"{isa} segments")
+        panels = tuple((b, emulated_lib.prepack(w, b, 333, isa=isa)) for b, w in segments)
+        np.testing.assert_array_equal(emulated_lib.gemm_segments(x, panels, isa=isa, rows=[w.shape[0] for _, w in
+                                                                                          segments]),
+                                      ref_acc(x, codes), err_msg=f"{isa} resident panels")

@@ -297,7 +297,7 @@ def export_onnx(artifact: str | Path, out: str | Path, *, overwrite: bool = Fals
     if out.is_dir():
         raise NasqError(f"{out} is a directory; --out for --format onnx is a file, e.g. model.onnx")
     check_output_path(out, overwrite)
-    model = load_artifact(artifact)
+    model = load_artifact(artifact, unpack="fused")  # the graph is built from the packed linears
     manifest = model.manifest  # verified by load_artifact
     report = OnnxReport(path=str(out), onnx_file_bytes=0, nasq_tensor_bytes=int(manifest["tensor_bytes"]))
     proto = _Builder(model, report).build()

@@ -328,8 +328,9 @@ def _int_params(t: dict, layout: dict, cfg: BertConfig, fpath: Path) -> tuple[di
     return params, tuple(active)
 
 
-def load_artifact(path: str | Path, *, unpack: str = "fused") -> IntBert:
-    """Validate and load an artifact as an ``IntBert`` (``unpack="fused"`` | ``"load"``, see ``int_bert``).
+def load_artifact(path: str | Path, *, unpack: str = "auto") -> IntBert:
+    """Validate and load an artifact as an ``IntBert`` (``unpack="auto"`` | ``"fused"`` | ``"load"`` |
+    ``"panels"``, see ``int_bert``).
 
     Everything is checked before it is used: the manifest and every file's size before reading and sha256
     after; config.json's bounds; layout.json's schema, its counts (summed before anything is expanded) and that

@@ -19,14 +19,19 @@ attention probabilities. Such heads are left out of the attention computation (a
 layer); their context slice is zero. Pruned rows of every linear are never unpacked nor multiplied
 (``PackedLinear`` does not store them; the output is scattered back, zeros at pruned rows).
 
-**Unpacking.** ``unpack="fused"`` (default) keeps the packed uint8 weights resident and unpacks inside the
+**Unpacking.** ``unpack="auto"`` (default) is ``"panels"`` where the native kernel runs, else ``"fused"``.
+``unpack="fused"`` keeps the packed uint8 weights resident and unpacks inside the
 jitted forward on every call (XLA fuses the shifts/masks into the consumer); ``unpack="load"`` unpacks once at
-load time and keeps int8 codes resident (4x/2x more memory for sub-byte widths, usually faster on CPU).
-Both give bit-identical outputs.
+load time and keeps int8 codes resident (4x/2x more memory for sub-byte widths, usually faster on CPU);
+``unpack="panels"`` (native kernel only) unpacks once at load time into the native kernel's own panel layout
+(about 1 byte per weight; ``native.prepack_segments``), so no call unpacks anything. All three give
+bit-identical outputs. Panels cost 0.67x the time of fused at 1 x 16 tokens and 0.88-0.98x at 8 x 64 and
+1 x 128 on the avg-2.5 SST-2 model (``experiments/results/bench.md``).
 
 **Kernels.** ``IntBertMeta.kernel`` (``"auto"`` | ``"native"`` | ``"xla"``; None: the ``NASQ_KERNEL`` environment
 variable) selects the integer GEMM of every quantized linear (``nasq.kernels.int_linear``, module docstring);
-the native kernel reads the packed weights directly, so with it ``unpack="fused"`` is the natural choice.
+with the native kernel, ``"panels"`` (the default there) spends no time unpacking and ``"fused"`` reads the
+fewest bytes.
 
 Everything runs under one ``jax.jit`` per ``(batch, seq)`` shape: weights are pytree leaves, the config,
 head lists and bit widths are static aux data.
@@ -34,7 +39,7 @@ head lists and bit widths are static aux data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -56,7 +61,7 @@ from nasq.models.bert import _ACTIVATIONS, BertConfig
 from nasq.quant.packing import unpack_codes
 from nasq.quant.quantizer import quantize_act_int8
 
-UNPACK_MODES = ("fused", "load")
+UNPACK_MODES = ("auto", "fused", "load", "panels")
 
 
 # ------------------------------------------------------------------------------------------- linear kinds
@@ -125,12 +130,63 @@ def resident_linear_apply(x, p: ResidentLinear, kernel: str | None = None):
     return scatter_rows(y, p.out_index, p.out_features)
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True, eq=False)
+class PanelLinear:
+    """A ``PackedLinear`` unpacked once into the native kernel's resident panels (``unpack="panels"``).
+
+    ``panels``: ``((bits, rows, uint8 [bytes]), ...)`` per segment for the concrete ``isa``; the same outputs as
+    ``packed_linear_apply(..., kernel="native")``, bit for bit, without unpacking per call.
+    """
+
+    panels: tuple
+    isa: str
+    in_features: int
+    row_scale: Any
+    bias: Any
+    out_index: Any
+    out_features: int
+
+    @classmethod
+    def from_packed(cls, p: PackedLinear) -> PanelLinear:
+        isa, panels = native.prepack_segments(p.segments, p.in_features) if p.segments else (
+            native.resolved_isa(), ())
+        panels = tuple((b, r, jnp.asarray(w)) for b, r, w in panels)
+        return cls(panels, isa, p.in_features, p.row_scale, p.bias, p.out_index, p.out_features)
+
+    def tree_flatten(self):
+        meta = tuple((b, r) for b, r, _ in self.panels)
+        bufs = tuple(w for _, _, w in self.panels)
+        return (bufs, self.row_scale, self.bias, self.out_index), (meta, self.isa, self.in_features,
+                                                                   self.out_features)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        meta, isa, in_features, out_features = aux
+        bufs, row_scale, bias, out_index = children
+        panels = tuple((b, r, w) for (b, r), w in zip(meta, bufs, strict=True))
+        return cls(panels, isa, in_features, row_scale, bias, out_index, out_features)
+
+
+def panel_linear_apply(x, p: PanelLinear):
+    """``packed_linear_apply(x, packed, "scatter", "native")`` on resident panels."""
+    x = jnp.asarray(x, jnp.float32)
+    lead = x.shape[:-1]
+    if not p.panels:
+        return jnp.zeros((*lead, p.out_features), jnp.float32)
+    xq, sx = quantize_act_int8(x)
+    y = native.int_linear_panels(xq, sx, p.panels, p.isa, p.row_scale, p.bias)
+    return scatter_rows(y, p.out_index, p.out_features)
+
+
 def linear_apply(x, lin, kernel: str | None = None):
     """Dispatch on the linear kind (static pytree type); ``kernel`` selects the integer GEMM."""
     if isinstance(lin, PackedLinear):
         return packed_linear_apply(x, lin, output="scatter", kernel=kernel)
     if isinstance(lin, ResidentLinear):
         return resident_linear_apply(x, lin, kernel)
+    if isinstance(lin, PanelLinear):  # the native kernel by construction (panels exist only for it)
+        return panel_linear_apply(x, lin)
     if isinstance(lin, Fp32Linear):
         return x @ lin.kernel + lin.bias
     raise TypeError(f"unknown linear kind {type(lin).__name__}")
@@ -159,7 +215,7 @@ class IntBertMeta:
     config: BertConfig
     num_labels: int
     active_heads: tuple[tuple[int, ...], ...]  # per layer: heads whose value rows are not all pruned
-    unpack: str = "fused"
+    unpack: str = "auto"
     kernel: str | None = None  # integer GEMM: "auto" | "native" | "xla"; None: NASQ_KERNEL (default "auto")
 
 
@@ -214,9 +270,15 @@ class IntBert:
     def __init__(self, meta: IntBertMeta, params: dict, manifest: dict | None = None):
         if meta.unpack not in UNPACK_MODES:
             raise NasqError(f"unpack={meta.unpack!r}; use one of {UNPACK_MODES}")
-        if meta.unpack == "load":
+        if meta.unpack == "auto":
+            meta = replace(meta, unpack="panels" if native.resolve_kernel(meta.kernel) == "native" else "fused")
+        if meta.unpack in ("load", "panels"):
+            if meta.unpack == "panels" and native.resolve_kernel(meta.kernel) != "native":
+                raise NasqError("unpack='panels' lays the weights out for the native kernel, which is not in use "
+                                f"here ({native.describe(meta.kernel)}); use unpack='fused' or 'load'")
+            make = ResidentLinear.from_packed if meta.unpack == "load" else PanelLinear.from_packed
             params = jax.tree.map(
-                lambda leaf: ResidentLinear.from_packed(leaf) if isinstance(leaf, PackedLinear) else leaf,
+                lambda leaf: make(leaf) if isinstance(leaf, PackedLinear) else leaf,
                 params,
                 is_leaf=lambda v: isinstance(v, PackedLinear),
             )

@@ -47,10 +47,13 @@ __all__ = [
     "describe",
     "int_gemm",
     "int_linear",
+    "int_linear_panels",
     "int_linear_segments",
     "library",
     "num_threads",
+    "prepack_segments",
     "resolve_kernel",
+    "resolved_isa",
     "set_num_threads",
 ]
 
@@ -58,7 +61,7 @@ KERNELS = ("auto", "native", "xla")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
 _SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
-ABI_VERSION = 2  # nasq::kAbiVersion
+ABI_VERSION = 3  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
 _TARGET_F32 = "nasq_int_gemm_f32"
@@ -92,8 +95,13 @@ class Library:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         c.nasq_int_gemm.argtypes = [p, p, i64, i64, i64, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
         c.nasq_int_gemm.restype = ctypes.c_int
-        c.nasq_int_gemm_segments.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int, p, p, p, p, p]
+        c.nasq_int_gemm_segments.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int, ctypes.c_int, p, p,
+                                             p, p, p]
         c.nasq_int_gemm_segments.restype = ctypes.c_int
+        c.nasq_panel_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
+        c.nasq_panel_bytes.restype = i64
+        c.nasq_prepack.argtypes = [p, i64, i64, ctypes.c_int, ctypes.c_int, p]
+        c.nasq_prepack.restype = ctypes.c_int
         self.has_ffi = hasattr(c, "NasqIntGemmS32")  # a -DNASQ_NO_FFI test build has only the C ABI
 
     def best_isa(self) -> str:
@@ -134,19 +142,47 @@ class Library:
         return out
 
 
-    def gemm_segments(self, xq, segments, *, isa: str = "auto", sx=None, row_scale=None,
-                      bias=None) -> np.ndarray:
+    def prepack(self, w, bits: int, k: int, *, isa: str = "auto") -> np.ndarray:
+        """Resident panels of packed weights ``uint8 [N, ceil(k*bits/8)]`` for one ISA: the weights unpacked once
+        into the layout the kernel reads (flat uint8; C++ ``prepack``)."""
+        w = np.ascontiguousarray(w, np.uint8)
+        if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, bits):
+            raise NasqError(f"packed weights {w.shape} do not hold {k} {bits}-bit codes per row")
+        size = self.panel_bytes(w.shape[0], k, bits, isa=isa)
+        out = np.empty(size, np.uint8)
+        code = self.cdll.nasq_prepack(_ptr(w), w.shape[0], k, int(bits), _isa_code(isa), _ptr(out))
+        if code:
+            raise NasqError(f"native prepack failed: {self.cdll.nasq_error_message(code).decode()}")
+        return out
+
+    def panel_bytes(self, n: int, k: int, bits: int, *, isa: str = "auto") -> int:
+        size = int(self.cdll.nasq_panel_bytes(int(n), int(k), int(bits), _isa_code(isa)))
+        if size < 0:
+            raise NasqError(f"no resident panels for {bits}-bit weights on ISA {isa!r} (invalid or unsupported)")
+        return size
+
+    def gemm_segments(self, xq, segments, *, isa: str = "auto", sx=None, row_scale=None, bias=None,
+                      rows=None) -> np.ndarray:
         """A whole layer in one call: ``segments`` ``((bits, packed uint8 [R_s, bytes]), ...)``; the outputs of
         all segments side by side, int32 ``[M, sum R_s]``, or fused fp32 when ``sx`` and ``row_scale`` are given
-        (as :meth:`gemm`)."""
+        (as :meth:`gemm`). With ``rows`` (``R_s`` per segment) the buffers are resident panels (:meth:`prepack`,
+        same ``isa``)."""
         x = np.ascontiguousarray(xq, np.int8)
         m, k = x.shape
         ws = [np.ascontiguousarray(w, np.uint8) for _, w in segments]
         bits = [int(b) for b, _ in segments]
-        for b, w in zip(bits, ws, strict=True):
-            if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
-                raise NasqError(f"packed weights {w.shape} do not hold {k} {b}-bit codes per row")
-        width = sum(w.shape[0] for w in ws)
+        resident = rows is not None
+        if resident:
+            rows = [int(r) for r in rows]
+            for b, w, r in zip(bits, ws, rows, strict=True):
+                if w.size != self.panel_bytes(r, k, b, isa=isa):
+                    raise NasqError(f"resident panels of {w.size} bytes do not hold {r} rows of {k} {b}-bit codes")
+        else:
+            for b, w in zip(bits, ws, strict=True):
+                if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
+                    raise NasqError(f"packed weights {w.shape} do not hold {k} {b}-bit codes per row")
+            rows = [w.shape[0] for w in ws]
+        width = sum(rows)
         fused = sx is not None
         out = np.empty((m, width), np.float32 if fused else np.int32)
 
@@ -157,11 +193,11 @@ class Library:
         if fused and (sx.shape != (m,) or row_scale.shape != (width,) or bias is not None and bias.shape != (width,)):
             raise NasqError(f"sx must be [{m}], row_scale and bias [{width}]")
         ptrs = (ctypes.c_void_p * max(len(ws), 1))(*[w.ctypes.data for w in ws])
-        rows = np.array([w.shape[0] for w in ws] or [0], np.int64)
+        rows_arr = np.array(rows or [0], np.int64)
         bits_arr = (ctypes.c_int * max(len(bits), 1))(*bits)
         code = self.cdll.nasq_int_gemm_segments(
-            _ptr(x), m, k, len(ws), ptrs, _ptr(rows), bits_arr, _isa_code(isa), None if fused else _ptr(out),
-            _ptr(out) if fused else None, _ptr(sx), _ptr(row_scale), _ptr(bias))
+            _ptr(x), m, k, len(ws), ptrs, _ptr(rows_arr), bits_arr, _isa_code(isa), int(resident),
+            None if fused else _ptr(out), _ptr(out) if fused else None, _ptr(sx), _ptr(row_scale), _ptr(bias))
         if code:
             raise NasqError(f"native int GEMM failed: {self.cdll.nasq_error_message(code).decode()}")
         return out
@@ -345,12 +381,57 @@ def int_linear_segments(xq, sx, segments, row_scale, bias=None, *, isa: str | No
                             f"{w.shape}")
         ws.append(w)
         bits.append(int(b))
-    width = sum(w.shape[0] for w in ws)
+    rows = [w.shape[0] for w in ws]
+    return _segments_call(x2, lead, sx, row_scale, bias, ws, bits, rows, code, resident=False)
+
+
+def _segments_call(x2, lead, sx, row_scale, bias, ws, bits, rows, code: int, *, resident: bool):
+    width = sum(rows)
     sx = jnp.asarray(sx, jnp.float32).reshape(-1)
     bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     out = jax.ffi.ffi_call(_TARGET_SEGMENTS, jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32),
                            vmap_method="sequential")(
         x2, sx, jnp.asarray(row_scale, jnp.float32), bias, *ws, bits=np.asarray(bits, np.int64),
-        isa=np.int64(code))
+        rows=np.asarray(rows, np.int64), isa=np.int64(code), resident=np.int64(int(resident)))
     return out.reshape(*lead, width)
+
+
+def resolved_isa(isa: str | None = None) -> str:
+    """The concrete ISA a call with ``isa`` (None: ``NASQ_NATIVE_ISA``) runs: ``auto`` resolved to the best."""
+    name = _isa_name(isa)
+    return library().best_isa() if name == "auto" else name
+
+
+def prepack_segments(segments, k: int, isa: str | None = None) -> tuple[str, tuple]:
+    """``(isa, ((bits, rows, panels uint8 [bytes]), ...))``: a layer's segments unpacked once (numpy, at load
+    time) into resident panels for ``isa`` (None: ``NASQ_NATIVE_ISA`` / the best this CPU has)."""
+    name = resolved_isa(isa)
+    if not library().isa_supported(name):
+        raise NasqError(f"this CPU does not support the {name} path of the native kernel")
+    lib = library()
+    return name, tuple((int(b), int(np.shape(w)[0]), lib.prepack(np.asarray(w), int(b), k, isa=name))
+                       for b, w in segments)
+
+
+def int_linear_panels(xq, sx, panels, isa: str, row_scale, bias=None):
+    """``int_linear_segments`` on resident panels: ``panels`` ``((bits, rows, uint8 [bytes]), ...)`` from
+    :func:`prepack_segments` for ``isa`` (a concrete ISA). No unpacking per call; bit for bit the same output."""
+    if not panels:
+        raise NasqError("int_linear_panels needs at least one segment")
+    if isa == "auto":
+        raise NasqError("resident panels are laid out for one ISA: pass the concrete ISA prepack_segments returned")
+    _register()
+    code = _isa_code(isa)
+    xq = jnp.asarray(xq)
+    if xq.dtype != jnp.int8:
+        raise NasqError(f"native int GEMM wants int8 [..., K]; got {xq.dtype} {xq.shape}")
+    k = xq.shape[-1]
+    bits = [b for b, _, _ in panels]
+    rows = [r for _, r, _ in panels]
+    ws = [jnp.asarray(w) for _, _, w in panels]
+    for b, r, w in zip(bits, rows, ws, strict=True):
+        if w.dtype != jnp.uint8 or w.size != library().panel_bytes(r, k, b, isa=isa):
+            raise NasqError(f"resident panels of {w.size} bytes do not hold {r} rows of {k} {b}-bit codes")
+    return _segments_call(xq.reshape(-1, k), xq.shape[:-1], sx, row_scale, bias, ws, bits, rows, code,
+                          resident=True)
 

@@ -111,7 +111,7 @@
 namespace nasq {
 
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
 
@@ -313,7 +313,7 @@ static void dot_tile_avx2(const int8_t* x, int64_t Kp, const uint8_t* panel, int
       __m256i u[kPlanes][2];
       for (int pl = 0; pl < kPlanes; ++pl)
         for (int h = 0; h < 2; ++h)
-          u[pl][h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + (pl * kNR + 8 * h) * 4));
+          u[pl][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (pl * kNR + 8 * h) * 4));
       for (int i = 0; i < kMR; ++i) {
         const __m256i xb = _mm256_set1_epi32(load4(x + i * Kp + 4 * s));
         for (int pl = 0; pl < kPlanes; ++pl)
@@ -342,8 +342,8 @@ static void dot_tile_vnni(const int8_t* x, int64_t Kp, const uint8_t* panel, int
   for (auto& a : acc) a[0] = a[1] = _mm512_setzero_si512();
   for (int64_t s = 0; s < Kp / 4; ++s) {
     const uint8_t* p = panel + s * (kNR * 4);
-    const __m512i u0 = _mm512_load_si512(reinterpret_cast<const void*>(p));
-    const __m512i u1 = _mm512_load_si512(reinterpret_cast<const void*>(p + 64));
+    const __m512i u0 = _mm512_loadu_si512(reinterpret_cast<const void*>(p));  // loadu: resident panels may sit
+    const __m512i u1 = _mm512_loadu_si512(reinterpret_cast<const void*>(p + 64));  // at any address
     for (int i = 0; i < kMR; ++i) {
       const __m512i xb = _mm512_set1_epi32(load4(x + i * Kp + 4 * s));
       acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], u0, xb);
@@ -370,6 +370,7 @@ struct Gemm {
   const float* row_scale;  // [N]
   const float* bias;       // [N] or null
   int64_t ldo;             // output row stride (elements): N, or the whole layer's width for one segment of it
+  const uint8_t* panels = nullptr;  // resident panels (nasq_prepack, same ISA) instead of w: no unpacking
 };
 
 template <int NR, typename T>
@@ -576,17 +577,21 @@ static void gemm_columns(const Gemm& g, const IsaKernels& kern, const int8_t* xp
   const int64_t panel_bytes = Kp * kern.nr * kern.planes;
   const int64_t block_panels = std::max<int64_t>(1, kPanelBlockBytes / panel_bytes);
   const int64_t MC = std::max<int64_t>(kern.mr, kXBlockBytes / Kp / kern.mr * kern.mr);
-  uint8_t* panels = panel_buf.get(block_panels * panel_bytes);
-  uint8_t* row_u = row_buf.get(Kp);
+  uint8_t* panels = g.panels != nullptr ? nullptr : panel_buf.get(block_panels * panel_bytes);
+  uint8_t* row_u = g.panels != nullptr ? nullptr : row_buf.get(Kp);
   alignas(64) int32_t dots[kMaxMR * kMaxNR];
   alignas(64) float rs[kMaxNR], bs[kMaxNR];
   for (int64_t nb = n0; nb < n1; nb += block_panels * kern.nr) {
     // 3a. unpack this block's panels
     const int64_t np = std::min(block_panels, (n1 - nb + kern.nr - 1) / kern.nr);
-    for (int64_t q = 0; q < np; ++q) {
-      const int64_t first = nb + q * kern.nr;
-      unpack_panel(g.w + first * row_bytes, row_bytes, g.bits, g.K, Kp, std::min<int64_t>(kern.nr, n1 - first),
-                   kern.nr, kern.planes, kern.unpack_row, row_u, panels + q * panel_bytes);
+    if (g.panels != nullptr) {  // resident: this block's panels are already laid out, in order
+      panels = const_cast<uint8_t*>(g.panels) + (nb / kern.nr) * panel_bytes;
+    } else {
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t first = nb + q * kern.nr;
+        unpack_panel(g.w + first * row_bytes, row_bytes, g.bits, g.K, Kp, std::min<int64_t>(kern.nr, n1 - first),
+                     kern.nr, kern.planes, kern.unpack_row, row_u, panels + q * panel_bytes);
+      }
     }
     // 3b. all tokens against them, a block of MC tokens at a time
     for (int64_t mb = 0; mb < Mp; mb += MC) {
@@ -680,6 +685,38 @@ static int run_segments(const Gemm* segs, int nseg, int isa_request) {
 
 static int run_gemm(const Gemm& g, int isa_request) { return run_segments(&g, 1, isa_request); }
 
+// RESIDENT PANELS: a layer's weights unpacked once, at load time, into the panels an ISA's kernel reads
+// (steps 3a's output for every panel, in order): ceil(N / nr) panels of Kp * nr * planes bytes. A GEMM given
+// them (Gemm::panels) skips unpacking: about 1 byte per weight in memory instead of bits / 8, for less work per
+// call when few tokens share the unpacking (one short sentence).
+static int64_t panel_bytes_for(int64_t N, int64_t K, int bits, int isa_request) {
+  if (bits < 1 || bits > 8 || N < 0 || K < 0) return -1;
+  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
+  if (isa < kScalar || isa > kAvx512Vnni || !cpu_has(isa)) return -1;
+  const IsaKernels kern = kernels_for(isa, bits);
+  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
+  return (N + kern.nr - 1) / kern.nr * Kp * kern.nr * kern.planes;
+}
+
+static int prepack(const uint8_t* w, int64_t N, int64_t K, int bits, int isa_request, uint8_t* out) {
+  if (bits < 1 || bits > 8) return 1;
+  if (N < 0 || K < 0) return 2;
+  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
+  if (isa < kScalar || isa > kAvx512Vnni) return 3;
+  if (!cpu_has(isa)) return 4;
+  const IsaKernels kern = kernels_for(isa, bits);
+  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
+  const int64_t row_bytes = (K * bits + 7) / 8, panel_bytes = Kp * kern.nr * kern.planes;
+  AlignedBuffer row_buf;
+  uint8_t* row_u = row_buf.get(Kp);
+  for (int64_t p = 0; p * kern.nr < N; ++p) {
+    const int64_t first = p * kern.nr;
+    unpack_panel(w + first * row_bytes, row_bytes, bits, K, Kp, std::min<int64_t>(kern.nr, N - first), kern.nr,
+                 kern.planes, kern.unpack_row, row_u, out + p * panel_bytes);
+  }
+  return 0;
+}
+
 static const char* error_message(int code) {
   switch (code) {
     case 0: return "ok";
@@ -726,12 +763,25 @@ int nasq_int_gemm(const int8_t* x, const uint8_t* w, int64_t M, int64_t N, int64
 }
 
 
+// Bytes of the resident panels of an [N, K] b-bit weight for an ISA (0 auto), or -1 if invalid/unsupported.
+int64_t nasq_panel_bytes(int64_t N, int64_t K, int bits, int isa) { return nasq::panel_bytes_for(N, K, bits, isa); }
+
+// Unpack packed weights w [N, ceil(K*bits/8)] into resident panels (out: nasq_panel_bytes bytes). 0 or an error.
+int nasq_prepack(const uint8_t* w, int64_t N, int64_t K, int bits, int isa, uint8_t* out) {
+  try {
+    return nasq::prepack(w, N, K, bits, isa, out);
+  } catch (const std::bad_alloc&) {
+    return 6;
+  }
+}
+
 // A whole layer in one call: nseg segments, segment s has rows[s] weight rows of bits[s] bits packed in ws[s];
 // the outputs of all segments side by side, [M, sum(rows)] in segment order (int32 if out_i32 is not null,
 // else fused fp32 with sx [M], row_scale and optional bias [sum(rows)]). Returns 0 or an error code.
+// resident != 0: ws[s] are resident panels (nasq_prepack with the same concrete isa), not packed rows.
 int nasq_int_gemm_segments(const int8_t* x, int64_t M, int64_t K, int nseg, const uint8_t* const* ws,
-                           const int64_t* rows, const int* bits, int isa, int32_t* out_i32, float* out_f32,
-                           const float* sx, const float* row_scale, const float* bias) {
+                           const int64_t* rows, const int* bits, int isa, int resident, int32_t* out_i32,
+                           float* out_f32, const float* sx, const float* row_scale, const float* bias) {
   if (out_i32 == nullptr && (out_f32 == nullptr || sx == nullptr || row_scale == nullptr)) return 5;
   if (nseg < 0) return 5;
   int64_t width = 0;
@@ -742,9 +792,9 @@ int nasq_int_gemm_segments(const int8_t* x, int64_t M, int64_t K, int nseg, cons
   std::vector<nasq::Gemm> segs;
   int64_t c = 0;
   for (int s = 0; s < nseg; ++s) {
-    segs.push_back({x, ws[s], M, rows[s], K, bits[s], out_i32 ? out_i32 + c : nullptr,
+    segs.push_back({x, resident ? nullptr : ws[s], M, rows[s], K, bits[s], out_i32 ? out_i32 + c : nullptr,
                     out_i32 ? nullptr : out_f32 + c, sx, row_scale ? row_scale + c : nullptr,
-                    bias ? bias + c : nullptr, width});
+                    bias ? bias + c : nullptr, width, resident ? ws[s] : nullptr});
     c += rows[s];
   }
   try {
@@ -811,9 +861,11 @@ static ffi::Error IntGemmF32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> s
 static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
                                         ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> bias,
                                         ffi::RemainingArgs ws, ffi::ResultBuffer<ffi::F32> out,
-                                        ffi::Span<const int64_t> bits, int64_t isa) {
+                                        ffi::Span<const int64_t> bits, ffi::Span<const int64_t> rows,
+                                        int64_t isa, int64_t resident) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || bits.size() != ws.size()) return to_ffi_error(5);
+  if (xd.size() != 2 || bits.size() != ws.size() || rows.size() != ws.size()) return to_ffi_error(5);
+  if (resident && isa == kAuto) return to_ffi_error(3);  // panels are laid out for one concrete ISA
   const int64_t M = xd[0], K = xd[1];
   const int64_t R = static_cast<int64_t>(row_scale.element_count());
   if (sx.element_count() != static_cast<size_t>(M) || out->element_count() != static_cast<size_t>(M * R) ||
@@ -825,12 +877,17 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
   for (size_t s = 0; s < ws.size(); ++s) {
     auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
     if (!w.has_value()) return w.error();
-    const auto wd = w->dimensions();
     if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
-    if (wd.size() != 2 || wd[1] != (K * bits[s] + 7) / 8 || c + wd[0] > R) return to_ffi_error(5);
-    segs.push_back({x.typed_data(), w->typed_data(), M, wd[0], K, static_cast<int>(bits[s]), nullptr,
-                    out->typed_data() + c, sx.typed_data(), row_scale.typed_data() + c, b ? b + c : nullptr, R});
-    c += wd[0];
+    const int64_t n = rows[s];
+    const bool fits = resident ? static_cast<int64_t>(w->element_count()) ==
+                                     panel_bytes_for(n, K, static_cast<int>(bits[s]), static_cast<int>(isa))
+                               : w->dimensions().size() == 2 && w->dimensions()[0] == n &&
+                                     w->dimensions()[1] == (K * bits[s] + 7) / 8;
+    if (!fits || n < 0 || c + n > R) return to_ffi_error(5);
+    segs.push_back({x.typed_data(), resident ? nullptr : w->typed_data(), M, n, K, static_cast<int>(bits[s]),
+                    nullptr, out->typed_data() + c, sx.typed_data(), row_scale.typed_data() + c,
+                    b ? b + c : nullptr, R, resident ? w->typed_data() : nullptr});
+    c += n;
   }
   if (c != R) return to_ffi_error(5);
   try {
@@ -863,8 +920,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntGemmF32, nasq::IntGemmF32Impl,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("isa"));
 
-// fp32 y [M, R]: every segment of a layer in one call (IntLinearSegmentsImpl); attributes bits (int64 array,
-// one per segment buffer), isa.
+// fp32 y [M, R]: every segment of a layer in one call (IntLinearSegmentsImpl); attributes bits and rows (int64
+// arrays, one per segment buffer), isa, resident (1: the buffers are resident panels for that isa).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntLinearSegmentsF32, nasq::IntLinearSegmentsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
@@ -874,5 +931,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntLinearSegmentsF32, nasq::IntLinearSegmentsI
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("bits")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<ffi::Span<const int64_t>>("rows")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("resident"));
 #endif  // NASQ_NO_FFI
