@@ -8,8 +8,10 @@ One call computes, for one segment of a packed linear layer (all rows at one bit
 reading the weights in their packed layout (``nasq.quant.packing``: each row a little-endian bitstream of
 ``b``-bit two's complement codes, binary ``+1 -> 1, -1 -> 0``) and unpacking small tiles in the kernel; the
 int8 weight matrix is never materialised. A mixed-width layer (several segments) runs in one call,
-``int_linear_segments``: the activations are copied once and one thread split covers every segment. The C++ source (``nasq_kernels.cc``, next to this file) documents the
-layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
+``int_linear_segments``: the activations are copied once and one thread split covers every segment.
+``prepack_segments`` / ``int_linear_panels`` keep a layer's weights unpacked once in the kernel's own panel layout
+(``unpack="panels"`` of ``nasq.kernels.int_bert``). The C++ source (``nasq_kernels.cc``, next to this file)
+documents the layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
 blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
 The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
 rounds like XLA's (``int_linear``).

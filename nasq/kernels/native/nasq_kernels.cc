@@ -762,7 +762,6 @@ int nasq_int_gemm(const int8_t* x, const uint8_t* w, int64_t M, int64_t N, int64
   return nasq::run_gemm_checked(g, isa);
 }
 
-
 // Bytes of the resident panels of an [N, K] b-bit weight for an ISA (0 auto), or -1 if invalid/unsupported.
 int64_t nasq_panel_bytes(int64_t N, int64_t K, int bits, int isa) { return nasq::panel_bytes_for(N, K, bits, isa); }
 
