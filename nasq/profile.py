@@ -1,8 +1,8 @@
 """`nasq profile`: measure a latency lookup table for `--latency-ms` search budgets on *this* machine.
 
 For every distinct input width ``cols`` of the model's encoder linears and every bit width ``b`` the
-jitted integer kernel (:func:`nasq.kernels.int_linear.packed_linear_apply`: int8 activations x packed ``b``-bit
-weights) runs on ``x [tokens, cols]`` with ``rows`` = the most common ``out_features`` among the linears with that
+jitted integer linear that a loaded artifact runs (resident panels on the native kernel,
+:func:`nasq.kernels.int_linear.packed_linear_apply` on XLA; ``meta["kernel"]`` records which) runs on ``x [tokens, cols]`` with ``rows`` = the most common ``out_features`` among the linears with that
 ``cols``; the entry is
 
     ms_per_row(cols, b) = median_r(wall time of one call) / rows
@@ -34,6 +34,8 @@ import numpy as np
 
 from nasq.contract.cost import LatencyTable
 from nasq.errors import NasqError
+from nasq.kernels import native
+from nasq.kernels.int_bert import PanelLinear, panel_linear_apply
 from nasq.kernels.int_linear import pack_linear, packed_linear_apply
 from nasq.models.bert import Linear
 from nasq.models.loading import load_pretrained
@@ -58,13 +60,24 @@ def typical_rows(shapes: dict[str, tuple[int, int]]) -> dict[int, int]:
 
 
 def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0) -> float:
-    """Median ms of one jitted ``packed_linear_apply`` on ``x [tokens, cols]``, ``rows`` rows at ``bits``."""
+    """Median ms of one jitted call of the integer linear a loaded artifact runs (``measured_path``) on
+    ``x [tokens, cols]``, ``rows`` rows at ``bits``: resident panels on the native kernel, else
+    ``packed_linear_apply`` (XLA)."""
     rng = np.random.default_rng(seed)
     w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
     b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
     p = pack_linear(w, b, [rows], [bits], np.array([0.02], np.float32))
     x = jnp.asarray(rng.standard_normal((tokens, cols)).astype(np.float32))
+    if native.resolve_kernel() == "native":  # what load_artifact's default (unpack="auto") runs there
+        return median_ms(jax.jit(panel_linear_apply), x, PanelLinear.from_packed(p), repeats=repeats)
     return median_ms(jax.jit(packed_linear_apply), x, p, repeats=repeats)
+
+
+def measured_path() -> str:
+    """Which integer linear ``kernel_ms`` times here, for the table's metadata."""
+    if native.resolve_kernel() == "native":
+        return f"resident panels, {native.describe()}"
+    return f"packed_linear_apply, {native.describe()}"
 
 
 def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, repeats: int) -> float:
@@ -136,5 +149,6 @@ def profile_latency(
         "rows": {str(c): r for c, r in rows_for.items()}, "fixed_measured": bool(measure_fixed),
         "device": str(jax.devices()[0]), "platform": platform.platform(), "machine": platform.machine(),
         "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "kernel": measured_path(),
     }
     return LatencyTable(tokens=tokens, fixed_ms=float(fixed), ms_per_row=table, meta=meta)
