@@ -39,10 +39,9 @@ def test_table_format(lat, tiny_model_dir):
     assert set(t.ms_per_row) == {(c, b) for c in (32, 64) for b in (2, 4, 8)}
     assert all(v > 0 for v in t.ms_per_row.values())
     assert t.meta["rows"] == {"32": 32, "64": 32}
-    from nasq.kernels import (
-        native,  # the table says which integer linear it timed: the one artifacts run here
-    )
+    from nasq.kernels import native
 
+    # the table says which integer linear it timed: the one artifacts run here
     assert t.meta["kernel"].startswith("resident panels" if native.resolve_kernel() == "native" else
                                        "packed_linear_apply")
     t.check(_tensors(tiny_model_dir))  # every (cols, bits) the tiny search needs is there
