@@ -116,6 +116,12 @@ def random_segments(rng, k, widths_rows):
     return segs, (np.concatenate(codes) if codes else np.zeros((0, k), np.int8))
 
 
+def epilogue_inputs(rng, m, r):
+    """``(sx [m], row_scale [r], bias [r])`` fp32 for the fused output."""
+    return ((rng.random(m) * 0.1).astype(np.float32), (rng.random(r) * 0.01).astype(np.float32),
+            rng.standard_normal(r).astype(np.float32))
+
+
 SEGMENTS = st.lists(st.tuples(st.integers(1, 8), st.integers(0, 45)), min_size=1, max_size=4)
 
 
@@ -129,10 +135,8 @@ def test_segments_one_call_exact(m, k, segs, has_bias, seed):
     rng = np.random.default_rng(seed)
     x = random_x(rng, m, k)
     segments, codes = random_segments(rng, k, segs)
-    r = codes.shape[0]
-    sx = (rng.random(m) * 0.1).astype(np.float32)
-    rs = (rng.random(r) * 0.01).astype(np.float32)
-    bias = rng.standard_normal(r).astype(np.float32) if has_bias else None
+    sx, rs, bias = epilogue_inputs(rng, m, codes.shape[0])
+    bias = bias if has_bias else None
     for isa in ISAS:
         np.testing.assert_array_equal(LIB.gemm_segments(x, segments, isa=isa).astype(np.int64), ref_acc(x, codes),
                                       err_msg=isa)
@@ -169,8 +173,7 @@ def test_segments_ffi_matches_ctypes_and_errors():
     x = random_x(rng, 10, 96)
     segments, codes = random_segments(rng, 96, [(2, 40), (4, 24), (3, 8)])
     r = codes.shape[0]
-    sx = (rng.random(10) * 0.1).astype(np.float32)
-    rs, bias = (rng.random(r) * 0.01).astype(np.float32), rng.standard_normal(r).astype(np.float32)
+    sx, rs, bias = epilogue_inputs(rng, 10, r)
     f = jax.jit(lambda x, sx, rs, b: native.int_linear_segments(x, sx, segments, rs, b))
     got = f(jnp.asarray(x).reshape(2, 5, 96), jnp.asarray(sx).reshape(2, 5, 1), rs, bias)
     assert got.shape == (2, 5, r)
@@ -193,8 +196,7 @@ def test_resident_panels_exact(m, k, segs, seed):
     rng = np.random.default_rng(seed)
     x = random_x(rng, m, k)
     segments, codes = random_segments(rng, k, segs)
-    r = codes.shape[0]
-    sx, rs = (rng.random(m) * 0.1).astype(np.float32), (rng.random(r) * 0.01).astype(np.float32)
+    sx, rs, _ = epilogue_inputs(rng, m, codes.shape[0])
     rows = [w.shape[0] for _, w in segments]
     for isa in ISAS:
         panels = tuple((b, LIB.prepack(w, b, k, isa=isa)) for b, w in segments)
@@ -211,8 +213,7 @@ def test_resident_panels_ffi_and_errors():
     x = random_x(rng, 12, 200)
     segments, codes = random_segments(rng, 200, [(2, 70), (3, 20), (8, 9)])
     r = codes.shape[0]
-    sx, rs = (rng.random(12) * 0.1).astype(np.float32), (rng.random(r) * 0.01).astype(np.float32)
-    bias = rng.standard_normal(r).astype(np.float32)
+    sx, rs, bias = epilogue_inputs(rng, 12, r)
     isa, panels = native.prepack_segments(segments, 200)
     assert isa == native.resolved_isa() != "auto" and [p[:2] for p in panels] == [(2, 70), (3, 20), (8, 9)]
     got = jax.jit(lambda x, sx: native.int_linear_panels(x, sx, panels, isa, rs, bias))(

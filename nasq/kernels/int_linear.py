@@ -213,8 +213,6 @@ def kept_rows_apply(xq, sx, segments, row_scale, bias, kernel: str | None = None
     (``PackedLinear.segments``); ``row_scale``, ``bias`` (or None): fp32 ``[R_kept]``. XLA path: unpack all
     segments, one int8 ``dot_general``, elementwise epilogue; native path: one fused call for all segments."""
     if native.resolve_kernel(kernel) == "native":
-        if len(segments) == 1:
-            return native.int_linear(xq, sx, segments[0][1], segments[0][0], row_scale, bias)
         return native.int_linear_segments(xq, sx, segments, row_scale, bias)
     codes = [unpack_codes(packed, b, xq.shape[-1]) for b, packed in segments]
     return xla_rows_apply(xq, sx, codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=0), row_scale, bias)

@@ -75,6 +75,25 @@ def _ptr(a):
     return None if a is None else ctypes.c_void_p(a.ctypes.data)
 
 
+def _check_packed(shape, k: int, bits: int) -> None:
+    """``shape`` must be ``[rows, packed_row_bytes(k, bits)]`` (packed b-bit weight rows)."""
+    if len(shape) != 2 or shape[1] != packed_row_bytes(k, bits):
+        raise NasqError(f"packed weights {tuple(shape)} do not hold {k} {bits}-bit codes per row")
+
+
+def _epilogue_args(sx, row_scale, bias, m: int, n: int):
+    """fp32 C-contiguous ``(sx [m], row_scale [n], bias [n] or None)`` for the fused output (``sx`` given), or
+    the inputs as given (None) for the int32 output; shapes checked."""
+    def f32(a):
+        return None if a is None else np.ascontiguousarray(a, np.float32).reshape(-1)
+
+    sx, row_scale, bias = f32(sx), f32(row_scale), f32(bias)
+    if sx is not None and (sx.shape != (m,) or row_scale is None or row_scale.shape != (n,)
+                           or bias is not None and bias.shape != (n,)):
+        raise NasqError(f"sx must be [{m}], row_scale and bias [{n}]")
+    return sx, row_scale, bias
+
+
 class Library:
     """ctypes view of one built ``nasq_kernels`` shared library (the FFI handlers and the C ABI)."""
 
@@ -125,17 +144,10 @@ class Library:
         w = np.ascontiguousarray(w, np.uint8)
         m, k = x.shape
         n = w.shape[0]
-        if w.shape != (n, packed_row_bytes(k, bits)):
-            raise NasqError(f"packed weights {w.shape} do not hold {k} {bits}-bit codes per row")
+        _check_packed(w.shape, k, bits)
         fused = sx is not None
         out = np.empty((m, n), np.float32 if fused else np.int32)
-
-        def f32(a):
-            return None if a is None else np.ascontiguousarray(a, np.float32).reshape(-1)
-
-        sx, row_scale, bias = f32(sx), f32(row_scale), f32(bias)
-        if fused and (sx.shape != (m,) or row_scale.shape != (n,) or bias is not None and bias.shape != (n,)):
-            raise NasqError(f"sx must be [{m}], row_scale and bias [{n}]")
+        sx, row_scale, bias = _epilogue_args(sx, row_scale, bias, m, n)
         code = self.cdll.nasq_int_gemm(_ptr(x), _ptr(w), m, n, k, int(bits), _isa_code(isa),
                                        None if fused else _ptr(out), _ptr(out) if fused else None,
                                        _ptr(sx), _ptr(row_scale), _ptr(bias))
@@ -148,8 +160,7 @@ class Library:
         """Resident panels of packed weights ``uint8 [N, ceil(k*bits/8)]`` for one ISA: the weights unpacked once
         into the layout the kernel reads (flat uint8; C++ ``prepack``)."""
         w = np.ascontiguousarray(w, np.uint8)
-        if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, bits):
-            raise NasqError(f"packed weights {w.shape} do not hold {k} {bits}-bit codes per row")
+        _check_packed(w.shape, k, bits)
         size = self.panel_bytes(w.shape[0], k, bits, isa=isa)
         out = np.empty(size, np.uint8)
         code = self.cdll.nasq_prepack(_ptr(w), w.shape[0], k, int(bits), _isa_code(isa), _ptr(out))
@@ -162,6 +173,11 @@ class Library:
         if size < 0:
             raise NasqError(f"no resident panels for {bits}-bit weights on ISA {isa!r} (invalid or unsupported)")
         return size
+
+    def check_panels(self, size: int, rows: int, k: int, bits: int, isa: str) -> None:
+        """A resident-panels buffer of ``size`` bytes must hold exactly ``rows`` rows of ``k`` ``bits``-bit codes."""
+        if size != self.panel_bytes(rows, k, bits, isa=isa):
+            raise NasqError(f"resident panels of {size} bytes do not hold {rows} rows of {k} {bits}-bit codes")
 
     def gemm_segments(self, xq, segments, *, isa: str = "auto", sx=None, row_scale=None, bias=None,
                       rows=None) -> np.ndarray:
@@ -177,23 +193,15 @@ class Library:
         if resident:
             rows = [int(r) for r in rows]
             for b, w, r in zip(bits, ws, rows, strict=True):
-                if w.size != self.panel_bytes(r, k, b, isa=isa):
-                    raise NasqError(f"resident panels of {w.size} bytes do not hold {r} rows of {k} {b}-bit codes")
+                self.check_panels(w.size, r, k, b, isa)
         else:
             for b, w in zip(bits, ws, strict=True):
-                if w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
-                    raise NasqError(f"packed weights {w.shape} do not hold {k} {b}-bit codes per row")
+                _check_packed(w.shape, k, b)
             rows = [w.shape[0] for w in ws]
         width = sum(rows)
         fused = sx is not None
         out = np.empty((m, width), np.float32 if fused else np.int32)
-
-        def f32(a):
-            return None if a is None else np.ascontiguousarray(a, np.float32).reshape(-1)
-
-        sx, row_scale, bias = f32(sx), f32(row_scale), f32(bias)
-        if fused and (sx.shape != (m,) or row_scale.shape != (width,) or bias is not None and bias.shape != (width,)):
-            raise NasqError(f"sx must be [{m}], row_scale and bias [{width}]")
+        sx, row_scale, bias = _epilogue_args(sx, row_scale, bias, m, width)
         ptrs = (ctypes.c_void_p * max(len(ws), 1))(*[w.ctypes.data for w in ws])
         rows_arr = np.array(rows or [0], np.int64)
         bits_arr = (ctypes.c_int * max(len(bits), 1))(*bits)
@@ -432,8 +440,9 @@ def int_linear_panels(xq, sx, panels, isa: str, row_scale, bias=None):
     rows = [r for _, r, _ in panels]
     ws = [jnp.asarray(w) for _, _, w in panels]
     for b, r, w in zip(bits, rows, ws, strict=True):
-        if w.dtype != jnp.uint8 or w.size != library().panel_bytes(r, k, b, isa=isa):
-            raise NasqError(f"resident panels of {w.size} bytes do not hold {r} rows of {k} {b}-bit codes")
+        if w.dtype != jnp.uint8:
+            raise NasqError(f"resident panels must be uint8, got {w.dtype}")
+        library().check_panels(w.size, r, k, b, isa)
     return _segments_call(xq.reshape(-1, k), xq.shape[:-1], sx, row_scale, bias, ws, bits, rows, code,
                           resident=True)
 

@@ -124,6 +124,9 @@ constexpr int64_t kMinParallelMacs = int64_t{1} << 20;  // below this many multi
 
 static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// K padded to whole vectors (xp rows and panels use it).
+static int64_t padded_k(int64_t K) { return std::max<int64_t>(kKAlign, round_up(K, kKAlign)); }
+
 // ------------------------------------------------------------------------------------------- CPU features
 
 static bool cpu_has(Isa isa) {
@@ -568,6 +571,13 @@ static IsaKernels kernels_for(Isa isa, int bits) {
   }
 }
 
+// The ISA a request (0 = auto) runs: 0 and *isa set, or 3 (unknown code) / 4 (the CPU lacks it).
+static int resolve_isa(int isa_request, Isa* isa) {
+  *isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
+  if (*isa < kScalar || *isa > kAvx512Vnni) return 3;
+  return cpu_has(*isa) ? 0 : 4;
+}
+
 // Output columns [n0, n1) (n0 a multiple of kern.nr) for all tokens.
 static void gemm_columns(const Gemm& g, const IsaKernels& kern, const int8_t* xp, const int32_t* xsum,
                          int64_t Mp, int64_t Kp, int64_t n0, int64_t n1) {
@@ -624,16 +634,15 @@ static int run_segments(const Gemm* segs, int nseg, int isa_request) {
     if (g.M < 0 || g.N < 0 || g.K < 0) return 2;
     if (g.x != segs[0].x || g.M != segs[0].M || g.K != segs[0].K || g.ldo < g.N) return 5;
   }
-  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
-  if (isa < kScalar || isa > kAvx512Vnni) return 3;
-  if (!cpu_has(isa)) return 4;
+  Isa isa;
+  if (const int err = resolve_isa(isa_request, &isa)) return err;
   if (nseg == 0 || segs[0].M == 0) return 0;
   const int64_t M = segs[0].M, K = segs[0].K;
 
   // 1. zero-padded copy of x (rows padded for the largest micro tile) and the token sums, once for all segments.
   static thread_local AlignedBuffer xbuf;
   static thread_local std::vector<int32_t> xsum;
-  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
+  const int64_t Kp = padded_k(K);
   const int64_t Mx = round_up(M, kMaxMR);  // every ISA's mr divides kMaxMR
   int8_t* xp = reinterpret_cast<int8_t*>(xbuf.get(Mx * Kp));
   xsum.assign(static_cast<size_t>(Mx), 0);
@@ -690,22 +699,19 @@ static int run_gemm(const Gemm& g, int isa_request) { return run_segments(&g, 1,
 // them (Gemm::panels) skips unpacking: about 1 byte per weight in memory instead of bits / 8, for less work per
 // call when few tokens share the unpacking (one short sentence).
 static int64_t panel_bytes_for(int64_t N, int64_t K, int bits, int isa_request) {
-  if (bits < 1 || bits > 8 || N < 0 || K < 0) return -1;
-  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
-  if (isa < kScalar || isa > kAvx512Vnni || !cpu_has(isa)) return -1;
+  Isa isa;
+  if (bits < 1 || bits > 8 || N < 0 || K < 0 || resolve_isa(isa_request, &isa) != 0) return -1;
   const IsaKernels kern = kernels_for(isa, bits);
-  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
-  return (N + kern.nr - 1) / kern.nr * Kp * kern.nr * kern.planes;
+  return (N + kern.nr - 1) / kern.nr * padded_k(K) * kern.nr * kern.planes;
 }
 
 static int prepack(const uint8_t* w, int64_t N, int64_t K, int bits, int isa_request, uint8_t* out) {
   if (bits < 1 || bits > 8) return 1;
   if (N < 0 || K < 0) return 2;
-  const Isa isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
-  if (isa < kScalar || isa > kAvx512Vnni) return 3;
-  if (!cpu_has(isa)) return 4;
+  Isa isa;
+  if (const int err = resolve_isa(isa_request, &isa)) return err;
   const IsaKernels kern = kernels_for(isa, bits);
-  const int64_t Kp = std::max<int64_t>(kKAlign, round_up(K, kKAlign));
+  const int64_t Kp = padded_k(K);
   const int64_t row_bytes = (K * bits + 7) / 8, panel_bytes = Kp * kern.nr * kern.planes;
   AlignedBuffer row_buf;
   uint8_t* row_u = row_buf.get(Kp);
