@@ -104,6 +104,16 @@
 #define NASQ_X86 0
 #endif
 
+// An empty asm that takes the 8 given vectors in (and out of) registers: the compiler must have each one in a
+// register at that point, so it can neither reassociate sums across it nor keep them on the stack. A no-op in
+// the emulated build (SIMDe's vectors are structs).
+#if NASQ_X86 && !defined(NASQ_SIMDE) && defined(__GNUC__)
+#define NASQ_IN_REGISTERS(a, b, c, d, e, f, g, h) \
+  asm("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d), "+x"(e), "+x"(f), "+x"(g), "+x"(h))
+#else
+#define NASQ_IN_REGISTERS(a, b, c, d, e, f, g, h)
+#endif
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "nasq_kernels.cc reads packed rows as little-endian words"
 #endif
@@ -323,6 +333,9 @@ static void dot_tile_avx2(const int8_t* x, int64_t Kp, const uint8_t* panel, int
           for (int h = 0; h < 2; ++h)
             sum16[i][pl][h] = _mm256_add_epi16(sum16[i][pl][h], _mm256_maddubs_epi16(u[pl][h], xb));
       }
+      if constexpr (kPlanes == 2)  // 2 tokens x 2 planes x 2 halves: see dot_tile_avx2_b4
+        NASQ_IN_REGISTERS(sum16[0][0][0], sum16[0][0][1], sum16[0][1][0], sum16[0][1][1], sum16[1][0][0],
+                          sum16[1][0][1], sum16[1][1][0], sum16[1][1][1]);
     }
     for (int i = 0; i < kMR; ++i) {
       for (int h = 0; h < 2; ++h) {
@@ -334,6 +347,59 @@ static void dot_tile_avx2(const int8_t* x, int64_t Kp, const uint8_t* panel, int
     }
   }
   std::memcpy(out, acc, sizeof(acc));
+}
+
+// The same for b <= 4 (one plane), written out so that the 8 int16 sums stay in registers: GCC compiles the
+// generic template above with them on the stack (perf annotate: stack stores and loads in the inner loop).
+// Kp / 4 is a multiple of 16 (kKAlign), so every chunk is a full kChunk steps, unrolled.
+NASQ_TARGET("avx2")
+static void dot_tile_avx2_b4(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out) {
+  constexpr int kMR = 4, kNR = 16, kChunk = 8;
+  static_assert(kKAlign % (4 * kChunk) == 0, "whole chunks");
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* x0 = x;
+  const int8_t* x1 = x + Kp;
+  const int8_t* x2 = x + 2 * Kp;
+  const int8_t* x3 = x + 3 * Kp;
+  __m256i acc[kMR][2];
+  for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
+  for (int64_t s0 = 0; s0 < Kp / 4; s0 += kChunk) {
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
+#pragma GCC unroll 8
+    for (int j = 0; j < kChunk; ++j) {
+      const int64_t s = s0 + j;
+      const uint8_t* p = panel + s * (kNR * 4);
+      const __m256i u0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i u1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+      __m256i xb = _mm256_set1_epi32(load4(x0 + 4 * s));
+      c00 = _mm256_add_epi16(c00, _mm256_maddubs_epi16(u0, xb));
+      c01 = _mm256_add_epi16(c01, _mm256_maddubs_epi16(u1, xb));
+      xb = _mm256_set1_epi32(load4(x1 + 4 * s));
+      c10 = _mm256_add_epi16(c10, _mm256_maddubs_epi16(u0, xb));
+      c11 = _mm256_add_epi16(c11, _mm256_maddubs_epi16(u1, xb));
+      xb = _mm256_set1_epi32(load4(x2 + 4 * s));
+      c20 = _mm256_add_epi16(c20, _mm256_maddubs_epi16(u0, xb));
+      c21 = _mm256_add_epi16(c21, _mm256_maddubs_epi16(u1, xb));
+      xb = _mm256_set1_epi32(load4(x3 + 4 * s));
+      c30 = _mm256_add_epi16(c30, _mm256_maddubs_epi16(u0, xb));
+      c31 = _mm256_add_epi16(c31, _mm256_maddubs_epi16(u1, xb));
+      // Pin the sums to registers at every step: without this GCC reassociates the integer adds into one tree
+      // per chunk, computes all 64 products first and spills them to the stack.
+      NASQ_IN_REGISTERS(c00, c01, c10, c11, c20, c21, c30, c31);
+    }
+    acc[0][0] = _mm256_add_epi32(acc[0][0], _mm256_madd_epi16(c00, ones));
+    acc[0][1] = _mm256_add_epi32(acc[0][1], _mm256_madd_epi16(c01, ones));
+    acc[1][0] = _mm256_add_epi32(acc[1][0], _mm256_madd_epi16(c10, ones));
+    acc[1][1] = _mm256_add_epi32(acc[1][1], _mm256_madd_epi16(c11, ones));
+    acc[2][0] = _mm256_add_epi32(acc[2][0], _mm256_madd_epi16(c20, ones));
+    acc[2][1] = _mm256_add_epi32(acc[2][1], _mm256_madd_epi16(c21, ones));
+    acc[3][0] = _mm256_add_epi32(acc[3][0], _mm256_madd_epi16(c30, ones));
+    acc[3][1] = _mm256_add_epi32(acc[3][1], _mm256_madd_epi16(c31, ones));
+  }
+  for (int i = 0; i < kMR; ++i)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * kNR + 8 * h), acc[i][h]);
 }
 
 // AVX512-VNNI, 32 weight rows (two vectors of 16 int32 lanes) x 8 tokens: vpdpbusd multiplies u8 by s8 and
@@ -424,6 +490,43 @@ static void store_tile_portable(const Gemm& g, const int32_t* dots, const int32_
 }
 
 #if NASQ_X86
+// AVX2 + FMA, NR = 16: whole tiles (every row < M, all 16 columns < N) in vector registers straight to the
+// output, the rest through store_tile_body. The same operations in the same order as store_tile_body:
+// float(acc) * s, then fma(., rs, bs), or (float(acc) * s) * rs without bias; bit-identical.
+NASQ_TARGET("avx2,fma")
+static void store_tile_avx2_16(const Gemm& g, const int32_t* dots, const int32_t* xsum, int32_t offset,
+                               const float* rs, const float* bs, int64_t m0, int mr, int64_t n0) {
+  if (n0 + 16 > g.N || m0 + mr > g.M) {
+    store_tile_body<16>(g, dots, xsum, offset, rs, bs, m0, mr, n0);
+    return;
+  }
+  const __m256 rs0 = _mm256_loadu_ps(rs), rs1 = _mm256_loadu_ps(rs + 8);
+  const __m256 bs0 = _mm256_loadu_ps(bs), bs1 = _mm256_loadu_ps(bs + 8);
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    const __m256i corr = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset) *
+                                                                static_cast<uint32_t>(xsum[m])));
+    const __m256i a0 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + i * 16)), corr);
+    const __m256i a1 =
+        _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + i * 16 + 8)), corr);
+    if (g.out_i32 != nullptr) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + n0), a0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + n0 + 8), a1);
+      continue;
+    }
+    const __m256 sv = _mm256_set1_ps(g.sx[m]);
+    const __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(a0), sv), t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a1), sv);
+    float* y = g.out_f32 + m * g.ldo + n0;
+    if (g.bias != nullptr) {
+      _mm256_storeu_ps(y, _mm256_fmadd_ps(t0, rs0, bs0));
+      _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(t1, rs1, bs1));
+    } else {
+      _mm256_storeu_ps(y, _mm256_mul_ps(t0, rs0));
+      _mm256_storeu_ps(y + 8, _mm256_mul_ps(t1, rs1));
+    }
+  }
+}
+
 template <int NR>
 NASQ_TARGET("avx2,fma")
 static void store_tile_fma(const Gemm& g, const int32_t* dots, const int32_t* xsum, int32_t offset,
@@ -563,8 +666,8 @@ static IsaKernels kernels_for(Isa isa, int bits) {
     case kAvx512Vnni:
       return {8, 32, 1, dot_tile_vnni, unpack_row_bmi2, store_tile_fma<32>};
     case kAvx2:
-      if (bits <= 4) return {4, 16, 1, dot_tile_avx2<1>, unpack_row_bmi2, store_tile_fma<16>};
-      return {2, 16, 2, dot_tile_avx2<2>, unpack_row_bmi2, store_tile_fma<16>};
+      if (bits <= 4) return {4, 16, 1, dot_tile_avx2_b4, unpack_row_bmi2, store_tile_avx2_16};
+      return {2, 16, 2, dot_tile_avx2<2>, unpack_row_bmi2, store_tile_avx2_16};
 #endif
     default:
       return {4, 16, 1, dot_tile_scalar, unpack_row_portable, store_tile_portable<16>};
