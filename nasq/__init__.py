@@ -8,6 +8,9 @@ The Python API (``nasq.api``) is re-exported here lazily, so ``import nasq`` sta
 """
 
 from nasq._version import __version__
+from nasq.allocator import tune_allocator
+
+tune_allocator()  # keep freed memory in the process: XLA on CPU allocates every call's buffers afresh
 
 _API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
         "make_config", "run_search")

@@ -14,6 +14,8 @@ import time
 import jax
 import numpy as np
 
+from nasq.allocator import allocator_tuned
+
 __all__ = ["block", "environment", "median_ms", "time_interleaved"]
 
 
@@ -45,4 +47,5 @@ def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
 def environment() -> dict:
     """Machine, date, JAX version and the command line: recorded next to every measured figure."""
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "command": " ".join(["nasq", *sys.argv[1:]])}
+            "jax": jax.__version__, "backend": jax.default_backend(), "malloc_tuned": allocator_tuned(),
+            "command": " ".join(["nasq", *sys.argv[1:]])}

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from nasq.errors import NasqError
 from nasq.kernels import native
-from nasq.kernels.int_linear import PackedLinear, int8_matmul, pack_linear, packed_linear_apply
+from nasq.kernels.int_linear import PackedLinear, int8_matmul, pack_linear, packed_linear_apply, scatter_rows
 from nasq.quant.packing import pack_codes, unpack_codes
 from nasq.quant.quantizer import quantize_act_int8
 
@@ -206,24 +206,73 @@ def test_resident_panels_exact(m, k, segs, seed):
                                       LIB.gemm_segments(x, segments, isa=isa, sx=sx, row_scale=rs), err_msg=isa)
 
 
+def linear_inputs(rng, m, k):
+    """fp32 tokens with an all-zero one (scale 1) and one of halves with absmax 127 (scale 1: x / scale lands on
+    ties, so round-half-to-even is checked)."""
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10)).astype(np.float32)
+    if m > 1:
+        x[0] = 0.0
+        x[-1] = rng.integers(-254, 255, k) / 2
+        x[-1, 0] = 127.0
+    return x
+
+
 @needs_lib
-def test_resident_panels_ffi_and_errors():
-    """int_linear_panels (jitted FFI) == int_linear_segments; panels of the wrong size or for "auto" are refused."""
+@JIT_SETTINGS
+@given(m=st.integers(1, 20), k=st.integers(1, 260), segs=SEGMENTS, pruned=st.integers(0, 30),
+       has_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_linear_one_call_exact(m, k, segs, pruned, has_bias, seed):
+    """native.linear (fp32 x quantized inside; each kept row written to its column, zeros at pruned columns) ==
+    quantize_act_int8 + int_linear_segments + scatter_rows, bit for bit, from packed rows and from resident
+    panels, on every ISA."""
+    rng = np.random.default_rng(seed)
+    x = linear_inputs(rng, m, k)
+    segments, codes = random_segments(rng, k, segs)
+    r = codes.shape[0]
+    _, rs, bias = epilogue_inputs(rng, m, r)
+    bias = bias if has_bias else None
+    f = r + pruned
+    out_index = rng.permutation(f)[:r].astype(np.int32)
+    xq, sx = quantize_act_int8(jnp.asarray(x))
+    if r == 0:
+        return
+    for isa in ISAS:
+        want = np.asarray(scatter_rows(native.int_linear_segments(xq, sx, segments, rs, bias, isa=isa), out_index, f))
+        got = native.linear(x, segments, rs, bias, out_index, f, isa=isa)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=isa)
+        _, panels = native.prepack_segments(segments, k, isa)
+        got = native.linear(x, panels, rs, bias, out_index, f, panels_isa=isa)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{isa} panels")
+
+
+@needs_lib
+def test_linear_jit_threads_and_errors():
+    """Under jit, with leading dims and enough tokens for the thread pool (quantization split over threads too),
+    native.linear == the reference; bad panels, ISA and column maps are refused."""
     rng = np.random.default_rng(4)
-    x = random_x(rng, 12, 200)
+    x = linear_inputs(rng, 300, 200).reshape(3, 100, 200)
     segments, codes = random_segments(rng, 200, [(2, 70), (3, 20), (8, 9)])
     r = codes.shape[0]
-    sx, rs, bias = epilogue_inputs(rng, 12, r)
+    _, rs, bias = epilogue_inputs(rng, 1, r)
+    out_index = np.r_[np.arange(50), np.arange(60, 109)].astype(np.int32)  # 10 pruned columns
     isa, panels = native.prepack_segments(segments, 200)
     assert isa == native.resolved_isa() != "auto" and [p[:2] for p in panels] == [(2, 70), (3, 20), (8, 9)]
-    got = jax.jit(lambda x, sx: native.int_linear_panels(x, sx, panels, isa, rs, bias))(
-        jnp.asarray(x).reshape(3, 4, 200), jnp.asarray(sx).reshape(3, 4, 1))
-    want = native.int_linear_segments(jnp.asarray(x), jnp.asarray(sx), segments, rs, bias)
-    np.testing.assert_array_equal(np.asarray(got).reshape(12, r), np.asarray(want))
+    got = jax.jit(lambda x: native.linear(x, panels, rs, bias, out_index, 109, panels_isa=isa))(jnp.asarray(x))
+    xq, sx = quantize_act_int8(jnp.asarray(x))
+    want = scatter_rows(native.int_linear_segments(xq, sx, segments, rs, bias), out_index, 109)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.asarray(got)[..., 50:60].any()
     with pytest.raises(NasqError, match="one ISA"):
-        native.int_linear_panels(x, sx, panels, "auto", rs, bias)
+        native.linear(x, panels, rs, bias, out_index, 109, panels_isa="auto")
     with pytest.raises(NasqError, match="do not hold"):
-        native.int_linear_panels(x, sx, ((2, 170, panels[0][2]),) + panels[1:], isa, np.ones(r + 100, np.float32))
+        native.linear(x, ((2, 170, panels[0][2]),) + panels[1:], np.ones(r + 100, np.float32), None,
+                      np.arange(r + 100), r + 100, panels_isa=isa)
+    with pytest.raises(NasqError, match="out_index"):
+        native.linear(x, segments, rs, bias, out_index[:-1], 109)
+    with pytest.raises(NasqError, match="at least one segment"):
+        native.linear(x, (), rs[:0], None, out_index[:0], 109)
+    with pytest.raises(Exception, match="shapes do not match"):  # a column out of range: refused by the kernel
+        native.linear(x, segments, rs, bias, np.r_[out_index[:-1], 500].astype(np.int32), 109)
     with pytest.raises(NasqError, match="do not hold"):
         LIB.prepack(segments[0][1], 3, 200)
 

@@ -174,9 +174,7 @@ def panel_linear_apply(x, p: PanelLinear):
     lead = x.shape[:-1]
     if not p.panels:
         return jnp.zeros((*lead, p.out_features), jnp.float32)
-    xq, sx = quantize_act_int8(x)
-    y = native.int_linear_panels(xq, sx, p.panels, p.isa, p.row_scale, p.bias)
-    return scatter_rows(y, p.out_index, p.out_features)
+    return native.linear(x, p.panels, p.row_scale, p.bias, p.out_index, p.out_features, panels_isa=p.isa)
 
 
 def linear_apply(x, lin, kernel: str | None = None):

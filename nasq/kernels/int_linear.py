@@ -240,6 +240,8 @@ def packed_linear_apply(x, p: PackedLinear, output: str = "scatter", kernel: str
     lead = x.shape[:-1]
     if p.kept_rows == 0:
         y = jnp.zeros((*lead, 0), jnp.float32)
+    elif output == "scatter" and native.resolve_kernel(kernel) == "native":  # the whole linear in one call
+        return native.linear(x, p.segments, p.row_scale, p.bias, p.out_index, p.out_features)
     else:
         xq, sx = quantize_act_int8(x)
         y = kept_rows_apply(xq, sx, p.segments, p.row_scale, p.bias, kernel)

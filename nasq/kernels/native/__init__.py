@@ -9,8 +9,10 @@ reading the weights in their packed layout (``nasq.quant.packing``: each row a l
 ``b``-bit two's complement codes, binary ``+1 -> 1, -1 -> 0``) and unpacking small tiles in the kernel; the
 int8 weight matrix is never materialised. A mixed-width layer (several segments) runs in one call,
 ``int_linear_segments``: the activations are copied once and one thread split covers every segment.
-``prepack_segments`` / ``int_linear_panels`` keep a layer's weights unpacked once in the kernel's own panel layout
-(``unpack="panels"`` of ``nasq.kernels.int_bert``). The C++ source (``nasq_kernels.cc``, next to this file)
+:func:`linear` is what the models run: a whole linear in one call, fp32 in (quantized per token inside) and
+fp32 out in the layer's row order (zeros at pruned rows), from packed rows or from resident panels:
+``prepack_segments`` keeps a layer's weights unpacked once in the kernel's own panel layout (``unpack="panels"``
+of ``nasq.kernels.int_bert``). The C++ source (``nasq_kernels.cc``, next to this file)
 documents the layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
 blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
 The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
@@ -49,9 +51,9 @@ __all__ = [
     "describe",
     "int_gemm",
     "int_linear",
-    "int_linear_panels",
     "int_linear_segments",
     "library",
+    "linear",
     "num_threads",
     "prepack_segments",
     "resolve_kernel",
@@ -63,11 +65,12 @@ KERNELS = ("auto", "native", "xla")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
 _SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
-ABI_VERSION = 3  # nasq::kAbiVersion
+ABI_VERSION = 4  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
 _TARGET_F32 = "nasq_int_gemm_f32"
 _TARGET_SEGMENTS = "nasq_int_linear_segments_f32"
+_TARGET_LINEAR = "nasq_linear_f32"
 
 
 def _ptr(a):
@@ -323,6 +326,7 @@ def _register() -> None:
     jax.ffi.register_ffi_target(_TARGET_F32, jax.ffi.pycapsule(lib.cdll.NasqIntGemmF32), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_SEGMENTS, jax.ffi.pycapsule(lib.cdll.NasqIntLinearSegmentsF32),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_LINEAR, jax.ffi.pycapsule(lib.cdll.NasqLinearF32), platform="cpu")
 
 
 def _prepare(xq, w, bits: int, isa: str | None):
@@ -392,17 +396,13 @@ def int_linear_segments(xq, sx, segments, row_scale, bias=None, *, isa: str | No
         ws.append(w)
         bits.append(int(b))
     rows = [w.shape[0] for w in ws]
-    return _segments_call(x2, lead, sx, row_scale, bias, ws, bits, rows, code, resident=False)
-
-
-def _segments_call(x2, lead, sx, row_scale, bias, ws, bits, rows, code: int, *, resident: bool):
     width = sum(rows)
     sx = jnp.asarray(sx, jnp.float32).reshape(-1)
     bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     out = jax.ffi.ffi_call(_TARGET_SEGMENTS, jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32),
                            vmap_method="sequential")(
         x2, sx, jnp.asarray(row_scale, jnp.float32), bias, *ws, bits=np.asarray(bits, np.int64),
-        rows=np.asarray(rows, np.int64), isa=np.int64(code), resident=np.int64(int(resident)))
+        rows=np.asarray(rows, np.int64), isa=np.int64(code), resident=np.int64(0))
     return out.reshape(*lead, width)
 
 
@@ -423,26 +423,56 @@ def prepack_segments(segments, k: int, isa: str | None = None) -> tuple[str, tup
                        for b, w in segments)
 
 
-def int_linear_panels(xq, sx, panels, isa: str, row_scale, bias=None):
-    """``int_linear_segments`` on resident panels: ``panels`` ``((bits, rows, uint8 [bytes]), ...)`` from
-    :func:`prepack_segments` for ``isa`` (a concrete ISA). No unpacking per call; bit for bit the same output."""
-    if not panels:
-        raise NasqError("int_linear_panels needs at least one segment")
-    if isa == "auto":
-        raise NasqError("resident panels are laid out for one ISA: pass the concrete ISA prepack_segments returned")
-    _register()
-    code = _isa_code(isa)
-    xq = jnp.asarray(xq)
-    if xq.dtype != jnp.int8:
-        raise NasqError(f"native int GEMM wants int8 [..., K]; got {xq.dtype} {xq.shape}")
-    k = xq.shape[-1]
-    bits = [b for b, _, _ in panels]
-    rows = [r for _, r, _ in panels]
-    ws = [jnp.asarray(w) for _, _, w in panels]
-    for b, r, w in zip(bits, rows, ws, strict=True):
-        if w.dtype != jnp.uint8:
-            raise NasqError(f"resident panels must be uint8, got {w.dtype}")
-        library().check_panels(w.size, r, k, b, isa)
-    return _segments_call(xq.reshape(-1, k), xq.shape[:-1], sx, row_scale, bias, ws, bits, rows, code,
-                          resident=True)
+def linear(x, segments, row_scale, bias, out_index, out_features: int, *, panels_isa: str | None = None,
+           isa: str | None = None):
+    """A whole integer linear in one native call: fp32 ``x [..., K]`` -> fp32 ``[..., out_features]``.
 
+    Bit for bit ``scatter_rows(int_linear_segments(*quantize_act_int8(x), segments, row_scale, bias),
+    out_index, out_features)``, with no XLA operation around the call: the kernel quantizes each token
+    (``scale = absmax / 127``, codes ``clip(round(x / scale), -127, 127)``; finite inputs), runs every segment
+    and writes each kept row's outputs to its column ``out_index`` (0 at pruned rows).
+
+    ``segments``: packed ``((bits, uint8 [R_s, ceil(K*bits/8)]), ...)``; or, with ``panels_isa`` (a concrete
+    ISA), resident panels ``((bits, rows, uint8 [bytes]), ...)`` from :func:`prepack_segments` for it.
+    ``row_scale``, ``bias`` (or None), ``out_index`` (int ``[R]``): per kept row, in segment order.
+    """
+    if not segments:
+        raise NasqError("native linear needs at least one segment (a layer with every row pruned is all zeros)")
+    _register()
+    x = jnp.asarray(x, jnp.float32)
+    k = x.shape[-1]
+    resident = panels_isa is not None
+    if resident:
+        if panels_isa == "auto":
+            raise NasqError("resident panels are laid out for one ISA: pass the concrete ISA prepack_segments "
+                            "returned")
+        code = _isa_code(panels_isa)
+        bits, rows, ws = [int(b) for b, _, _ in segments], [int(r) for _, r, _ in segments], []
+        for b, r, (_, _, w) in zip(bits, rows, segments, strict=True):
+            w = jnp.asarray(w)
+            if w.dtype != jnp.uint8:
+                raise NasqError(f"resident panels must be uint8, got {w.dtype}")
+            library().check_panels(w.size, r, k, b, panels_isa)
+            ws.append(w)
+    else:
+        name = _isa_name(isa)
+        if not library().isa_supported(name):
+            raise NasqError(f"this CPU does not support the {name} path of the native kernel")
+        code = _isa_code(name)
+        bits, ws = [int(b) for b, _ in segments], [jnp.asarray(w) for _, w in segments]
+        for b, w in zip(bits, ws, strict=True):
+            if w.dtype != jnp.uint8 or w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
+                raise NasqError(f"segment of {b}-bit rows: want uint8 [R, {packed_row_bytes(k, b)}], got "
+                                f"{w.dtype} {w.shape}")
+        rows = [w.shape[0] for w in ws]
+    width = sum(rows)
+    out_index = jnp.asarray(out_index, jnp.int32)
+    if out_index.shape != (width,) or width > out_features:
+        raise NasqError(f"out_index has shape {out_index.shape}; want ({width},) columns of {out_features}")
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    x2 = x.reshape(-1, k)
+    out = jax.ffi.ffi_call(_TARGET_LINEAR, jax.ShapeDtypeStruct((x2.shape[0], out_features), jnp.float32),
+                           vmap_method="sequential")(
+        x2, jnp.asarray(row_scale, jnp.float32), bias, out_index, *ws, bits=np.asarray(bits, np.int64),
+        rows=np.asarray(rows, np.int64), isa=np.int64(code), resident=np.int64(int(resident)))
+    return out.reshape(*x.shape[:-1], out_features)

@@ -66,8 +66,14 @@
 // 1-4 once for all of them: x is copied and summed once, and the panels of every segment are split over the
 // threads together; each segment writes its columns of the one output (row stride = the layer's width).
 //
-// EXPORTS: three XLA FFI handlers (NasqIntGemmS32, NasqIntGemmF32, and NasqIntLinearSegmentsF32 for a whole
-// layer; compiled unless NASQ_NO_FFI) and a small C ABI (nasq_*) used by ctypes: information, thread count,
+// A WHOLE LINEAR IN ONE CALL (NasqLinearF32, what the model runs): step 1 also quantizes fp32 x per token
+// (quantize_row: scale = absmax * (1 / 127), as XLA evaluates absmax / 127, or 1 for an all-zero token; code = clip(round_half_even(x / scale),
+// -127, 127), bit for bit nasq.quant.quantizer.quantize_act_int8 for finite x), and the epilogue writes each
+// kept row's outputs straight to its column of the layer (out_cols), zeros at pruned rows: no XLA
+// quantization, gather or scatter around the call.
+//
+// EXPORTS: four XLA FFI handlers (NasqIntGemmS32, NasqIntGemmF32, NasqIntLinearSegmentsF32 for a whole
+// layer's kept rows, NasqLinearF32 for a whole linear; compiled unless NASQ_NO_FFI) and a small C ABI (nasq_*) used by ctypes: information, thread count,
 // and the same GEMMs on raw pointers (tests).
 //
 // TEST-ONLY BUILD: -DNASQ_SIMDE compiles the x86 paths against SIMDe's portable emulation of the intrinsics
@@ -94,6 +100,10 @@
 #if defined(NASQ_SIMDE)
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
+#if !defined(_MM_FROUND_NO_EXC)  // SIMDe's native aliases leave out the rounding-mode constants
+#define _MM_FROUND_TO_NEAREST_INT SIMDE_MM_FROUND_TO_NEAREST_INT
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#endif
 #define NASQ_X86 1
 #define NASQ_TARGET(features)
 #elif defined(__x86_64__) || defined(_M_X64)
@@ -121,7 +131,7 @@
 namespace nasq {
 
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
 
@@ -440,6 +450,8 @@ struct Gemm {
   const float* bias;       // [N] or null
   int64_t ldo;             // output row stride (elements): N, or the whole layer's width for one segment of it
   const uint8_t* panels = nullptr;  // resident panels (nasq_prepack, same ISA) instead of w: no unpacking
+  const float* xf = nullptr;        // fp32 input [M, K] instead of x: quantized per token inside (run_segments)
+  const int32_t* out_cols = nullptr;  // [N]: output column of each row (ldo wide), instead of columns 0..N-1
 };
 
 template <int NR, typename T>
@@ -459,12 +471,13 @@ static inline __attribute__((always_inline)) void store_tile_body(const Gemm& g,
                                                                   const float* rs, const float* bs, int64_t m0,
                                                                   int mr, int64_t n0) {
   const auto nr = static_cast<size_t>(std::min<int64_t>(NR, g.N - n0));
+  const int32_t* cols = g.out_cols != nullptr ? g.out_cols + n0 : nullptr;
   for (int i = 0; i < mr && m0 + i < g.M; ++i) {
     const int64_t m = m0 + i;
     const uint32_t correction = static_cast<uint32_t>(offset) * static_cast<uint32_t>(xsum[m]);
     int32_t acc[NR];
     for (int n = 0; n < NR; ++n) acc[n] = static_cast<int32_t>(static_cast<uint32_t>(dots[i * NR + n]) - correction);
-    if (g.out_i32 != nullptr) {
+    if (g.out_i32 != nullptr) {  // (int32 outputs never take out_cols)
       copy_row<NR>(g.out_i32 + m * g.ldo + n0, acc, nr);
       continue;
     }
@@ -476,7 +489,11 @@ static inline __attribute__((always_inline)) void store_tile_body(const Gemm& g,
     } else {
       for (int n = 0; n < NR; ++n) y[n] = static_cast<float>(acc[n]) * s * rs[n];
     }
-    copy_row<NR>(g.out_f32 + m * g.ldo + n0, y, nr);
+    if (cols == nullptr) {
+      copy_row<NR>(g.out_f32 + m * g.ldo + n0, y, nr);
+    } else {
+      for (size_t n = 0; n < nr; ++n) g.out_f32[m * g.ldo + cols[n]] = y[n];
+    }
   }
 }
 
@@ -496,7 +513,17 @@ static void store_tile_portable(const Gemm& g, const int32_t* dots, const int32_
 NASQ_TARGET("avx2,fma")
 static void store_tile_avx2_16(const Gemm& g, const int32_t* dots, const int32_t* xsum, int32_t offset,
                                const float* rs, const float* bs, int64_t m0, int mr, int64_t n0) {
-  if (n0 + 16 > g.N || m0 + mr > g.M) {
+  int64_t c0 = n0;  // the output column of the tile's first row
+  if (g.out_cols != nullptr && n0 + 16 <= g.N) {  // vector stores if its 16 rows have 16 adjacent columns
+    const int32_t* cols = g.out_cols + n0;
+    const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i first = _mm256_add_epi32(_mm256_set1_epi32(cols[0]), step);
+    const __m256i e0 = _mm256_cmpeq_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols)), first);
+    const __m256i e1 = _mm256_cmpeq_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + 8)),
+                                          _mm256_add_epi32(first, _mm256_set1_epi32(8)));
+    c0 = _mm256_movemask_epi8(_mm256_and_si256(e0, e1)) == -1 ? cols[0] : -1;
+  }
+  if (n0 + 16 > g.N || m0 + mr > g.M || c0 < 0) {
     store_tile_body<16>(g, dots, xsum, offset, rs, bs, m0, mr, n0);
     return;
   }
@@ -510,13 +537,13 @@ static void store_tile_avx2_16(const Gemm& g, const int32_t* dots, const int32_t
     const __m256i a1 =
         _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + i * 16 + 8)), corr);
     if (g.out_i32 != nullptr) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + n0), a0);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + n0 + 8), a1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + c0), a0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out_i32 + m * g.ldo + c0 + 8), a1);
       continue;
     }
     const __m256 sv = _mm256_set1_ps(g.sx[m]);
     const __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(a0), sv), t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a1), sv);
-    float* y = g.out_f32 + m * g.ldo + n0;
+    float* y = g.out_f32 + m * g.ldo + c0;
     if (g.bias != nullptr) {
       _mm256_storeu_ps(y, _mm256_fmadd_ps(t0, rs0, bs0));
       _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(t1, rs1, bs1));
@@ -534,6 +561,82 @@ static void store_tile_fma(const Gemm& g, const int32_t* dots, const int32_t* xs
   store_tile_body<NR>(g, dots, xsum, offset, rs, bs, m0, mr, n0);  // std::fma: vfmadd
 }
 #endif
+
+// ------------------------------------------------------------------------------------------- activations
+
+// One token of fp32 x [K] -> int8 codes in dst and its scale (header comment: quantize_act_int8, bit for bit
+// for finite x); returns the sum of the codes (xsum).
+using QuantizeRowFn = int32_t (*)(const float* x, int64_t K, int8_t* dst, float* scale);
+
+static inline __attribute__((always_inline)) int32_t quantize_tail(const float* x, int64_t k0, int64_t K,
+                                                                   float s, int8_t* dst) {
+  int32_t sum = 0;
+  for (int64_t k = k0; k < K; ++k) {
+    const float q = std::min(std::max(std::nearbyint(x[k] / s), -127.0f), 127.0f);  // nearbyint: half to even
+    dst[k] = static_cast<int8_t>(q);
+    sum += dst[k];
+  }
+  return sum;
+}
+
+// absmax / 127 as XLA computes it: its algebraic simplifier turns the division by the constant into a
+// multiplication by the constant's reciprocal (checked by the tests against quantize_act_int8).
+static inline float act_scale(float amax) {
+  constexpr float kInv127 = 1.0f / 127.0f;
+  return amax > 0.0f ? amax * kInv127 : 1.0f;
+}
+
+static int32_t quantize_row_portable(const float* x, int64_t K, int8_t* dst, float* scale) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  *scale = act_scale(amax);
+  return quantize_tail(x, 0, K, *scale, dst);
+}
+
+#if NASQ_X86
+// The same with 8 lanes: division, round to nearest even (vroundps), clamp, convert, pack to bytes.
+NASQ_TARGET("avx2")
+static int32_t quantize_row_avx2(const float* x, int64_t K, int8_t* dst, float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = act_scale(amax);
+  *scale = s;
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the per-128-bit-lane packing
+  __m256i vsum = _mm256_setzero_si256();
+  for (k = 0; k + 32 <= K; k += 32) {
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k + 8 * j), vs);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+      vsum = _mm256_add_epi32(vsum, q[j]);
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  alignas(32) int32_t sums[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), vsum);
+  int32_t sum = quantize_tail(x, k, K, s, dst);
+  for (int32_t v : sums) sum += v;
+  return sum;
+}
+#endif
+
+static QuantizeRowFn quantize_row_for(Isa isa) {
+#if NASQ_X86
+  if (isa == kAvx2 || isa == kAvx512Vnni) return quantize_row_avx2;
+#endif
+  (void)isa;
+  return quantize_row_portable;
+}
 
 // ------------------------------------------------------------------------------------------- thread pool
 
@@ -735,31 +838,55 @@ static int run_segments(const Gemm* segs, int nseg, int isa_request) {
     const Gemm& g = segs[s];
     if (g.bits < 1 || g.bits > 8) return 1;
     if (g.M < 0 || g.N < 0 || g.K < 0) return 2;
-    if (g.x != segs[0].x || g.M != segs[0].M || g.K != segs[0].K || g.ldo < g.N) return 5;
+    if (g.x != segs[0].x || g.xf != segs[0].xf || (g.x != nullptr && g.xf != nullptr)) return 5;
+    if (g.M > 0 && g.x == nullptr && g.xf == nullptr) return 5;
+    if (g.M != segs[0].M || g.K != segs[0].K || (g.out_cols == nullptr && g.ldo < g.N)) return 5;
+    if (g.out_cols != nullptr && g.out_f32 == nullptr) return 5;
   }
   Isa isa;
   if (const int err = resolve_isa(isa_request, &isa)) return err;
   if (nseg == 0 || segs[0].M == 0) return 0;
   const int64_t M = segs[0].M, K = segs[0].K;
 
-  // 1. zero-padded copy of x (rows padded for the largest micro tile) and the token sums, once for all segments.
+  // 1. zero-padded int8 copy of x (rows padded for the largest micro tile) and the token sums, once for all
+  // segments; fp32 x is quantized here (one scale per token in sxq), in parallel for many tokens.
   static thread_local AlignedBuffer xbuf;
   static thread_local std::vector<int32_t> xsum;
+  static thread_local std::vector<float> sxq;
   const int64_t Kp = padded_k(K);
   const int64_t Mx = round_up(M, kMaxMR);  // every ISA's mr divides kMaxMR
   int8_t* xp = reinterpret_cast<int8_t*>(xbuf.get(Mx * Kp));
   xsum.assign(static_cast<size_t>(Mx), 0);
-  for (int64_t m = 0; m < Mx; ++m) {
-    int8_t* dst = xp + m * Kp;
-    if (m < M) {
-      std::memcpy(dst, segs[0].x + m * K, static_cast<size_t>(K));
+  const float* xf = segs[0].xf;
+  if (xf != nullptr) sxq.assign(static_cast<size_t>(M), 0.0f);
+  const QuantizeRowFn quantize_row = quantize_row_for(isa);
+  int32_t* xsum_p = xsum.data();
+  float* sxq_p = sxq.data();
+  auto copy_rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int8_t* dst = xp + m * Kp;
+      if (m >= M) {
+        std::memset(dst, 0, static_cast<size_t>(Kp));
+        continue;
+      }
       std::memset(dst + K, 0, static_cast<size_t>(Kp - K));
-      int32_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += dst[k];
-      xsum[m] = sum;
-    } else {
-      std::memset(dst, 0, static_cast<size_t>(Kp));
+      if (xf != nullptr) {
+        xsum_p[m] = quantize_row(xf + m * K, K, dst, sxq_p + m);
+      } else {
+        std::memcpy(dst, segs[0].x + m * K, static_cast<size_t>(K));
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += dst[k];
+        xsum_p[m] = sum;
+      }
     }
+  };
+  const int prep_tasks = xf != nullptr && M * K >= kMinParallelMacs / 4 ? pool().num_threads() : 1;
+  pool().parallel_for(prep_tasks, [&](int t) { copy_rows(Mx * t / prep_tasks, Mx * (t + 1) / prep_tasks); });
+  std::vector<Gemm> quantized;  // the segments reading sxq, when x was quantized here
+  if (xf != nullptr) {
+    quantized.assign(segs, segs + nseg);
+    for (Gemm& g : quantized) g.sx = sxq_p;
+    segs = quantized.data();
   }
 
   // 2. number the panels of all segments in order and split them over threads (contiguous ranges),
@@ -1005,6 +1132,57 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
   }
 }
 
+// A whole linear (NasqLinearF32): fp32 x [M, K]; row_scale, bias ([R] or [0]) and out_cols (int32 [R]: the
+// output column of each kept row) in segment order; then one buffer per segment, resident panels or packed
+// rows as `resident` says. out [M, F]: every kept row's outputs in its column, 0 in the F - R columns of
+// pruned rows.
+static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> row_scale,
+                                ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> out_cols, ffi::RemainingArgs ws,
+                                ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> bits,
+                                ffi::Span<const int64_t> rows, int64_t isa, int64_t resident) {
+  const auto xd = x.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || bits.size() != ws.size() || rows.size() != ws.size())
+    return to_ffi_error(5);
+  if (resident && isa == kAuto) return to_ffi_error(3);  // panels are laid out for one concrete ISA
+  const int64_t M = xd[0], K = xd[1], F = od[1];
+  const int64_t R = static_cast<int64_t>(row_scale.element_count());
+  if (od[0] != M || R > F || out_cols.element_count() != static_cast<size_t>(R) ||
+      (bias.element_count() != 0 && bias.element_count() != static_cast<size_t>(R)))
+    return to_ffi_error(5);
+  const int32_t* cols = out_cols.typed_data();
+  for (int64_t r = 0; r < R; ++r)
+    if (cols[r] < 0 || cols[r] >= F) return to_ffi_error(5);
+  const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
+  std::vector<Gemm> segs;
+  int64_t c = 0;
+  for (size_t s = 0; s < ws.size(); ++s) {
+    auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
+    if (!w.has_value()) return w.error();
+    if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
+    const int64_t n = rows[s];
+    const bool fits = resident ? static_cast<int64_t>(w->element_count()) ==
+                                     panel_bytes_for(n, K, static_cast<int>(bits[s]), static_cast<int>(isa))
+                               : w->dimensions().size() == 2 && w->dimensions()[0] == n &&
+                                     w->dimensions()[1] == (K * bits[s] + 7) / 8;
+    if (!fits || n < 0 || c + n > R) return to_ffi_error(5);
+    Gemm g{nullptr, resident ? nullptr : w->typed_data(), M, n, K, static_cast<int>(bits[s]), nullptr,
+           out->typed_data(), nullptr, row_scale.typed_data() + c, b ? b + c : nullptr, F,
+           resident ? w->typed_data() : nullptr};
+    g.xf = x.typed_data();
+    g.out_cols = cols + c;
+    segs.push_back(g);
+    c += n;
+  }
+  if (c != R) return to_ffi_error(5);
+  if (R < F) std::memset(out->typed_data(), 0, sizeof(float) * static_cast<size_t>(M * F));  // pruned rows
+  try {
+    return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
+  } catch (const std::bad_alloc&) {
+    return to_ffi_error(6);
+  }
+}
+
 }  // namespace nasq
 
 // int32 acc [M, N] = x int8 [M, K] . codes(w uint8 [N, ceil(K*bits/8)])^T; attributes bits, isa (int64).
@@ -1036,6 +1214,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntLinearSegmentsF32, nasq::IntLinearSegmentsI
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("bits")
+                                  .Attr<ffi::Span<const int64_t>>("rows")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("resident"));
+// fp32 y [M, F] = a whole linear of fp32 x (LinearF32Impl): x, row_scale, bias, out_cols, then the segment
+// buffers; attributes as NasqIntLinearSegmentsF32.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqLinearF32, nasq::LinearF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("bits")

@@ -1,0 +1,50 @@
+"""The process's C allocator, tuned for XLA on CPU (Linux with glibc; elsewhere nothing is changed).
+
+XLA's CPU runtime allocates the buffers of every call afresh. glibc serves blocks above its mmap threshold
+(128 KiB, rising with use to at most 32 MiB) with ``mmap`` and unmaps them on ``free``, and it trims free memory at
+the heap top back to the kernel: each call then faults its buffers in again, and the kernel zeroes every page.
+On the 2-core VM of ``experiments/results/bench.md`` a MiniLM forward at 32 x 128 tokens spent about a third of
+its time there. :func:`tune_allocator` keeps freed memory in the process instead (``mallopt``)::
+
+    M_MMAP_THRESHOLD = 1 GiB     blocks below it come from the heap, not from mmap
+    M_TRIM_THRESHOLD = 1 GiB     free memory at the heap top goes back to the kernel only above this
+    M_TOP_PAD        = 256 MiB   the heap grows in large steps
+
+The cost is memory: freed blocks stay mapped (about the peak working set, plus up to 1 GiB). ``import nasq``
+applies it once; ``NASQ_TUNE_MALLOC=0`` in the environment leaves the allocator alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+ENV = "NASQ_TUNE_MALLOC"
+SETTINGS = {-3: 1 << 30, -1: 1 << 30, -2: 256 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (malloc.h)
+
+_state = {"tuned": False}
+
+
+def tune_allocator() -> bool:
+    """Apply :data:`SETTINGS` with glibc's ``mallopt`` unless ``NASQ_TUNE_MALLOC=0``; True if they are in force
+    (now or from an earlier call). Not glibc (macOS, Windows, musl): False, nothing changed."""
+    if _state["tuned"]:
+        return True
+    if os.environ.get(ENV, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt tunables of these numbers)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _state["tuned"] = all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
+    return _state["tuned"]
+
+
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_allocator` is in force in this process (benchmarks record it)."""
+    return _state["tuned"]
