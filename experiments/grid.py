@@ -33,6 +33,7 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/{budget}/{method}/plan.json     `nasq baseline ...` or `nasq finalize search/`
     RUNS/{task}/{budget}/nasq/search/           `nasq search` (searched methods only)
     RUNS/{task}/{budget}/nasq_hinit/init_plan.json  `nasq baseline hessian` (the search's initial gates)
+    RUNS/{task}/{budget}/nasq_front/plan.json   `nasq finalize RUNS/{task}/{front_from}/nasq/search --avg-bits ..`
     RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
     RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
     RUNS/{task}/{budget}/{method}/eval.json     stdout of `nasq eval qat --artifact model.nasq ...`
@@ -82,10 +83,11 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit")
-# the searched methods (the rest are baselines): nasq, and nasq with its gates started on the same seed's Hessian
-# plan (`search.gate_init=plan`, issue 16's gate-initialisation lever)
-SEARCHED = ("nasq", "nasq_hinit")
+METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit", "nasq_front")
+# the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
+# plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), and nasq_front: the nasq search of the
+# budget `front_from` (same seed) finalized at this budget (issue 16's "one search, a whole front")
+SEARCHED = ("nasq", "nasq_hinit", "nasq_front")
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -163,8 +165,17 @@ def load_grid(path: Path) -> dict:
         where = f"{path}: `budgets.{name}`"
         if not isinstance(b, dict):
             raise GridError(f"{where} must be a mapping")
-        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform", "rule"}:
+        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform", "rule",
+                              "front_from"}:
             raise GridError(f"{where}: unknown keys {sorted(extra)}")
+        if (src := b.get("front_from")) is not None:  # nasq_front: another budget's nasq search, same space
+            other = cfg["budgets"].get(src)
+            if src == name or not isinstance(other, dict) or "front_from" in other:
+                raise GridError(f"{where}.front_from: {src!r} must be another budget that runs its own search")
+            if str(other.get("space", "aqbert_128g")) != str(b.get("space", "aqbert_128g")):
+                raise GridError(f"{where}.front_from: budget {src!r} searches in space "
+                                f"{other.get('space', 'aqbert_128g')!r}, this budget's space is "
+                                f"{b.get('space', 'aqbert_128g')!r}: a search finalizes in its own space only")
         if sum(k in b for k in ("avg_bits", "budget_mb", "ratio")) != 1:
             raise GridError(f"{where}: give exactly one of avg_bits / budget_mb / ratio")
         u = b.get("uniform")
@@ -368,6 +379,7 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     space = str(b.get("space", "aqbert_128g"))
     c = Cell(task, budget, method, d, seed=seed, seeded=seeded)
     plan = d / "plan.json"
+    sdir = d / "search"  # the search run of a searched method (nasq_front: another budget's)
     bflags = budget_flags(b)
     if method == "uniform":
         u = b.get("uniform") or {}
@@ -407,8 +419,18 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
             {"set": cfg["common"].get("set")}, seed)
         c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
                                        *bflags, *extra, "--out", str(plan)], plan, "plan"))
+    elif method == "nasq_front":
+        src = b.get("front_from")
+        if src is None:
+            c.skip = "no `front_from` budget for this budget in the config"
+            return c
+        ref = quant_cell(cfg, task, str(src), "nasq", runs, data_dir, seed)
+        sdir = ref.dir / "search"
+        c.stages.append(next(st for st in ref.stages if st.name == "search"))  # run there if missing (shared)
+        c.stages.append(Stage("finalize", ["nasq", "finalize", str(sdir), *bflags, "--out", str(plan),
+                                           *(["--spend-leftover"] if proto["spend_leftover"] else [])], plan, "plan"))
+        c.note = f"the {src} nasq search of this seed, finalized at this budget (one search, a whole front)"
     elif method in SEARCHED:
-        sdir = d / "search"
         init = []
         if method == "nasq_hinit":  # the same seed's Hessian plan (the hessian cell's command) as initial gates
             ip = d / "init_plan.json"
@@ -424,7 +446,7 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     else:  # pragma: no cover - validated
         raise GridError(f"unknown method {method}")
     qat, art = d / "qat", d / "model.nasq"
-    init = ["--init-from", str(d / "search")] if method in SEARCHED and proto["init_from_search"] else []
+    init = ["--init-from", str(sdir)] if method in SEARCHED and proto["init_from_search"] else []
     c.stages += [
         Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *init, *common,
                       *recipe_flags(qat_recipe(cfg, task, method), seed), "--out", str(qat)], qat, "run"),
@@ -810,7 +832,7 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
         rds = [None]
         if cell.method in SEARCHED:
             names = ["init_plan", "search", "finalize"] if cell.method == "nasq_hinit" else ["search", "finalize"]
-            rds = [None] * (len(names) - 2) + [cell.dir / "search", None]
+            rds = [None] * (len(names) - 2) + [next(st.out for st in cell.stages if st.name == "search"), None]
         row["search_s"] = _wall(timing, names, rds)
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
         row["qat_steps"] = (read_json(cell.dir / "qat" / "run.json") or {}).get("total_steps")

@@ -148,7 +148,8 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     quant = [c for c in cells if c.method != "fp32"]
-    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * 6 * len(cfg["budgets"])
+    assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * (
+        len(cfg["methods"]) - 1) * len(cfg["budgets"])
     rule = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "rule", 0))
     plan_argv = rule.stages[0].argv
     assert plan_argv[:3] == ["nasq", "baseline", "rule"] and "--avg-bits" in plan_argv
@@ -177,6 +178,18 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
     h_qat = next(st for st in h.stages if st.name == "qat").argv
     assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
+    # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
+    # bits, QAT from that search; budgets without front_from skip the method
+    f = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_front", 1))
+    src = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq", 1))
+    assert [st.name for st in f.stages] == ["search", "finalize", "qat", "export", "eval"]
+    assert f.stages[0].argv == next(st for st in src.stages if st.name == "search").argv
+    fin = f.stages[1].argv
+    assert fin[2] == str(src.dir / "search") and fin[fin.index("--avg-bits") + 1] == "1.5"
+    assert fin[fin.index("--out") + 1] == str(f.dir / "plan.json") and "--spend-leftover" in fin
+    f_qat = next(st for st in f.stages if st.name == "qat").argv
+    assert steps(f_qat) == steps(qat_n) and f_qat[f_qat.index("--init-from") + 1] == str(src.dir / "search")
+    assert next(c for c in quant if (c.budget, c.method) == ("avg2", "nasq_front")).skip
     assert grid.selected(u, grid.parse_only("seed=1", cfg)) and not grid.selected(u, grid.parse_only("seed=0", cfg))
     with pytest.raises(grid.GridError, match="seed"):
         grid.parse_only("seed=7", cfg)
@@ -202,7 +215,9 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
                   {"protocol": {"fair": True}},
                   {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"], "rule": {"bits": 2}}}},
                   {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"],
-                                                            "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}}):
+                                                            "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}},
+                  {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg2"}}},
+                  {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg1.5"}}}):
         bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text()),
                                        **patch}))
         with pytest.raises(grid.GridError):
