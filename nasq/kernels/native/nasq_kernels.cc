@@ -882,7 +882,8 @@ static int run_segments(const Gemm* segs, int nseg, int isa_request) {
   };
   const int prep_tasks = xf != nullptr && M * K >= kMinParallelMacs / 4 ? pool().num_threads() : 1;
   pool().parallel_for(prep_tasks, [&](int t) { copy_rows(Mx * t / prep_tasks, Mx * (t + 1) / prep_tasks); });
-  std::vector<Gemm> quantized;  // the segments reading sxq, when x was quantized here
+  static thread_local std::vector<Gemm> quantized;  // the segments reading sxq, when x was quantized here (the
+                                                     // pool's tasks see them through `segs`)
   if (xf != nullptr) {
     quantized.assign(segs, segs + nseg);
     for (Gemm& g : quantized) g.sx = sxq_p;
@@ -891,8 +892,15 @@ static int run_segments(const Gemm* segs, int nseg, int isa_request) {
 
   // 2. number the panels of all segments in order and split them over threads (contiguous ranges),
   // 3./4. per thread and segment: unpack, micro tiles, epilogue.
-  std::vector<IsaKernels> kern;
-  std::vector<int64_t> first_panel(static_cast<size_t>(nseg) + 1, 0);
+  // (thread_local like the buffers above: no allocation per call once they have grown; the pool's lambda must
+  // reach the caller's vectors through these local references: a thread_local named in a lambda is the
+  // running thread's own)
+  static thread_local std::vector<IsaKernels> kern_buf;
+  static thread_local std::vector<int64_t> first_panel_buf;
+  std::vector<IsaKernels>& kern = kern_buf;
+  std::vector<int64_t>& first_panel = first_panel_buf;
+  kern.clear();
+  first_panel.assign(static_cast<size_t>(nseg) + 1, 0);
   int64_t macs = 0;
   for (int s = 0; s < nseg; ++s) {
     kern.push_back(kernels_for(isa, segs[s].bits));
