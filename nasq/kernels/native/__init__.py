@@ -329,13 +329,31 @@ def _register() -> None:
     jax.ffi.register_ffi_target(_TARGET_LINEAR, jax.ffi.pycapsule(lib.cdll.NasqLinearF32), platform="cpu")
 
 
+def _supported_isa_code(isa: str | None) -> int:
+    """The C++ code of ``isa`` (None: ``NASQ_NATIVE_ISA``); a clear error if this CPU lacks that path."""
+    name = _isa_name(isa)
+    if not library().isa_supported(name):
+        raise NasqError(f"this CPU does not support the {name} path of the native kernel")
+    return _isa_code(name)
+
+
+def _packed_segments(segments, k: int) -> tuple[list, list[int], list[int]]:
+    """``(buffers, bits, rows)`` of packed segments ``((bits, uint8 [R_s, ceil(k*bits/8)]), ...)``, each checked."""
+    ws, bits = [], []
+    for b, w in segments:
+        w = jnp.asarray(w)
+        if w.dtype != jnp.uint8 or w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
+            raise NasqError(f"segment of {b}-bit rows: want uint8 [R, {packed_row_bytes(k, b)}], got {w.dtype} "
+                            f"{w.shape}")
+        ws.append(w)
+        bits.append(int(b))
+    return ws, bits, [w.shape[0] for w in ws]
+
+
 def _prepare(xq, w, bits: int, isa: str | None):
     """Checks, registration, the ISA code; returns ``(x2 [M, K], w, lead dims, isa code)``."""
     _register()
-    isa = _isa_name(isa)
-    code = _isa_code(isa)
-    if not library().isa_supported(isa):
-        raise NasqError(f"this CPU does not support the {isa} path of the native kernel")
+    code = _supported_isa_code(isa)
     xq = jnp.asarray(xq)
     w = jnp.asarray(w)
     if xq.dtype != jnp.int8 or w.dtype != jnp.uint8 or w.ndim != 2:
@@ -386,16 +404,7 @@ def int_linear_segments(xq, sx, segments, row_scale, bias=None, *, isa: str | No
     if not segments:
         raise NasqError("int_linear_segments needs at least one segment")
     x2, _, lead, code = _prepare(xq, segments[0][1], segments[0][0], isa)
-    k = x2.shape[1]
-    ws, bits = [], []
-    for b, w in segments:
-        w = jnp.asarray(w)
-        if w.dtype != jnp.uint8 or w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
-            raise NasqError(f"segment of {b}-bit rows: want uint8 [R, {packed_row_bytes(k, b)}], got {w.dtype} "
-                            f"{w.shape}")
-        ws.append(w)
-        bits.append(int(b))
-    rows = [w.shape[0] for w in ws]
+    ws, bits, rows = _packed_segments(segments, x2.shape[1])
     width = sum(rows)
     sx = jnp.asarray(sx, jnp.float32).reshape(-1)
     bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
@@ -416,8 +425,7 @@ def prepack_segments(segments, k: int, isa: str | None = None) -> tuple[str, tup
     """``(isa, ((bits, rows, panels uint8 [bytes]), ...))``: a layer's segments unpacked once (numpy, at load
     time) into resident panels for ``isa`` (None: ``NASQ_NATIVE_ISA`` / the best this CPU has)."""
     name = resolved_isa(isa)
-    if not library().isa_supported(name):
-        raise NasqError(f"this CPU does not support the {name} path of the native kernel")
+    _supported_isa_code(name)  # a clear error if this CPU lacks it
     lib = library()
     return name, tuple((int(b), int(np.shape(w)[0]), lib.prepack(np.asarray(w), int(b), k, isa=name))
                        for b, w in segments)
@@ -455,16 +463,8 @@ def linear(x, segments, row_scale, bias, out_index, out_features: int, *, panels
             library().check_panels(w.size, r, k, b, panels_isa)
             ws.append(w)
     else:
-        name = _isa_name(isa)
-        if not library().isa_supported(name):
-            raise NasqError(f"this CPU does not support the {name} path of the native kernel")
-        code = _isa_code(name)
-        bits, ws = [int(b) for b, _ in segments], [jnp.asarray(w) for _, w in segments]
-        for b, w in zip(bits, ws, strict=True):
-            if w.dtype != jnp.uint8 or w.ndim != 2 or w.shape[1] != packed_row_bytes(k, b):
-                raise NasqError(f"segment of {b}-bit rows: want uint8 [R, {packed_row_bytes(k, b)}], got "
-                                f"{w.dtype} {w.shape}")
-        rows = [w.shape[0] for w in ws]
+        code = _supported_isa_code(isa)
+        ws, bits, rows = _packed_segments(segments, k)
     width = sum(rows)
     out_index = jnp.asarray(out_index, jnp.int32)
     if out_index.shape != (width,) or width > out_features:

@@ -1099,6 +1099,49 @@ static ffi::Error IntGemmF32Impl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> s
   return to_ffi_error(run_gemm_checked(g, static_cast<int>(isa)));
 }
 
+// The segments of a layer from its FFI buffers (resident panels or packed rows, as `resident` says), each
+// checked against its width and row count: copies of `layer` (the fields every segment shares; its row_scale
+// and bias point at the layer's first kept row) with the segment's rows, width, buffer and row offset c applied;
+// place(g, c) points the segment's output. The rows must add up to R.
+template <typename Place>
+static ffi::Error layer_segments(ffi::RemainingArgs& ws, ffi::Span<const int64_t> bits, ffi::Span<const int64_t> rows,
+                                 int64_t isa, int64_t resident, int64_t R, const Gemm& layer, Place place,
+                                 std::vector<Gemm>* segs) {
+  if (bits.size() != ws.size() || rows.size() != ws.size()) return to_ffi_error(5);
+  if (resident && isa == kAuto) return to_ffi_error(3);  // panels are laid out for one concrete ISA
+  int64_t c = 0;
+  for (size_t s = 0; s < ws.size(); ++s) {
+    auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
+    if (!w.has_value()) return w.error();
+    if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
+    const int64_t n = rows[s];
+    const bool fits = resident ? static_cast<int64_t>(w->element_count()) ==
+                                     panel_bytes_for(n, layer.K, static_cast<int>(bits[s]), static_cast<int>(isa))
+                               : w->dimensions().size() == 2 && w->dimensions()[0] == n &&
+                                     w->dimensions()[1] == (layer.K * bits[s] + 7) / 8;
+    if (!fits || n < 0 || c + n > R) return to_ffi_error(5);
+    Gemm g = layer;
+    g.w = resident ? nullptr : w->typed_data();
+    g.panels = resident ? w->typed_data() : nullptr;
+    g.N = n;
+    g.bits = static_cast<int>(bits[s]);
+    g.row_scale = layer.row_scale + c;
+    g.bias = layer.bias != nullptr ? layer.bias + c : nullptr;
+    place(g, c);
+    segs->push_back(g);
+    c += n;
+  }
+  return c == R ? ffi::Error::Success() : to_ffi_error(5);
+}
+
+static ffi::Error run_layer(const std::vector<Gemm>& segs, int64_t isa) {
+  try {
+    return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
+  } catch (const std::bad_alloc&) {
+    return to_ffi_error(6);
+  }
+}
+
 // A whole layer: x [M, K], sx [M], row_scale and bias ([R] or [0]) of all its kept rows, then one packed
 // buffer per segment (uint8 [R_s, ceil(K*bits[s]/8)]); out [M, R], the segments' outputs side by side.
 static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
@@ -1107,37 +1150,18 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
                                         ffi::Span<const int64_t> bits, ffi::Span<const int64_t> rows,
                                         int64_t isa, int64_t resident) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || bits.size() != ws.size() || rows.size() != ws.size()) return to_ffi_error(5);
-  if (resident && isa == kAuto) return to_ffi_error(3);  // panels are laid out for one concrete ISA
+  if (xd.size() != 2) return to_ffi_error(5);
   const int64_t M = xd[0], K = xd[1];
   const int64_t R = static_cast<int64_t>(row_scale.element_count());
   if (sx.element_count() != static_cast<size_t>(M) || out->element_count() != static_cast<size_t>(M * R) ||
       (bias.element_count() != 0 && bias.element_count() != static_cast<size_t>(R)))
     return to_ffi_error(5);
-  const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
+  const Gemm layer{x.typed_data(), nullptr, M, 0, K, 0, nullptr, out->typed_data(), sx.typed_data(),
+                   row_scale.typed_data(), bias.element_count() == 0 ? nullptr : bias.typed_data(), R};
   std::vector<Gemm> segs;
-  int64_t c = 0;
-  for (size_t s = 0; s < ws.size(); ++s) {
-    auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
-    if (!w.has_value()) return w.error();
-    if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
-    const int64_t n = rows[s];
-    const bool fits = resident ? static_cast<int64_t>(w->element_count()) ==
-                                     panel_bytes_for(n, K, static_cast<int>(bits[s]), static_cast<int>(isa))
-                               : w->dimensions().size() == 2 && w->dimensions()[0] == n &&
-                                     w->dimensions()[1] == (K * bits[s] + 7) / 8;
-    if (!fits || n < 0 || c + n > R) return to_ffi_error(5);
-    segs.push_back({x.typed_data(), resident ? nullptr : w->typed_data(), M, n, K, static_cast<int>(bits[s]),
-                    nullptr, out->typed_data() + c, sx.typed_data(), row_scale.typed_data() + c,
-                    b ? b + c : nullptr, R, resident ? w->typed_data() : nullptr});
-    c += n;
-  }
-  if (c != R) return to_ffi_error(5);
-  try {
-    return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
-  } catch (const std::bad_alloc&) {
-    return to_ffi_error(6);
-  }
+  const ffi::Error err = layer_segments(ws, bits, rows, isa, resident, R, layer,
+                                        [&](Gemm& g, int64_t c) { g.out_f32 = out->typed_data() + c; }, &segs);
+  return err.failure() ? err : run_layer(segs, isa);
 }
 
 // A whole linear (NasqLinearF32): fp32 x [M, K]; row_scale, bias ([R] or [0]) and out_cols (int32 [R]: the
@@ -1150,9 +1174,7 @@ static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> r
                                 ffi::Span<const int64_t> rows, int64_t isa, int64_t resident) {
   const auto xd = x.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || od.size() != 2 || bits.size() != ws.size() || rows.size() != ws.size())
-    return to_ffi_error(5);
-  if (resident && isa == kAuto) return to_ffi_error(3);  // panels are laid out for one concrete ISA
+  if (xd.size() != 2 || od.size() != 2) return to_ffi_error(5);
   const int64_t M = xd[0], K = xd[1], F = od[1];
   const int64_t R = static_cast<int64_t>(row_scale.element_count());
   if (od[0] != M || R > F || out_cols.element_count() != static_cast<size_t>(R) ||
@@ -1161,34 +1183,15 @@ static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> r
   const int32_t* cols = out_cols.typed_data();
   for (int64_t r = 0; r < R; ++r)
     if (cols[r] < 0 || cols[r] >= F) return to_ffi_error(5);
-  const float* b = bias.element_count() == 0 ? nullptr : bias.typed_data();
+  Gemm layer{nullptr, nullptr, M, 0, K, 0, nullptr, out->typed_data(), nullptr, row_scale.typed_data(),
+             bias.element_count() == 0 ? nullptr : bias.typed_data(), F};
+  layer.xf = x.typed_data();
   std::vector<Gemm> segs;
-  int64_t c = 0;
-  for (size_t s = 0; s < ws.size(); ++s) {
-    auto w = ws.get<ffi::Buffer<ffi::U8>>(s);
-    if (!w.has_value()) return w.error();
-    if (bits[s] < 1 || bits[s] > 8) return to_ffi_error(1);
-    const int64_t n = rows[s];
-    const bool fits = resident ? static_cast<int64_t>(w->element_count()) ==
-                                     panel_bytes_for(n, K, static_cast<int>(bits[s]), static_cast<int>(isa))
-                               : w->dimensions().size() == 2 && w->dimensions()[0] == n &&
-                                     w->dimensions()[1] == (K * bits[s] + 7) / 8;
-    if (!fits || n < 0 || c + n > R) return to_ffi_error(5);
-    Gemm g{nullptr, resident ? nullptr : w->typed_data(), M, n, K, static_cast<int>(bits[s]), nullptr,
-           out->typed_data(), nullptr, row_scale.typed_data() + c, b ? b + c : nullptr, F,
-           resident ? w->typed_data() : nullptr};
-    g.xf = x.typed_data();
-    g.out_cols = cols + c;
-    segs.push_back(g);
-    c += n;
-  }
-  if (c != R) return to_ffi_error(5);
+  const ffi::Error err = layer_segments(ws, bits, rows, isa, resident, R, layer,
+                                        [&](Gemm& g, int64_t c) { g.out_cols = cols + c; }, &segs);
+  if (err.failure()) return err;
   if (R < F) std::memset(out->typed_data(), 0, sizeof(float) * static_cast<size_t>(M * F));  // pruned rows
-  try {
-    return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
-  } catch (const std::bad_alloc&) {
-    return to_ffi_error(6);
-  }
+  return run_layer(segs, isa);
 }
 
 }  // namespace nasq
