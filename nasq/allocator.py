@@ -17,7 +17,6 @@ applies it once; ``NASQ_TUNE_MALLOC=0`` in the environment leaves the allocator 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -35,7 +34,7 @@ def tune_allocator() -> bool:
     if os.environ.get(ENV, "1").strip() == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc is loaded (find_library would spawn ldconfig)
         mallopt = libc.mallopt
         _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt tunables of these numbers)
     except (OSError, AttributeError):
