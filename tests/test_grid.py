@@ -178,6 +178,13 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
     h_qat = next(st for st in h.stages if st.name == "qat").argv
     assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
+    # nasq_gumbel: nasq's stages and recipe with Gumbel-sampled gates in the search
+    g = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_gumbel", 1))
+    assert [st.name for st in g.stages] == ["search", "finalize", "qat", "export", "eval"]
+    g_search = g.stages[0].argv
+    n25 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq", 1)).stages[0].argv
+    assert g_search[:g_search.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gumbel=true"]
+    assert g_search[g_search.index("--out") + 1] == str(g.dir / "search")
     # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
     # bits, QAT from that search; budgets without front_from skip the method
     f = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_front", 1))
