@@ -83,13 +83,17 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_front")
+METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd",
+           "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
-# than the loss of the averaged weight), and nasq_front: the nasq search of the budget `front_from` (same seed)
+# than the loss of the averaged weight), nasq with KD to the teacher in the gate step (`search.gate_loss=task_kd`:
+# a dense signal where held-out labels of a well-fit model say little), and nasq_front: the nasq search of the budget `front_from` (same seed)
 # finalized at this budget (issue 16's "one search, a whole front")
-SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_front")
+SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd", "nasq_front")
+# the search settings of the variants of nasq's recipe
+VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"]}
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -440,8 +444,8 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
                                                 "--space", space, *bflags, *hessian_flags(cfg, task, seed),
                                                 "--out", str(ip)], ip, "plan"))
             init = ["--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
-        elif method == "nasq_gumbel":
-            init = ["--set", "search.gumbel=true"]
+        else:
+            init = VARIANT_SETS.get(method, [])
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), *init,
                                          "--out", str(sdir)], sdir, "run"))

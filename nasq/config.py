@@ -80,6 +80,10 @@ class SearchConfig(_Section):
     # bilevel: one gate step per `gate_every` weight steps (1 = every step); a larger value makes a search
     # iteration cheaper (the gate step is a second forward + backward; `nasq bench search-step` measures it)
     gate_every: int = Field(1, ge=1)
+    # bilevel: the gate step's loss. "task": the task loss on held-out labels (AQ-BERT); "task_kd": plus
+    # `kd.beta` x KD to the teacher's logits on the held-out rows (needs `kd.teacher`): a dense signal of how far
+    # each width moves the student's outputs from the teacher's, where the labels of a well-fit model say little
+    gate_loss: Literal["task", "task_kd"] = "task"
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -126,6 +130,13 @@ class Config(_Section):
         if self.init_from is not None and self.plan is None:
             raise ValueError(f"init_from={self.init_from!r} needs a plan (--plan PLAN.json): it initialises a "
                              "quantization-aware fine-tune from a search run")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_kd_needs_teacher(self):
+        if self.search.gate_loss == "task_kd" and (self.kd.teacher is None or self.kd.beta <= 0):
+            raise ValueError("search.gate_loss=task_kd distils the teacher's logits in the gate step: give a teacher "
+                             "(--teacher RUN_DIR) and kd.beta > 0, or use search.gate_loss=task")
         return self
 
     def to_yaml(self) -> str:

@@ -148,6 +148,29 @@ def test_gate_every_takes_one_gate_step_per_k_weight_steps(tiny_model_dir, glue_
     assert info["status"] == "done" and info["cost_ratio"] <= 1.0 + 1e-4
 
 
+def test_gate_loss_task_kd_distils_the_teacher_in_the_gate_step(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    """search.gate_loss=task_kd: the gate step's loss is task + kd.beta * KD to the teacher's logits on the
+    held-out rows (logged apart); without a teacher the config is a clear error."""
+    base = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0)
+    raw = base.model_dump(mode="json")
+    raw["train"].update(max_steps=4, log_every=1)
+    raw["kd"].update(teacher=str(teacher_dir), beta=0.5)
+    raw["search"]["gate_loss"] = "task_kd"
+    cfg = build_config(("test", raw))
+    run = search(cfg, tmp_path / "kd", log=lambda *a: None)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 4
+    for r in recs:
+        assert r["gate_kd_loss"] > 0
+        assert r["gate_loss"] == pytest.approx(r["gate_task_loss"] + 0.5 * r["gate_kd_loss"], rel=1e-5)
+    assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
+    plain = search(_cfg(tiny_model_dir, glue_dir, avg_bits=2.0).model_copy(update={
+        "train": cfg.train, "kd": cfg.kd}), tmp_path / "plain", log=lambda *a: None)
+    assert not any("gate_kd_loss" in json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(NasqError, match="gate_loss=task_kd distils the teacher"):
+        _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_loss="task_kd")
+
+
 # ------------------------------------------------------------ restored search state (nasq.search.restore)
 @pytest.fixture(scope="module")
 def finished_search(teacher_dir, tiny_model_dir, glue_dir, tmp_path_factory):

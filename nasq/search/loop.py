@@ -4,6 +4,7 @@ Alternating steps (weights on train batches, gates on held-out batches split off
 
     weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
+                  (`search.gate_loss=task_kd`: + beta * KD(student, teacher) on the held-out rows)
                   (after `search.warmup_steps` weight-only steps, then every `search.gate_every`-th step)
 
 The gate step size is scaled by tau (Adam's step is constant in units of alpha/tau), so annealing does not
@@ -188,7 +189,7 @@ class SearchSteps(NamedTuple):
     """The jitted pieces of one search iteration over the split supernet state (`build_steps`)."""
 
     weight: Callable   # (weights, gates, w_opt, ctx, batch, key, teacher_logits) -> (weights, w_opt, metrics)
-    gate: Callable     # (weights, gates, g_opt, ctx, held-out batch, key, tau) -> (gates, g_opt, metrics)
+    gate: Callable     # (weights, gates, g_opt, ctx, held-out batch, key, tau, teacher logits | None) -> (gates, g_opt, metrics)
     single: Callable   # (weights, gates, opt, ctx, batch, key, teacher_logits, tau) -> (weights, gates, opt, metrics)
     single_tx: optax.GradientTransformation  # the single-level optimizer over (weights, gates)
     expected_cost: Callable  # gate probabilities -> E[cost]
@@ -235,16 +236,19 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
         return solve_price(alphas, costs, tables, tau, problem.cost_budget)
 
     @jax.jit
-    def gate_step(weights, gates, g_opt, ctx_rest, batch, key, tau):
+    def gate_step(weights, gates, g_opt, ctx_rest, batch, key, tau, teacher_logits=None):
         def loss_fn(g):
             logits, probs = forward(weights, g, ctx_rest, batch, None)
-            lt = task_loss(logits, batch.labels, batch.weights, is_regression)
-            return lt, (lt, expected_cost(probs), gate_entropy(probs))
+            lt, lkd = supervised(logits, batch, teacher_logits)
+            return lt + kd_beta * lkd, (lt, lkd, expected_cost(probs), gate_entropy(probs))
 
-        (_loss, (lt, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
+        (loss, (lt, lkd, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
         upd, g_opt = g_tx.update(grads, g_opt, gates)
         upd = jax.tree.map(lambda u: u * tau, upd)  # constant step size in alpha/tau units
-        return optax.apply_updates(gates, upd), g_opt, {"gate_loss": lt, "expected_cost": e, "gate_entropy": ent}
+        m = {"gate_loss": loss, "expected_cost": e, "gate_entropy": ent}
+        if teacher_logits is not None:
+            m.update(gate_task_loss=lt, gate_kd_loss=lkd)
+        return optax.apply_updates(gates, upd), g_opt, m
 
     @jax.jit
     def single_step(weights, gates, opt, ctx_rest, batch, key, teacher_logits, tau):
@@ -269,11 +273,13 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
 
 
 def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step: int, total: int, batch, hbatch,
-                     key: jax.Array, rest, teacher_logits=None) -> tuple[TrainState, dict, Any]:
+                     key: jax.Array, rest, teacher_logits=None, heldout_teacher_logits=None
+                     ) -> tuple[TrainState, dict, Any]:
     """One search step on ``state = {"w.": weights, "g.": gates, "opt.": optimizer state}``: ``(state, metrics,
     the step's search context)``. The temperature ``tau_t`` and the price ``mu*`` are set first (the context the
     step trains under); bi-level mode then takes a weight step on ``batch`` and, after ``s.warmup_steps`` and every
-    ``s.gate_every``-th step, a gate step on the held-out ``hbatch``; single-level mode one joint step."""
+    ``s.gate_every``-th step, a gate step on the held-out ``hbatch`` (distilling ``heldout_teacher_logits``
+    when given); single-level mode one joint step."""
     weights, gates, opt = state["w."], state["g."], state["opt."]
     tau = temperature(step, total, s.tau_start, s.tau_end)
     mu = fns.price(weights, gates, rest, jnp.float32(tau))
@@ -282,7 +288,8 @@ def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step:
         w_opt, g_opt = opt
         weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits)
         if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
-            gates, g_opt, mg = fns.gate(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau))
+            gates, g_opt, mg = fns.gate(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau),
+                                        heldout_teacher_logits)
             m = {**m, **mg}
         opt = (w_opt, g_opt)
     else:
@@ -337,9 +344,11 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     if resume:
         state, start = resume_state(run, state, steps, log)
     state = dp.replicate(state)  # identity unless data_parallel > 1
-    teacher = None
+    teacher = held_teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
         teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
+        if s.gate_loss == "task_kd":
+            held_teacher = predict_logits(model, data.heldout, cfg.data.eval_batch_size, data.buckets, dp.shard)
     run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train),
                    heldout_rows=len(data.heldout), budget=problem.budget.source, budget_bytes=problem.budget.bytes,
                    cost_kind=problem.cost_kind, status="running")
@@ -357,9 +366,10 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     def step_fn(state, step, batches):
         batch, hbatch = batches
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
-        batch, hbatch, tl = dp.shard((batch, hbatch, tl))
+        htl = None if held_teacher is None else jnp.asarray(held_teacher[np.maximum(hbatch.index, 0)])
+        batch, hbatch, tl, htl = dp.shard((batch, hbatch, tl, htl))
         state, m, last_ctx[0] = search_iteration(fns, s, state, step, steps, batch, hbatch,
-                                                 jax.random.fold_in(base_key, step), rest, tl)
+                                                 jax.random.fold_in(base_key, step), rest, tl, htl)
         return state, m
 
     def record(state, done, m):
