@@ -8,6 +8,7 @@ when given) with the machine, date and command.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from flax import nnx
 
 from nasq.config import Config
 from nasq.contract.model_dir import load_model_dir
+from nasq.contract.plan import Plan
 from nasq.contract.space import load_space
 from nasq.data.batching import Batch
 from nasq.errors import NasqError
@@ -122,13 +124,16 @@ def dequantized_fp32_model(model):
 
 
 def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, batch: int, seq: int,
-                repeats: int = 10, seed: int = 0) -> dict:
-    """Median ms of the integer model (both unpack modes) vs the jitted fp32 forward, one process.
+                repeats: int = 10, seed: int = 0, compare: Sequence[str | Path] = ()) -> dict:
+    """Median ms of the integer model (every unpack mode) vs the jitted fp32 forward, one process.
 
     The fp32 reference is the model at ``fp32_model_dir_or_run`` (a QAT run's weights are dequantized into
     plain fp32 ``Linear``/``Embedding``). Returns ``{int_fused_ms, int_load_ms, fp32_ms, ratio_fused,
     ratio_load, batch, seq, repeats, kernel}`` with ``ratio = int_ms / fp32_ms`` (< 1: int path faster) and
-    ``kernel`` the integer GEMM used (``nasq.kernels.native.describe()``).
+    ``kernel`` the integer GEMM used (``nasq.kernels.native.describe()``); with ``panels`` too where the native
+    kernel runs. ``compare``: more artifacts of the same model (e.g. other plans), timed in the same interleaved
+    rounds on the default path (``unpack="auto"``); ``res["compare"]`` lists each one's ``ms``, its plan's
+    ``avg_bits`` and ``vs_first`` = its ms / the first artifact's on the same path.
     """
     rng = np.random.default_rng(seed)
     fp_model, _ = load_model_dir(fp32_model_dir_or_run)
@@ -143,6 +148,9 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     for mode in modes:
         m = load_artifact(artifact_path, unpack=mode)
         fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
+    for i, other in enumerate(compare):
+        m = load_artifact(other)
+        fns[f"compare{i}_ms"] = lambda m=m: m(ids, tt, am)
     graphdef, state = nnx.split(fp_model)
     fwd = jax.jit(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c))
     fns["fp32_ms"] = lambda: fwd(state, ids, tt, am)
@@ -150,6 +158,13 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
     for mode in modes:
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
+    if compare:
+        first = res[f"int_{modes[-1]}_ms"]  # the default path: panels where native runs, else fused
+        res["avg_bits"] = Plan.load(Path(artifact_path) / "plan.json").totals["avg_bits"]
+        res["compare"] = [{"artifact": str(p), "avg_bits": Plan.load(Path(p) / "plan.json").totals["avg_bits"],
+                           "ms": res.pop(f"compare{i}_ms"), "vs_first": None} for i, p in enumerate(compare)]
+        for c in res["compare"]:
+            c["vs_first"] = c["ms"] / first
     res["kernel"] = describe_kernel()  # which integer GEMM ran (native C++ or XLA) and why
     return res
 
@@ -162,8 +177,8 @@ def main(what: str, cfg: Config, args) -> int:
     elif what == "infer":
         if not args.artifact:
             raise NasqError("bench infer needs --artifact model.nasq (and --teacher RUN for the fp32 baseline).")
-        res = bench_infer(args.artifact, getattr(args, "teacher", None), args.batch_size, args.seq_len,
-                          args.repeats)
+        res = bench_infer(args.artifact[0], getattr(args, "teacher", None), args.batch_size, args.seq_len,
+                          args.repeats, compare=args.artifact[1:])
     else:  # argparse restricts choices
         raise NasqError(f"unknown benchmark {what!r}")
     res = {**res, **environment()}

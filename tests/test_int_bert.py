@@ -136,3 +136,34 @@ def test_unpack_modes_agree_and_panels_need_native(artifact):
             IntBert(dataclasses.replace(models["panels"].meta, kernel="xla", unpack="panels"),
                     load_artifact(artifact, unpack="fused").params)
 
+
+
+def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_path, capsys):
+    """`nasq bench infer --artifact A --artifact B`: B is timed in A's interleaved rounds and reported with its
+    plan's average bits and its time relative to A on the same (default) path."""
+    import json
+
+    from test_export import build_quant_model
+
+    from nasq.cli import main
+    from nasq.contract.model_dir import save_model_dir
+    from nasq.contract.plan import Plan
+    from nasq.export.writer import export_model
+
+    model, plan = build_quant_model(tiny_model_dir, seed=6)
+    other = export_model(model, plan, tmp_path / "b.nasq", task="sst2", num_labels=2, source_dir=tiny_model_dir)
+    run = tmp_path / "run"  # the fp32 reference: a run's model dequantized into plain fp32 linears
+    save_model_dir(run / "model", model, source_model_dir=tiny_model_dir, num_labels=2, task="sst2", plan=plan)
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "infer", "--artifact", str(artifact), "--artifact", str(other), "--teacher",
+                 str(run), "--batch-size", "1", "--seq-len", "8", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec == json.loads(capsys.readouterr().out.splitlines()[-1])
+    (c,) = rec["compare"]
+    assert c["artifact"] == str(other) and c["ms"] > 0
+    assert c["avg_bits"] == pytest.approx(Plan.load(other / "plan.json").totals["avg_bits"])
+    assert rec["avg_bits"] == pytest.approx(Plan.load(artifact / "plan.json").totals["avg_bits"])
+    first = rec["int_panels_ms"] if "int_panels_ms" in rec else rec["int_fused_ms"]
+    assert c["vs_first"] == pytest.approx(c["ms"] / first)
+    assert rec["fp32_ms"] > 0 and "kernel" in rec

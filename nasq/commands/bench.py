@@ -16,7 +16,9 @@ def register(sub) -> None:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--seq-len", type=int, default=64)
     b.add_argument("--repeats", type=int, default=10)
-    b.add_argument("--artifact", help="artifact for `bench infer`")
+    b.add_argument("--artifact", action="append",
+                   help="artifact for `bench infer`; repeat it to time more artifacts of the same model (other "
+                        "plans) side by side with the first, in the same interleaved rounds")
     b.add_argument("--teacher", help="fp32 run directory: the fp32 JAX baseline of `bench infer`")
     add_common(b)
     add_budget_flags(b)
