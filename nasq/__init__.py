@@ -14,11 +14,15 @@ tune_allocator()  # keep freed memory in the process: XLA on CPU allocates every
 
 _API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
         "make_config", "run_search")
-__all__ = ["Model", "__version__", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect",
+__all__ = ["Model", "__version__", "enable_compilation_cache", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect",
            "load", "make_config", "run_search"]
 
 
 def __getattr__(name: str):
+    if name == "enable_compilation_cache":  # opt-in for library users (the CLI turns it on)
+        from nasq.compilation_cache import enable_compilation_cache
+
+        return enable_compilation_cache
     if name in _API:
         from nasq import api
 

@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from nasq.commands import baseline, bench, eval, export, finalize, finetune, pipeline, profile, report, search
 from nasq.commands._common import init_distributed_from_args
+from nasq.compilation_cache import enable_compilation_cache
 from nasq.errors import NasqError
 
 # Subcommands in `nasq --help` order; each module defines `register(subparsers)`.
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # compiled programs kept on disk (nasq.compilation_cache; NASQ_COMPILATION_CACHE=0: off)
     try:
         init_distributed_from_args(args)
         return args.fn(args)
