@@ -84,16 +84,18 @@ from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd",
-           "nasq_front")
+           "nasq_gadam", "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
 # than the loss of the averaged weight), nasq with KD to the teacher in the gate step (`search.gate_loss=task_kd`:
-# a dense signal where held-out labels of a well-fit model say little), and nasq_front: the nasq search of the budget `front_from` (same seed)
+# a dense signal where held-out labels of a well-fit model say little), nasq with one second moment for all gate
+# logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the nasq search of the budget `front_from` (same seed)
 # finalized at this budget (issue 16's "one search, a whole front")
-SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd", "nasq_front")
+SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
 # the search settings of the variants of nasq's recipe
-VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"]}
+VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
+                "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"]}
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},

@@ -84,6 +84,10 @@ class SearchConfig(_Section):
     # `kd.beta` x KD to the teacher's logits on the held-out rows (needs `kd.teacher`): a dense signal of how far
     # each width moves the student's outputs from the teacher's, where the labels of a well-fit model say little
     gate_loss: Literal["task", "task_kd"] = "task"
+    # the gate logits' optimizer: "adam" (per-parameter: every gate moves at about the same speed whatever its
+    # gradient's size) or "global_adam" (one second moment for all gates: the gradients' ratios are kept, so the
+    # budget price trades bytes against how much each group's width changes the loss; nasq.objectives)
+    gate_optimizer: Literal["adam", "global_adam"] = "adam"
 
     @model_validator(mode="after")
     def _one_budget(self):

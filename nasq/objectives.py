@@ -11,6 +11,8 @@ Losses (per-example weights `w_i` mask padding rows of a fixed-shape batch):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,55 @@ def weight_optimizer(train_cfg: TrainConfig, steps: int) -> optax.GradientTransf
     parts.append(optax.adamw(lr_schedule(train_cfg, steps), b1=0.9, b2=0.999, eps=1e-8,
                              weight_decay=train_cfg.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)
+
+
+class GlobalAdamState(NamedTuple):
+    """State of :func:`scale_by_global_adam`: step count, per-parameter first moment, ONE second moment."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: jax.Array
+
+
+def scale_by_global_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam with one second moment for the whole tree (the gate optimizer ``search.gate_optimizer=global_adam``):
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t                  (per parameter)
+        v_t = b2 v_{t-1} + (1 - b2) mean_i g_{t,i}^2      (one scalar: the mean over every parameter)
+        u_t = m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps)
+
+    Adam divides each parameter's gradient by that parameter's own RMS, so every gate logit moves at about the
+    same speed whatever the size of its gradient: the sign's consistency sets the allocation, and how much a
+    group's width changes the loss is lost. Here only the overall scale is normalised: a gate whose gradient is
+    10x larger moves 10x faster, so the budget price trades bytes against loss, group against group. With one
+    parameter this is Adam.
+    """
+
+    def init(params):
+        return GlobalAdamState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                               jnp.zeros([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        n = sum(x.size for x in leaves)
+        mean_sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves) / max(n, 1)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = b2 * state.nu + (1 - b2) * mean_sq
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        denom = jnp.sqrt(nu / (1 - b2**t)) + eps
+        out = jax.tree.map(lambda m: (m / (1 - b1**t) / denom).astype(m.dtype), mu)
+        return out, GlobalAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def gate_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """The search's gate-logit optimizer: ``adam`` (per-parameter, as DARTS and AQ-BERT) or ``global_adam``
+    (:func:`scale_by_global_adam`)."""
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "global_adam":
+        return optax.chain(scale_by_global_adam(), optax.scale(-lr))
+    raise ValueError(f"unknown gate optimizer {name!r}: adam or global_adam")

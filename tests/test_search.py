@@ -171,6 +171,48 @@ def test_gate_loss_task_kd_distils_the_teacher_in_the_gate_step(teacher_dir, tin
         _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_loss="task_kd")
 
 
+def test_global_adam_keeps_the_gradients_ratios_and_is_adam_for_one_parameter():
+    """search.gate_optimizer=global_adam: one second moment for all gate logits, so a 10x larger gradient gives a
+    10x larger step (per-parameter Adam gives both about the same step); with a single parameter it is Adam."""
+    import optax
+
+    from nasq.objectives import gate_optimizer, scale_by_global_adam
+
+    grads = {"a": jnp.asarray([1.0, -10.0]), "b": jnp.asarray([[0.1]])}
+    tx = scale_by_global_adam()
+    state = tx.init(grads)
+    for _ in range(3):
+        upd, state = tx.update(grads, state)
+    u = np.concatenate([np.ravel(upd["a"]), np.ravel(upd["b"])])
+    np.testing.assert_allclose(u / u[0], [1.0, -10.0, 0.1], rtol=1e-5)  # the ratios of the gradients
+    rms = np.sqrt(np.mean(np.square([1.0, 10.0, 0.1])))
+    np.testing.assert_allclose(u, np.asarray([1.0, -10.0, 0.1]) / rms, rtol=1e-4)  # constant gradients: g / rms
+    adam_upd, _ = optax.scale_by_adam().update(grads, optax.scale_by_adam().init(grads))
+    assert abs(float(adam_upd["a"][1]) / float(adam_upd["a"][0])) == pytest.approx(1.0, rel=1e-4)  # Adam: equal
+    rng = np.random.default_rng(0)
+    one = {"x": jnp.asarray(0.3)}
+    ga, gb = scale_by_global_adam(), optax.scale_by_adam()
+    sa, sb = ga.init(one), gb.init(one)
+    for _ in range(5):
+        g = {"x": jnp.asarray(rng.normal(), jnp.float32)}
+        ua, sa = ga.update(g, sa)
+        ub, sb = gb.update(g, sb)
+        np.testing.assert_allclose(float(ua["x"]), float(ub["x"]), rtol=1e-5)
+    step, _ = gate_optimizer("global_adam", 0.05).update(grads, gate_optimizer("global_adam", 0.05).init(grads))
+    assert float(step["a"][0]) < 0  # a descent step of size lr * g / rms
+    with pytest.raises(ValueError, match="unknown gate optimizer"):
+        gate_optimizer("sgd", 0.1)
+
+
+def test_search_with_the_global_gate_optimizer_meets_its_budget(tiny_model_dir, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_optimizer="global_adam")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
+    run = search(cfg, tmp_path / "g", log=lambda *a: None)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["cost_ratio"] <= 1.0 + 1e-4
+    assert "gate_optimizer: global_adam" in (run / "config.yaml").read_text()
+
+
 # ------------------------------------------------------------ restored search state (nasq.search.restore)
 @pytest.fixture(scope="module")
 def finished_search(teacher_dir, tiny_model_dir, glue_dir, tmp_path_factory):

@@ -4,6 +4,8 @@ Alternating steps (weights on train batches, gates on held-out batches split off
 
     weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
+                  (`search.gate_optimizer=global_adam`: one second moment for all gates, so a larger
+                  gradient moves its gate faster: `nasq.objectives.scale_by_global_adam`)
                   (`search.gate_loss=task_kd`: + beta * KD(student, teacher) on the held-out rows)
                   (after `search.warmup_steps` weight-only steps, then every `search.gate_every`-th step)
 
@@ -52,7 +54,7 @@ from nasq.errors import NasqError
 from nasq.evaluation import predict_logits
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes, model_param_shapes
-from nasq.objectives import kd_loss, task_loss, total_steps, weight_optimizer
+from nasq.objectives import gate_optimizer, kd_loss, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
 from nasq.run import Cadence, RunDir, TrainState, resume_state, run_finished, save_state, train_loop
@@ -298,8 +300,9 @@ def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step:
 
 
 def search_optimizers(cfg: Config, steps: int):
-    """Weights and LSQ steps: the fine-tuning optimizer (`weight_optimizer`); gate logits: Adam."""
-    return weight_optimizer(cfg.train, steps), optax.adam(cfg.search.gate_lr)
+    """Weights and LSQ steps: the fine-tuning optimizer (`weight_optimizer`); gate logits: `gate_optimizer`
+    (`search.gate_optimizer`: Adam, or Adam with one second moment for all gates)."""
+    return weight_optimizer(cfg.train, steps), gate_optimizer(cfg.search.gate_optimizer, cfg.search.gate_lr)
 
 
 def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, model, step: int) -> None:

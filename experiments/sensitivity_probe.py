@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Measured damage of quantizing ONE encoder linear of the fp32 teacher, every linear in turn (issue 16).
+
+The searched plans and the Hessian plans allocate along different axes (NOTES.md: nasq by module type, flat over
+depth; Hessian by depth). This probe measures the ground truth those allocations estimate, at the level of whole
+tensors: for each searched tensor and width b, only that tensor is quantized (every 128-row group at b bits, the
+MSE-initialised steps QAT starts from, ``init_plan_scales``), everything else stays fp32, and the probe reports
+
+    KL(teacher || quantized)   mean over rows of the train subset, from the logits (nats x 1000)
+    agree                      share of rows whose predicted class is unchanged
+
+No training: a step-0 measure (it does not say what QAT recovers). One jitted forward serves every probe (the
+dequantized weight replaces the fp32 kernel), so the cost is one forward of the rows per (tensor, width).
+
+Usage (repo root):
+    python experiments/sensitivity_probe.py runs/protocol/sst2/fp32 --data-dir ../shared/data/glue \\
+        [--task sst2] [--rows 512] [--bits 1 2] [--space aqbert_128g_w1234] [--out probe.json]
+Prints a markdown table (module x layer) per width; --out writes every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from nasq.errors import NasqError
+
+
+def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(p) || softmax(q)) per row, float64."""
+    p = p_logits.astype(np.float64)
+    q = q_logits.astype(np.float64)
+    lp = p - np.logaddexp.reduce(p, axis=1, keepdims=True)
+    lq = q - np.logaddexp.reduce(q, axis=1, keepdims=True)
+    return (np.exp(lp) * (lp - lq)).sum(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("teacher")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--bits", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--space", default="aqbert_128g_w1234")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nasq.config import build_config
+    from nasq.contract.model_dir import load_model_dir, model_dir_of
+    from nasq.contract.space import load_space, resolve
+    from nasq.data.tasks import load_task_data
+    from nasq.evaluation import collect_logits
+    from nasq.models.bert import Linear
+    from nasq.models.surgery import linear_shapes, module_path, strip_root
+    from nasq.quant.quantizer import fake_quant_mixed, init_plan_scales
+
+    try:
+        cfg = build_config(("args", {"data": {"task": a.task, "data_dir": a.data_dir, "train_subset": a.rows},
+                                     "train": {"seed": a.seed}}))
+        teacher, _ = load_model_dir(a.teacher)
+        data = load_task_data(cfg, model_dir=model_dir_of(a.teacher))
+        space = load_space(a.space)
+        tensors = resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+    except NasqError as e:
+        print(f"sensitivity_probe: error: {e}", file=sys.stderr)
+        return 2
+
+    graphdef, state = nnx.split(teacher)
+    flat = dict(nnx.to_flat_state(state))
+    kernels = {strip_root(module_path(p)): p + ("kernel",) for p, m in nnx.iter_modules(teacher)
+               if isinstance(m, Linear)}
+    fwd = jax.jit(lambda s, ids, tt, am: nnx.merge(graphdef, s)(ids, tt, am))
+
+    def logits_with(st):
+        return collect_logits(lambda b: fwd(st, b.input_ids, b.token_type_ids, b.attention_mask), data.train, 64,
+                              data.buckets)
+
+    base = logits_with(state)
+    pred = base.argmax(1)
+    rows = []
+    t0 = time.time()
+    for t in tensors:
+        key = kernels[t.path]
+        w_rows = np.asarray(flat[key][...]).T  # [out rows, in]
+        for b in a.bits:
+            bits = [b] * t.num_groups
+            s = init_plan_scales(w_rows, t.group_sizes, bits, space.quant_mode)
+            rep = np.repeat(np.arange(t.num_groups), t.group_sizes)
+            wq = np.asarray(fake_quant_mixed(w_rows, s[rep], np.full(w_rows.shape[0], b), space.quant_mode))
+            new = dict(flat)
+            new[key] = flat[key].replace(jnp.asarray(wq.T))
+            q = logits_with(nnx.from_flat_state(new))
+            parts = t.path.split(".")
+            rows.append({"path": t.path, "layer": int(parts[2]) if parts[1] == "layer" else None,
+                         "rule": t.rule, "bits": b, "weights": t.num_weights,
+                         "kl_x1000": 1000 * float(kl_rows(base, q).mean()),
+                         "agree": float((q.argmax(1) == pred).mean())})
+        print(f"{t.path}: " + ", ".join(f"{r['bits']}b KL {r['kl_x1000']:.2f}" for r in rows[-len(a.bits):]) +
+              f"  ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+    short = {}
+    for r in rows:
+        short[r["path"]] = r["path"].split(".", 3)[-1] if r["layer"] is not None else r["path"]
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    names = list(dict.fromkeys(short[r["path"]] for r in rows))
+    for b in a.bits:
+        print(f"\nKL(teacher || one tensor at {b} bit(s)) x 1000, mean over {len(pred)} train rows "
+              f"(agreement in parentheses)\n")
+        print("| tensor | " + " | ".join(f"layer {i}" for i in layers) + " |")
+        print("|---|" + "---|" * len(layers))
+        for n in names:
+            cells = []
+            for i in layers:
+                r = next((r for r in rows if r["bits"] == b and r["layer"] == i and short[r["path"]] == n), None)
+                cells.append("" if r is None else f"{r['kl_x1000']:.2f} ({100 * r['agree']:.1f}%)")
+            print(f"| {n} | " + " | ".join(cells) + " |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"teacher": a.teacher, "task": a.task, "rows": int(len(pred)), "space": a.space,
+                       "bits": a.bits, "seed": a.seed, "probes": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
