@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {n} | " + " | ".join(cells) + " |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"teacher": a.teacher, "task": a.task, "rows": int(len(pred)), "space": a.space,
+            json.dump({"teacher": a.teacher, "task": a.task, "rows": len(pred), "space": a.space,
                        "bits": a.bits, "seed": a.seed, "probes": rows}, f, indent=1)
     return 0
 
