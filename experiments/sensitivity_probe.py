@@ -15,7 +15,10 @@ dequantized weight replaces the fp32 kernel), so the cost is one forward of the 
 Usage (repo root):
     python experiments/sensitivity_probe.py runs/protocol/sst2/fp32 --data-dir ../shared/data/glue \\
         [--task sst2] [--rows 512] [--bits 1 2] [--space aqbert_128g_w1234] [--out probe.json]
-Prints a markdown table (module x layer) per width; --out writes every number as JSON.
+    python experiments/sensitivity_probe.py --from probe.json --plans PLAN.json [PLAN.json ...]
+Prints a markdown table (module x layer) per width; --out writes every number as JSON. ``--plans``: how well
+each plan follows the measurements: Spearman's rank correlation over the tensors between the plan's average bits
+per tensor and the measured KL per weight (the damage a bit saves, per byte it costs), per probed width.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -39,10 +43,33 @@ def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(1)
 
 
+def plan_agreement(probes: list[dict], plan_path: str) -> dict[int, float]:
+    """Per probed width b: Spearman's rank correlation, over the probed tensors, of the plan's average bits per
+    tensor with the measured KL per weight at b bits (+1: more bits exactly where a bit saves most per byte);
+    None for a plan with the same average bits in every tensor."""
+    from scipy.stats import spearmanr
+
+    from nasq.contract.plan import Plan
+
+    plan = Plan.load(plan_path)
+    avg = {t.path: float(np.dot(t.group_sizes, t.bits) / sum(t.group_sizes)) for t in plan.tensors}
+    out = {}
+    for b in sorted({r["bits"] for r in probes}):
+        rs = [r for r in probes if r["bits"] == b]
+        if missing := [r["path"] for r in rs if r["path"] not in avg]:
+            raise NasqError(f"{plan_path}: the plan has no tensor {missing[0]} (probed); give a plan of the same model")
+        bits = [avg[r["path"]] for r in rs]
+        out[b] = None if len(set(bits)) == 1 else float(  # one width everywhere (uniform): no ranking
+            spearmanr([r["kl_x1000"] / r["weights"] for r in rs], bits).statistic)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("teacher")
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("teacher", nargs="?")
+    ap.add_argument("--from", dest="from_json", help="a probe.json written by --out: report --plans against it")
+    ap.add_argument("--plans", nargs="+", default=[])
+    ap.add_argument("--data-dir")
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2])
@@ -50,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    if a.from_json:
+        try:
+            probes = json.loads(Path(a.from_json).read_text())["probes"]
+            print("| plan | " + " | ".join(f"rank corr. with KL per weight at {b} bit(s)" for b in
+                                         sorted({r["bits"] for r in probes})) + " |")
+            print("|---|" + "---|" * len({r["bits"] for r in probes}))
+            for p in a.plans:
+                print(f"| {p} | " + " | ".join("one width" if v is None else f"{v:+.2f}"
+                                             for v in plan_agreement(probes, p).values()) + " |")
+        except (OSError, KeyError, ValueError, NasqError) as e:
+            print(f"sensitivity_probe: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not a.teacher or not a.data_dir:
+        ap.error("give TEACHER and --data-dir (or --from probe.json --plans ...)")
 
     import jax
     import jax.numpy as jnp

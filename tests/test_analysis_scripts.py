@@ -1,4 +1,5 @@
-"""experiments/vocab_coverage.py and experiments/prequant_eval.py: their numbers and their errors on bad input."""
+"""experiments/vocab_coverage.py, prequant_eval.py and sensitivity_probe.py: their numbers and their errors on bad
+input."""
 
 import importlib.util
 import json
@@ -82,3 +83,37 @@ def test_prequant_eval_missing_teacher_is_a_clear_error(tmp_path, capsys):
     plan.write_text(json.dumps(_embedding_plan((4, 4)).to_dict()))
     rc = _load("prequant_eval").main([str(tmp_path / "no_run"), str(plan), "--data-dir", "."])
     assert rc == 2 and "not a nasq model" in capsys.readouterr().err
+
+
+def test_sensitivity_probe_rank_correlation_of_plans(tmp_path, capsys):
+    """sensitivity_probe.plan_agreement: +1 when a plan's bits rise with the measured KL per weight, -1 when they
+    fall, None for one width everywhere; --from/--plans prints them; a plan of another model is a clear error."""
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import SearchedTensor, SpaceInfo
+
+    sp = _load("sensitivity_probe")
+    ts = [SearchedTensor(path=f"encoder.layer.0.t{i}", rule="r", rows=8, cols=4, group_sizes=(4, 4),
+                         choices=(1, 2, 3, 4), has_bias=True, kind="linear") for i in range(3)]
+    probes = [{"path": t.path, "bits": 1, "weights": 32, "kl_x1000": kl} for t, kl in zip(ts, (1.0, 5.0, 9.0))]
+
+    def plan(bits, name):
+        p = make_plan(ts, bits, space=SpaceInfo(name="t", source="test"), budget=None, param_shapes=None,
+                      provenance={"method": "test"})
+        path = tmp_path / name
+        p.save(path)
+        return str(path)
+
+    up, down, flat = plan([(1, 1), (2, 2), (4, 3)], "up.json"), plan([(4, 4), (2, 2), (1, 1)], "down.json"), \
+        plan([(2, 2)] * 3, "flat.json")
+    assert sp.plan_agreement(probes, up) == {1: pytest.approx(1.0)}
+    assert sp.plan_agreement(probes, down) == {1: pytest.approx(-1.0)}
+    assert sp.plan_agreement(probes, flat) == {1: None}
+    probe_json = tmp_path / "probe.json"
+    probe_json.write_text(json.dumps({"probes": probes}))
+    assert sp.main(["--from", str(probe_json), "--plans", up, flat]) == 0
+    out = capsys.readouterr().out
+    assert f"| {up} | +1.00 |" in out and f"| {flat} | one width |" in out
+    other = [{**r, "path": "encoder.layer.9.x"} for r in probes]
+    probe_json.write_text(json.dumps({"probes": other}))
+    assert sp.main(["--from", str(probe_json), "--plans", up]) == 2
+    assert "has no tensor encoder.layer.9.x" in capsys.readouterr().err
