@@ -90,8 +90,9 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit",
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
 # than the loss of the averaged weight), nasq with KD to the teacher in the gate step (`search.gate_loss=task_kd`:
 # a dense signal where held-out labels of a well-fit model say little), nasq with one second moment for all gate
-# logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the nasq search of the budget `front_from` (same seed)
-# finalized at this budget (issue 16's "one search, a whole front")
+# logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the
+# nasq search of the budget `front_from` (same seed) finalized at this budget (issue 16's "one search, a whole
+# front")
 SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
 # the search settings of the variants of nasq's recipe
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],

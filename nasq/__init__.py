@@ -14,8 +14,8 @@ tune_allocator()  # keep freed memory in the process: XLA on CPU allocates every
 
 _API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
         "make_config", "run_search")
-__all__ = ["Model", "__version__", "enable_compilation_cache", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect",
-           "load", "make_config", "run_search"]
+__all__ = ["Model", "__version__", "enable_compilation_cache", "evaluate", "export_artifact", "export_onnx",
+           "finalize", "finetune", "inspect", "load", "make_config", "run_search"]
 
 
 def __getattr__(name: str):

@@ -191,7 +191,8 @@ class SearchSteps(NamedTuple):
     """The jitted pieces of one search iteration over the split supernet state (`build_steps`)."""
 
     weight: Callable   # (weights, gates, w_opt, ctx, batch, key, teacher_logits) -> (weights, w_opt, metrics)
-    gate: Callable     # (weights, gates, g_opt, ctx, held-out batch, key, tau, teacher logits | None) -> (gates, g_opt, metrics)
+    # (weights, gates, g_opt, ctx, held-out batch, key, tau, held-out teacher logits | None) -> (gates, g_opt, metrics)
+    gate: Callable
     single: Callable   # (weights, gates, opt, ctx, batch, key, teacher_logits, tau) -> (weights, gates, opt, metrics)
     single_tx: optax.GradientTransformation  # the single-level optimizer over (weights, gates)
     expected_cost: Callable  # gate probabilities -> E[cost]
