@@ -161,10 +161,11 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     if compare:
         first = res[f"int_{modes[-1]}_ms"]  # the default path: panels where native runs, else fused
         res["avg_bits"] = Plan.load(Path(artifact_path) / "plan.json").totals["avg_bits"]
-        res["compare"] = [{"artifact": str(p), "avg_bits": Plan.load(Path(p) / "plan.json").totals["avg_bits"],
-                           "ms": res.pop(f"compare{i}_ms"), "vs_first": None} for i, p in enumerate(compare)]
-        for c in res["compare"]:
-            c["vs_first"] = c["ms"] / first
+        res["compare"] = []
+        for i, p in enumerate(compare):
+            ms = res.pop(f"compare{i}_ms")
+            res["compare"].append({"artifact": str(p), "avg_bits": Plan.load(Path(p) / "plan.json").totals["avg_bits"],
+                                   "ms": ms, "vs_first": ms / first})
     res["kernel"] = describe_kernel()  # which integer GEMM ran (native C++ or XLA) and why
     return res
 
