@@ -148,8 +148,10 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     for mode in modes:
         m = load_artifact(artifact_path, unpack=mode)
         fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
+    default_mode = None  # what unpack="auto" resolves to here (the compared artifacts' path)
     for i, other in enumerate(compare):
         m = load_artifact(other)
+        default_mode = m.meta.unpack
         fns[f"compare{i}_ms"] = lambda m=m: m(ids, tt, am)
     graphdef, state = nnx.split(fp_model)
     fwd = jax.jit(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c))
@@ -159,7 +161,7 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     for mode in modes:
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
     if compare:
-        first = res[f"int_{modes[-1]}_ms"]  # the default path: panels where native runs, else fused
+        first = res[f"int_{default_mode}_ms"]  # the first artifact on the same path
         res["avg_bits"] = Plan.load(Path(artifact_path) / "plan.json").totals["avg_bits"]
         res["compare"] = []
         for i, p in enumerate(compare):

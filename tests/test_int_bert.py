@@ -138,7 +138,7 @@ def test_unpack_modes_agree_and_panels_need_native(artifact):
 
 
 
-def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_path, capsys):
+def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`nasq bench infer --artifact A --artifact B`: B is timed in A's interleaved rounds and reported with its
     plan's average bits and its time relative to A on the same (default) path."""
     import json
@@ -167,3 +167,10 @@ def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_
     first = rec["int_panels_ms"] if "int_panels_ms" in rec else rec["int_fused_ms"]
     assert c["vs_first"] == pytest.approx(c["ms"] / first)
     assert rec["fp32_ms"] > 0 and "kernel" in rec
+    # on the XLA path the default ("auto") is fused: the comparison is against the first artifact fused
+    from nasq.bench import bench_infer
+
+    monkeypatch.setenv("NASQ_KERNEL", "xla")
+    rec = bench_infer(artifact, run, 1, 8, repeats=1, compare=[other])
+    assert "int_panels_ms" not in rec
+    assert rec["compare"][0]["vs_first"] == pytest.approx(rec["compare"][0]["ms"] / rec["int_fused_ms"])
