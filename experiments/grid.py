@@ -440,15 +440,13 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
                                            *(["--spend-leftover"] if proto["spend_leftover"] else [])], plan, "plan"))
         c.note = f"the {src} nasq search of this seed, finalized at this budget (one search, a whole front)"
     elif method in SEARCHED:
-        init = []
+        init = VARIANT_SETS.get(method, [])  # nasq's recipe plus the variant's search settings
         if method == "nasq_hinit":  # the same seed's Hessian plan (the hessian cell's command) as initial gates
             ip = d / "init_plan.json"
             c.stages.append(Stage("init_plan", ["nasq", "baseline", "hessian", "--teacher", teacher, *common,
                                                 "--space", space, *bflags, *hessian_flags(cfg, task, seed),
                                                 "--out", str(ip)], ip, "plan"))
             init = ["--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
-        else:
-            init = VARIANT_SETS.get(method, [])
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), *init,
                                          "--out", str(sdir)], sdir, "run"))
