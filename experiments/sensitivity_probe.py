@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from nasq.evaluation import collect_logits
     from nasq.models.bert import Linear
     from nasq.models.surgery import linear_shapes, module_path, strip_root
-    from nasq.quant.quantizer import fake_quant_mixed, init_plan_scales
+    from nasq.quant.layers import QuantLinear
 
     try:
         cfg = build_config(("args", {"data": {"task": a.task, "data_dir": a.data_dir, "train_subset": a.rows},
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     graphdef, state = nnx.split(teacher)
     flat = dict(nnx.to_flat_state(state))
-    kernels = {strip_root(module_path(p)): p + ("kernel",) for p, m in nnx.iter_modules(teacher)
+    linears = {strip_root(module_path(p)): (p + ("kernel",), m) for p, m in nnx.iter_modules(teacher)
                if isinstance(m, Linear)}
     fwd = jax.jit(lambda s, ids, tt, am: nnx.merge(graphdef, s)(ids, tt, am))
 
@@ -132,15 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t0 = time.time()
     for t in tensors:
-        key = kernels[t.path]
-        w_rows = np.asarray(flat[key][...]).T  # [out rows, in]
-        for b in a.bits:
-            bits = [b] * t.num_groups
-            s = init_plan_scales(w_rows, t.group_sizes, bits, space.quant_mode)
-            rep = np.repeat(np.arange(t.num_groups), t.group_sizes)
-            wq = np.asarray(fake_quant_mixed(w_rows, s[rep], np.full(w_rows.shape[0], b), space.quant_mode))
+        key, lin = linears[t.path]
+        for b in a.bits:  # the fixed-plan layer QAT starts from: MSE-initialised steps, every group at b bits
+            wq = QuantLinear(lin, t.path, t.group_sizes, [b] * t.num_groups, mode=space.quant_mode).quantized_weight()
             new = dict(flat)
-            new[key] = flat[key].replace(jnp.asarray(wq.T))
+            new[key] = flat[key].replace(jnp.asarray(wq).T)
             q = logits_with(nnx.from_flat_state(new))
             parts = t.path.split(".")
             rows.append({"path": t.path, "layer": int(parts[2]) if parts[1] == "layer" else None,
