@@ -1086,9 +1086,66 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
     return csv_path, md_path
 
 
+KEPT_NOTE = "kept from results.csv"
+_INT_COLUMNS = ("seed", "rank", "qat_steps")
+
+
+def _row_from_csv(rec: dict[str, str]) -> dict:
+    """A ``results.csv`` row as :func:`cell_row` builds it (``""`` -> None, booleans and numbers parsed)."""
+    row: dict[str, Any] = {}
+    for k, v in rec.items():
+        if k not in CSV_COLUMNS:
+            continue
+        if v in ("", None):
+            row[k] = None
+        elif k == "within_budget" and v in ("yes", "no"):  # how _cell_text writes booleans
+            row[k] = v == "yes"
+        elif k in _INT_COLUMNS:
+            row[k] = int(float(v)) if _num(v) is not None else v
+        else:
+            row[k] = float(v) if k not in ("dev_curve", "command", "note", "git_rev", "date", "status") \
+                and _num(v) is not None else v
+    return row
+
+
+def previous_rows(csv_path: Path) -> dict[tuple[str, str, str, str], dict]:
+    """The finished rows of an existing ``results.csv`` by (task, budget, method, seed); {} when there is none or
+    it is unreadable (collect then reports only what the run directories hold)."""
+    try:
+        with csv_path.open(newline="") as f:
+            recs = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    return {(r.get("task", ""), r.get("budget", ""), r.get("method", ""), str(r.get("seed", ""))): r
+            for r in recs if r.get("status") == "done"}
+
+
+def keep_previous(rows: list[dict], cells: list[Cell], previous: dict) -> int:
+    """Replace each unfinished row by the same cell's finished row of the previous ``results.csv``: run
+    directories stay on the machine that ran them (a fresh checkout has none, or a rerun has just started), and
+    collecting there must not erase finished results. The kept row's note says so and gives this machine's
+    status. Returns how many rows were kept."""
+    kept = 0
+    for i, (row, cell) in enumerate(zip(rows, cells, strict=True)):
+        key = (row["task"], row["budget"], row["method"], str(row["seed"]))
+        if row["status"] != "done" and not str(row["status"]).startswith("skipped") and key in previous:
+            old = _row_from_csv(previous[key])
+            old["_seeded"] = row.get("_seeded")
+            here = "its run directory is not on this machine" if not cell.dir.exists() \
+                else f"not finished on this machine: {row['status']}"
+            base = (old.get("note") or "").split(f"; {KEPT_NOTE}")[0].split(KEPT_NOTE)[0].rstrip("; ")
+            old["note"] = "; ".join(x for x in (base, f"{KEPT_NOTE} ({here})") if x)
+            rows[i] = old
+            kept += 1
+    return kept
+
+
 def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
     date = now()
     rows = [cell_row(cfg, c, date) for c in cells]
+    if kept := keep_previous(rows, cells, previous_rows(results / "results.csv")):
+        print(f"[grid] kept {kept} finished row(s) of {results / 'results.csv'} that are not finished "
+              "here", flush=True)
     finish_rows(cfg, rows)
     return write_results(rows, results, cfg_path, runs)
 

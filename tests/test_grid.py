@@ -284,3 +284,39 @@ def test_dev_curve_reads_eval_records(tmp_path):
         {"step": 100, "split": "dev", "accuracy": 0.81}, {"step": 200, "split": "dev", "accuracy": 0.85})) + "\nnot json\n")
     assert grid.dev_curve(m, "accuracy") == "100:0.8100 200:0.8500"
     assert grid.dev_curve(tmp_path / "missing.jsonl", "accuracy") == ""
+
+
+def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
+    """A fresh checkout has no run directories: --collect-only keeps the finished rows of the committed
+    results.csv (with a note) instead of erasing them, and keeps nothing that was not finished."""
+    grid = _grid_module()
+    res = tmp_path / "results"
+    res.mkdir()
+    base = {c: "" for c in grid.CSV_COLUMNS}
+    rows = [dict(base, task="sst2", budget="avg1.5", method="uniform", seed="0", status="done",
+                 metric_name="accuracy", metric="0.8544", avg_bits="1.0", within_budget="yes", rank="2",
+                 dev_curve="100:0.8000 800:0.8544", note="an old note"),
+            dict(base, task="sst2", budget="avg1.5", method="nasq", seed="0", status="failed: qat",
+                 metric_name="accuracy")]
+    with (res / "results.csv").open("w", newline="") as f:
+        w = grid.csv.DictWriter(f, fieldnames=grid.CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    args = ["--config", str(REPO / "experiments" / "protocol.yaml"), "--runs", str(tmp_path / "runs"),
+            "--results", str(res), "--collect-only", "--no-plot"]
+    for _ in range(2):  # a second collect does not stack the note
+        assert grid.main(args) == 0
+        with (res / "results.csv").open(newline="") as f:
+            got = {(r["method"], r["seed"]): r for r in grid.csv.DictReader(f) if r["budget"] == "avg1.5"}
+        kept = got[("uniform", "0")]
+        assert (kept["status"], float(kept["metric"]), kept["within_budget"]) == ("done", 0.8544, "yes")
+        assert kept["dev_curve"] == "100:0.8000 800:0.8544"
+        assert kept["note"] == "an old note; kept from results.csv (its run directory is not on this machine)"
+        assert got[("nasq", "0")]["status"] == "not run"
+        assert got[("uniform", "1")]["status"] == "not run"
+    md = (res / "results.md").read_text()
+    assert "0.8544 (n=1)" in md  # the kept row counts in the summary
+    (res / "results.csv").write_bytes(b"\xff\xfe not a csv")
+    assert grid.main(args) == 0  # an unreadable old table: nothing kept, no crash
+    with (res / "results.csv").open(newline="") as f:
+        assert all(r["status"] != "done" for r in grid.csv.DictReader(f))
