@@ -83,7 +83,7 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd",
+METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd",
            "nasq_gadam", "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
@@ -423,8 +423,8 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("plan", ["nasq", "baseline", "rule", "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
                                        "--out", str(plan)], plan, "plan"))
-    elif method in ("hessian", "random"):
-        extra = hessian_flags(cfg, task, seed) if method == "hessian" else recipe_flags(
+    elif method in ("hessian", "measured", "random"):
+        extra = hessian_flags(cfg, task, seed, probes=method == "hessian") if method != "random" else recipe_flags(
             {"set": cfg["common"].get("set")}, seed)
         c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
                                        *bflags, *extra, "--out", str(plan)], plan, "plan"))
@@ -466,11 +466,12 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     return c
 
 
-def hessian_flags(cfg: dict, task: str, seed: int | None) -> list[str]:
-    """`nasq baseline hessian` flags of the config's hessian recipe (the hessian cells and nasq_hinit's init)."""
+def hessian_flags(cfg: dict, task: str, seed: int | None, probes: bool = True) -> list[str]:
+    """`nasq baseline hessian` flags of the config's hessian recipe (the hessian cells and nasq_hinit's init);
+    without ``probes``, those of `nasq baseline measured` (the same train rows, no Hutchinson probes)."""
     h = recipe(cfg, task, "hessian")
     extra = recipe_flags({k: v for k, v in h.items() if k in ("train_subset", "set")}, seed)
-    for k in ("n_batches", "n_probes"):
+    for k in ("n_batches", "n_probes") if probes else ("n_batches",):
         if h.get(k) is not None:
             extra += [f"--{k.replace('_', '-')}", _fmt(h[k])]
     return extra

@@ -11,6 +11,7 @@ MSE-initialised steps QAT starts from, ``init_plan_scales``), everything else st
 
 No training: a step-0 measure (it does not say what QAT recovers). One jitted forward serves every probe (the
 dequantized weight replaces the fp32 kernel), so the cost is one forward of the rows per (tensor, width).
+``nasq baseline measured`` allocates bits from the same measurement (nasq.baselines.measured).
 
 Usage (repo root):
     python experiments/sensitivity_probe.py runs/protocol/sst2/fp32 --data-dir ../shared/data/glue \\
@@ -31,16 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nasq.baselines.measured import kl_rows
 from nasq.errors import NasqError
-
-
-def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(p) || softmax(q)) per row, float64."""
-    p = p_logits.astype(np.float64)
-    q = q_logits.astype(np.float64)
-    lp = p - np.logaddexp.reduce(p, axis=1, keepdims=True)
-    lq = q - np.logaddexp.reduce(q, axis=1, keepdims=True)
-    return (np.exp(lp) * (lp - lq)).sum(1)
 
 
 def plan_agreement(probes: list[dict], plan_path: str) -> dict[int, float]:

@@ -255,14 +255,76 @@ def test_group_traces_on_tiny_model(model, tensors, task_data):
     assert any(np.abs(x).max() > 0 for x in tr)
 
 
+# ------------------------------------------------------------------------------------------------ measured
+
+
+def test_kl_rows():
+    from nasq.baselines.measured import kl_rows
+
+    p = np.array([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]])
+    assert np.allclose(kl_rows(p, p), 0.0) and np.allclose(kl_rows(p, p + 5.0), 0.0)  # shift-invariant
+    q = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    sp, sq = np.exp(p) / np.exp(p).sum(1, keepdims=True), np.exp(q) / np.exp(q).sum(1, keepdims=True)
+    assert np.allclose(kl_rows(p, q), (sp * np.log(sp / sq)).sum(1)) and np.all(kl_rows(p, q) > 0)
+
+
+def test_tensor_damage_is_the_kl_of_the_model_with_that_tensor_quantized(model, tensors, task_data):
+    """Each D_t(c) equals the KL measured on a copy of the model whose module t holds the quantized rows (the
+    kernel / bias swap inside tensor_damage puts them where the model reads them)."""
+    from flax import nnx
+
+    from nasq.baselines.hessian import _train_batches, quantized_rows
+    from nasq.baselines.measured import kl_rows, tensor_damage
+    from nasq.models.surgery import iter_named
+
+    batches = _train_batches(task_data, 2, 8, 0)
+    calls = []
+    damage = tensor_damage(model, batches, tensors, "symmetric", progress=lambda d, n: calls.append((d, n)))
+    total = sum(len(t.choices) for t in tensors)
+    assert calls[-1] == (total, total) and len(calls) == total
+    assert [d.shape for d in damage] == [(len(t.choices),) for t in tensors]
+    assert all(np.all(d >= -1e-9) for d in damage)
+    for t, d in zip(tensors, damage):  # 8 bits is close to fp32; removing every row is not
+        assert d[t.choices.index(8)] < d[t.choices.index(0)]
+
+    def logits(m):
+        return [np.asarray(m(b.input_ids, b.token_type_ids, b.attention_mask)) for b in batches]
+
+    base = logits(model)
+    n = sum(float(b.weights.sum()) for b in batches)
+    for ti in (0, len(tensors) - 1):
+        t = tensors[ti]
+        (w, b), = tensor_weights(model, [t])
+        c = 2 if 2 in t.choices else t.choices[1]
+        wq, _ = quantized_rows(t, w, b, c, "symmetric")
+        m2 = nnx.clone(model)
+        mod = dict(iter_named(m2.bert))[t.path]
+        mod.kernel[...] = jnp.asarray(wq.T)
+        want = sum(float((kl_rows(p, q) * bt.weights).sum()) for p, q, bt in zip(base, logits(m2), batches)) / n
+        assert damage[ti][t.choices.index(c)] == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
+def test_measured_utilities_give_bits_where_damage_is_measured():
+    from nasq.baselines.measured import measured_utilities
+
+    ts = [_t("encoder.a", 8, 16, 4), _t("encoder.b", 8, 16, 4)]
+    tabs = size_tables(ts)
+    budget = int(sum(t[:, 2].sum() for t in tabs) + 4 * (tabs[0][0, 3] - tabs[0][0, 2]))  # 4 groups at 8 bits
+    u = measured_utilities(ts, [np.array([9.0, 3.0, 1.0, 0.0]), np.array([9.0, 3.0, 0.2, 0.0])])
+    assert np.abs(np.concatenate(u)).max() == pytest.approx(1.0)
+    assert u[0].shape == (4, 4) and np.allclose(u[0][0], u[0][1])  # a tensor's damage is shared by its rows
+    bits = choices_to_bits(ts, allocate(u, tabs, budget).choices)
+    assert bits == [(8, 8, 8, 8), (4, 4, 4, 4)]  # a: 4 -> 8 saves 1.0, b only 0.2
+
+
 # ------------------------------------------------------------------------------------------------ plans
 
 
-@pytest.mark.parametrize("method", ["uniform", "rule", "random", "magnitude", "hessian"])
+@pytest.mark.parametrize("method", ["uniform", "rule", "random", "magnitude", "hessian", "measured"])
 def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_dir, task_data, tmp_path):
     cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=3)
     budget = baseline_budget(cfg, model)
-    plan = baseline_plan(method, model, task_data if method == "hessian" else None, cfg, budget,
+    plan = baseline_plan(method, model, task_data if method in ("hessian", "measured") else None, cfg, budget,
                          bits=2 if method in ("uniform", "rule") else 8, rule_bits={"attention": 4},
                          n_batches=1, n_probes=1)
     plan.save(tmp_path / "plan.json")
@@ -333,12 +395,16 @@ def test_cli_uniform_and_random(cli, tiny_model_dir, tmp_path, capsys):
     assert "--rule-bits is for the rule baseline" in capsys.readouterr().err
 
 
-def test_cli_hessian(cli, tiny_model_dir, glue_dir, tmp_path):
+@pytest.mark.parametrize("method", ["hessian", "measured"])
+def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "h.json"
-    assert cli(["baseline", "hessian", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+    assert cli(["baseline", method, "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                 "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
                 "--set", "model.max_len=32", "--n-batches", "1", "--n-probes", "1", "--ratio", "8",
                 "--out", str(out)]) == 0
     p = Plan.load(out)
-    assert p.provenance["method"] == "hessian" and p.provenance["n_batches"] == 1
+    assert p.provenance["method"] == method and p.provenance["n_batches"] == 1
     assert p.totals["within_budget"] and p.budget["source"] == "ratio=8.0"
+    if method == "measured":  # the measurements behind the plan travel with it
+        dmg = p.provenance["damage_kl_x1000"]
+        assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8

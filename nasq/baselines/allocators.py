@@ -21,6 +21,8 @@
   plan fits the budget. Nothing is pruned when the uniform plan already fits. Only tensors whose choices
   contain 0 can be pruned.
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
+* ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
+  quantized, see :mod:`nasq.baselines.measured`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import hessian_allocation, tensor_weights
+from nasq.baselines.measured import measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
 from nasq.contract.model_dir import load_model_dir, model_dir_of
@@ -58,7 +61,7 @@ __all__ = [
     "uniform_allocation",
 ]
 
-METHODS = ("uniform", "rule", "hessian", "random", "magnitude")
+METHODS = ("uniform", "rule", "hessian", "measured", "random", "magnitude")
 
 
 def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tuple[int, ...]]:
@@ -195,13 +198,15 @@ def baseline_plan(
     n_probes: int = 4,
     time_limit: float = 20.0,
     provenance: dict[str, Any] | None = None,
+    progress=None,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
     ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
     given budget is recorded and must be met); ``rule`` needs ``bits`` (the width of the rules not in ``rule_bits``)
-    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` needs ``data``
-    (:class:`nasq.data.tasks.TaskData`) and uses ``cfg.train.batch_size``. ``seed`` defaults to
+    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` and
+    ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
+    (``measured`` reports ``progress(done, total)`` after each forward). ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
@@ -238,12 +243,17 @@ def baseline_plan(
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
     else:
         if data is None:
-            raise NasqError("the hessian baseline needs task data (--task / --data-dir)")
+            raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}
-        bpg = hessian_allocation(model, data, tensors, budget.bytes, n_batches=n_batches, n_probes=n_probes,
-                                 seed=seed, mode=space.quant_mode, batch_size=cfg.train.batch_size,
-                                 time_limit=time_limit, info=info)
-        prov.update(seed=seed, task=data.task.name, utility="-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2", **info)
+        common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
+                  "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
+        if method == "hessian":
+            bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, **common)
+            utility = "-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2"
+        else:
+            bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, **common)
+            utility = "-KL(f || f with only tensor t at c bits)*rows_g/rows_t"
+        prov.update(seed=seed, task=data.task.name, utility=utility, **info)
     if budget is not None and plan_size_bytes(tensors, bpg) > budget.bytes:  # pragma: no cover - guarded above
         raise RuntimeError(f"{method} baseline exceeded its budget")
     return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),

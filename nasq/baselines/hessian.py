@@ -55,6 +55,7 @@ __all__ = [
     "hessian_utilities",
     "hutchinson_diagonal",
     "quant_perturbations",
+    "quantized_rows",
     "tensor_weights",
 ]
 
@@ -138,23 +139,29 @@ def _starts(t: SearchedTensor) -> np.ndarray:
     return np.asarray(t.row_offsets[:-1], np.int64)
 
 
+def quantized_rows(t: SearchedTensor, w: np.ndarray, b: np.ndarray | None, c: int,
+                   mode: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tensor ``t``'s rows ``w`` ``[rows, cols]`` and bias ``b`` with every row group at choice ``c``: the
+    MSE-initialised steps QAT starts from (:func:`nasq.quant.quantizer.init_group_scales`), or, for ``c == 0``,
+    the rows and their bias zeroed (pruned rows are absent from the model)."""
+    if c == 0:
+        return np.zeros_like(w), None if b is None else np.zeros_like(b)
+    s = init_group_scales(w, t.group_sizes, int(c), mode)
+    return np.asarray(fake_quant(w, np.repeat(s, np.asarray(t.group_sizes))[:, None], int(c), mode), np.float32), b
+
+
 def quant_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mode: str) -> list[np.ndarray]:
     """``[G, C]`` float64 per tensor: ``||W_g - Q_c(W_g)||^2`` with MSE-initialised steps, and
     ``||W_g||^2 + ||b_g||^2`` for ``c == 0`` (pruned rows take their bias with them)."""
     out = []
     for t, (w, b) in zip(tensors, tensor_weights(model, tensors), strict=True):
         starts = _starts(t)
-        sizes = np.asarray(t.group_sizes)
         pert = np.zeros((t.num_groups, len(t.choices)), np.float64)
         for k, c in enumerate(t.choices):
-            if c == 0:
-                row_sq = np.square(w, dtype=np.float64).sum(axis=1)
-                if b is not None:
-                    row_sq += np.square(b, dtype=np.float64)
-            else:
-                s = init_group_scales(w, t.group_sizes, int(c), mode)
-                q = np.asarray(fake_quant(w, np.repeat(s, sizes)[:, None], int(c), mode), np.float32)
-                row_sq = np.square(w - q, dtype=np.float64).sum(axis=1)
+            q, qb = quantized_rows(t, w, b, int(c), mode)
+            row_sq = np.square(w - q, dtype=np.float64).sum(axis=1)
+            if b is not None:
+                row_sq += np.square(b - qb, dtype=np.float64)
             pert[:, k] = np.add.reduceat(row_sq, starts)
         out.append(pert)
     return out

@@ -1,4 +1,4 @@
-"""`nasq baseline {uniform,rule,hessian,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
+"""`nasq baseline {uniform,rule,hessian,measured,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
 
 The model allocated for is the fp32 fine-tuned run `--teacher RUN` (recommended; the Hessian baseline needs a
 trained head to mean anything), else the pretrained `--model`. Budgets (`--budget-mb` / `--avg-bits` /
@@ -19,6 +19,7 @@ from nasq.contract.cost import MB
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.io import check_output_path
+from nasq.run import Progress
 
 
 def parse_rule_bits(text: str) -> dict[str, int]:
@@ -35,7 +36,7 @@ def parse_rule_bits(text: str) -> dict[str, int]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, random or magnitude",
+    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, measured, random or magnitude",
                               description=__doc__)
     p.add_argument("method", choices=METHODS)
     add_common(p)
@@ -45,7 +46,8 @@ def register(subparsers) -> None:
                    "groups of magnitude")
     p.add_argument("--rule-bits", type=parse_rule_bits, metavar="RULE=BITS[,RULE=BITS]",
                    help="rule: widths of the space's rules by name, e.g. attention_qkv=3,attention_output=3")
-    p.add_argument("--n-batches", type=int, default=8, help="hessian: train batches per probe (default 8)")
+    p.add_argument("--n-batches", type=int, default=8,
+                   help="hessian: train batches per probe; measured: train batches per forward (default 8)")
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
@@ -58,13 +60,23 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     model, model_dir, prov = baseline_model(cfg)
     budget = baseline_budget(cfg, model)
-    data = load_task_data(cfg, model_dir=model_dir) if args.method == "hessian" else None
+    data = load_task_data(cfg, model_dir=model_dir) if args.method in ("hessian", "measured") else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
     if args.rule_bits and args.method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
-    plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
-                         n_batches=args.n_batches,
-                         n_probes=args.n_probes, time_limit=args.time_limit, provenance=prov)
+    bar = Progress(0, desc="measured: forwards") if args.method == "measured" else None
+
+    def progress(done: int, total: int) -> None:
+        bar.bar.total = total
+        bar.update(1)
+
+    try:
+        plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
+                             n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
+                             provenance=prov, progress=progress if bar else None)
+    finally:
+        if bar:
+            bar.close()
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
