@@ -9,6 +9,14 @@ its time there. :func:`tune_allocator` keeps freed memory in the process instead
     M_MMAP_THRESHOLD = 1 GiB     blocks below it come from the heap, not from mmap
     M_TRIM_THRESHOLD = 1 GiB     free memory at the heap top goes back to the kernel only above this
     M_TOP_PAD        = 256 MiB   the heap grows in large steps
+    M_ARENA_MAX      = 1         every thread allocates from the main heap
+
+The last one matters because XLA and the native kernels run on worker threads. glibc gives such threads their own
+arenas, whose heaps are at most 64 MiB each, so it serves every larger block of a worker thread with ``mmap``
+whatever the threshold says, and unmaps it on ``free``: with the first three settings alone, a MiniLM forward at
+32 x 128 tokens still faulted in about 120 MB per call (29,000 page faults; 4,400 with one arena, measured with
+``perf stat -e page-faults``, see ``experiments/results/bench.md``). One arena means one lock for all threads'
+allocations; XLA allocates a few large buffers per call, not many small ones.
 
 The cost is memory: freed blocks stay mapped (about the peak working set, plus up to 1 GiB). ``import nasq``
 applies it once; ``NASQ_TUNE_MALLOC=0`` in the environment leaves the allocator alone.
@@ -21,7 +29,8 @@ import os
 import sys
 
 ENV = "NASQ_TUNE_MALLOC"
-SETTINGS = {-3: 1 << 30, -1: 1 << 30, -2: 256 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (malloc.h)
+# M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX (malloc.h)
+SETTINGS = {-3: 1 << 30, -1: 1 << 30, -2: 256 << 20, -8: 1}
 
 _state = {"tuned": False}
 
