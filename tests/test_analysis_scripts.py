@@ -1,5 +1,5 @@
-"""experiments/vocab_coverage.py, prequant_eval.py and sensitivity_probe.py: their numbers and their errors on bad
-input."""
+"""experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py and gate_signal.py: their numbers and their
+errors on bad input."""
 
 import importlib.util
 import json
@@ -117,3 +117,34 @@ def test_sensitivity_probe_rank_correlation_of_plans(tmp_path, capsys):
     probe_json.write_text(json.dumps({"probes": other}))
     assert sp.main(["--from", str(probe_json), "--plans", up]) == 2
     assert "has no tensor encoder.layer.9.x" in capsys.readouterr().err
+
+
+def test_gate_signal_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsys):
+    """experiments/gate_signal.py end to end: a row per gated tensor with finite signals and SNRs from both losses,
+    rank correlations against the probe, the JSON written; a missing probe file is a clear error."""
+    import nasq.cli
+    from nasq.contract.model_dir import load_model_dir
+    from nasq.contract.space import load_space, resolve
+    from nasq.models.surgery import linear_shapes
+
+    teacher = tmp_path / "teacher"
+    assert nasq.cli.main(["finetune", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue_dir),
+                          "--train-subset", "64", "--max-steps", "2", "--set", "model.max_len=32",
+                          "--out", str(teacher)]) == 0
+    model, _ = load_model_dir(teacher)
+    tensors = resolve(load_space("tiny"), linear_shapes(model.bert), model.config.num_attention_heads)
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"probes": [{"path": t.path, "bits": b, "weights": t.num_weights,
+                                             "kl_x1000": float(i + 1) / b} for i, t in enumerate(tensors)
+                                            for b in (2, 4)]}))
+    gs = _load("gate_signal")
+    common = [str(teacher), "--data-dir", str(glue_dir), "--space", "tiny", "--avg-bits", "3", "--batches", "2"]
+    out = tmp_path / "signal.json"
+    assert gs.main([*common, "--probe", str(probe), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["path"] for r in res["rows"]] == [t.path for t in tensors]
+    assert all(np.isfinite(r[k]) for r in res["rows"] for k in ("task_signal", "kd_signal", "task_snr", "kd_snr"))
+    assert set(res["spearman"]) == {"task@2bit", "task@4bit", "kd@2bit", "kd@4bit"}
+    assert "Spearman rank correlation" in capsys.readouterr().out
+    assert gs.main([*common, "--probe", str(tmp_path / "missing.json")]) == 2
+    assert "gate_signal: error" in capsys.readouterr().err
