@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from nasq.baselines.allocators import METHODS, baseline_budget, baseline_model, baseline_plan
+from nasq.baselines.allocators import (
+    METHODS,
+    baseline_budget,
+    baseline_model,
+    baseline_plan,
+    baseline_tensors,
+)
 from nasq.commands._common import add_budget_flags, add_common, config_from_args
 from nasq.contract.cost import MB
 from nasq.data.tasks import load_task_data
@@ -64,16 +70,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
     if args.rule_bits and args.method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
-    bar = Progress(0, desc="measured: forwards") if args.method == "measured" else None
-
-    def progress(done: int, total: int) -> None:
-        bar.bar.total = total
-        bar.update(1)
-
+    bar = None
+    if args.method == "measured":  # one forward of the rows per (tensor, width)
+        bar = Progress(sum(len(t.choices) for t in baseline_tensors(cfg, model)[1]), desc="measured: forwards")
     try:
         plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
                              n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
-                             provenance=prov, progress=progress if bar else None)
+                             provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None)
     finally:
         if bar:
             bar.close()
