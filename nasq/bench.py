@@ -26,7 +26,7 @@ from nasq.errors import NasqError
 from nasq.export.reader import load_artifact
 from nasq.kernels.native import describe as describe_kernel
 from nasq.kernels.native import resolve_kernel
-from nasq.models.bert import Embedding, Linear
+from nasq.models.bert import BertForSequenceClassification, Embedding, Linear
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import replace_modules
 from nasq.quant.layers import GateLogits, QuantEmbedding, QuantLinear, set_search_context, to_supernet
@@ -123,12 +123,13 @@ def dequantized_fp32_model(model):
     return replace_modules(model, fn)
 
 
-def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, batch: int, seq: int,
+def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | None, batch: int, seq: int,
                 repeats: int = 10, seed: int = 0, compare: Sequence[str | Path] = ()) -> dict:
     """Median ms of the integer model (every unpack mode) vs the jitted fp32 forward, one process.
 
     The fp32 reference is the model at ``fp32_model_dir_or_run`` (a QAT run's weights are dequantized into
-    plain fp32 ``Linear``/``Embedding``). Returns ``{int_fused_ms, int_load_ms, fp32_ms, ratio_fused,
+    plain fp32 ``Linear``/``Embedding``); None: the artifact's architecture with random weights (the time of a
+    forward does not depend on the values; ``res["fp32_weights"]`` says which). Returns ``{int_fused_ms, int_load_ms, fp32_ms, ratio_fused,
     ratio_load, batch, seq, repeats, kernel}`` with ``ratio = int_ms / fp32_ms`` (< 1: int path faster) and
     ``kernel`` the integer GEMM used (``nasq.kernels.native.describe()``); with ``panels`` too where the native
     kernel runs. ``compare``: more artifacts of the same model (e.g. other plans), timed in the same interleaved
@@ -136,13 +137,17 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path, ba
     ``avg_bits`` and ``vs_first`` = its ms / the first artifact's on the same path.
     """
     rng = np.random.default_rng(seed)
-    fp_model, _ = load_model_dir(fp32_model_dir_or_run)
-    fp_model = dequantized_fp32_model(fp_model)
+    if fp32_model_dir_or_run is None:
+        first = load_artifact(artifact_path)
+        fp_model = BertForSequenceClassification(first.config, first.num_labels, rngs=nnx.Rngs(seed))
+    else:
+        fp_model = dequantized_fp32_model(load_model_dir(fp32_model_dir_or_run)[0])
     vocab = fp_model.config.vocab_size
     ids = jnp.asarray(rng.integers(1000, min(vocab, 30000), (batch, seq)), jnp.int32)
     tt = jnp.zeros_like(ids)
     am = jnp.ones_like(ids)
-    res: dict[str, Any] = {"batch": batch, "seq": seq, "repeats": repeats}
+    res: dict[str, Any] = {"batch": batch, "seq": seq, "repeats": repeats,
+                           "fp32_weights": "random" if fp32_model_dir_or_run is None else str(fp32_model_dir_or_run)}
     fns = {}
     modes = ("fused", "load", "panels") if resolve_kernel() == "native" else ("fused", "load")
     for mode in modes:
@@ -179,7 +184,8 @@ def main(what: str, cfg: Config, args) -> int:
         res = bench_search_step(cfg, args.batch_size, args.seq_len, args.repeats)
     elif what == "infer":
         if not args.artifact:
-            raise NasqError("bench infer needs --artifact model.nasq (and --teacher RUN for the fp32 baseline).")
+            raise NasqError("bench infer needs --artifact model.nasq (and optionally --teacher RUN: the fp32 "
+                            "baseline's weights; without it, the same architecture with random weights).")
         res = bench_infer(args.artifact[0], getattr(args, "teacher", None), args.batch_size, args.seq_len,
                           args.repeats, compare=args.artifact[1:])
     else:  # argparse restricts choices

@@ -174,3 +174,9 @@ def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_
     rec = bench_infer(artifact, run, 1, 8, repeats=1, compare=[other])
     assert "int_panels_ms" not in rec
     assert rec["compare"][0]["vs_first"] == pytest.approx(rec["compare"][0]["ms"] / rec["int_fused_ms"])
+    assert rec["fp32_weights"] == str(run)
+    # without --teacher the fp32 baseline is the artifact's architecture with random weights (no traceback)
+    assert main(["bench", "infer", "--artifact", str(artifact), "--batch-size", "1", "--seq-len", "8",
+                 "--repeats", "1"]) == 0
+    rec = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert rec["fp32_weights"] == "random" and rec["fp32_ms"] > 0

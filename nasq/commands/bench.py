@@ -19,7 +19,8 @@ def register(sub) -> None:
     b.add_argument("--artifact", action="append",
                    help="artifact for `bench infer`; repeat it to time more artifacts of the same model (other "
                         "plans) side by side with the first, in the same interleaved rounds")
-    b.add_argument("--teacher", help="fp32 run directory: the fp32 JAX baseline of `bench infer`")
+    b.add_argument("--teacher", help="fp32 run directory: the weights of `bench infer`'s fp32 JAX baseline "
+                   "(default: the artifact's architecture with random weights)")
     add_common(b)
     add_budget_flags(b)
     b.set_defaults(fn=cmd_bench)
