@@ -162,7 +162,7 @@ def baseline_model(cfg: Config, log=print):
     model, _, report = load_pretrained(model_dir, num_labels, seed=cfg.train.seed)
     if report.new_head:
         log("warning: allocating for a pretrained checkpoint with a fresh task head; pass --teacher RUN (an "
-            "fp32 fine-tune) for a meaningful Hessian baseline.")
+            "fp32 fine-tune) for a meaningful Hessian or measured baseline.")
     return model, model_dir, {"model_dir": str(model_dir)}
 
 

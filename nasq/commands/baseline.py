@@ -66,6 +66,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     model, model_dir, prov = baseline_model(cfg)
     budget = baseline_budget(cfg, model)
+    if budget is None and args.method not in ("uniform", "rule"):  # before reading any data
+        raise NasqError(f"the {args.method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
     data = load_task_data(cfg, model_dir=model_dir) if args.method in ("hessian", "measured") else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
     if args.rule_bits and args.method != "rule":
