@@ -12,9 +12,10 @@ to the gate logits on ``--batches`` train batches. For group g of tensor t with 
     s_g = dL/d alpha_{g,c_lo} - dL/d alpha_{g,c_hi}
 
 is how much the loss falls, to first order, per unit of logit moved from the narrowest to the widest width
-(positive: the loss wants more bits). Per tensor it reports the mean of s_g over groups and batches, its
+(positive: the loss wants more bits). The budget's price trades bits per byte, so the signal is compared per
+weight: per tensor the mean over groups and batches of s_g / n_g (n_g: the group's weights), its
 signal-to-noise ratio (mean / (std over batches / sqrt(batches))), and Spearman's rank correlation, over the
-tensors, of the mean signal with the probe's measured KL per weight at each probed width. Two losses: ``task``
+tensors, of that mean with the probe's measured KL per weight at each probed width. Two losses: ``task``
 (the default gate loss: cross-entropy on labels) and ``kd`` (KL to the teacher's logits, ``search.gate_loss=
 task_kd``'s dense part).
 
@@ -118,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for ti, path in enumerate(paths):
         t = by_path[path]
         lo, hi = int(np.argmin(t.choices)), int(np.argmax(t.choices))
-        rec = {"path": path, "groups": t.num_groups}
+        n_g = np.asarray(t.group_sizes, np.float64) * t.cols  # weights per group
+        rec = {"path": path, "groups": t.num_groups, "weights": t.num_weights}
         for which, bl in per_batch.items():
-            sig = np.stack([g[ti][:, lo] - g[ti][:, hi] for g in bl])  # [batches, groups]
+            sig = np.stack([(g[ti][:, lo] - g[ti][:, hi]) / n_g for g in bl])  # [batches, groups], per weight
             per_b = sig.mean(1)
             mean, sd = float(per_b.mean()), float(per_b.std(ddof=1)) if len(per_b) > 1 else float("nan")
             rec[f"{which}_signal"] = mean
@@ -137,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nGate-gradient signal for more bits at the search's start ({a.space}, avg {a.avg_bits} bits, "
           f"{a.batches} batches of 32, tau {float(tau):.3g}, price {float(mu):.4g}); SNR = mean / standard error\n")
+    print("Signals per weight x 1e9; probe KL x 1000 per weight x 1e6\n")
     print("| tensor | groups | task signal | task SNR | kd signal | kd SNR | probe KL/weight at "
           + ", ".join(f"{b} bit" for b in widths) + " |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         d = ", ".join(f"{1e6 * dmg[(r['path'], b)]:.1f}" if (r["path"], b) in dmg else "" for b in widths)
-        print(f"| {r['path']} | {r['groups']} | {r['task_signal']:+.3e} | {r['task_snr']:+.1f} | "
-              f"{r['kd_signal']:+.3e} | {r['kd_snr']:+.1f} | {d} |")
+        print(f"| {r['path']} | {r['groups']} | {1e9 * r['task_signal']:+.3f} | {r['task_snr']:+.1f} | "
+              f"{1e9 * r['kd_signal']:+.3f} | {r['kd_snr']:+.1f} | {d} |")
     print("\nSpearman rank correlation over tensors, gate signal vs probe KL per weight: "
           + ", ".join(f"{k} {v:+.2f}" for k, v in corr.items() if v is not None))
     snr = {w: float(np.median([abs(r[f"{w}_snr"]) for r in rows])) for w in per_batch}
