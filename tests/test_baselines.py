@@ -304,6 +304,26 @@ def test_tensor_damage_is_the_kl_of_the_model_with_that_tensor_quantized(model, 
         assert damage[ti][t.choices.index(c)] == pytest.approx(want, rel=1e-4, abs=1e-9)
 
 
+def test_damage_from_plan_checks_the_untrusted_file(tensors):
+    from nasq.baselines.measured import damage_from_plan
+
+    good = {t.path: {str(c): 1.0 + c for c in t.choices} for t in tensors}
+    got = damage_from_plan({"method": "measured", "damage_kl_x1000": good}, tensors, "p.json")
+    assert [d.tolist() for d in got] == [[(1.0 + c) / 1000 for c in t.choices] for t in tensors]
+    t0 = tensors[0].path
+    c0 = str(tensors[0].choices[0])
+    for prov, msg in [({"method": "hessian"}, "not a measured plan"),
+                      ({"method": "measured", "damage_kl_x1000": []}, "not a measured plan"),
+                      ({"method": "measured", "damage_kl_x1000": {}}, f"no measured damage for tensor {t0}"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: -1.0}}}, ">= 0"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: "x"}}}, "finite"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: float("nan")}}},
+                       "finite"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {c0: 1.0}}}, "must be a finite")]:
+        with pytest.raises(NasqError, match=msg):
+            damage_from_plan(prov, tensors, "p.json")
+
+
 def test_measured_utilities_give_bits_where_damage_is_measured():
     from nasq.baselines.measured import measured_utilities
 
@@ -352,6 +372,8 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("rule", model, None, cfg, Budget(1000, "encoder", "test"), bits=8, rule_bits={"attention": 8})
     with pytest.raises(NasqError, match="unknown baseline"):
         baseline_plan("foo", model, None, cfg, None)
+    with pytest.raises(NasqError, match="--damage-from is for the measured baseline"):
+        baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), damage_from="p.json")
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -405,6 +427,16 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
     p = Plan.load(out)
     assert p.provenance["method"] == method and p.provenance["n_batches"] == 1
     assert p.totals["within_budget"] and p.budget["source"] == "ratio=8.0"
-    if method == "measured":  # the measurements behind the plan travel with it
+    if method == "measured":  # the measurements behind the plan travel with it, and re-solve at other budgets
         dmg = p.provenance["damage_kl_x1000"]
         assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8
+        common = ["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                  "--damage-from", str(out)]
+        again = tmp_path / "again.json"  # no --data-dir: no data is read
+        assert cli([*common, "--ratio", "8", "--out", str(again)]) == 0
+        a = Plan.load(again)
+        assert [t.bits for t in a.tensors] == [t.bits for t in p.tensors]  # same damages, same budget, same plan
+        assert a.provenance["damage_from"] == str(out) and a.provenance["damage_kl_x1000"] == dmg
+        assert cli([*common, "--ratio", "4", "--out", str(tmp_path / "wider.json")]) == 0
+        wider = Plan.load(tmp_path / "wider.json")
+        assert wider.totals["avg_bits"] > a.totals["avg_bits"] and wider.totals["within_budget"]

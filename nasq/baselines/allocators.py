@@ -34,11 +34,11 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import hessian_allocation, tensor_weights
-from nasq.baselines.measured import measured_allocation
+from nasq.baselines.measured import damage_from_plan, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
 from nasq.contract.model_dir import load_model_dir, model_dir_of
-from nasq.contract.plan import make_plan
+from nasq.contract.plan import Plan, make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.data.glue import get_task
 from nasq.errors import NasqError
@@ -199,6 +199,7 @@ def baseline_plan(
     time_limit: float = 20.0,
     provenance: dict[str, Any] | None = None,
     progress=None,
+    damage_from: str | None = None,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -206,11 +207,14 @@ def baseline_plan(
     given budget is recorded and must be met); ``rule`` needs ``bits`` (the width of the rules not in ``rule_bits``)
     and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` and
     ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
-    (``measured`` reports ``progress(done, total)`` after each forward). ``seed`` defaults to
+    (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
+    path, it re-solves from the damages recorded there and reads no data). ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if damage_from is not None and method != "measured":
+        raise NasqError(f"--damage-from is for the measured baseline, not {method}")
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -241,6 +245,12 @@ def baseline_plan(
     elif method == "magnitude":
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
+    elif method == "measured" and damage_from is not None:
+        damage = damage_from_plan(Plan.load(damage_from).provenance, tensors, str(damage_from))
+        info = {}
+        bpg = measured_allocation(None, None, tensors, budget.bytes, time_limit=time_limit, info=info, damage=damage)
+        prov.update(damage_from=str(damage_from), utility="-KL(f || f with only tensor t at c bits)*rows_g/rows_t",
+                    **info)
     else:
         if data is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")

@@ -40,11 +40,12 @@ from flax import nnx
 from nasq.baselines.hessian import _train_batches, quantized_rows, tensor_weights
 from nasq.contract.cost import size_tables
 from nasq.contract.space import SearchedTensor
+from nasq.errors import NasqError
 from nasq.models.bert import Embedding, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.search.finalize import allocate, choices_to_bits
 
-__all__ = ["kl_rows", "measured_allocation", "measured_utilities", "tensor_damage"]
+__all__ = ["damage_from_plan", "kl_rows", "measured_allocation", "measured_utilities", "tensor_damage"]
 
 
 def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -108,6 +109,32 @@ def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.nd
     return [u / scale for u in utils] if scale > 0 else utils
 
 
+def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
+    """The damages ``D_t(c)`` recorded in a measured plan's provenance (``damage_kl_x1000``), in the order of
+    ``tensors``: one measurement, a plan at any budget. The plan file is untrusted: every searched tensor must be
+    there with a finite, non-negative value for each of its choices (a measured plan of the same model and
+    space), else ``NasqError`` naming ``source`` and the tensor."""
+    if provenance.get("method") != "measured" or not isinstance(provenance.get("damage_kl_x1000"), dict):
+        raise NasqError(f"{source}: not a measured plan (its provenance has no damage_kl_x1000); make one with "
+                        "`nasq baseline measured`")
+    table = provenance["damage_kl_x1000"]
+    out = []
+    for t in tensors:
+        row = table.get(t.path)
+        if not isinstance(row, dict):
+            raise NasqError(f"{source}: no measured damage for tensor {t.path}; give a measured plan of the same "
+                            "model and search space")
+        vals = []
+        for c in t.choices:
+            v = row.get(str(int(c)))
+            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
+                raise NasqError(f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}] must be a finite number "
+                                f">= 0, got {v!r}; give a measured plan of the same search space")
+            vals.append(float(v) / 1000)
+        out.append(np.asarray(vals, np.float64))
+    return out
+
+
 def measured_allocation(
     model: nnx.Module,
     data,
@@ -121,19 +148,25 @@ def measured_allocation(
     time_limit: float = 20.0,
     info: dict | None = None,
     progress=None,
+    damage: Sequence[np.ndarray] | None = None,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g u_{g,c_g}`` (module docstring) within ``budget_bytes``. ``model`` is the
     fp32 fine-tuned model, ``data`` a :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches``
-    seeded batches of ``batch_size`` (the Hessian baseline's rows for the same arguments). ``info`` (optional dict)
-    receives the measured damages and solver statistics."""
-    batches = _train_batches(data, n_batches, batch_size, seed)
-    damage = tensor_damage(model, batches, tensors, mode, progress=progress)
+    seeded batches of ``batch_size`` (the Hessian baseline's rows for the same arguments). ``damage``: damages
+    measured before (:func:`damage_from_plan`; then neither ``model`` nor ``data`` is read). ``info`` (optional
+    dict) receives the damages and solver statistics."""
+    rows = None
+    if damage is None:
+        batches = _train_batches(data, n_batches, batch_size, seed)
+        damage = tensor_damage(model, batches, tensors, mode, progress=progress)
+        rows = int(sum(float(np.asarray(b.weights).sum()) for b in batches))
     alloc = allocate(measured_utilities(tensors, damage), size_tables(tensors), budget_bytes, time_limit=time_limit)
     if info is not None:
-        info.update({"solver": alloc.solver, "optimal": alloc.optimal, "n_batches": n_batches,
-                     "batch_size": batch_size, "train_rows": len(data.train),
-                     "rows": int(sum(float(np.asarray(b.weights).sum()) for b in batches)),
-                     "damage_kl_x1000": {t.path: {str(int(c)): round(1000 * float(v), 4)
+        if rows is not None:
+            info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
+                         "rows": rows})
+        info.update({"solver": alloc.solver, "optimal": alloc.optimal,
+                     "damage_kl_x1000": {t.path: {str(int(c)): 1000 * float(v)
                                                   for c, v in zip(t.choices, d, strict=True)}
                                          for t, d in zip(tensors, damage, strict=True)}})
     return choices_to_bits(tensors, alloc.choices)

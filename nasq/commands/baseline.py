@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-batches", type=int, default=8,
                    help="hessian: train batches per probe; measured: train batches per forward (default 8)")
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
+    p.add_argument("--damage-from", metavar="PLAN.json",
+                   help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -68,17 +70,21 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     budget = baseline_budget(cfg, model)
     if budget is None and args.method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {args.method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    data = load_task_data(cfg, model_dir=model_dir) if args.method in ("hessian", "measured") else None
+    if args.damage_from and args.method != "measured":
+        raise NasqError(f"--damage-from is for the measured baseline, not {args.method}")
+    measure = args.method == "hessian" or (args.method == "measured" and not args.damage_from)
+    data = load_task_data(cfg, model_dir=model_dir) if measure else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
     if args.rule_bits and args.method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
     bar = None
-    if args.method == "measured":  # one forward of the rows per (tensor, width)
+    if args.method == "measured" and not args.damage_from:  # one forward of the rows per (tensor, width)
         bar = Progress(sum(len(t.choices) for t in baseline_tensors(cfg, model)[1]), desc="measured: forwards")
     try:
         plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
                              n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
-                             provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None)
+                             provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None,
+                             damage_from=args.damage_from)
     finally:
         if bar:
             bar.close()
