@@ -14,9 +14,10 @@ its time there. :func:`tune_allocator` keeps freed memory in the process instead
 The last one matters because XLA and the native kernels run on worker threads. glibc gives such threads their own
 arenas, whose heaps are at most 64 MiB each, so it serves every larger block of a worker thread with ``mmap``
 whatever the threshold says, and unmaps it on ``free``: with the first three settings alone, a MiniLM forward at
-32 x 128 tokens still faulted in about 120 MB per call (29,000 page faults; 4,400 with one arena, measured with
-``perf stat -e page-faults``, see ``experiments/results/bench.md``). One arena means one lock for all threads'
-allocations; XLA allocates a few large buffers per call, not many small ones.
+32 x 128 tokens still faulted in about 120 MB per call (29,000 page faults; about 350 with one arena, counted with
+``perf stat -e page-faults``; the time this saves was within the machine's noise, see
+``experiments/results/bench.md``). One arena means one lock for all threads' allocations; it did not slow the
+training step there.
 
 The cost is memory: freed blocks stay mapped (about the peak working set, plus up to 1 GiB). ``import nasq``
 applies it once; ``NASQ_TUNE_MALLOC=0`` in the environment leaves the allocator alone.
