@@ -11,7 +11,7 @@ its time there. :func:`tune_allocator` keeps freed memory in the process instead
     M_TOP_PAD        = 256 MiB   the heap grows in large steps
     M_ARENA_MAX      = 1         every thread allocates from the main heap
 
-The last one matters because XLA and the native kernels run on worker threads. glibc gives such threads their own
+The last one is there because XLA and the native kernels run on worker threads. glibc gives such threads their own
 arenas, whose heaps are at most 64 MiB each, so it serves every larger block of a worker thread with ``mmap``
 whatever the threshold says, and unmaps it on ``free``: with the first three settings alone, a MiniLM forward at
 32 x 128 tokens still faulted in about 120 MB per call (29,000 page faults; about 350 with one arena, counted with
