@@ -33,6 +33,7 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/{budget}/{method}/plan.json     `nasq baseline ...` or `nasq finalize search/`
     RUNS/{task}/{budget}/nasq/search/           `nasq search` (searched methods only)
     RUNS/{task}/{budget}/nasq_hinit/init_plan.json  `nasq baseline hessian` (the search's initial gates)
+    RUNS/{task}/{budget}/nasq_minit/init_plan.json  `nasq baseline measured` (the same, held with logit 8)
     RUNS/{task}/{budget}/nasq_front/plan.json   `nasq finalize RUNS/{task}/{front_from}/nasq/search --avg-bits ..`
     RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
     RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
@@ -83,8 +84,8 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd",
-           "nasq_gadam", "nasq_front")
+METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
+           "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -93,10 +94,14 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the
 # nasq search of the budget `front_from` (same seed) finalized at this budget (issue 16's "one search, a whole
 # front")
-SEARCHED = ("nasq", "nasq_hinit", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
-# the search settings of the variants of nasq's recipe
+SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
+# the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
+# plan with a logit of 8 (nasq_hinit's default 2 was forgotten in 300 gate steps), so the search refines it
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
-                "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"]}
+                "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
+                "nasq_minit": ["--set", "search.init_plan_logit=8"]}
+# the searched methods whose gates start on a baseline plan of the same seed (that baseline cell's command)
+INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured"}
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -441,12 +446,13 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.note = f"the {src} nasq search of this seed, finalized at this budget (one search, a whole front)"
     elif method in SEARCHED:
         init = VARIANT_SETS.get(method, [])  # nasq's recipe plus the variant's search settings
-        if method == "nasq_hinit":  # the same seed's Hessian plan (the hessian cell's command) as initial gates
-            ip = d / "init_plan.json"
-            c.stages.append(Stage("init_plan", ["nasq", "baseline", "hessian", "--teacher", teacher, *common,
-                                                "--space", space, *bflags, *hessian_flags(cfg, task, seed),
+        if method in INIT_PLAN:  # the same seed's baseline plan (that baseline cell's command) as initial gates
+            ip, base = d / "init_plan.json", INIT_PLAN[method]
+            c.stages.append(Stage("init_plan", ["nasq", "baseline", base, "--teacher", teacher, *common,
+                                                "--space", space, *bflags,
+                                                *hessian_flags(cfg, task, seed, probes=base == "hessian"),
                                                 "--out", str(ip)], ip, "plan"))
-            init = ["--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
+            init = [*init, "--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), *init,
                                          "--out", str(sdir)], sdir, "run"))
@@ -841,7 +847,7 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
         names = ["plan"]
         rds = [None]
         if cell.method in SEARCHED:
-            names = ["init_plan", "search", "finalize"] if cell.method == "nasq_hinit" else ["search", "finalize"]
+            names = ["init_plan", "search", "finalize"] if cell.method in INIT_PLAN else ["search", "finalize"]
             rds = [None] * (len(names) - 2) + [next(st.out for st in cell.stages if st.name == "search"), None]
         row["search_s"] = _wall(timing, names, rds)
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])

@@ -178,6 +178,14 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
     h_qat = next(st for st in h.stages if st.name == "qat").argv
     assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
+    # nasq_minit: the same with the same seed's measured plan, held with a logit of 8
+    m = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_minit", 1))
+    meas = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "measured", 1))
+    assert [st.name for st in m.stages] == ["init_plan", "search", "finalize", "qat", "export", "eval"]
+    m_init, m_search = m.stages[0].argv, m.stages[1].argv
+    assert m_init[:m_init.index("--out")] == meas.stages[0].argv[:meas.stages[0].argv.index("--out")]
+    assert m_init[:3] == ["nasq", "baseline", "measured"] and "--n-probes" not in m_init
+    assert f"search.init_plan={m.dir / 'init_plan.json'}" in m_search and "search.init_plan_logit=8" in m_search
     # nasq_gumbel: nasq's stages and recipe with Gumbel-sampled gates in the search
     g = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_gumbel", 1))
     assert [st.name for st in g.stages] == ["search", "finalize", "qat", "export", "eval"]
