@@ -119,6 +119,7 @@ def test_sensitivity_probe_rank_correlation_of_plans(tmp_path, capsys):
     assert "has no tensor encoder.layer.9.x" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # fine-tunes a tiny teacher and compiles a supernet: about a minute
 def test_gate_signal_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsys):
     """experiments/gate_signal.py end to end: a row per gated tensor with finite signals and SNRs from both losses,
     rank correlations against the probe, the JSON written; a missing probe file is a clear error."""
