@@ -245,14 +245,10 @@ def baseline_plan(
     elif method == "magnitude":
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
-    elif method == "measured" and damage_from is not None:
-        damage = damage_from_plan(Plan.load(damage_from).provenance, tensors, str(damage_from))
-        info = {}
-        bpg = measured_allocation(None, None, tensors, budget.bytes, time_limit=time_limit, info=info, damage=damage)
-        prov.update(damage_from=str(damage_from), utility="-KL(f || f with only tensor t at c bits)*rows_g/rows_t",
-                    **info)
     else:
-        if data is None:
+        damage = None if damage_from is None else damage_from_plan(Plan.load(damage_from).provenance, tensors,
+                                                                     str(damage_from))
+        if data is None and damage is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
@@ -261,9 +257,13 @@ def baseline_plan(
             bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, **common)
             utility = "-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2"
         else:
-            bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, **common)
+            bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage, **common)
             utility = "-KL(f || f with only tensor t at c bits)*rows_g/rows_t"
-        prov.update(seed=seed, task=data.task.name, utility=utility, **info)
+        prov.update(utility=utility, **info)
+        if damage is None:
+            prov.update(seed=seed, task=data.task.name)
+        else:
+            prov["damage_from"] = str(damage_from)
     if budget is not None and plan_size_bytes(tensors, bpg) > budget.bytes:  # pragma: no cover - guarded above
         raise RuntimeError(f"{method} baseline exceeded its budget")
     return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),
