@@ -3,7 +3,7 @@
 The graph mirrors ``nasq.kernels.int_bert`` op for op, so its predictions are those of nasq's integer path
 (``nasq export --format onnx --verify`` measures the agreement on the dev set). Every quantized linear becomes::
 
-    sx  = where(amax > 0, amax / 127, 1)        amax = ReduceMax(|x|, -1)   per-token int8, as quantize_act_int8
+    sx  = where(amax > 0, amax * (1/127), 1)  amax = ReduceMax(|x|, -1)   per-token int8, as quantize_act_int8
     xq  = Cast<int8>(Clip(Round(x / sx), -127, 127))
     acc = Concat_b MatMulInteger(xq, W_b)       W_b: the codes of the rows at b bits, transposed [in, R_b]
     y   = Gather(Cast<float>(acc) * sx * row_scale + bias, inverse)     original row order, 0 at pruned rows
@@ -47,7 +47,7 @@ from nasq.kernels.int_bert import Fp32Linear, IntBert
 from nasq.kernels.int_linear import EmbeddingTable, PackedLinear
 from nasq.models.loading import load_tokenizer
 from nasq.quant.packing import unpack_codes
-from nasq.quant.quantizer import ACT_QMAX
+from nasq.quant.quantizer import ACT_INV_QMAX, ACT_QMAX
 
 __all__ = ["OPSET", "OnnxModel", "OnnxReport", "container_bits", "export_onnx", "load_onnx", "verify_onnx"]
 
@@ -148,7 +148,7 @@ class _Builder:
             g = self.g
             amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const(np.array([-1], np.int64), "axes")], keepdims=1)
             zero, one = g.const(np.float32(0.0)), g.const(np.float32(1.0))
-            sx = g.op("Where", [g.op("Greater", [amax, zero]), g.op("Div", [amax, g.const(np.float32(ACT_QMAX))]),
+            sx = g.op("Where", [g.op("Greater", [amax, zero]), g.op("Mul", [amax, g.const(ACT_INV_QMAX)]),
                                 one], "sx")
             q = g.op("Clip", [g.op("Round", [g.op("Div", [x, sx])]), g.const(np.float32(-ACT_QMAX)),
                               g.const(np.float32(ACT_QMAX))])

@@ -23,7 +23,7 @@ Forward values are computed as ``codes * s`` exactly (``stop_gradient(codes * s)
 where ``y`` is the differentiable LSQ surrogate), so ``quantize_codes(w, s) * s == fake_quant(w, s)`` bit for bit
 and the integer kernels agree with the fake-quant path.
 
-Activations: int8, symmetric, dynamic per-token (last axis) scale ``absmax / 127``.
+Activations: int8, symmetric, dynamic per-token (last axis) scale ``absmax * float32(1 / 127)``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ from nasq.errors import NasqError
 MODES = ("symmetric", "signed")
 MAX_BITS = 8
 ACT_QMAX = 127
+# absmax * (1 / 127) in float32, written out: XLA rewrites a division by a constant into this multiply when it
+# compiles a program, but not when an op runs eagerly, and the two differ by an ulp for some absmax; every path
+# (jitted, eager, native kernel, ONNX graph) multiplies by this one constant.
+ACT_INV_QMAX = np.float32(1.0) / np.float32(ACT_QMAX)
 
 sg = jax.lax.stop_gradient
 
@@ -303,13 +307,13 @@ def init_plan_scales(w_rows: np.ndarray, group_sizes: Sequence[int], bits: Seque
 
 
 def quantize_act_int8(x):
-    """Per-token symmetric int8: ``scale = absmax(x, axis=-1) / 127`` (1.0 for all-zero tokens).
+    """Per-token symmetric int8: ``scale = absmax(x, axis=-1) * float32(1 / 127)`` (1.0 for all-zero tokens).
 
     Returns ``(codes int8 [..., d], scale float32 [..., 1])`` with ``codes = clip(round(x / scale), -127, 127)``.
     """
     x = jnp.asarray(x, jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / ACT_QMAX, 1.0).astype(jnp.float32)
+    scale = jnp.where(amax > 0, amax * ACT_INV_QMAX, 1.0).astype(jnp.float32)
     codes = jnp.clip(jnp.round(x / scale), -ACT_QMAX, ACT_QMAX).astype(jnp.int8)
     return codes, scale
 

@@ -437,7 +437,7 @@ def linear(x, segments, row_scale, bias, out_index, out_features: int, *, panels
 
     Bit for bit ``scatter_rows(int_linear_segments(*quantize_act_int8(x), segments, row_scale, bias),
     out_index, out_features)``, with no XLA operation around the call: the kernel quantizes each token
-    (``scale = absmax / 127``, codes ``clip(round(x / scale), -127, 127)``; finite inputs), runs every segment
+    (``scale = absmax * float32(1 / 127)``, codes ``clip(round(x / scale), -127, 127)``; finite inputs), runs every segment
     and writes each kept row's outputs to its column ``out_index`` (0 at pruned rows).
 
     ``segments``: packed ``((bits, uint8 [R_s, ceil(K*bits/8)]), ...)``; or, with ``panels_isa`` (a concrete

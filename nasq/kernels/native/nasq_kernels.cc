@@ -67,7 +67,7 @@
 // threads together; each segment writes its columns of the one output (row stride = the layer's width).
 //
 // A WHOLE LINEAR IN ONE CALL (NasqLinearF32, what the model runs): step 1 also quantizes fp32 x per token
-// (quantize_row: scale = absmax * (1 / 127), as XLA evaluates absmax / 127, or 1 for an all-zero token; code = clip(round_half_even(x / scale),
+// (quantize_row: scale = absmax * (1 / 127), as quantize_act_int8 computes it, or 1 for an all-zero token; code = clip(round_half_even(x / scale),
 // -127, 127), bit for bit nasq.quant.quantizer.quantize_act_int8 for finite x), and the epilogue writes each
 // kept row's outputs straight to its column of the layer (out_cols), zeros at pruned rows: no XLA
 // quantization, gather or scatter around the call.
@@ -579,8 +579,7 @@ static inline __attribute__((always_inline)) int32_t quantize_tail(const float* 
   return sum;
 }
 
-// absmax / 127 as XLA computes it: its algebraic simplifier turns the division by the constant into a
-// multiplication by the constant's reciprocal (checked by the tests against quantize_act_int8).
+// absmax * float32(1 / 127), as quantize_act_int8 writes it (ACT_INV_QMAX; checked by the tests against it).
 static inline float act_scale(float amax) {
   constexpr float kInv127 = 1.0f / 127.0f;
   return amax > 0.0f ? amax * kInv127 : 1.0f;
