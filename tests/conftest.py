@@ -7,9 +7,15 @@ os.environ.setdefault("NASQ_NO_PROGRESS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 
 import pytest
+import tiers
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+
+
+def pytest_configure(config):
+    """The fast tier (a mark expression that leaves out `slow`) runs property tests on fewer examples (tiers.py)."""
+    tiers.FAST = "not slow" in (config.getoption("markexpr", "") or "")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nasq import compilation_cache
 
 # A program that takes over a second to compile (JAX caches only those), run in a fresh process as the CLI
@@ -36,6 +38,7 @@ def _probe(env: dict) -> tuple[str, float]:
     return where, float(seconds)
 
 
+@pytest.mark.slow  # two subprocesses that compile
 def test_second_process_loads_what_the_first_compiled(tmp_path):
     d = tmp_path / "cache"
     where, first = _probe({"NASQ_COMPILATION_CACHE": str(d)})

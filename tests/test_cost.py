@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiers import examples
 
 from nasq.contract import cost
 from nasq.contract.space import SearchedTensor, load_space, resolve
@@ -88,7 +89,7 @@ def test_size_range_and_monotone(minilm):
     assert lo2 == cost.plan_size_bytes(pm, cost.uniform_plan(pm, 2)) and hi2 == hi - 4 * (128 - 1) * 36
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=12 * 4, max_size=12 * 4), st.integers(0, 12 * 4 - 1))
 def test_plan_size_monotone_in_bits(idx, k):
     ts = resolve(load_space("tiny"), bert_shapes(2, 32, 64, 100), num_heads=2)

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
+from tiers import examples
 
 from nasq.contract.cost import fixed_nbytes, plan_size_bytes, resolve_budget, size_range, size_tables
 from nasq.contract.plan import Plan
@@ -41,7 +42,7 @@ def problems(draw):
     return tensors, alphas, budget
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_allocation_within_budget_and_milp_best(problem):
     tensors, alphas, budget = problem
@@ -168,7 +169,7 @@ def test_cli(tiny, tmp_path, capsys):
         args.fn(args)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_spend_leftover_fills_the_budget_and_never_exceeds_it(problem):
     """--spend-leftover: within budget, at least the knapsack's bytes, groups only move to wider choices, and

@@ -138,6 +138,7 @@ def test_unpack_modes_agree_and_panels_need_native(artifact):
 
 
 
+@pytest.mark.slow  # the whole bench command on two artifacts: about 45 s
 def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`nasq bench infer --artifact A --artifact B`: B is timed in A's interleaved rounds and reported with its
     plan's average bits and its time relative to A on the same (default) path."""

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiers import examples
 
 from nasq.errors import NasqError
 from nasq.kernels import native
@@ -30,8 +31,8 @@ from nasq.quant.quantizer import quantize_act_int8
 LIB, WHY = native._load()  # (Library, "") or (None, why not)
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"native kernel library unavailable: {WHY}")
 ISAS = [isa for isa in ("scalar", "avx2", "avx512-vnni") if LIB is not None and LIB.isa_supported(isa)]
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-JIT_SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # compiles
+SETTINGS = settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+JIT_SETTINGS = settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])  # compiles
 
 
 # ------------------------------------------------------------------------------------------------ references

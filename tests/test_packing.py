@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiers import examples
 
 from nasq.errors import NasqError
 from nasq.quant.packing import (
@@ -55,7 +56,7 @@ def _v1_pack(codes, bits):
     return np.bitwise_or.reduce(padded.reshape(rows, nbytes, per_byte) << shifts, axis=-1).astype(np.uint8)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(bits=st.integers(1, 8), rows=st.integers(0, 5), cols=st.integers(1, 41), seed=st.integers(0, 2**16))
 def test_pack_unpack_roundtrip_numpy(bits, rows, cols, seed):
     """Every width 1..8, any cols (not only multiples of 8): b bits per code, the reference bitstream, lossless."""
@@ -69,7 +70,7 @@ def test_pack_unpack_roundtrip_numpy(bits, rows, cols, seed):
     np.testing.assert_array_equal(out, codes)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(bits=st.integers(1, 8), lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
        cols=st.integers(1, 27), seed=st.integers(0, 2**16))
 def test_unpack_numpy_equals_jnp(bits, lead, cols, seed):
@@ -84,7 +85,7 @@ def test_unpack_numpy_equals_jnp(bits, lead, cols, seed):
     np.testing.assert_array_equal(a.reshape(n, cols), codes)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(bits=st.sampled_from([1, 2, 4, 8]), rows=st.integers(1, 4), cols=st.integers(1, 41),
        seed=st.integers(0, 2**16))
 def test_widths_dividing_8_keep_the_v1_layout(bits, rows, cols, seed):

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiers import examples
 
 from nasq.contract.plan import Plan, make_plan
 from nasq.errors import NasqError
 from nasq.models.surgery import model_param_shapes
 from nasq.quant.apply import apply_plan
 
-SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=examples(5), deadline=None, suppress_health_check=list(HealthCheck))
 
 
 # ------------------------------------------------------------------------------- cost model == exported bytes
@@ -119,7 +120,7 @@ def _semantics(tensors: list[dict]) -> str:
 
 
 @given(data=st.data())
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=list(HealthCheck))
 def test_mutated_plan_refused(plan_text, tmp_path_factory, data):
     good = json.loads(plan_text)
     bad = _mutate(good, data)
@@ -137,7 +138,7 @@ def test_mutated_plan_refused(plan_text, tmp_path_factory, data):
 
 
 @given(n=st.integers(0, 10**9))
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck))
 def test_truncated_plan_refused(plan_text, tmp_path_factory, n):
     cut = n % (len(plan_text) - 1)  # strictly shorter than the JSON body (the text ends in a newline)
     p = tmp_path_factory.mktemp("t") / "plan.json"

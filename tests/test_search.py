@@ -148,6 +148,7 @@ def test_gate_every_takes_one_gate_step_per_k_weight_steps(tiny_model_dir, glue_
     assert info["status"] == "done" and info["cost_ratio"] <= 1.0 + 1e-4
 
 
+@pytest.mark.slow  # a search variant: a tiny search with KD in the gate step
 def test_gate_loss_task_kd_distils_the_teacher_in_the_gate_step(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
     """search.gate_loss=task_kd: the gate step's loss is task + kd.beta * KD to the teacher's logits on the
     held-out rows (logged apart); without a teacher the config is a clear error."""
@@ -201,6 +202,7 @@ def test_global_adam_keeps_the_gradients_ratios_and_is_adam_for_one_parameter():
         gate_optimizer("sgd", 0.1)
 
 
+@pytest.mark.slow  # a search variant: a tiny search with the global gate optimizer
 def test_search_with_the_global_gate_optimizer_meets_its_budget(tiny_model_dir, glue_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_optimizer="global_adam")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
@@ -375,6 +377,7 @@ def test_init_from_bad_input_is_a_clear_error(finished_search, teacher_dir, tmp_
         inherit_search_weights(unfinished, plan, teacher)
 
 
+@pytest.mark.slow  # a script over a finished search
 def test_discretization_gap_script(finished_search, teacher_dir, glue_dir, tmp_path, capsys):
     """experiments/discretization_gap.py: every number is a dev metric of the right network; bad input: exit 2."""
     import importlib.util

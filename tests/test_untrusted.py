@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiers import examples
 
 from nasq.cli import main
 from nasq.contract.model_dir import load_model_dir
@@ -369,7 +370,7 @@ def _mutate(doc, data):
     return doc
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_artifact_metadata(artifact, tmp_path_factory, data):
     """Mutate layout.json / config.json / manifest.json, recompute every checksum: a clean NasqError (or a model
@@ -396,7 +397,7 @@ def test_fuzz_artifact_metadata(artifact, tmp_path_factory, data):
     assert peak < 128 * 2**20
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_model_dir(model_dir, tmp_path_factory, data):
     md = tmp_path_factory.mktemp("fzm") / "model"
@@ -411,7 +412,7 @@ def test_fuzz_model_dir(model_dir, tmp_path_factory, data):
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_run_dir_resume(tmp_path_factory, tiny_model_dir, glue_dir, data, capsys):
     """A run directory whose run.json / config.yaml someone edited: `--resume` exits 0 or 2, never a traceback."""
