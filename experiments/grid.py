@@ -34,6 +34,7 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/{budget}/nasq/search/           `nasq search` (searched methods only)
     RUNS/{task}/{budget}/nasq_hinit/init_plan.json  `nasq baseline hessian` (the search's initial gates)
     RUNS/{task}/{budget}/nasq_minit/init_plan.json  `nasq baseline measured` (the same, held with logit 8)
+    RUNS/{task}/{budget}/nasq_mprior/init_plan.json `nasq baseline measured` (its damages: the gates' prior)
     RUNS/{task}/{budget}/nasq_front/plan.json   `nasq finalize RUNS/{task}/{front_from}/nasq/search --avg-bits ..`
     RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
     RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
@@ -85,7 +86,7 @@ from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
-           "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
+           "nasq_mprior", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -93,15 +94,19 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # a dense signal where held-out labels of a well-fit model say little), nasq with one second moment for all gate
 # logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the
 # nasq search of the budget `front_from` (same seed) finalized at this budget (issue 16's "one search, a whole
-# front")
-SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
+# front"); nasq_mprior: nasq with the same seed's measured damages in its gate loss (`search.damage_prior`: the
+# expected measured output KL of the gates' widths, the curvature the first-order gate gradient misses)
+SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
+            "nasq_front")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
 # plan with a logit of 8 (nasq_hinit's default 2 was forgotten in 300 gate steps), so the search refines it
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
                 "nasq_minit": ["--set", "search.init_plan_logit=8"]}
-# the searched methods whose gates start on a baseline plan of the same seed (that baseline cell's command)
-INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured"}
+# the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
+# their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
+INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured"}
+PLAN_AS_PRIOR = ("nasq_mprior",)
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
@@ -452,7 +457,8 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
                                                 "--space", space, *bflags,
                                                 *hessian_flags(cfg, task, seed, probes=base == "hessian"),
                                                 "--out", str(ip)], ip, "plan"))
-            init = [*init, "--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"]
+            init = ([*init, "--set", f"search.damage_prior={ip}"] if method in PLAN_AS_PRIOR else
+                    [*init, "--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"])
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), *init,
                                          "--out", str(sdir)], sdir, "run"))

@@ -88,6 +88,11 @@ class SearchConfig(_Section):
     # gradient's size) or "global_adam" (one second moment for all gates: the gradients' ratios are kept, so the
     # budget price trades bytes against how much each group's width changes the loss; nasq.objectives)
     gate_optimizer: Literal["adam", "global_adam"] = "adam"
+    # a measured plan (`nasq baseline measured`, same model and space) whose damages D_t(c) enter the gate loss as
+    # + damage_weight * sum_g sum_c p_{g,c} D_t(c) rows_g / rows_t: the expected output KL of the gates' widths,
+    # measured, which the gate gradient (first order, at one point) misses where the damage is curvature
+    damage_prior: str | None = None
+    damage_weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _one_budget(self):

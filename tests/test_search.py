@@ -400,3 +400,52 @@ def test_discretization_gap_script(finished_search, teacher_dir, glue_dir, tmp_p
     assert "discretization_gap: error: plan" in capsys.readouterr().err
     assert gap.main([str(tmp_path), str(plan_path), "--data-dir", str(glue_dir)]) == 2
     assert "is not a nasq search run" in capsys.readouterr().err
+
+
+def test_damage_prior_pushes_the_gates_off_measured_damage(tiny_model_dir, glue_dir, tmp_path):
+    """search.damage_prior: the gate loss adds damage_weight * sum p_{g,c} d_{g,c} (logged as gate_damage), so a
+    width whose measured damage is large loses probability against the same search without the prior; a plan
+    without measured damages is a clear error before the run directory exists."""
+    from nasq.contract.plan import make_plan
+    from nasq.search.loop import load_damage_prior, make_problem
+
+    base = _cfg(tiny_model_dir, glue_dir, avg_bits=3.0)
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    problem = make_problem(base, model)
+    tensors = problem.tensors
+    worst = {t.path: min(c for c in t.choices if c > 0) for t in tensors}  # the narrowest non-pruned width
+    damage = {t.path: {str(c): (5000.0 if c == worst[t.path] else 0.0) for c in t.choices} for t in tensors}
+    space = load_space("tiny")
+    bits = [[max(t.choices)] * t.num_groups for t in tensors]
+    plan_path = make_plan(tensors, bits, space=space, budget=None, param_shapes=None,
+                          provenance={"method": "measured", "damage_kl_x1000": damage}).save(tmp_path / "m.json")
+    d = load_damage_prior(str(plan_path), tensors)
+    assert [x.shape for x in d] == [(t.num_groups, len(t.choices)) for t in tensors]
+    t0 = tensors[0]  # a tensor's groups share its damage (5 nats at the narrowest width) in proportion to rows
+    np.testing.assert_allclose(d[0].sum(0)[t0.choices.index(worst[t0.path])], 5.0)
+
+    def run(name, **search_kw):
+        raw = base.model_dump(mode="json")
+        raw["train"].update(max_steps=6, log_every=1)
+        raw["search"].update(search_kw)
+        out = search(build_config(("test", raw)), tmp_path / name, log=lambda *a: None)
+        alphas = load_file(str(out / "alphas.safetensors"))
+        p_worst = np.mean([jax.nn.softmax(jnp.asarray(alphas[t.path]), -1)[:, t.choices.index(worst[t.path])].mean()
+                           for t in tensors])
+        return out, float(p_worst)
+
+    plain, p_plain = run("plain")
+    prior, p_prior = run("prior", damage_prior=str(plan_path), damage_weight=2.0)
+    recs = [json.loads(x) for x in (prior / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["gate_damage"] >= 0 for r in recs)
+    assert recs[-1]["gate_damage"] < recs[0]["gate_damage"]
+    assert all("gate_damage" not in json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines())
+    assert p_prior < p_plain
+
+    nasq_plan = make_plan(tensors, bits, space=space, budget=None, param_shapes=None,
+                          provenance={"method": "nasq-search"}).save(tmp_path / "n.json")
+    raw = base.model_dump(mode="json")
+    raw["search"]["damage_prior"] = str(nasq_plan)
+    with pytest.raises(NasqError, match="not a measured plan"):
+        search(build_config(("test", raw)), tmp_path / "bad", log=lambda *a: None)
+    assert not (tmp_path / "bad").exists()

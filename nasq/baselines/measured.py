@@ -39,8 +39,8 @@ from flax import nnx
 
 from nasq.baselines.hessian import _train_batches, quantized_rows, tensor_weights
 from nasq.contract.cost import size_tables
+from nasq.contract.damage import damage_from_plan, group_damage
 from nasq.contract.space import SearchedTensor
-from nasq.errors import NasqError
 from nasq.models.bert import Embedding, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.search.finalize import allocate, choices_to_bits
@@ -103,36 +103,9 @@ def tensor_damage(
 
 def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
     """``u_{g,c} = -D_t(c) * rows_g / rows_t`` (``[G, C]`` per tensor), normalised by ``max |u|``."""
-    utils = [-np.asarray(d, np.float64)[None, :] * (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
-             for t, d in zip(tensors, damage, strict=True)]
+    utils = [-d for d in group_damage(tensors, damage)]
     scale = max((float(np.abs(u).max()) for u in utils if u.size), default=0.0)
     return [u / scale for u in utils] if scale > 0 else utils
-
-
-def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
-    """The damages ``D_t(c)`` recorded in a measured plan's provenance (``damage_kl_x1000``), in the order of
-    ``tensors``: one measurement, a plan at any budget. The plan file is untrusted: every searched tensor must be
-    there with a finite, non-negative value for each of its choices (a measured plan of the same model and
-    space), else ``NasqError`` naming ``source`` and the tensor."""
-    if provenance.get("method") != "measured" or not isinstance(provenance.get("damage_kl_x1000"), dict):
-        raise NasqError(f"{source}: not a measured plan (its provenance has no damage_kl_x1000); make one with "
-                        "`nasq baseline measured`")
-    table = provenance["damage_kl_x1000"]
-    out = []
-    for t in tensors:
-        row = table.get(t.path)
-        if not isinstance(row, dict):
-            raise NasqError(f"{source}: no measured damage for tensor {t.path}; give a measured plan of the same "
-                            "model and search space")
-        vals = []
-        for c in t.choices:
-            v = row.get(str(int(c)))
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
-                raise NasqError(f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}] must be a finite number "
-                                f">= 0, got {v!r}; give a measured plan of the same search space")
-            vals.append(float(v) / 1000)
-        out.append(np.asarray(vals, np.float64))
-    return out
 
 
 def measured_allocation(

@@ -8,6 +8,8 @@ Alternating steps (weights on train batches, gates on held-out batches split off
                   gradient moves its gate faster: `nasq.objectives.scale_by_global_adam`)
                   (`search.gate_loss=task_kd`: + beta * KD(student, teacher) on the held-out rows)
                   (after `search.warmup_steps` weight-only steps, then every `search.gate_every`-th step)
+                  (`search.damage_prior=PLAN`: + w * sum_g sum_c p_{g,c} d_{g,c}, the expected measured
+                  damage of the gates' widths, d from a measured plan: `nasq.contract.damage`)
 
 The gate step size is scaled by tau (Adam's step is constant in units of alpha/tau), so annealing does not
 make late gate updates jumpier. `E[size] = sum_g sum_c p_{g,c} * bytes(g, c)` (`nasq.contract.cost`, the exporter's byte function) or the
@@ -44,6 +46,7 @@ from flax import nnx
 
 from nasq.config import Config, SearchConfig
 from nasq.contract import cost as costlib
+from nasq.contract.damage import damage_from_plan, group_damage
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
 from nasq.contract.search_result import SearchResult
@@ -182,6 +185,19 @@ def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
                        costs=normalised_costs(problem.cost_tables, problem.cost_budget), gate_logits=logits)
 
 
+def load_damage_prior(path: str, tensors: list[SearchedTensor]) -> list[np.ndarray]:
+    """``d_{g,c}`` (``[G, C]`` per searched tensor) from a measured plan (``search.damage_prior``): the damages its
+    provenance records (:func:`nasq.contract.damage.damage_from_plan`, checked as untrusted input) spread over
+    each tensor's row groups."""
+    plan = Plan.load(path)
+    return group_damage(tensors, damage_from_plan(plan.provenance, tensors, f"damage prior {plan.source}"))
+
+
+def expected_damage(probs: list[jax.Array], damage: list[jax.Array]) -> jax.Array:
+    """``sum_t sum_g sum_c p_{g,c} d_{g,c}``: the measured output damage (nats) the gates expect."""
+    return sum((jnp.sum(p * d) for p, d in zip(probs, damage, strict=True)), jnp.float32(0))
+
+
 def gate_entropy(probs: list[jax.Array]) -> jax.Array:
     ent = [-(p * jnp.log(p + 1e-12)).sum(-1) for p in probs]
     return jnp.concatenate(ent).mean()
@@ -200,9 +216,21 @@ class SearchSteps(NamedTuple):
 
 
 def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: bool, kd_beta: float,
-                kd_temperature: float) -> SearchSteps:
-    """Jitted weight / gate / single-level steps over the split supernet state."""
+                kd_temperature: float, damage: list[np.ndarray] | None = None,
+                damage_weight: float = 1.0) -> SearchSteps:
+    """Jitted weight / gate / single-level steps over the split supernet state. ``damage`` (``[G, C]`` per tensor,
+    :func:`load_damage_prior`): the gate loss adds ``damage_weight * expected_damage(probs)``."""
     tables = [jnp.asarray(t, jnp.float32) for t in problem.cost_tables]
+    dmg = None if damage is None else [jnp.asarray(d, jnp.float32) for d in damage]
+
+    def gate_objective(lt, lkd, probs):
+        """The gates' loss and its metrics: task (+ KD) on the batch, + the expected measured damage."""
+        loss = lt + kd_beta * lkd
+        aux = {"expected_cost": expected_cost(probs), "gate_entropy": gate_entropy(probs)}
+        if dmg is not None:
+            aux["gate_damage"] = expected_damage(probs, dmg)
+            loss = loss + damage_weight * aux["gate_damage"]
+        return loss, aux
 
     def forward(weights, gates, ctx_rest, batch, key):
         model = nnx.merge(graphdef, weights, gates, ctx_rest)
@@ -243,12 +271,13 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
         def loss_fn(g):
             logits, probs = forward(weights, g, ctx_rest, batch, None)
             lt, lkd = supervised(logits, batch, teacher_logits)
-            return lt + kd_beta * lkd, (lt, lkd, expected_cost(probs), gate_entropy(probs))
+            loss, aux = gate_objective(lt, lkd, probs)
+            return loss, (lt, lkd, aux)
 
-        (loss, (lt, lkd, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
+        (loss, (lt, lkd, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
         upd, g_opt = g_tx.update(grads, g_opt, gates)
         upd = jax.tree.map(lambda u: u * tau, upd)  # constant step size in alpha/tau units
-        m = {"gate_loss": loss, "expected_cost": e, "gate_entropy": ent}
+        m = {"gate_loss": loss, **aux}
         if teacher_logits is not None:
             m.update(gate_task_loss=lt, gate_kd_loss=lkd)
         return optax.apply_updates(gates, upd), g_opt, m
@@ -259,14 +288,14 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
             w, g = wg
             logits, probs = forward(w, g, ctx_rest, batch, key)
             lt, lkd = supervised(logits, batch, teacher_logits)
-            return lt + kd_beta * lkd, (lt, lkd, expected_cost(probs), gate_entropy(probs))
+            loss, aux = gate_objective(lt, lkd, probs)
+            return loss, (lt, lkd, aux)
 
-        (loss, (lt, lkd, e, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)((weights, gates))
+        (loss, (lt, lkd, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)((weights, gates))
         upd, opt = single_tx.update(grads, opt, (weights, gates))
         upd = (upd[0], jax.tree.map(lambda u: u * tau, upd[1]))  # constant step size in alpha/tau units
         w, g = optax.apply_updates((weights, gates), upd)
-        return w, g, opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, "expected_cost": e,
-                           "gate_entropy": ent}
+        return w, g, opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, **aux}
 
     # single-level: one optimizer over (weights, gates), partitioned by label
     single_tx = optax.partition(
@@ -334,6 +363,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         log(note)
     model = base_model(cfg, data, log=log)
     problem = make_problem(cfg, model)
+    damage = None if cfg.search.damage_prior is None else load_damage_prior(cfg.search.damage_prior, problem.tensors)
     run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)
     s = cfg.search
     sn = supernet_of(cfg, model, problem)
@@ -341,7 +371,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     steps = total_steps(cfg.train, data)
     w_tx, g_tx = search_optimizers(cfg, steps)
     fns = build_steps(graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression,
-                      kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature)
+                      kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature, damage=damage,
+                      damage_weight=s.damage_weight)
     fns = fns._replace(**{k: dp.wrap(getattr(fns, k)) for k in ("weight", "gate", "single", "price")})
     opt = (w_tx.init(weights), g_tx.init(gates)) if s.mode == "bilevel" else fns.single_tx.init((weights, gates))
     state, start = {"w.": weights, "g.": gates, "opt.": opt}, 0

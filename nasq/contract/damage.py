@@ -1,0 +1,55 @@
+"""Measured damages: the per-(tensor, width) output damage a measured plan carries, and its share per row group.
+
+``nasq baseline measured`` (:mod:`nasq.baselines.measured`) measures, for every searched tensor ``t`` and choice
+``c``, ``D_t(c)``: the mean KL of the fine-tuned model's output when only ``t`` is quantized at ``c`` bits. The
+plan it writes records them in its provenance as ``damage_kl_x1000[path][str(c)] = 1000 * D_t(c)``, so one
+measurement serves every consumer: the measured allocation at any budget (``--damage-from``) and the search's
+damage prior (``search.damage_prior``, :mod:`nasq.search.loop`). A tensor's damage is spread over its row groups
+in proportion to their rows::
+
+    d_{g,c} = D_{t(g)}(c) * rows_g / rows_{t(g)}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from nasq.contract.space import SearchedTensor
+from nasq.errors import NasqError
+
+__all__ = ["damage_from_plan", "group_damage"]
+
+
+def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
+    """The damages ``D_t(c)`` recorded in a measured plan's provenance (``damage_kl_x1000``), in the order of
+    ``tensors``: one measurement, a plan at any budget. The plan file is untrusted: every searched tensor must be
+    there with a finite, non-negative value for each of its choices (a measured plan of the same model and
+    space), else ``NasqError`` naming ``source`` and the tensor."""
+    if provenance.get("method") != "measured" or not isinstance(provenance.get("damage_kl_x1000"), dict):
+        raise NasqError(f"{source}: not a measured plan (its provenance has no damage_kl_x1000); make one with "
+                        "`nasq baseline measured`")
+    table = provenance["damage_kl_x1000"]
+    out = []
+    for t in tensors:
+        row = table.get(t.path)
+        if not isinstance(row, dict):
+            raise NasqError(f"{source}: no measured damage for tensor {t.path}; give a measured plan of the same "
+                            "model and search space")
+        vals = []
+        for c in t.choices:
+            v = row.get(str(int(c)))
+            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
+                raise NasqError(f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}] must be a finite number "
+                                f">= 0, got {v!r}; give a measured plan of the same search space")
+            vals.append(float(v) / 1000)
+        out.append(np.asarray(vals, np.float64))
+    return out
+
+
+def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``d_{g,c} = D_t(c) * rows_g / rows_t`` (``[G, C]`` per tensor, float64): each group's share of its tensor's
+    measured damage."""
+    return [np.asarray(d, np.float64)[None, :] * (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
+            for t, d in zip(tensors, damage, strict=True)]
