@@ -35,6 +35,7 @@ each cell's ``timing.json``), from the current directory, with ``NASQ_NO_PROGRES
     RUNS/{task}/{budget}/nasq_hinit/init_plan.json  `nasq baseline hessian` (the search's initial gates)
     RUNS/{task}/{budget}/nasq_minit/init_plan.json  `nasq baseline measured` (the same, held with logit 8)
     RUNS/{task}/{budget}/nasq_mprior/init_plan.json `nasq baseline measured` (its damages: the gates' prior)
+    RUNS/{task}/{budget}/nasq_mprior10/init_plan.json  the same, the prior weighted 10
     RUNS/{task}/{budget}/nasq_front/plan.json   `nasq finalize RUNS/{task}/{front_from}/nasq/search --avg-bits ..`
     RUNS/{task}/{budget}/{method}/qat/          `nasq finetune --plan plan.json --teacher ...` (QAT + KD)
     RUNS/{task}/{budget}/{method}/model.nasq/   `nasq export qat`
@@ -86,7 +87,7 @@ from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
-           "nasq_mprior", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
+           "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -95,18 +96,22 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # logits (`search.gate_optimizer=global_adam`: a larger loss gradient moves its gate faster), and nasq_front: the
 # nasq search of the budget `front_from` (same seed) finalized at this budget (issue 16's "one search, a whole
 # front"); nasq_mprior: nasq with the same seed's measured damages in its gate loss (`search.damage_prior`: the
-# expected measured output KL of the gates' widths, the curvature the first-order gate gradient misses)
-SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
-            "nasq_front")
+# expected measured output KL of the gates' widths, the curvature the first-order gate gradient misses), weighted
+# 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
+# gradient, NOTES.md)
+SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
+            "nasq_gadam", "nasq_front")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
 # plan with a logit of 8 (nasq_hinit's default 2 was forgotten in 300 gate steps), so the search refines it
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
-                "nasq_minit": ["--set", "search.init_plan_logit=8"]}
+                "nasq_minit": ["--set", "search.init_plan_logit=8"],
+                "nasq_mprior10": ["--set", "search.damage_weight=10"]}
 # the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
 # their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
-INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured"}
-PLAN_AS_PRIOR = ("nasq_mprior",)
+INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured",
+             "nasq_mprior10": "measured"}
+PLAN_AS_PRIOR = ("nasq_mprior", "nasq_mprior10")
 STAGE_KEYS = {
     "finetune": {"max_steps", "epochs", "train_subset", "lr", "set"},
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
