@@ -186,6 +186,14 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert m_init[:m_init.index("--out")] == meas.stages[0].argv[:meas.stages[0].argv.index("--out")]
     assert m_init[:3] == ["nasq", "baseline", "measured"] and "--n-probes" not in m_init
     assert f"search.init_plan={m.dir / 'init_plan.json'}" in m_search and "search.init_plan_logit=8" in m_search
+    # nasq_mprior / nasq_mprior10: the same measured plan, its damages the gate loss's prior (gates start uniform)
+    for method, weight in (("nasq_mprior", None), ("nasq_mprior10", "10")):
+        mp = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", method, 1))
+        mp_init, mp_search = mp.stages[0].argv, mp.stages[1].argv
+        assert mp_init[:mp_init.index("--out")] == m_init[:m_init.index("--out")]
+        assert f"search.damage_prior={mp.dir / 'init_plan.json'}" in mp_search
+        assert "search.gate_init=plan" not in mp_search and "search.init_plan_logit=8" not in mp_search
+        assert (f"search.damage_weight={weight}" in mp_search) == (weight is not None)
     # nasq_gumbel: nasq's stages and recipe with Gumbel-sampled gates in the search
     g = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_gumbel", 1))
     assert [st.name for st in g.stages] == ["search", "finalize", "qat", "export", "eval"]
