@@ -41,8 +41,8 @@ MODES = ("symmetric", "signed")
 MAX_BITS = 8
 ACT_QMAX = 127
 # absmax * (1 / 127) in float32, written out: XLA rewrites a division by a constant into this multiply when it
-# compiles a program, but not when an op runs eagerly, and the two differ by an ulp for some absmax; every path
-# (jitted, eager, native kernel, ONNX graph) multiplies by this one constant.
+# compiles a program, but an op run eagerly stayed a division (seen for single-token inputs), an ulp apart for
+# some absmax; every path (jitted, eager, native kernel, ONNX graph) multiplies by this one constant.
 ACT_INV_QMAX = np.float32(1.0) / np.float32(ACT_QMAX)
 
 sg = jax.lax.stop_gradient
