@@ -161,7 +161,6 @@ def test_act_quant_and_fake_quant_identical():
     np.testing.assert_array_equal(g, np.full(x.shape, 3.0))
 
 
-
 @pytest.mark.parametrize("shape", [(1, 2), (1, 44), (3, 44)])
 def test_act_scale_same_eager_and_jitted(shape):
     """The per-token scale is absmax * float32(1/127) whether the op runs eagerly or compiled. XLA rewrites a

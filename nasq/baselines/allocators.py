@@ -34,11 +34,12 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import hessian_allocation, tensor_weights
-from nasq.baselines.measured import damage_from_plan, measured_allocation
+from nasq.baselines.measured import measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
+from nasq.contract.damage import load_damage
 from nasq.contract.model_dir import load_model_dir, model_dir_of
-from nasq.contract.plan import Plan, make_plan
+from nasq.contract.plan import make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.data.glue import get_task
 from nasq.errors import NasqError
@@ -246,8 +247,7 @@ def baseline_plan(
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
     else:
-        damage = None if damage_from is None else damage_from_plan(Plan.load(damage_from).provenance, tensors,
-                                                                     str(damage_from))
+        damage = None if damage_from is None else load_damage(damage_from, tensors)
         if data is None and damage is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}

@@ -13,13 +13,15 @@ in proportion to their rows::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
-__all__ = ["damage_from_plan", "group_damage"]
+__all__ = ["damage_from_plan", "group_damage", "load_damage"]
 
 
 def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
@@ -46,6 +48,13 @@ def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source
             vals.append(float(v) / 1000)
         out.append(np.asarray(vals, np.float64))
     return out
+
+
+def load_damage(path: str | Path, tensors: Sequence[SearchedTensor], what: str = "") -> list[np.ndarray]:
+    """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load``); errors name the
+    file, after ``what`` (e.g. ``"damage prior "``)."""
+    plan = Plan.load(path)
+    return damage_from_plan(plan.provenance, tensors, f"{what}{plan.source}")
 
 
 def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:

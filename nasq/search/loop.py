@@ -46,7 +46,7 @@ from flax import nnx
 
 from nasq.config import Config, SearchConfig
 from nasq.contract import cost as costlib
-from nasq.contract.damage import damage_from_plan, group_damage
+from nasq.contract.damage import group_damage, load_damage
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
 from nasq.contract.search_result import SearchResult
@@ -187,10 +187,9 @@ def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
 
 def load_damage_prior(path: str, tensors: list[SearchedTensor]) -> list[np.ndarray]:
     """``d_{g,c}`` (``[G, C]`` per searched tensor) from a measured plan (``search.damage_prior``): the damages its
-    provenance records (:func:`nasq.contract.damage.damage_from_plan`, checked as untrusted input) spread over
+    provenance records (:func:`nasq.contract.damage.load_damage`, checked as untrusted input) spread over
     each tensor's row groups."""
-    plan = Plan.load(path)
-    return group_damage(tensors, damage_from_plan(plan.provenance, tensors, f"damage prior {plan.source}"))
+    return group_damage(tensors, load_damage(path, tensors, "damage prior "))
 
 
 def expected_damage(probs: list[jax.Array], damage: list[jax.Array]) -> jax.Array:
