@@ -337,6 +337,58 @@ def test_measured_utilities_give_bits_where_damage_is_measured():
     assert bits == [(8, 8, 8, 8), (4, 4, 4, 4)]  # a: 4 -> 8 saves 1.0, b only 0.2
 
 
+def test_plan_rows_put_each_group_at_its_width(model, tensors):
+    from nasq.baselines.hessian import quantized_rows
+    from nasq.baselines.measured import plan_rows
+
+    t = next(t for t in tensors if t.num_groups > 1 and t.has_bias)
+    (w, b), = tensor_weights(model, [t])
+    bits = [t.choices[g % len(t.choices)] for g in range(t.num_groups)]
+    wq, bq = plan_rows(t, w, b, bits, "symmetric")
+    for g, (lo, hi) in enumerate(zip(t.row_offsets[:-1], t.row_offsets[1:])):
+        qw, qb = quantized_rows(t, w, b, bits[g], "symmetric")
+        np.testing.assert_array_equal(wq[lo:hi], qw[lo:hi])
+        np.testing.assert_array_equal(bq[lo:hi], qb[lo:hi])  # pruned groups lose their bias, kept ones keep it
+
+
+def test_refined_damage_is_measured_around_the_plan(model, tensors, task_data):
+    """D_t(c | P): the KL of the model with every tensor at plan P's widths and t at c; with P all-8-bit it is close
+    to the fp32-based D_t(c), and the plan of least joint KL is the one refinement keeps."""
+    from nasq.baselines.hessian import _train_batches
+    from nasq.baselines.measured import _Probe, measured_allocation, plan_rows, tensor_damage
+    from nasq.contract.cost import plan_size_bytes
+
+    batches = _train_batches(task_data, 2, 8, 0)
+    probe = _Probe(model, batches, tensors, "symmetric")
+    plan = [tuple(t.choices[-1] if i % 2 else t.choices[1] for _ in range(t.num_groups))
+            for i, t in enumerate(tensors)]
+    cond = tensor_damage(model, batches, tensors, "symmetric", around=plan, probe=probe)
+    ti = 1
+    t = tensors[ti]
+    flat = probe.at_plan(plan)
+    (w, b), = tensor_weights(model, [t])
+    c = t.choices[0]
+    probe.replace(flat, ti, *plan_rows(t, w, b, [c] * t.num_groups, "symmetric"))
+    assert cond[ti][0] == pytest.approx(probe.kl(flat), rel=1e-6, abs=1e-12)
+    fp32 = tensor_damage(model, batches, tensors, "symmetric", probe=probe)
+    assert not np.allclose(np.concatenate(cond), np.concatenate(fp32))  # the rest quantized changes the damages
+
+    budget = int(0.5 * sum(plan_size_bytes([t], [(max(t.choices),) * t.num_groups]) for t in tensors))
+    info = {}
+    bits = measured_allocation(model, task_data, tensors, budget, n_batches=2, batch_size=8, info=info,
+                               refine_rounds=2)
+    rounds = info["refine"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["joint_kl_x1000"] >= 0 for r in rounds)
+    chosen = rounds[info["refine"]["chosen_round"]]
+    assert chosen["joint_kl_x1000"] == min(r["joint_kl_x1000"] for r in rounds)
+    assert probe.kl(probe.at_plan(bits)) * 1000 == pytest.approx(chosen["joint_kl_x1000"], rel=1e-6, abs=1e-9)
+    assert plan_size_bytes(tensors, bits) <= budget
+    with pytest.raises(NasqError, match="refine_rounds must be >= 0"):
+        measured_allocation(model, task_data, tensors, budget, refine_rounds=-1)
+    with pytest.raises(NasqError, match="not recorded damages"):
+        measured_allocation(model, task_data, tensors, budget, damage=fp32, refine_rounds=1)
+
+
 # ------------------------------------------------------------------------------------------------ plans
 
 
@@ -374,6 +426,8 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("foo", model, None, cfg, None)
     with pytest.raises(NasqError, match="--damage-from is for the measured baseline"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), damage_from="p.json")
+    with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline"):
+        baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), refine_rounds=1)
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -440,3 +494,12 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert cli([*common, "--ratio", "4", "--out", str(tmp_path / "wider.json")]) == 0
         wider = Plan.load(tmp_path / "wider.json")
         assert wider.totals["avg_bits"] > a.totals["avg_bits"] and wider.totals["within_budget"]
+        refined = tmp_path / "refined.json"  # refinement: the fp32 damages still recorded, the rounds too
+        assert cli([*common[:-2], "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                    "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--refine-rounds", "1",
+                    "--out", str(refined)]) == 0
+        r = Plan.load(refined)
+        assert r.provenance["refine_rounds"] == 1 and r.provenance["damage_kl_x1000"] == dmg
+        assert [x["round"] for x in r.provenance["refine"]["rounds"]] == [0, 1] and r.totals["within_budget"]
+        assert cli([*common, "--ratio", "8", "--refine-rounds", "1", "--out", str(tmp_path / "x.json")]) == 2
+        assert not (tmp_path / "x.json").exists()

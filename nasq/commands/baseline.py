@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
     p.add_argument("--damage-from", metavar="PLAN.json",
                    help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards)")
+    p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
+                   help="measured: re-measure each tensor's damage around the plan (the other tensors quantized) and "
+                   "re-solve, R times; the plan of least measured output KL is kept (default 0)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -72,6 +75,12 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         raise NasqError(f"the {args.method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
     if args.damage_from and args.method != "measured":
         raise NasqError(f"--damage-from is for the measured baseline, not {args.method}")
+    if args.refine_rounds and args.method != "measured":
+        raise NasqError(f"--refine-rounds is for the measured baseline, not {args.method}")
+    if args.refine_rounds < 0:
+        raise NasqError(f"--refine-rounds must be >= 0, got {args.refine_rounds}")
+    if args.refine_rounds and args.damage_from:
+        raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
     measure = args.method == "hessian" or (args.method == "measured" and not args.damage_from)
     data = load_task_data(cfg, model_dir=model_dir) if measure else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
@@ -79,12 +88,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
     bar = None
     if args.method == "measured" and not args.damage_from:  # one forward of the rows per (tensor, width)
-        bar = Progress(sum(len(t.choices) for t in baseline_tensors(cfg, model)[1]), desc="measured: forwards")
+        bar = Progress((1 + args.refine_rounds) * sum(len(t.choices) for t in baseline_tensors(cfg, model)[1]),
+                       desc="measured: forwards")
     try:
         plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
                              n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                              provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None,
-                             damage_from=args.damage_from)
+                             damage_from=args.damage_from, refine_rounds=args.refine_rounds)
     finally:
         if bar:
             bar.close()
