@@ -47,6 +47,31 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
 
 
 @pytest.mark.slow
+def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path):
+    """--allocator measured: no search run; the plan is the refined measured allocation within the budget, QAT'd,
+    exported and evaluated like a searched one; resuming with the other allocator is refused, nothing lost."""
+    from nasq.contract.plan import Plan
+    from nasq.errors import NasqError
+
+    out = tmp_path / "pipe"
+    layers = _layers(tiny_model_dir, glue_dir)
+    layers[0][1]["search"]["avg_bits"] = 3
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, allocator="measured",
+                     refine_rounds=1)
+    plan = Plan.load(out / "plan.json")
+    assert not (out / "search").exists() and s["allocator"] == "measured"
+    assert plan.provenance["method"] == "measured" and plan.provenance["refine_rounds"] == 1
+    assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
+    stamp = (out / "plan.json").stat().st_mtime_ns
+    with pytest.raises(NasqError, match="was made by 'measured'"):
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None)
+    assert (out / "plan.json").stat().st_mtime_ns == stamp and not (out / "search").exists()
+    with pytest.raises(NasqError, match="unknown allocator"):
+        run_pipeline(tmp_path / "x", preset="smoke", user_layers=layers, allocator="hessian")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
 def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, tmp_path):
     """What the grid's whole-artifact cells run: word embeddings searched (pruned rows embed to zero), a
     whole-artifact MB budget; the finalized plan fits it, the artifact's bytes are predicted exactly and the

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from nasq.commands._common import add_common, user_layers
 from nasq.errors import NasqError
-from nasq.pipeline import PRESETS, run_pipeline
+from nasq.pipeline import ALLOCATORS, PRESETS, run_pipeline
 
 
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="finetune -> search -> finalize -> QAT -> export -> eval")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="search",
+                   help="how the plan is chosen: the supernet search + finalize (default), or the measured "
+                   "allocation (each tensor's output damage measured at each width, knapsack, refined)")
+    p.add_argument("--refine-rounds", type=int, default=2, metavar="R",
+                   help="--allocator measured: rounds of re-measuring around the plan (default 2)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
@@ -24,5 +29,5 @@ def cmd_pipeline(args) -> int:
     layers = user_layers(args)
     out = args.out or "runs/pipeline"
     run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, allocator=args.allocator, refine_rounds=args.refine_rounds)
     return 0
