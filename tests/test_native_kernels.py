@@ -279,6 +279,32 @@ def test_linear_jit_threads_and_errors():
 
 
 @needs_lib
+def test_xla_pool_and_own_pool_give_the_same_outputs():
+    """Inside jit the native calls run their tasks on XLA's thread pool (the default) or on the kernel's own
+    threads (set_xla_pool(False)); bit-identical outputs either way, at a size split over threads."""
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(linear_inputs(rng, 512, 256))
+    segments, codes = random_segments(rng, 256, [(2, 300), (4, 200)])
+    r = codes.shape[0]
+    _, rs, bias = epilogue_inputs(rng, 1, r)
+    isa, panels = native.prepack_segments(segments, 256)
+    f = jax.jit(lambda x: native.linear(x, panels, rs, bias, np.arange(r, dtype=np.int32), r, panels_isa=isa))
+    assert native.xla_pool()
+    outs = []
+    try:
+        for on in (True, False, True):
+            native.set_xla_pool(on)
+            assert native.xla_pool() is on
+            outs.append(np.asarray(f(x)))
+    finally:
+        native.set_xla_pool(True)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    xq, sx = quantize_act_int8(x)
+    np.testing.assert_array_equal(outs[0], np.asarray(native.int_linear_segments(xq, sx, segments, rs, bias)))
+
+
+@needs_lib
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_split_exact(threads):
     """Shapes large enough to run on the thread pool (also more threads than cores, odd splits)."""

@@ -24,6 +24,10 @@ default ``None`` reads the environment variable ``NASQ_KERNEL`` (same values, de
 is made when a function is traced, so a jitted function keeps the kernel it was compiled with.
 ``NASQ_NATIVE_ISA`` (``auto``/``avx512-vnni``/``avx2``/``scalar``) forces an instruction set, and
 ``NASQ_NUM_THREADS`` (or :func:`set_num_threads`) the thread count (default: the CPUs this process may use).
+Inside a jitted computation a call's tasks run on XLA's own intra-op thread pool (the FFI's ``ThreadPool``
+context), so the kernel does not compete with XLA's threads for the cores; ``NASQ_XLA_POOL=0`` (or
+:func:`set_xla_pool`) uses the kernel's own threads there too. Outside XLA (the ctypes C ABI) the kernel's
+own pool runs.
 
 Building: ``pip install -e .`` compiles the library (``setup.py``, an optional extension: without a compiler
 the install still succeeds and everything runs on XLA). :func:`describe` says which path runs and why.
@@ -59,13 +63,15 @@ __all__ = [
     "resolve_kernel",
     "resolved_isa",
     "set_num_threads",
+    "set_xla_pool",
+    "xla_pool",
 ]
 
 KERNELS = ("auto", "native", "xla")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
 _SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
-ABI_VERSION = 4  # nasq::kAbiVersion
+ABI_VERSION = 5  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
 _TARGET_F32 = "nasq_int_gemm_f32"
@@ -114,6 +120,9 @@ class Library:
         c.nasq_isa_supported.restype = ctypes.c_int
         c.nasq_set_num_threads.argtypes = [ctypes.c_int]
         c.nasq_set_num_threads.restype = None
+        c.nasq_xla_pool.restype = ctypes.c_int
+        c.nasq_set_xla_pool.argtypes = [ctypes.c_int]
+        c.nasq_set_xla_pool.restype = None
         c.nasq_error_message.argtypes = [ctypes.c_int]
         c.nasq_error_message.restype = ctypes.c_char_p
         p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -139,6 +148,12 @@ class Library:
 
     def set_num_threads(self, n: int) -> None:
         self.cdll.nasq_set_num_threads(int(n))
+
+    def xla_pool(self) -> bool:
+        return bool(self.cdll.nasq_xla_pool())
+
+    def set_xla_pool(self, on: bool) -> None:
+        self.cdll.nasq_set_xla_pool(int(bool(on)))
 
     def gemm(self, xq, w, bits: int, *, isa: str = "auto", sx=None, row_scale=None, bias=None) -> np.ndarray:
         """The kernel on numpy arrays (no JAX): int32 ``[M, N]``, or the fused fp32 output when ``sx`` and
@@ -221,6 +236,18 @@ def library_path() -> Path | None:
     here = Path(__file__).resolve().parent
     found = sorted(p for p in here.glob(f"{LIBRARY_STEM}*") if p.suffix in (".so", ".pyd", ".dylib"))
     return found[0] if found else None
+
+
+def xla_pool() -> bool:
+    """Whether the native calls inside a jitted computation run their tasks on XLA's intra-op thread pool (the
+    default) rather than on the kernel's own threads, which then compete with XLA's for the cores."""
+    return library().xla_pool()
+
+
+def set_xla_pool(on: bool) -> None:
+    """Run the native calls' tasks on XLA's thread pool (``True``, the default; ``NASQ_XLA_POOL=0`` starts with
+    ``False``) or on the kernel's own pool (process wide; the next call)."""
+    library().set_xla_pool(on)
 
 
 @functools.cache

@@ -87,6 +87,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -131,7 +132,7 @@
 namespace nasq {
 
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
 
@@ -651,6 +652,44 @@ static int default_num_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// An executor lent for the calls made on this thread: inside an FFI call, XLA's own intra-op thread pool
+// (ffi::ThreadPool), so the kernel's tasks run on XLA's threads instead of competing with them for the cores
+// (bench.md, 2026-11-30: with both pools, the whole 32 x 128 forward was faster with XLA's ops single-threaded).
+struct Executor {
+  void* ctx;
+  void (*schedule)(void* ctx, std::function<void()> task);
+};
+static thread_local const Executor* tl_executor = nullptr;
+
+// NASQ_XLA_POOL=0 (or nasq_set_xla_pool(0)): the kernel's own pool even inside XLA (for A/B benchmarks)
+static std::atomic<int> g_xla_pool{[] {
+  const char* env = std::getenv("NASQ_XLA_POOL");
+  return env == nullptr || std::strcmp(env, "0") != 0 ? 1 : 0;
+}()};
+static bool use_xla_pool() { return g_xla_pool.load(std::memory_order_relaxed) != 0; }
+
+// fn(0..n-1) on `ex` and the calling thread: tasks claim indices from a shared counter, so a task that starts
+// late (its thread was busy) finds nothing left and returns; the caller waits only for claimed indices.
+static void parallel_for_on(const Executor& ex, int n, const std::function<void(int)>& fn) {
+  struct Shared {
+    std::atomic<int> next{0}, done{0};
+    int n = 0;
+    const std::function<void(int)>* fn = nullptr;
+  };
+  auto st = std::make_shared<Shared>();
+  st->n = n;
+  st->fn = &fn;
+  auto drain = [](Shared& s) {
+    for (int i = s.next.fetch_add(1); i < s.n; i = s.next.fetch_add(1)) {
+      (*s.fn)(i);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int t = 1; t < n; ++t) ex.schedule(ex.ctx, [st, drain] { drain(*st); });
+  drain(*st);
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
 // A tiny persistent pool: parallel_for(n, fn) runs fn(0..n-1) on the workers and the calling thread and
 // returns when all are done. One parallel_for at a time; a call that finds the pool busy (XLA may run two
 // custom calls concurrently) runs its tasks serially on its own thread instead of waiting.
@@ -667,6 +706,10 @@ class ThreadPool {
   }
 
   void parallel_for(int n, const std::function<void(int)>& fn) {
+    if (tl_executor != nullptr && n > 1) {
+      parallel_for_on(*tl_executor, n, fn);
+      return;
+    }
     std::unique_lock<std::mutex> run(run_mu_, std::try_to_lock);
     if (!run.owns_lock() || n <= 1 || num_threads_ <= 1) {
       for (int i = 0; i < n; ++i) fn(i);
@@ -994,6 +1037,8 @@ int nasq_isa_supported(int isa) {
 }
 int nasq_num_threads() { return nasq::pool().num_threads(); }
 void nasq_set_num_threads(int n) { nasq::pool().set_num_threads(n); }
+int nasq_xla_pool() { return nasq::g_xla_pool.load(); }
+void nasq_set_xla_pool(int on) { nasq::g_xla_pool.store(on != 0 ? 1 : 0); }
 const char* nasq_error_message(int code) { return nasq::error_message(code); }
 
 // The GEMM on raw C-contiguous arrays: int32 output if out_i32 is not null, else the fused fp32 output
@@ -1133,6 +1178,27 @@ static ffi::Error layer_segments(ffi::RemainingArgs& ws, ffi::Span<const int64_t
   return c == R ? ffi::Error::Success() : to_ffi_error(5);
 }
 
+// While alive, this thread's parallel_for runs on XLA's intra-op pool (when XLA lends one with threads).
+class XlaPoolScope {
+ public:
+  explicit XlaPoolScope(ffi::ThreadPool& tp) : tp_(tp), prev_(tl_executor) {
+    if (use_xla_pool() && tp_.num_threads() > 0) {
+      ex_ = {&tp_, [](void* ctx, std::function<void()> task) {
+               static_cast<ffi::ThreadPool*>(ctx)->Schedule(std::move(task));
+             }};
+      tl_executor = &ex_;
+    }
+  }
+  ~XlaPoolScope() { tl_executor = prev_; }
+  XlaPoolScope(const XlaPoolScope&) = delete;
+  XlaPoolScope& operator=(const XlaPoolScope&) = delete;
+
+ private:
+  ffi::ThreadPool& tp_;
+  const Executor* prev_;
+  Executor ex_{};
+};
+
 static ffi::Error run_layer(const std::vector<Gemm>& segs, int64_t isa) {
   try {
     return to_ffi_error(run_segments(segs.data(), static_cast<int>(segs.size()), static_cast<int>(isa)));
@@ -1147,7 +1213,7 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
                                         ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> bias,
                                         ffi::RemainingArgs ws, ffi::ResultBuffer<ffi::F32> out,
                                         ffi::Span<const int64_t> bits, ffi::Span<const int64_t> rows,
-                                        int64_t isa, int64_t resident) {
+                                        int64_t isa, int64_t resident, ffi::ThreadPool tp) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return to_ffi_error(5);
   const int64_t M = xd[0], K = xd[1];
@@ -1160,7 +1226,9 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
   std::vector<Gemm> segs;
   const ffi::Error err = layer_segments(ws, bits, rows, isa, resident, R, layer,
                                         [&](Gemm& g, int64_t c) { g.out_f32 = out->typed_data() + c; }, &segs);
-  return err.failure() ? err : run_layer(segs, isa);
+  if (err.failure()) return err;
+  XlaPoolScope scope(tp);
+  return run_layer(segs, isa);
 }
 
 // A whole linear (NasqLinearF32): fp32 x [M, K]; row_scale, bias ([R] or [0]) and out_cols (int32 [R]: the
@@ -1170,7 +1238,7 @@ static ffi::Error IntLinearSegmentsImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi:
 static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> row_scale,
                                 ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> out_cols, ffi::RemainingArgs ws,
                                 ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> bits,
-                                ffi::Span<const int64_t> rows, int64_t isa, int64_t resident) {
+                                ffi::Span<const int64_t> rows, int64_t isa, int64_t resident, ffi::ThreadPool tp) {
   const auto xd = x.dimensions();
   const auto od = out->dimensions();
   if (xd.size() != 2 || od.size() != 2) return to_ffi_error(5);
@@ -1190,6 +1258,7 @@ static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> r
                                         [&](Gemm& g, int64_t c) { g.out_cols = cols + c; }, &segs);
   if (err.failure()) return err;
   if (R < F) std::memset(out->typed_data(), 0, sizeof(float) * static_cast<size_t>(M * F));  // pruned rows
+  XlaPoolScope scope(tp);
   return run_layer(segs, isa);
 }
 
@@ -1229,7 +1298,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqIntLinearSegmentsF32, nasq::IntLinearSegmentsI
                                   .Attr<ffi::Span<const int64_t>>("bits")
                                   .Attr<ffi::Span<const int64_t>>("rows")
                                   .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("resident"));
+                                  .Attr<int64_t>("resident")
+                                  .Ctx<ffi::ThreadPool>());
 // fp32 y [M, F] = a whole linear of fp32 x (LinearF32Impl): x, row_scale, bias, out_cols, then the segment
 // buffers; attributes as NasqIntLinearSegmentsF32.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqLinearF32, nasq::LinearF32Impl,
@@ -1243,5 +1313,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqLinearF32, nasq::LinearF32Impl,
                                   .Attr<ffi::Span<const int64_t>>("bits")
                                   .Attr<ffi::Span<const int64_t>>("rows")
                                   .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("resident"));
+                                  .Attr<int64_t>("resident")
+                                  .Ctx<ffi::ThreadPool>());
 #endif  // NASQ_NO_FFI
