@@ -1,10 +1,10 @@
 """`nasq pipeline`: finetune(fp32) -> search -> finalize -> finetune(QAT+KD) -> export -> eval, in one command.
 
 ``--allocator measured`` replaces the supernet search and finalize by the measured allocation
-(:mod:`nasq.baselines.measured`: each tensor's output damage measured at every width, the knapsack, then
-``refine_rounds`` rounds of re-measuring around the plan): on SST-2 at avg 1.5 bits it scored above every variant
-of the supernet search after QAT (experiments/results/protocol/NOTES.md), and it trains nothing, so it takes a
-few minutes where the search takes an hour.
+(:mod:`nasq.baselines.measured`: each tensor's output damage measured at every width, then the knapsack;
+``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2): on SST-2 at avg 1.5 bits
+it scored above every variant of the supernet search after QAT (experiments/results/protocol/NOTES.md), and it
+trains nothing, so it takes a few minutes where the search takes an hour.
 
 Each stage writes its own output under `OUT/` and is skipped when that output is already complete, so an
 interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
@@ -197,7 +197,7 @@ def measured_plan(cfg: Config, refine_rounds: int) -> Plan:
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
-                 allocator: str = "search", refine_rounds: int = 2) -> dict:
+                 allocator: str = "search", refine_rounds: int = 0) -> dict:
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     if allocator not in ALLOCATORS:

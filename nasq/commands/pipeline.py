@@ -14,8 +14,9 @@ def register(sub) -> None:
     p.add_argument("--allocator", choices=ALLOCATORS, default="search",
                    help="how the plan is chosen: the supernet search + finalize (default), or the measured "
                    "allocation (each tensor's output damage measured at each width, knapsack, refined)")
-    p.add_argument("--refine-rounds", type=int, default=2, metavar="R",
-                   help="--allocator measured: rounds of re-measuring around the plan (default 2)")
+    p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
+                   help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
+                   "on SST-2, see experiments/results/protocol/NOTES.md)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
