@@ -189,7 +189,8 @@ def measured_plan(cfg: Config, refine_rounds: int) -> Plan:
     model, model_dir, prov = baseline_model(cfg)
     budget = baseline_budget(cfg, model)
     if budget is None:
-        raise NasqError("--allocator measured needs a size budget: --avg-bits, --budget-mb or --ratio")
+        raise NasqError("--allocator measured needs a size budget: --set search.avg_bits=B (or search.budget_mb, "
+                        "search.ratio); a latency budget needs --allocator search")
     data = load_task_data(cfg, model_dir=model_dir)
     return baseline_plan("measured", model, data, cfg, budget, refine_rounds=refine_rounds,
                          provenance={**prov, "task": cfg.data.task, "num_labels": model.num_labels})
