@@ -289,15 +289,14 @@ def test_xla_pool_and_own_pool_give_the_same_outputs():
     _, rs, bias = epilogue_inputs(rng, 1, r)
     isa, panels = native.prepack_segments(segments, 256)
     f = jax.jit(lambda x: native.linear(x, panels, rs, bias, np.arange(r, dtype=np.int32), r, panels_isa=isa))
-    assert native.xla_pool()
-    outs = []
+    start, outs = native.xla_pool(), []
     try:
         for on in (True, False, True):
             native.set_xla_pool(on)
             assert native.xla_pool() is on
             outs.append(np.asarray(f(x)))
     finally:
-        native.set_xla_pool(True)
+        native.set_xla_pool(start)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     xq, sx = quantize_act_int8(x)

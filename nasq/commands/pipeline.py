@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
     p.add_argument("--allocator", choices=ALLOCATORS, default="search",
                    help="how the plan is chosen: the supernet search + finalize (default), or the measured "
-                   "allocation (each tensor's output damage measured at each width, knapsack, refined)")
+                   "allocation (each tensor's output damage measured at each width, then the exact knapsack; minutes, no "
+                   "training; the better allocator on SST-2 so far, see README Results)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
