@@ -389,6 +389,20 @@ def test_refined_damage_is_measured_around_the_plan(model, tensors, task_data):
         measured_allocation(model, task_data, tensors, budget, damage=fp32, refine_rounds=1)
 
 
+def test_train_batches_of_long_rows_only(task_data):
+    """min_tokens: the measured rows all have at least that many tokens; none that long is a clear error."""
+    from nasq.baselines.hessian import _train_batches
+
+    lengths = task_data.train.lengths
+    cut = int(np.percentile(lengths, 75))
+    for b in _train_batches(task_data, 3, 4, 0, min_tokens=cut):
+        real = np.asarray(b.attention_mask).sum(1)[np.asarray(b.weights) > 0]
+        assert real.size and (real >= cut).all()
+    assert any((np.asarray(b.attention_mask).sum(1) < cut).any() for b in _train_batches(task_data, 8, 4, 0))
+    with pytest.raises(NasqError, match="of at least"):
+        _train_batches(task_data, 1, 4, 0, min_tokens=int(lengths.max()) + 1)
+
+
 # ------------------------------------------------------------------------------------------------ plans
 
 
@@ -428,6 +442,8 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), damage_from="p.json")
     with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), refine_rounds=1)
+    with pytest.raises(NasqError, match="--min-tokens is for the measured baseline"):
+        baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), min_tokens=8)
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -497,9 +513,10 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         refined = tmp_path / "refined.json"  # refinement: the fp32 damages still recorded, the rounds too
         assert cli([*common[:-2], "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
                     "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--refine-rounds", "1",
-                    "--out", str(refined)]) == 0
+                    "--min-tokens", "2", "--out", str(refined)]) == 0
         r = Plan.load(refined)
-        assert r.provenance["refine_rounds"] == 1 and r.provenance["damage_kl_x1000"] == dmg
+        assert r.provenance["refine_rounds"] == 1 and r.provenance["min_tokens"] == 2
         assert [x["round"] for x in r.provenance["refine"]["rounds"]] == [0, 1] and r.totals["within_budget"]
         assert cli([*common, "--ratio", "8", "--refine-rounds", "1", "--out", str(tmp_path / "x.json")]) == 2
+        assert cli([*common, "--ratio", "8", "--min-tokens", "4", "--out", str(tmp_path / "x.json")]) == 2
         assert not (tmp_path / "x.json").exists()

@@ -202,6 +202,7 @@ def baseline_plan(
     progress=None,
     damage_from: str | None = None,
     refine_rounds: int = 0,
+    min_tokens: int = 0,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -211,7 +212,7 @@ def baseline_plan(
     ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
     (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
     path, it re-solves from the damages recorded there and reads no data; ``refine_rounds``: see
-    :func:`nasq.baselines.measured.measured_allocation`). ``seed`` defaults to
+    :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens``). ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
@@ -220,6 +221,8 @@ def baseline_plan(
         raise NasqError(f"--damage-from is for the measured baseline, not {method}")
     if refine_rounds and method != "measured":
         raise NasqError(f"--refine-rounds is for the measured baseline, not {method}")
+    if min_tokens and method != "measured":
+        raise NasqError(f"--min-tokens is for the measured baseline, not {method}")
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -262,7 +265,7 @@ def baseline_plan(
             utility = "-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2"
         else:
             bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage,
-                                      refine_rounds=refine_rounds, **common)
+                                      refine_rounds=refine_rounds, min_tokens=min_tokens, **common)
             utility = "-KL(f || f with only tensor t at c bits)*rows_g/rows_t"
             if refine_rounds:
                 prov["refine_rounds"] = int(refine_rounds)

@@ -226,12 +226,18 @@ def hessian_utilities(traces: Sequence[np.ndarray], perturbations: Sequence[np.n
     return utils, clamped
 
 
-def _train_batches(data, n_batches: int, batch_size: int, seed: int) -> list:
+def _train_batches(data, n_batches: int, batch_size: int, seed: int, min_tokens: int = 0) -> list:
+    """``n_batches`` seeded train batches; with ``min_tokens``, drawn only from rows of at least that many tokens
+    (SST-2's train rows are mostly short phrases, its dev rows whole sentences)."""
     if n_batches < 1:
         raise NasqError(f"n_batches must be >= 1, got {n_batches}")
-    if len(data.train) == 0:
-        raise NasqError("the Hessian baseline needs training rows; the train split is empty")
-    it = iterate_batches(data.train, batch_size, data.buckets, seed)
+    train = data.train
+    if min_tokens > 0:
+        train = train.select(np.flatnonzero(train.lengths >= min_tokens))
+    if len(train) == 0:
+        raise NasqError("the sensitivity baselines need training rows; the train split has none"
+                        + (f" of at least {min_tokens} tokens (lower --min-tokens)" if min_tokens > 0 else ""))
+    it = iterate_batches(train, batch_size, data.buckets, seed)
     return [next(it)[2] for _ in range(n_batches)]
 
 

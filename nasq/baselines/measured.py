@@ -182,13 +182,15 @@ def measured_allocation(
     progress=None,
     damage: Sequence[np.ndarray] | None = None,
     refine_rounds: int = 0,
+    min_tokens: int = 0,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g u_{g,c_g}`` (module docstring) within ``budget_bytes``. ``model`` is the
     fp32 fine-tuned model, ``data`` a :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches``
     seeded batches of ``batch_size`` (the Hessian baseline's rows for the same arguments). ``damage``: damages
     measured before (:func:`damage_from_plan`; then neither ``model`` nor ``data`` is read). ``refine_rounds``:
     re-measure around the plan and re-solve that many times, keep the plan of least joint KL (module docstring).
-    ``info`` (optional dict) receives the fp32-based damages, solver statistics and the refinement rounds."""
+    ``min_tokens``: measure on train rows of at least that many tokens only. ``info`` (optional dict) receives the
+    fp32-based damages, solver statistics and the refinement rounds."""
     if refine_rounds < 0:
         raise NasqError(f"refine_rounds must be >= 0, got {refine_rounds}")
     if refine_rounds and damage is not None:
@@ -201,7 +203,7 @@ def measured_allocation(
         return allocate(measured_utilities(tensors, d), sizes, budget_bytes, time_limit=time_limit)
 
     if damage is None:
-        batches = _train_batches(data, n_batches, batch_size, seed)
+        batches = _train_batches(data, n_batches, batch_size, seed, min_tokens)
         probe = _Probe(model, batches, tensors, mode)
         damage = tensor_damage(model, batches, tensors, mode, progress=progress, probe=probe)
         rows = int(sum(float(np.asarray(b.weights).sum()) for b in batches))
@@ -228,7 +230,7 @@ def measured_allocation(
     if info is not None:
         if rows is not None:
             info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
-                         "rows": rows})
+                         "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
         info.update({"solver": alloc.solver, "optimal": alloc.optimal,
                      "damage_kl_x1000": {t.path: {str(int(c)): 1000 * float(v)
                                                   for c, v in zip(t.choices, d, strict=True)}

@@ -60,6 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="measured: re-measure each tensor's damage around the plan (the other tensors quantized) and "
                    "re-solve, R times; the plan of least measured output KL is kept (default 0)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="L",
+                   help="measured: measure on train rows of at least L tokens only (default 0: all rows)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -77,8 +79,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         raise NasqError(f"--damage-from is for the measured baseline, not {args.method}")
     if args.refine_rounds and args.method != "measured":
         raise NasqError(f"--refine-rounds is for the measured baseline, not {args.method}")
+    if args.min_tokens and args.method != "measured":
+        raise NasqError(f"--min-tokens is for the measured baseline, not {args.method}")
+    if args.min_tokens < 0:
+        raise NasqError(f"--min-tokens must be >= 0, got {args.min_tokens}")
     if args.refine_rounds < 0:
         raise NasqError(f"--refine-rounds must be >= 0, got {args.refine_rounds}")
+    if args.min_tokens and args.damage_from:
+        raise NasqError("--min-tokens picks the rows to measure on, so it cannot work from --damage-from; drop one")
     if args.refine_rounds and args.damage_from:
         raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
     measure = args.method == "hessian" or (args.method == "measured" and not args.damage_from)
@@ -94,7 +102,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
                              n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                              provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None,
-                             damage_from=args.damage_from, refine_rounds=args.refine_rounds)
+                             damage_from=args.damage_from, refine_rounds=args.refine_rounds,
+                             min_tokens=args.min_tokens)
     finally:
         if bar:
             bar.close()
