@@ -352,8 +352,8 @@ def test_plan_rows_put_each_group_at_its_width(model, tensors):
 
 
 def test_refined_damage_is_measured_around_the_plan(model, tensors, task_data):
-    """D_t(c | P): the KL of the model with every tensor at plan P's widths and t at c; with P all-8-bit it is close
-    to the fp32-based D_t(c), and the plan of least joint KL is the one refinement keeps."""
+    """D_t(c | P): the KL of the model with every tensor at plan P's widths and t at c (not the fp32-based D_t(c));
+    the plan of least joint KL is the one refinement keeps; bad arguments are clear errors."""
     from nasq.baselines.hessian import _train_batches
     from nasq.baselines.measured import _Probe, measured_allocation, plan_rows, tensor_damage
     from nasq.contract.cost import plan_size_bytes
@@ -510,7 +510,7 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert cli([*common, "--ratio", "4", "--out", str(tmp_path / "wider.json")]) == 0
         wider = Plan.load(tmp_path / "wider.json")
         assert wider.totals["avg_bits"] > a.totals["avg_bits"] and wider.totals["within_budget"]
-        refined = tmp_path / "refined.json"  # refinement: the fp32 damages still recorded, the rounds too
+        refined = tmp_path / "refined.json"  # refinement and long rows: recorded in the provenance
         assert cli([*common[:-2], "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
                     "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--refine-rounds", "1",
                     "--min-tokens", "2", "--out", str(refined)]) == 0
