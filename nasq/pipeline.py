@@ -32,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nasq.baselines.allocators import baseline_budget, baseline_model, baseline_plan
+from nasq.baselines.allocators import baseline_budget, baseline_model, baseline_plan, check_measured_options
 from nasq.config import Config, build_config
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
@@ -203,8 +203,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
-    if refine_rounds < 0:
-        raise NasqError(f"--refine-rounds must be >= 0, got {refine_rounds}")
+    check_measured_options("measured", refine_rounds=refine_rounds)
     p = PRESETS[preset]
     user_layers = user_layers or []
     out = Path(out)

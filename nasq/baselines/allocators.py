@@ -54,6 +54,7 @@ __all__ = [
     "baseline_model",
     "baseline_plan",
     "baseline_tensors",
+    "check_measured_options",
     "group_magnitudes",
     "magnitude_allocation",
     "random_allocation",
@@ -185,6 +186,24 @@ def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
                        ratio=s.ratio, convention=s.convention)
 
 
+def check_measured_options(method: str, *, damage_from: str | None = None, refine_rounds: int = 0,
+                           min_tokens: int = 0) -> None:
+    """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``): only for
+    ``measured``, non-negative, and the two that measure cannot work from recorded damages. ``NasqError`` else
+    (``nasq baseline`` calls it before reading any data)."""
+    for flag, value in (("--damage-from", damage_from is not None), ("--refine-rounds", refine_rounds),
+                        ("--min-tokens", min_tokens)):
+        if value and method != "measured":
+            raise NasqError(f"{flag} is for the measured baseline, not {method}")
+    for flag, value in (("--min-tokens", min_tokens), ("--refine-rounds", refine_rounds)):
+        if value < 0:
+            raise NasqError(f"{flag} must be >= 0, got {value}")
+    if min_tokens and damage_from is not None:
+        raise NasqError("--min-tokens picks the rows to measure on, so it cannot work from --damage-from; drop one")
+    if refine_rounds and damage_from is not None:
+        raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
+
+
 def baseline_plan(
     method: str,
     model: nnx.Module,
@@ -217,12 +236,7 @@ def baseline_plan(
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
-    if damage_from is not None and method != "measured":
-        raise NasqError(f"--damage-from is for the measured baseline, not {method}")
-    if refine_rounds and method != "measured":
-        raise NasqError(f"--refine-rounds is for the measured baseline, not {method}")
-    if min_tokens and method != "measured":
-        raise NasqError(f"--min-tokens is for the measured baseline, not {method}")
+    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:

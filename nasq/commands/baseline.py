@@ -19,6 +19,7 @@ from nasq.baselines.allocators import (
     baseline_model,
     baseline_plan,
     baseline_tensors,
+    check_measured_options,
 )
 from nasq.commands._common import add_budget_flags, add_common, config_from_args
 from nasq.contract.cost import MB
@@ -75,20 +76,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     budget = baseline_budget(cfg, model)
     if budget is None and args.method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {args.method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    if args.damage_from and args.method != "measured":
-        raise NasqError(f"--damage-from is for the measured baseline, not {args.method}")
-    if args.refine_rounds and args.method != "measured":
-        raise NasqError(f"--refine-rounds is for the measured baseline, not {args.method}")
-    if args.min_tokens and args.method != "measured":
-        raise NasqError(f"--min-tokens is for the measured baseline, not {args.method}")
-    if args.min_tokens < 0:
-        raise NasqError(f"--min-tokens must be >= 0, got {args.min_tokens}")
-    if args.refine_rounds < 0:
-        raise NasqError(f"--refine-rounds must be >= 0, got {args.refine_rounds}")
-    if args.min_tokens and args.damage_from:
-        raise NasqError("--min-tokens picks the rows to measure on, so it cannot work from --damage-from; drop one")
-    if args.refine_rounds and args.damage_from:
-        raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
+    check_measured_options(args.method, damage_from=args.damage_from, refine_rounds=args.refine_rounds,
+                           min_tokens=args.min_tokens)
     measure = args.method == "hessian" or (args.method == "measured" and not args.damage_from)
     data = load_task_data(cfg, model_dir=model_dir) if measure else None
     prov.update(task=cfg.data.task, num_labels=model.num_labels)
