@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nasq.cli import main
-from nasq.pipeline import run_pipeline
+from nasq.pipeline import PRESETS, run_pipeline
 
 
 def _layers(tiny_model_dir, glue_dir):
@@ -18,7 +18,8 @@ def _layers(tiny_model_dir, glue_dir):
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "pipe"
-    s = run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), log=lambda *a: None)
+    s = run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), log=lambda *a: None,
+                     allocator="search")
     for part in ("teacher/model/state.safetensors", "search/alphas.safetensors", "plan.json",
                  "qat/model/plan.json", "model.nasq/manifest.json", "summary.json"):
         assert (out / part).exists(), part
@@ -31,7 +32,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
     # resume: every stage is complete, nothing is retrained (checkpoints and plan untouched)
     stamp = {p: p.stat().st_mtime_ns for p in [out / "plan.json", out / "qat" / "run.json", out / "search" / "run.json"]}
     run_pipeline(out, preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), resume=True,
-                 log=lambda *a: None)
+                 log=lambda *a: None, allocator="search")
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
     # `nasq eval` on the QAT run (fake-quant), and side by side with the artifact (integer path)
@@ -48,23 +49,24 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
 
 @pytest.mark.slow
 def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path):
-    """--allocator measured: no search run; the plan is the refined measured allocation within the budget, QAT'd,
-    exported and evaluated like a searched one; resuming with the other allocator is refused, nothing lost."""
+    """The default allocator, measured: no search run; the plan is the (here refined) measured allocation within
+    the budget on the preset's batches, QAT'd, exported and evaluated like a searched one; resuming with the
+    other allocator is refused, nothing lost."""
     from nasq.contract.plan import Plan
     from nasq.errors import NasqError
 
     out = tmp_path / "pipe"
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"]["avg_bits"] = 3
-    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, allocator="measured",
-                     refine_rounds=1)
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, refine_rounds=1)
     plan = Plan.load(out / "plan.json")
     assert not (out / "search").exists() and s["allocator"] == "measured"
     assert plan.provenance["method"] == "measured" and plan.provenance["refine_rounds"] == 1
+    assert plan.provenance["n_batches"] == PRESETS["smoke"]["measure_batches"]
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     stamp = (out / "plan.json").stat().st_mtime_ns
     with pytest.raises(NasqError, match="was made by 'measured'"):
-        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None)
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, allocator="search")
     assert (out / "plan.json").stat().st_mtime_ns == stamp and not (out / "search").exists()
     with pytest.raises(NasqError, match="unknown allocator"):
         run_pipeline(tmp_path / "x", preset="smoke", user_layers=layers, allocator="hessian")
@@ -86,7 +88,7 @@ def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, 
         "  - {name: emb, patterns: ['embeddings.word_embeddings'], groups: 8, choices: [0, 2, 4, 8]}\n")
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"] = {"space": str(space), "avg_bits": None, "budget_mb": 0.5, "convention": "artifact"}
-    s = run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
+    s = run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None, allocator="search")
     plan = json.loads((tmp_path / "pipe" / "plan.json").read_text())
     emb = [t for t in plan["tensors"] if t["path"] == "embeddings.word_embeddings"]
     assert len(emb) == 1 and len(emb[0]["bits"]) == 8

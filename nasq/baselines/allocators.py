@@ -186,6 +186,12 @@ def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
                        ratio=s.ratio, convention=s.convention)
 
 
+def measured_forwards(cfg: Config, model: nnx.Module, refine_rounds: int = 0) -> int:
+    """How many forwards of its rows the measured allocation runs (one per searched tensor and width, again per
+    refinement round): the length of its progress bar."""
+    return (1 + refine_rounds) * sum(len(t.choices) for t in baseline_tensors(cfg, model)[1])
+
+
 def check_measured_options(method: str, *, damage_from: str | None = None, refine_rounds: int = 0,
                            min_tokens: int = 0) -> None:
     """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``): only for

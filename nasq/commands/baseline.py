@@ -18,8 +18,8 @@ from nasq.baselines.allocators import (
     baseline_budget,
     baseline_model,
     baseline_plan,
-    baseline_tensors,
     check_measured_options,
+    measured_forwards,
 )
 from nasq.commands._common import add_budget_flags, add_common, config_from_args
 from nasq.contract.cost import MB
@@ -85,8 +85,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
     bar = None
     if args.method == "measured" and not args.damage_from:  # one forward of the rows per (tensor, width)
-        bar = Progress((1 + args.refine_rounds) * sum(len(t.choices) for t in baseline_tensors(cfg, model)[1]),
-                       desc="measured: forwards")
+        bar = Progress(measured_forwards(cfg, model, args.refine_rounds), desc="measured: forwards")
     try:
         plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
                              n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,

@@ -1,4 +1,4 @@
-"""`nasq pipeline`: finetune -> search -> finalize -> QAT -> export -> eval (`nasq.pipeline`)."""
+"""`nasq pipeline`: finetune -> allocate (measured, or search + finalize) -> QAT -> export -> eval (`nasq.pipeline`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from nasq.pipeline import ALLOCATORS, PRESETS, run_pipeline
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pipeline", help="finetune -> search -> finalize -> QAT -> export -> eval")
+    p = sub.add_parser("pipeline", help="finetune -> allocate (measured or search) -> QAT -> export -> eval")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
-    p.add_argument("--allocator", choices=ALLOCATORS, default="search",
-                   help="how the plan is chosen: the supernet search + finalize (default), or the measured "
-                   "allocation (each tensor's output damage measured at each width, then the exact knapsack; minutes, no "
-                   "training; the better allocator on SST-2 so far, see README Results)")
+    p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
+                   help="how the plan is chosen: the measured allocation (default: each tensor's output damage "
+                   "measured at each width, then the exact knapsack; minutes, no training; the best mean on SST-2 "
+                   "at every budget run, see README Results), or the supernet search + finalize (an hour; also "
+                   "takes --latency-ms)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
