@@ -12,9 +12,9 @@ from nasq.allocator import tune_allocator
 
 tune_allocator()  # keep freed memory in the process: XLA on CPU allocates every call's buffers afresh
 
-_API = ("Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
+_API = ("Model", "allocate", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
         "make_config", "run_search")
-__all__ = ["Model", "__version__", "enable_compilation_cache", "evaluate", "export_artifact", "export_onnx",
+__all__ = ["Model", "__version__", "allocate", "enable_compilation_cache", "evaluate", "export_artifact", "export_onnx",
            "finalize", "finetune", "inspect", "load", "make_config", "run_search"]
 
 

@@ -8,8 +8,9 @@ output where you say, and returns the path (or the plan / model) it made::
 
     cfg = nasq.make_config(task="sst2", data_dir="../shared/data/glue", teacher="runs/teacher",
                            **{"search.avg_bits": 2.0, "train.max_steps": 300})
+    plan = nasq.allocate(cfg, "runs/plan.json")                   # measured allocation under the budget, or:
     run = nasq.run_search(cfg, "runs/search")                     # supernet search under the budget
-    plan = nasq.finalize(run, "runs/plan.json", avg_bits=2.5)     # a discrete plan, here at another budget
+    plan = nasq.finalize(run, "runs/plan.json", avg_bits=2.5, overwrite=True)  # its plan, here at another budget
     qat = nasq.finetune(cfg, "runs/qat", plan="runs/plan.json")   # QAT + KD from the teacher
     art = nasq.export_artifact(qat, "runs/model.nasq")            # bit-packed integer artifact
     model = nasq.load(art)
@@ -31,7 +32,7 @@ from nasq.config import Config, build_config
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 
-__all__ = ["Model", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
+__all__ = ["Model", "allocate", "evaluate", "export_artifact", "export_onnx", "finalize", "finetune", "inspect", "load",
            "make_config", "run_search"]
 
 
@@ -73,6 +74,24 @@ def run_search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite:
     from nasq.search.loop import search as _search
 
     return Path(_search(cfg, out, resume=resume, overwrite=overwrite, log=log))
+
+
+def allocate(cfg: Config, out: str | Path, *, method: str = "measured", bits: int | None = None,
+             rule_bits: dict[str, int] | None = None, n_batches: int = 8, overwrite: bool = False, log=print,
+             **options: Any) -> Plan:
+    """A plan for ``cfg.kd.teacher`` under ``cfg.search``'s size budget and space, without a search, saved to
+    ``out`` (``nasq baseline METHOD``): ``"measured"`` (the default, and ``nasq pipeline``'s: each tensor's output
+    KL measured at every width on ``n_batches`` train batches, then the exact knapsack), ``"hessian"``,
+    ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
+    ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``
+    (:func:`nasq.baselines.allocators.baseline_plan`)."""
+    from nasq.baselines.allocators import allocate_plan
+    from nasq.io import check_output_path
+
+    check_output_path(out, overwrite)
+    plan = allocate_plan(method, cfg, bits=bits, rule_bits=rule_bits, n_batches=n_batches, log=log, **options)
+    plan.save(out, overwrite=overwrite)
+    return plan
 
 
 def finalize(run: str | Path, out: str | Path, *, avg_bits: float | None = None, budget_mb: float | None = None,

@@ -37,13 +37,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nasq.baselines.allocators import (
-    baseline_budget,
-    baseline_model,
-    baseline_plan,
-    check_measured_options,
-    measured_forwards,
-)
+from nasq.baselines.allocators import allocate_plan, check_measured_options
 from nasq.config import Config, build_config
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
@@ -54,7 +48,7 @@ from nasq.evaluation import evaluate
 from nasq.export.reader import compare_with_run, read_manifest
 from nasq.export.writer import export_artifact
 from nasq.io import check_output_path, mark_nasq_made, read_json, write_atomic
-from nasq.run import Progress, run_finished
+from nasq.run import run_finished
 from nasq.search.finalize import finalize_run
 from nasq.search.loop import search
 from nasq.train.finetune import finetune
@@ -200,19 +194,11 @@ ALLOCATORS = ("measured", "search")  # the first is the default
 def measured_plan(cfg: Config, refine_rounds: int, n_batches: int = 8) -> Plan:
     """The measured allocation (``nasq baseline measured --refine-rounds --n-batches``) for ``cfg.kd.teacher``
     under ``cfg.search``'s size budget and space, on ``n_batches`` batches of ``cfg.data``'s train rows."""
-    model, model_dir, prov = baseline_model(cfg)
-    budget = baseline_budget(cfg, model)
-    if budget is None:
+    if cfg.search.latency_ms is not None or all(getattr(cfg.search, k) is None for k in ("avg_bits", "budget_mb",
+                                                                                          "ratio")):
         raise NasqError("--allocator measured needs a size budget: --set search.avg_bits=B (or search.budget_mb, "
                         "search.ratio); a latency budget needs --allocator search")
-    data = load_task_data(cfg, model_dir=model_dir)
-    bar = Progress(measured_forwards(cfg, model, refine_rounds), desc="measured: forwards")
-    try:
-        return baseline_plan("measured", model, data, cfg, budget, refine_rounds=refine_rounds, n_batches=n_batches,
-                             provenance={**prov, "task": cfg.data.task, "num_labels": model.num_labels},
-                             progress=lambda done, total: bar.update(1))
-    finally:
-        bar.close()
+    return allocate_plan("measured", cfg, refine_rounds=refine_rounds, n_batches=n_batches)
 
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,

@@ -1,7 +1,7 @@
 """nasq from Python, end to end, with the public API (``import nasq``; ``nasq/api.py``):
 
     fp32 teacher -> search under a size budget -> finalize (its own budget and a second one, from one search)
-    -> QAT + KD of the plan, from the search's weights -> bit-packed integer artifact -> predict / evaluate
+    (and the measured allocation at the same budget, `nasq pipeline`'s default allocator, for comparison) -> QAT + KD of the plan, from the search's weights -> bit-packed integer artifact -> predict / evaluate
     -> ONNX (when the ``onnx`` extra is installed)
 
 Run from the repo root (a smoke-sized recipe by default: a few minutes on 2 CPU cores; its accuracy means
@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     plan = nasq.finalize(search, out / "plan.json", spend_leftover=True, overwrite=True)
     wider = nasq.finalize(search, out / "plan_wider.json", avg_bits=a.avg_bits + 1, overwrite=True)
-    for p in (plan, wider):
+    # the measured allocation (no search: each tensor's output KL at every width, then the knapsack)
+    measured = nasq.allocate(cfg, out / "plan_measured.json", n_batches=2, overwrite=True)
+    for p in (plan, wider, measured):
         t = p.totals
         print(f"plan: {t['searched_bytes']:,} of {p.budget['bytes']:,} budget bytes, avg {t['avg_bits']:.2f} bits, "
               f"{100 * t['pruned_fraction']:.0f}% of the rows pruned")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(model.predict(["a gripping, funny film", "a dull, lifeless mess"])))
     metrics = model.evaluate(nasq.make_config(data_dir=a.data_dir, **{"model.max_len": a.max_len}))
     print("dev through the integer path:", json.dumps(metrics))
-    result = {"artifact": str(artifact), "search": str(search), "plan": plan, "wider": wider, "dev": metrics,
+    result = {"artifact": str(artifact), "search": str(search), "plan": plan, "wider": wider, "measured": measured,
+              "dev": metrics,
               "predictions": model.predict(["a gripping, funny film", "dull"])}
     try:
         result["onnx"] = nasq.export_onnx(artifact, out / "model.onnx", overwrite=True)

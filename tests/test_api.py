@@ -43,6 +43,7 @@ def test_config_layers_and_errors(tmp_path):
 def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
     """notebooks/quickstart.py (the API example: every stage through `nasq.*`) on the tiny model, then what its
     outputs must satisfy: plans within budget and equal to their files, one search finalized at a second budget,
+    the measured allocation at the search's budget,
     predictions equal to the CLI path's, the artifact's metrics the same through `Model.evaluate` and
     `nasq.evaluate`."""
     import importlib.util
@@ -56,6 +57,9 @@ def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
     plan, wider = res["plan"], res["wider"]
     assert isinstance(plan, Plan) and plan.totals["within_budget"] and Plan.load(out / "plan.json") == plan
     assert wider.budget["bytes"] > plan.budget["bytes"] and wider.totals["searched_bytes"] <= wider.budget["bytes"]
+    measured = res["measured"]
+    assert measured.provenance["method"] == "measured" and measured.budget == plan.budget
+    assert measured.totals["within_budget"] and Plan.load(out / "plan_measured.json") == measured
     with pytest.raises(NasqError, match="at most one"):
         nasq.finalize(res["search"], tmp_path / "plan3.json", avg_bits=2.0, ratio=8.0)
     art = res["artifact"]
@@ -77,3 +81,28 @@ def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
         assert (out / "model.onnx").stat().st_size == res["onnx"]["onnx_file_bytes"]
     with pytest.raises(NasqError):
         nasq.load(tmp_path / "missing.nasq")
+
+
+def test_allocate_from_python_equals_the_cli(tiny_model_dir, glue_dir, tmp_path, capsys):
+    """`nasq.allocate`: the measured plan (the default method) within the budget, saved, the same as `nasq
+    baseline measured`'s; an existing file is not overwritten without overwrite=True; a bad method is named."""
+    from nasq.cli import main
+
+    cfg = _cfg(tiny_model_dir, glue_dir, **{"search.avg_bits": 3})
+    plan = nasq.allocate(cfg, tmp_path / "m.json", n_batches=1, log=lambda *a: None)
+    assert plan.provenance["method"] == "measured" and plan.totals["within_budget"]
+    assert Plan.load(tmp_path / "m.json") == plan
+    assert main(["baseline", "measured", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir",
+                 str(glue_dir), "--space", "tiny", "--avg-bits", "3", "--n-batches", "1", "--train-subset", "96",
+                 "--set", "model.max_len=32", "--set", "data.buckets=[32]", "--set", "train.batch_size=16",
+                 "--out", str(tmp_path / "cli.json")]) == 0
+    assert Plan.load(tmp_path / "cli.json").bits_per_group() == plan.bits_per_group()
+    stamp = (tmp_path / "m.json").stat().st_mtime_ns
+    with pytest.raises(NasqError, match="already exists"):
+        nasq.allocate(cfg, tmp_path / "m.json", method="uniform", bits=2)
+    assert (tmp_path / "m.json").stat().st_mtime_ns == stamp
+    u = nasq.allocate(cfg, tmp_path / "m.json", method="uniform", bits=2, overwrite=True)
+    assert u.provenance["method"] == "uniform" and Plan.load(tmp_path / "m.json") == u
+    with pytest.raises(NasqError, match="unknown baseline 'bogus'"):
+        nasq.allocate(cfg, tmp_path / "b.json", method="bogus")
+    assert not (tmp_path / "b.json").exists()

@@ -42,10 +42,12 @@ from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.contract.plan import make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.data.glue import get_task
+from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.models.loading import load_pretrained, resolve_model_dir
 from nasq.models.surgery import linear_shapes, model_param_shapes
 from nasq.quant.packing import group_nbytes
+from nasq.run import Progress
 from nasq.search.finalize import allocate, choices_to_bits
 
 __all__ = [
@@ -298,3 +300,38 @@ def baseline_plan(
         raise RuntimeError(f"{method} baseline exceeded its budget")
     return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),
                      provenance=prov)
+
+
+def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
+                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0, damage_from: str | None = None,
+                  refine_rounds: int = 0, min_tokens: int = 0, log=print):
+    """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
+    pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
+    :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
+    (read only by ``hessian`` and ``measured``, and only after every option is checked); ``measured`` shows a
+    progress bar of its forwards. The other arguments are :func:`baseline_plan`'s."""
+    if method not in METHODS:
+        raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    model, model_dir, prov = baseline_model(cfg, log)
+    budget = baseline_budget(cfg, model)
+    if budget is None and method not in ("uniform", "rule"):  # before reading any data
+        raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
+    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens)
+    if rule_bits and method != "rule":
+        raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
+    measure = method == "hessian" or (method == "measured" and damage_from is None)
+    data = None
+    if measure:
+        data = load_task_data(cfg, model_dir=model_dir)
+    prov.update(task=cfg.data.task, num_labels=model.num_labels)
+    bar = None
+    if method == "measured" and damage_from is None:  # one forward of the rows per (tensor, width)
+        bar = Progress(measured_forwards(cfg, model, refine_rounds), desc="measured: forwards")
+    try:
+        return baseline_plan(method, model, data, cfg, budget, bits=bits, rule_bits=rule_bits, n_batches=n_batches,
+                             n_probes=n_probes, time_limit=time_limit, provenance=prov,
+                             progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
+                             refine_rounds=refine_rounds, min_tokens=min_tokens)
+    finally:
+        if bar:
+            bar.close()

@@ -13,20 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-from nasq.baselines.allocators import (
-    METHODS,
-    baseline_budget,
-    baseline_model,
-    baseline_plan,
-    check_measured_options,
-    measured_forwards,
-)
+from nasq.baselines.allocators import METHODS, allocate_plan
 from nasq.commands._common import add_budget_flags, add_common, config_from_args
 from nasq.contract.cost import MB
-from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
 from nasq.io import check_output_path
-from nasq.run import Progress
 
 
 def parse_rule_bits(text: str) -> dict[str, int]:
@@ -71,30 +62,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     if not args.out:
         raise NasqError("baseline needs --out plan.json")
     check_output_path(args.out, args.overwrite)
-    cfg = config_from_args(args)
-    model, model_dir, prov = baseline_model(cfg)
-    budget = baseline_budget(cfg, model)
-    if budget is None and args.method not in ("uniform", "rule"):  # before reading any data
-        raise NasqError(f"the {args.method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    check_measured_options(args.method, damage_from=args.damage_from, refine_rounds=args.refine_rounds,
-                           min_tokens=args.min_tokens)
-    measure = args.method == "hessian" or (args.method == "measured" and not args.damage_from)
-    data = load_task_data(cfg, model_dir=model_dir) if measure else None
-    prov.update(task=cfg.data.task, num_labels=model.num_labels)
-    if args.rule_bits and args.method != "rule":
-        raise NasqError(f"--rule-bits is for the rule baseline, not {args.method}")
-    bar = None
-    if args.method == "measured" and not args.damage_from:  # one forward of the rows per (tensor, width)
-        bar = Progress(measured_forwards(cfg, model, args.refine_rounds), desc="measured: forwards")
-    try:
-        plan = baseline_plan(args.method, model, data, cfg, budget, bits=args.bits, rule_bits=args.rule_bits,
-                             n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
-                             provenance=prov, progress=(lambda done, total: bar.update(1)) if bar else None,
-                             damage_from=args.damage_from, refine_rounds=args.refine_rounds,
-                             min_tokens=args.min_tokens)
-    finally:
-        if bar:
-            bar.close()
+    plan = allocate_plan(args.method, config_from_args(args), bits=args.bits, rule_bits=args.rule_bits,
+                         n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
+                         damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
