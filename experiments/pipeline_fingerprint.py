@@ -3,7 +3,7 @@
 
     python experiments/pipeline_fingerprint.py --data-dir ../shared/data/glue
 
-Runs `nasq pipeline --preset smoke` on a tiny random checkpoint (`nasq.testing.make_tiny_checkpoint`, seed 0;
+Runs `nasq pipeline --preset smoke --allocator search` (or `--allocator measured`) on a tiny random checkpoint (`nasq.testing.make_tiny_checkpoint`, seed 0;
 3 steps per stage, 96 train rows, space `tiny`) in a temporary directory and prints the sha256 (16 hex digits)
 of the plan's tensors, totals and budget (provenance excluded: it holds dates and paths) and of the artifact's
 `tensors.safetensors` and `layout.json`, plus the dev metric through the integer path. Run it before and after
@@ -30,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True, help="GLUE directory (standard layout)")
+    ap.add_argument("--allocator", default="search", choices=("search", "measured"),
+                    help="the pipeline's allocator (default search: the fingerprints recorded before the measured "
+                    "allocation became the pipeline's default were made with it)")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nasq_fingerprint_"))
     tiny = make_tiny_checkpoint(work / "tiny")
     rc = nasq_main(["pipeline", "--preset", "smoke", "--model", str(tiny), "--data-dir", a.data_dir,
                     "--out", str(work / "pipe"), "--set", "model.max_len=32", "--set", "data.train_subset=96",
                     "--set", "data.buckets=[32]", "--set", "train.max_steps=3", "--set", "train.batch_size=16",
-                    "--set", "search.space=tiny"])
+                    "--set", "search.space=tiny", "--allocator", a.allocator])
     if rc:
         return rc
     pipe = work / "pipe"

@@ -89,6 +89,7 @@ class _Probe:
         self.weights = [np.asarray(b.weights, np.float64) for b in batches]
         self.total_w = float(sum(w.sum() for w in self.weights))
         self.base = self._logits(state)
+        self._last_plan: tuple[tuple, dict] | None = None
 
     def _logits(self, state) -> list[np.ndarray]:
         return [np.asarray(self._fwd(state, b.input_ids, b.token_type_ids, b.attention_mask)) for b in self.batches]
@@ -101,11 +102,16 @@ class _Probe:
             flat[bias_key] = self.flat[bias_key].replace(jnp.asarray(bq))
 
     def at_plan(self, bits: Sequence[Sequence[int]]) -> dict:
-        """The flat state with every tensor at the plan's widths (``bits[t][g]``: group ``g`` of tensor ``t``)."""
-        flat = dict(self.flat)
-        for i, (t, (w, b)) in enumerate(zip(self.tensors, self.wb, strict=True)):
-            self.replace(flat, i, *plan_rows(t, w, b, bits[i], self.mode))
-        return flat
+        """The flat state with every tensor at the plan's widths (``bits[t][g]``: group ``g`` of tensor ``t``); the
+        last plan's state is kept, so a refinement round quantizes its plan once (its KL, then the damages around
+        it). Callers copy it before changing it."""
+        key = tuple(tuple(int(c) for c in row) for row in bits)
+        if self._last_plan is None or self._last_plan[0] != key:
+            flat = dict(self.flat)
+            for i, (t, (w, b)) in enumerate(zip(self.tensors, self.wb, strict=True)):
+                self.replace(flat, i, *plan_rows(t, w, b, bits[i], self.mode))
+            self._last_plan = (key, flat)
+        return self._last_plan[1]
 
     def kl(self, flat: dict) -> float:
         """Mean over the real rows of ``KL(fp32 output || output of the model with state flat)``."""

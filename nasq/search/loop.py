@@ -33,7 +33,6 @@ fixed point each step; `lambda` in the metrics is mu*. Temperature anneals geome
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,7 +116,6 @@ class Problem(NamedTuple):
     cost_tables: list[np.ndarray]  # bytes (or ms) per (group, choice), tensor order
     cost_kind: str  # "size" | "latency"
     cost_budget: float  # bytes or ms
-    fixed_bytes: int
     param_shapes: dict
 
 
@@ -126,7 +124,6 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
     space = load_space(cfg.search.space)
     tensors = resolve(space, linear_shapes(model.bert), model.config.num_attention_heads)
     shapes = model_param_shapes(model)
-    fixed = costlib.fixed_nbytes(shapes, tensors, space)
     s = cfg.search
     if s.latency_ms is not None:
         if not s.latency_table:
@@ -141,13 +138,12 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
         _lo_b, hi_b = costlib.size_range(tensors)
         budget = costlib.Budget(bytes=hi_b, convention="encoder", source=f"latency_ms={s.latency_ms}")
         tables = [costlib.latency_table(t, table) for t in tensors]
-        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms,
-                       fixed, shapes)
+        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, shapes)
     budget = costlib.size_budget(tensors, space, shapes, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
                                  convention=s.convention)
     if budget is None:
         raise NasqError("search needs a budget: one of --budget-mb, --avg-bits, --ratio, --latency-ms.")
-    return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), fixed, shapes)
+    return Problem(tensors, budget, costlib.size_tables(tensors), "size", float(budget.bytes), shapes)
 
 
 def plan_gate_logits(plan: Plan, tensors: list[SearchedTensor], logit: float) -> dict[str, np.ndarray]:
@@ -340,7 +336,7 @@ def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, mod
     space = load_space(cfg.search.space)
     result = SearchResult(
         space=SpaceInfo.of(space),
-        budget=dataclasses.replace(problem.budget, fixed_bytes=problem.fixed_bytes),
+        budget=problem.budget,  # fixed_bytes as size_budget set it: non-zero for the artifact convention only
         tensors=tuple(problem.tensors), param_shapes=problem.param_shapes, step=step,
         cost_kind=problem.cost_kind, cost_budget=problem.cost_budget, num_labels=data.task.num_labels,
         task=data.task.name, model_dir=str(data.model_dir), teacher=cfg.kd.teacher)
