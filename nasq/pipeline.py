@@ -191,13 +191,22 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
 ALLOCATORS = ("measured", "search")  # the first is the default
 
 
+def check_allocator(cfg: Config, allocator: str) -> None:
+    """The allocator's name, and a size budget for ``measured`` (a latency budget needs the search); run before
+    any stage, so a bad choice costs no training."""
+    if allocator not in ALLOCATORS:
+        raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    s = cfg.search
+    if allocator == "measured" and (s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3):
+        raise NasqError("--allocator measured (the default) needs a size budget: --set search.avg_bits=B (or "
+                        "search.budget_mb, search.ratio); a latency budget (search.latency_ms) needs --allocator "
+                        "search")
+
+
 def measured_plan(cfg: Config, refine_rounds: int, n_batches: int = 8) -> Plan:
     """The measured allocation (``nasq baseline measured --refine-rounds --n-batches``) for ``cfg.kd.teacher``
     under ``cfg.search``'s size budget and space, on ``n_batches`` batches of ``cfg.data``'s train rows."""
-    if cfg.search.latency_ms is not None or all(getattr(cfg.search, k) is None for k in ("avg_bits", "budget_mb",
-                                                                                          "ratio")):
-        raise NasqError("--allocator measured needs a size budget: --set search.avg_bits=B (or search.budget_mb, "
-                        "search.ratio); a latency budget needs --allocator search")
+    check_allocator(cfg, "measured")
     return allocate_plan("measured", cfg, refine_rounds=refine_rounds, n_batches=n_batches)
 
 
@@ -206,14 +215,13 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                  allocator: str = ALLOCATORS[0], refine_rounds: int = 0) -> dict:
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    if allocator not in ALLOCATORS:
-        raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options("measured", refine_rounds=refine_rounds)
     p = PRESETS[preset]
     user_layers = user_layers or []
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
+    check_allocator(configs["search"], allocator)
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:

@@ -68,9 +68,6 @@ def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path
     with pytest.raises(NasqError, match="was made by 'measured'"):
         run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, allocator="search")
     assert (out / "plan.json").stat().st_mtime_ns == stamp and not (out / "search").exists()
-    with pytest.raises(NasqError, match="unknown allocator"):
-        run_pipeline(tmp_path / "x", preset="smoke", user_layers=layers, allocator="hessian")
-    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -166,3 +163,18 @@ def test_stage_sections():
     assert all(stage_config(smoke, s, layers).train.lr == 1e-4 for s in ("finetune", "search", "qat"))
     with pytest.raises(NasqError, match="stages"):
         stage_config(smoke, "qat", [("--set", {"stages": {"qta": {"train": {"max_steps": 7}}}})])
+
+
+def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model_dir, glue_dir, tmp_path):
+    """The default allocator (measured) allocates under a size budget: a latency budget is refused with what to
+    do, before the teacher is trained or --out is created; so is an unknown allocator."""
+    from nasq.errors import NasqError
+
+    layers = _layers(tiny_model_dir, glue_dir)
+    layers[0][1]["search"].update(avg_bits=None, latency_ms=5.0)
+    with pytest.raises(NasqError, match="needs a size budget.*--allocator search"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
+    with pytest.raises(NasqError, match="unknown allocator"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     allocator="hessian")
+    assert not (tmp_path / "pipe").exists()
