@@ -20,9 +20,10 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
     OUT/model.nasq/   exported integer artifact
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
 
-Presets set step counts, subsets, the space and budget (avg 2 bits in ``aqbert_128g_w1234``: {1,2,3,4} bits, nothing
-pruned, which beat the pruning space at avg 2 on SST-2 for both allocators) and the measured allocator's batches. They are *quick* recipes for a 2-core CPU, not the full recipe:
-`smoke` (a few minutes, CI / first run) and `quick` (MiniLM + an SST-2 subset). A preset adapts to the task
+Presets set step counts, subsets, the budget and space (avg 2 bits in ``aqbert_128g_w1234``: {1,2,3,4} bits, nothing
+pruned: the space of the protocol's best avg-2 result, as pruned rows re-fit worst under QAT) and the measured
+allocator's batches. They are *quick* recipes for a 2-core CPU, not the full recipe: `smoke` (a few minutes, CI /
+first run) and `quick` (MiniLM + an SST-2 subset). A preset adapts to the task
 (:func:`fit_preset_to_task`: train subset capped to the split, max length from the task's token lengths).
 
 The user's ``--config`` / ``--set`` apply to every stage; a ``stages`` section applies to one stage:
@@ -191,11 +192,12 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
 ALLOCATORS = ("measured", "search")  # the first is the default
 
 
-def check_allocator(cfg: Config, allocator: str) -> None:
-    """The allocator's name, and a size budget for ``measured`` (a latency budget needs the search); run before
-    any stage, so a bad choice costs no training."""
+def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0) -> None:
+    """The allocator's name, its options, and a size budget for ``measured`` (a latency budget needs the search);
+    run before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    check_measured_options(allocator if allocator == "measured" else "search", refine_rounds=refine_rounds)
     s = cfg.search
     if allocator == "measured" and (s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3):
         raise NasqError("--allocator measured (the default) needs a size budget: --set search.avg_bits=B (or "
@@ -215,13 +217,12 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                  allocator: str = ALLOCATORS[0], refine_rounds: int = 0) -> dict:
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    check_measured_options("measured", refine_rounds=refine_rounds)
     p = PRESETS[preset]
     user_layers = user_layers or []
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
-    check_allocator(configs["search"], allocator)
+    check_allocator(configs["search"], allocator, refine_rounds)
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:

@@ -177,4 +177,10 @@ def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model
     with pytest.raises(NasqError, match="unknown allocator"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="hessian")
+    with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline, not search"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     allocator="search", refine_rounds=1)
+    with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     refine_rounds=-1)
     assert not (tmp_path / "pipe").exists()
