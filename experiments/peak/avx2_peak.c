@@ -1,3 +1,5 @@
+// Per-core peak of the AVX2 micro kernel's inner operation (vpmaddubsw + vpaddw) and of fp32 FMA (issue 17):
+//   gcc -O2 -o /tmp/avx2_peak experiments/peak/avx2_peak.c && /tmp/avx2_peak
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
