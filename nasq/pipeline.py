@@ -192,12 +192,17 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
 ALLOCATORS = ("measured", "search")  # the first is the default
 
 
-def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0) -> None:
+def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None) -> None:
     """The allocator's name, its options, and a size budget for ``measured`` (a latency budget needs the search);
     run before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options(allocator if allocator == "measured" else "search", refine_rounds=refine_rounds)
+    if measure_batches is not None:
+        if allocator != "measured":
+            raise NasqError(f"--measure-batches is for the measured allocator, not {allocator}")
+        if isinstance(measure_batches, bool) or not isinstance(measure_batches, int) or measure_batches < 1:
+            raise NasqError(f"--measure-batches must be an integer >= 1, got {measure_batches!r}")
     s = cfg.search
     if allocator == "measured" and (s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3):
         raise NasqError("--allocator measured (the default) needs a size budget: --set search.avg_bits=B (or "
@@ -214,7 +219,9 @@ def measured_plan(cfg: Config, refine_rounds: int, n_batches: int = 8) -> Plan:
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
-                 allocator: str = ALLOCATORS[0], refine_rounds: int = 0) -> dict:
+                 allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None) -> dict:
+    """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
+    ``OUT/summary.json``. ``measure_batches``: the measured allocator's train batches (None: the preset's)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]
@@ -222,7 +229,8 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
-    check_allocator(configs["search"], allocator, refine_rounds)
+    check_allocator(configs["search"], allocator, refine_rounds, measure_batches)
+    n_measure = p["measure_batches"] if measure_batches is None else measure_batches
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:
@@ -254,9 +262,8 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                             f"--allocator {'measured' if made_by == 'measured' else 'search'}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
-            log(f"[2/6] measured allocation ({p['measure_batches']} batches, {refine_rounds} refinement rounds) -> "
-                f"{plan_path}")
-            measured_plan(configs["search"], refine_rounds, p["measure_batches"]).save(plan_path, overwrite=True)
+            log(f"[2/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
+            measured_plan(configs["search"], refine_rounds, n_measure).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
         if not output_complete("run", search_dir):

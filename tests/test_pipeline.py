@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nasq.cli import main
-from nasq.pipeline import PRESETS, run_pipeline
+from nasq.pipeline import run_pipeline
 
 
 def _layers(tiny_model_dir, glue_dir):
@@ -58,11 +58,11 @@ def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path
     out = tmp_path / "pipe"
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"]["avg_bits"] = 3
-    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, refine_rounds=1)
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, refine_rounds=1, measure_batches=1)
     plan = Plan.load(out / "plan.json")
     assert not (out / "search").exists() and s["allocator"] == "measured"
     assert plan.provenance["method"] == "measured" and plan.provenance["refine_rounds"] == 1
-    assert plan.provenance["n_batches"] == PRESETS["smoke"]["measure_batches"]
+    assert plan.provenance["n_batches"] == 1
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     stamp = (out / "plan.json").stat().st_mtime_ns
     with pytest.raises(NasqError, match="was made by 'measured'"):
@@ -180,6 +180,12 @@ def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model
     with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline, not search"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="search", refine_rounds=1)
+    with pytest.raises(NasqError, match="--measure-batches is for the measured allocator, not search"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     allocator="search", measure_batches=4)
+    with pytest.raises(NasqError, match="--measure-batches must be an integer >= 1, got 0"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     measure_batches=0)
     with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      refine_rounds=-1)

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
+    p.add_argument("--measure-batches", type=int, default=None, metavar="N",
+                   help="--allocator measured: train batches each tensor's damage is measured on (default: the "
+                   "preset's, smoke 2, quick 8; more batches give steadier plans and take proportionally longer)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
@@ -32,5 +35,6 @@ def cmd_pipeline(args) -> int:
     layers = user_layers(args)
     out = args.out or "runs/pipeline"
     run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
-                 overwrite=args.overwrite, allocator=args.allocator, refine_rounds=args.refine_rounds)
+                 overwrite=args.overwrite, allocator=args.allocator, refine_rounds=args.refine_rounds,
+                 measure_batches=args.measure_batches)
     return 0
