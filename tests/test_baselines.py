@@ -324,6 +324,26 @@ def test_damage_from_plan_checks_the_untrusted_file(tensors):
             damage_from_plan(prov, tensors, "p.json")
 
 
+def test_pooled_damage_weights_each_plan_by_its_rows(tensors):
+    """Damages measured on different rows pool into their row-weighted mean; a plan without a measured row count
+    (e.g. one re-solved with --damage-from) cannot be pooled, nor can an empty list."""
+    from nasq.contract.damage import pooled_damage
+
+    def prov(scale, rows):
+        return {"method": "measured", "rows": rows,
+                "damage_kl_x1000": {t.path: {str(c): scale * (1.0 + c) for c in t.choices} for t in tensors}}
+
+    got, rows = pooled_damage([(prov(1.0, 100), "a.json"), (prov(4.0, 300), "b.json")], tensors)
+    assert rows == 400
+    for t, d in zip(tensors, got, strict=True):
+        np.testing.assert_allclose(d, [(0.25 * 1.0 + 0.75 * 4.0) * (1.0 + c) / 1000 for c in t.choices])
+    for bad in (None, 0, 2.5, True):
+        with pytest.raises(NasqError, match="b.json: its provenance has no measured row count"):
+            pooled_damage([(prov(1.0, 100), "a.json"), (prov(1.0, bad), "b.json")], tensors)
+    with pytest.raises(NasqError, match="at least one"):
+        pooled_damage([], tensors)
+
+
 def test_measured_utilities_give_bits_where_damage_is_measured():
     from nasq.baselines.measured import measured_utilities
 
@@ -510,6 +530,22 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert cli([*common, "--ratio", "4", "--out", str(tmp_path / "wider.json")]) == 0
         wider = Plan.load(tmp_path / "wider.json")
         assert wider.totals["avg_bits"] > a.totals["avg_bits"] and wider.totals["within_budget"]
+        other = tmp_path / "seed1.json"  # the same measurement on other rows, then both pooled
+        assert cli(["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                    "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--seed", "1",
+                    "--out", str(other)]) == 0
+        o = Plan.load(other)
+        pooled = tmp_path / "pooled.json"
+        assert cli([*common[:-1], f"{out},{other}", "--ratio", "8", "--out", str(pooled)]) == 0
+        pl = Plan.load(pooled)
+        assert pl.provenance["damage_from"] == [str(out), str(other)] and pl.provenance["pooled_rows"] == 16
+        od = o.provenance["damage_kl_x1000"]
+        for path, row in pl.provenance["damage_kl_x1000"].items():
+            for c, v in row.items():
+                assert v == pytest.approx((dmg[path][c] + od[path][c]) / 2, rel=1e-9)
+        assert pl.totals["within_budget"]
+        assert cli([*common[:-1], f"{out},{again}", "--ratio", "8", "--out", str(tmp_path / "x.json")]) == 2
         refined = tmp_path / "refined.json"  # refinement and long rows: recorded in the provenance
         assert cli([*common[:-2], "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
                     "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--refine-rounds", "1",

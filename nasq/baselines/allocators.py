@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from nasq.baselines.hessian import hessian_allocation, tensor_weights
 from nasq.baselines.measured import measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
-from nasq.contract.damage import load_damage
+from nasq.contract.damage import load_damage, load_pooled_damage
 from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.contract.plan import make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
@@ -194,7 +195,7 @@ def measured_forwards(cfg: Config, model: nnx.Module, refine_rounds: int = 0) ->
     return (1 + refine_rounds) * sum(len(t.choices) for t in baseline_tensors(cfg, model)[1])
 
 
-def check_measured_options(method: str, *, damage_from: str | None = None, refine_rounds: int = 0,
+def check_measured_options(method: str, *, damage_from: str | Path | Sequence[str | Path] | None = None, refine_rounds: int = 0,
                            min_tokens: int = 0) -> None:
     """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``): only for
     ``measured``, non-negative, and the two that measure cannot work from recorded damages. ``NasqError`` else
@@ -227,7 +228,7 @@ def baseline_plan(
     time_limit: float = 20.0,
     provenance: dict[str, Any] | None = None,
     progress=None,
-    damage_from: str | None = None,
+    damage_from: str | Path | Sequence[str | Path] | None = None,
     refine_rounds: int = 0,
     min_tokens: int = 0,
 ):
@@ -238,7 +239,8 @@ def baseline_plan(
     and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` and
     ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
     (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
-    path, it re-solves from the damages recorded there and reads no data; ``refine_rounds``: see
+    path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
+    weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens``). ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
@@ -276,7 +278,13 @@ def baseline_plan(
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
     else:
-        damage = None if damage_from is None else load_damage(damage_from, tensors)
+        pooled_rows = None
+        if damage_from is None:
+            damage = None
+        elif isinstance(damage_from, str | Path):
+            damage = load_damage(damage_from, tensors)
+        else:  # several measured plans: their damages pooled, weighted by their measured rows
+            damage, pooled_rows = load_pooled_damage(damage_from, tensors)
         if data is None and damage is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}
@@ -294,8 +302,10 @@ def baseline_plan(
         prov.update(utility=utility, **info)
         if damage is None:
             prov.update(seed=seed, task=data.task.name)
-        else:
+        elif pooled_rows is None:
             prov["damage_from"] = str(damage_from)
+        else:
+            prov.update(damage_from=[str(p) for p in damage_from], pooled_rows=pooled_rows)
     if budget is not None and plan_size_bytes(tensors, bpg) > budget.bytes:  # pragma: no cover - guarded above
         raise RuntimeError(f"{method} baseline exceeded its budget")
     return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),
@@ -303,7 +313,7 @@ def baseline_plan(
 
 
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
-                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0, damage_from: str | None = None,
+                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0, damage_from: str | Path | Sequence[str | Path] | None = None,
                   refine_rounds: int = 0, min_tokens: int = 0, log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,

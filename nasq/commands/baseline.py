@@ -33,6 +33,14 @@ def parse_rule_bits(text: str) -> dict[str, int]:
     return out
 
 
+def parse_plan_list(text: str) -> str | list[str]:
+    """``"a.json"`` -> ``"a.json"``; ``"a.json,b.json"`` -> ``["a.json", "b.json"]``."""
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths:
+        raise argparse.ArgumentTypeError("expected PLAN.json[,PLAN.json...]")
+    return paths[0] if len(paths) == 1 else paths
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, measured, random or magnitude",
                               description=__doc__)
@@ -47,8 +55,10 @@ def register(subparsers) -> None:
     p.add_argument("--n-batches", type=int, default=8,
                    help="hessian: train batches per probe; measured: train batches per forward (default 8)")
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
-    p.add_argument("--damage-from", metavar="PLAN.json",
-                   help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards)")
+    p.add_argument("--damage-from", metavar="PLAN.json[,PLAN.json...]", type=parse_plan_list,
+                   help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards); "
+                   "several plans (measured on other rows, e.g. other --seed): their damages pooled, weighted by "
+                   "their rows")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="measured: re-measure each tensor's damage around the plan (the other tensors quantized) and "
                    "re-solve, R times; the plan of least measured output KL is kept (default 0)")

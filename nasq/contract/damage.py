@@ -4,7 +4,9 @@
 ``c``, ``D_t(c)``: the mean KL of the fine-tuned model's output when only ``t`` is quantized at ``c`` bits. The
 plan it writes records them in its provenance as ``damage_kl_x1000[path][str(c)] = 1000 * D_t(c)``, so one
 measurement serves every consumer: the measured allocation at any budget (``--damage-from``) and the search's
-damage prior (``search.damage_prior``, :mod:`nasq.search.loop`). A tensor's damage is spread over its row groups
+damage prior (``search.damage_prior``, :mod:`nasq.search.loop`). Several measured plans of one model and space
+(measurements on different rows, e.g. other seeds) pool into one estimate, their damages averaged with each
+plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i D_t^i(c) / sum_i rows_i``. A tensor's damage is spread over its row groups
 in proportion to their rows::
 
     d_{g,c} = D_{t(g)}(c) * rows_g / rows_{t(g)}
@@ -21,7 +23,7 @@ from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
-__all__ = ["damage_from_plan", "group_damage", "load_damage"]
+__all__ = ["damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
 
 
 def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
@@ -50,11 +52,43 @@ def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source
     return out
 
 
-def load_damage(path: str | Path, tensors: Sequence[SearchedTensor], what: str = "") -> list[np.ndarray]:
-    """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load``); errors name the
-    file, after ``what`` (e.g. ``"damage prior "``)."""
-    plan = Plan.load(path)
-    return damage_from_plan(plan.provenance, tensors, f"{what}{plan.source}")
+def measured_rows(provenance: dict, source: str) -> int:
+    """The rows a measured plan's damages were averaged over (``provenance["rows"]``, a positive integer)."""
+    rows = provenance.get("rows")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise NasqError(f"{source}: its provenance has no measured row count ('rows', a positive integer), so its "
+                        f"damages cannot be pooled with others; got {rows!r}. Give plans made by `nasq baseline "
+                        "measured` (not re-solved with --damage-from)")
+    return rows
+
+
+def pooled_damage(sources: Sequence[tuple[dict, str]], tensors: Sequence[SearchedTensor]
+                  ) -> tuple[list[np.ndarray], int]:
+    """``(damages, rows)``: the damages of several measured plans' provenances (``(provenance, source)`` pairs,
+    each checked by :func:`damage_from_plan`) averaged with their measured rows as weights, and the rows in all."""
+    if not sources:
+        raise NasqError("pooling measured damages needs at least one measured plan")
+    rows = [measured_rows(prov, src) for prov, src in sources]
+    total = sum(rows)
+    damages = [damage_from_plan(prov, tensors, src) for prov, src in sources]
+    return [sum(r * d[i] for r, d in zip(rows, damages, strict=True)) / total for i in range(len(tensors))], total
+
+
+def load_damage(path: str | Path | Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = ""
+                ) -> list[np.ndarray]:
+    """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load``), or of several
+    files pooled (:func:`pooled_damage`); errors name the file, after ``what`` (e.g. ``"damage prior "``)."""
+    if isinstance(path, str | Path):
+        plan = Plan.load(path)
+        return damage_from_plan(plan.provenance, tensors, f"{what}{plan.source}")
+    return load_pooled_damage(path, tensors, what)[0]
+
+
+def load_pooled_damage(paths: Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = ""
+                       ) -> tuple[list[np.ndarray], int]:
+    """:func:`pooled_damage` of the measured plan files ``paths`` (each validated by ``Plan.load``)."""
+    plans = [Plan.load(p) for p in paths]
+    return pooled_damage([(p.provenance, f"{what}{p.source}") for p in plans], tensors)
 
 
 def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
