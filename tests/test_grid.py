@@ -149,8 +149,8 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     quant = [c for c in cells if c.method != "fp32"]
     assert {c.seed for c in quant} == set(cfg["seeds"]) and len(quant) == len(cfg["seeds"]) * (
-        len(cfg["methods"]) - 1) * len(cfg["budgets"])
-    rule = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "rule", 0))
+        len(cfg["methods"]) - 1) * len(cfg["budgets"]) * len(cfg["tasks"])
+    rule = next(c for c in quant if (c.task, c.budget, c.method, c.seed) == ("sst2", "avg2.5", "rule", 0))
     plan_argv = rule.stages[0].argv
     assert plan_argv[:3] == ["nasq", "baseline", "rule"] and "--avg-bits" in plan_argv
     assert plan_argv[plan_argv.index("--rule-bits") + 1] == "attention_qkv=3,attention_output=3"
@@ -277,7 +277,8 @@ def test_ray_scheduling_helpers(tmp_path):
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     uniq = grid.unique_cells(cells)
     shared = sum("same_as" in (b.get("uniform") or {}) for b in cfg["budgets"].values())
-    assert shared >= 1 and len(uniq) == len(cells) - shared * len(cfg["seeds"])  # avg2.5's uniform cells are avg2's
+    # avg2.5's uniform cells are avg2's, on every task
+    assert shared >= 1 and len(uniq) == len(cells) - shared * len(cfg["seeds"]) * len(cfg["tasks"])
     assert len({c.dir for c in uniq}) == len(uniq)
     assert grid.stage_cpus(cfg, "search", 2) == 2
     raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
@@ -323,7 +324,8 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
     for _ in range(2):  # a second collect does not stack the note
         assert grid.main(args) == 0
         with (res / "results.csv").open(newline="") as f:
-            got = {(r["method"], r["seed"]): r for r in grid.csv.DictReader(f) if r["budget"] == "avg1.5"}
+            got = {(r["method"], r["seed"]): r for r in grid.csv.DictReader(f)
+                   if (r["task"], r["budget"]) == ("sst2", "avg1.5")}
         kept = got[("uniform", "0")]
         assert (kept["status"], float(kept["metric"]), kept["within_budget"]) == ("done", 0.8544, "yes")
         assert kept["dev_curve"] == "100:0.8000 800:0.8544"
