@@ -6,7 +6,8 @@ The plan comes from one of two allocators (``--allocator``):
   damage measured at every width on the preset's ``measure_batches`` train batches, then the exact knapsack;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). Under the fair
   protocol on SST-2 it had the best mean after QAT at avg 1.5, 2 and 2.5 bits (3 seeds; at avg 4 uniform 4-bit's
-  mean was higher, inside the spread; README Results), and it trains nothing, so it takes minutes where the search takes an hour.
+  mean was higher, inside the spread; README Results), and it trains nothing, so it takes minutes where the
+  search takes an hour.
 * ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
   latency budget (``--latency-ms``).
 

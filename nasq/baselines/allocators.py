@@ -38,7 +38,7 @@ from nasq.baselines.hessian import hessian_allocation, tensor_weights
 from nasq.baselines.measured import measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
-from nasq.contract.damage import load_damage, load_pooled_damage
+from nasq.contract.damage import DamageSource, load_damage, load_pooled_damage
 from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.contract.plan import make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
@@ -195,7 +195,7 @@ def measured_forwards(cfg: Config, model: nnx.Module, refine_rounds: int = 0) ->
     return (1 + refine_rounds) * sum(len(t.choices) for t in baseline_tensors(cfg, model)[1])
 
 
-def check_measured_options(method: str, *, damage_from: str | Path | Sequence[str | Path] | None = None, refine_rounds: int = 0,
+def check_measured_options(method: str, *, damage_from: DamageSource | None = None, refine_rounds: int = 0,
                            min_tokens: int = 0) -> None:
     """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``): only for
     ``measured``, non-negative, and the two that measure cannot work from recorded damages. ``NasqError`` else
@@ -228,7 +228,7 @@ def baseline_plan(
     time_limit: float = 20.0,
     provenance: dict[str, Any] | None = None,
     progress=None,
-    damage_from: str | Path | Sequence[str | Path] | None = None,
+    damage_from: DamageSource | None = None,
     refine_rounds: int = 0,
     min_tokens: int = 0,
 ):
@@ -313,8 +313,8 @@ def baseline_plan(
 
 
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
-                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0, damage_from: str | Path | Sequence[str | Path] | None = None,
-                  refine_rounds: int = 0, min_tokens: int = 0, log=print):
+                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0,
+                  damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0, log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task

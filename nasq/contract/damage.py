@@ -6,8 +6,8 @@ plan it writes records them in its provenance as ``damage_kl_x1000[path][str(c)]
 measurement serves every consumer: the measured allocation at any budget (``--damage-from``) and the search's
 damage prior (``search.damage_prior``, :mod:`nasq.search.loop`). Several measured plans of one model and space
 (measurements on different rows, e.g. other seeds) pool into one estimate, their damages averaged with each
-plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i D_t^i(c) / sum_i rows_i``. A tensor's damage is spread over its row groups
-in proportion to their rows::
+plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i D_t^i(c) / sum_i rows_i``.
+A tensor's damage is spread over its row groups in proportion to their rows::
 
     d_{g,c} = D_{t(g)}(c) * rows_g / rows_{t(g)}
 """
@@ -23,7 +23,10 @@ from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
-__all__ = ["damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
+__all__ = ["DamageSource", "damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
+
+DamageSource = str | Path | Sequence[str | Path]
+"""Where measured damages come from: one measured plan's path, or several to pool."""
 
 
 def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
@@ -74,8 +77,7 @@ def pooled_damage(sources: Sequence[tuple[dict, str]], tensors: Sequence[Searche
     return [sum(r * d[i] for r, d in zip(rows, damages, strict=True)) / total for i in range(len(tensors))], total
 
 
-def load_damage(path: str | Path | Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = ""
-                ) -> list[np.ndarray]:
+def load_damage(path: DamageSource, tensors: Sequence[SearchedTensor], what: str = "") -> list[np.ndarray]:
     """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load``), or of several
     files pooled (:func:`pooled_damage`); errors name the file, after ``what`` (e.g. ``"damage prior "``)."""
     if isinstance(path, str | Path):
