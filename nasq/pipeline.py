@@ -263,7 +263,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                             f"--allocator {'measured' if made_by == 'measured' else 'search'}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
-            log(f"[2/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
+            log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
             measured_plan(configs["search"], refine_rounds, n_measure).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
