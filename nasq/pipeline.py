@@ -198,7 +198,7 @@ def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure
     run before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
-    check_measured_options(allocator if allocator == "measured" else "search", refine_rounds=refine_rounds)
+    check_measured_options(allocator, refine_rounds=refine_rounds)
     if measure_batches is not None:
         if allocator != "measured":
             raise NasqError(f"--measure-batches is for the measured allocator, not {allocator}")
@@ -209,13 +209,6 @@ def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure
         raise NasqError("--allocator measured (the default) needs a size budget: --set search.avg_bits=B (or "
                         "search.budget_mb, search.ratio); a latency budget (search.latency_ms) needs --allocator "
                         "search")
-
-
-def measured_plan(cfg: Config, refine_rounds: int, n_batches: int = 8) -> Plan:
-    """The measured allocation (``nasq baseline measured --refine-rounds --n-batches``) for ``cfg.kd.teacher``
-    under ``cfg.search``'s size budget and space, on ``n_batches`` batches of ``cfg.data``'s train rows."""
-    check_allocator(cfg, "measured")
-    return allocate_plan("measured", cfg, refine_rounds=refine_rounds, n_batches=n_batches)
 
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
@@ -264,7 +257,9 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
-            measured_plan(configs["search"], refine_rounds, n_measure).save(plan_path, overwrite=True)
+            # nasq baseline measured for the teacher, under the search stage's budget and space (checked above)
+            allocate_plan("measured", configs["search"], refine_rounds=refine_rounds,
+                          n_batches=n_measure).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
         if not output_complete("run", search_dir):
