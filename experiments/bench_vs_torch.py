@@ -4,6 +4,7 @@ Variants (same batch of random in-vocabulary tokens, full attention mask):
   nasq_int_load   nasq integer path, weights unpacked to int8 once at load
   nasq_int_fused  nasq integer path, sub-byte unpacking fused into every call (jit)
   nasq_int_panels nasq integer path, weights unpacked once into the native kernel's panels (native only)
+  nasq_int_panels_xla_attention  the same with XLA's attention core instead of the native one (native only)
   nasq_fp32       the same model's fp32 JAX forward (QAT weights dequantized)
   torch_fp32      transformers BertForSequenceClassification (all-MiniLM-L6-v2), PyTorch fp32
   torch_dyn_int8  the same after torch.ao.quantization.quantize_dynamic(int8 Linear)
@@ -18,6 +19,7 @@ without it), never by nasq itself. `--threads` sets torch's and ORT's intra-op t
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -62,6 +64,9 @@ def main():
     for mode in ("load", "fused", "panels") if resolve_kernel() == "native" else ("load", "fused"):
         m = load_artifact(a.artifact, unpack=mode)
         fns[f"nasq_int_{mode}"] = lambda m=m: m(j_ids, j_tt, j_am)
+        if mode == "panels":
+            mx = type(m)(dataclasses.replace(m.meta, attention="xla"), m.params)
+            fns["nasq_int_panels_xla_attention"] = lambda mx=mx: mx(j_ids, j_tt, j_am)
     fp, _ = load_model_dir(a.run)
     fp = dequantized_fp32_model(fp)
     gd, st = nnx.split(fp)

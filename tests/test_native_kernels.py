@@ -353,6 +353,59 @@ def test_empty_and_bad_arguments():
         LIB.gemm(np.zeros((2, 10), np.int8), w, 4, isa="sse9")
 
 
+# ------------------------------------------------------------------------------------ the attention core
+def ref_attention(q, k, v, key_bias):
+    """``nasq.kernels.int_bert``'s XLA attention core (the formula native.attention must follow)."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])) + key_bias[:, None, None, :]
+    return np.asarray(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v))
+
+
+def attention_inputs(rng, b, s, h, d, masked: float):
+    q, k, v = (rng.normal(0, 2, (b, s, h, d)).astype(np.float32) for _ in range(3))
+    keep = rng.random((b, s)) >= masked
+    keep[:, 0] = True
+    if b > 1:
+        keep[-1] = False  # a row with every key masked: uniform weights, as softmax gives
+    return q, k, v, np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)
+
+
+@needs_lib
+@SETTINGS
+@given(b=st.integers(1, 4), s=st.integers(1, 80), h=st.integers(1, 5), d=st.sampled_from([1, 5, 8, 16, 24, 32, 64, 72]),
+       masked=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**31 - 1))
+def test_attention_matches_xla_formula(b, s, h, d, masked, seed):
+    """Every ISA path (AVX2 vectors for head sizes 8..64 in steps of 8, plain C++ otherwise) against the XLA formula,
+    masks and fully masked rows included: equal up to fp32 rounding."""
+    q, k, v, kb = attention_inputs(np.random.default_rng(seed), b, s, h, d, masked)
+    want = ref_attention(q, k, v, kb)
+    for isa in ISAS:
+        got = LIB.attention(q, k, v, kb, isa=isa)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())), err_msg=isa)
+
+
+@needs_lib
+def test_attention_ffi_threads_and_errors():
+    """Through jit (XLA's pool) at a size split over the threads, and on the kernel's own threads: the same values
+    as the C ABI; the model's shape (MiniLM heads) included; bad shapes refused."""
+    rng = np.random.default_rng(3)
+    q, k, v, kb = attention_inputs(rng, 6, 64, 12, 32, 0.25)
+    want = LIB.attention(q, k, v, kb)
+    f = jax.jit(native.attention)
+    start = native.xla_pool()
+    try:
+        for on in (True, False):
+            native.set_xla_pool(on)
+            np.testing.assert_array_equal(np.asarray(f(q, k, v, kb)), want)
+    finally:
+        native.set_xla_pool(start)
+    np.testing.assert_allclose(want, ref_attention(q, k, v, kb), rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
+    with pytest.raises(NasqError, match="one shape"):
+        native.attention(q, k[:, :3], v, kb)
+    with pytest.raises(NasqError, match="key_bias"):
+        LIB.attention(q, k, v, kb[:, :3])
+    assert LIB.attention(q[:0], k[:0], v[:0], kb[:0]).shape == (0, 64, 12, 32)
+
+
 # ------------------------------------------------------------------------------------ through JAX (the FFI)
 @needs_lib
 @JIT_SETTINGS
@@ -496,6 +549,15 @@ def test_int_bert_native_vs_xla(artifact):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()), err_msg=str(key))
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
     np.testing.assert_array_equal(logits["load", "native"], logits["fused", "native"])
+    # the attention core chosen apart from the GEMM: native and XLA cores agree to fp32 rounding (the int8
+    # re-quantization of the next linear can amplify a last-bit difference by one code step)
+    im = load_artifact(artifact)
+    cores = {core: np.asarray(type(im)(dataclasses.replace(im.meta, attention=core), im.params)(ids, None, am))
+             for core in ("native", "xla")}
+    np.testing.assert_allclose(cores["native"], cores["xla"], rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))
+    np.testing.assert_array_equal(cores["native"].argmax(-1), cores["xla"].argmax(-1))
+    with pytest.raises(NasqError, match="attention="):
+        type(im)(dataclasses.replace(im.meta, attention="fast"), im.params)
 
 
 # --------------------------------------------------------------------------- AVX-512 VNNI path, emulated

@@ -29,7 +29,10 @@ bit-identical outputs. Panels cost 0.67x the time of fused at 1 x 16 tokens and 
 1 x 128 on the avg-2.5 SST-2 model (``experiments/results/bench.md``).
 
 **Kernels.** ``IntBertMeta.kernel`` (``"auto"`` | ``"native"`` | ``"xla"``; None: the ``NASQ_KERNEL`` environment
-variable) selects the integer GEMM of every quantized linear (``nasq.kernels.int_linear``, module docstring);
+variable) selects the integer GEMM of every quantized linear (``nasq.kernels.int_linear``, module docstring)
+and the attention core (native: ``nasq.kernels.native.attention``, the same fp32 formula with the (batch, head)
+pairs on all threads, equal to XLA's up to fp32 rounding; XLA CPU runs its batched dots on one thread;
+``IntBertMeta.attention`` = ``"native"`` / ``"xla"`` chooses it apart from the GEMM's path, for comparisons);
 with the native kernel, ``"panels"`` (the default there) spends no time unpacking and ``"fused"`` reads the
 fewest bytes.
 
@@ -215,9 +218,11 @@ class IntBertMeta:
     active_heads: tuple[tuple[int, ...], ...]  # per layer: heads whose value rows are not all pruned
     unpack: str = "auto"
     kernel: str | None = None  # integer GEMM: "auto" | "native" | "xla"; None: NASQ_KERNEL (default "auto")
+    attention: str | None = None  # attention core: "native" | "xla"; None: the integer GEMM's path
 
 
-def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel: str | None):
+def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel: str | None,
+               core: str | None = None):
     b, s, _ = x.shape
     nh, hd = cfg.num_attention_heads, cfg.head_dim
     if not heads:  # every value row pruned: the context is exactly zero
@@ -230,8 +235,11 @@ def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel
     if len(heads) < nh:
         idx = np.asarray(heads)
         q, k, v = q[:, :, idx], k[:, :, idx], v[:, :, idx]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    if (core or native.resolve_kernel(kernel)) == "native":  # the same formula; XLA runs these dots on one thread
+        ctx = native.attention(q, k, v, mask_bias.reshape(b, s))
+    else:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
     if len(heads) < nh:
         ctx = jnp.zeros((b, s, nh, hd), jnp.float32).at[:, :, np.asarray(heads)].set(ctx)
     return ctx.reshape(b, s, nh * hd)
@@ -249,7 +257,7 @@ def int_bert_forward(meta: IntBertMeta, params: dict, input_ids, token_type_ids,
     act = _ACTIVATIONS[cfg.hidden_act]
     kern = meta.kernel
     for lp, heads in zip(params["layers"], meta.active_heads, strict=True):
-        ctx = _attention(x, lp, mask_bias, cfg, heads, kern)
+        ctx = _attention(x, lp, mask_bias, cfg, heads, kern, meta.attention)
         a = layer_norm(linear_apply(ctx, lp["attn_out"], kern) + x, lp["attn_ln"], eps)
         h = act(linear_apply(a, lp["inter"], kern))
         x = layer_norm(linear_apply(h, lp["out"], kern) + a, lp["out_ln"], eps)
@@ -268,6 +276,10 @@ class IntBert:
     def __init__(self, meta: IntBertMeta, params: dict, manifest: dict | None = None):
         if meta.unpack not in UNPACK_MODES:
             raise NasqError(f"unpack={meta.unpack!r}; use one of {UNPACK_MODES}")
+        if meta.attention not in (None, "native", "xla"):
+            raise NasqError(f"attention={meta.attention!r}; use 'native', 'xla' or None (the integer GEMM's path)")
+        if meta.attention == "native":
+            native.resolve_kernel("native")  # a clear error where the native library cannot run
         if meta.unpack == "auto":
             meta = replace(meta, unpack="panels" if native.resolve_kernel(meta.kernel) == "native" else "fused")
         if meta.unpack in ("load", "panels"):

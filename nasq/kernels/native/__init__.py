@@ -12,7 +12,9 @@ int8 weight matrix is never materialised. A mixed-width layer (several segments)
 :func:`linear` is what the models run: a whole linear in one call, fp32 in (quantized per token inside) and
 fp32 out in the layer's row order (zeros at pruned rows), from packed rows or from resident panels:
 ``prepack_segments`` keeps a layer's weights unpacked once in the kernel's own panel layout (``unpack="panels"``
-of ``nasq.kernels.int_bert``). The C++ source (``nasq_kernels.cc``, next to this file)
+of ``nasq.kernels.int_bert``). :func:`attention` is the integer model's fp32 attention core (scores, softmax,
+context) with the (batch, head) pairs spread over the threads: XLA CPU runs the batched dots of attention on one
+thread. The C++ source (``nasq_kernels.cc``, next to this file)
 documents the layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
 blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
 The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
@@ -51,6 +53,7 @@ __all__ = [
     "ISAS",
     "KERNELS",
     "Library",
+    "attention",
     "available",
     "describe",
     "int_gemm",
@@ -71,12 +74,13 @@ KERNELS = ("auto", "native", "xla")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
 _SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
-ABI_VERSION = 5  # nasq::kAbiVersion
+ABI_VERSION = 6  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
 _TARGET_F32 = "nasq_int_gemm_f32"
 _TARGET_SEGMENTS = "nasq_int_linear_segments_f32"
 _TARGET_LINEAR = "nasq_linear_f32"
+_TARGET_ATTENTION = "nasq_attention_f32"
 
 
 def _ptr(a):
@@ -101,6 +105,12 @@ def _epilogue_args(sx, row_scale, bias, m: int, n: int):
                            or bias is not None and bias.shape != (n,)):
         raise NasqError(f"sx must be [{m}], row_scale and bias [{n}]")
     return sx, row_scale, bias
+
+
+def _check_attention_shapes(q, k, v, key_bias) -> None:
+    if len(q) != 4 or k != q or v != q or tuple(key_bias) != tuple(q[:2]):
+        raise NasqError(f"attention wants q, k, v [B, S, H, D] of one shape and key_bias [B, S]; got q {q}, k {k}, "
+                        f"v {v}, key_bias {key_bias}")
 
 
 class Library:
@@ -135,6 +145,8 @@ class Library:
         c.nasq_panel_bytes.restype = i64
         c.nasq_prepack.argtypes = [p, i64, i64, ctypes.c_int, ctypes.c_int, p]
         c.nasq_prepack.restype = ctypes.c_int
+        c.nasq_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, i64, p, ctypes.c_int]
+        c.nasq_attention_f32.restype = ctypes.c_int
         self.has_ffi = hasattr(c, "NasqIntGemmS32")  # a -DNASQ_NO_FFI test build has only the C ABI
 
     def best_isa(self) -> str:
@@ -173,6 +185,19 @@ class Library:
             raise NasqError(f"native int GEMM failed: {self.cdll.nasq_error_message(code).decode()}")
         return out
 
+
+    def attention(self, q, k, v, key_bias, *, isa: str = "auto") -> np.ndarray:
+        """The attention core on numpy arrays (no JAX): fp32 ``q, k, v [B, S, H, D]``, ``key_bias [B, S]`` ->
+        ``[B, S, H, D]`` (:func:`attention`)."""
+        q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
+        kb = np.ascontiguousarray(key_bias, np.float32)
+        _check_attention_shapes(q.shape, k.shape, v.shape, kb.shape)
+        out = np.empty(q.shape, np.float32)
+        code = self.cdll.nasq_attention_f32(_ptr(q), _ptr(k), _ptr(v), _ptr(kb), *q.shape, _ptr(out),
+                                            _isa_code(isa))
+        if code:
+            raise NasqError(f"native attention failed: {self.cdll.nasq_error_message(code).decode()}")
+        return out
 
     def prepack(self, w, bits: int, k: int, *, isa: str = "auto") -> np.ndarray:
         """Resident panels of packed weights ``uint8 [N, ceil(k*bits/8)]`` for one ISA: the weights unpacked once
@@ -354,6 +379,7 @@ def _register() -> None:
     jax.ffi.register_ffi_target(_TARGET_SEGMENTS, jax.ffi.pycapsule(lib.cdll.NasqIntLinearSegmentsF32),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_LINEAR, jax.ffi.pycapsule(lib.cdll.NasqLinearF32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_ATTENTION, jax.ffi.pycapsule(lib.cdll.NasqAttentionF32), platform="cpu")
 
 
 def _supported_isa_code(isa: str | None) -> int:
@@ -503,3 +529,22 @@ def linear(x, segments, row_scale, bias, out_index, out_features: int, *, panels
         x2, jnp.asarray(row_scale, jnp.float32), bias, out_index, *ws, bits=np.asarray(bits, np.int64),
         rows=np.asarray(rows, np.int64), isa=np.int64(code), resident=np.int64(int(resident)))
     return out.reshape(*x.shape[:-1], out_features)
+
+
+def attention(q, k, v, key_bias, *, isa: str | None = None):
+    """The fp32 attention core in one native call: ``q, k, v [B, S, H, D]``, ``key_bias [B, S]`` (added to every
+    query's scores: 0, or a large negative number at padded keys) -> ``[B, S, H, D]``::
+
+        out[b, i, h] = sum_j p_ij v[b, j, h],   p_i = softmax_j(q[b, i, h] . k[b, j, h] / sqrt(D) + key_bias[b, j])
+
+    ``jnp.einsum("bhqk,bkhd->bqhd", softmax(einsum("bqhd,bkhd->bhqk", q, k) / sqrt(D) + bias), v)`` up to fp32
+    rounding (sums in another order, a polynomial ``exp``): not bit for bit. The (batch, head) pairs run on the
+    threads (XLA's pool inside jit), where XLA CPU runs these batched dots on one thread.
+    """
+    _register()
+    code = _supported_isa_code(isa)
+    q, k, v = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
+    key_bias = jnp.asarray(key_bias, jnp.float32)
+    _check_attention_shapes(q.shape, k.shape, v.shape, key_bias.shape)
+    return jax.ffi.ffi_call(_TARGET_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
+        q, k, v, key_bias, isa=np.int64(code))

@@ -132,7 +132,7 @@
 namespace nasq {
 
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
 
@@ -1010,7 +1010,9 @@ static const char* error_message(int code) {
     case 2: return "negative dimension";
     case 3: return "unknown ISA code (0 auto, 1 scalar, 2 avx2, 3 avx512-vnni)";
     case 4: return "this CPU does not support the requested ISA";
-    case 5: return "array shapes do not match (x [M,K], w [N,ceil(K*b/8)], out [M,N], sx [M], scale/bias [N])";
+    case 5:
+      return "array shapes do not match (x [M,K], w [N,ceil(K*b/8)], out [M,N], sx [M], scale/bias [N]; attention: "
+             "q, k, v, out [B,S,H,D], kb [B,S])";
     case 6: return "out of memory";
     default: return "unknown error";
   }
@@ -1022,6 +1024,200 @@ static int run_gemm_checked(const Gemm& g, int isa) {
   } catch (const std::bad_alloc&) {
     return 6;
   }
+}
+
+// ------------------------------------------------------------------------------------------- attention
+// The fp32 attention core of one layer, for the integer model's inference (issue 17: XLA CPU runs the batched
+// dots of attention on one thread; this spreads the (batch, head) pairs over the threads):
+//
+//   out[b, i, h, :] = sum_j p_ij v[b, j, h, :],   p_i = softmax_j(q[b, i, h, :] . k[b, j, h, :] / sqrt(D) + kb[b, j])
+//
+// q, k, v, out: [B, S, H, D] (C order, so the linears' outputs need no transpose); kb [B, S]: the additive key
+// mask (0, or a large negative number at padding). The formula of nasq.kernels.int_bert._attention, with fp32
+// sums in another order (results equal up to fp32 rounding, not bit for bit).
+
+#if NASQ_X86
+// exp(x) for fp32 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r; about 1 ulp), exactly 0 below
+// -88.38 (so masked keys weigh nothing).
+NASQ_TARGET("avx2,fma")
+static inline __m256 exp_avx2(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+NASQ_TARGET("avx2,fma")
+static inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+NASQ_TARGET("avx2,fma")
+static inline float hmax_avx2(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One query row's context: p . v over S keys into NV vectors of 8 (D = 8 NV), accumulators in registers.
+template <int NV>
+NASQ_TARGET("avx2,fma")
+static void weighted_rows_avx2(const float* p, const float* v, int64_t S, int64_t ld, float* out) {
+  __m256 acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+    for (int u = 0; u < NV; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * ld + 8 * u), acc[u]);
+  }
+  for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + 8 * u, acc[u]);
+}
+
+// One (batch, head) pair; D a multiple of 8, at most 64. kt: [D, Sp] scratch, s: [Sp] scratch, kbp: [Sp] the key
+// mask padded with -inf to Sp = round_up(S, 8).
+NASQ_TARGET("avx2,fma")
+static void attention_head_avx2(const float* q, const float* k, const float* v, const float* kbp, int64_t S,
+                                int64_t D, int64_t ld, float* out, float* kt, float* s) {
+  const int64_t Sp = round_up(S, 8);
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < S; ++j) kt[d * Sp + j] = k[j * ld + d];
+    for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+  }
+  const __m256 root = _mm256_set1_ps(std::sqrt(static_cast<float>(D)));
+  for (int64_t i = 0; i < S; ++i) {
+    const float* qi = q + i * ld;
+    // scores, 64 keys at a time in 8 accumulators, then the last keys 8 at a time
+    int64_t j0 = 0;
+    for (; j0 + 64 <= Sp; j0 += 64) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      const float* kd = kt + j0;
+      for (int64_t d = 0; d < D; ++d, kd += Sp) {
+        const __m256 qd = _mm256_broadcast_ss(qi + d);
+        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd), a0);
+        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 8), a1);
+        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 16), a2);
+        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 24), a3);
+        a4 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 32), a4);
+        a5 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 40), a5);
+        a6 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 48), a6);
+        a7 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kd + 56), a7);
+      }
+      const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+      for (int u = 0; u < 8; ++u)
+        _mm256_storeu_ps(s + j0 + 8 * u, _mm256_add_ps(_mm256_div_ps(acc[u], root), _mm256_loadu_ps(kbp + j0 + 8 * u)));
+    }
+    for (; j0 < Sp; j0 += 8) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) a = _mm256_fmadd_ps(_mm256_broadcast_ss(qi + d), _mm256_loadu_ps(kt + d * Sp + j0), a);
+      _mm256_storeu_ps(s + j0, _mm256_add_ps(_mm256_div_ps(a, root), _mm256_loadu_ps(kbp + j0)));
+    }
+    // softmax over the Sp scores (the padding's -inf gives exp 0)
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < Sp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+    const __m256 m = _mm256_set1_ps(hmax_avx2(mx));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < Sp; j += 8) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+      _mm256_storeu_ps(s + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 total = _mm256_set1_ps(hsum_avx2(sum));
+    for (int64_t j = 0; j < Sp; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), total));
+    // context
+    float* oi = out + i * ld;
+    switch (D / 8) {
+      case 1: weighted_rows_avx2<1>(s, v, S, ld, oi); break;
+      case 2: weighted_rows_avx2<2>(s, v, S, ld, oi); break;
+      case 3: weighted_rows_avx2<3>(s, v, S, ld, oi); break;
+      case 4: weighted_rows_avx2<4>(s, v, S, ld, oi); break;
+      case 5: weighted_rows_avx2<5>(s, v, S, ld, oi); break;
+      case 6: weighted_rows_avx2<6>(s, v, S, ld, oi); break;
+      case 7: weighted_rows_avx2<7>(s, v, S, ld, oi); break;
+      default: weighted_rows_avx2<8>(s, v, S, ld, oi); break;
+    }
+  }
+}
+#endif
+
+// The same for any D, in plain C++ (the scalar ISA, and head sizes the AVX2 path does not take).
+static void attention_head_scalar(const float* q, const float* k, const float* v, const float* kbp, int64_t S,
+                                  int64_t D, int64_t ld, float* out, float* s) {
+  const float root = std::sqrt(static_cast<float>(D));
+  for (int64_t i = 0; i < S; ++i) {
+    const float* qi = q + i * ld;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      float a = 0.0f;
+      for (int64_t d = 0; d < D; ++d) a += qi[d] * k[j * ld + d];
+      s[j] = a / root + kbp[j];
+      mx = std::max(mx, s[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      total += s[j];
+    }
+    for (int64_t j = 0; j < S; ++j) s[j] /= total;
+    float* oi = out + i * ld;
+    for (int64_t d = 0; d < D; ++d) oi[d] = 0.0f;
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t d = 0; d < D; ++d) oi[d] += s[j] * v[(j * ld) + d];
+  }
+}
+
+// The whole layer: B x H (batch, head) pairs split over the threads. isa: 0 auto, 1 scalar, 2 (or 3) AVX2.
+// Returns 0 or an error code.
+static int run_attention(const float* q, const float* k, const float* v, const float* kb, int64_t B, int64_t S,
+                         int64_t H, int64_t D, float* out, int isa_request) {
+  if (B < 0 || S < 0 || H < 0 || D < 0) return 2;
+  Isa isa;
+  if (const int err = resolve_isa(isa_request, &isa)) return err;
+  if (B == 0 || S == 0 || H == 0) return 0;
+  if (D == 0) {
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(B * S * H));
+    return 0;
+  }
+  const bool simd = isa != kScalar && NASQ_X86 && D % 8 == 0 && D <= 64;
+  const int64_t ld = H * D, Sp = round_up(S, 8), pairs = B * H;
+  int tasks = 1;
+  if (2 * B * H * S * S * D >= kMinParallelMacs)
+    tasks = static_cast<int>(std::min<int64_t>(pairs, int64_t{4} * pool().num_threads()));
+  std::atomic<bool> out_of_memory{false};
+  pool().parallel_for(tasks, [&](int t) {
+    try {  // no exception may leave a pool task
+      static thread_local std::vector<float> kt, s, kbp;
+      kt.resize(static_cast<size_t>(D * Sp));
+      s.resize(static_cast<size_t>(Sp));
+      kbp.resize(static_cast<size_t>(Sp));
+      for (int64_t pr = pairs * t / tasks; pr < pairs * (t + 1) / tasks; ++pr) {
+        const int64_t b = pr / H, h = pr % H, at = b * S * ld + h * D;
+        std::copy(kb + b * S, kb + (b + 1) * S, kbp.begin());
+        std::fill(kbp.begin() + S, kbp.end(), -INFINITY);
+#if NASQ_X86
+        if (simd) {
+          attention_head_avx2(q + at, k + at, v + at, kbp.data(), S, D, ld, out + at, kt.data(), s.data());
+          continue;
+        }
+#endif
+        attention_head_scalar(q + at, k + at, v + at, kbp.data(), S, D, ld, out + at, s.data());
+      }
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+    }
+  });
+  return out_of_memory ? 6 : 0;
 }
 
 }  // namespace nasq
@@ -1086,6 +1282,16 @@ int nasq_int_gemm_segments(const int8_t* x, int64_t M, int64_t K, int nseg, cons
   }
   try {
     return nasq::run_segments(segs.data(), nseg, isa);
+  } catch (const std::bad_alloc&) {
+    return 6;
+  }
+}
+
+// The fp32 attention core (nasq::run_attention) on raw C-contiguous arrays: q, k, v, out [B, S, H, D], kb [B, S].
+int nasq_attention_f32(const float* q, const float* k, const float* v, const float* kb, int64_t B, int64_t S,
+                       int64_t H, int64_t D, float* out, int isa) {
+  try {
+    return nasq::run_attention(q, k, v, kb, B, S, H, D, out, isa);
   } catch (const std::bad_alloc&) {
     return 6;
   }
@@ -1262,6 +1468,27 @@ static ffi::Error LinearF32Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> r
   return run_layer(segs, isa);
 }
 
+// The attention core of a layer (run_attention): q, k, v [B, S, H, D], kb [B, S] -> out [B, S, H, D].
+static ffi::Error AttentionF32Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                   ffi::Buffer<ffi::F32> kb, ffi::ResultBuffer<ffi::F32> out, int64_t isa,
+                                   ffi::ThreadPool tp) {
+  const auto qd = q.dimensions();
+  if (qd.size() != 4 || k.dimensions().size() != 4 || v.dimensions().size() != 4 || kb.dimensions().size() != 2 ||
+      out->dimensions().size() != 4)
+    return to_ffi_error(5);
+  for (int a = 0; a < 4; ++a)
+    if (k.dimensions()[a] != qd[a] || v.dimensions()[a] != qd[a] || out->dimensions()[a] != qd[a])
+      return to_ffi_error(5);
+  if (kb.dimensions()[0] != qd[0] || kb.dimensions()[1] != qd[1]) return to_ffi_error(5);
+  XlaPoolScope scope(tp);
+  try {
+    return to_ffi_error(run_attention(q.typed_data(), k.typed_data(), v.typed_data(), kb.typed_data(), qd[0], qd[1],
+                                      qd[2], qd[3], out->typed_data(), static_cast<int>(isa)));
+  } catch (const std::bad_alloc&) {
+    return to_ffi_error(6);
+  }
+}
+
 }  // namespace nasq
 
 // int32 acc [M, N] = x int8 [M, K] . codes(w uint8 [N, ceil(K*bits/8)])^T; attributes bits, isa (int64).
@@ -1314,5 +1541,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqLinearF32, nasq::LinearF32Impl,
                                   .Attr<ffi::Span<const int64_t>>("rows")
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("resident")
+                                  .Ctx<ffi::ThreadPool>());
+// fp32 out [B, S, H, D]: the attention core (AttentionF32Impl): q, k, v, kb; attribute isa.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NasqAttentionF32, nasq::AttentionF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("isa")
                                   .Ctx<ffi::ThreadPool>());
 #endif  // NASQ_NO_FFI
