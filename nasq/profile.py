@@ -17,7 +17,10 @@ GELU, pooler, classifier):
     fixed_ms = max(0, T(fp32 forward at `tokens` tokens) - T(every encoder linear's fp32 x @ W_l^T + b_l))
 
 both medians of single jitted calls (one dispatch each). It is an estimate (fusion across layers makes the subtraction inexact); with
-``measure_fixed=False`` it is 0 and a latency budget then covers the searched linears only.
+``measure_fixed=False`` it is 0 and a latency budget then covers the searched linears only. The fp32 forward runs
+XLA's attention core; where the native kernel runs, the integer model's attention core is native and faster
+(``nasq.kernels.native.attention``), so ``fixed_ms`` over-estimates the rest there and a budget errs on the safe
+side (the searched linears get less time than they could).
 """
 
 from __future__ import annotations
