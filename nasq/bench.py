@@ -8,7 +8,10 @@ when given) with the machine, date and command.
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from nasq.contract.space import load_space
 from nasq.data.batching import Batch
 from nasq.errors import NasqError
 from nasq.export.reader import load_artifact
+from nasq.kernels import native
 from nasq.kernels.native import describe as describe_kernel
 from nasq.kernels.native import resolve_kernel
 from nasq.models.bert import BertForSequenceClassification, Embedding, Linear
@@ -123,8 +127,67 @@ def dequantized_fp32_model(model):
     return replace_modules(model, fn)
 
 
+def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, tmp_dir: str | Path) -> tuple[dict, dict]:
+    """What users run today, on the artifact's architecture, as zero-argument forwards of ``ids`` (full mask):
+
+    ``torch_fp32_ms`` (transformers ``BertForSequenceClassification`` from the artifact's ``config.json``, random
+    weights: a forward's time does not depend on them), ``torch_dyn_int8_ms`` (the same after
+    ``torch.ao.quantization.quantize_dynamic``, int8 ``Linear``), ``ort_fp32_ms`` / ``ort_dyn_int8_ms`` (that
+    model exported to ONNX, opset 17, and ONNX Runtime's ``quantize_dynamic`` of it, QInt8 weights) and
+    ``ort_nasq_ms`` (ONNX Runtime on nasq's own ONNX export of the artifact). ``threads``: torch's and ONNX
+    Runtime's intra-op threads. Returns ``(forwards, versions)``. Needs the ``parity`` (torch) and ``onnx``
+    (onnx, onnxruntime) extras: bench-only, never the core's dependencies.
+    """
+    try:
+        import onnxruntime as ort
+        import torch
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from transformers import BertConfig as HfBertConfig
+        from transformers import BertForSequenceClassification as HfBert
+    except ImportError as e:
+        raise NasqError(f"`bench infer --external` needs PyTorch and ONNX Runtime ({e.name} is missing): "
+                        "pip install -e '.[parity,onnx]'") from None
+    from nasq.export.onnx import export_onnx, load_onnx
+
+    artifact_path, d = Path(artifact_path), Path(tmp_dir)
+    torch.set_num_threads(threads)
+    num_labels = load_artifact(artifact_path).num_labels
+    tm = HfBert(HfBertConfig.from_pretrained(str(artifact_path), num_labels=num_labels)).eval()
+    tq = torch.ao.quantization.quantize_dynamic(tm, {torch.nn.Linear}, dtype=torch.qint8)
+    t_ids = torch.tensor(ids, dtype=torch.long)
+    t_am, t_tt = torch.ones_like(t_ids), torch.zeros_like(t_ids)
+
+    def run_torch(model):
+        with torch.inference_mode():
+            return model(input_ids=t_ids, attention_mask=t_am, token_type_ids=t_tt).logits
+
+    fns = {"torch_fp32_ms": lambda: run_torch(tm), "torch_dyn_int8_ms": lambda: run_torch(tq)}
+    export_onnx(artifact_path, d / "nasq.onnx")
+    om = load_onnx(d / "nasq.onnx", threads=threads)
+    fns["ort_nasq_ms"] = lambda: om(ids, np.zeros_like(ids), np.ones_like(ids))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(tm, (t_ids, t_am, t_tt), str(d / "fp32.onnx"), input_names=names, output_names=["logits"],
+                      dynamic_axes={n: {0: "batch", 1: "seq"} for n in names}, opset_version=17, dynamo=False)
+    root = logging.getLogger()  # onnxruntime's quantizer advises pre-processing on the root logger: not ours to show
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(d / "fp32.onnx"), str(d / "int8.onnx"), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64),
+            "token_type_ids": np.zeros_like(ids, np.int64)}
+    for name, f in (("ort_fp32_ms", "fp32.onnx"), ("ort_dyn_int8_ms", "int8.onnx")):
+        sess = ort.InferenceSession(str(d / f), opts, providers=["CPUExecutionProvider"])
+        fns[name] = lambda sess=sess: sess.run(None, feed)[0]
+    return fns, {"torch": torch.__version__, "onnxruntime": ort.__version__}
+
+
 def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | None, batch: int, seq: int,
-                repeats: int = 10, seed: int = 0, compare: Sequence[str | Path] = ()) -> dict:
+                repeats: int = 10, seed: int = 0, compare: Sequence[str | Path] = (), external: bool = False,
+                threads: int | None = None) -> dict:
     """Median ms of the integer model (every unpack mode) vs the jitted fp32 forward, one process.
 
     The fp32 reference is the model at ``fp32_model_dir_or_run`` (a QAT run's weights are dequantized into
@@ -135,7 +198,14 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | N
     kernel runs. ``compare``: more artifacts of the same model (e.g. other plans), timed in the same interleaved
     rounds on the default path (``unpack="auto"``); ``res["compare"]`` lists each one's ``ms``, its plan's
     ``avg_bits`` and ``vs_first`` = its ms / the first artifact's on the same path.
+
+    Where the native kernel runs, ``int_xla_ms`` is the same artifact on the XLA integer path (``kernel="xla"``)
+    and ``int_panels_xla_attention_ms`` the default path with XLA's attention core. ``external``: PyTorch and ONNX
+    Runtime in the same interleaved rounds (:func:`external_forwards`, ``threads`` theirs, default the native
+    kernel's or 2); every ``*_ms`` also gets ``ratio_*`` against ``fp32_ms``.
     """
+    if threads is not None and threads < 1:
+        raise NasqError(f"--threads must be >= 1, got {threads}")
     rng = np.random.default_rng(seed)
     if fp32_model_dir_or_run is None:
         first = load_artifact(artifact_path)
@@ -153,6 +223,12 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | N
     for mode in modes:
         m = load_artifact(artifact_path, unpack=mode)
         fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
+    if "panels" in modes:
+        mf, m = load_artifact(artifact_path, unpack="fused"), load_artifact(artifact_path)
+        mx = type(mf)(replace(mf.meta, kernel="xla"), mf.params)
+        ma = type(m)(replace(m.meta, attention="xla"), m.params)
+        fns["int_xla_ms"] = lambda: mx(ids, tt, am)
+        fns["int_panels_xla_attention_ms"] = lambda: ma(ids, tt, am)
     default_mode = None  # what unpack="auto" resolves to here (the compared artifacts' path)
     for i, other in enumerate(compare):
         m = load_artifact(other)
@@ -161,10 +237,19 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | N
     graphdef, state = nnx.split(fp_model)
     fwd = jax.jit(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c))
     fns["fp32_ms"] = lambda: fwd(state, ids, tt, am)
-    # medians of calls interleaved round-robin, so machine noise hits every variant alike
-    res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
+    with tempfile.TemporaryDirectory(prefix="nasq-bench-") as tmp:
+        if external:
+            n = threads or (native.num_threads() if resolve_kernel() == "native" else 2)
+            more, versions = external_forwards(artifact_path, np.asarray(ids), n, tmp)
+            fns.update(more)
+            res.update({"external_threads": n, **versions})
+        # medians of calls interleaved round-robin, so machine noise hits every variant alike
+        res.update({k: 1e3 * v for k, v in time_interleaved(fns, repeats).items()})
     for mode in modes:
         res[f"ratio_{mode}"] = res[f"int_{mode}_ms"] / res["fp32_ms"]
+    for k in fns:
+        if k.endswith("_ms") and not k.startswith(("int_fused", "int_load", "int_panels_ms", "compare", "fp32")):
+            res[f"ratio_{k[:-3]}"] = res[k] / res["fp32_ms"]
     if compare:
         first = res[f"int_{default_mode}_ms"]  # the first artifact on the same path
         res["avg_bits"] = Plan.load(Path(artifact_path) / "plan.json").totals["avg_bits"]
@@ -187,7 +272,8 @@ def main(what: str, cfg: Config, args) -> int:
             raise NasqError("bench infer needs --artifact model.nasq (and optionally --teacher RUN: the fp32 "
                             "baseline's weights; without it, the same architecture with random weights).")
         res = bench_infer(args.artifact[0], getattr(args, "teacher", None), args.batch_size, args.seq_len,
-                          args.repeats, compare=args.artifact[1:])
+                          args.repeats, compare=args.artifact[1:], external=getattr(args, "external", False),
+                          threads=getattr(args, "threads", None))
     else:  # argparse restricts choices
         raise NasqError(f"unknown benchmark {what!r}")
     res = {**res, **environment()}

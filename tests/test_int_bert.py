@@ -181,3 +181,35 @@ def test_bench_infer_times_artifacts_side_by_side(artifact, tiny_model_dir, tmp_
                  "--repeats", "1"]) == 0
     rec = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert rec["fp32_weights"] == "random" and rec["fp32_ms"] > 0
+
+
+@pytest.mark.slow  # torch + ONNX export and quantization of a tiny model: about 30 s
+def test_bench_infer_external_frameworks(artifact):
+    """`bench infer --external`: PyTorch and ONNX Runtime (fp32, dynamic int8, nasq's ONNX export) timed in the
+    same rounds, each with its ratio to the fp32 JAX forward; the XLA integer path and XLA's attention core too
+    where the native kernel runs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from nasq.bench import bench_infer
+    from nasq.kernels import native
+
+    rec = bench_infer(artifact, None, 1, 8, repeats=1, external=True, threads=1)
+    names = ["torch_fp32", "torch_dyn_int8", "ort_fp32", "ort_dyn_int8", "ort_nasq"]
+    if native.resolve_kernel() == "native":
+        names += ["int_xla", "int_panels_xla_attention"]
+    for name in names:
+        assert rec[f"{name}_ms"] > 0
+        assert rec[f"ratio_{name}"] == pytest.approx(rec[f"{name}_ms"] / rec["fp32_ms"])
+    assert rec["external_threads"] == 1 and rec["torch"] and rec["onnxruntime"]
+
+
+def test_bench_infer_external_needs_the_extras(artifact, tmp_path, monkeypatch):
+    import sys
+
+    from nasq.bench import bench_infer, external_forwards
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were not installed
+    with pytest.raises(NasqError, match=r"parity,onnx"):
+        external_forwards(artifact, np.zeros((1, 8), np.int32), 1, tmp_path)
+    with pytest.raises(NasqError, match="--threads"):
+        bench_infer(artifact, None, 1, 8, repeats=1, external=True, threads=0)

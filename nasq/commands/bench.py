@@ -21,6 +21,11 @@ def register(sub) -> None:
                         "plans) side by side with the first, in the same interleaved rounds")
     b.add_argument("--teacher", help="fp32 run directory: the weights of `bench infer`'s fp32 JAX baseline "
                    "(default: the artifact's architecture with random weights)")
+    b.add_argument("--external", action="store_true",
+                   help="`bench infer`: also PyTorch (fp32, quantize_dynamic int8) and ONNX Runtime (fp32, "
+                        "quantize_dynamic int8, nasq's ONNX export) in the same rounds (extras parity + onnx)")
+    b.add_argument("--threads", type=int, help="`bench infer --external`: PyTorch's and ONNX Runtime's threads "
+                   "(default: the native kernel's)")
     add_common(b)
     add_budget_flags(b)
     b.set_defaults(fn=cmd_bench)
