@@ -1,7 +1,7 @@
 """The native integer GEMM (``nasq.kernels.native``, C++ through the XLA FFI) against numpy int64 and the XLA path.
 
-Every instruction-set path this CPU has is forced in turn (``isa=`` / ``NASQ_NATIVE_ISA``); the AVX-512 VNNI path,
-when the CPU lacks it, is checked on a test build that emulates the intrinsics with SIMDe (if its headers are
+Every instruction-set path this CPU has is forced in turn (``isa=`` / ``NASQ_NATIVE_ISA``); the VNNI paths
+(AVX-512 and AVX-VNNI), when the CPU lacks them, are checked on a test build that emulates the intrinsics with SIMDe (if its headers are
 installed: Debian's libsimde-dev). Tests that need the built library (``pip install -e .``) skip with the reason
 when it is missing; the fallback to XLA is tested either way.
 """
@@ -578,8 +578,13 @@ def emulated_lib(tmp_path_factory):
     return native.Library(out)
 
 
-@pytest.mark.skipif("avx512-vnni" in ISAS, reason="the CPU runs the real AVX-512 VNNI path above")
+EMULATED = ("avx512-vnni", "avx-vnni", "avx2")  # every SIMD path, emulated
+
+
+@pytest.mark.skipif("avx512-vnni" in ISAS and "avx-vnni" in ISAS, reason="the CPU runs both VNNI paths above")
 def test_emulated_vnni_exact(emulated_lib):
+    """Both VNNI paths (and AVX2) under SIMDe: exact accumulators, the fused epilogue, segments, resident panels;
+    the attention core's AVX2 path too (to fp32 rounding)."""
     rng = np.random.default_rng(11)
     for m, k, n, bits in [(1, 1, 1, 1), (5, 63, 7, 2), (9, 64, 4, 3), (13, 130, 17, 4), (4, 200, 9, 5),
                           (7, 129, 5, 6), (3, 77, 11, 7), (21, 700, 33, 8), (40, 1100, 50, 4)]:
@@ -587,7 +592,7 @@ def test_emulated_vnni_exact(emulated_lib):
         w = pack_codes(codes, bits)
         sx, rs, bias = (rng.random(m).astype(np.float32), rng.random(n).astype(np.float32),
                         rng.standard_normal(n).astype(np.float32))
-        for isa in ("avx512-vnni", "avx2"):
+        for isa in EMULATED:
             np.testing.assert_array_equal(emulated_lib.gemm(x, w, bits, isa=isa), ref_acc(x, codes),
                                           err_msg=f"{isa} {m}x{k}x{n} b{bits}")
             want = ref_epilogue(ref_acc(x, codes), sx, rs, bias)
@@ -595,10 +600,15 @@ def test_emulated_vnni_exact(emulated_lib):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
     segments, codes = random_segments(rng, 333, [(2, 70), (3, 33), (4, 41), (8, 17), (1, 9)])
     x = random_x(rng, 19, 333)
-    for isa in ("avx512-vnni", "avx2"):
+    for isa in EMULATED:
         np.testing.assert_array_equal(emulated_lib.gemm_segments(x, segments, isa=isa), ref_acc(x, codes),
                                       err_msg=f"{isa} segments")
         panels = tuple((b, emulated_lib.prepack(w, b, 333, isa=isa)) for b, w in segments)
         np.testing.assert_array_equal(emulated_lib.gemm_segments(x, panels, isa=isa, rows=[w.shape[0] for _, w in
                                                                                           segments]),
                                       ref_acc(x, codes), err_msg=f"{isa} resident panels")
+    for shape, masked in (((2, 70, 3, 32), 0.3), ((1, 9, 2, 16), 0.0), ((2, 5, 2, 12), 0.2)):
+        q, k, v, kb = attention_inputs(rng, *shape, masked)
+        want = ref_attention(q, k, v, kb)
+        got = emulated_lib.attention(q, k, v, kb, isa="avx2")
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))

@@ -16,7 +16,8 @@ of ``nasq.kernels.int_bert``). :func:`attention` is the integer model's fp32 att
 context) with the (batch, head) pairs spread over the threads: XLA CPU runs the batched dots of attention on one
 thread. The C++ source (``nasq_kernels.cc``, next to this file)
 documents the layout, the offset trick that makes the weights unsigned (``u = code + o``, ``acc = x.u - o * sum(x)``), the
-blocking and the three instruction-set paths: ``avx512-vnni``, ``avx2`` and ``scalar``, chosen at run time.
+blocking and the four instruction-set paths: ``avx512-vnni``, ``avx-vnni`` (AVX2-class cores with the VEX
+``vpdpbusd``), ``avx2`` and ``scalar``, chosen at run time.
 The int32 accumulators equal XLA's int8 ``dot_general`` (and numpy's int64 product) exactly; the fp32 epilogue
 rounds like XLA's (``int_linear``).
 
@@ -24,7 +25,7 @@ Choosing the kernel (one mechanism): ``packed_linear_apply(..., kernel=...)`` wi
 ``"auto"`` (native when :func:`available`, else XLA), ``"native"`` (error if unavailable), ``"xla"``; the
 default ``None`` reads the environment variable ``NASQ_KERNEL`` (same values, default ``"auto"``). The choice
 is made when a function is traced, so a jitted function keeps the kernel it was compiled with.
-``NASQ_NATIVE_ISA`` (``auto``/``avx512-vnni``/``avx2``/``scalar``) forces an instruction set, and
+``NASQ_NATIVE_ISA`` (``auto``/``avx512-vnni``/``avx-vnni``/``avx2``/``scalar``) forces an instruction set, and
 ``NASQ_NUM_THREADS`` (or :func:`set_num_threads`) the thread count (default: the CPUs this process may use).
 Inside a jitted computation a call's tasks run on XLA's own intra-op thread pool (the FFI's ``ThreadPool``
 context), so the kernel does not compete with XLA's threads for the cores; ``NASQ_XLA_POOL=0`` (or
@@ -71,9 +72,9 @@ __all__ = [
 ]
 
 KERNELS = ("auto", "native", "xla")
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3}  # codes of the C++ `Isa` enum
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512-vnni": 3, "avx-vnni": 4}  # codes of the C++ `Isa` enum
 _ISA_NAMES = {code: name for name, code in ISAS.items()}
-_SIMD_ISAS = ("avx2", "avx512-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
+_SIMD_ISAS = ("avx2", "avx512-vnni", "avx-vnni")  # "auto" uses native only with one of these (scalar is slower than XLA)
 ABI_VERSION = 6  # nasq::kAbiVersion
 LIBRARY_STEM = "_nasq_kernels"  # setup.py builds nasq/kernels/native/_nasq_kernels*.so
 _TARGET_S32 = "nasq_int_gemm_s32"
@@ -422,7 +423,7 @@ def _prepare(xq, w, bits: int, isa: str | None):
 def int_gemm(xq, w, bits: int, *, isa: str | None = None):
     """``int8 [..., K] x packed uint8 [N, ceil(K*bits/8)] -> int32 [..., N]`` (exact), under jit or not.
 
-    ``isa``: ``"auto"``, ``"avx512-vnni"``, ``"avx2"`` or ``"scalar"``; None reads ``NASQ_NATIVE_ISA``."""
+    ``isa``: ``"auto"``, ``"avx512-vnni"``, ``"avx-vnni"``, ``"avx2"`` or ``"scalar"``; None reads ``NASQ_NATIVE_ISA``."""
     x2, w, lead, code = _prepare(xq, w, bits, isa)
     out = jax.ffi.ffi_call(_TARGET_S32, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.int32),
                            vmap_method="sequential")(x2, w, bits=np.int64(bits), isa=np.int64(code))

@@ -134,7 +134,8 @@ namespace nasq {
 // Bump when the C ABI or the FFI signatures change (Python refuses a library with another version).
 constexpr int kAbiVersion = 6;
 
-enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3, kAvxVnni = 4 };
+constexpr int kLastIsa = kAvxVnni;
 
 constexpr int kMaxMR = 8;                        // largest micro tile: 8 tokens ...
 constexpr int kMaxNR = 32;                       // ... x 32 weight rows (AVX-512)
@@ -157,6 +158,7 @@ static bool cpu_has(Isa isa) {
 #if defined(NASQ_SIMDE)
     case kAvx2:
     case kAvx512Vnni:
+    case kAvxVnni:
       return true;  // emulated
 #elif NASQ_X86
     case kAvx2:
@@ -167,6 +169,10 @@ static bool cpu_has(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2") &&
              __builtin_cpu_supports("fma");
+    case kAvxVnni:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("fma");
 #endif
     default:
       return false;
@@ -175,6 +181,7 @@ static bool cpu_has(Isa isa) {
 
 static Isa best_isa() {
   if (cpu_has(kAvx512Vnni)) return kAvx512Vnni;
+  if (cpu_has(kAvxVnni)) return kAvxVnni;
   if (cpu_has(kAvx2)) return kAvx2;
   return kScalar;
 }
@@ -435,6 +442,30 @@ static void dot_tile_vnni(const int8_t* x, int64_t Kp, const uint8_t* panel, int
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i * kNR + 16), acc[i][1]);
   }
 }
+
+// AVX-VNNI (the VEX-encoded vpdpbusd of AVX2-class cores: Intel Alder Lake and later, AMD Zen 5), 16 weight
+// rows (two vectors of 8 int32 lanes) x 4 tokens, the AVX2 kernel's panels; like dot_tile_vnni, no int16 step.
+#if defined(NASQ_SIMDE)
+#define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32  // SIMDe emulates the AVX512VL form: the same operation
+#endif
+NASQ_TARGET("avx2,avxvnni")
+static void dot_tile_avxvnni(const int8_t* x, int64_t Kp, const uint8_t* panel, int32_t* out) {
+  constexpr int kMR = 4, kNR = 16;
+  __m256i acc[kMR][2];
+  for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < Kp / 4; ++s) {
+    const uint8_t* p = panel + s * (kNR * 4);
+    const __m256i u0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i u1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    for (int i = 0; i < kMR; ++i) {
+      const __m256i xb = _mm256_set1_epi32(load4(x + i * Kp + 4 * s));
+      acc[i][0] = _mm256_dpbusd_avx_epi32(acc[i][0], u0, xb);
+      acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], u1, xb);
+    }
+  }
+  for (int i = 0; i < kMR; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * kNR + 8 * h), acc[i][h]);
+}
 #endif
 
 // ------------------------------------------------------------------------------------------- epilogue
@@ -632,7 +663,7 @@ static int32_t quantize_row_avx2(const float* x, int64_t K, int8_t* dst, float* 
 
 static QuantizeRowFn quantize_row_for(Isa isa) {
 #if NASQ_X86
-  if (isa == kAvx2 || isa == kAvx512Vnni) return quantize_row_avx2;
+  if (isa == kAvx2 || isa == kAvx512Vnni || isa == kAvxVnni) return quantize_row_avx2;
 #endif
   (void)isa;
   return quantize_row_portable;
@@ -810,6 +841,8 @@ static IsaKernels kernels_for(Isa isa, int bits) {
 #if NASQ_X86
     case kAvx512Vnni:
       return {8, 32, 1, dot_tile_vnni, unpack_row_bmi2, store_tile_fma<32>};
+    case kAvxVnni:  // the AVX2 b<=4 panel layout (one plane) at every width: vpdpbusd has no int16 step
+      return {4, 16, 1, dot_tile_avxvnni, unpack_row_bmi2, store_tile_avx2_16};
     case kAvx2:
       if (bits <= 4) return {4, 16, 1, dot_tile_avx2_b4, unpack_row_bmi2, store_tile_avx2_16};
       return {2, 16, 2, dot_tile_avx2<2>, unpack_row_bmi2, store_tile_avx2_16};
@@ -822,7 +855,7 @@ static IsaKernels kernels_for(Isa isa, int bits) {
 // The ISA a request (0 = auto) runs: 0 and *isa set, or 3 (unknown code) / 4 (the CPU lacks it).
 static int resolve_isa(int isa_request, Isa* isa) {
   *isa = isa_request == kAuto ? best_isa() : static_cast<Isa>(isa_request);
-  if (*isa < kScalar || *isa > kAvx512Vnni) return 3;
+  if (*isa < kScalar || *isa > kLastIsa) return 3;
   return cpu_has(*isa) ? 0 : 4;
 }
 
@@ -1008,7 +1041,7 @@ static const char* error_message(int code) {
     case 0: return "ok";
     case 1: return "bit width must be 1..8";
     case 2: return "negative dimension";
-    case 3: return "unknown ISA code (0 auto, 1 scalar, 2 avx2, 3 avx512-vnni)";
+    case 3: return "unknown ISA code (0 auto, 1 scalar, 2 avx2, 3 avx512-vnni, 4 avx-vnni)";
     case 4: return "this CPU does not support the requested ISA";
     case 5:
       return "array shapes do not match (x [M,K], w [N,ceil(K*b/8)], out [M,N], sx [M], scale/bias [N]; attention: "
@@ -1229,7 +1262,7 @@ extern "C" {
 int nasq_abi_version() { return nasq::kAbiVersion; }
 int nasq_best_isa() { return nasq::best_isa(); }
 int nasq_isa_supported(int isa) {
-  return isa >= nasq::kScalar && isa <= nasq::kAvx512Vnni && nasq::cpu_has(static_cast<nasq::Isa>(isa));
+  return isa >= nasq::kScalar && isa <= nasq::kLastIsa && nasq::cpu_has(static_cast<nasq::Isa>(isa));
 }
 int nasq_num_threads() { return nasq::pool().num_threads(); }
 void nasq_set_num_threads(int n) { nasq::pool().set_num_threads(n); }
