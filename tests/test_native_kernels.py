@@ -1,8 +1,8 @@
 """The native integer GEMM (``nasq.kernels.native``, C++ through the XLA FFI) against numpy int64 and the XLA path.
 
 Every instruction-set path this CPU has is forced in turn (``isa=`` / ``NASQ_NATIVE_ISA``); the VNNI paths
-(AVX-512 and AVX-VNNI), when the CPU lacks them, are checked on a test build that emulates the intrinsics with SIMDe (if its headers are
-installed: Debian's libsimde-dev). Tests that need the built library (``pip install -e .``) skip with the reason
+(AVX-512 and AVX-VNNI), when the CPU lacks them, are checked on a test build that emulates the intrinsics with
+SIMDe (if its headers are installed: Debian's libsimde-dev). Tests that need the built library (``pip install -e .``) skip with the reason
 when it is missing; the fallback to XLA is tested either way.
 """
 
