@@ -404,6 +404,10 @@ def test_attention_ffi_threads_and_errors():
     with pytest.raises(NasqError, match="key_bias"):
         LIB.attention(q, k, v, kb[:, :3])
     assert LIB.attention(q[:0], k[:0], v[:0], kb[:0]).shape == (0, 64, 12, 32)
+    q[0, 3, 1, 5] = np.nan  # an overflowed score poisons its own (query, head) row, as in XLA, and nothing else
+    for isa in ISAS:
+        got = LIB.attention(q, k, v, kb, isa=isa)
+        assert np.isnan(got[0, 3, 1]).all() and np.isnan(got).sum() == 32, isa
 
 
 # ------------------------------------------------------------------------------------ through JAX (the FFI)

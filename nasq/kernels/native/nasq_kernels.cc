@@ -1071,12 +1071,13 @@ static int run_gemm_checked(const Gemm& g, int isa) {
 
 #if NASQ_X86
 // exp(x) for fp32 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r; about 1 ulp), exactly 0 below
-// -88.38 (so masked keys weigh nothing).
+// -88.38 (so masked keys weigh nothing); NaN stays NaN (max/min return their second operand when one is NaN), so
+// a score that overflowed poisons its row's softmax as in XLA.
 NASQ_TARGET("avx2,fma")
 static inline __m256 exp_avx2(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
   __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
