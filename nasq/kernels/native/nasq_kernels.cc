@@ -1106,29 +1106,44 @@ static inline float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-// One query row's context: p . v over S keys into NV vectors of 8 (D = 8 NV), accumulators in registers.
+// One query row's context: p . v over S keys into NV vectors of 8 (D = 8 NV), v packed [S, D]; even and odd
+// keys in separate accumulators (two independent FMA chains per vector) when they fit in the registers.
 template <int NV>
 NASQ_TARGET("avx2,fma")
-static void weighted_rows_avx2(const float* p, const float* v, int64_t S, int64_t ld, float* out) {
-  __m256 acc[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < S; ++j) {
+static void weighted_rows_avx2(const float* p, const float* v, int64_t S, float* out) {
+  constexpr int64_t D = 8 * NV;
+  constexpr int kChains = NV <= 4 ? 2 : 1;
+  __m256 acc[kChains][NV];
+  for (auto& a : acc)
+    for (int u = 0; u < NV; ++u) a[u] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kChains <= S; j += kChains)
+    for (int c = 0; c < kChains; ++c) {
+      const __m256 pj = _mm256_broadcast_ss(p + j + c);
+      for (int u = 0; u < NV; ++u) acc[c][u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + (j + c) * D + 8 * u), acc[c][u]);
+    }
+  for (; j < S; ++j) {
     const __m256 pj = _mm256_broadcast_ss(p + j);
-    for (int u = 0; u < NV; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * ld + 8 * u), acc[u]);
+    for (int u = 0; u < NV; ++u) acc[0][u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * D + 8 * u), acc[0][u]);
   }
-  for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + 8 * u, acc[u]);
+  for (int u = 0; u < NV; ++u) {
+    __m256 t = acc[0][u];
+    for (int c = 1; c < kChains; ++c) t = _mm256_add_ps(t, acc[c][u]);
+    _mm256_storeu_ps(out + 8 * u, t);
+  }
 }
 
-// One (batch, head) pair; D a multiple of 8, at most 64. kt: [D, Sp] scratch, s: [Sp] scratch, kbp: [Sp] the key
-// mask padded with -inf to Sp = round_up(S, 8).
+// One (batch, head) pair; D a multiple of 8, at most 64. kt: [D, Sp] scratch (K transposed), vp: [S, D] scratch
+// (V packed), s: [Sp] scratch, kbp: [Sp] the key mask padded with -inf to Sp = round_up(S, 8).
 NASQ_TARGET("avx2,fma")
 static void attention_head_avx2(const float* q, const float* k, const float* v, const float* kbp, int64_t S,
-                                int64_t D, int64_t ld, float* out, float* kt, float* s) {
+                                int64_t D, int64_t ld, float* out, float* kt, float* vp, float* s) {
   const int64_t Sp = round_up(S, 8);
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t j = 0; j < S; ++j) kt[d * Sp + j] = k[j * ld + d];
     for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
   }
+  for (int64_t j = 0; j < S; ++j) std::memcpy(vp + j * D, v + j * ld, sizeof(float) * static_cast<size_t>(D));
   const __m256 root = _mm256_set1_ps(std::sqrt(static_cast<float>(D)));
   for (int64_t i = 0; i < S; ++i) {
     const float* qi = q + i * ld;
@@ -1172,14 +1187,14 @@ static void attention_head_avx2(const float* q, const float* k, const float* v, 
     // context
     float* oi = out + i * ld;
     switch (D / 8) {
-      case 1: weighted_rows_avx2<1>(s, v, S, ld, oi); break;
-      case 2: weighted_rows_avx2<2>(s, v, S, ld, oi); break;
-      case 3: weighted_rows_avx2<3>(s, v, S, ld, oi); break;
-      case 4: weighted_rows_avx2<4>(s, v, S, ld, oi); break;
-      case 5: weighted_rows_avx2<5>(s, v, S, ld, oi); break;
-      case 6: weighted_rows_avx2<6>(s, v, S, ld, oi); break;
-      case 7: weighted_rows_avx2<7>(s, v, S, ld, oi); break;
-      default: weighted_rows_avx2<8>(s, v, S, ld, oi); break;
+      case 1: weighted_rows_avx2<1>(s, vp, S, oi); break;
+      case 2: weighted_rows_avx2<2>(s, vp, S, oi); break;
+      case 3: weighted_rows_avx2<3>(s, vp, S, oi); break;
+      case 4: weighted_rows_avx2<4>(s, vp, S, oi); break;
+      case 5: weighted_rows_avx2<5>(s, vp, S, oi); break;
+      case 6: weighted_rows_avx2<6>(s, vp, S, oi); break;
+      case 7: weighted_rows_avx2<7>(s, vp, S, oi); break;
+      default: weighted_rows_avx2<8>(s, vp, S, oi); break;
     }
   }
 }
@@ -1231,8 +1246,9 @@ static int run_attention(const float* q, const float* k, const float* v, const f
   std::atomic<bool> out_of_memory{false};
   pool().parallel_for(tasks, [&](int t) {
     try {  // no exception may leave a pool task
-      static thread_local std::vector<float> kt, s, kbp;
+      static thread_local std::vector<float> kt, vp, s, kbp;
       kt.resize(static_cast<size_t>(D * Sp));
+      vp.resize(static_cast<size_t>(D * S));
       s.resize(static_cast<size_t>(Sp));
       kbp.resize(static_cast<size_t>(Sp));
       for (int64_t pr = pairs * t / tasks; pr < pairs * (t + 1) / tasks; ++pr) {
@@ -1241,7 +1257,8 @@ static int run_attention(const float* q, const float* k, const float* v, const f
         std::fill(kbp.begin() + S, kbp.end(), -INFINITY);
 #if NASQ_X86
         if (simd) {
-          attention_head_avx2(q + at, k + at, v + at, kbp.data(), S, D, ld, out + at, kt.data(), s.data());
+          attention_head_avx2(q + at, k + at, v + at, kbp.data(), S, D, ld, out + at, kt.data(), vp.data(),
+                              s.data());
           continue;
         }
 #endif
