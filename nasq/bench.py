@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -137,7 +138,13 @@ def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, 
     ``ort_nasq_ms`` (ONNX Runtime on nasq's own ONNX export of the artifact). ``threads``: torch's and ONNX
     Runtime's intra-op threads. Returns ``(forwards, versions)``. Needs the ``parity`` (torch) and ``onnx``
     (onnx, onnxruntime) extras: bench-only, never the core's dependencies.
+
+    Idle threads sleep: ONNX Runtime's ``session.intra_op.allow_spinning`` is 0 and ``OMP_WAIT_POLICY`` defaults
+    to ``PASSIVE`` for PyTorch (read when torch is first imported), because in interleaved rounds a framework whose
+    threads spin after its call takes the cores from the next variant (seen at 1 x 16 tokens: nasq's forward
+    timed 2.5x slower right after ONNX Runtime's than alone).
     """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import onnxruntime as ort
         import torch
@@ -163,7 +170,7 @@ def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, 
 
     fns = {"torch_fp32_ms": lambda: run_torch(tm), "torch_dyn_int8_ms": lambda: run_torch(tq)}
     export_onnx(artifact_path, d / "nasq.onnx")
-    om = load_onnx(d / "nasq.onnx", threads=threads)
+    om = load_onnx(d / "nasq.onnx", threads=threads, spinning=False)
     fns["ort_nasq_ms"] = lambda: om(ids, np.zeros_like(ids), np.ones_like(ids))
     names = ["input_ids", "attention_mask", "token_type_ids"]
     torch.onnx.export(tm, (t_ids, t_am, t_tt), str(d / "fp32.onnx"), input_names=names, output_names=["logits"],
@@ -177,12 +184,14 @@ def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, 
         root.setLevel(level)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64),
             "token_type_ids": np.zeros_like(ids, np.int64)}
     for name, f in (("ort_fp32_ms", "fp32.onnx"), ("ort_dyn_int8_ms", "int8.onnx")):
         sess = ort.InferenceSession(str(d / f), opts, providers=["CPUExecutionProvider"])
         fns[name] = lambda sess=sess: sess.run(None, feed)[0]
-    return fns, {"torch": torch.__version__, "onnxruntime": ort.__version__}
+    return fns, {"torch": torch.__version__, "onnxruntime": ort.__version__,
+                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_allow_spinning": 0}
 
 
 def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | None, batch: int, seq: int,

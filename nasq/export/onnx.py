@@ -316,7 +316,7 @@ class OnnxModel:
     """An exported ONNX model under ONNX Runtime (CPU), called like every nasq model:
     ``OnnxModel(path)(input_ids, token_type_ids, attention_mask) -> logits`` (numpy ``[batch, num_labels]``)."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None):
+    def __init__(self, path: str | Path, *, threads: int | None = None, spinning: bool = True):
         _require()
         import onnxruntime as ort
 
@@ -326,6 +326,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if not spinning:  # idle threads sleep instead of spinning (benchmarks that interleave other frameworks)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         # onnxruntime's own exceptions (Fail, InvalidProtobuf, ...) derive from Exception only
@@ -342,9 +344,9 @@ class OnnxModel:
         return self.session.run(["logits"], {"input_ids": ids, "token_type_ids": tt, "attention_mask": am})[0]
 
 
-def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
-    """An :class:`OnnxModel` for ``path``."""
-    return OnnxModel(path, threads=threads)
+def load_onnx(path: str | Path, *, threads: int | None = None, spinning: bool = True) -> OnnxModel:
+    """An :class:`OnnxModel` for ``path`` (``spinning=False``: ONNX Runtime's idle threads sleep)."""
+    return OnnxModel(path, threads=threads, spinning=spinning)
 
 
 def verify_onnx(onnx_path: str | Path, artifact: str | Path, cfg) -> dict:
