@@ -1226,8 +1226,8 @@ static void attention_head_scalar(const float* q, const float* k, const float* v
   }
 }
 
-// The whole layer: B x H (batch, head) pairs split over the threads. isa: 0 auto, 1 scalar, 2 (or 3) AVX2.
-// Returns 0 or an error code.
+// The whole layer: B x H (batch, head) pairs split over the threads. isa: 0 auto, 1 scalar (plain C++); every
+// SIMD ISA (AVX2 and both VNNI paths) runs the AVX2 code. Returns 0 or an error code.
 static int run_attention(const float* q, const float* k, const float* v, const float* kb, int64_t B, int64_t S,
                          int64_t H, int64_t D, float* out, int isa_request) {
   if (B < 0 || S < 0 || H < 0 || D < 0) return 2;
