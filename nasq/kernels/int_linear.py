@@ -17,7 +17,7 @@ summation order (the integer dot product is exact; the fp32 one rounds).
 
 **Kernels.** The three lines after the activation quantization run either as XLA ops (above: unpack, int8
 ``dot_general``, epilogue) or as one native C++ call per segment (``nasq.kernels.native``: the packed codes are
-unpacked in small tiles inside the kernel, AVX512-VNNI / AVX2 / scalar, multi-threaded, fused epilogue).
+unpacked in small tiles inside the kernel, AVX512-VNNI / AVX-VNNI / AVX2 / scalar, multi-threaded, fused epilogue).
 Both give bit-identical int32 accumulators, and the native epilogue rounds like XLA's CPU code
 (``fma(acc * sx, row_scale, bias)``), so the outputs agree to the last bit where XLA contracts alike. Pick with
 ``kernel=`` on :func:`packed_linear_apply` (``"auto"``: native when available, ``"native"``, ``"xla"``); the
