@@ -128,7 +128,8 @@ def dequantized_fp32_model(model):
     return replace_modules(model, fn)
 
 
-def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, tmp_dir: str | Path) -> tuple[dict, dict]:
+def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, tmp_dir: str | Path,
+                      num_labels: int) -> tuple[dict, dict]:
     """What users run today, on the artifact's architecture, as zero-argument forwards of ``ids`` (full mask):
 
     ``torch_fp32_ms`` (transformers ``BertForSequenceClassification`` from the artifact's ``config.json``, random
@@ -158,7 +159,6 @@ def external_forwards(artifact_path: str | Path, ids: np.ndarray, threads: int, 
 
     artifact_path, d = Path(artifact_path), Path(tmp_dir)
     torch.set_num_threads(threads)
-    num_labels = load_artifact(artifact_path).num_labels
     tm = HfBert(HfBertConfig.from_pretrained(str(artifact_path), num_labels=num_labels)).eval()
     tq = torch.ao.quantization.quantize_dynamic(tm, {torch.nn.Linear}, dtype=torch.qint8)
     t_ids = torch.tensor(ids, dtype=torch.long)
@@ -229,11 +229,11 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | N
                            "fp32_weights": "random" if fp32_model_dir_or_run is None else str(fp32_model_dir_or_run)}
     fns = {}
     modes = ("fused", "load", "panels") if resolve_kernel() == "native" else ("fused", "load")
-    for mode in modes:
-        m = load_artifact(artifact_path, unpack=mode)
+    models = {mode: load_artifact(artifact_path, unpack=mode) for mode in modes}
+    for mode, m in models.items():
         fns[f"int_{mode}_ms"] = lambda m=m: m(ids, tt, am)
-    if "panels" in modes:
-        mf, m = load_artifact(artifact_path, unpack="fused"), load_artifact(artifact_path)
+    if "panels" in modes:  # the loaded models with the XLA GEMM / XLA attention core (same weights)
+        mf, m = models["fused"], models["panels"]
         mx = type(mf)(replace(mf.meta, kernel="xla"), mf.params)
         ma = type(m)(replace(m.meta, attention="xla"), m.params)
         fns["int_xla_ms"] = lambda: mx(ids, tt, am)
@@ -249,7 +249,7 @@ def bench_infer(artifact_path: str | Path, fp32_model_dir_or_run: str | Path | N
     with tempfile.TemporaryDirectory(prefix="nasq-bench-") as tmp:
         if external:
             n = threads or (native.num_threads() if resolve_kernel() == "native" else 2)
-            more, versions = external_forwards(artifact_path, np.asarray(ids), n, tmp)
+            more, versions = external_forwards(artifact_path, np.asarray(ids), n, tmp, models["fused"].num_labels)
             fns.update(more)
             res.update({"external_threads": n, **versions})
         # medians of calls interleaved round-robin, so machine noise hits every variant alike

@@ -210,6 +210,6 @@ def test_bench_infer_external_needs_the_extras(artifact, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were not installed
     with pytest.raises(NasqError, match=r"parity,onnx"):
-        external_forwards(artifact, np.zeros((1, 8), np.int32), 1, tmp_path)
+        external_forwards(artifact, np.zeros((1, 8), np.int32), 1, tmp_path, 2)
     with pytest.raises(NasqError, match="--threads"):
         bench_infer(artifact, None, 1, 8, repeats=1, external=True, threads=0)
