@@ -87,7 +87,8 @@ from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
-           "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured")
+           "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
+           "nasq_ge4")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -100,7 +101,9 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
 # gradient, NOTES.md)
 SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
-            "nasq_gadam", "nasq_front")
+            "nasq_gadam", "nasq_front", "nasq_ge4")
+# nasq_ge4: nasq with one gate step per 4 weight steps (`search.gate_every=4`, issue 17's cheaper search
+# iteration); the same weight steps, so the same compute for the baselines
 # nasq_measured: a search over whole plans by measurement, not by gates: the measured allocation refined
 # (`nasq baseline measured --refine-rounds`: each tensor's damage re-measured with the others at the previous
 # plan's widths, re-solved; the plan of least measured output KL kept). It trains nothing before QAT, so like a
@@ -113,7 +116,8 @@ OURS = (*SEARCHED, "nasq_measured")
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
-                "nasq_mprior10": ["--set", "search.damage_weight=10"]}
+                "nasq_mprior10": ["--set", "search.damage_weight=10"],
+                "nasq_ge4": ["--set", "search.gate_every=4"]}
 # the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
 # their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
 INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured",
