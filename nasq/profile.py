@@ -16,11 +16,16 @@ GELU, pooler, classifier):
 
     fixed_ms = max(0, T(fp32 forward at `tokens` tokens) - T(every encoder linear's fp32 x @ W_l^T + b_l))
 
-both medians of single jitted calls (one dispatch each). It is an estimate (fusion across layers makes the subtraction inexact); with
-``measure_fixed=False`` it is 0 and a latency budget then covers the searched linears only. The fp32 forward runs
-XLA's attention core; where the native kernel runs, the integer model's attention core is native and faster
-(``nasq.kernels.native.attention``), so ``fixed_ms`` over-estimates the rest there and a budget errs on the safe
-side (the searched linears get less time than they could).
+both medians of single jitted calls (one dispatch each). The fp32 forward runs XLA's attention core; where the
+native kernel runs, the integer model an artifact loads runs the native one (``nasq.kernels.native.attention``,
+faster: XLA CPU runs the batched dots on one thread), so there the attention core is swapped in the estimate:
+
+    fixed_ms = max(0, T(fp32 forward) - T(encoder linears) - T(L x XLA attention core) + T(L x native core))
+
+with both cores timed the same way (all ``L`` layers in one jitted call, :func:`nasq.kernels.int_bert.attention_core`
+at ``[batch, seq, heads, head_dim]``; ``meta["attention"]`` records which core the estimate is for). It is an
+estimate (fusion across layers makes the subtraction inexact); with ``measure_fixed=False`` it is 0 and a latency
+budget then covers the searched linears only.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from nasq.contract.cost import LatencyTable
 from nasq.errors import NasqError
 from nasq.kernels import native
-from nasq.kernels.int_bert import PanelLinear, panel_linear_apply
+from nasq.kernels.int_bert import PanelLinear, attention_core, panel_linear_apply
 from nasq.kernels.int_linear import pack_linear, packed_linear_apply
 from nasq.models.bert import Linear
 from nasq.models.loading import load_pretrained
@@ -83,13 +88,27 @@ def measured_path() -> str:
     return f"packed_linear_apply, {native.describe()}"
 
 
-def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, repeats: int) -> float:
-    """``max(0, T(fp32 forward) - sum T(fp32 encoder linears))`` at ``tokens`` tokens (see module docstring)."""
+def workload_shape(tokens: int, seq_len: int | None, max_positions: int) -> tuple[int, int]:
+    """``(batch, seq)`` of the workload: ``tokens / seq_len`` sequences of ``seq_len`` tokens; without
+    ``seq_len`` one sequence of ``tokens`` (at most ``max_positions``; more tokens: whole sequences of that length)."""
+    if seq_len is None:
+        seq = max(1, min(tokens, max_positions))
+        return max(1, -(-tokens // seq)), seq
+    if not 1 <= seq_len <= max_positions:
+        raise NasqError(f"--seq-len must be in [1, {max_positions}] (the model's positions), got {seq_len}")
+    if tokens % seq_len:
+        raise NasqError(f"--tokens {tokens} is not a whole number of sequences of --seq-len {seq_len}; "
+                        f"use a multiple, e.g. --tokens {max(1, tokens // seq_len) * seq_len}")
+    return tokens // seq_len, seq_len
+
+
+def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, repeats: int,
+                       seq_len: int | None = None) -> float:
+    """``max(0, T(fp32 forward) - sum T(fp32 encoder linears))`` at ``tokens`` tokens in sequences of ``seq_len``
+    (see module docstring and :func:`workload_shape`)."""
     from flax import nnx
 
-    max_pos = int(model.config.max_position_embeddings)
-    seq = max(1, min(tokens, max_pos))
-    batch = max(1, -(-tokens // seq))
+    batch, seq = workload_shape(tokens, seq_len, int(model.config.max_position_embeddings))
     ids = jnp.full((batch, seq), 1000, jnp.int32).at[:, 0].set(101)
     tt = jnp.zeros_like(ids)
     am = jnp.ones_like(ids)
@@ -109,13 +128,34 @@ def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, r
         bs.append(jnp.zeros((rows,), jnp.float32))
     linears = jax.jit(lambda xs, ws, bs: [x @ w.T + b for x, w, b in zip(xs, ws, bs)])
     linear_total = median_ms(linears, xs, ws, bs, repeats=repeats)
-    return max(0.0, full - linear_total)
+    swap = 0.0
+    if attention_path() == "native":
+        cfg = model.config
+        layers, shape = cfg.num_hidden_layers, (batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        swap = attention_ms("native", shape, layers, repeats) - attention_ms("xla", shape, layers, repeats)
+    return max(0.0, full - linear_total + swap)
+
+
+def attention_path() -> str:
+    """The attention core an integer model loaded here runs (``IntBertMeta.attention=None``: the GEMM's path)."""
+    return native.resolve_kernel()
+
+
+def attention_ms(core: str, shape: tuple[int, int, int, int], layers: int, repeats: int) -> float:
+    """Median ms of ``layers`` attention cores (:func:`~nasq.kernels.int_bert.attention_core`, ``core``) on
+    ``q, k, v`` of ``shape = (batch, seq, heads, head_dim)``, all in one jitted call, keys unmasked."""
+    rng = np.random.default_rng(1)
+    qkv = [tuple(jnp.asarray(rng.standard_normal(shape).astype(np.float32)) for _ in range(3)) for _ in range(layers)]
+    bias = jnp.zeros((shape[0], 1, 1, shape[1]), jnp.float32)
+    cores = jax.jit(lambda qkv, bias: [attention_core(q, k, v, bias, core) for q, k, v in qkv])
+    return median_ms(cores, qkv, bias, repeats=repeats)
 
 
 def profile_latency(
     model_ref: str | Path,
     *,
     tokens: int = 128,
+    seq_len: int | None = None,
     bits: Sequence[int] | None = None,
     repeats: int = 20,
     measure_fixed: bool = True,
@@ -123,7 +163,8 @@ def profile_latency(
 ) -> LatencyTable:
     """Measure a :class:`~nasq.contract.cost.LatencyTable` for the model ``model_ref`` (alias, dir or hub id).
 
-    ``tokens`` = batch * sequence length of the workload; ``bits`` the widths to measure (default 1..8; 0 =
+    ``tokens`` = batch * sequence length of the workload, ``seq_len`` its sequence length (attention is quadratic
+    in it; default: one sequence of ``tokens``, see :func:`workload_shape`); ``bits`` the widths to measure (default 1..8; 0 =
     pruned costs nothing and is never measured); ``repeats`` timed calls per entry (median).
     """
     if tokens < 1:
@@ -135,6 +176,7 @@ def profile_latency(
     if bad or not widths:
         raise NasqError(f"bit widths to profile must be in 1..8, got {list(bits or [])}")
     model, _cfg, report = load_pretrained(model_ref, 2)
+    batch, seq = workload_shape(tokens, seq_len, int(model.config.max_position_embeddings))
     shapes = encoder_linear_shapes(model)
     if not shapes:
         raise NasqError(f"model {model_ref}: no encoder linears found to profile")
@@ -146,12 +188,12 @@ def profile_latency(
             if log:
                 log(f"cols={cols} rows={rows} bits={b}: {table[(cols, b)] * rows:.4f} ms "
                     f"({table[(cols, b)]:.3g} ms/row)")
-    fixed = fixed_remainder_ms(model, shapes, tokens, repeats) if measure_fixed else 0.0
+    fixed = fixed_remainder_ms(model, shapes, tokens, repeats, seq) if measure_fixed else 0.0
     meta = {
-        "model": str(report.model_dir), "tokens": tokens, "repeats": repeats, "bits": widths,
+        "model": str(report.model_dir), "tokens": tokens, "batch": batch, "seq_len": seq, "repeats": repeats, "bits": widths,
         "rows": {str(c): r for c, r in rows_for.items()}, "fixed_measured": bool(measure_fixed),
         "device": str(jax.devices()[0]), "platform": platform.platform(), "machine": platform.machine(),
         "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "kernel": measured_path(),
+        "kernel": measured_path(), "attention": attention_path() if measure_fixed else None,
     }
     return LatencyTable(tokens=tokens, fixed_ms=float(fixed), ms_per_row=table, meta=meta)

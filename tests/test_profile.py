@@ -18,7 +18,7 @@ SEARCH_ARGS = ["--task", "sst2", "--train-subset", "120", "--space", "tiny", "--
 def lat(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lat") / "lat.json"
     rc = nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "32",
-                        "--repeats", "3", "--space", "tiny"])
+                        "--seq-len", "16", "--repeats", "3", "--space", "tiny"])
     assert rc == 0
     return out
 
@@ -39,12 +39,49 @@ def test_table_format(lat, tiny_model_dir):
     assert set(t.ms_per_row) == {(c, b) for c in (32, 64) for b in (2, 4, 8)}
     assert all(v > 0 for v in t.ms_per_row.values())
     assert t.meta["rows"] == {"32": 32, "64": 32}
+    assert (t.meta["batch"], t.meta["seq_len"]) == (2, 16)  # --tokens 32 --seq-len 16
     from nasq.kernels import native
 
     # the table says which integer linear it timed: the one artifacts run here
     assert t.meta["kernel"].startswith("resident panels" if native.resolve_kernel() == "native" else
                                        "packed_linear_apply")
     t.check(_tensors(tiny_model_dir))  # every (cols, bits) the tiny search needs is there
+    from nasq.profile import attention_path
+
+    assert t.meta["attention"] == attention_path()  # the attention core fixed_ms is estimated for
+
+
+def test_fixed_estimate_swaps_in_the_attention_core_that_runs(tiny_model_dir, monkeypatch):
+    """Where the native kernel runs, the fixed remainder is for the native attention core (the fp32 forward's XLA
+    core is subtracted, the native one added); on the XLA path nothing is swapped."""
+    from nasq import profile
+    from nasq.models.loading import load_pretrained
+
+    model, _, _ = load_pretrained(tiny_model_dir, 2)
+    shapes = profile.encoder_linear_shapes(model)
+    calls = []
+
+    def fake(core, shape, layers, repeats):
+        calls.append((core, shape, layers))
+        return 1e6 if core == "native" else 0.0
+
+    monkeypatch.setattr(profile, "attention_ms", fake)
+    monkeypatch.setattr(profile, "attention_path", lambda: "native")
+    assert profile.fixed_remainder_ms(model, shapes, 8, 1) >= 1e6 - 1e3
+    cfg = model.config
+    assert calls == [(c, (1, 8, cfg.num_attention_heads, cfg.head_dim), cfg.num_hidden_layers)
+                     for c in ("native", "xla")]
+    calls.clear()
+    monkeypatch.setattr(profile, "attention_path", lambda: "xla")
+    assert profile.fixed_remainder_ms(model, shapes, 8, 1) < 1e5 and not calls
+
+
+def test_attention_ms_times_both_cores():
+    from nasq import profile
+
+    assert profile.attention_ms("xla", (2, 8, 2, 16), 2, 1) > 0
+    if profile.attention_path() == "native":
+        assert profile.attention_ms("native", (2, 8, 2, 16), 2, 1) > 0
 
 
 def test_profile_function_defaults(tiny_model_dir):
@@ -63,6 +100,22 @@ def test_profile_refuses_overwrite_and_bad_args(lat, tiny_model_dir, capsys):
     out = lat.parent / "x.json"
     assert nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "0"]) == 2
     assert "--tokens" in capsys.readouterr().err and not out.exists()
+    for bad, msg in (("48", "whole number of sequences"), ("0", "--seq-len must be in")):
+        rc = nasq.cli.main(["profile", "--model", str(tiny_model_dir), "--out", str(out), "--tokens", "64",
+                            "--seq-len", bad])
+        assert rc == 2 and msg in capsys.readouterr().err and not out.exists()
+
+
+def test_workload_shape():
+    from nasq.profile import workload_shape
+
+    assert workload_shape(4096, 128, 512) == (32, 128)
+    assert workload_shape(128, None, 512) == (1, 128)
+    assert workload_shape(1024, None, 512) == (2, 512)  # more tokens than positions: whole sequences
+    with pytest.raises(Exception, match="multiple"):
+        workload_shape(100, 64, 512)
+    with pytest.raises(Exception, match=r"\[1, 512\]"):
+        workload_shape(1024, 1024, 512)
 
 
 @pytest.mark.slow

@@ -221,6 +221,20 @@ class IntBertMeta:
     attention: str | None = None  # attention core: "native" | "xla"; None: the integer GEMM's path
 
 
+def attention_core(q, k, v, mask_bias, core: str):
+    """Context ``[B, S, H, D]`` of ``q, k, v [B, S, H, D]`` under ``mask_bias [B, 1, 1, S]`` (0 or the fp32 min):
+
+        ctx[b, i, h] = sum_j softmax_j(q[b, i, h] . k[b, j, h] / sqrt(D) + mask_bias[b, j]) v[b, j, h]
+
+    ``core="native"``: one native call (``nasq.kernels.native.attention``; XLA CPU runs the batched dots on one
+    thread); anything else: XLA's einsums. Equal to fp32 rounding."""
+    if core == "native":
+        b, s = q.shape[:2]
+        return native.attention(q, k, v, mask_bias.reshape(b, s))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])) + mask_bias
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
 def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel: str | None,
                core: str | None = None):
     b, s, _ = x.shape
@@ -235,11 +249,7 @@ def _attention(x, lp, mask_bias, cfg: BertConfig, heads: tuple[int, ...], kernel
     if len(heads) < nh:
         idx = np.asarray(heads)
         q, k, v = q[:, :, idx], k[:, :, idx], v[:, :, idx]
-    if (core or native.resolve_kernel(kernel)) == "native":  # the same formula; XLA runs these dots on one thread
-        ctx = native.attention(q, k, v, mask_bias.reshape(b, s))
-    else:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    ctx = attention_core(q, k, v, mask_bias, core or native.resolve_kernel(kernel))
     if len(heads) < nh:
         ctx = jnp.zeros((b, s, nh, hd), jnp.float32).at[:, :, np.asarray(heads)].set(ctx)
     return ctx.reshape(b, s, nh * hd)
