@@ -29,13 +29,13 @@ from nasq.profile import profile_latency
 from nasq.timing import environment, time_interleaved
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("artifacts", nargs="+")
     ap.add_argument("--model", default="minilm-l6", help="the artifacts' base model (profiled)")
     ap.add_argument("--shape", action="append", help="BATCHxSEQ (repeatable; default 1x128 and 32x128)")
     ap.add_argument("--repeats", type=int, default=15)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     models = {p: load_artifact(p) for p in a.artifacts}
     plans = {p: Plan.load(f"{p}/plan.json") for p in a.artifacts}
     for shape in a.shape or ["1x128", "32x128"]:
@@ -54,7 +54,8 @@ def main():
         print(json.dumps({"bench": "latency-model-check", "shape": shape, "fixed_ms": round(table.fixed_ms, 3),
                           "kernel": table.meta["kernel"], "attention": table.meta["attention"], "artifacts": rows,
                           **environment(), "command": " ".join(["python", *sys.argv])}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

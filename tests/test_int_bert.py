@@ -77,7 +77,7 @@ def test_input_checks(artifact):
         im(np.ones((5,), np.int32))
 
 
-def test_profile_scripts_time_the_real_parts(artifact, capsys, tmp_path):
+def test_profile_scripts_time_the_real_parts(artifact, tiny_model_dir, capsys, tmp_path):
     """experiments/profile_int_forward.py: the `whole` part is the model's forward, every part runs, the records
     carry the environment; experiments/segments_bench.py compares the artifact's own linear."""
     import importlib.util
@@ -109,6 +109,12 @@ def test_profile_scripts_time_the_real_parts(artifact, capsys, tmp_path):
     assert "| **whole forward** |" in capsys.readouterr().out
     from nasq.kernels import native
 
+    check = load("latency_model_check")  # nasq profile's prediction next to the artifact's measured forward
+    assert check.main([str(artifact), "--model", str(tiny_model_dir), "--shape", "2x8", "--repeats", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    (row,) = line["artifacts"]
+    assert line["shape"] == "2x8" and row["predicted_ms"] > line["fixed_ms"] >= 0 and row["measured_ms"] > 0
+    assert row["predicted_over_measured"] == pytest.approx(row["predicted_ms"] / row["measured_ms"], rel=1e-2)
     if native.available():
         seg = load("segments_bench")
         assert seg.main([str(artifact), "--tokens", "4", "--repeats", "1", "--module", "inter"]) == 0
