@@ -1,31 +1,29 @@
 """`nasq profile`: measure a latency lookup table for `--latency-ms` search budgets on *this* machine.
 
-For every distinct input width ``cols`` of the model's encoder linears and every bit width ``b`` the
-jitted integer linear that a loaded artifact runs (resident panels on the native kernel,
-:func:`nasq.kernels.int_linear.packed_linear_apply` on XLA; ``meta["kernel"]`` records which) runs on ``x [tokens, cols]`` with ``rows`` = the most common ``out_features`` among the linears with that
-``cols``; the entry is
+Everything is timed on the integer path an exported artifact runs here (native kernel where built: resident
+panels and the native attention core; else XLA; ``meta["kernel"]`` / ``meta["attention"]`` record which), at the
+workload's shape ``[batch, seq]`` (``tokens = batch * seq``, :func:`workload_shape`).
 
-    ms_per_row(cols, b) = median_r(wall time of one call) / rows
+**Per row.** For every distinct input width ``cols`` of the model's encoder linears and every bit width ``b``, the
+integer linear runs on ``x [tokens, cols]`` with ``rows`` = the most common ``out_features`` among the linears
+with that ``cols``. One jitted call also pays a dispatch, which a whole forward pays once, not once per linear, so
+the entry is the marginal cost of one more call in a chain of ``K`` dependent calls, each with its own weights:
 
-so a group of ``r`` rows costs ``r * ms_per_row`` in the search's latency model (`nasq.contract.cost.latency_table`).
-The per-call overhead (activation quantization, scatter) is spread over the rows: the model is linear in rows,
-which is what the search needs.
+    ms_per_row(cols, b) = (T(K chained calls) - T(1 call)) / (K - 1) / rows
 
-``fixed_ms`` estimates the unsearched rest of a forward pass (embeddings, attention scores/softmax, LayerNorm,
-GELU, pooler, classifier):
+(medians of interleaved calls). A group of ``r`` rows costs ``r * ms_per_row`` in the search's latency model
+(`nasq.contract.cost.latency_table`): linear in rows, which is what the search needs.
 
-    fixed_ms = max(0, T(fp32 forward at `tokens` tokens) - T(every encoder linear's fp32 x @ W_l^T + b_l))
+**Fixed.** ``fixed_ms`` is the rest of the forward (embeddings, activation quantization, attention core,
+LayerNorm, GELU, pooler, classifier, dispatch), calibrated on a whole integer model: the model with every encoder
+linear at one width ``c`` (the profiled width nearest 4) is exported and loaded as an artifact is, and
 
-both medians of single jitted calls (one dispatch each). The fp32 forward runs XLA's attention core; where the
-native kernel runs, the integer model an artifact loads runs the native one (``nasq.kernels.native.attention``,
-faster: XLA CPU runs the batched dots on one thread), so there the attention core is swapped in the estimate:
+    fixed_ms = max(0, T(that artifact's forward) - sum_l rows_l * ms_per_row(cols_l, c))
 
-    fixed_ms = max(0, T(fp32 forward) - T(encoder linears) - T(L x XLA attention core) + T(L x native core))
-
-with both cores timed the same way (all ``L`` layers in one jitted call, :func:`nasq.kernels.int_bert.attention_core`
-at ``[batch, seq, heads, head_dim]``; ``meta["attention"]`` records which core the estimate is for). It is an
-estimate (fusion across layers makes the subtraction inexact); with ``measure_fixed=False`` it is 0 and a latency
-budget then covers the searched linears only.
+so the table predicts the calibration model's own latency exactly, and another plan's by the per-row
+differences of its widths. ``experiments/latency_model_check.py`` compares predictions with real artifacts'
+measured forwards (experiments/results/bench.md). With ``measure_fixed=False`` it is 0 and a latency budget then
+covers the searched linears only.
 """
 
 from __future__ import annotations
@@ -43,12 +41,12 @@ import numpy as np
 from nasq.contract.cost import LatencyTable
 from nasq.errors import NasqError
 from nasq.kernels import native
-from nasq.kernels.int_bert import PanelLinear, attention_core, panel_linear_apply
+from nasq.kernels.int_bert import PanelLinear, panel_linear_apply
 from nasq.kernels.int_linear import pack_linear, packed_linear_apply
 from nasq.models.bert import Linear
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import iter_named
-from nasq.timing import median_ms
+from nasq.timing import median_ms, time_interleaved
 
 DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -67,18 +65,34 @@ def typical_rows(shapes: dict[str, tuple[int, int]]) -> dict[int, int]:
     return {c: max(cnt.items(), key=lambda kv: (kv[1], kv[0]))[0] for c, cnt in sorted(by_cols.items())}
 
 
-def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0) -> float:
-    """Median ms of one jitted call of the integer linear a loaded artifact runs (``measured_path``) on
-    ``x [tokens, cols]``, ``rows`` rows at ``bits``: resident panels on the native kernel, else
-    ``packed_linear_apply`` (XLA)."""
+def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0, chain: int = 4) -> float:
+    """Marginal median ms of one call of the integer linear a loaded artifact runs (``measured_path``) on
+    ``x [tokens, cols]``, ``rows`` rows at ``bits``: ``(T(chain dependent calls) - T(1 call)) / (chain - 1)``,
+    both in one jitted program (one dispatch), each call with its own weights; resident panels on the native kernel, else ``packed_linear_apply``
+    (XLA). At least 1e-9 ms (a difference of noisy medians can come out below 0 for the tiniest linears)."""
     rng = np.random.default_rng(seed)
-    w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
-    b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
-    p = pack_linear(w, b, [rows], [bits], np.array([0.02], np.float32))
+
+    def weights():  # each call its own weights, as each linear of a forward has (none is cache-hot for free)
+        w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+        b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
+        p = pack_linear(w, b, [rows], [bits], np.array([0.02], np.float32))
+        return PanelLinear.from_packed(p) if panels else p
+
+    panels = native.resolve_kernel() == "native"  # what load_artifact's default (unpack="auto") runs there
+    apply = panel_linear_apply if panels else packed_linear_apply
+    ps = [weights() for _ in range(chain)]
     x = jnp.asarray(rng.standard_normal((tokens, cols)).astype(np.float32))
-    if native.resolve_kernel() == "native":  # what load_artifact's default (unpack="auto") runs there
-        return median_ms(jax.jit(panel_linear_apply), x, PanelLinear.from_packed(p), repeats=repeats)
-    return median_ms(jax.jit(packed_linear_apply), x, p, repeats=repeats)
+
+    def calls(n):
+        def run(x, ps):
+            for p in ps[:n]:  # each call waits for the last (as in a forward); 0 * y keeps the values
+                x = x + 0.0 * apply(x, p)[:, :1]
+            return x
+        f = jax.jit(run)
+        return lambda: f(x, ps[:n])
+
+    t = time_interleaved({1: calls(1), chain: calls(chain)}, repeats)
+    return max(1e-9, 1e3 * (t[chain] - t[1]) / (chain - 1))
 
 
 def measured_path() -> str:
@@ -102,53 +116,36 @@ def workload_shape(tokens: int, seq_len: int | None, max_positions: int) -> tupl
     return tokens // seq_len, seq_len
 
 
-def fixed_remainder_ms(model, shapes: dict[str, tuple[int, int]], tokens: int, repeats: int,
-                       seq_len: int | None = None) -> float:
-    """``max(0, T(fp32 forward) - sum T(fp32 encoder linears))`` at ``tokens`` tokens in sequences of ``seq_len``
-    (see module docstring and :func:`workload_shape`)."""
-    from flax import nnx
+def calibration_bits(widths: Sequence[int]) -> int:
+    """The width of the calibration model: the profiled width nearest 4 (ties: the wider)."""
+    return min(widths, key=lambda b: (abs(b - 4), -b))
 
-    batch, seq = workload_shape(tokens, seq_len, int(model.config.max_position_embeddings))
+
+def integer_forward_ms(model, model_dir: str | Path, shapes: dict[str, tuple[int, int]], bits: int, batch: int,
+                       seq: int, repeats: int) -> float:
+    """Median ms of the jitted forward of ``model`` with every encoder linear (``shapes``) at ``bits`` bits, one
+    group each, exported and loaded as an artifact is (``load_artifact``'s default path), on ``[batch, seq]``
+    tokens with a full mask. The weights' values do not change the time."""
+    import tempfile
+
+    from nasq.contract.plan import make_plan
+    from nasq.contract.space import SearchedTensor, SpaceInfo
+    from nasq.export.reader import load_artifact
+    from nasq.export.writer import export_model
+    from nasq.models.surgery import model_param_shapes
+    from nasq.quant.apply import apply_plan
+
+    tensors = [SearchedTensor(path=p, rule="profile", rows=r, cols=c, group_sizes=(r,), choices=(bits,),
+                              has_bias=True, kind="linear") for p, (r, c) in shapes.items()]
+    plan = make_plan(tensors, [(bits,)] * len(tensors), space=SpaceInfo(name="uniform", source="nasq.profile"),
+                     budget=None, param_shapes=model_param_shapes(model),
+                     provenance={"method": "uniform", "run": "nasq profile calibration"})
+    with tempfile.TemporaryDirectory(prefix="nasq-profile-") as d:
+        out = export_model(apply_plan(model, plan), plan, Path(d) / "calibration.nasq", task="profile",
+                           num_labels=2, source_dir=model_dir)
+        im = load_artifact(out)
     ids = jnp.full((batch, seq), 1000, jnp.int32).at[:, 0].set(101)
-    tt = jnp.zeros_like(ids)
-    am = jnp.ones_like(ids)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, ids, tt, am):
-        return nnx.merge(graphdef, state)(ids, tt, am)
-
-    full = median_ms(forward, state, ids, tt, am, repeats=repeats)
-    # All encoder linears in one jitted program (one dispatch, like the forward pass).
-    rng = np.random.default_rng(0)
-    xs, ws, bs = [], [], []
-    for rows, cols in shapes.values():
-        xs.append(jnp.asarray(rng.standard_normal((batch * seq, cols)).astype(np.float32)))
-        ws.append(jnp.asarray(rng.standard_normal((rows, cols)).astype(np.float32)))
-        bs.append(jnp.zeros((rows,), jnp.float32))
-    linears = jax.jit(lambda xs, ws, bs: [x @ w.T + b for x, w, b in zip(xs, ws, bs)])
-    linear_total = median_ms(linears, xs, ws, bs, repeats=repeats)
-    swap = 0.0
-    if attention_path() == "native":
-        cfg = model.config
-        layers, shape = cfg.num_hidden_layers, (batch, seq, cfg.num_attention_heads, cfg.head_dim)
-        swap = attention_ms("native", shape, layers, repeats) - attention_ms("xla", shape, layers, repeats)
-    return max(0.0, full - linear_total + swap)
-
-
-def attention_path() -> str:
-    """The attention core an integer model loaded here runs (``IntBertMeta.attention=None``: the GEMM's path)."""
-    return native.resolve_kernel()
-
-
-def attention_ms(core: str, shape: tuple[int, int, int, int], layers: int, repeats: int) -> float:
-    """Median ms of ``layers`` attention cores (:func:`~nasq.kernels.int_bert.attention_core`, ``core``) on
-    ``q, k, v`` of ``shape = (batch, seq, heads, head_dim)``, all in one jitted call, keys unmasked."""
-    rng = np.random.default_rng(1)
-    qkv = [tuple(jnp.asarray(rng.standard_normal(shape).astype(np.float32)) for _ in range(3)) for _ in range(layers)]
-    bias = jnp.zeros((shape[0], 1, 1, shape[1]), jnp.float32)
-    cores = jax.jit(lambda qkv, bias: [attention_core(q, k, v, bias, core) for q, k, v in qkv])
-    return median_ms(cores, qkv, bias, repeats=repeats)
+    return median_ms(im, ids, jnp.zeros_like(ids), jnp.ones_like(ids), repeats=repeats)
 
 
 def profile_latency(
@@ -188,12 +185,16 @@ def profile_latency(
             if log:
                 log(f"cols={cols} rows={rows} bits={b}: {table[(cols, b)] * rows:.4f} ms "
                     f"({table[(cols, b)]:.3g} ms/row)")
-    fixed = fixed_remainder_ms(model, shapes, tokens, repeats, seq) if measure_fixed else 0.0
+    fixed, calib = 0.0, None
+    if measure_fixed:
+        calib = calibration_bits(widths)
+        whole = integer_forward_ms(model, report.model_dir, shapes, calib, batch, seq, repeats)
+        fixed = max(0.0, whole - sum(r * table[(c, calib)] for r, c in shapes.values()))
     meta = {
         "model": str(report.model_dir), "tokens": tokens, "batch": batch, "seq_len": seq, "repeats": repeats, "bits": widths,
         "rows": {str(c): r for c, r in rows_for.items()}, "fixed_measured": bool(measure_fixed),
         "device": str(jax.devices()[0]), "platform": platform.platform(), "machine": platform.machine(),
         "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "kernel": measured_path(), "attention": attention_path() if measure_fixed else None,
+        "kernel": measured_path(), "attention": native.resolve_kernel(), "calibration_bits": calib,
     }
     return LatencyTable(tokens=tokens, fixed_ms=float(fixed), ms_per_row=table, meta=meta)

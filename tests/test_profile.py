@@ -46,44 +46,43 @@ def test_table_format(lat, tiny_model_dir):
     assert t.meta["kernel"].startswith("resident panels" if native.resolve_kernel() == "native" else
                                        "packed_linear_apply")
     t.check(_tensors(tiny_model_dir))  # every (cols, bits) the tiny search needs is there
-    from nasq.profile import attention_path
-
-    assert t.meta["attention"] == attention_path()  # the attention core fixed_ms is estimated for
+    assert t.meta["attention"] == native.resolve_kernel()  # the attention core in fixed_ms
 
 
-def test_fixed_estimate_swaps_in_the_attention_core_that_runs(tiny_model_dir, monkeypatch):
-    """Where the native kernel runs, the fixed remainder is for the native attention core (the fp32 forward's XLA
-    core is subtracted, the native one added); on the XLA path nothing is swapped."""
+def test_fixed_is_calibrated_on_the_integer_model(tiny_model_dir, monkeypatch):
+    """fixed_ms = the calibration model's integer forward minus what the table says its linears take, so the
+    table predicts that model's latency exactly; the calibration width is the profiled width nearest 4."""
+    from nasq import profile
+    from nasq.contract.cost import plan_latency_ms
+
+    assert profile.calibration_bits([1, 2, 3, 4, 5, 6, 7, 8]) == 4
+    assert profile.calibration_bits([2, 8]) == 2 and profile.calibration_bits([3, 5]) == 5
+    seen = {}
+
+    def fake_forward(model, model_dir, shapes, bits, batch, seq, repeats):
+        seen.update(bits=bits, batch=batch, seq=seq)
+        return 1e3
+
+    monkeypatch.setattr(profile, "integer_forward_ms", fake_forward)
+    t = profile.profile_latency(tiny_model_dir, tokens=16, seq_len=8, bits=[2, 4, 8], repeats=1)
+    assert seen == {"bits": 4, "batch": 2, "seq": 8} and t.meta["calibration_bits"] == 4
+    tensors = _tensors(tiny_model_dir)  # the tiny space: every encoder linear, its groups at one width here
+    assert plan_latency_ms(tensors, [(4,) * x.num_groups for x in tensors], t) == pytest.approx(1e3)
+
+
+def test_integer_forward_runs_the_calibration_artifact(tiny_model_dir):
     from nasq import profile
     from nasq.models.loading import load_pretrained
 
-    model, _, _ = load_pretrained(tiny_model_dir, 2)
-    shapes = profile.encoder_linear_shapes(model)
-    calls = []
-
-    def fake(core, shape, layers, repeats):
-        calls.append((core, shape, layers))
-        return 1e6 if core == "native" else 0.0
-
-    monkeypatch.setattr(profile, "attention_ms", fake)
-    monkeypatch.setattr(profile, "attention_path", lambda: "native")
-    assert profile.fixed_remainder_ms(model, shapes, 8, 1) >= 1e6 - 1e3
-    cfg = model.config
-    assert calls == [(c, (1, 8, cfg.num_attention_heads, cfg.head_dim), cfg.num_hidden_layers)
-                     for c in ("native", "xla")]
-    calls.clear()
-    monkeypatch.setattr(profile, "attention_path", lambda: "xla")
-    assert profile.fixed_remainder_ms(model, shapes, 8, 1) < 1e5 and not calls
+    model, _, report = load_pretrained(tiny_model_dir, 2)
+    assert profile.integer_forward_ms(model, report.model_dir, profile.encoder_linear_shapes(model), 3, 2, 8, 1) > 0
 
 
-def test_attention_ms_times_both_cores():
+def test_kernel_ms_is_the_marginal_cost_of_a_call():
     from nasq import profile
 
-    assert profile.attention_ms("xla", (2, 8, 2, 16), 2, 1) > 0
-    if profile.attention_path() == "native":
-        assert profile.attention_ms("native", (2, 8, 2, 16), 2, 1) > 0
-
-
+    one = profile.kernel_ms(64, 32, 32, 4, 3)
+    assert one > 0  # dispatch excluded: for a tiny linear well below one jitted call's overhead
 def test_profile_function_defaults(tiny_model_dir):
     from nasq.profile import profile_latency
 
