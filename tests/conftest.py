@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,21 @@ GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 def pytest_configure(config):
     """The fast tier (a mark expression that leaves out `slow`) runs property tests on fewer examples (tiers.py)."""
     tiers.FAST = "not slow" in (config.getoption("markexpr", "") or "")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest test files first, by ``tests/durations.json`` (seconds per file from a full run, written by
+    ``tests/durations.py``): ``--dist loadfile`` hands files to the workers in collection order, so the long ones
+    start first and the run ends sooner (longest processing time first). Tests keep their order within a file;
+    files the record lacks go last, in their own order."""
+    record = Path(__file__).with_name("durations.json")
+    if not record.is_file():
+        return
+    seconds = json.loads(record.read_text())
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    items.sort(key=lambda it: (-float(seconds.get(it.nodeid.split("::")[0], 0.0)), first[it.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session")

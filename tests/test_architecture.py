@@ -41,3 +41,15 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("name", ["Layers", "No import cycles"])
 def test_contracts_present(name):
     assert any(c["name"].startswith(name) for c in _contracts())
+
+
+def test_durations_record_sums_each_files_cases(tmp_path):
+    """tests/durations.py: seconds per test file from a JUnit report (conftest.py orders files by it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from durations import file_seconds
+
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.test_a" name="x" time="1.5"/>'
+                   '<testcase classname="tests.test_a.TestK" name="y" time="2"/>'
+                   '<testcase classname="tests.test_b" name="z" time="0.25"/></testsuite></testsuites>')
+    assert file_seconds(str(xml)) == {"tests/test_a.py": 3.5, "tests/test_b.py": 0.25}
