@@ -45,7 +45,6 @@ def test_contracts_present(name):
 
 def test_durations_record_sums_each_files_cases(tmp_path):
     """tests/durations.py: seconds per test file from a JUnit report (conftest.py orders files by it)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from durations import file_seconds
 
     xml = tmp_path / "j.xml"
