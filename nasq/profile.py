@@ -68,11 +68,11 @@ def typical_rows(shapes: dict[str, tuple[int, int]]) -> dict[int, int]:
 def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0, chain: int = 4) -> float:
     """Marginal median ms of one call of the integer linear a loaded artifact runs (``measured_path``) on
     ``x [tokens, cols]``, ``rows`` rows at ``bits``: ``(T(chain dependent calls) - T(1 call)) / (chain - 1)``,
-    both in one jitted program (one dispatch), each call with its own weights; resident panels on the native kernel, else ``packed_linear_apply``
+    each timed as one jitted program (one dispatch), each call with its own weights; resident panels on the native kernel, else ``packed_linear_apply``
     (XLA). At least 1e-9 ms (a difference of noisy medians can come out below 0 for the tiniest linears)."""
     rng = np.random.default_rng(seed)
 
-    def weights():  # each call its own weights, as each linear of a forward has (none is cache-hot for free)
+    def weights():  # each call its own weights, as each linear of a forward has
         w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
         b = (0.01 * rng.standard_normal(rows)).astype(np.float32)
         p = pack_linear(w, b, [rows], [bits], np.array([0.02], np.float32))
@@ -102,14 +102,21 @@ def measured_path() -> str:
     return f"packed_linear_apply, {native.describe()}"
 
 
-def workload_shape(tokens: int, seq_len: int | None, max_positions: int) -> tuple[int, int]:
+def workload_shape(tokens: int, seq_len: int | None, max_positions: int | None) -> tuple[int, int]:
     """``(batch, seq)`` of the workload: ``tokens / seq_len`` sequences of ``seq_len`` tokens; without
-    ``seq_len`` one sequence of ``tokens`` (at most ``max_positions``; more tokens: whole sequences of that length)."""
+    ``seq_len`` one sequence of ``tokens`` (more than ``max_positions``: whole sequences of that length).
+    ``max_positions=None`` checks what it can without the model (before loading it)."""
+    limit = max_positions or max(tokens, seq_len or 1)
     if seq_len is None:
-        seq = max(1, min(tokens, max_positions))
-        return max(1, -(-tokens // seq)), seq
-    if not 1 <= seq_len <= max_positions:
-        raise NasqError(f"--seq-len must be in [1, {max_positions}] (the model's positions), got {seq_len}")
+        seq = max(1, min(tokens, limit))
+        if tokens % seq:
+            raise NasqError(f"--tokens {tokens} is more than one sequence of the model's {limit} positions; "
+                            "give --seq-len (and --tokens a multiple of it)")
+        return tokens // seq, seq
+    if seq_len < 1:
+        raise NasqError(f"--seq-len must be >= 1, got {seq_len}")
+    if max_positions is not None and seq_len > max_positions:
+        raise NasqError(f"--seq-len {seq_len} is more than the model's {max_positions} positions")
     if tokens % seq_len:
         raise NasqError(f"--tokens {tokens} is not a whole number of sequences of --seq-len {seq_len}; "
                         f"use a multiple, e.g. --tokens {max(1, tokens // seq_len) * seq_len}")
@@ -172,6 +179,7 @@ def profile_latency(
     bad = [b for b in widths if not 1 <= b <= 8]
     if bad or not widths:
         raise NasqError(f"bit widths to profile must be in 1..8, got {list(bits or [])}")
+    workload_shape(tokens, seq_len, None)  # a bad pair fails before any model is read
     model, _cfg, report = load_pretrained(model_ref, 2)
     batch, seq = workload_shape(tokens, seq_len, int(model.config.max_position_embeddings))
     shapes = encoder_linear_shapes(model)

@@ -14,24 +14,33 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
 def pytest_configure(config):
-    """The fast tier (a mark expression that leaves out `slow`) runs property tests on fewer examples (tiers.py)."""
+    """The fast tier (a mark expression that leaves out `slow`) runs property tests on fewer examples (tiers.py).
+    With a durations record, xdist's own `--dist loadfile` order (most tests first) gives way to the record's."""
     tiers.FAST = "not slow" in (config.getoption("markexpr", "") or "")
+    if DURATIONS.is_file() and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Longest test files first, by ``tests/durations.json`` (seconds per file from a full run, written by
-    ``tests/durations.py``): ``--dist loadfile`` hands files to the workers in collection order, so the long ones
-    start first and the run ends sooner (longest processing time first). Tests keep their order within a file;
-    files the record lacks go last, in their own order."""
-    record = Path(__file__).with_name("durations.json")
-    if not record.is_file():
+    ``tests/durations.py``): with xdist's reordering off (``pytest_configure``), ``--dist loadfile`` hands files
+    to the workers in collection order, so the long ones start first and the run ends sooner (longest processing
+    time first). Tests keep their order within a file; files the record lacks go last, in their own order."""
+    if not DURATIONS.is_file():
         return
-    seconds = json.loads(record.read_text())
+    try:
+        seconds = {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise pytest.UsageError(f"{DURATIONS}: not a {{file: seconds}} record ({e}); rewrite it with "
+                                "tests/durations.py or delete it") from None
     first = {}
     for i, item in enumerate(items):
         first.setdefault(item.nodeid.split("::")[0], i)
-    items.sort(key=lambda it: (-float(seconds.get(it.nodeid.split("::")[0], 0.0)), first[it.nodeid.split("::")[0]]))
+    items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
     python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --junitxml=/tmp/junit.xml
     python tests/durations.py /tmp/junit.xml
 
-conftest.py orders the files by it, longest first (for ``--dist loadfile``). A test's time in the report is its
+conftest.py orders the files by it, longest first (for ``--dist loadfile``; it turns xdist's own reordering off
+while the record exists). A test's time in the report is its
 setup + call + teardown, so a module fixture's cost counts for the file that builds it."""
 
 import json
@@ -18,8 +19,8 @@ def file_seconds(junit_xml: str) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
         parts = case.get("classname", "").split(".")
-        mod = next((i for i, p in enumerate(parts) if p.startswith("test_")), None)
-        if mod is not None:
+        mod = max((i for i, p in enumerate(parts) if p.startswith("test_")), default=None)
+        if mod is not None:  # tests.test_x or tests.test_x.TestClass: the last test_ part is the module
             out["/".join(parts[: mod + 1]) + ".py"] += float(case.get("time", 0.0))
     return dict(out)
 

@@ -205,6 +205,8 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_loss=task_kd"]
     k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_gadam", 1)).stages[0].argv
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_optimizer=global_adam"]
+    k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_ge4", 1)).stages[0].argv
+    assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_every=4"]
     # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
     # bits, QAT from that search; budgets without front_from skip the method
     f = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_front", 1))
