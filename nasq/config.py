@@ -77,8 +77,9 @@ class SearchConfig(_Section):
     init_plan_logit: float = Field(2.0, gt=0)
     # The budget is enforced by an exact dual price solved every step (nasq.search.loop): no penalty weight.
     warmup_steps: int = Field(0, ge=0)  # weight-only steps before gates move
-    # bilevel: one gate step per `gate_every` weight steps (1 = every step); a larger value makes a search
-    # iteration cheaper (the gate step is a second forward + backward; `nasq bench search-step` measures it)
+    # bilevel: one gate step per `gate_every` weight steps (1 = every step). The gate step is a second forward +
+    # backward: at 4 an iteration costs 1.44x an fp32 step, at 1 2.42x (`nasq bench search-step`); plans at 4 were
+    # no worse on CoLA at avg 2 bits (3 seeds, experiments/results/protocol/NOTES.md)
     gate_every: int = Field(1, ge=1)
     # bilevel: the gate step's loss. "task": the task loss on held-out labels (AQ-BERT); "task_kd": plus
     # `kd.beta` x KD to the teacher's logits on the held-out rows (needs `kd.teacher`): a dense signal of how far
