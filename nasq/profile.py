@@ -66,10 +66,11 @@ def typical_rows(shapes: dict[str, tuple[int, int]]) -> dict[int, int]:
 
 
 def kernel_ms(tokens: int, rows: int, cols: int, bits: int, repeats: int, seed: int = 0, chain: int = 4) -> float:
-    """Marginal median ms of one call of the integer linear a loaded artifact runs (``measured_path``) on
-    ``x [tokens, cols]``, ``rows`` rows at ``bits``: ``(T(chain dependent calls) - T(1 call)) / (chain - 1)``,
-    each timed as one jitted program (one dispatch), each call with its own weights; resident panels on the native kernel, else ``packed_linear_apply``
-    (XLA). At least 1e-9 ms (a difference of noisy medians can come out below 0 for the tiniest linears)."""
+    """Marginal median ms of one call of the integer linear a loaded artifact runs (``measured_path``: resident
+    panels on the native kernel, else ``packed_linear_apply``) on ``x [tokens, cols]``, ``rows`` rows at ``bits``:
+    ``(T(chain dependent calls) - T(1 call)) / (chain - 1)``, each timed as one jitted program (one dispatch),
+    each call with its own weights. At least 1e-9 ms (a difference of noisy medians can come out below 0 for the
+    tiniest linears)."""
     rng = np.random.default_rng(seed)
 
     def weights():  # each call its own weights, as each linear of a forward has
@@ -168,8 +169,8 @@ def profile_latency(
     """Measure a :class:`~nasq.contract.cost.LatencyTable` for the model ``model_ref`` (alias, dir or hub id).
 
     ``tokens`` = batch * sequence length of the workload, ``seq_len`` its sequence length (attention is quadratic
-    in it; default: one sequence of ``tokens``, see :func:`workload_shape`); ``bits`` the widths to measure (default 1..8; 0 =
-    pruned costs nothing and is never measured); ``repeats`` timed calls per entry (median).
+    in it; default: one sequence of ``tokens``, see :func:`workload_shape`); ``bits`` the widths to measure
+    (default 1..8; 0 = pruned costs nothing and is never measured); ``repeats`` timed calls per entry (median).
     """
     if tokens < 1:
         raise NasqError(f"--tokens must be >= 1, got {tokens}")
@@ -199,7 +200,8 @@ def profile_latency(
         whole = integer_forward_ms(model, report.model_dir, shapes, calib, batch, seq, repeats)
         fixed = max(0.0, whole - sum(r * table[(c, calib)] for r, c in shapes.values()))
     meta = {
-        "model": str(report.model_dir), "tokens": tokens, "batch": batch, "seq_len": seq, "repeats": repeats, "bits": widths,
+        "model": str(report.model_dir), "tokens": tokens, "batch": batch, "seq_len": seq, "repeats": repeats,
+        "bits": widths,
         "rows": {str(c): r for c, r in rows_for.items()}, "fixed_measured": bool(measure_fixed),
         "device": str(jax.devices()[0]), "platform": platform.platform(), "machine": platform.machine(),
         "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
