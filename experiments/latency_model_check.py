@@ -38,9 +38,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     models = {p: load_artifact(p) for p in a.artifacts}
     plans = {p: Plan.load(f"{p}/plan.json") for p in a.artifacts}
+    bits = sorted({int(b) for pl in plans.values() for t in pl.tensors for b in t.bits if int(b)})  # to profile
     for shape in a.shape or ["1x128", "32x128"]:
         batch, seq = (int(x) for x in shape.split("x"))
-        bits = sorted({int(b) for pl in plans.values() for t in pl.tensors for b in t.bits if int(b)})
         table = profile_latency(a.model, tokens=batch * seq, seq_len=seq, bits=bits, repeats=a.repeats)
         ids = jnp.asarray(np.random.default_rng(0).integers(1000, 20000, (batch, seq)), jnp.int32)
         tt, am = jnp.zeros_like(ids), jnp.ones_like(ids)

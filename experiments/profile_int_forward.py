@@ -27,7 +27,7 @@ import numpy as np
 
 from nasq.export.reader import load_artifact
 from nasq.kernels import native
-from nasq.kernels.int_bert import embed, int_bert_forward, layer_norm, linear_apply
+from nasq.kernels.int_bert import attention_core, embed, int_bert_forward, layer_norm, linear_apply
 from nasq.models.bert import _ACTIVATIONS
 from nasq.timing import environment, time_interleaved
 
@@ -55,12 +55,10 @@ def parts(model, batch: int, seq: int, kernel: str) -> dict:
     def qkv(lp, x):
         return [linear_apply(x, lp[n], kernel) for n in ("query", "key", "value")]
 
-    def core(x):  # the attention core on q = k = v = x (the q/k/v linears are timed on their own)
+    def core(x):  # XLA's attention core on q = k = v = x (the q/k/v linears are timed on their own)
         b, s, _ = x.shape
-        nh, hd = cfg.num_attention_heads, cfg.head_dim
-        q = k = v = x.reshape(b, s, nh, hd)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
-        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, s, nh * hd)
+        q = x.reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+        return attention_core(q, q, q, mask_bias, "xla").reshape(b, s, -1)
 
     def res_ln(x, y, ln):
         return layer_norm(x + y, ln, eps)

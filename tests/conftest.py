@@ -37,10 +37,13 @@ def pytest_collection_modifyitems(session, config, items):
     except (ValueError, TypeError, AttributeError) as e:
         raise pytest.UsageError(f"{DURATIONS}: not a {{file: seconds}} record ({e}); rewrite it with "
                                 "tests/durations.py or delete it") from None
+    def file_of(item):
+        return item.nodeid.split("::")[0]
+
     first = {}
     for i, item in enumerate(items):
-        first.setdefault(item.nodeid.split("::")[0], i)
-    items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
+        first.setdefault(file_of(item), i)
+    items.sort(key=lambda it: (-seconds.get(file_of(it), 0.0), first[file_of(it)]))
 
 
 @pytest.fixture(scope="session")
