@@ -88,7 +88,7 @@ from nasq.pipeline import output_complete
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
-           "nasq_ge4")
+           "nasq_ge4", "nasq_pm")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -101,7 +101,7 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
 # gradient, NOTES.md)
 SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
-            "nasq_gadam", "nasq_front", "nasq_ge4")
+            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm")
 # nasq_ge4: nasq with one gate step per 4 weight steps (`search.gate_every=4`, issue 17's cheaper search
 # iteration); the same weight steps, so the same compute for the baselines
 # nasq_measured: a search over whole plans by measurement, not by gates: the measured allocation refined
@@ -117,7 +117,11 @@ VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
                 "nasq_mprior10": ["--set", "search.damage_weight=10"],
-                "nasq_ge4": ["--set", "search.gate_every=4"]}
+                "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"]}
+# nasq_pm: nasq_ge4 with one gate per encoder matrix instead of one per 128 rows (the same choices; scales stay per
+# row): the 128-row gates spread each tensor's groups over every width, where the measured allocation moves whole
+# tensors; one gate per matrix hears the gate signal summed over its tensor
+SEARCH_SPACE = {"nasq_pm": {"aqbert_128g_w1234": "per_matrix_w1234"}}
 # the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
 # their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
 INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured",
@@ -478,6 +482,11 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
                                                 "--out", str(ip)], ip, "plan"))
             init = ([*init, "--set", f"search.damage_prior={ip}"] if method in PLAN_AS_PRIOR else
                     [*init, "--set", "search.gate_init=plan", "--set", f"search.init_plan={ip}"])
+        if method in SEARCH_SPACE:  # the variant's own space for the budget's (a budget it has none for: skipped)
+            if space not in SEARCH_SPACE[method]:
+                c.skip = f"{method} has no space for {space}"
+                return c
+            space = SEARCH_SPACE[method][space]
         c.stages.append(Stage("search", ["nasq", "search", "--teacher", teacher, *common, "--space", space, *bflags,
                                          *recipe_flags(recipe(cfg, task, "search"), seed), *init,
                                          "--out", str(sdir)], sdir, "run"))

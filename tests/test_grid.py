@@ -207,6 +207,13 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_optimizer=global_adam"]
     k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_ge4", 1)).stages[0].argv
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_every=4"]
+    # nasq_pm: nasq_ge4 searching per_matrix_w1234 where the budget's space is aqbert_128g_w1234; other spaces skip it
+    n2 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq", 1)).stages[0].argv
+    k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq_pm", 1)).stages[0].argv
+    pm_space = ["per_matrix_w1234" if a == "aqbert_128g_w1234" else a for a in n2[:n2.index("--out")]]
+    assert pm_space != n2[:n2.index("--out")] and k[:k.index("--out")] == [*pm_space, "--set", "search.gate_every=4"]
+    pm25 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_pm", 1))
+    assert not pm25.stages and "no space for aqbert_128g_w234" in pm25.skip
     # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
     # bits, QAT from that search; budgets without front_from skip the method
     f = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_front", 1))
