@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from nasq.errors import NasqError
-from nasq.models.bert import BertConfig, Linear
-from nasq.models.loading import load_pretrained, resolve_model_dir
+from nasq.models.bert import BertConfig, BertForSequenceClassification, Linear
+from nasq.models.loading import load_bert_weights, load_pretrained, read_safetensors, resolve_model_dir
 from nasq.models.surgery import iter_named, linear_shapes, replace_modules
 
 
@@ -29,6 +30,23 @@ def test_tiny_loads_and_reports_new_head(tiny_model_dir):
     ids, tt, mask = _batch()
     logits = model(jnp.asarray(ids), jnp.asarray(tt), jnp.asarray(mask))
     assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_load_pretrained_equals_random_init_then_load(tiny_model_dir, seed):
+    """load_pretrained builds no random encoder (empty_model) but gives exactly the model a random initialisation
+    with the same seed and a load would: the same weights, and the same new head."""
+    model, cfg, rep = load_pretrained(tiny_model_dir, 3, seed=seed)
+    assert rep.new_head
+    ref = BertForSequenceClassification(cfg, 3, rngs=nnx.Rngs(seed))
+    load_bert_weights(ref, read_safetensors(tiny_model_dir), str(tiny_model_dir))
+    got, want = nnx.state(model, nnx.Param).flat_state(), nnx.state(ref, nnx.Param).flat_state()
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert isinstance(a[...], jax.Array), path  # nothing left on the host
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    other = load_pretrained(tiny_model_dir, 3, seed=seed + 1)[0]
+    assert not np.array_equal(np.asarray(other.classifier.kernel[...]), np.asarray(model.classifier.kernel[...]))
 
 
 def test_weights_are_loaded_transposed(tiny_model_dir):

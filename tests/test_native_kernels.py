@@ -544,7 +544,7 @@ def artifact(tiny_model_dir, tmp_path_factory):
 @needs_lib
 def test_int_bert_native_vs_xla(artifact):
     """A whole tiny integer BERT: same predictions, logits equal to fp32 rounding, on both kernels (and the
-    native kernel on resident int8 codes, ``unpack="load"``, bit-identical to packed)."""
+    native kernel on resident int8 codes, ``unpack="load"``, equal to packed to the last fp32 bit)."""
     from nasq.export.reader import load_artifact
 
     rng = np.random.default_rng(5)
@@ -560,7 +560,9 @@ def test_int_bert_native_vs_xla(artifact):
     for key, got in logits.items():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()), err_msg=str(key))
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
-    np.testing.assert_array_equal(logits["load", "native"], logits["fused", "native"])
+    # resident codes vs packed: equal to the last fp32 bit (bit-identical at XLA's default optimisation level; the
+    # tests compile at -O0 (conftest), where XLA may order an fp32 reduction differently in the two programs)
+    np.testing.assert_allclose(logits["load", "native"], logits["fused", "native"], rtol=1e-6, atol=0)
     # the attention core chosen apart from the GEMM: native and XLA cores agree to fp32 rounding (the int8
     # re-quantization of the next linear can amplify a last-bit difference by one code step)
     im = load_artifact(artifact)

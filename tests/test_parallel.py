@@ -43,7 +43,8 @@ run("finetune", "--out", f"{out}/qat", "--plan", f"{out}/plan.json", "--teacher"
 
 def _env(devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "NASQ_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # conftest's XLA_FLAGS (compile at -O0) plus the host device count
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     return env
 
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 from nasq.errors import NasqError
-from nasq.report import plots
 from nasq.report.inspect import FORMATS, compare_plans, format_compare, load_sourced_plan, render
 
 
@@ -21,6 +20,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from nasq.report import plots  # matplotlib: imported by the command that draws, not by every `nasq` start
+
     if args.pareto:
         out = Path(args.out or "report")
         png = plots.plot_pareto(args.pareto, out / "pareto.png", size=args.size)

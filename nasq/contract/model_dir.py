@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError, validation_problems
 from nasq.io import load_safetensors, read_bytes, read_json, write_atomic
-from nasq.models.bert import BertConfig, BertForSequenceClassification
+from nasq.models.bert import BertConfig, empty_model
 from nasq.quant.apply import apply_plan
 from nasq.tree import flatten, unflatten_like
 
@@ -94,10 +94,10 @@ def load_model_dir(path: str | Path) -> tuple[nnx.Module, dict]:
     if 4 * weights > have:  # before building: a crafted config.json must not allocate what the file cannot hold
         raise NasqError(f"{path / 'config.json'} describes {weights:,} fp32 weights, more than the {have:,} bytes of "
                         f"{spath} hold; the model directory is corrupt or its files do not belong together")
-    model = BertForSequenceClassification(cfg, meta.num_labels, rngs=nnx.Rngs(0))
+    model = empty_model(cfg, meta.num_labels)  # every weight (and step) is read from state.safetensors below
     if meta.quantized:
         model = apply_plan(model, Plan.from_dict(read_json(path / "plan.json", what="plan", root=path, expect=None),
-                                                 str(path / "plan.json")))
+                                                 str(path / "plan.json")), init_steps=False)
     state = nnx.state(model, nnx.Param)
     leaves = jax.tree_util.tree_leaves(state)
     limit = 2**20 + sum(4 * int(np.prod(np.shape(v))) + 512 for v in leaves)  # fp32 arrays + header

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nasq.errors import NasqError
@@ -321,3 +322,25 @@ class BertForSequenceClassification(nnx.Module):
         )
         logits = self.classifier(dropout(pooled, self.config.hidden_dropout_prob, key, 4))
         return (logits, hidden) if return_hidden else logits
+
+
+def empty_model(cfg: BertConfig, num_labels: int) -> BertForSequenceClassification:
+    """``BertForSequenceClassification(cfg, num_labels)`` with every weight zero, built without running an
+    initialiser: host (numpy) arrays, no XLA program compiled. For weights that are loaded right after
+    (:func:`nasq.models.loading.load_pretrained`, :func:`nasq.contract.model_dir.load_model_dir`): a random
+    initialisation of MiniLM costs seconds (one compiled program per weight shape, 12M normal draws) that a load
+    throws away."""
+    abstract = nnx.eval_shape(lambda: BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))
+
+
+def initial_head(cfg: BertConfig, num_labels: int, seed: int) -> Linear:
+    """The classifier ``BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed))`` starts with, without
+    initialising the rest: the same key, the ``params`` stream's count after the encoder's initialisers (one per
+    ``Linear`` / ``Embedding`` of ``bert``, built before the head)."""
+    before = sum(isinstance(m, Linear | Embedding)
+                 for _, m in nnx.iter_graph(nnx.eval_shape(lambda: BertModel(cfg, rngs=nnx.Rngs(0)))))
+    rngs = nnx.Rngs(seed)
+    rngs.params.count[...] = before
+    return Linear(cfg.hidden_size, num_labels, rngs=rngs)

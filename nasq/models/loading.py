@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from nasq.errors import NasqError
-from nasq.models.bert import BertConfig, BertForSequenceClassification
+from nasq.models.bert import BertConfig, BertForSequenceClassification, empty_model, initial_head
 
 # alias -> (python package, attribute giving the model directory)
 MODEL_ALIASES = {
@@ -162,12 +162,18 @@ def load_pretrained(ref: str | Path, num_labels: int, *, seed: int = 0):
     """Build `BertForSequenceClassification` from a model reference; returns (model, config, LoadReport)."""
     model_dir = resolve_model_dir(ref)
     cfg = BertConfig.from_json(model_dir / "config.json")
-    model = BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed))
+    model = empty_model(cfg, num_labels)  # every weight is loaded below, or is the new head's
     head_ckpt = read_safetensors(model_dir)
     w = head_ckpt.get("classifier.weight")
     if w is not None and w.shape[0] != num_labels:  # a head for another task: start a fresh one
         head_ckpt = {k: v for k, v in head_ckpt.items() if not k.startswith(HEAD_PREFIXES)}
     new_head, ignored = load_bert_weights(model, head_ckpt, str(model_dir))
+    if new_head:  # the head BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed)) starts with
+        head = initial_head(cfg, num_labels, seed)
+        if "classifier.weight" in new_head:
+            model.classifier.kernel = head.kernel
+        if "classifier.bias" in new_head:
+            model.classifier.bias = head.bias
     return model, cfg, LoadReport(model_dir, new_head, ignored)
 
 

@@ -36,7 +36,8 @@ def check_plan_matches(plan: Plan, model: nnx.Module) -> None:
                         "this model (same architecture and search space)")
 
 
-def apply_plan(model: nnx.Module, plan: Plan, scales: Mapping[str, np.ndarray] | None = None) -> nnx.Module:
+def apply_plan(model: nnx.Module, plan: Plan, scales: Mapping[str, np.ndarray] | None = None, *,
+               init_steps: bool = True) -> nnx.Module:
     """A copy of ``model`` (``BertForSequenceClassification``) quantized as ``plan`` says (pure).
 
     * plan tensors: ``QuantLinear`` / ``QuantEmbedding`` with the plan's groups and bits (pruned groups give
@@ -47,7 +48,8 @@ def apply_plan(model: nnx.Module, plan: Plan, scales: Mapping[str, np.ndarray] |
       output feature, as :func:`nasq.contract.cost.fixed_nbytes` counts); at 32 the module stays fp32.
 
     ``scales`` (``{plan path: [G] steps}``, e.g. from the search) initialise the searched tensors' steps;
-    otherwise (and for the fixed int8 tensors) each group's step is the MSE-optimal one.
+    otherwise (and for the fixed int8 tensors) each group's step is the MSE-optimal one; without ``init_steps``
+    every step not given is 1.0 (for a model whose state is loaded right after: the MSE search costs seconds).
     """
     check_plan_matches(plan, model)
     scales = dict(scales or {})
@@ -82,7 +84,7 @@ def apply_plan(model: nnx.Module, plan: Plan, scales: Mapping[str, np.ndarray] |
                 return None
             sizes, bits, s = (1,) * w_rows.shape[0], (fixed_bits,) * w_rows.shape[0], None
         if s is None:
-            s = init_plan_scales(w_rows, sizes, bits, mode)
+            s = init_plan_scales(w_rows, sizes, bits, mode) if init_steps else np.ones(len(sizes), np.float32)
         cls = QuantLinear if isinstance(mod, Linear) else QuantEmbedding
         return cls(mod, path, sizes, bits, mode=mode, scales=s)
 
