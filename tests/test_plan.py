@@ -150,6 +150,12 @@ def test_apply_plan_fixed_int8_and_scales(tiny, plan):
     for lin in (q.classifier, q.bert.pooler.dense):
         assert isinstance(lin, QuantLinear) and set(lin.bits) == {8} and len(lin.group_sizes) == lin.out_features
     np.testing.assert_allclose(np.asarray(q.bert.encoder.layer[0].attention.self.key.scales[...]), 0.01)
+    # init_steps=False (a model whose state is loaded next): given steps kept, every other step 1.0, no search
+    q1 = apply_plan(model, p8, scales=s, init_steps=False)
+    np.testing.assert_allclose(np.asarray(q1.bert.encoder.layer[0].attention.self.key.scales[...]), 0.01)
+    for mod in (q1.classifier, q1.bert.embeddings.word_embeddings, q1.bert.encoder.layer[1].output.dense):
+        np.testing.assert_array_equal(np.asarray(mod.scales[...]), 1.0)
+    assert not np.allclose(np.asarray(q.classifier.scales[...]), 1.0)  # the default searched them
 
 
 def test_quant_embedding_gather_equals_table():
