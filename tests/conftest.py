@@ -7,8 +7,8 @@ os.environ.setdefault("NASQ_NO_PROGRESS", "1")
 # Many tests (and their subprocesses) compile the same tiny models: share XLA's persistent compilation cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 # The tests run tiny models, where XLA's compile time (LLVM's optimisation passes) is most of the time: compile them
-# at LLVM -O0 (XLA's own HLO passes still run; float semantics are kept, no fast-math either way). A test run spends
-# about 40% less CPU on the tiny grid this way (issue 18, CI time). Benchmarks and experiments compile as users do.
+# at LLVM -O0 (XLA's own HLO passes still run; float semantics are kept, no fast-math either way). Ten slow tests
+# took 39% less CPU this way (bench.md; issue 18, CI time). Benchmarks and experiments compile as users do.
 if os.environ.get("NASQ_TEST_FAST_COMPILE", "1") != "0":  # NASQ_TEST_FAST_COMPILE=0: compile as users do
     os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                                + os.environ.get("XLA_FLAGS", "")).strip()
