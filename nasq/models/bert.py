@@ -335,12 +335,11 @@ def empty_model(cfg: BertConfig, num_labels: int) -> BertForSequenceClassificati
     return nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))
 
 
-def initial_head(cfg: BertConfig, num_labels: int, seed: int) -> Linear:
-    """The classifier ``BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed))`` starts with, without
-    initialising the rest: the same key, the ``params`` stream's count after the encoder's initialisers (one per
-    ``Linear`` / ``Embedding`` of ``bert``, built before the head)."""
-    before = sum(isinstance(m, Linear | Embedding)
-                 for _, m in nnx.iter_graph(nnx.eval_shape(lambda: BertModel(cfg, rngs=nnx.Rngs(0)))))
+def initial_head(model: BertForSequenceClassification, seed: int) -> Linear:
+    """The classifier ``BertForSequenceClassification(model.config, model.num_labels, rngs=nnx.Rngs(seed))``
+    starts with, without initialising the rest: the same key, the ``params`` stream's count after the encoder's
+    initialisers (one per ``Linear`` / ``Embedding`` of ``model.bert``, built before the head)."""
+    before = sum(isinstance(m, Linear | Embedding) for _, m in nnx.iter_graph(model.bert))
     rngs = nnx.Rngs(seed)
     rngs.params.count[...] = before
-    return Linear(cfg.hidden_size, num_labels, rngs=rngs)
+    return Linear(model.config.hidden_size, model.num_labels, rngs=rngs)

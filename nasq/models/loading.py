@@ -169,7 +169,7 @@ def load_pretrained(ref: str | Path, num_labels: int, *, seed: int = 0):
         head_ckpt = {k: v for k, v in head_ckpt.items() if not k.startswith(HEAD_PREFIXES)}
     new_head, ignored = load_bert_weights(model, head_ckpt, str(model_dir))
     if new_head:  # the head BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed)) starts with
-        head = initial_head(cfg, num_labels, seed)
+        head = initial_head(model, seed)
         if "classifier.weight" in new_head:
             model.classifier.kernel = head.kernel
         if "classifier.bias" in new_head:
