@@ -269,6 +269,16 @@ def test_pareto(tmp_path):
         plots.read_results(bad)
 
 
+def test_method_styles_are_stable_and_distinct():
+    many = [f"m{i:02d}" for i in range(25)]
+    styles = plots.method_styles(many)
+    assert len(set(styles.values())) == 25  # colour + marker unique beyond tab20's 20 colours
+    assert len({c for c, _ in styles.values()}) == 20
+    # a method's style does not depend on the order it is met in, so every panel draws it the same
+    assert plots.method_styles(list(reversed(many))) == styles
+    assert plots.method_styles(["uniform", "nasq", "uniform"]) == {"nasq": styles["m00"], "uniform": styles["m01"]}
+
+
 def test_cli(paths, tmp_path, capsys, monkeypatch):
     import nasq.cli
     from nasq.commands import report

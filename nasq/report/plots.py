@@ -6,7 +6,7 @@ change a notebook's backend; PNGs saved with ``bbox_inches="tight"``).
 * :func:`plot_module_bits` -- average bits (row-weighted, pruned = 0) per module type across layers;
 * :func:`plot_trajectory` -- a search run's ``metrics.jsonl``: expected vs budget size, the budget price lambda,
   the temperature tau and the held-out gate loss against the step;
-* :func:`plot_pareto` -- size (MB) vs metric per method from ``results.csv`` rows;
+* :func:`plot_pareto` -- size (MB) vs metric per method from ``results.csv`` rows (the fp32 teacher a reference line);
 * :func:`write_report` -- the PNGs that apply to a source plus a static ``report.html`` (relative ``<img>`` paths).
 """
 
@@ -31,6 +31,7 @@ from nasq.report.inspect import MODULE_ORDER, SourcedPlan, as_sourced_plan, form
 
 __all__ = [
     "bit_levels",
+    "method_styles",
     "plot_heatmap",
     "plot_module_bits",
     "plot_pareto",
@@ -243,11 +244,24 @@ def pareto_points(rows: Sequence[dict], size: str) -> dict[tuple[str, str], list
     return {k: sorted(v) for k, v in out.items()}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<")  # 9 markers against 20 colours: unique for 180 methods
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{method: (colour, marker)}``: one style per method, the same in every panel and distinct for up to 20
+    methods (tab20's colours; markers cycle with a different period, so colour + marker stay unique beyond)."""
+    cmap = matplotlib.colormaps["tab20"]
+    names = sorted(set(methods))
+    return {m: (matplotlib.colors.to_hex(cmap(i % 20)), _MARKERS[i % len(_MARKERS)]) for i, m in enumerate(names)}
+
+
 def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: str = "auto",
-                title: str | None = None) -> Path:
+                title: str | None = None, reference: str = "fp32") -> Path:
     """Size (MB) vs metric, one line (sorted by size) per method, one panel per task; the seeds of a
-    ``(method, budget)`` are one point, mean ± sample std (:func:`pareto_points`). A log size axis when the sizes
-    span more than 10x (e.g. fp32 beside 2-bit plans).
+    ``(method, budget)`` are one point, mean ± sample std (:func:`pareto_points`). Each method keeps its colour and
+    marker in every panel (:func:`method_styles`). Rows of method ``reference`` (the fp32 teacher) are drawn as a
+    dashed horizontal line labelled with their size, so the size axis spans the compressed models only; it is
+    logarithmic when those sizes span more than 10x.
 
     ``size``: ``artifact_mb``, ``encoder_mb`` or ``auto`` (``artifact_mb`` where every row has it, else
     ``encoder_mb``)."""
@@ -260,6 +274,7 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
         raise NasqError(f"no result rows with numeric {size} and metric to plot")
     points = pareto_points(rows, size)
     tasks = sorted({r.get("task") or "" for r in rows})
+    styles = method_styles([r["method"] for r in rows if r["method"] != reference])
     fig = _figure((6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -267,9 +282,15 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
         for method in sorted({r["method"] for r in tr}):
             pts = points[(task, method)]
             n = max(p[3] for p in pts)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=method + (f" (mean ± std, n <= {n})" if n > 1 else ""))
-        xs = [_num(r[size]) for r in tr]
+            label = method + (f" (mean ± std, n <= {n})" if n > 1 else "")
+            if method == reference:
+                ax.axhline(pts[-1][1], color="black", linestyle="--", linewidth=1,
+                           label=f"{method} ({pts[-1][0]:.4g} MB)" + (f", mean of {n}" if n > 1 else ""))
+                continue
+            colour, marker = styles[method]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                        color=colour, capsize=3, label=label)
+        xs = [_num(r[size]) for r in tr if r["method"] != reference] or [_num(r[size]) for r in tr]
         if min(xs) > 0 and max(xs) / min(xs) > 10:
             from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -281,7 +302,7 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
         ax.set_ylabel(" / ".join(names))
         ax.set_title(task or "results", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
