@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,9 +322,50 @@ def test_damage_from_plan_checks_the_untrusted_file(tensors):
                       ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: "x"}}}, "finite"),
                       ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: float("nan")}}},
                        "finite"),
-                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {c0: 1.0}}}, "must be a finite")]:
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {c0: 1.0}}}, "every width of this one")]:
         with pytest.raises(NasqError, match=msg):
             damage_from_plan(prov, tensors, "p.json")
+
+
+def test_one_measurement_serves_every_space_with_its_widths(cli, tiny_model_dir, glue_dir, tmp_path, capsys):
+    """D_t(c) belongs to the tensor, the width, the quantizer and the row groups, not to the other widths of a
+    space: damages measured in a space re-solve in any space of the same model, quantizer and groups whose widths
+    are among the measured ones, and equal a fresh measurement there; another quantizer, other row groups,
+    another model or an unmeasured width is refused."""
+    tiny = (Path(__file__).parents[1] / "search_spaces" / "tiny.yaml").read_text()
+
+    def space(name, text):
+        (tmp_path / f"{name}.yaml").write_text(text.replace("name: tiny", f"name: {name}"))
+        return str(tmp_path / f"{name}.yaml")
+
+    sub = space("sub", tiny.replace("choices: [0, 2, 4, 8]", "choices: [2, 8]"))
+    common = ["baseline", "measured", "--model", str(tiny_model_dir), "--task", "mrpc", "--avg-bits", "5"]
+    measure = ["--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+               "--set", "model.max_len=32", "--n-batches", "1"]
+    full, fresh, again = tmp_path / "full.json", tmp_path / "fresh.json", tmp_path / "again.json"
+    assert cli([*common, "--space", "tiny", *measure, "--out", str(full)]) == 0
+    assert cli([*common, "--space", sub, *measure, "--out", str(fresh)]) == 0
+    assert cli([*common, "--space", sub, "--damage-from", str(full), "--out", str(again)]) == 0
+    f, a = Plan.load(fresh), Plan.load(again)
+    assert [t.bits for t in a.tensors] == [t.bits for t in f.tensors] and a.totals["within_budget"]
+    measured = Plan.load(full).provenance["damage_kl_x1000"]
+    for path, row in f.provenance["damage_kl_x1000"].items():
+        assert set(row) == {"2", "8"}
+        for c, v in row.items():
+            assert v == pytest.approx(measured[path][c], rel=1e-5, abs=1e-9)
+    for bad, msg in [(space("signed", tiny.replace("quant_mode: symmetric", "quant_mode: signed")), "quant_mode"),
+                     (space("w3", tiny.replace("choices: [0, 2, 4, 8]", "choices: [2, 3, 8]")), "at 3 bits"),
+                     (space("g2", tiny.replace("groups: 4", "groups: 2")), "row groups")]:
+        assert cli([*common, "--space", bad, "--damage-from", str(full), "--out", str(tmp_path / "x.json")]) == 2
+        assert msg in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    from nasq.contract.damage import check_measured_plan
+
+    p = Plan.load(full)
+    t0 = p.tensors[0].searched()
+    check_measured_plan(p, [t0], "symmetric", "full.json")
+    with pytest.raises(NasqError, match=f"full.json: tensor {t0.path} is .* in this model; give a measured plan of "
+                                        "the same model"):
+        check_measured_plan(p, [dataclasses.replace(t0, cols=t0.cols + 1)], "symmetric", "full.json")
 
 
 def test_pooled_damage_weights_each_plan_by_its_rows(tensors):

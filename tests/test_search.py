@@ -419,7 +419,7 @@ def test_damage_prior_pushes_the_gates_off_measured_damage(tiny_model_dir, glue_
     bits = [[max(t.choices)] * t.num_groups for t in tensors]
     plan_path = make_plan(tensors, bits, space=space, budget=None, param_shapes=None,
                           provenance={"method": "measured", "damage_kl_x1000": damage}).save(tmp_path / "m.json")
-    d = load_damage_prior(str(plan_path), tensors)
+    d = load_damage_prior(str(plan_path), tensors, "symmetric")
     assert [x.shape for x in d] == [(t.num_groups, len(t.choices)) for t in tensors]
     t0 = tensors[0]  # a tensor's groups share its damage (5 nats at the narrowest width) in proportion to rows
     np.testing.assert_allclose(d[0].sum(0)[t0.choices.index(worst[t0.path])], 5.0)

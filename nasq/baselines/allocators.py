@@ -282,9 +282,9 @@ def baseline_plan(
         if damage_from is None:
             damage = None
         elif isinstance(damage_from, str | Path):
-            damage = load_damage(damage_from, tensors)
+            damage = load_damage(damage_from, tensors, quant_mode=space.quant_mode)
         else:  # several measured plans: their damages pooled, weighted by their measured rows
-            damage, pooled_rows = load_pooled_damage(damage_from, tensors)
+            damage, pooled_rows = load_pooled_damage(damage_from, tensors, quant_mode=space.quant_mode)
         if data is None and damage is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}

@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                    help="hessian: train batches per probe; measured: train batches per forward (default 8)")
     p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
     p.add_argument("--damage-from", metavar="PLAN.json[,PLAN.json...]", type=parse_plan_list,
-                   help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards); "
+                   help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards; "
+                   "the plan's space may differ in widths, not in row groups or quantizer); "
                    "several plans (measured on other rows, e.g. other --seed): their damages pooled, weighted by "
                    "their rows")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",

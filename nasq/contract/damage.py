@@ -10,6 +10,12 @@ plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i
 A tensor's damage is spread over its row groups in proportion to their rows::
 
     d_{g,c} = D_{t(g)}(c) * rows_g / rows_{t(g)}
+
+``D_t(c)`` depends on the tensor, the width, the quantizer and the row groups (one step per group), not on the
+other widths a space offers, so a measurement serves any space of the same model, quantizer and row groups whose
+widths it measured: one measurement in ``aqbert_128g_w12348`` ({1,2,3,4,8}) gives plans in ``aqbert_128g_w1234``,
+``_w234`` and ``_w2348``, from avg 1.5 to avg 4 bits (:func:`check_measured_plan` refuses a plan of another
+quantizer, model or grouping).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
-__all__ = ["DamageSource", "damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
+__all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
 
 DamageSource = str | Path | Sequence[str | Path]
 """Where measured damages come from: one measured plan's path, or several to pool."""
@@ -47,9 +53,13 @@ def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source
         vals = []
         for c in t.choices:
             v = row.get(str(int(c)))
+            if v is None:
+                raise NasqError(f"{source}: no measured damage of {t.path} at {int(c)} bits (measured: "
+                                f"{', '.join(sorted(row, key=lambda k: (len(k), k)))}); give a measured plan whose "
+                                "space has every width of this one (aqbert_128g_w12348 covers {1,2,3,4,8})")
             if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
                 raise NasqError(f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}] must be a finite number "
-                                f">= 0, got {v!r}; give a measured plan of the same search space")
+                                f">= 0, got {v!r}; give a measured plan made by `nasq baseline measured`")
             vals.append(float(v) / 1000)
         out.append(np.asarray(vals, np.float64))
     return out
@@ -77,19 +87,48 @@ def pooled_damage(sources: Sequence[tuple[dict, str]], tensors: Sequence[Searche
     return [sum(r * d[i] for r, d in zip(rows, damages, strict=True)) / total for i in range(len(tensors))], total
 
 
-def load_damage(path: DamageSource, tensors: Sequence[SearchedTensor], what: str = "") -> list[np.ndarray]:
-    """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load``), or of several
-    files pooled (:func:`pooled_damage`); errors name the file, after ``what`` (e.g. ``"damage prior "``)."""
+def check_measured_plan(plan: Plan, tensors: Sequence[SearchedTensor], quant_mode: str, source: str) -> None:
+    """A measured plan's damages apply to ``tensors`` quantized with ``quant_mode`` only if it quantized the same
+    way (the damage of ``c`` bits depends on the quantizer and on the row groups, one step each) and measured the
+    same model: each searched tensor that the plan also holds has the same shape and row groups there; else
+    ``NasqError`` naming ``source``."""
+    if plan.quant_mode != quant_mode:
+        raise NasqError(f"{source}: its damages were measured with quant_mode {plan.quant_mode!r}, but this space "
+                        f"quantizes {quant_mode!r}, where the same width damages differently; measure again in "
+                        "this space")
+    measured = {t.path: t for t in plan.tensors}
+    for t in tensors:
+        m = measured.get(t.path)
+        if m is None:
+            continue  # damage_from_plan names a tensor without damages
+        if (m.rows, m.cols) != (t.rows, t.cols):
+            raise NasqError(f"{source}: tensor {t.path} is {m.rows}x{m.cols} there but {t.rows}x{t.cols} in this "
+                            "model; give a measured plan of the same model")
+        if tuple(m.group_sizes) != tuple(t.group_sizes):
+            raise NasqError(f"{source}: tensor {t.path} was measured in {m.num_groups} row groups, this space has "
+                            f"{t.num_groups} (a width's damage depends on the groups: one quantizer step each); "
+                            "measure again in this space or one with the same groups")
+
+
+def load_damage(path: DamageSource, tensors: Sequence[SearchedTensor], what: str = "", *,
+                quant_mode: str) -> list[np.ndarray]:
+    """:func:`damage_from_plan` of the measured plan file ``path`` (validated by ``Plan.load`` and
+    :func:`check_measured_plan`), or of several files pooled (:func:`pooled_damage`); errors name the file, after
+    ``what`` (e.g. ``"damage prior "``)."""
     if isinstance(path, str | Path):
         plan = Plan.load(path)
+        check_measured_plan(plan, tensors, quant_mode, f"{what}{plan.source}")
         return damage_from_plan(plan.provenance, tensors, f"{what}{plan.source}")
-    return load_pooled_damage(path, tensors, what)[0]
+    return load_pooled_damage(path, tensors, what, quant_mode=quant_mode)[0]
 
 
-def load_pooled_damage(paths: Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = ""
-                       ) -> tuple[list[np.ndarray], int]:
-    """:func:`pooled_damage` of the measured plan files ``paths`` (each validated by ``Plan.load``)."""
+def load_pooled_damage(paths: Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = "", *,
+                       quant_mode: str) -> tuple[list[np.ndarray], int]:
+    """:func:`pooled_damage` of the measured plan files ``paths`` (each validated by ``Plan.load`` and
+    :func:`check_measured_plan`)."""
     plans = [Plan.load(p) for p in paths]
+    for p in plans:
+        check_measured_plan(p, tensors, quant_mode, f"{what}{p.source}")
     return pooled_damage([(p.provenance, f"{what}{p.source}") for p in plans], tensors)
 
 

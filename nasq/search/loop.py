@@ -181,11 +181,11 @@ def supernet_of(cfg: Config, model: nnx.Module, problem: Problem) -> nnx.Module:
                        costs=normalised_costs(problem.cost_tables, problem.cost_budget), gate_logits=logits)
 
 
-def load_damage_prior(path: str, tensors: list[SearchedTensor]) -> list[np.ndarray]:
+def load_damage_prior(path: str, tensors: list[SearchedTensor], quant_mode: str) -> list[np.ndarray]:
     """``d_{g,c}`` (``[G, C]`` per searched tensor) from a measured plan (``search.damage_prior``): the damages its
-    provenance records (:func:`nasq.contract.damage.load_damage`, checked as untrusted input) spread over
-    each tensor's row groups."""
-    return group_damage(tensors, load_damage(path, tensors, "damage prior "))
+    provenance records (:func:`nasq.contract.damage.load_damage`, checked as untrusted input and against the
+    space's ``quant_mode``) spread over each tensor's row groups."""
+    return group_damage(tensors, load_damage(path, tensors, "damage prior ", quant_mode=quant_mode))
 
 
 def expected_damage(probs: list[jax.Array], damage: list[jax.Array]) -> jax.Array:
@@ -358,7 +358,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         log(note)
     model = base_model(cfg, data, log=log)
     problem = make_problem(cfg, model)
-    damage = None if cfg.search.damage_prior is None else load_damage_prior(cfg.search.damage_prior, problem.tensors)
+    damage = None if cfg.search.damage_prior is None else load_damage_prior(
+        cfg.search.damage_prior, problem.tensors, load_space(cfg.search.space).quant_mode)
     run = RunDir(out, kind="search", config=cfg, resume=resume, overwrite=overwrite)
     s = cfg.search
     sn = supernet_of(cfg, model, problem)
