@@ -29,7 +29,8 @@ from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
-__all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage", "load_pooled_damage", "pooled_damage"]
+__all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage",
+           "load_pooled_damage", "pooled_damage"]
 
 DamageSource = str | Path | Sequence[str | Path]
 """Where measured damages come from: one measured plan's path, or several to pool."""
