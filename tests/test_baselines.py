@@ -368,6 +368,31 @@ def test_one_measurement_serves_every_space_with_its_widths(cli, tiny_model_dir,
         check_measured_plan(p, [dataclasses.replace(t0, cols=t0.cols + 1)], "symmetric", "full.json")
 
 
+def test_predicted_damage_and_the_uniform_reference(tensors):
+    """The additive prediction sums each group's share of its tensor's damage at the group's width; the reference
+    is the widest uniform width every tensor offers that fits the budget."""
+    from nasq.baselines.allocators import predicted_line
+    from nasq.baselines.measured import predicted_damage, uniform_reference
+    from nasq.contract.cost import uniform_plan
+
+    damage = [np.asarray([10.0 * (len(t.choices) - k) for k in range(len(t.choices))]) for t in tensors]
+    widths = sorted({c for t in tensors for c in t.choices if c})
+    for w in widths:  # a uniform plan's prediction: the damage at w of every tensor, once
+        want = sum(float(d[t.choices.index(w)]) for t, d in zip(tensors, damage, strict=True))
+        assert predicted_damage(tensors, damage, uniform_plan(tensors, w)) == pytest.approx(want)
+    mixed = [tuple(t.choices[-1] if g == 0 else t.choices[1] for g in range(t.num_groups)) for t in tensors]
+    want = sum(float(d[-1]) * t.group_sizes[0] / t.rows + float(d[1]) * (t.rows - t.group_sizes[0]) / t.rows
+               for t, d in zip(tensors, damage, strict=True))
+    assert predicted_damage(tensors, damage, mixed) == pytest.approx(want)
+    sizes = {w: plan_size_bytes(tensors, uniform_plan(tensors, w)) for w in widths}
+    assert uniform_reference(tensors, damage, sizes[widths[-1]])[0] == widths[-1]
+    assert uniform_reference(tensors, damage, sizes[widths[-1]] - 1)[0] == widths[-2]
+    assert uniform_reference(tensors, damage, sizes[widths[0]] - 1) is None
+    line = predicted_line({"plan": 50.0, "uniform_2bit": 200.0})
+    assert "0.0500 nats" in line and "uniform 2-bit (widest that fits) 0.2000" in line and "removes 75%" in line
+    assert predicted_line(None) is None and predicted_line({"plan": 1.0}).endswith("nats")
+
+
 def test_pooled_damage_weights_each_plan_by_its_rows(tensors):
     """Damages measured on different rows pool into their row-weighted mean; a plan without a measured row count
     (e.g. one re-solved with --damage-from) cannot be pooled, nor can an empty list."""
@@ -552,7 +577,7 @@ def test_cli_uniform_and_random(cli, tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["hessian", "measured"])
-def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_path):
+def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "h.json"
     assert cli(["baseline", method, "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                 "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
@@ -564,6 +589,10 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
     if method == "measured":  # the measurements behind the plan travel with it, and re-solve at other budgets
         dmg = p.provenance["damage_kl_x1000"]
         assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8
+        pred = p.provenance["predicted_kl_x1000"]  # the knapsack's optimum is no worse than a uniform plan that fits
+        ref = next(k for k in pred if k.startswith("uniform_"))
+        assert 0 <= pred["plan"] <= pred[ref] * (1 + 1e-9)
+        assert "predicted output KL before QAT" in capsys.readouterr().out
         common = ["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                   "--damage-from", str(out)]
         again = tmp_path / "again.json"  # no --data-dir: no data is read

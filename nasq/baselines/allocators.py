@@ -338,10 +338,27 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     if method == "measured" and damage_from is None:  # one forward of the rows per (tensor, width)
         bar = Progress(measured_forwards(cfg, model, refine_rounds), desc="measured: forwards")
     try:
-        return baseline_plan(method, model, data, cfg, budget, bits=bits, rule_bits=rule_bits, n_batches=n_batches,
+        plan = baseline_plan(method, model, data, cfg, budget, bits=bits, rule_bits=rule_bits, n_batches=n_batches,
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
                              refine_rounds=refine_rounds, min_tokens=min_tokens)
     finally:
         if bar:
             bar.close()
+    if line := predicted_line(plan.provenance.get("predicted_kl_x1000")):
+        log(line)
+    return plan
+
+
+def predicted_line(pred: dict | None) -> str | None:
+    """The measured plan's predicted output KL against the widest uniform plan's (``predicted_kl_x1000``), as a
+    line for the user; ``None`` without a prediction."""
+    if not pred or "plan" not in pred:
+        return None
+    line = f"measured: predicted output KL before QAT (additive) {pred['plan'] / 1000:.4f} nats"
+    ref = next((k for k in pred if k.startswith("uniform_")), None)
+    if ref is not None and pred[ref] > 0:
+        width = ref.removeprefix("uniform_").replace("bit", "-bit")
+        line += (f", uniform {width} (widest that fits) {pred[ref] / 1000:.4f}: the plan removes "
+                 f"{100 * (1 - pred['plan'] / pred[ref]):.0f}% of uniform's predicted damage")
+    return line

@@ -34,6 +34,12 @@ rows*. Cost: one more forward per (tensor, choice) and one per plan, per round. 
 rows by 31% but raised it on the dev set by 3% (the train rows are short phrases, dev whole sentences), and after
 QAT the refined plan scored 86.70% against the unrefined one's 87.16%. Off by default.
 
+**What the plan is expected to buy** (:func:`predicted_damage`, :func:`uniform_reference`): the same additive sum
+gives the plan's predicted output KL, ``sum_t sum_g D_t(c_g) rows_g / rows_t``, and that of the widest uniform
+width that fits the budget (every tensor at one width, the baseline a user would otherwise pick); both are
+recorded in the plan (``predicted_kl_x1000``) and printed. It is a prediction before QAT, not a result; how it
+relates to the results after QAT: experiments/results/protocol/NOTES.md (fifteenth session).
+
 Cost: one forward of the rows per (tensor, choice); no backward (MiniLM, 36 tensors x 4 choices x 256 rows: about
 as long as the Hessian baseline's 32 Hessian-vector products).
 """
@@ -49,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import _train_batches, quantized_rows, tensor_weights
-from nasq.contract.cost import size_tables
+from nasq.contract.cost import plan_size_bytes, size_tables, uniform_plan
 from nasq.contract.damage import damage_from_plan, group_damage
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
@@ -57,7 +63,8 @@ from nasq.models.bert import Embedding, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.search.finalize import allocate, choices_to_bits
 
-__all__ = ["damage_from_plan", "kl_rows", "measured_allocation", "measured_utilities", "tensor_damage"]
+__all__ = ["damage_from_plan", "kl_rows", "measured_allocation", "measured_utilities", "predicted_damage",
+           "tensor_damage", "uniform_reference"]
 
 
 def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -166,6 +173,29 @@ def tensor_damage(
     return out
 
 
+def predicted_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                     bits: Sequence[Sequence[int]]) -> float:
+    """``sum_t sum_g D_t(bits[t][g]) * rows_g / rows_t``: a plan's output KL (nats) as the additive model predicts
+    it from the measured damages (before QAT)."""
+    total = 0.0
+    for t, d, row in zip(tensors, damage, bits, strict=True):
+        k = {int(c): i for i, c in enumerate(t.choices)}
+        total += sum(float(d[k[int(b)]]) * n / t.rows for b, n in zip(row, t.group_sizes, strict=True))
+    return total
+
+
+def uniform_reference(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                      budget_bytes: int) -> tuple[int, float] | None:
+    """``(width, predicted damage)`` of the widest uniform plan within ``budget_bytes`` (every tensor at one
+    non-zero width all of them offer), or ``None`` where no uniform plan fits."""
+    common = set.intersection(*({int(c) for c in t.choices} for t in tensors)) - {0} if tensors else set()
+    for w in sorted(common, reverse=True):
+        bits = uniform_plan(tensors, w)
+        if plan_size_bytes(tensors, bits) <= budget_bytes:
+            return w, predicted_damage(tensors, damage, bits)
+    return None
+
+
 def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
     """``u_{g,c} = -D_t(c) * rows_g / rows_t`` (``[G, C]`` per tensor), normalised by ``max |u|``."""
     utils = [-d for d in group_damage(tensors, damage)]
@@ -237,7 +267,11 @@ def measured_allocation(
         if rows is not None:
             info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
                          "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
-        info.update({"solver": alloc.solver, "optimal": alloc.optimal,
+        bits = choices_to_bits(tensors, alloc.choices)
+        pred = {"plan": 1000 * predicted_damage(tensors, damage, bits)}
+        if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
+            pred[f"uniform_{ref[0]}bit"] = 1000 * ref[1]
+        info.update({"solver": alloc.solver, "optimal": alloc.optimal, "predicted_kl_x1000": pred,
                      "damage_kl_x1000": {t.path: {str(int(c)): 1000 * float(v)
                                                   for c, v in zip(t.choices, d, strict=True)}
                                          for t, d in zip(tensors, damage, strict=True)}})
