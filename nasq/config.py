@@ -94,6 +94,11 @@ class SearchConfig(_Section):
     # measured, which the gate gradient (first order, at one point) misses where the damage is curvature
     damage_prior: str | None = None
     damage_weight: float = Field(1.0, gt=0)
+    # bilevel: false = the gates only, on the frozen starting weights (the teacher, MSE-initialised steps): no
+    # weight step, a gate step every step. The gates then see the joint output damage of the teacher quantized at
+    # their widths (as `nasq baseline measured` does one tensor at a time), not weights co-adapted to the mixture;
+    # QAT starts from the teacher. Needs mode=bilevel and gate_every=1.
+    train_weights: bool = True
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -102,6 +107,9 @@ class SearchConfig(_Section):
             raise ValueError(f"give exactly one budget, got {given}")
         if (self.gate_init == "plan") != (self.init_plan is not None):
             raise ValueError("gate_init=plan and init_plan=PLAN.json go together (set both or neither)")
+        if not self.train_weights and (self.mode != "bilevel" or self.gate_every != 1 or self.warmup_steps):
+            raise ValueError("train_weights=false (gates only) needs mode=bilevel, gate_every=1 and warmup_steps=0, "
+                             f"got mode={self.mode}, gate_every={self.gate_every}, warmup_steps={self.warmup_steps}")
         return self
 
 

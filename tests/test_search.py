@@ -136,6 +136,35 @@ def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path)
     assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
 
 
+def test_gates_only_search_leaves_the_teacher_weights(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    """search.train_weights=false: a gate step every step and no weight step, so every weight and LSQ step of
+    the search's checkpoint is the frozen starting point's (the teacher, MSE-initialised steps) while the gates
+    move and the expected size meets the budget; the settings it cannot run with are config errors."""
+    from nasq.search.restore import search_checkpoint
+
+    def run(name, steps, train_weights):
+        raw = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0).model_dump(mode="json")
+        raw["train"].update(max_steps=steps, log_every=1)
+        raw["search"].update(train_weights=train_weights, gate_loss="task_kd")
+        raw["kd"]["teacher"] = str(teacher_dir)
+        return search(build_config(("test", raw)), tmp_path / name, log=lambda *a: None)
+
+    runs = {"frozen": run("frozen", 6, False), "trained": run("trained", 6, True)}
+    recs = [json.loads(x) for x in (runs["frozen"] / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all("gate_loss" in r and "task_loss" not in r for r in recs)
+    assert json.loads((runs["frozen"] / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
+    frozen, trained = search_checkpoint(runs["frozen"]), search_checkpoint(runs["trained"])
+    weights = [k for k in frozen if k.startswith("w.")]
+    assert weights and any(not np.array_equal(frozen[k], trained[k]) for k in weights)  # training moves them
+    start = search_checkpoint(run("one", 1, False))  # the same start after one gate step: weights untouched
+    for k in weights:
+        np.testing.assert_array_equal(frozen[k], start[k])
+    assert any(not np.array_equal(frozen[k], start[k]) for k in frozen if k.startswith("g."))  # the gates moved
+    for bad in ({"gate_every": 4}, {"mode": "single"}, {"warmup_steps": 2}):
+        with pytest.raises(NasqError, match="train_weights=false"):
+            _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, train_weights=False, **bad)
+
+
 def test_gate_every_takes_one_gate_step_per_k_weight_steps(tiny_model_dir, glue_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_every=3, warmup_steps=1)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8, "log_every": 1})})

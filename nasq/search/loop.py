@@ -3,6 +3,7 @@
 Alternating steps (weights on train batches, gates on held-out batches split off *train*):
 
     weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
+                  (`search.train_weights=false`: none; the gates alone, on the frozen starting weights)
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
                   (`search.gate_optimizer=global_adam`: one second moment for all gates, so a larger
                   gradient moves its gate faster: `nasq.objectives.scale_by_global_adam`)
@@ -306,14 +307,17 @@ def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step:
     the step's search context)``. The temperature ``tau_t`` and the price ``mu*`` are set first (the context the
     step trains under); bi-level mode then takes a weight step on ``batch`` and, after ``s.warmup_steps`` and every
     ``s.gate_every``-th step, a gate step on the held-out ``hbatch`` (distilling ``heldout_teacher_logits``
-    when given); single-level mode one joint step."""
+    when given; ``s.train_weights=False``: the gate step only, the weights stay as they started); single-level
+    mode one joint step."""
     weights, gates, opt = state["w."], state["g."], state["opt."]
     tau = temperature(step, total, s.tau_start, s.tau_end)
     mu = fns.price(weights, gates, rest, jnp.float32(tau))
     ctx = set_search_context(rest, tau, jax.random.fold_in(key, 1), s.gumbel, mu)
     if s.mode == "bilevel":
         w_opt, g_opt = opt
-        weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits)
+        m = {}
+        if s.train_weights:
+            weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits)
         if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
             gates, g_opt, mg = fns.gate(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau),
                                         heldout_teacher_logits)
@@ -411,7 +415,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         fields = {**m, "cost_ratio": e / problem.cost_budget}
         if problem.cost_kind == "size":
             fields.update(expected_mb=e / 1e6, budget_mb=problem.cost_budget / 1e6)
-        return fields, {"loss": m["task_loss"], "E": f"{e / unit:.4g}", "budget": f"{problem.cost_budget / unit:.4g}",
+        return fields, {"loss": m.get("task_loss", m.get("gate_loss")), "E": f"{e / unit:.4g}", "budget": f"{problem.cost_budget / unit:.4g}",
                         "mu": m["lambda"], "tau": m["tau"]}
 
     def on_checkpoint(state, done):
