@@ -88,7 +88,7 @@ from nasq.pipeline import output_complete
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
-           "nasq_ge4", "nasq_pm")
+           "nasq_ge4", "nasq_pm", "nasq_frozen")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -101,7 +101,12 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
 # gradient, NOTES.md)
 SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
-            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm")
+            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm", "nasq_frozen")
+# nasq_frozen: the gates alone on the frozen teacher (`search.train_weights=false`, KD in the gate loss): they
+# see the joint output damage of the teacher at their widths (what `measured` measures one tensor at a time),
+# not weights co-adapted to the mixture. It trains no weights, so its QAT is a baseline's: from the teacher, with
+# the search's steps on top (equal compute)
+TEACHER_QAT = ("nasq_frozen",)
 # nasq_ge4: nasq with one gate step per 4 weight steps (`search.gate_every=4`, issue 17's cheaper search
 # iteration); the same weight steps, so the same compute for the baselines
 # nasq_measured: a search over whole plans by measurement, not by gates: the measured allocation refined
@@ -117,7 +122,8 @@ VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
                 "nasq_mprior10": ["--set", "search.damage_weight=10"],
-                "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"]}
+                "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"],
+                "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
 # nasq_pm: nasq_ge4 with one gate per encoder matrix instead of one per 128 rows (the same choices; scales stay per
 # row): the 128-row gates spread each tensor's groups over every width, where the measured allocation moves whole
 # tensors; one gate per matrix hears the gate signal summed over its tensor
@@ -396,9 +402,10 @@ def seeds_of(cfg: dict) -> list[int]:
 
 
 def qat_recipe(cfg: dict, task: str, method: str) -> dict:
-    """The QAT recipe of a method: `protocol.equal_compute` gives the baselines the search's steps on top."""
+    """The QAT recipe of a method: `protocol.equal_compute` gives the baselines (and the searches that train no
+    weights, `TEACHER_QAT`) the search's steps on top."""
     r = recipe(cfg, task, "qat")
-    if cfg["protocol"]["equal_compute"] and method not in SEARCHED:
+    if cfg["protocol"]["equal_compute"] and (method not in SEARCHED or method in TEACHER_QAT):
         extra = recipe(cfg, task, "search").get("max_steps")
         if extra is None or r.get("max_steps") is None:
             raise GridError(f"protocol.equal_compute needs max_steps in the search and qat recipes of {task}")
@@ -495,7 +502,8 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     else:  # pragma: no cover - validated
         raise GridError(f"unknown method {method}")
     qat, art = d / "qat", d / "model.nasq"
-    init = ["--init-from", str(sdir)] if method in SEARCHED and proto["init_from_search"] else []
+    init = (["--init-from", str(sdir)] if method in SEARCHED and method not in TEACHER_QAT and proto["init_from_search"]
+            else [])
     c.stages += [
         Stage("qat", ["nasq", "finetune", "--plan", str(plan), "--teacher", teacher, *init, *common,
                       *recipe_flags(qat_recipe(cfg, task, method), seed), "--out", str(qat)], qat, "run"),

@@ -212,6 +212,12 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq_pm", 1)).stages[0].argv
     pm_space = ["per_matrix_w1234" if a == "aqbert_128g_w1234" else a for a in n2[:n2.index("--out")]]
     assert pm_space != n2[:n2.index("--out")] and k[:k.index("--out")] == [*pm_space, "--set", "search.gate_every=4"]
+    # nasq_frozen: the gates alone on the frozen teacher; QAT from the teacher with a baseline's steps
+    fz = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_frozen", 1))
+    assert fz.stages[0].argv[:fz.stages[0].argv.index("--out")] == [
+        *n25[:n25.index("--out")], "--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]
+    fz_qat = next(st for st in fz.stages if st.name == "qat").argv
+    assert "--init-from" not in fz_qat and steps(fz_qat) == steps(qat_u)
     pm25 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_pm", 1))
     assert not pm25.stages and "no space for aqbert_128g_w234" in pm25.skip
     # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
