@@ -155,6 +155,10 @@ class Config(_Section):
         if self.search.gate_loss == "task_kd" and (self.kd.teacher is None or self.kd.beta <= 0):
             raise ValueError("search.gate_loss=task_kd distils the teacher's logits in the gate step: give a teacher "
                              "(--teacher RUN_DIR) and kd.beta > 0, or use search.gate_loss=task")
+        if not self.search.train_weights and self.kd.teacher is None:
+            raise ValueError("search.train_weights=false searches the gates on frozen weights, which must be a "
+                             "fine-tuned teacher (a pretrained checkpoint has an untrained task head): give "
+                             "--teacher RUN_DIR")
         return self
 
     def to_yaml(self) -> str:

@@ -160,7 +160,7 @@ def test_gates_only_search_leaves_the_teacher_weights(teacher_dir, tiny_model_di
     for k in weights:
         np.testing.assert_array_equal(frozen[k], start[k])
     assert any(not np.array_equal(frozen[k], start[k]) for k in frozen if k.startswith("g."))  # the gates moved
-    for bad in ({"gate_every": 4}, {"mode": "single"}, {"warmup_steps": 2}):
+    for bad in ({"gate_every": 4}, {"mode": "single"}, {"warmup_steps": 2}, {}):  # {}: no teacher
         with pytest.raises(NasqError, match="train_weights=false"):
             _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, train_weights=False, **bad)
 
