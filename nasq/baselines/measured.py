@@ -177,11 +177,8 @@ def predicted_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndar
                      bits: Sequence[Sequence[int]]) -> float:
     """``sum_t sum_g D_t(bits[t][g]) * rows_g / rows_t``: a plan's output KL (nats) as the additive model predicts
     it from the measured damages (before QAT)."""
-    total = 0.0
-    for t, d, row in zip(tensors, damage, bits, strict=True):
-        k = {int(c): i for i, c in enumerate(t.choices)}
-        total += sum(float(d[k[int(b)]]) * n / t.rows for b, n in zip(row, t.group_sizes, strict=True))
-    return total
+    return float(sum(g[np.arange(t.num_groups), [t.choices.index(int(b)) for b in row]].sum()
+                     for t, g, row in zip(tensors, group_damage(tensors, damage), bits, strict=True)))
 
 
 def uniform_reference(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
@@ -263,11 +260,11 @@ def measured_allocation(
         if info is not None:
             info["refine"] = {"rounds": rounds, "chosen_round": best_round}
         alloc = best
+    bits = choices_to_bits(tensors, alloc.choices)
     if info is not None:
         if rows is not None:
             info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
                          "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
-        bits = choices_to_bits(tensors, alloc.choices)
         pred = {"plan": 1000 * predicted_damage(tensors, damage, bits)}
         if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
             pred[f"uniform_{ref[0]}bit"] = 1000 * ref[1]
@@ -275,4 +272,4 @@ def measured_allocation(
                      "damage_kl_x1000": {t.path: {str(int(c)): 1000 * float(v)
                                                   for c, v in zip(t.choices, d, strict=True)}
                                          for t, d in zip(tensors, damage, strict=True)}})
-    return choices_to_bits(tensors, alloc.choices)
+    return bits

@@ -381,7 +381,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     state = dp.replicate(state)  # identity unless data_parallel > 1
     teacher = held_teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
-        teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
+        if s.train_weights:  # the weight step's KD targets (a gates-only search takes no weight step)
+            teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
         if s.gate_loss == "task_kd":
             held_teacher = predict_logits(model, data.heldout, cfg.data.eval_batch_size, data.buckets, dp.shard)
     run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train),
@@ -415,7 +416,8 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         fields = {**m, "cost_ratio": e / problem.cost_budget}
         if problem.cost_kind == "size":
             fields.update(expected_mb=e / 1e6, budget_mb=problem.cost_budget / 1e6)
-        return fields, {"loss": m.get("task_loss", m.get("gate_loss")), "E": f"{e / unit:.4g}", "budget": f"{problem.cost_budget / unit:.4g}",
+        return fields, {"loss": m.get("task_loss", m.get("gate_loss")), "E": f"{e / unit:.4g}",
+                        "budget": f"{problem.cost_budget / unit:.4g}",
                         "mu": m["lambda"], "tau": m["tau"]}
 
     def on_checkpoint(state, done):
