@@ -388,9 +388,9 @@ def test_predicted_damage_and_the_uniform_reference(tensors):
     assert uniform_reference(tensors, damage, sizes[widths[-1]])[0] == widths[-1]
     assert uniform_reference(tensors, damage, sizes[widths[-1]] - 1)[0] == widths[-2]
     assert uniform_reference(tensors, damage, sizes[widths[0]] - 1) is None
-    line = predicted_line({"plan": 50.0, "uniform_2bit": 200.0})
+    line = predicted_line({"predicted_kl_x1000": {"plan": 50.0, "uniform": 200.0}, "predicted_uniform_bits": 2})
     assert "0.0500 nats" in line and "uniform 2-bit (widest that fits) 0.2000" in line and "removes 75%" in line
-    assert predicted_line(None) is None and predicted_line({"plan": 1.0}).endswith("nats")
+    assert predicted_line({}) is None and predicted_line({"predicted_kl_x1000": {"plan": 1.0}}).endswith("nats")
 
 
 def test_pooled_damage_weights_each_plan_by_its_rows(tensors):
@@ -590,8 +590,8 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         dmg = p.provenance["damage_kl_x1000"]
         assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8
         pred = p.provenance["predicted_kl_x1000"]  # the knapsack's optimum is no worse than a uniform plan that fits
-        ref = next(k for k in pred if k.startswith("uniform_"))
-        assert 0 <= pred["plan"] <= pred[ref] * (1 + 1e-9)
+        assert 0 <= pred["plan"] <= pred["uniform"] * (1 + 1e-9)
+        assert p.provenance["predicted_uniform_bits"] in set.intersection(*(set(t.choices) for t in p.tensors)) - {0}
         assert "predicted output KL before QAT" in capsys.readouterr().out
         common = ["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                   "--damage-from", str(out)]

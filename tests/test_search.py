@@ -155,6 +155,8 @@ def test_gates_only_search_leaves_the_teacher_weights(teacher_dir, tiny_model_di
     assert json.loads((runs["frozen"] / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
     frozen, trained = search_checkpoint(runs["frozen"]), search_checkpoint(runs["trained"])
     weights = [k for k in frozen if k.startswith("w.")]
+    n_opt = {name: sum(k.startswith("opt.") for k in ck) for name, ck in (("frozen", frozen), ("trained", trained))}
+    assert 0 < n_opt["frozen"] < n_opt["trained"]  # the gates' optimizer state only: no AdamW state for the weights
     assert weights and any(not np.array_equal(frozen[k], trained[k]) for k in weights)  # training moves them
     start = search_checkpoint(run("one", 1, False))  # the same start after one gate step: weights untouched
     for k in weights:

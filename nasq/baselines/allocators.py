@@ -345,20 +345,20 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     finally:
         if bar:
             bar.close()
-    if line := predicted_line(plan.provenance.get("predicted_kl_x1000")):
+    if line := predicted_line(plan.provenance):
         log(line)
     return plan
 
 
-def predicted_line(pred: dict | None) -> str | None:
-    """The measured plan's predicted output KL against the widest uniform plan's (``predicted_kl_x1000``), as a
-    line for the user; ``None`` without a prediction."""
-    if not pred or "plan" not in pred:
+def predicted_line(provenance: dict) -> str | None:
+    """The measured plan's predicted output KL against the widest uniform plan's (``predicted_kl_x1000``: ``plan``
+    and ``uniform``, at ``predicted_uniform_bits``), as a line for the user; ``None`` without a prediction."""
+    pred = provenance.get("predicted_kl_x1000")
+    if not isinstance(pred, dict) or "plan" not in pred:
         return None
     line = f"measured: predicted output KL before QAT (additive) {pred['plan'] / 1000:.4f} nats"
-    ref = next((k for k in pred if k.startswith("uniform_")), None)
-    if ref is not None and pred[ref] > 0:
-        width = ref.removeprefix("uniform_").replace("bit", "-bit")
-        line += (f", uniform {width} (widest that fits) {pred[ref] / 1000:.4f}: the plan removes "
-                 f"{100 * (1 - pred['plan'] / pred[ref]):.0f}% of uniform's predicted damage")
+    if pred.get("uniform", 0) > 0:
+        width = provenance.get("predicted_uniform_bits", "?")
+        line += (f", uniform {width}-bit (widest that fits) {pred['uniform'] / 1000:.4f}: the plan removes "
+                 f"{100 * (1 - pred['plan'] / pred['uniform']):.0f}% of uniform's predicted damage")
     return line

@@ -267,7 +267,8 @@ def measured_allocation(
                          "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
         pred = {"plan": 1000 * predicted_damage(tensors, damage, bits)}
         if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
-            pred[f"uniform_{ref[0]}bit"] = 1000 * ref[1]
+            pred["uniform"] = 1000 * ref[1]
+            info["predicted_uniform_bits"] = ref[0]
         info.update({"solver": alloc.solver, "optimal": alloc.optimal, "predicted_kl_x1000": pred,
                      "damage_kl_x1000": {t.path: {str(int(c)): 1000 * float(v)
                                                   for c, v in zip(t.choices, d, strict=True)}

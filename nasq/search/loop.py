@@ -374,7 +374,10 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
                       kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature, damage=damage,
                       damage_weight=s.damage_weight)
     fns = fns._replace(**{k: dp.wrap(getattr(fns, k)) for k in ("weight", "gate", "single", "price")})
-    opt = (w_tx.init(weights), g_tx.init(gates)) if s.mode == "bilevel" else fns.single_tx.init((weights, gates))
+    if s.mode == "bilevel":  # a gates-only search takes no weight step: no optimizer state for the weights
+        opt = (w_tx.init(weights) if s.train_weights else optax.EmptyState(), g_tx.init(gates))
+    else:
+        opt = fns.single_tx.init((weights, gates))
     state, start = {"w.": weights, "g.": gates, "opt.": opt}, 0
     if resume:
         state, start = resume_state(run, state, steps, log)
