@@ -88,7 +88,7 @@ from nasq.pipeline import output_complete
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
-           "nasq_ge4", "nasq_pm", "nasq_frozen")
+           "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -101,12 +101,14 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
 # gradient, NOTES.md)
 SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
-            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm", "nasq_frozen")
+            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen")
 # nasq_frozen: the gates alone on the frozen teacher (`search.train_weights=false`, KD in the gate loss): they
 # see the joint output damage of the teacher at their widths (what `measured` measures one tensor at a time),
 # not weights co-adapted to the mixture. It trains no weights, so its QAT is a baseline's: from the teacher, with
 # the search's steps on top (equal compute)
-TEACHER_QAT = ("nasq_frozen",)
+# nasq_pmfrozen: nasq_frozen with one gate per encoder matrix (nasq_pm's space): the gates alone on the frozen
+# teacher, moving whole tensors as the measured allocation does, but seeing the joint damage of all of them at once
+TEACHER_QAT = ("nasq_frozen", "nasq_pmfrozen")
 # nasq_ge4: nasq with one gate step per 4 weight steps (`search.gate_every=4`, issue 17's cheaper search
 # iteration); the same weight steps, so the same compute for the baselines
 # nasq_measured: a search over whole plans by measurement, not by gates: the measured allocation refined
@@ -123,11 +125,13 @@ VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
                 "nasq_mprior10": ["--set", "search.damage_weight=10"],
                 "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"],
-                "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
+                "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"],
+                "nasq_pmfrozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
 # nasq_pm: nasq_ge4 with one gate per encoder matrix instead of one per 128 rows (the same choices; scales stay per
 # row): the 128-row gates spread each tensor's groups over every width, where the measured allocation moves whole
 # tensors; one gate per matrix hears the gate signal summed over its tensor
-SEARCH_SPACE = {"nasq_pm": {"aqbert_128g_w1234": "per_matrix_w1234"}}
+SEARCH_SPACE = {"nasq_pm": {"aqbert_128g_w1234": "per_matrix_w1234"},
+                "nasq_pmfrozen": {"aqbert_128g_w1234": "per_matrix_w1234"}}
 # the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
 # their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
 INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured",

@@ -218,6 +218,12 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
         *n25[:n25.index("--out")], "--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]
     fz_qat = next(st for st in fz.stages if st.name == "qat").argv
     assert "--init-from" not in fz_qat and steps(fz_qat) == steps(qat_u)
+    # nasq_pmfrozen: nasq_frozen's settings in nasq_pm's space, QAT from the teacher
+    pf = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq_pmfrozen", 1))
+    assert pf.stages[0].argv[:pf.stages[0].argv.index("--out")] == [
+        *pm_space, "--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]
+    pf_qat = next(st for st in pf.stages if st.name == "qat").argv
+    assert "--init-from" not in pf_qat and steps(pf_qat) == steps(qat_u)
     pm25 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_pm", 1))
     assert not pm25.stages and "no space for aqbert_128g_w234" in pm25.skip
     # nasq_front: avg2_nopruning's nasq search of the same seed (the same stage, run there once), finalized at 1.5
