@@ -16,6 +16,8 @@ reports mean ± std over seeds, nasq's margin over the best baseline (a result o
 dev curves. ``protocol:`` switches: ``equal_compute`` (baselines' QAT gets the search's ``max_steps`` on top),
 ``spend_leftover`` (``nasq finalize --spend-leftover``), ``init_from_search`` (nasq's QAT ``--init-from`` its
 search).
+``extends: OTHER.yaml`` (relative to the config) merges the config over OTHER's, mappings key by key: e.g.
+``experiments/protocol_qat2x.yaml`` is the protocol with ``stages: {qat: {max_steps: 1300}}``.
 ``--dry-run`` prints the commands that would run. ``--collect-only`` only rebuilds the results table and plot.
 
 ``--ray`` runs the same cells on Ray (``pip install -e '.[sweep]'``; :func:`run_grid_ray`): an embedded local Ray
@@ -174,12 +176,28 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def load_grid(path: Path) -> dict:
-    """Read and validate the grid YAML; errors name the file and key."""
+def read_grid_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The grid YAML at ``path`` with its ``extends: OTHER.yaml`` (a path relative to this file) resolved: this
+    file's keys merged over OTHER's (mappings key by key, e.g. ``stages: {qat: {max_steps: N}}`` changes one
+    recipe value; lists and scalars replace)."""
     try:
         cfg = load_yaml(path)  # the same reader (and messages) as `nasq --config`
     except NasqError as e:
         raise GridError(str(e)) from None
+    if "extends" not in cfg:
+        return cfg
+    base = cfg.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise GridError(f"{path}: `extends` must be the path of another grid YAML (relative to this file)")
+    base_path = (Path(path).parent / base).resolve()
+    if base_path in _seen or base_path == Path(path).resolve():
+        raise GridError(f"{path}: `extends: {base}` makes a cycle")
+    return deep_update(read_grid_yaml(base_path, (*_seen, Path(path).resolve())), cfg)
+
+
+def load_grid(path: Path) -> dict:
+    """Read and validate the grid YAML (``extends`` resolved); errors name the file and key."""
+    cfg = read_grid_yaml(path)
     allowed = {"model", "data_dir", "seed", "seeds", "tasks", "common", "stages", "budgets", "methods", "plot",
                "protocol", "resources"}
     if extra := set(cfg) - allowed:

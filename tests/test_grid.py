@@ -359,3 +359,26 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
     assert grid.main(args) == 0  # an unreadable old table: nothing kept, no crash
     with (res / "results.csv").open(newline="") as f:
         assert all(r["status"] != "done" for r in grid.csv.DictReader(f))
+
+
+def test_extends_merges_a_grid_over_another(tmp_path):
+    """`extends`: the file's keys merged over the base's (mappings key by key, the rest replaced), relative to
+    the file; protocol_qat2x.yaml is protocol.yaml with the QAT doubled (baselines still get the search's steps
+    on top); a missing base or a cycle is a GridError naming the file."""
+    grid = _grid_module()
+    base = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    long = grid.load_grid(REPO / "experiments" / "protocol_qat2x.yaml")
+    assert long["stages"]["qat"]["max_steps"] == 2 * base["stages"]["qat"]["max_steps"] + 300
+    assert {k: v for k, v in long["stages"]["qat"].items() if k != "max_steps"} == {
+        k: v for k, v in base["stages"]["qat"].items() if k != "max_steps"}
+    assert long["budgets"] == base["budgets"] and long["seeds"] == base["seeds"]
+    assert grid.qat_recipe(long, "cola", "uniform")["max_steps"] == 1600
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text(f"extends: {REPO / 'experiments' / 'protocol.yaml'}\nseeds: [7]\n")
+    assert grid.load_grid(child)["seeds"] == [7]
+    for text, match in (("extends: nope.yaml\n", "nope.yaml"), ("extends: child.yaml\n", "cycle"),
+                        ("extends: [a]\n", "extends")):
+        child.write_text(text)
+        with pytest.raises(grid.GridError, match=match):
+            grid.load_grid(child)
