@@ -1195,12 +1195,21 @@ def keep_previous(rows: list[dict], cells: list[Cell], previous: dict) -> int:
     """Replace each unfinished row by the same cell's finished row of the previous ``results.csv``: run
     directories stay on the machine that ran them (a fresh checkout has none, or a rerun has just started), and
     collecting there must not erase finished results. The kept row's note says so and gives this machine's
-    status. Returns how many rows were kept."""
+    status. A cell that shares its directory with another (``uniform.same_as``) takes that cell's row when it
+    has none of its own (a budget added since). Returns how many rows were kept."""
+    def key(row):
+        return row["task"], row["budget"], row["method"], str(row["seed"])
+
+    by_dir = {}  # cell directory -> a finished previous row of a cell in it
+    for row, cell in zip(rows, cells, strict=True):
+        if key(row) in previous:
+            by_dir.setdefault(cell.dir, previous[key(row)])
     kept = 0
     for i, (row, cell) in enumerate(zip(rows, cells, strict=True)):
-        key = (row["task"], row["budget"], row["method"], str(row["seed"]))
-        if row["status"] != "done" and not str(row["status"]).startswith("skipped") and key in previous:
-            old = _row_from_csv(previous[key])
+        prev = previous.get(key(row)) or by_dir.get(cell.dir)
+        if row["status"] != "done" and not str(row["status"]).startswith("skipped") and prev is not None:
+            old = _row_from_csv(prev)
+            old["budget"] = row["budget"]
             old["_seeded"] = row.get("_seeded")
             here = "its run directory is not on this machine" if not cell.dir.exists() \
                 else f"not finished on this machine: {row['status']}"

@@ -335,7 +335,9 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
                  metric_name="accuracy", metric="0.8544", avg_bits="1.0", within_budget="yes", rank="2",
                  dev_curve="100:0.8000 800:0.8544", note="an old note"),
             dict(base, task="sst2", budget="avg1.5", method="nasq", seed="0", status="failed: qat",
-                 metric_name="accuracy")]
+                 metric_name="accuracy"),
+            dict(base, task="sst2", budget="avg2", method="uniform", seed="2", status="done",
+                 metric_name="accuracy", metric="0.875", avg_bits="2.0", within_budget="yes")]
     with (res / "results.csv").open("w", newline="") as f:
         w = grid.csv.DictWriter(f, fieldnames=grid.CSV_COLUMNS)
         w.writeheader()
@@ -353,6 +355,11 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
         assert kept["note"] == "an old note; kept from results.csv (its run directory is not on this machine)"
         assert got[("nasq", "0")]["status"] == "not run"
         assert got[("uniform", "1")]["status"] == "not run"
+        # avg2.5's uniform cell is avg2's (uniform.same_as): with no row of its own it takes avg2's
+        shared = [r for r in grid.csv.DictReader((res / "results.csv").open(newline=""))
+                  if (r["task"], r["method"], r["seed"]) == ("sst2", "uniform", "2")]
+        assert {r["budget"]: (r["status"], float(r["metric"])) for r in shared
+                if r["budget"] in ("avg2", "avg2.5")} == {"avg2": ("done", 0.875), "avg2.5": ("done", 0.875)}
     md = (res / "results.md").read_text()
     assert "0.8544 (n=1)" in md  # the kept row counts in the summary
     (res / "results.csv").write_bytes(b"\xff\xfe not a csv")
