@@ -127,13 +127,13 @@ VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
                 "nasq_mprior10": ["--set", "search.damage_weight=10"],
                 "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"],
-                "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"],
-                "nasq_pmfrozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
+                "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
 # nasq_pm: nasq_ge4 with one gate per encoder matrix instead of one per 128 rows (the same choices; scales stay per
 # row): the 128-row gates spread each tensor's groups over every width, where the measured allocation moves whole
 # tensors; one gate per matrix hears the gate signal summed over its tensor
-SEARCH_SPACE = {"nasq_pm": {"aqbert_128g_w1234": "per_matrix_w1234"},
-                "nasq_pmfrozen": {"aqbert_128g_w1234": "per_matrix_w1234"}}
+SEARCH_SPACE = {"nasq_pm": {"aqbert_128g_w1234": "per_matrix_w1234"}}
+# nasq_pmfrozen: nasq_frozen's settings in nasq_pm's space
+VARIANT_SETS["nasq_pmfrozen"], SEARCH_SPACE["nasq_pmfrozen"] = VARIANT_SETS["nasq_frozen"], SEARCH_SPACE["nasq_pm"]
 # the searched methods that read a baseline plan of the same seed (that baseline cell's command, init_plan.json):
 # their gates start on it (search.gate_init=plan), or nasq_mprior's gate loss takes its measured damages
 INIT_PLAN = {"nasq_hinit": "hessian", "nasq_minit": "measured", "nasq_mprior": "measured",
@@ -189,10 +189,10 @@ def read_grid_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     base = cfg.pop("extends")
     if not isinstance(base, str) or not base:
         raise GridError(f"{path}: `extends` must be the path of another grid YAML (relative to this file)")
-    base_path = (Path(path).parent / base).resolve()
-    if base_path in _seen or base_path == Path(path).resolve():
+    seen, base_path = (*_seen, Path(path).resolve()), (Path(path).parent / base).resolve()
+    if base_path in seen:
         raise GridError(f"{path}: `extends: {base}` makes a cycle")
-    return deep_update(read_grid_yaml(base_path, (*_seen, Path(path).resolve())), cfg)
+    return deep_update(read_grid_yaml(base_path, seen), cfg)
 
 
 def load_grid(path: Path) -> dict:
