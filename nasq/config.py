@@ -55,6 +55,9 @@ class KDConfig(_Section):
     # weight of hidden-state distillation (objectives.hidden_kd_loss; fine-tune / QAT only): the teacher runs
     # alongside the student on every step (about +40% step time); 0 = logits only
     hidden_beta: float = Field(0.0, ge=0)
+    # weight of attention distillation (objectives.attention_kd_loss, MiniLM's KL of attention distributions;
+    # fine-tune / QAT only; the teacher runs alongside as for hidden_beta); 0 = off
+    attention_beta: float = Field(0.0, ge=0)
 
 
 class SearchConfig(_Section):

@@ -7,6 +7,8 @@ Losses (per-example weights `w_i` mask padding rows of a fixed-shape batch):
     task (regression)      = sum_i w_i * (z_i - y_i)^2 / sum_i w_i
     KD (Hinton)            = T^2 * sum_i w_i * KL(softmax(t_i/T) || softmax(z_i/T)) / sum_i w_i
                              (regression: MSE between student and teacher outputs)
+    hidden-state KD        = MSE of every hidden state (hidden_kd_loss; TinyBERT, TernaryBERT)
+    attention KD           = KL of every attention distribution (attention_kd_loss; MiniLM)
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.scipy.special import xlogy
 
 from nasq.config import TrainConfig
 from nasq.data.batching import steps_per_epoch
 from nasq.data.tasks import TaskData
 from nasq.quant.layers import QuantScale
 
-__all__ = ["kd_loss", "lr_schedule", "task_loss", "total_steps", "weight_optimizer"]
+__all__ = ["attention_kd_loss", "hidden_kd_loss", "kd_loss", "lr_schedule", "task_loss", "total_steps",
+           "weight_optimizer"]
 
 
 def total_steps(train_cfg: TrainConfig, data: TaskData) -> int:
@@ -73,6 +77,35 @@ def hidden_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attention
     denom = jnp.maximum(m.sum(), 1.0)
     per_layer = [(jnp.mean(jnp.square(s - jax.lax.stop_gradient(t)), axis=-1) * m).sum() / denom
                  for s, t in zip(student, teacher, strict=True)]
+    return jnp.mean(jnp.stack(per_layer))
+
+
+def attention_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attention_mask: jax.Array,
+                      weights: jax.Array) -> jax.Array:
+    r"""Attention distillation as MiniLM (Wang et al. 2020; nasq's default model descends from it) does it: the KL
+    divergence of the student's attention distribution from the teacher's, for every layer ``l``, head ``h`` and
+    real query token, averaged over layers and heads and over real query tokens of weighted rows:
+
+    .. math:: \frac{1}{L H} \sum_{l,h} \frac{\sum_{b,q} w_b m_{bq} \mathrm{KL}(A^T_{lbhq} \Vert A^S_{lbhq})}
+              {\sum_{b,q} w_b m_{bq}}, \qquad
+              \mathrm{KL}(t \Vert s) = \sum_k t_k (\log t_k - \log s_k)
+
+    ``student`` / ``teacher``: lists of attention probabilities ``[batch, heads, query, key]`` (``Internals.
+    attention``; the teacher's are constants); padded keys have teacher probability 0 and add nothing.
+    ``attention_mask`` ``[batch, seq]`` (1 = real token); ``weights`` ``[batch]`` (0 = padding row). TinyBERT and
+    TernaryBERT take the MSE of the unnormalised scores instead; the KL needs no choice of value for masked keys.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student attention maps vs {len(teacher)} of the teacher")
+    m = attention_mask.astype(jnp.float32) * weights[:, None]
+    denom = jnp.maximum(m.sum(), 1.0)
+    per_layer = []
+    for s, t in zip(student, teacher, strict=True):
+        t = jax.lax.stop_gradient(t)
+        # xlogy: 0 log 0 = 0 at padded keys; the floor keeps log s finite where the student's probability
+        # underflows (its gradient there is 0, as is the teacher's weight on a padded key)
+        kl = (xlogy(t, t) - t * jnp.log(jnp.maximum(s, 1e-30))).sum(-1)  # [b, h, q]
+        per_layer.append((kl.mean(1) * m).sum() / denom)
     return jnp.mean(jnp.stack(per_layer))
 
 

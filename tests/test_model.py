@@ -141,7 +141,8 @@ def test_dropout_is_deterministic_per_key(tiny_model_dir):
 
 @pytest.mark.parity
 def test_parity_with_transformers_minilm():
-    """Hidden states and pooled output vs transformers' PyTorch BertModel on the real MiniLM checkpoint."""
+    """Hidden states, attention distributions and pooled output vs transformers' PyTorch BertModel on the real
+    MiniLM checkpoint."""
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, BertModel
 
@@ -151,16 +152,23 @@ def test_parity_with_transformers_minilm():
               ["second segment here", "another one", "x"], padding="max_length", max_length=24,
               return_tensors="np")
     ids, tt, mask = enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]
-    seq, pooled, hidden = model.bert(jnp.asarray(ids), jnp.asarray(tt), jnp.asarray(mask), return_hidden=True)
-    ref = BertModel.from_pretrained(str(rep.model_dir)).eval()
+    seq, pooled, internals = model.bert(jnp.asarray(ids), jnp.asarray(tt), jnp.asarray(mask), return_internals=True)
+    ref = BertModel.from_pretrained(str(rep.model_dir), attn_implementation="eager").eval()
     with torch.no_grad():
         out = ref(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(tt), attention_mask=torch.tensor(mask),
-                  output_hidden_states=True)
+                  output_hidden_states=True, output_attentions=True)
     # Compared at real tokens: padded positions' outputs are never used and differ in rounding only
     # (measured: <= 4.3e-6 at real tokens, <= 1.6e-4 at padding, values up to ~10).
     real = mask.astype(bool)
-    for ours, theirs in zip(hidden, out.hidden_states):
+    assert len(internals.hidden) == len(out.hidden_states) and len(internals.attention) == len(out.attentions)
+    for ours, theirs in zip(internals.hidden, out.hidden_states, strict=True):
         assert np.abs(np.asarray(ours) - theirs.numpy())[real].max() <= 1e-4
+    # attention [batch, heads, query, key] at real queries; padded keys get probability 0 in both
+    for ours, theirs in zip(internals.attention, out.attentions, strict=True):
+        ours = np.asarray(ours)
+        assert np.abs(ours - theirs.numpy()).transpose(0, 2, 1, 3)[real].max() <= 1e-5
+        np.testing.assert_allclose(ours.sum(-1), 1.0, rtol=1e-5)
+        assert (ours.transpose(0, 3, 1, 2)[~real] == 0).all()
     assert np.abs(np.asarray(seq) - out.last_hidden_state.numpy())[real].max() <= 1e-4
     assert np.abs(np.asarray(pooled) - out.pooler_output.numpy()).max() <= 1e-4
 

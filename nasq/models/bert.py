@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,17 @@ from flax import nnx
 
 from nasq.errors import NasqError
 from nasq.io import read_json
+
+
+class Internals(NamedTuple):
+    """What a forward pass computes on the way to the logits, for distillation (``return_internals=True``).
+
+    ``hidden``: ``L + 1`` arrays ``[batch, seq, hidden]``, the embeddings output, then every layer's output (HF's
+    ``hidden_states``). ``attention``: ``L`` arrays ``[batch, heads, query, key]``, every layer's attention
+    distribution before dropout (HF's ``attentions``); a padded key gets probability 0."""
+
+    hidden: list
+    attention: list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +225,9 @@ class BertSelfAttention(nnx.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)) + mask_bias
-        probs = dropout(jax.nn.softmax(scores, axis=-1), self.cfg.attention_probs_dropout_prob, key, 1)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, nh * hd)
+        probs = jax.nn.softmax(scores, axis=-1)
+        dropped = dropout(probs, self.cfg.attention_probs_dropout_prob, key, 1)
+        return jnp.einsum("bhqk,bkhd->bqhd", dropped, v).reshape(b, s, nh * hd), probs
 
 
 class BertSelfOutput(nnx.Module):
@@ -233,7 +246,9 @@ class BertAttention(nnx.Module):
         self.output = BertSelfOutput(cfg, rngs=rngs)
 
     def __call__(self, x, mask_bias, key):
-        return self.output(self.self(x, mask_bias, key), x, key)
+        """``(output, attention probabilities)``."""
+        context, probs = self.self(x, mask_bias, key)
+        return self.output(context, x, key), probs
 
 
 class BertIntermediate(nnx.Module):
@@ -262,20 +277,22 @@ class BertLayer(nnx.Module):
         self.output = BertOutput(cfg, rngs=rngs)
 
     def __call__(self, x, mask_bias, key):
-        a = self.attention(x, mask_bias, key)
-        return self.output(self.intermediate(a), a, key)
+        """``(output, attention probabilities)``."""
+        a, probs = self.attention(x, mask_bias, key)
+        return self.output(self.intermediate(a), a, key), probs
 
 
 class BertEncoder(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.layer = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x, mask_bias, key, *, return_hidden: bool = False):
-        hidden = [x]
+    def __call__(self, x, mask_bias, key, *, return_internals: bool = False):
+        hidden, attention = [x], []
         for i, layer in enumerate(self.layer):
-            x = layer(x, mask_bias, None if key is None else jax.random.fold_in(key, 100 + i))
+            x, probs = layer(x, mask_bias, None if key is None else jax.random.fold_in(key, 100 + i))
             hidden.append(x)
-        return (x, hidden) if return_hidden else (x, None)
+            attention.append(probs)
+        return (x, Internals(hidden, attention)) if return_internals else (x, None)
 
 
 class BertPooler(nnx.Module):
@@ -287,7 +304,7 @@ class BertPooler(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    """BERT encoder + pooler. Returns `(sequence_output, pooled_output, hidden_states | None)`."""
+    """BERT encoder + pooler. Returns `(sequence_output, pooled_output, Internals | None)`."""
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -295,15 +312,15 @@ class BertModel(nnx.Module):
         self.encoder = BertEncoder(cfg, rngs=rngs)
         self.pooler = BertPooler(cfg, rngs=rngs)
 
-    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_hidden=False):
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_internals=False):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         x = self.embeddings(input_ids, token_type_ids, key)
-        x, hidden = self.encoder(x, mask_bias, key, return_hidden=return_hidden)
-        return x, self.pooler(x), hidden
+        x, internals = self.encoder(x, mask_bias, key, return_internals=return_internals)
+        return x, self.pooler(x), internals
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -315,13 +332,14 @@ class BertForSequenceClassification(nnx.Module):
         self.bert = BertModel(cfg, rngs=rngs)
         self.classifier = Linear(cfg.hidden_size, num_labels, rngs=rngs)
 
-    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_hidden=False):
-        """Logits `[batch, num_labels]` (and the list of hidden states if `return_hidden`)."""
-        _, pooled, hidden = self.bert(
-            input_ids, token_type_ids, attention_mask, key=key, return_hidden=return_hidden
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, key=None, return_internals=False):
+        """Logits `[batch, num_labels]`; with `return_internals`, `(logits, Internals)` (hidden states and
+        attention distributions, for distillation)."""
+        _, pooled, internals = self.bert(
+            input_ids, token_type_ids, attention_mask, key=key, return_internals=return_internals
         )
         logits = self.classifier(dropout(pooled, self.config.hidden_dropout_prob, key, 4))
-        return (logits, hidden) if return_hidden else logits
+        return (logits, internals) if return_internals else logits
 
 
 def empty_model(cfg: BertConfig, num_labels: int) -> BertForSequenceClassification:

@@ -23,7 +23,15 @@ from nasq.data.tasks import TaskData, load_task_data
 from nasq.errors import NasqError
 from nasq.evaluation import evaluate, predict_logits
 from nasq.models.loading import load_pretrained
-from nasq.objectives import hidden_kd_loss, kd_loss, lr_schedule, task_loss, total_steps, weight_optimizer
+from nasq.objectives import (
+    attention_kd_loss,
+    hidden_kd_loss,
+    kd_loss,
+    lr_schedule,
+    task_loss,
+    total_steps,
+    weight_optimizer,
+)
 from nasq.parallel import DataParallel
 from nasq.quant.apply import apply_plan
 from nasq.run import Cadence, RunDir, resume_state, run_finished, save_state, train_loop
@@ -68,28 +76,32 @@ def teacher_logits_for(cfg: Config, data: TaskData, teacher=None) -> np.ndarray 
     return predict_logits(teacher, data.train, cfg.data.eval_batch_size, data.buckets)
 
 
-def hidden_teacher_for(cfg: Config, student) -> tuple | None:
-    """``(graphdef, state)`` of the frozen teacher when ``kd.hidden_beta > 0`` (hidden-state KD runs it on every
-    step), else None. Its hidden states must have the student's shapes."""
-    if cfg.kd.hidden_beta == 0:
+def internals_teacher_for(cfg: Config, student) -> tuple | None:
+    """``(graphdef, state)`` of the frozen teacher when ``kd.hidden_beta > 0`` or ``kd.attention_beta > 0``
+    (hidden-state / attention KD run it on every step), else None. Its hidden states and attention maps must have
+    the student's shapes."""
+    on = [k for k in ("hidden_beta", "attention_beta") if getattr(cfg.kd, k) > 0]
+    if not on:
         return None
     if not cfg.kd.teacher:
-        raise NasqError("kd.hidden_beta > 0 distils hidden states from a teacher: set --teacher (kd.teacher)")
+        raise NasqError(f"kd.{on[0]} > 0 distils the internals of a teacher: set --teacher (kd.teacher)")
     teacher, _ = load_model_dir(cfg.kd.teacher)
-    tc, sc = teacher.config, student.config
-    if (tc.num_hidden_layers, tc.hidden_size) != (sc.num_hidden_layers, sc.hidden_size):
-        raise NasqError(f"kd.hidden_beta: teacher {cfg.kd.teacher} has {tc.num_hidden_layers} layers x "
-                        f"{tc.hidden_size}, the student {sc.num_hidden_layers} x {sc.hidden_size}; hidden-state KD "
-                        "needs the same shapes (set kd.hidden_beta=0)")
+    shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+    tc, sc = ([getattr(c, k) for k in shape] for c in (teacher.config, student.config))
+    if tc != sc:
+        raise NasqError(f"kd.{on[0]}: teacher {cfg.kd.teacher} has (layers, hidden, heads) = {tuple(tc)}, the "
+                        f"student {tuple(sc)}; distilling hidden states and attention needs the same shapes (set "
+                        "kd.hidden_beta=0 and kd.attention_beta=0)")
     return nnx.split(teacher)
 
 
 def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, kd_temperature: float,
-                    hidden_beta: float = 0.0, teacher_graphdef=None):
+                    hidden_beta: float = 0.0, attention_beta: float = 0.0, teacher_graphdef=None):
     """Jitted `(params, opt_state, batch, key, teacher_logits, teacher_state) -> (params, opt_state, metrics)`.
 
-    ``teacher_state`` (with ``teacher_graphdef``; None when ``hidden_beta == 0``): the frozen teacher, run on the
-    batch for hidden-state KD (``objectives.hidden_kd_loss``, weight ``hidden_beta``)."""
+    ``teacher_state`` (with ``teacher_graphdef``; None when both betas are 0): the frozen teacher, run on the
+    batch for hidden-state KD (``objectives.hidden_kd_loss``, weight ``hidden_beta``) and attention KD
+    (``objectives.attention_kd_loss``, weight ``attention_beta``)."""
 
     @jax.jit
     def step(params, opt_state, batch, key, teacher_logits, teacher_state=None):
@@ -97,28 +109,30 @@ def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, 
             ids, tt, am = batch.input_ids, batch.token_type_ids, batch.attention_mask
             student = nnx.merge(graphdef, p, rest)
             if teacher_state is None:
-                logits, hidden = student(ids, tt, am, key=key), None
+                logits, internals = student(ids, tt, am, key=key), None
             else:
-                logits, hidden = student(ids, tt, am, key=key, return_hidden=True)
+                logits, internals = student(ids, tt, am, key=key, return_internals=True)
             lt = task_loss(logits, batch.labels, batch.weights, is_regression)
             loss = lt
-            lkd = lhid = jnp.float32(0)
+            terms = {"task_loss": lt, "kd_loss": jnp.float32(0)}
             if teacher_logits is not None:
-                lkd = kd_loss(logits, teacher_logits, batch.weights, kd_temperature, is_regression)
-                loss = lt + kd_beta * lkd
+                terms["kd_loss"] = kd_loss(logits, teacher_logits, batch.weights, kd_temperature, is_regression)
+                loss = lt + kd_beta * terms["kd_loss"]
             if teacher_state is not None:
-                _, t_hidden = nnx.merge(teacher_graphdef, teacher_state)(ids, tt, am, return_hidden=True)
-                lhid = hidden_kd_loss(hidden, t_hidden, am, batch.weights)
-                loss = loss + hidden_beta * lhid
-            return loss, (lt, lkd, lhid)
+                _, t_int = nnx.merge(teacher_graphdef, teacher_state)(ids, tt, am, return_internals=True)
+                if hidden_beta > 0:
+                    terms["hidden_kd_loss"] = hidden_kd_loss(internals.hidden, t_int.hidden, am, batch.weights)
+                    loss = loss + hidden_beta * terms["hidden_kd_loss"]
+                if attention_beta > 0:
+                    terms["attention_kd_loss"] = attention_kd_loss(internals.attention, t_int.attention, am,
+                                                                   batch.weights)
+                    loss = loss + attention_beta * terms["attention_kd_loss"]
+            return loss, terms
 
-        (loss, (lt, lkd, lhid)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        m = {"loss": loss, "task_loss": lt, "kd_loss": lkd, "grad_norm": optax.global_norm(grads)}
-        if teacher_state is not None:
-            m["hidden_kd_loss"] = lhid
-        return params, opt_state, m
+        return params, opt_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
 
     return step
 
@@ -137,7 +151,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     if note := data.truncation_note(cfg.model.max_len):
         log(note)
     model, plan = build_student(cfg, data, log=log)
-    hidden_teacher = hidden_teacher_for(cfg, model)
+    internals_teacher = internals_teacher_for(cfg, model)
     run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
     steps = total_steps(cfg.train, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -146,12 +160,13 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     if resume:
         state, start = resume_state(run, state, steps, log)
     state = dp.replicate(state)  # identity unless data_parallel > 1
-    teacher = teacher_logits_for(cfg, data, None if hidden_teacher is None else nnx.merge(*hidden_teacher))
-    teacher_state = None if hidden_teacher is None else dp.replicate(hidden_teacher[1])
+    teacher = teacher_logits_for(cfg, data, None if internals_teacher is None else nnx.merge(*internals_teacher))
+    teacher_state = None if internals_teacher is None else dp.replicate(internals_teacher[1])
     train_step = dp.wrap(make_train_step(graphdef, rest, tx, is_regression=data.task.is_regression,
                                          kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature,
-                                         hidden_beta=cfg.kd.hidden_beta,
-                                         teacher_graphdef=None if hidden_teacher is None else hidden_teacher[0]))
+                                         hidden_beta=cfg.kd.hidden_beta, attention_beta=cfg.kd.attention_beta,
+                                         teacher_graphdef=None if internals_teacher is None
+                                         else internals_teacher[0]))
     schedule = lr_schedule(cfg.train, steps)
     base_key = jax.random.key(cfg.train.seed)
     run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
