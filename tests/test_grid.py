@@ -380,6 +380,11 @@ def test_extends_merges_a_grid_over_another(tmp_path):
         k: v for k, v in base["stages"]["qat"].items() if k != "max_steps"}
     assert long["budgets"] == base["budgets"] and long["seeds"] == base["seeds"]
     assert grid.qat_recipe(long, "cola", "uniform")["max_steps"] == 1600
+    # protocol_hkd.yaml adds one `--set` to every QAT: merged into the base's `set` mapping, nothing lost
+    hkd = grid.load_grid(REPO / "experiments" / "protocol_hkd.yaml")
+    assert hkd["stages"]["qat"]["set"] == {**base["stages"]["qat"]["set"], "kd.hidden_beta": 1.0}
+    assert {k: v for k, v in hkd["stages"].items() if k != "qat"} == {
+        k: v for k, v in base["stages"].items() if k != "qat"}
     (tmp_path / "sub").mkdir()
     child = tmp_path / "sub" / "child.yaml"
     child.write_text(f"extends: {REPO / 'experiments' / 'protocol.yaml'}\nseeds: [7]\n")
