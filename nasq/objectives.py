@@ -73,11 +73,15 @@ def hidden_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attention
     """
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student hidden states vs {len(teacher)} of the teacher")
+    return _token_mean_over_layers([jnp.mean(jnp.square(s - jax.lax.stop_gradient(t)), axis=-1)
+                                    for s, t in zip(student, teacher, strict=True)], attention_mask, weights)
+
+
+def _token_mean_over_layers(per_token: list[jax.Array], attention_mask: jax.Array, weights: jax.Array) -> jax.Array:
+    """The mean over layers of each layer's ``[batch, seq]`` values averaged over real tokens of weighted rows."""
     m = attention_mask.astype(jnp.float32) * weights[:, None]
     denom = jnp.maximum(m.sum(), 1.0)
-    per_layer = [(jnp.mean(jnp.square(s - jax.lax.stop_gradient(t)), axis=-1) * m).sum() / denom
-                 for s, t in zip(student, teacher, strict=True)]
-    return jnp.mean(jnp.stack(per_layer))
+    return jnp.mean(jnp.stack([(x * m).sum() / denom for x in per_token]))
 
 
 def attention_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attention_mask: jax.Array,
@@ -97,16 +101,14 @@ def attention_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attent
     """
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student attention maps vs {len(teacher)} of the teacher")
-    m = attention_mask.astype(jnp.float32) * weights[:, None]
-    denom = jnp.maximum(m.sum(), 1.0)
-    per_layer = []
+    per_query = []
     for s, t in zip(student, teacher, strict=True):
         t = jax.lax.stop_gradient(t)
         # xlogy: 0 log 0 = 0 at padded keys; the floor keeps log s finite where the student's probability
         # underflows (its gradient there is 0, as is the teacher's weight on a padded key)
         kl = (xlogy(t, t) - t * jnp.log(jnp.maximum(s, 1e-30))).sum(-1)  # [b, h, q]
-        per_layer.append((kl.mean(1) * m).sum() / denom)
-    return jnp.mean(jnp.stack(per_layer))
+        per_query.append(kl.mean(1))  # mean over heads
+    return _token_mean_over_layers(per_query, attention_mask, weights)
 
 
 # ------------------------------------------------------------------------------------------ optimizer
