@@ -36,7 +36,7 @@ def test_shipped_spaces_load_and_resolve_on_minilm(name):
     space = load_space(name)
     assert space.name == name
     ts = resolve(space, bert_shapes(), num_heads=12)
-    assert len(ts) == 36 + (name == "whole_model")
+    assert len(ts) == 36 + name.startswith("whole_model")
     for t in ts:
         assert sum(t.group_sizes) == t.rows and list(t.choices) == sorted(t.choices)
 
@@ -86,6 +86,15 @@ def test_whole_model_embeddings():
     assert emb.group_sizes[0] == 120 and emb.group_sizes[-1] == 119  # 30522 = 256*119 + 58
     assert emb.choices == (2, 4, 8)  # vocabulary rows are never pruned (a pruned row embeds its tokens to zero)
     assert all(0 in t.choices for t in ts[1:])  # encoder linears may still be pruned
+
+
+def test_whole_model_w1234_prunes_nothing():
+    """The whole-artifact space of the protocol's 8 / 10 MB budgets: whole_model's groups, no 0 bits anywhere, and
+    uniform 2 and 3 bits inside it (the baselines those budgets compare against)."""
+    ts = resolve(load_space("whole_model_w1234"), bert_shapes(), num_heads=12)
+    ref = resolve(load_space("whole_model"), bert_shapes(), num_heads=12)
+    assert [(t.path, t.group_sizes) for t in ts] == [(t.path, t.group_sizes) for t in ref]
+    assert ts[0].choices == (2, 3, 4) and all(t.choices == (1, 2, 3, 4) for t in ts[1:])
 
 
 def test_tiny_space_on_tiny_bert():
