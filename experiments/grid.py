@@ -1220,6 +1220,27 @@ def keep_previous(rows: list[dict], cells: list[Cell], previous: dict) -> int:
     return kept
 
 
+def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]:
+    """The `nasq plot --pareto` command lines of a grid: one plot (RESULTS/pareto.png) on `plot.size`. When that
+    is encoder_mb and some budgets are whole-artifact ones (`convention: artifact`), they are drawn apart, on
+    artifact_mb (RESULTS/pareto_artifact.png): on the encoder axis a plan that spends an artifact budget on the
+    encoder would sit among encoder budgets it was never compared with. A plot whose budgets have no finished
+    row yet is not drawn."""
+    size = str(cfg["plot"].get("size", "artifact_mb"))
+    artifact = [n for n, b in cfg["budgets"].items() if b.get("convention") == "artifact"]
+    if size != "encoder_mb" or not artifact:
+        return [["nasq", "plot", "--pareto", str(csv_path), "--out", str(results), "--size", size]]
+    with csv_path.open(newline="") as f:
+        finished = {r.get("budget") for r in csv.DictReader(f) if r.get("metric")}
+    cmds = []
+    for names, file, axis in (([n for n in cfg["budgets"] if n not in artifact], "pareto.png", "encoder_mb"),
+                              (artifact, "pareto_artifact.png", "artifact_mb")):
+        if names := [n for n in names if n in finished]:
+            cmds.append(["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / file), "--size", axis,
+                         "--budgets", ",".join(names)])
+    return cmds
+
+
 def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: Path) -> tuple[Path, Path]:
     date = now()
     rows = [cell_row(cfg, c, date) for c in cells]
@@ -1400,9 +1421,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     csv_path, md_path = collect(cfg, cells, results, cfg_path, runs)
     runner.log(f"wrote {csv_path} and {md_path}")
-    if not args.no_plot:
-        size = str(cfg["plot"].get("size", "artifact_mb"))
-        pargv = ["nasq", "plot", "--pareto", str(csv_path), "--out", str(results), "--size", size]
+    for pargv in [] if args.no_plot else pareto_commands(cfg, csv_path, results):
         runner.log(f"$ {shlex.join(pargv)}")
         r = subprocess.run(nasq_prefix() + pargv[1:], check=False, capture_output=True, text=True)
         if r.returncode != 0:

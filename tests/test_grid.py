@@ -394,3 +394,22 @@ def test_extends_merges_a_grid_over_another(tmp_path):
         child.write_text(text)
         with pytest.raises(grid.GridError, match=match):
             grid.load_grid(child)
+
+
+def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
+    """protocol.yaml plots encoder bytes; its whole-artifact budgets (mb8, mb10) go to a second plot on artifact
+    bytes, and a plot is drawn only for budgets with a finished row. A grid on artifact_mb keeps one plot."""
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    res = tmp_path / "results.csv"
+    res.write_text("task,budget,method,seed,metric\ncola,fp32,fp32,0,0.3\ncola,avg2,uniform,0,0.2\n"
+                   "cola,mb8,measured,0,\n")
+    cmds = grid.pareto_commands(cfg, res, tmp_path)
+    assert cmds == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size",
+                     "encoder_mb", "--budgets", "avg2"]]
+    res.write_text(res.read_text().replace("mb8,measured,0,", "mb8,measured,0,0.25"))
+    cmds = grid.pareto_commands(cfg, res, tmp_path)
+    assert [c[5] for c in cmds] == [str(tmp_path / "pareto.png"), str(tmp_path / "pareto_artifact.png")]
+    assert cmds[1][-3:] == ["artifact_mb", "--budgets", "mb8"]
+    single = grid.pareto_commands({**cfg, "plot": {"size": "artifact_mb"}}, res, tmp_path)
+    assert single == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path), "--size", "artifact_mb"]]

@@ -243,7 +243,7 @@ def test_heatmap_levels(plan_a):
     assert plots.bit_levels(plan_a) == [0, 1, 2, 3, 4, 8]
 
 
-def test_pareto(tmp_path):
+def test_pareto(tmp_path, monkeypatch):
     res = tmp_path / "results.csv"
     cols = ["task", "method", "budget", "metric_name", "metric", "encoder_mb", "artifact_mb"]
     with res.open("w", newline="") as f:
@@ -262,6 +262,14 @@ def test_pareto(tmp_path):
     assert [(x, n) for x, _, _, n in pts] == [(2.7, 2), (5.4, 1)]
     assert abs(pts[0][1] - 0.85) < 1e-12 and abs(pts[0][2] - 0.0707107) < 1e-6 and pts[1][2] == 0.0
     _png_ok(plots.plot_pareto(rows, tmp_path / "p3.png", size="encoder_mb"))
+    # `budgets` keeps those budgets' rows and the reference's; none of them left is an error, not an empty plot
+    drawn, points = [], plots.pareto_points
+    monkeypatch.setattr(plots, "pareto_points", lambda rs, size: drawn.append(rs) or points(rs, size))
+    _png_ok(plots.plot_pareto(res, tmp_path / "p4.png", budgets=["mb=4.0"]))
+    assert sorted((r["method"], r["budget"]) for r in drawn[0]) == [("fp32", ""), ("nasq", "mb=4.0"),
+                                                                   ("uniform", "mb=4.0")]
+    with pytest.raises(NasqError, match="no result rows of budget"):
+        plots.plot_pareto(res, tmp_path / "p5.png", budgets=["avg9"])
     bad = tmp_path / "bad" / "x.csv"
     bad.parent.mkdir()
     bad.write_text("a,b\n1,2\n")
@@ -295,6 +303,13 @@ def test_cli(paths, tmp_path, capsys, monkeypatch):
     assert "2 tensors differ" in capsys.readouterr().out
     assert nasq.cli.main(["plot", str(paths["qat"]), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "report.html").is_file()
+    res = tmp_path / "res.csv"
+    res.write_text("task,method,budget,metric_name,metric,encoder_mb\nsst2,uniform,avg2,accuracy,0.8,2.7\n"
+                   "sst2,uniform,avg4,accuracy,0.9,5.4\n")
+    assert nasq.cli.main(["plot", "--pareto", str(res), "--out", str(tmp_path / "x.png"), "--budgets", "avg2"]) == 0
+    assert (tmp_path / "x.png").is_file() and not (tmp_path / "x.png" / "pareto.png").exists()
+    assert nasq.cli.main(["plot", "--pareto", str(res), "--out", str(tmp_path / "d"), "--budgets", "mb8"]) == 2
+    assert "no result rows of budget(s) mb8" in capsys.readouterr().err
     assert nasq.cli.main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -24,7 +24,9 @@ def cmd_plot(args) -> int:
 
     if args.pareto:
         out = Path(args.out or "report")
-        png = plots.plot_pareto(args.pareto, out / "pareto.png", size=args.size)
+        budgets = [b for b in args.budgets.split(",") if b] if args.budgets else None
+        png = plots.plot_pareto(args.pareto, out if out.suffix == ".png" else out / "pareto.png", size=args.size,
+                                budgets=budgets)
         print(f"wrote {png}")
         return 0
     if not args.path:
@@ -54,11 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("plot", help="PNG plots + report.html of an allocation, or --pareto of results")
     p.add_argument("path", nargs="?", help="plan.json, search run dir, QAT run dir or exported artifact dir")
-    p.add_argument("--out", help="output directory (default: <run or plan dir>/report)")
+    p.add_argument("--out", help="output directory (default: <run or plan dir>/report); with --pareto also a "
+                                 "FILE.png (default: <out>/pareto.png)")
     p.add_argument("--pareto", metavar="CSV_OR_DIR",
                    help="results CSV (or a directory of them): size (MB) vs metric per method")
     p.add_argument("--size", choices=["auto", "artifact_mb", "encoder_mb"], default="auto",
                    help="size column of --pareto (auto: artifact_mb where every row has it)")
+    p.add_argument("--budgets", metavar="NAME[,NAME]",
+                   help="--pareto: only these budgets' rows (the fp32 reference is always drawn)")
     p.set_defaults(fn=cmd_plot)
 
     c = subparsers.add_parser("compare", help="tensors whose bits differ between two plans, and the totals")
