@@ -268,6 +268,11 @@ def test_pareto(tmp_path, monkeypatch):
     _png_ok(plots.plot_pareto(res, tmp_path / "p4.png", budgets=["mb=4.0"]))
     assert sorted((r["method"], r["budget"]) for r in drawn[0]) == [("fp32", ""), ("nasq", "mb=4.0"),
                                                                    ("uniform", "mb=4.0")]
+    fig_tasks = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: fig_tasks.append([a.get_title() for a in fig.axes]) or out)
+    plots.plot_pareto([*drawn[0], {"task": "cola", "method": "fp32", "budget": "", "metric": 0.3,
+                                   "encoder_mb": 85.0}], tmp_path / "p6.png", size="encoder_mb")
+    assert fig_tasks == [["sst2"]]  # a task with only its teacher's row gets no empty panel
     with pytest.raises(NasqError, match="no result rows of budget"):
         plots.plot_pareto(res, tmp_path / "p5.png", budgets=["avg9"])
     bad = tmp_path / "bad" / "x.csv"

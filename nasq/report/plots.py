@@ -280,7 +280,9 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
     if not rows:
         raise NasqError(f"no result rows with numeric {size} and metric to plot")
     points = pareto_points(rows, size)
-    tasks = sorted({r.get("task") or "" for r in rows})
+    # a panel per task with a compressed model (a task with only its teacher's row is left out)
+    tasks = sorted({r.get("task") or "" for r in rows if r["method"] != reference}
+                   or {r.get("task") or "" for r in rows})
     styles = method_styles([r["method"] for r in rows if r["method"] != reference])
     fig = _figure((6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)
