@@ -1230,8 +1230,7 @@ def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]
     artifact = [n for n, b in cfg["budgets"].items() if b.get("convention") == "artifact"]
     if size != "encoder_mb" or not artifact:
         return [["nasq", "plot", "--pareto", str(csv_path), "--out", str(results), "--size", size]]
-    with csv_path.open(newline="") as f:
-        finished = {r.get("budget") for r in csv.DictReader(f) if r.get("metric")}
+    finished = {budget for (_, budget, _, _), r in previous_rows(csv_path).items() if r.get("metric")}
     cmds = []
     for names, file, axis in (([n for n in cfg["budgets"] if n not in artifact], "pareto.png", "encoder_mb"),
                               (artifact, "pareto_artifact.png", "artifact_mb")):

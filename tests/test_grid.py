@@ -402,12 +402,12 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     grid = _grid_module()
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
     res = tmp_path / "results.csv"
-    res.write_text("task,budget,method,seed,metric\ncola,fp32,fp32,0,0.3\ncola,avg2,uniform,0,0.2\n"
-                   "cola,mb8,measured,0,\n")
+    res.write_text("task,budget,method,seed,status,metric\ncola,fp32,fp32,0,done,0.3\n"
+                   "cola,avg2,uniform,0,done,0.2\ncola,mb8,measured,0,not run,\n")
     cmds = grid.pareto_commands(cfg, res, tmp_path)
     assert cmds == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size",
                      "encoder_mb", "--budgets", "avg2"]]
-    res.write_text(res.read_text().replace("mb8,measured,0,", "mb8,measured,0,0.25"))
+    res.write_text(res.read_text().replace("mb8,measured,0,not run,", "mb8,measured,0,done,0.25"))
     cmds = grid.pareto_commands(cfg, res, tmp_path)
     assert [c[5] for c in cmds] == [str(tmp_path / "pareto.png"), str(tmp_path / "pareto_artifact.png")]
     assert cmds[1][-3:] == ["artifact_mb", "--budgets", "mb8"]
