@@ -322,3 +322,88 @@ def test_cli(paths, tmp_path, capsys, monkeypatch):
 def test_plan_roundtrip_unchanged(paths, plan_a):
     # inspection never rewrites the source
     assert Plan.load(paths["a"]).to_dict() == plan_a.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ prediction
+
+
+def _measured(tiny, path, scale=1.0, rows=256, drop=None):
+    """A measured plan file whose damages are known: D_t(c) = scale * (i_t + 1) * (9 - c) (x1000 nats); ``drop``:
+    ``(tensor path, width)`` left out of the table."""
+    model, space, tensors = tiny
+    table = {t.path: {str(c): scale * (i + 1) * (9 - c) for c in t.choices} for i, t in enumerate(tensors)}
+    if drop:
+        del table[drop[0]][str(drop[1])]
+    p = make_plan(tensors, [(4,) * t.num_groups for t in tensors], space=space, budget=None,
+                  param_shapes=model_param_shapes(model),
+                  provenance={"method": "measured", "damage_kl_x1000": table, "rows": rows})
+    return p.save(path)
+
+
+def _want(tensors, bits, scale=1.0):
+    return sum(scale * (i + 1) * (9 - b) * r / t.rows
+               for i, (t, bb) in enumerate(zip(tensors, bits, strict=True)) for r, b in zip(t.group_sizes, bb))
+
+
+def test_plan_prediction_is_the_additive_sum_beside_uniform(tiny, plan_a, tmp_path):
+    from nasq.contract.cost import plan_size_bytes, uniform_plan
+    from nasq.contract.damage import plan_prediction
+
+    tensors = tiny[2]
+    m = _measured(tiny, tmp_path / "m.json")
+    pred = plan_prediction(plan_a, m)
+    assert pred["plan_kl_x1000"] == pytest.approx(_want(tensors, _bits(tensors)))
+    assert pred["rows"] == 256 and pred["source"] == str(m)
+    assert pred["top_tensors"][0][1] == max(v for _, v in pred["top_tensors"])
+    # uniform: the widest width whose uniform plan fits the plan's 20,000-byte budget, computed here by hand
+    w = max(c for c in (1, 2, 4, 8) if c in tensors[0].choices
+            and plan_size_bytes(tensors, uniform_plan(tensors, c)) <= 20_000)
+    assert pred["uniform"]["bits"] == w
+    assert pred["uniform"]["kl_x1000"] == pytest.approx(_want(tensors, uniform_plan(tensors, w)))
+    assert pred["removed_share"] == pytest.approx(1 - pred["plan_kl_x1000"] / pred["uniform"]["kl_x1000"])
+    # two measurements pool, weighted by their rows: (100 * 1 + 300 * 3) / 400 = 2.5 x the damages
+    m3 = _measured(tiny, tmp_path / "m3.json", scale=3.0, rows=300)
+    m1 = _measured(tiny, tmp_path / "m1.json", scale=1.0, rows=100)
+    pooled = plan_prediction(plan_a, [m1, m3])
+    assert pooled["plan_kl_x1000"] == pytest.approx(2.5 * pred["plan_kl_x1000"]) and pooled["rows"] == 400
+
+
+def test_plan_prediction_needs_only_the_widths_the_plan_uses(tiny, plan_a, paths, tmp_path):
+    from nasq.contract.damage import plan_prediction
+
+    tensors = tiny[2]
+    other = next(t.path for t in tensors if t.path not in (QUERY, FFN_OUT))  # every group at 4 bits in plan_a
+    ok = plan_prediction(plan_a, _measured(tiny, tmp_path / "no8.json", drop=(other, 8)))
+    assert ok["plan_kl_x1000"] == pytest.approx(_want(tensors, _bits(tensors)))
+    # the uniform reference (8 bits fit this budget) lacks its width: the plan's own prediction stands
+    assert ok["uniform"]["bits"] == 8 and ok["uniform"]["kl_x1000"] is None and ok["removed_share"] is None
+    assert f"{other} at 8 bits" in ok["uniform"]["note"]
+    assert "uniform 8-bit reference: not measured" in "\n".join(rep.prediction_lines(ok))
+    with pytest.raises(NasqError, match=rf"no4\.json.*{other} at 4 bits"):
+        plan_prediction(plan_a, _measured(tiny, tmp_path / "no4.json", drop=(other, 4)))
+    bad = json.loads((tmp_path / "no8.json").read_text())
+    del bad["provenance"]["damage_kl_x1000"][QUERY]
+    (tmp_path / "noq.json").write_text(json.dumps(bad))
+    with pytest.raises(NasqError, match=rf"noq\.json: no measured damage for tensor {QUERY}"):
+        plan_prediction(plan_a, tmp_path / "noq.json")
+    with pytest.raises(NasqError, match="not a measured plan"):
+        plan_prediction(plan_a, paths["a"])
+
+
+def test_cli_damage_from(paths, tiny, tmp_path, capsys):
+    import nasq.cli
+
+    m = str(_measured(tiny, tmp_path / "m.json"))
+    assert nasq.cli.main(["inspect", str(paths["a"]), "--damage-from", m]) == 0
+    out = capsys.readouterr().out
+    assert "predicted output KL before QAT" in out and "-bit within the same budget" in out
+    assert nasq.cli.main(["inspect", str(paths["artifact"]), "--format", "json", "--damage-from", f"{m},{m}"]) == 0
+    got = json.loads(capsys.readouterr().out)["prediction"]
+    assert got["plan_kl_x1000"] == pytest.approx(_want(tiny[2], _bits(tiny[2]))) and got["rows"] == 512
+    assert nasq.cli.main(["compare", str(paths["a"]), str(paths["b"]), "--damage-from", m]) == 0
+    out = capsys.readouterr().out
+    assert out.count("predicted output KL before QAT") == 2 and "predicted output KL B - A" in out
+    assert nasq.cli.main(["inspect", str(paths["a"]), "--format", "rules", "--damage-from", m]) == 2
+    assert "rules format" in capsys.readouterr().err
+    assert nasq.cli.main(["inspect", str(paths["a"]), "--damage-from", str(paths["b"])]) == 2
+    assert "not a measured plan" in capsys.readouterr().err

@@ -55,8 +55,8 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import _train_batches, quantized_rows, tensor_weights
-from nasq.contract.cost import plan_size_bytes, size_tables, uniform_plan
-from nasq.contract.damage import damage_from_plan, group_damage
+from nasq.contract.cost import size_tables
+from nasq.contract.damage import damage_from_plan, group_damage, predicted_damage, uniform_reference
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 from nasq.models.bert import Embedding, Linear
@@ -171,26 +171,6 @@ def tensor_damage(
                 progress(done, total)
         out.append(damage)
     return out
-
-
-def predicted_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
-                     bits: Sequence[Sequence[int]]) -> float:
-    """``sum_t sum_g D_t(bits[t][g]) * rows_g / rows_t``: a plan's output KL (nats) as the additive model predicts
-    it from the measured damages (before QAT)."""
-    return float(sum(g[np.arange(t.num_groups), [t.choices.index(int(b)) for b in row]].sum()
-                     for t, g, row in zip(tensors, group_damage(tensors, damage), bits, strict=True)))
-
-
-def uniform_reference(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
-                      budget_bytes: int) -> tuple[int, float] | None:
-    """``(width, predicted damage)`` of the widest uniform plan within ``budget_bytes`` (every tensor at one
-    non-zero width all of them offer), or ``None`` where no uniform plan fits."""
-    common = set.intersection(*({int(c) for c in t.choices} for t in tensors)) - {0} if tensors else set()
-    for w in sorted(common, reverse=True):
-        bits = uniform_plan(tensors, w)
-        if plan_size_bytes(tensors, bits) <= budget_bytes:
-            return w, predicted_damage(tensors, damage, bits)
-    return None
 
 
 def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:

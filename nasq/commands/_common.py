@@ -13,8 +13,8 @@ from nasq.errors import NasqError
 from nasq.io import read_yaml
 from nasq.parallel import init_distributed, init_from_config
 
-__all__ = ["add_budget_flags", "add_common", "config_from_args", "init_distributed_from_args", "resume_base",
-           "run_config", "user_layers"]
+__all__ = ["add_budget_flags", "add_common", "config_from_args", "init_distributed_from_args", "parse_plan_list",
+           "resume_base", "run_config", "user_layers"]
 
 
 def add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
@@ -121,3 +121,11 @@ def run_config(run: str) -> dict:
     if not p.is_file():
         return {}
     return {k: v for k, v in read_yaml(p, what="run config", max_bytes=2**24).items() if k in ("model", "data")}
+
+
+def parse_plan_list(text: str) -> str | list[str]:
+    """``"a.json"`` -> ``"a.json"``; ``"a.json,b.json"`` -> ``["a.json", "b.json"]``."""
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths:
+        raise argparse.ArgumentTypeError("expected PLAN.json[,PLAN.json...]")
+    return paths[0] if len(paths) == 1 else paths

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nasq.baselines.allocators import METHODS, allocate_plan
-from nasq.commands._common import add_budget_flags, add_common, config_from_args
+from nasq.commands._common import add_budget_flags, add_common, config_from_args, parse_plan_list
 from nasq.contract.cost import MB
 from nasq.errors import NasqError
 from nasq.io import check_output_path
@@ -31,14 +31,6 @@ def parse_rule_bits(text: str) -> dict[str, int]:
     if not out:
         raise argparse.ArgumentTypeError("expected RULE=BITS[,RULE=BITS], e.g. attention_qkv=3,attention_output=3")
     return out
-
-
-def parse_plan_list(text: str) -> str | list[str]:
-    """``"a.json"`` -> ``"a.json"``; ``"a.json,b.json"`` -> ``["a.json", "b.json"]``."""
-    paths = [p.strip() for p in text.split(",") if p.strip()]
-    if not paths:
-        raise argparse.ArgumentTypeError("expected PLAN.json[,PLAN.json...]")
-    return paths[0] if len(paths) == 1 else paths
 
 
 def register(subparsers) -> None:

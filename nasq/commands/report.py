@@ -1,4 +1,5 @@
-"""`nasq inspect PATH`, `nasq plot PATH | --pareto RESULTS`, `nasq compare PLAN_A PLAN_B`.
+"""`nasq inspect PATH`, `nasq plot PATH | --pareto RESULTS`, `nasq compare PLAN_A PLAN_B` (the last two with
+``--damage-from MEASURED.json``: the predicted output KL of each plan before QAT).
 
 PATH is a plan.json, a search run (pre-repair argmax of its gate logits), a QAT run (its model/plan.json) or an
 exported artifact directory.
@@ -10,12 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
+from nasq.commands._common import parse_plan_list
 from nasq.errors import NasqError
 from nasq.report.inspect import FORMATS, compare_plans, format_compare, load_sourced_plan, render
 
 
 def cmd_inspect(args) -> int:
-    print(render(args.path, args.format), end="")
+    print(render(args.path, args.format, args.damage_from), end="")
     return 0
 
 
@@ -41,9 +43,15 @@ def cmd_plot(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    cmp = compare_plans(args.plan_a, args.plan_b)
+    cmp = compare_plans(args.plan_a, args.plan_b, args.damage_from)
     print(json.dumps(cmp, indent=1) + "\n" if args.format == "json" else format_compare(cmp), end="")
     return 0
+
+
+DAMAGE_FROM = {
+    "metavar": "PLAN.json[,PLAN.json...]", "type": parse_plan_list,
+    "help": "add the predicted output KL before QAT from the damages a measured plan of the same model recorded "
+            "(`nasq baseline measured`; several: pooled), beside uniform's within the same budget"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("path", help="plan.json, search run dir, QAT run dir or exported artifact dir")
     i.add_argument("--format", choices=FORMATS, default="table",
                    help="table (text), json, md (markdown) or rules (ordered pattern -> bits list)")
+    i.add_argument("--damage-from", **DAMAGE_FROM)
     i.set_defaults(fn=cmd_inspect)
 
     p = subparsers.add_parser("plot", help="PNG plots + report.html of an allocation, or --pareto of results")
@@ -70,4 +79,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("plan_a", help="plan.json / run / artifact A")
     c.add_argument("plan_b", help="plan.json / run / artifact B")
     c.add_argument("--format", choices=["table", "json"], default="table")
+    c.add_argument("--damage-from", **DAMAGE_FROM)
     c.set_defaults(fn=cmd_compare)

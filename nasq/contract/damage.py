@@ -3,8 +3,9 @@
 ``nasq baseline measured`` (:mod:`nasq.baselines.measured`) measures, for every searched tensor ``t`` and choice
 ``c``, ``D_t(c)``: the mean KL of the fine-tuned model's output when only ``t`` is quantized at ``c`` bits. The
 plan it writes records them in its provenance as ``damage_kl_x1000[path][str(c)] = 1000 * D_t(c)``, so one
-measurement serves every consumer: the measured allocation at any budget (``--damage-from``) and the search's
-damage prior (``search.damage_prior``, :mod:`nasq.search.loop`). Several measured plans of one model and space
+measurement serves every consumer: the measured allocation at any budget (``--damage-from``), the search's
+damage prior (``search.damage_prior``, :mod:`nasq.search.loop`) and the prediction for any plan of the same
+model (:func:`plan_prediction`, ``nasq inspect|compare --damage-from``). Several measured plans of one model and space
 (measurements on different rows, e.g. other seeds) pool into one estimate, their damages averaged with each
 plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i D_t^i(c) / sum_i rows_i``.
 A tensor's damage is spread over its row groups in proportion to their rows::
@@ -21,16 +22,19 @@ quantizer, model or grouping).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from nasq.contract.cost import plan_size_bytes, uniform_plan
 from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
 __all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage",
-           "load_pooled_damage", "pooled_damage"]
+           "load_pooled_damage", "plan_prediction", "pooled_damage", "predicted_damage", "uniform_reference",
+           "uniform_width"]
 
 DamageSource = str | Path | Sequence[str | Path]
 """Where measured damages come from: one measured plan's path, or several to pool."""
@@ -138,3 +142,75 @@ def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]
     measured damage."""
     return [np.asarray(d, np.float64)[None, :] * (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
             for t, d in zip(tensors, damage, strict=True)]
+
+
+def predicted_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                     bits: Sequence[Sequence[int]]) -> float:
+    """``sum_t sum_g D_t(bits[t][g]) * rows_g / rows_t``: a plan's output KL (nats) as the additive model predicts
+    it from the measured damages (before QAT)."""
+    return float(sum(g[np.arange(t.num_groups), [t.choices.index(int(b)) for b in row]].sum()
+                     for t, g, row in zip(tensors, group_damage(tensors, damage), bits, strict=True)))
+
+
+def uniform_width(tensors: Sequence[SearchedTensor], budget_bytes: int) -> int | None:
+    """The widest non-zero width every tensor offers whose uniform plan fits ``budget_bytes`` (``None``: none)."""
+    common = set.intersection(*({int(c) for c in t.choices} for t in tensors)) - {0} if tensors else set()
+    for w in sorted(common, reverse=True):
+        if plan_size_bytes(tensors, uniform_plan(tensors, w)) <= budget_bytes:
+            return w
+    return None
+
+
+def uniform_reference(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                      budget_bytes: int) -> tuple[int, float] | None:
+    """``(width, predicted damage)`` of the widest uniform plan within ``budget_bytes`` (:func:`uniform_width`),
+    or ``None`` where no uniform plan fits."""
+    w = uniform_width(tensors, budget_bytes)
+    return None if w is None else (w, predicted_damage(tensors, damage, uniform_plan(tensors, w)))
+
+
+def plan_prediction(plan: Plan, source: DamageSource, *, top: int = 5) -> dict:
+    """What the additive model predicts for ``plan`` (any method's: uniform, rule, Hessian, search, measured) from
+    the damages of the measured plan(s) ``source`` of the same model, quantizer and row groups::
+
+        KL(plan) = sum_t sum_g D_t(c_g) rows_g / rows_t           (nats; before QAT, not a result)
+
+    beside the same sum for the widest uniform width that fits the plan's budget (its own searched bytes when it
+    records none), and the share of uniform's predicted damage the plan removes, ``1 - KL(plan) / KL(uniform)``.
+    Only the widths a plan uses (and the uniform width) need measured damages; a plan with a width or a tensor the
+    measurement lacks is a ``NasqError`` naming the file. Returns ``{"source", "rows", "plan_kl_x1000",
+    "top_tensors": [(path, kl_x1000)] (the ``top`` largest), "uniform": {"bits", "kl_x1000"} | None,
+    "removed_share" | None}`` (``uniform["kl_x1000"]`` is ``None``, with a ``note``, where that width was not
+    measured); ``rows`` is the measured rows (``None`` for a single plan that does not record
+    them)."""
+    paths = [source] if isinstance(source, str | Path) else list(source)
+    if not paths:
+        raise NasqError("a prediction needs at least one measured plan (--damage-from PLAN.json)")
+    measured = [Plan.load(p) for p in paths]
+    searched = [t.searched() for t in plan.tensors]
+    for m in measured:
+        check_measured_plan(m, searched, plan.quant_mode, m.source)
+    sources = [(m.provenance, m.source) for m in measured]
+
+    def damages(tensors):
+        if len(sources) == 1:
+            return damage_from_plan(sources[0][0], tensors, sources[0][1]), sources[0][0].get("rows")
+        return pooled_damage(sources, tensors)
+
+    used = [replace(s, choices=tuple(sorted({int(b) for b in t.bits}))) for s, t in zip(searched, plan.tensors, strict=True)]
+    bits = [t.bits for t in plan.tensors]
+    damage, rows = damages(used)
+    per = [(t.path, 1000 * predicted_damage([t], [d], [b])) for t, d, b in zip(used, damage, bits, strict=True)]
+    kl = sum(v for _, v in per)
+    budget = plan.budget["bytes"] if plan.budget else plan_size_bytes(searched, bits, check_choices=False)
+    uniform = None
+    if (w := uniform_width(searched, budget)) is not None:
+        at_w = [replace(s, choices=(w,)) for s in searched]
+        try:
+            uniform = {"bits": w, "kl_x1000": 1000 * predicted_damage(at_w, damages(at_w)[0], uniform_plan(at_w, w))}
+        except NasqError as e:  # the plan's own prediction stands; only the reference lacks its width
+            uniform = {"bits": w, "kl_x1000": None, "note": str(e)}
+    ref = uniform["kl_x1000"] if uniform else None
+    removed = None if not ref or ref <= 0 else 1 - kl / ref
+    return {"source": ", ".join(m.source for m in measured), "rows": rows, "plan_kl_x1000": kl,
+            "top_tensors": sorted(per, key=lambda x: -x[1])[:top], "uniform": uniform, "removed_share": removed}

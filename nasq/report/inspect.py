@@ -17,6 +17,11 @@ Per tensor (:func:`tensor_stats`), with ``r_g`` the rows of group ``g`` and ``b_
 Budget in both conventions (:func:`budget_check`): ``budget.bytes`` is what the searched tensors may use, so the
 whole-artifact budget is ``budget.bytes + totals.fixed_bytes`` (for an ``artifact``-convention budget that is the
 figure the user gave).
+
+With measured damages (``damage_from``: a plan of ``nasq baseline measured`` on the same model, or several pooled),
+the table, markdown, JSON and the comparison add the plan's predicted output KL before QAT and the share of
+uniform's predicted damage it removes (:func:`nasq.contract.damage.plan_prediction`): a way to rank candidate plans
+of any method before spending QAT on them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nasq.contract.damage import DamageSource, plan_prediction
 from nasq.contract.plan import Plan, PlanTensor, make_plan
 from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
@@ -201,8 +207,9 @@ def budget_check(plan: Plan) -> dict:
     }
 
 
-def summary(alloc: SourcedPlan | Plan | str | Path) -> dict:
-    """Everything :func:`format_json` prints: source, kind, note, per-tensor stats, totals, budgets, manifest."""
+def summary(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> dict:
+    """Everything :func:`format_json` prints: source, kind, note, per-tensor stats, totals, budgets, manifest, and
+    with ``damage_from`` the :func:`~nasq.contract.damage.plan_prediction` (key ``prediction``)."""
     a = as_sourced_plan(alloc)
     p = a.plan
     out = {"source": a.source, "kind": a.kind, "note": a.note, "method": p.provenance.get("method"),
@@ -212,6 +219,8 @@ def summary(alloc: SourcedPlan | Plan | str | Path) -> dict:
         m = a.manifest
         out["manifest"] = {k: m.get(k) for k in ("tensor_bytes", "predicted_bytes", "payload_vs_predicted",
                                                  "searched_tensor_bytes", "searched_predicted_bytes", "task")}
+    if damage_from is not None:
+        out["prediction"] = plan_prediction(p, damage_from)
     return out
 
 
@@ -252,6 +261,28 @@ def _totals_lines(s: dict) -> list[str]:
     if m:
         lines.append(f"artifact manifest: tensor payload {m['tensor_bytes']:,} B, predicted {m['predicted_bytes']:,} B "
                      f"(ratio {m['payload_vs_predicted']}), searched {m['searched_tensor_bytes']:,} B")
+    if s.get("prediction"):
+        lines += prediction_lines(s["prediction"])
+    return lines
+
+
+def prediction_lines(pred: dict) -> list[str]:
+    """Plain text of a :func:`~nasq.contract.damage.plan_prediction`."""
+    rows = f", {pred['rows']:,} rows" if pred.get("rows") else ""
+    lines = [(f"predicted output KL before QAT (additive, measured damages of {pred['source']}{rows}): "
+             f"{pred['plan_kl_x1000']:.2f} x1000 nats")]
+    u = pred.get("uniform")
+    if u is None:
+        lines.append("  uniform reference: no uniform width fits this plan's budget")
+    elif u["kl_x1000"] is None:
+        lines.append(f"  uniform {u['bits']}-bit reference: not measured ({u['note']})")
+    else:
+        r = pred["removed_share"]
+        share = ("" if r is None else f"; the plan removes {100 * r:.0f}% of it" if r >= 0
+                 else f"; the plan adds {-100 * r:.0f}% to it")
+        lines.append(f"  uniform {u['bits']}-bit within the same budget: {u['kl_x1000']:.2f} x1000 nats{share}")
+    if pred["top_tensors"]:
+        lines.append("  largest shares: " + ", ".join(f"{p} {v:.2f}" for p, v in pred["top_tensors"]))
     return lines
 
 
@@ -272,9 +303,9 @@ def _cells(r: dict) -> list[str]:
             " ".join(f"{b}:{n}" for b, n in r["histogram"].items())]
 
 
-def format_table(alloc: SourcedPlan | Plan | str | Path) -> str:
-    """Plain-text table, one row per tensor (layer x module), then totals and budgets."""
-    s = summary(alloc)
+def format_table(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> str:
+    """Plain-text table, one row per tensor (layer x module), then totals and budgets (and the prediction)."""
+    s = summary(alloc, damage_from)
     rows = [_cells(r) for r in s["tensors"]]
     w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLS)]
     right = {2, 3, 4, 5, 6}
@@ -290,9 +321,9 @@ def format_table(alloc: SourcedPlan | Plan | str | Path) -> str:
     return "\n".join(out + [""] + _totals_lines(s)) + "\n"
 
 
-def format_markdown(alloc: SourcedPlan | Plan | str | Path) -> str:
+def format_markdown(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> str:
     """A markdown table (one row per tensor) plus the totals as a list."""
-    s = summary(alloc)
+    s = summary(alloc, damage_from)
     out = [f"**{line}**" if i == 0 else f"> {line}" for i, line in enumerate(_header_lines(s))] + [""]
     out.append("| " + " | ".join(_COLS) + " |")
     out.append("|" + "|".join("---:" if i in {0, 2, 3, 4, 5, 6} else "---" for i in range(len(_COLS))) + "|")
@@ -302,9 +333,9 @@ def format_markdown(alloc: SourcedPlan | Plan | str | Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def format_json(alloc: SourcedPlan | Plan | str | Path) -> str:
+def format_json(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> str:
     """:func:`summary` as indented JSON."""
-    return json.dumps(summary(alloc), indent=1) + "\n"
+    return json.dumps(summary(alloc, damage_from), indent=1) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -386,12 +417,18 @@ def parse_rules(text: str) -> list[dict]:
     return json.loads("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
 
 
-def render(alloc: SourcedPlan | Plan | str | Path, fmt: str = "table") -> str:
-    """One of :data:`FORMATS`."""
-    fns = {"table": format_table, "json": format_json, "md": format_markdown, "rules": format_rules}
+def render(alloc: SourcedPlan | Plan | str | Path, fmt: str = "table", damage_from: DamageSource | None = None
+           ) -> str:
+    """One of :data:`FORMATS`; ``damage_from`` adds the prediction (not to ``rules``, a list of rules only)."""
+    fns = {"table": format_table, "json": format_json, "md": format_markdown}
+    if fmt == "rules":
+        if damage_from is not None:
+            raise NasqError("--damage-from adds a prediction to the table, md and json formats; the rules format is "
+                            "a list of rules only")
+        return format_rules(alloc)
     if fmt not in fns:
         raise NasqError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return fns[fmt](alloc)
+    return fns[fmt](alloc, damage_from)
 
 
 # ------------------------------------------------------------------------------------------------ compare
@@ -422,9 +459,11 @@ def bits_agreement(ta: Sequence[PlanTensor], tb: Sequence[PlanTensor]) -> dict:
     return {"weights": n, "same_bits": same / n, "chance": sum(v * pb.get(k, 0) for k, v in pa.items()) / n**2}
 
 
-def compare_plans(a: SourcedPlan | Plan | str | Path, b: SourcedPlan | Plan | str | Path) -> dict:
-    """Tensors whose bits differ (groups, avg bits, bytes A vs B), tensors only in one plan, totals, and the
-    weight-weighted :func:`bits_agreement` over the common tensors."""
+def compare_plans(a: SourcedPlan | Plan | str | Path, b: SourcedPlan | Plan | str | Path,
+                  damage_from: DamageSource | None = None) -> dict:
+    """Tensors whose bits differ (groups, avg bits, bytes A vs B), tensors only in one plan, totals, the
+    weight-weighted :func:`bits_agreement` over the common tensors, and with ``damage_from`` each plan's
+    :func:`~nasq.contract.damage.plan_prediction` (``prediction``: ``{"a", "b"}``)."""
     A, B = as_sourced_plan(a), as_sourced_plan(b)
     ta = {t.path: t for t in A.plan.tensors}
     tb = {t.path: t for t in B.plan.tensors}
@@ -446,11 +485,14 @@ def compare_plans(a: SourcedPlan | Plan | str | Path, b: SourcedPlan | Plan | st
         })
     keys = ("searched_bytes", "encoder_linear_bytes", "fixed_bytes", "artifact_tensor_bytes", "avg_bits",
             "pruned_fraction", "budget_bytes")
-    return {"a": A.source, "b": B.source, "differ": diffs,
-            "only_a": sorted(set(ta) - set(tb), key=_sort_key), "only_b": sorted(set(tb) - set(ta), key=_sort_key),
-            "identical": len(common) - len(diffs),
-            "agreement": bits_agreement([ta[p] for p in common], [tb[p] for p in common]),
-            "totals": {k: {"a": A.plan.totals.get(k), "b": B.plan.totals.get(k)} for k in keys}}
+    out = {"a": A.source, "b": B.source, "differ": diffs,
+           "only_a": sorted(set(ta) - set(tb), key=_sort_key), "only_b": sorted(set(tb) - set(ta), key=_sort_key),
+           "identical": len(common) - len(diffs),
+           "agreement": bits_agreement([ta[p] for p in common], [tb[p] for p in common]),
+           "totals": {k: {"a": A.plan.totals.get(k), "b": B.plan.totals.get(k)} for k in keys}}
+    if damage_from is not None:
+        out["prediction"] = {"a": plan_prediction(A.plan, damage_from), "b": plan_prediction(B.plan, damage_from)}
+    return out
 
 
 def _short(xs: Sequence[int], n: int = 12) -> str:
@@ -484,4 +526,10 @@ def format_compare(cmp: dict) -> str:
         fa = "?" if a is None else (f"{a:.4f}" if isinstance(a, float) else f"{a:,}")
         fb = "?" if b is None else (f"{b:.4f}" if isinstance(b, float) else f"{b:,}")
         out.append(f"  {k}: {fa} -> {fb}")
+    if pred := cmp.get("prediction"):
+        for k in ("a", "b"):
+            out += [f"{k.upper()}: {line}" if i == 0 else line for i, line in enumerate(prediction_lines(pred[k]))]
+        a, b = pred["a"]["plan_kl_x1000"], pred["b"]["plan_kl_x1000"]
+        out.append(f"predicted output KL B - A: {b - a:+.2f} x1000 nats ({'B' if b < a else 'A'} is predicted to "
+                   "damage the output less before QAT)" if a != b else "predicted output KL: equal")
     return "\n".join(out) + "\n"
