@@ -82,6 +82,7 @@ from typing import Any
 import yaml
 
 from nasq.config import deep_update, load_yaml
+from nasq.contract.damage import plan_prediction
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
 from nasq.io import git_rev, write_atomic
@@ -157,7 +158,7 @@ STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
                "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget", "rank",
-               "search_s", "finetune_s", "qat_steps", "dev_curve", "command", "git_rev", "date", "note"]
+               "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve", "command", "git_rev", "date", "note"]
 
 
 class GridError(Exception):
@@ -908,6 +909,7 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
             row["within_budget"] = tot.get("within_budget")
             row["_searched_bytes"] = tot.get("searched_bytes")
             row["_budget"] = plan.budget
+            row["_plan_path"] = cell.dir / "plan.json"
         names = ["plan"]
         rds = [None]
         if cell.method in SEARCHED:
@@ -963,6 +965,33 @@ def finish_rows(cfg: dict, rows: list[dict]) -> None:
                 nasq["_not_best"] = ", ".join(r["method"] for r in at_least)
 
 
+def predict_rows(rows: list[dict]) -> int:
+    """``predicted_kl`` / ``predicted_removed`` of every row whose plan is on this machine: its output KL before QAT
+    (x1000 nats) as the additive model predicts it from the damages of the ``measured`` cell of the same (task,
+    budget, seed), and the share of uniform's predicted damage (within the same budget) it removes
+    (:func:`nasq.contract.damage.plan_prediction`). The prediction is written down before QAT can say anything;
+    beside the metric it shows, cell by cell, how far the measured damages rank the plans that QAT then ranks.
+    A row with no measured sibling, or a plan the measurement does not cover (another row grouping, a width it
+    did not measure), keeps what it had. Returns how many rows were predicted."""
+    groups: dict[tuple[str, str, Any], list[dict]] = {}
+    for r in rows:
+        if r.get("_plan_path") is not None:
+            groups.setdefault((r["task"], r["budget"], r["seed"]), []).append(r)
+    done = 0
+    for g in groups.values():
+        src = next((r["_plan_path"] for r in g if r["method"] == "measured"), None)
+        if src is None:
+            continue
+        for r in g:
+            try:
+                pred = plan_prediction(Plan.load(r["_plan_path"]), src)
+            except NasqError:
+                continue
+            r["predicted_kl"], r["predicted_removed"] = pred["plan_kl_x1000"], pred["removed_share"]
+            done += 1
+    return done
+
+
 def _cell_text(v: Any, digits: int) -> str:
     if v is None or v == "":
         return ""
@@ -974,9 +1003,9 @@ def _cell_text(v: Any, digits: int) -> str:
 
 
 CSV_DIGITS = {"metric": 6, "fake_quant_metric": 6, "prediction_agreement": 6, "encoder_mb": 6, "artifact_mb": 6,
-              "avg_bits": 4, "search_s": 1, "finetune_s": 1}
+              "avg_bits": 4, "predicted_kl": 3, "predicted_removed": 4, "search_s": 1, "finetune_s": 1}
 MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "prediction_agreement": 4, "encoder_mb": 3, "artifact_mb": 3,
-             "avg_bits": 3, "search_s": 0, "finetune_s": 0}
+             "avg_bits": 3, "predicted_kl": 1, "predicted_removed": 2, "search_s": 0, "finetune_s": 0}
 
 
 def summary_table(rows: list[dict]) -> list[str]:
@@ -1101,7 +1130,8 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
 
     seeded = any(r.get("_seeded") for r in rows)
     cols = ["task", "budget", "method", *(["seed"] if seeded else []), "status", "metric_name", "metric",
-            "fake_quant_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank", "vs_nasq",
+            "fake_quant_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank",
+            "predicted_kl", "predicted_removed", "vs_nasq",
             "search_s", "finetune_s", *(["qat_steps"] if seeded else []), "note", "git_rev", "date", "command"]
     summary = [
         ("Summary over seeds: the main dev metric through the integer artifact, mean ± sample std (n seeds) per "
@@ -1130,7 +1160,12 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
          "QAT model; sizes in MB (10^6 bytes) from the plan totals (`encoder_mb`: encoder linears, `artifact_mb`: "
          "all tensors of the artifact); `rank`: among the measured within-budget quantized methods of the (task, "
          "budget), best metric bold; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
-         "rows the methods that reach it; `search_s` / `finetune_s`: wall seconds of the plan and QAT stages."),
+         "rows the methods that reach it; `predicted_kl`: the plan's output KL before QAT (x1000 nats) as the "
+         "additive model predicts it from the damages measured for the same (task, budget, seed)'s `measured` "
+         "cell, `predicted_removed`: the share of uniform's predicted damage (same budget) it removes, both "
+         "computed before QAT (`nasq inspect PLAN --damage-from MEASURED_PLAN`; blank where no measured plan of "
+         "the seed is on the machine that collected); `search_s` / `finetune_s`: wall seconds of the plan and "
+         "QAT stages."),
         "",
         *summary,
         "",
@@ -1247,6 +1282,7 @@ def collect(cfg: dict, cells: list[Cell], results: Path, cfg_path: Path, runs: P
         print(f"[grid] kept {kept} finished row(s) of {results / 'results.csv'} that are not finished "
               "here", flush=True)
     finish_rows(cfg, rows)
+    predict_rows(rows)
     return write_results(rows, results, cfg_path, runs)
 
 

@@ -413,3 +413,41 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     assert cmds[1][-3:] == ["artifact_mb", "--budgets", "mb8"]
     single = grid.pareto_commands({**cfg, "plot": {"size": "artifact_mb"}}, res, tmp_path)
     assert single == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path), "--size", "artifact_mb"]]
+
+
+def test_predict_rows_from_the_seeds_measured_plan(tiny, tmp_path):
+    """Every plan of a (task, budget, seed) gets its predicted output KL from that seed's measured plan; rows
+    without a measured sibling, or whose plan the measurement does not cover, keep what they had."""
+    from nasq.contract.cost import Budget
+    from nasq.contract.damage import plan_prediction
+    from nasq.contract.plan import make_plan
+    from nasq.models.surgery import model_param_shapes
+
+    grid = _grid_module()
+    model, space, tensors = tiny
+
+    def plan(name, bits, method, damage=None):
+        prov = {"method": method, **({"damage_kl_x1000": damage, "rows": 64} if damage else {})}
+        p = make_plan(tensors, [(bits,) * t.num_groups for t in tensors], space=space,
+                      budget=Budget(bytes=20_000, convention="encoder", source="budget_mb=0.02"),
+                      param_shapes=model_param_shapes(model), provenance=prov)
+        return p.save(tmp_path / f"{name}.json")
+
+    damage = {t.path: {str(c): (i + 1.0) * (9 - c) for c in t.choices} for i, t in enumerate(tensors)}
+    m0, u0 = plan("m0", 4, "measured", damage), plan("u0", 2, "uniform")
+    partial = {p: {k: v for k, v in row.items() if k != "2"} for p, row in damage.items()}
+    m1, u1 = plan("m1", 4, "measured", partial), plan("u1", 2, "uniform")  # seed 1 measured no 2-bit damage
+    u2 = plan("u2", 2, "uniform")  # seed 2: no measured plan
+
+    def row(method, seed, path):
+        return {"task": "sst2", "budget": "avg2", "method": method, "seed": seed, "_plan_path": path}
+
+    rows = [row("measured", 0, m0), row("uniform", 0, u0), row("measured", 1, m1), row("uniform", 1, u1),
+            row("uniform", 2, u2), {"task": "sst2", "budget": "fp32", "method": "fp32", "seed": 0}]
+    assert grid.predict_rows(rows) == 3
+    want = plan_prediction(grid.Plan.load(u0), m0)
+    assert rows[1]["predicted_kl"] == pytest.approx(want["plan_kl_x1000"])
+    assert rows[1]["predicted_removed"] == pytest.approx(want["removed_share"])
+    assert rows[0]["predicted_kl"] < rows[1]["predicted_kl"]  # 4 bits damage less than 2 under D(c) = 9 - c
+    assert rows[2]["predicted_kl"] is not None and "predicted_kl" not in rows[3]  # 2-bit damage not measured
+    assert "predicted_kl" not in rows[4] and "predicted_kl" not in rows[5]

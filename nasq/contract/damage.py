@@ -212,5 +212,7 @@ def plan_prediction(plan: Plan, source: DamageSource, *, top: int = 5) -> dict:
             uniform = {"bits": w, "kl_x1000": None, "note": str(e)}
     ref = uniform["kl_x1000"] if uniform else None
     removed = None if not ref or ref <= 0 else 1 - kl / ref
+    if removed is not None and abs(removed) < 1e-9:  # the uniform plan itself: 0, not a rounding's -0.0000
+        removed = 0.0
     return {"source": ", ".join(m.source for m in measured), "rows": rows, "plan_kl_x1000": kl,
             "top_tensors": sorted(per, key=lambda x: -x[1])[:top], "uniform": uniform, "removed_share": removed}
