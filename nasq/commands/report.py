@@ -1,5 +1,5 @@
-"""`nasq inspect PATH`, `nasq plot PATH | --pareto RESULTS`, `nasq compare PLAN_A PLAN_B` (the last two with
-``--damage-from MEASURED.json``: the predicted output KL of each plan before QAT).
+"""`nasq inspect PATH`, `nasq plot PATH | --pareto RESULTS`, `nasq compare PLAN_A PLAN_B`; inspect and compare
+take ``--damage-from MEASURED.json``: the predicted output KL of each plan before QAT.
 
 PATH is a plan.json, a search run (pre-repair argmax of its gate logits), a QAT run (its model/plan.json) or an
 exported artifact directory.

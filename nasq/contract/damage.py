@@ -5,8 +5,8 @@
 plan it writes records them in its provenance as ``damage_kl_x1000[path][str(c)] = 1000 * D_t(c)``, so one
 measurement serves every consumer: the measured allocation at any budget (``--damage-from``), the search's
 damage prior (``search.damage_prior``, :mod:`nasq.search.loop`) and the prediction for any plan of the same
-model (:func:`plan_prediction`, ``nasq inspect|compare --damage-from``). Several measured plans of one model and space
-(measurements on different rows, e.g. other seeds) pool into one estimate, their damages averaged with each
+model (:func:`plan_prediction`, ``nasq inspect|compare --damage-from``). Several measured plans of one model and
+space (measurements on different rows, e.g. other seeds) pool into one estimate, their damages averaged with each
 plan's measured rows as weights (:func:`pooled_damage`): ``D_t(c) = sum_i rows_i D_t^i(c) / sum_i rows_i``.
 A tensor's damage is spread over its row groups in proportion to their rows::
 
