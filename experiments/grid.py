@@ -91,7 +91,7 @@ from nasq.pipeline import output_complete
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
-           "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen")
+           "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -119,8 +119,12 @@ TEACHER_QAT = ("nasq_frozen", "nasq_pmfrozen")
 # plan's widths, re-solved; the plan of least measured output KL kept). It trains nothing before QAT, so like a
 # baseline it gets the search's steps as extra QAT steps (equal compute), and it is compared with the baselines
 # in the summary as nasq's searches are
+# measured_hs: the measured allocation with each tensor's measured damage split over its row groups by the Hessian
+# estimate (`nasq baseline measured --spread hessian`, the hessian recipe's probes), so a tensor's most sensitive
+# rows can keep more bits, as in the Hessian plans; compared with the baselines (measured among them) as nasq's
+# variants are
 REFINE_ROUNDS = 2
-OURS = (*SEARCHED, "nasq_measured")
+OURS = (*SEARCHED, "nasq_measured", "measured_hs")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
 # plan with a logit of 8 (nasq_hinit's default 2 was forgotten in 300 gate steps), so the search refines it
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
@@ -483,12 +487,14 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("plan", ["nasq", "baseline", "rule", "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
                                        "--out", str(plan)], plan, "plan"))
-    elif method in ("hessian", "measured", "random", "nasq_measured"):
-        extra = hessian_flags(cfg, task, seed, probes=method == "hessian") if method != "random" else recipe_flags(
-            {"set": cfg["common"].get("set")}, seed)
-        base = "measured" if method == "nasq_measured" else method
+    elif method in ("hessian", "measured", "random", "nasq_measured", "measured_hs"):
+        extra = hessian_flags(cfg, task, seed, probes=method in ("hessian", "measured_hs")) if method != "random" \
+            else recipe_flags({"set": cfg["common"].get("set")}, seed)
+        base = "measured" if method in ("nasq_measured", "measured_hs") else method
         if method == "nasq_measured":
             extra += ["--refine-rounds", str(REFINE_ROUNDS)]
+        if method == "measured_hs":
+            extra += ["--spread", "hessian"]
         c.stages.append(Stage("plan", ["nasq", "baseline", base, "--teacher", teacher, *common, "--space", space,
                                        *bflags, *extra, "--out", str(plan)], plan, "plan"))
     elif method == "nasq_front":

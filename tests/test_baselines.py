@@ -629,3 +629,52 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert cli([*common, "--ratio", "8", "--refine-rounds", "1", "--out", str(tmp_path / "x.json")]) == 2
         assert cli([*common, "--ratio", "8", "--min-tokens", "4", "--out", str(tmp_path / "x.json")]) == 2
         assert not (tmp_path / "x.json").exists()
+
+
+def test_hessian_shares_split_each_tensors_damage_by_curvature():
+    """--spread hessian: a tensor's damage at each width goes to its groups in proportion to the Hessian estimate
+    (the columns sum to 1, so a tensor at one width still costs what was measured), and the knapsack then gives
+    the sensitive group of a tensor more bits than the others; with rows the groups are interchangeable."""
+    from nasq.baselines.measured import hessian_shares, measured_utilities, predicted_damage
+    from nasq.contract.cost import uniform_plan
+
+    ts = [_t("encoder.a", 8, 16, 4), _t("encoder.b", 8, 16, 4)]
+    traces = [np.array([8.0, 1.0, 1.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0])]  # a's group 0 sharp, group 3 flat
+    perts = [np.tile([10.0, 4.0, 1.0, 0.0], (4, 1)), np.tile([10.0, 4.0, 1.0, 0.0], (4, 1))]
+    shares = hessian_shares(ts, traces, perts)
+    for s in shares:
+        np.testing.assert_allclose(s.sum(axis=0), 1.0)  # the 8-bit column (no perturbation) falls back to rows
+    np.testing.assert_allclose(shares[1][:, 0], 0.25)
+    assert shares[0][0, 0] > 0.7 and shares[0][3, 0] < 1e-2  # the clamp keeps a flat group's share small, > 0
+    damage = [np.array([9.0, 3.0, 1.0, 0.0]), np.array([9.0, 3.0, 1.0, 0.0])]
+    for w in (0, 2, 4, 8):
+        assert predicted_damage(ts, damage, uniform_plan(ts, w), shares) == pytest.approx(
+            predicted_damage(ts, damage, uniform_plan(ts, w)))
+    tabs = size_tables(ts)
+    budget = int(sum(t[:, 2].sum() for t in tabs) + (tabs[0][0, 3] - tabs[0][0, 2]))  # one group 4 -> 8 bits
+    by_rows = choices_to_bits(ts, allocate(measured_utilities(ts, damage), tabs, budget).choices)
+    by_hess = choices_to_bits(ts, allocate(measured_utilities(ts, damage, shares), tabs, budget).choices)
+    # the sharp group of a gets 8 bits, the flat one (its share of every width's damage near 0) the fewest:
+    # pruned, its bytes spent elsewhere
+    assert by_hess[0][0] == 8 and by_hess[0][3] == min(by_hess[0]) == 0
+    assert sorted(by_rows[0] + by_rows[1]).count(8) == 1 and 0 not in by_rows[0] + by_rows[1]  # rows: any group
+    assert predicted_damage(ts, damage, by_hess, shares) < predicted_damage(ts, damage, by_rows, shares)
+
+
+def test_cli_measured_spread_hessian(cli, tiny_model_dir, glue_dir, tmp_path, capsys):
+    common = ["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+              "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+              "--set", "model.max_len=32", "--n-batches", "1", "--n-probes", "1", "--ratio", "8"]
+    out = tmp_path / "hs.json"
+    assert cli([*common, "--spread", "hessian", "--out", str(out)]) == 0
+    p = Plan.load(out)
+    assert p.provenance["spread"] == "hessian" and p.provenance["n_probes"] == 1 and p.totals["within_budget"]
+    assert "h_gc" in p.provenance["utility"] and set(p.provenance["damage_kl_x1000"]) == {t.path for t in p.tensors}
+    pred = p.provenance["predicted_kl_x1000"]
+    assert 0 <= pred["plan"] <= pred["uniform"] * (1 + 1e-9)
+    capsys.readouterr()
+    assert cli([*common, "--spread", "hessian", "--damage-from", str(out), "--out", str(tmp_path / "x.json")]) == 2
+    assert "cannot work from --damage-from" in capsys.readouterr().err
+    assert cli(["baseline", "hessian", *common[2:], "--spread", "hessian", "--out", str(tmp_path / "y.json")]) == 2
+    assert "--spread is for the measured baseline" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from nasq.baselines.hessian import hessian_allocation, tensor_weights
-from nasq.baselines.measured import measured_allocation
+from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
 from nasq.contract.damage import DamageSource, load_damage, load_pooled_damage
@@ -196,12 +196,17 @@ def measured_forwards(cfg: Config, model: nnx.Module, refine_rounds: int = 0) ->
 
 
 def check_measured_options(method: str, *, damage_from: DamageSource | None = None, refine_rounds: int = 0,
-                           min_tokens: int = 0) -> None:
-    """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``): only for
-    ``measured``, non-negative, and the two that measure cannot work from recorded damages. ``NasqError`` else
-    (``nasq baseline`` calls it before reading any data)."""
+                           min_tokens: int = 0, spread: str = "rows") -> None:
+    """The measured baseline's own options (``--damage-from``, ``--refine-rounds``, ``--min-tokens``,
+    ``--spread``): only for ``measured``, non-negative or known, and the three that measure cannot work from
+    recorded damages. ``NasqError`` else (``nasq baseline`` calls it before reading any data)."""
+    if spread not in SPREADS:
+        raise NasqError(f"--spread must be one of {', '.join(SPREADS)}, got {spread!r}")
+    if spread != "rows" and damage_from is not None:
+        raise NasqError(f"--spread {spread} reads Hessian traces on the measured rows, so it cannot work from "
+                        "--damage-from; drop one")
     for flag, value in (("--damage-from", damage_from is not None), ("--refine-rounds", refine_rounds),
-                        ("--min-tokens", min_tokens)):
+                        ("--min-tokens", min_tokens), ("--spread", spread != "rows")):
         if value and method != "measured":
             raise NasqError(f"{flag} is for the measured baseline, not {method}")
     for flag, value in (("--min-tokens", min_tokens), ("--refine-rounds", refine_rounds)):
@@ -231,6 +236,7 @@ def baseline_plan(
     damage_from: DamageSource | None = None,
     refine_rounds: int = 0,
     min_tokens: int = 0,
+    spread: str = "rows",
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -241,12 +247,14 @@ def baseline_plan(
     (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
-    :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens``). ``seed`` defaults to
+    :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
+    too). ``seed`` defaults to
     ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
-    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens)
+    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
+                           spread=spread)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -295,8 +303,10 @@ def baseline_plan(
             utility = "-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2"
         else:
             bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage,
-                                      refine_rounds=refine_rounds, min_tokens=min_tokens, **common)
-            utility = "-KL(f || f with only tensor t at c bits)*rows_g/rows_t"
+                                      refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
+                                      n_probes=n_probes, **common)
+            utility = "-KL(f || f with only tensor t at c bits)*" + (
+                "rows_g/rows_t" if spread == "rows" else "h_gc/sum_g' h_g'c, h_gc = Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2")
             if refine_rounds:
                 prov["refine_rounds"] = int(refine_rounds)
         prov.update(utility=utility, **info)
@@ -314,7 +324,8 @@ def baseline_plan(
 
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
                   n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0,
-                  damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0, log=print):
+                  damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
+                  spread: str = "rows", log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
@@ -326,7 +337,8 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     budget = baseline_budget(cfg, model)
     if budget is None and method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens)
+    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
+                           spread=spread)
     if rule_bits and method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
     measure = method == "hessian" or (method == "measured" and damage_from is None)
@@ -341,7 +353,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         plan = baseline_plan(method, model, data, cfg, budget, bits=bits, rule_bits=rule_bits, n_batches=n_batches,
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
-                             refine_rounds=refine_rounds, min_tokens=min_tokens)
+                             refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread)
     finally:
         if bar:
             bar.close()

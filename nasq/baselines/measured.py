@@ -34,6 +34,21 @@ rows*. Cost: one more forward per (tensor, choice) and one per plan, per round. 
 rows by 31% but raised it on the dev set by 3% (the train rows are short phrases, dev whole sentences), and after
 QAT the refined plan scored 86.70% against the unrefined one's 87.16%. Off by default.
 
+**Spreading a tensor's damage by curvature** (``spread="hessian"``, ``nasq baseline measured --spread hessian``).
+By default the groups of one tensor share its damage by rows, so the knapsack sees them as interchangeable and
+tends to move whole tensors. With ``spread="hessian"`` the measured damage of each (tensor, width) is split over
+the tensor's groups in proportion to the Hessian baseline's estimate for the same group and width
+(:mod:`nasq.baselines.hessian`: ``h_{g,c} = Tr(H_g)/n_g * ||W_g - Q_c(W_g)||^2``, Hutchinson on the same rows)::
+
+    d_{g,c} = D_t(c) * h_{g,c} / sum_{g' in t} h_{g',c}
+
+The measurement still sets how much each tensor and width costs (a tensor at one width for all its groups costs
+``D_t(c)``, as measured); the Hessian only says which of its groups carry that cost, so the plan can keep a
+tensor's most sensitive rows at more bits, as the Hessian plans do. Motivated by SST-2 at avg 1.5 bits with
+1,600 QAT steps, where the Hessian plans (mixed widths inside each tensor) scored above the measured ones (whole
+tensors at one width): experiments/results/protocol/NOTES.md, nineteenth session. Costs the Hessian baseline's
+Hessian-vector products on top of the forwards.
+
 **What the plan is expected to buy** (:func:`predicted_damage`, :func:`uniform_reference`): the same additive sum
 gives the plan's predicted output KL, ``sum_t sum_g D_t(c_g) rows_g / rows_t``, and that of the widest uniform
 width that fits the budget (every tensor at one width, the baseline a user would otherwise pick); both are
@@ -54,7 +69,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nasq.baselines.hessian import _train_batches, quantized_rows, tensor_weights
+from nasq.baselines.hessian import (
+    _train_batches,
+    group_traces,
+    hessian_utilities,
+    quant_perturbations,
+    quantized_rows,
+    tensor_weights,
+)
 from nasq.contract.cost import size_tables
 from nasq.contract.damage import damage_from_plan, group_damage, predicted_damage, uniform_reference
 from nasq.contract.space import SearchedTensor
@@ -63,8 +85,11 @@ from nasq.models.bert import Embedding, Linear
 from nasq.models.surgery import module_path, strip_root
 from nasq.search.finalize import allocate, choices_to_bits
 
-__all__ = ["damage_from_plan", "kl_rows", "measured_allocation", "measured_utilities", "predicted_damage",
-           "tensor_damage", "uniform_reference"]
+__all__ = ["SPREADS", "damage_from_plan", "hessian_shares", "kl_rows", "measured_allocation", "measured_utilities",
+           "predicted_damage", "tensor_damage", "uniform_reference"]
+
+SPREADS = ("rows", "hessian")
+"""How a tensor's measured damage is split over its row groups (module docstring)."""
 
 
 def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -173,9 +198,26 @@ def tensor_damage(
     return out
 
 
-def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """``u_{g,c} = -D_t(c) * rows_g / rows_t`` (``[G, C]`` per tensor), normalised by ``max |u|``."""
-    utils = [-d for d in group_damage(tensors, damage)]
+def hessian_shares(tensors: Sequence[SearchedTensor], traces: Sequence[np.ndarray],
+                   perturbations: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``s_{g,c} = h_{g,c} / sum_{g'} h_{g',c}`` per tensor (``[G, C]``, columns summing to 1), with ``h`` the
+    Hessian baseline's group estimate ``Tr(H_g)/n_g * ||W_g - Q_c(W_g)||^2`` (its clamp of non-positive traces
+    included); a width whose column is all zero falls back to the rows' shares."""
+    utils, _ = hessian_utilities(traces, perturbations)
+    out = []
+    for t, u in zip(tensors, utils, strict=True):
+        h = -np.asarray(u, np.float64)
+        col = h.sum(axis=0, keepdims=True)
+        rows = (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
+        out.append(np.where(col > 0, h / np.where(col > 0, col, 1.0), rows))
+    return out
+
+
+def measured_utilities(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                       shares: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """``u_{g,c} = -d_{g,c}`` (:func:`group_damage`: ``D_t(c) * rows_g / rows_t``, or ``D_t(c) * shares``;
+    ``[G, C]`` per tensor), normalised by ``max |u|``."""
+    utils = [-d for d in group_damage(tensors, damage, shares)]
     scale = max((float(np.abs(u).max()) for u in utils if u.size), default=0.0)
     return [u / scale for u in utils] if scale > 0 else utils
 
@@ -196,30 +238,43 @@ def measured_allocation(
     damage: Sequence[np.ndarray] | None = None,
     refine_rounds: int = 0,
     min_tokens: int = 0,
+    spread: str = "rows",
+    n_probes: int = 4,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g u_{g,c_g}`` (module docstring) within ``budget_bytes``. ``model`` is the
     fp32 fine-tuned model, ``data`` a :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches``
     seeded batches of ``batch_size`` (the Hessian baseline's rows for the same arguments). ``damage``: damages
     measured before (:func:`damage_from_plan`; then neither ``model`` nor ``data`` is read). ``refine_rounds``:
     re-measure around the plan and re-solve that many times, keep the plan of least joint KL (module docstring).
-    ``min_tokens``: measure on train rows of at least that many tokens only. ``info`` (optional dict) receives the
-    fp32-based damages, solver statistics and the refinement rounds."""
+    ``min_tokens``: measure on train rows of at least that many tokens only. ``spread``: ``"rows"`` or
+    ``"hessian"`` (a tensor's damage split over its groups by the Hessian estimate on the same rows, ``n_probes``
+    Rademacher probes; module docstring). ``info`` (optional dict) receives the fp32-based damages, solver
+    statistics and the refinement rounds."""
     if refine_rounds < 0:
         raise NasqError(f"refine_rounds must be >= 0, got {refine_rounds}")
     if refine_rounds and damage is not None:
         raise NasqError("refining a measured plan needs the model and data (forwards around each plan), not "
                         "recorded damages (--damage-from)")
-    rows, probe = None, None
+    if spread not in SPREADS:
+        raise NasqError(f"spread must be one of {', '.join(SPREADS)}, got {spread!r}")
+    if spread != "rows" and damage is not None:
+        raise NasqError(f"--spread {spread} needs the model and data (Hessian traces on the measured rows), not "
+                        "recorded damages (--damage-from); drop one")
+    rows, probe, shares = None, None, None
     sizes = size_tables(tensors)
 
     def solve(d):
-        return allocate(measured_utilities(tensors, d), sizes, budget_bytes, time_limit=time_limit)
+        return allocate(measured_utilities(tensors, d, shares), sizes, budget_bytes, time_limit=time_limit)
 
     if damage is None:
         batches = _train_batches(data, n_batches, batch_size, seed, min_tokens)
         probe = _Probe(model, batches, tensors, mode)
         damage = tensor_damage(model, batches, tensors, mode, progress=progress, probe=probe)
         rows = int(sum(float(np.asarray(b.weights).sum()) for b in batches))
+        if spread == "hessian":
+            traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression,
+                                  n_probes=n_probes, seed=seed)
+            shares = hessian_shares(tensors, traces, quant_perturbations(model, tensors, mode))
     alloc = solve(damage)
     if refine_rounds:
         rounds = []
@@ -245,7 +300,9 @@ def measured_allocation(
         if rows is not None:
             info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
                          "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
-        pred = {"plan": 1000 * predicted_damage(tensors, damage, bits)}
+        pred = {"plan": 1000 * predicted_damage(tensors, damage, bits, shares)}
+        if spread != "rows":
+            info.update(spread=spread, n_probes=int(n_probes))
         if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
             pred["uniform"] = 1000 * ref[1]
             info["predicted_uniform_bits"] = ref[0]

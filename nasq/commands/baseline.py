@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                    help="rule: widths of the space's rules by name, e.g. attention_qkv=3,attention_output=3")
     p.add_argument("--n-batches", type=int, default=8,
                    help="hessian: train batches per probe; measured: train batches per forward (default 8)")
-    p.add_argument("--n-probes", type=int, default=4, help="hessian: Rademacher probes (default 4)")
+    p.add_argument("--n-probes", type=int, default=4,
+                   help="hessian, measured --spread hessian: Rademacher probes (default 4)")
     p.add_argument("--damage-from", metavar="PLAN.json[,PLAN.json...]", type=parse_plan_list,
                    help="measured: re-solve at this budget from the damages a measured plan recorded (no forwards; "
                    "the plan's space may differ in widths, not in row groups or quantizer); "
@@ -57,6 +58,10 @@ def register(subparsers) -> None:
                    "re-solve, R times; the plan of least measured output KL is kept (default 0)")
     p.add_argument("--min-tokens", type=int, default=0, metavar="L",
                    help="measured: measure on train rows of at least L tokens only (default 0: all rows)")
+    p.add_argument("--spread", choices=["rows", "hessian"], default="rows",
+                   help="measured: how a tensor's measured damage is split over its row groups: by rows (default) or "
+                   "by the Hessian estimate of each group at each width (Hutchinson, --n-probes; groups of one "
+                   "tensor may then get different widths)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -67,7 +72,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     plan = allocate_plan(args.method, config_from_args(args), bits=args.bits, rule_bits=args.rule_bits,
                          n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
-                         damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens)
+                         damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens,
+                         spread=args.spread)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "

@@ -137,19 +137,26 @@ def load_pooled_damage(paths: Sequence[str | Path], tensors: Sequence[SearchedTe
     return pooled_damage([(p.provenance, f"{what}{p.source}") for p in plans], tensors)
 
 
-def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """``d_{g,c} = D_t(c) * rows_g / rows_t`` (``[G, C]`` per tensor, float64): each group's share of its tensor's
-    measured damage."""
-    return [np.asarray(d, np.float64)[None, :] * (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
-            for t, d in zip(tensors, damage, strict=True)]
+def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
+                 shares: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """``d_{g,c} = D_t(c) * s_{g,c}`` (``[G, C]`` per tensor, float64): each group's share of its tensor's measured
+    damage. ``shares`` (``[G, C]`` per tensor, each column summing to 1) default to the rows,
+    ``s_{g,c} = rows_g / rows_t``; any shares leave a tensor's damage at one width for all its groups at
+    ``D_t(c)``, what was measured."""
+    if shares is None:
+        return [np.asarray(d, np.float64)[None, :] * (np.asarray(t.group_sizes, np.float64) / t.rows)[:, None]
+                for t, d in zip(tensors, damage, strict=True)]
+    return [np.asarray(d, np.float64)[None, :] * np.asarray(s, np.float64)
+            for d, s in zip(damage, shares, strict=True)]
 
 
 def predicted_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
-                     bits: Sequence[Sequence[int]]) -> float:
-    """``sum_t sum_g D_t(bits[t][g]) * rows_g / rows_t``: a plan's output KL (nats) as the additive model predicts
-    it from the measured damages (before QAT)."""
+                     bits: Sequence[Sequence[int]], shares: Sequence[np.ndarray] | None = None) -> float:
+    """``sum_t sum_g D_t(bits[t][g]) * s_{g, bits[t][g]}`` (:func:`group_damage`; by default ``s = rows_g /
+    rows_t``): a plan's output KL (nats) as the additive model predicts it from the measured damages (before
+    QAT)."""
     return float(sum(g[np.arange(t.num_groups), [t.choices.index(int(b)) for b in row]].sum()
-                     for t, g, row in zip(tensors, group_damage(tensors, damage), bits, strict=True)))
+                     for t, g, row in zip(tensors, group_damage(tensors, damage, shares), bits, strict=True)))
 
 
 def uniform_width(tensors: Sequence[SearchedTensor], budget_bytes: int) -> int | None:
