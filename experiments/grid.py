@@ -162,7 +162,8 @@ STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
                "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget", "rank",
-               "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve", "command", "git_rev", "date", "note"]
+               "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve", "command",
+               "git_rev", "date", "note"]
 
 
 class GridError(Exception):
@@ -975,8 +976,9 @@ def predict_rows(rows: list[dict]) -> int:
     """``predicted_kl`` / ``predicted_removed`` of every row whose plan is on this machine: its output KL before QAT
     (x1000 nats) as the additive model predicts it from the damages of the ``measured`` cell of the same (task,
     budget, seed), and the share of uniform's predicted damage (within the same budget) it removes
-    (:func:`nasq.contract.damage.plan_prediction`). The prediction is written down before QAT can say anything;
-    beside the metric it shows, cell by cell, how far the measured damages rank the plans that QAT then ranks.
+    (:func:`nasq.contract.damage.plan_prediction`). It comes from the plans alone, as it could have been written
+    before QAT; beside the metric it shows, cell by cell, how far the measured damages rank the plans that QAT
+    then ranks.
     A row with no measured sibling, or a plan the measurement does not cover (another row grouping, a width it
     did not measure), keeps what it had. Returns how many rows were predicted."""
     groups: dict[tuple[str, str, Any], list[dict]] = {}
