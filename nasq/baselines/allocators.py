@@ -248,7 +248,8 @@ def baseline_plan(
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
-    too). ``seed`` defaults to ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
+    too). ``seed`` defaults to ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into
+    the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")

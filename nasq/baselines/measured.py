@@ -52,8 +52,9 @@ Hessian-vector products on top of the forwards.
 **What the plan is expected to buy** (:func:`predicted_damage`, :func:`uniform_reference`): the same additive sum
 gives the plan's predicted output KL, ``sum_t sum_g D_t(c_g) rows_g / rows_t`` (with ``spread="hessian"``, its
 shares in place of ``rows_g / rows_t``), and that of the widest uniform width that fits the budget (every tensor
-at one width, the baseline a user would otherwise pick); both are recorded in the plan (``predicted_kl_x1000``) and printed. It is a prediction before QAT, not a result; how it
-relates to the results after QAT: experiments/results/protocol/NOTES.md (fifteenth session).
+at one width, the baseline a user would otherwise pick); both are recorded in the plan (``predicted_kl_x1000``)
+and printed. It is a prediction before QAT, not a result; how it relates to the results after QAT:
+experiments/results/protocol/NOTES.md (fifteenth session).
 
 Cost: one forward of the rows per (tensor, choice); no backward (MiniLM, 36 tensors x 4 choices x 256 rows: about
 as long as the Hessian baseline's 32 Hessian-vector products).

@@ -33,8 +33,8 @@ from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
 
 __all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage",
-           "load_pooled_damage", "plan_prediction", "pooled_damage", "predicted_damage", "uniform_reference",
-           "uniform_width"]
+           "load_pooled_damage", "measured_sources", "plan_prediction", "pooled_damage", "predicted_damage",
+           "uniform_reference", "uniform_width"]
 
 DamageSource = str | Path | Sequence[str | Path]
 """Where measured damages come from: one measured plan's path, or several to pool."""
@@ -121,9 +121,8 @@ def load_damage(path: DamageSource, tensors: Sequence[SearchedTensor], what: str
     :func:`check_measured_plan`), or of several files pooled (:func:`pooled_damage`); errors name the file, after
     ``what`` (e.g. ``"damage prior "``)."""
     if isinstance(path, str | Path):
-        plan = Plan.load(path)
-        check_measured_plan(plan, tensors, quant_mode, f"{what}{plan.source}")
-        return damage_from_plan(plan.provenance, tensors, f"{what}{plan.source}")
+        (prov, source), = measured_sources([path], tensors, what, quant_mode=quant_mode)
+        return damage_from_plan(prov, tensors, source)
     return load_pooled_damage(path, tensors, what, quant_mode=quant_mode)[0]
 
 
@@ -131,10 +130,17 @@ def load_pooled_damage(paths: Sequence[str | Path], tensors: Sequence[SearchedTe
                        quant_mode: str) -> tuple[list[np.ndarray], int]:
     """:func:`pooled_damage` of the measured plan files ``paths`` (each validated by ``Plan.load`` and
     :func:`check_measured_plan`)."""
+    return pooled_damage(measured_sources(paths, tensors, what, quant_mode=quant_mode), tensors)
+
+
+def measured_sources(paths: Sequence[str | Path], tensors: Sequence[SearchedTensor], what: str = "", *,
+                     quant_mode: str) -> list[tuple[dict, str]]:
+    """``(provenance, source)`` of each measured plan file in ``paths``, each validated by ``Plan.load`` and
+    :func:`check_measured_plan` against ``tensors``; ``source`` is the file, after ``what``."""
     plans = [Plan.load(p) for p in paths]
     for p in plans:
         check_measured_plan(p, tensors, quant_mode, f"{what}{p.source}")
-    return pooled_damage([(p.provenance, f"{what}{p.source}") for p in plans], tensors)
+    return [(p.provenance, f"{what}{p.source}") for p in plans]
 
 
 def group_damage(tensors: Sequence[SearchedTensor], damage: Sequence[np.ndarray],
@@ -193,18 +199,16 @@ def plan_prediction(plan: Plan, source: DamageSource, *, top: int = 5) -> dict:
     paths = [source] if isinstance(source, str | Path) else list(source)
     if not paths:
         raise NasqError("a prediction needs at least one measured plan (--damage-from PLAN.json)")
-    measured = [Plan.load(p) for p in paths]
     searched = [t.searched() for t in plan.tensors]
-    for m in measured:
-        check_measured_plan(m, searched, plan.quant_mode, m.source)
-    sources = [(m.provenance, m.source) for m in measured]
+    sources = measured_sources(paths, searched, quant_mode=plan.quant_mode)
 
     def damages(tensors):
         if len(sources) == 1:
             return damage_from_plan(sources[0][0], tensors, sources[0][1]), sources[0][0].get("rows")
         return pooled_damage(sources, tensors)
 
-    used = [replace(s, choices=tuple(sorted({int(b) for b in t.bits}))) for s, t in zip(searched, plan.tensors, strict=True)]
+    used = [replace(s, choices=tuple(sorted({int(b) for b in t.bits})))
+            for s, t in zip(searched, plan.tensors, strict=True)]
     bits = [t.bits for t in plan.tensors]
     damage, rows = damages(used)
     per = [(t.path, 1000 * predicted_damage([t], [d], [b])) for t, d, b in zip(used, damage, bits, strict=True)]
@@ -214,12 +218,13 @@ def plan_prediction(plan: Plan, source: DamageSource, *, top: int = 5) -> dict:
     if (w := uniform_width(searched, budget)) is not None:
         at_w = [replace(s, choices=(w,)) for s in searched]
         try:
-            uniform = {"bits": w, "kl_x1000": 1000 * predicted_damage(at_w, damages(at_w)[0], uniform_plan(at_w, w))}
+            kl_w = predicted_damage(at_w, damages(at_w)[0], uniform_plan(at_w, w))
+            uniform = {"bits": w, "kl_x1000": 1000 * kl_w}
         except NasqError as e:  # the plan's own prediction stands; only the reference lacks its width
             uniform = {"bits": w, "kl_x1000": None, "note": str(e)}
     ref = uniform["kl_x1000"] if uniform else None
     removed = None if not ref or ref <= 0 else 1 - kl / ref
     if removed is not None and abs(removed) < 1e-9:  # the uniform plan itself: 0, not a rounding's -0.0000
         removed = 0.0
-    return {"source": ", ".join(m.source for m in measured), "rows": rows, "plan_kl_x1000": kl,
+    return {"source": ", ".join(src for _, src in sources), "rows": rows, "plan_kl_x1000": kl,
             "top_tensors": sorted(per, key=lambda x: -x[1])[:top], "uniform": uniform, "removed_share": removed}
