@@ -1056,12 +1056,23 @@ def mean_std(xs: list[float]) -> tuple[float, float | None, int]:
     return m, sd, n
 
 
-def _stat_text(m: str, stats: dict, rows_by_method: dict, over: set, best: str | None) -> str:
+PERCENT_METRICS = {"accuracy", "f1"}  # shown as percent with 2 decimals, as the README quotes them
+
+
+def metric_text(metric_name: str, v: float, *, signed: bool = False) -> str:
+    """``v`` (a metric, a std or a difference of ``metric_name``) in the units the README quotes, so figures are
+    copied, never rounded again by hand: accuracy and F1 as percent with 2 decimals (0.87538 -> ``87.54``),
+    other metrics (Matthews, correlations) with 3 decimals (0.23150 -> ``0.231``)."""
+    sign = "+" if signed else ""
+    return f"{100 * v:{sign}.2f}" if metric_name in PERCENT_METRICS else f"{v:{sign}.3f}"
+
+
+def _stat_text(m: str, stats: dict, rows_by_method: dict, over: set, best: str | None, metric_name: str) -> str:
     if m not in stats:
         rs = rows_by_method.get(m) or []
         return rs[0]["status"].split(" (")[0].split(":")[0] if rs else ""
     mu, sd, n = stats[m]
-    v = f"{mu:.4f} ± {sd:.4f} (n={n})" if sd is not None else f"{mu:.4f} (n={n})"
+    v = metric_text(metric_name, mu) + (f" ± {metric_text(metric_name, sd)}" if sd is not None else "") + f" (n={n})"
     return f"{v} (over)" if m in over else (f"**{v}**" if m == best else v)
 
 
@@ -1078,6 +1089,7 @@ def seed_summary(rows: list[dict]) -> list[str]:
     cols = ["task", "metric", "budget", "fp32 teacher", *methods, "nasq - best baseline"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for (task, budget), g in groups.items():
+        metric_name = next(iter(g.values()))[0]["metric_name"]
         stats: dict[str, tuple[float, float | None, int]] = {}
         over: set[str] = set()
         for m, rs in g.items():
@@ -1099,12 +1111,13 @@ def seed_summary(rows: list[dict]) -> list[str]:
                 verdict = "n < 2: no claim"
             else:
                 verdict = "beyond the spread" if abs(d) > max(sd, bsd) else "within the spread: no claim"
-            margins.append(f"{d:+.4f} vs {bm} ({verdict})" if sm == "nasq" else f"{sm}: {d:+.4f} vs {bm} ({verdict})")
+            dt = metric_text(metric_name, d, signed=True)
+            margins.append(f"{dt} vs {bm} ({verdict})" if sm == "nasq" else f"{sm}: {dt} vs {bm} ({verdict})")
         margin = "; ".join(margins)
         t = teacher.get(task)
-        tt = _cell_text(t.get("metric"), 4) if t else ""
-        cells = [task, next(iter(g.values()))[0]["metric_name"], budget, tt,
-                 *(_stat_text(m, stats, g, over, best) for m in methods), margin]
+        tt = metric_text(metric_name, _num(t.get("metric"))) if t and _num(t.get("metric")) is not None else ""
+        cells = [task, metric_name + (" (%)" if metric_name in PERCENT_METRICS else ""), budget, tt,
+                 *(_stat_text(m, stats, g, over, best, metric_name) for m in methods), margin]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 
@@ -1143,8 +1156,10 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
             "search_s", "finetune_s", *(["qat_steps"] if seeded else []), "note", "git_rev", "date", "command"]
     summary = [
         ("Summary over seeds: the main dev metric through the integer artifact, mean ± sample std (n seeds) per "
-         "(task, budget); best within-budget mean bold, `(over)`: a plan exceeds the budget (not ranked). The last "
-         "column is nasq's mean minus the best within-budget baseline's, a result only beyond the larger std."),
+         "(task, budget), in the README's units (accuracy and F1 in percent, 2 decimals; Matthews 3 decimals; "
+         "results.csv has the full precision); best within-budget mean bold, `(over)`: a plan exceeds the budget "
+         "(not ranked). The last column is nasq's mean minus the best within-budget baseline's, a result only "
+         "beyond the larger std."),
         "",
         *seed_summary(rows),
         "",

@@ -249,13 +249,19 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     rows = [row("uniform", s, v) for s, v in enumerate((0.80, 0.81, 0.82))]
     rows += [row("nasq", s, v) for s, v in enumerate((0.85, 0.86, 0.84))]
     (line,) = grid.seed_summary(rows)[2:]
-    assert "**0.8500 ± 0.0100 (n=3)**" in line and "+0.0400 vs uniform (beyond the spread)" in line
+    assert "**85.00 ± 1.00 (n=3)**" in line and "+4.00 vs uniform (beyond the spread)" in line
+    assert "| accuracy (%) |" in line
     rows[3]["metric"] = 0.79  # nasq 0.79/0.86/0.84: mean 0.83, std 0.036 > margin 0.02
     assert "within the spread: no claim" in grid.seed_summary(rows)[2]
     assert grid.mean_std([1.0])[1] is None
     rows += [row("nasq_hinit", s, v) for s, v in enumerate((0.90, 0.91, 0.92))]
     line = grid.seed_summary(rows)[2]
-    assert "nasq_hinit: +0.1000 vs uniform (beyond the spread)" in line  # a searched method, not a baseline
+    assert "nasq_hinit: +10.00 vs uniform (beyond the spread)" in line  # a searched method, not a baseline
+    # Matthews in 3 decimals, rounded once from the exact mean (0.23150 -> 0.231, not 0.2315 -> 0.232)
+    mcc = [dict(row("uniform", s, v), task="cola", metric_name="matthews")
+           for s, v in enumerate((0.223299, 0.233032, 0.238164))]
+    assert "**0.231 ± 0.008 (n=3)**" in grid.seed_summary(mcc)[2]
+    assert grid.metric_text("matthews", -0.0123, signed=True) == "-0.012"
 
     bad = tmp_path / "bad.yaml"
     raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
