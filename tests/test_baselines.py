@@ -318,13 +318,36 @@ def test_damage_from_plan_checks_the_untrusted_file(tensors):
     for prov, msg in [({"method": "hessian"}, "not a measured plan"),
                       ({"method": "measured", "damage_kl_x1000": []}, "not a measured plan"),
                       ({"method": "measured", "damage_kl_x1000": {}}, f"no measured damage for tensor {t0}"),
-                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: -1.0}}}, ">= 0"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: -1.0}}}, r"in \[0, "),
                       ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: "x"}}}, "finite"),
                       ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: float("nan")}}},
                        "finite"),
-                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {c0: 1.0}}}, "every width of this one")]:
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {c0: 1.0}}}, "every width of this one"),
+                      # integers beyond float64 (json reads them exactly) and absurd finite values: clear errors
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: 10**400}}}, "finite"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: 2**64}}}, "finite"),
+                      ({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: 1e308}}}, "finite")]:
         with pytest.raises(NasqError, match=msg):
             damage_from_plan(prov, tensors, "p.json")
+    # a KL rounded just below 0 (plans measured before damages were clamped at 0) reads as 0
+    got = damage_from_plan({"method": "measured", "damage_kl_x1000": {**good, t0: {**good[t0], c0: -2e-12}}},
+                           tensors, "p.json")
+    assert got[0][0] == 0.0
+
+
+def test_tensor_damage_clamps_rounding_and_names_a_non_finite_kl(model, tensors, task_data, monkeypatch):
+    """A KL is >= 0: a rounding just below 0 is recorded as 0 (so the plan's own loader accepts it); a NaN
+    (overflowed outputs) is a NasqError naming the tensor and width, not a NaN in the plan."""
+    from nasq.baselines import measured
+    from nasq.baselines.hessian import _train_batches
+
+    batches = _train_batches(task_data, 1, 8, 0, 0)
+    one = [tensors[0]]
+    monkeypatch.setattr(measured, "kl_rows", lambda p, q: np.full(p.shape[0], -1e-15))
+    assert measured.tensor_damage(model, batches, one, "symmetric")[0].tolist() == [0.0] * len(one[0].choices)
+    monkeypatch.setattr(measured, "kl_rows", lambda p, q: np.full(p.shape[0], np.nan))
+    with pytest.raises(NasqError, match=rf"{one[0].path} at {one[0].choices[0]} bits is nan"):
+        measured.tensor_damage(model, batches, one, "symmetric")
 
 
 def test_one_measurement_serves_every_space_with_its_widths(cli, tiny_model_dir, glue_dir, tmp_path, capsys):
@@ -391,6 +414,10 @@ def test_predicted_damage_and_the_uniform_reference(tensors):
     line = predicted_line({"predicted_kl_x1000": {"plan": 50.0, "uniform": 200.0}, "predicted_uniform_bits": 2})
     assert "0.0500 nats" in line and "uniform 2-bit (widest that fits) 0.2000" in line and "removes 75%" in line
     assert predicted_line({}) is None and predicted_line({"predicted_kl_x1000": {"plan": 1.0}}).endswith("nats")
+    # a provenance from a file: values that are not numbers (an overflow stored as null) print nothing, no crash
+    assert predicted_line({"predicted_kl_x1000": {"plan": None, "uniform": 2.0}}) is None
+    assert predicted_line({"predicted_kl_x1000": {"plan": 1.0, "uniform": None}}).endswith("nats")
+    assert "did not prove this plan optimal" in predicted_line({"predicted_kl_x1000": {"plan": 1.0}, "optimal": False})
 
 
 def test_pooled_damage_weights_each_plan_by_its_rows(tensors):
@@ -411,6 +438,8 @@ def test_pooled_damage_weights_each_plan_by_its_rows(tensors):
             pooled_damage([(prov(1.0, 100), "a.json"), (prov(1.0, bad), "b.json")], tensors)
     with pytest.raises(NasqError, match="at least one"):
         pooled_damage([], tensors)
+    with pytest.raises(NasqError, match="b.json: its provenance has no measured row count"):  # no overflow
+        pooled_damage([(prov(1.0, 100), "a.json"), (prov(1.0, 10**400), "b.json")], tensors)
 
 
 def test_measured_utilities_give_bits_where_damage_is_measured():
@@ -671,7 +700,10 @@ def test_cli_measured_spread_hessian(cli, tiny_model_dir, glue_dir, tmp_path, ca
     assert p.provenance["spread"] == "hessian" and p.provenance["n_probes"] == 1 and p.totals["within_budget"]
     assert "h_gc" in p.provenance["utility"] and set(p.provenance["damage_kl_x1000"]) == {t.path for t in p.tensors}
     pred = p.provenance["predicted_kl_x1000"]
-    assert 0 <= pred["plan"] <= pred["uniform"] * (1 + 1e-9)
+    assert 0 <= pred["plan_hessian_spread"] <= pred["uniform"] * (1 + 1e-9)
+    # "plan" is split by rows, as `nasq inspect --damage-from` predicts any plan (the same number both ways)
+    from nasq.contract.damage import plan_prediction
+    assert plan_prediction(p, out)["plan_kl_x1000"] == pytest.approx(pred["plan"])
     capsys.readouterr()
     assert cli([*common, "--spread", "hessian", "--damage-from", str(out), "--out", str(tmp_path / "x.json")]) == 2
     assert "cannot work from --damage-from" in capsys.readouterr().err

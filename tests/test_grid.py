@@ -367,7 +367,7 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
         assert {r["budget"]: (r["status"], float(r["metric"])) for r in shared
                 if r["budget"] in ("avg2", "avg2.5")} == {"avg2": ("done", 0.875), "avg2.5": ("done", 0.875)}
     md = (res / "results.md").read_text()
-    assert "0.8544 (n=1)" in md  # the kept row counts in the summary
+    assert "85.44 (n=1)" in md  # the kept row counts in the summary
     (res / "results.csv").write_bytes(b"\xff\xfe not a csv")
     assert grid.main(args) == 0  # an unreadable old table: nothing kept, no crash
     with (res / "results.csv").open(newline="") as f:

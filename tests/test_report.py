@@ -1,6 +1,7 @@
 import argparse
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +389,17 @@ def test_plan_prediction_needs_only_the_widths_the_plan_uses(tiny, plan_a, paths
         plan_prediction(plan_a, tmp_path / "noq.json")
     with pytest.raises(NasqError, match="not a measured plan"):
         plan_prediction(plan_a, paths["a"])
+    # damages of a tensor the file does not describe (shape, groups) cannot be checked against the model
+    from nasq.contract.damage import check_measured_plan
+
+    full = Plan.load(tmp_path / "no8.json")
+    untied = replace(full, tensors=tuple(t for t in full.tensors if t.path != QUERY))
+    with pytest.raises(NasqError, match=rf"u\.json: it has damages of {QUERY} but not the tensor itself"):
+        check_measured_plan(untied, [t.searched() for t in full.tensors], full.quant_mode, "u.json")
+    # a row count that is not a positive integer is left out of the prediction (it only labels the printout)
+    for i, rows in enumerate(("256", [1], True, 10**400)):
+        pred = plan_prediction(plan_a, _measured(tiny, tmp_path / f"r{i}.json", rows=rows))
+        assert pred["rows"] is None and "predicted output KL" in "\n".join(rep.prediction_lines(pred))
 
 
 def test_cli_damage_from(paths, tiny, tmp_path, capsys):

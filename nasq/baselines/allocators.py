@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -365,12 +366,18 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
 def predicted_line(provenance: dict) -> str | None:
     """The measured plan's predicted output KL against the widest uniform plan's (``predicted_kl_x1000``: ``plan``
     and ``uniform``, at ``predicted_uniform_bits``), as a line for the user; ``None`` without a prediction."""
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
     pred = provenance.get("predicted_kl_x1000")
-    if not isinstance(pred, dict) or "plan" not in pred:
+    if not isinstance(pred, dict) or not number(pred.get("plan")):
         return None
     line = f"measured: predicted output KL before QAT (additive) {pred['plan'] / 1000:.4f} nats"
-    if pred.get("uniform", 0) > 0:
+    if number(pred.get("uniform")) and pred["uniform"] > 0:
         width = provenance.get("predicted_uniform_bits", "?")
         line += (f", uniform {width}-bit (widest that fits) {pred['uniform'] / 1000:.4f}: the plan removes "
                  f"{100 * (1 - pred['plan'] / pred['uniform']):.0f}% of uniform's predicted damage")
+    if provenance.get("optimal") is False:
+        line += ("; the solver did not prove this plan optimal within its time limit (a busy machine can give "
+                 "another plan on a rerun)")
     return line

@@ -62,6 +62,7 @@ as long as the Hessian baseline's 32 Hessian-vector products).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,7 +150,10 @@ class _Probe:
     def kl(self, flat: dict) -> float:
         """Mean over the real rows of ``KL(fp32 output || output of the model with state flat)``."""
         q = self._logits(nnx.from_flat_state(flat))
-        return sum(float((kl_rows(p, qq) * wt).sum()) for p, qq, wt in zip(self.base, q, self.weights)) / self.total_w
+        kl = sum(float((kl_rows(p, qq) * wt).sum()) for p, qq, wt in zip(self.base, q, self.weights)) / self.total_w
+        # A KL is >= 0; float rounding of a tiny one can land just below (e.g. -2e-15), which a damage file's
+        # loader would then refuse as negative. NaN stays NaN (tensor_damage names it).
+        return max(kl, 0.0) if not math.isnan(kl) else kl
 
 
 def plan_rows(t: SearchedTensor, w: np.ndarray, b: np.ndarray | None, bits: Sequence[int],
@@ -192,6 +196,10 @@ def tensor_damage(
             new = dict(start)
             probe.replace(new, i, *quantized_rows(t, w, b, int(c), mode))
             damage[k] = probe.kl(new)
+            if not math.isfinite(damage[k]):
+                raise NasqError(f"the output KL with {t.path} at {int(c)} bits is {damage[k]} (the quantized model's "
+                                "outputs overflowed); check the checkpoint's weights are finite, or leave this "
+                                "width out of the search space")
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -301,9 +309,13 @@ def measured_allocation(
         if rows is not None:
             info.update({"n_batches": n_batches, "batch_size": batch_size, "train_rows": len(data.train),
                          "rows": rows, **({"min_tokens": int(min_tokens)} if min_tokens else {})})
-        pred = {"plan": 1000 * predicted_damage(tensors, damage, bits, shares)}
+        # "plan": split by rows, as `nasq inspect --damage-from` predicts any plan; with --spread hessian the
+        # prediction under the shares the plan was solved with is recorded beside it (optimistic: the plan was
+        # chosen to minimise exactly that sum).
+        pred = {"plan": 1000 * predicted_damage(tensors, damage, bits)}
         if spread != "rows":
             info.update(spread=spread, n_probes=int(n_probes))
+            pred[f"plan_{spread}_spread"] = 1000 * predicted_damage(tensors, damage, bits, shares)
         if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
             pred["uniform"] = 1000 * ref[1]
             info["predicted_uniform_bits"] = ref[0]

@@ -21,6 +21,7 @@ quantizer, model or grouping).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,9 @@ from nasq.errors import NasqError
 __all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage",
            "load_pooled_damage", "measured_sources", "plan_prediction", "pooled_damage", "predicted_damage",
            "uniform_reference", "uniform_width"]
+
+MAX_DAMAGE_X1000 = 1e9  # 1e6 nats of output KL: far above any model's (a 2-class output's is tens of nats)
+MAX_ROWS = 10**12  # measured rows a plan may claim (pooling weights)
 
 DamageSource = str | Path | Sequence[str | Path]
 """Where measured damages come from: one measured plan's path, or several to pool."""
@@ -62,19 +66,36 @@ def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source
                 raise NasqError(f"{source}: no measured damage of {t.path} at {int(c)} bits (measured: "
                                 f"{', '.join(sorted(row, key=lambda k: (len(k), k)))}); give a measured plan whose "
                                 "space has every width of this one (aqbert_128g_w12348 covers {1,2,3,4,8})")
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
-                raise NasqError(f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}] must be a finite number "
-                                f">= 0, got {v!r}; give a measured plan made by `nasq baseline measured`")
-            vals.append(float(v) / 1000)
+            vals.append(_damage_value(v, f"{source}: damage_kl_x1000[{t.path!r}][{str(int(c))!r}]") / 1000)
         out.append(np.asarray(vals, np.float64))
     return out
+
+
+def _damage_value(v, where: str) -> float:
+    """A damage read from an untrusted file: a finite number in [0, MAX_DAMAGE_X1000] (x1000 nats), where a tiny
+    negative (>= -1e-6, a rounded KL of plans made before measurements were clamped at 0) reads as 0."""
+    try:
+        f = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    except OverflowError:  # an integer beyond float range
+        f = None
+    if f is None or not math.isfinite(f) or not -1e-6 <= f <= MAX_DAMAGE_X1000:
+        raise NasqError(f"{where} must be a finite number in [0, {MAX_DAMAGE_X1000:.0e}] (x1000 nats), got "
+                        f"{str(v)[:40]}; give a measured plan made by `nasq baseline measured`")
+    return max(f, 0.0)
+
+
+def valid_rows(rows) -> int | None:
+    """``rows`` if it is a measured row count (a positive integer up to ``MAX_ROWS``), else ``None``."""
+    ok = isinstance(rows, int) and not isinstance(rows, bool) and 1 <= rows <= MAX_ROWS
+    return rows if ok else None
 
 
 def measured_rows(provenance: dict, source: str) -> int:
     """The rows a measured plan's damages were averaged over (``provenance["rows"]``, a positive integer)."""
     rows = provenance.get("rows")
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise NasqError(f"{source}: its provenance has no measured row count ('rows', a positive integer), so its "
+    if valid_rows(rows) is None:
+        raise NasqError(f"{source}: its provenance has no measured row count ('rows', a positive integer up to "
+                        f"{MAX_ROWS:.0e}), so its "
                         f"damages cannot be pooled with others; got {rows!r}. Give plans made by `nasq baseline "
                         "measured` (not re-solved with --damage-from)")
     return rows
@@ -102,8 +123,13 @@ def check_measured_plan(plan: Plan, tensors: Sequence[SearchedTensor], quant_mod
                         f"quantizes {quant_mode!r}, where the same width damages differently; measure again in "
                         "this space")
     measured = {t.path: t for t in plan.tensors}
+    table = plan.provenance.get("damage_kl_x1000")
     for t in tensors:
         m = measured.get(t.path)
+        if m is None and isinstance(table, dict) and t.path in table:
+            raise NasqError(f"{source}: it has damages of {t.path} but not the tensor itself (its shape and row "
+                            "groups), so they cannot be checked against this model; give a plan written by `nasq "
+                            "baseline measured`")
         if m is None:
             continue  # damage_from_plan names a tensor without damages
         if (m.rows, m.cols) != (t.rows, t.cols):
@@ -204,7 +230,7 @@ def plan_prediction(plan: Plan, source: DamageSource, *, top: int = 5) -> dict:
 
     def damages(tensors):
         if len(sources) == 1:
-            return damage_from_plan(sources[0][0], tensors, sources[0][1]), sources[0][0].get("rows")
+            return damage_from_plan(sources[0][0], tensors, sources[0][1]), valid_rows(sources[0][0].get("rows"))
         return pooled_damage(sources, tensors)
 
     used = [replace(s, choices=tuple(sorted({int(b) for b in t.bits})))

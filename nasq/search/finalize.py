@@ -275,7 +275,9 @@ def allocate(
         if solver in ("auto", "milp"):
             out = _milp(U, B, budget_bytes, time_limit)
             if out is not None and int(B[rows, out[0]].sum()) <= budget_bytes:
-                milp_res = result(out[0], "milp", out[1])
+                # HiGHS stops within its tolerances (about 1e-7 of the largest utility); one-group moves that
+                # still raise the utility and fit recover what it could not resolve (never a worse plan)
+                milp_res = result(_greedy_moves(U, B, out[0], budget_bytes, only_gains=True), "milp", out[1])
                 if solver == "milp" or out[1]:
                     return milp_res
                 lag = result(_lagrangian(U, B, budget_bytes), "lagrangian", False)
