@@ -9,7 +9,7 @@ The plan comes from one of two allocators (``--allocator``):
   mean was higher, inside the spread; README Results), and it trains nothing, so it takes minutes where the
   search takes an hour.
 * ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
-  latency budget (``--latency-ms``).
+  latency budget (``--set search.latency_ms=T --set search.latency_table=lat.json``).
 
 Each stage writes its own output under `OUT/` and is skipped when that output is already complete, so an
 interrupted pipeline continues where it stopped (`--resume`). Stage outputs:

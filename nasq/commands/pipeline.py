@@ -13,9 +13,10 @@ def register(sub) -> None:
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
     p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
                    help="how the plan is chosen: the measured allocation (default: each tensor's output damage "
-                   "measured at each width, then the exact knapsack; minutes, no training; the best mean on SST-2 "
-                   "at every budget below 4 bits run, see README Results), or the supernet search + finalize (an "
-                   "hour; also takes --latency-ms)")
+                   "measured at each width, then the exact knapsack; minutes, no training; the best mean at every "
+                   "budget run with the 800-step protocol, see README Results), or the supernet search + finalize "
+                   "(an hour; also takes a latency budget: --set search.latency_ms=T --set "
+                   "search.latency_table=lat.json)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
