@@ -1,0 +1,93 @@
+"""experiments/summary.py: the README's results table is generated from the grids' results.csv files."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def summary():
+    sys.path.insert(0, str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location("summary", REPO / "experiments" / "summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_table_matches_the_results(summary):
+    text = (REPO / "README.md").read_text()
+    block = text.split(summary.BEGIN)[1].split(summary.END)[0].strip().splitlines()
+    assert block == summary.table(), "README.md's table is stale: python experiments/summary.py --write README.md"
+
+
+CONFIG = """
+model: tiny
+tasks: [sst2, cola]
+methods: [fp32, uniform, hessian, rule, measured, nasq, nasq_ge4]
+budgets:
+  avg2: {avg_bits: 2, space: aqbert_128g_w1234, uniform: {bits: 2}}
+  mb8: {budget_mb: 8, convention: artifact, space: whole_model_w1234, uniform: {bits: 2}}
+  avg3: {avg_bits: 3, space: aqbert_128g_w234, uniform: {bits: 3}}
+"""
+
+
+def _write(tmp_path: Path, rows: list[tuple]) -> Path:
+    (tmp_path / "g.yaml").write_text(CONFIG)
+    (tmp_path / "res").mkdir()
+    cols = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "within_budget", "artifact_mb"]
+    with (tmp_path / "res" / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+    return tmp_path
+
+
+def test_rows_statistics_and_verdicts(summary, tmp_path):
+    acc, mcc = "accuracy", "matthews"
+    rows = [("sst2", "fp32", "fp32", 0, "done", acc, 0.9, "", "")]
+    rows += [("sst2", "uniform", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.85, 0.86, 0.87))]
+    rows += [("sst2", "hessian", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.86, 0.87, 0.88))]
+    rows += [("sst2", "measured", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.88, 0.885, 0.89))]
+    rows += [("sst2", "nasq", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.80, 0.81))]
+    rows += [("sst2", "nasq_ge4", "avg2", 0, "done", acc, 0.95, "no", "")]  # over the budget: never best
+    # cola: measured level with the rule (inside the spread); uniform over; avg3 has no measured cell: no row
+    rows += [("cola", "fp32", "fp32", 0, "done", mcc, 0.3, "", "")]
+    rows += [("cola", "uniform", "mb8", s, "done", mcc, v, "yes", "7.11") for s, v in enumerate((0.1, 0.2))]
+    rows += [("cola", "rule", "mb8", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.2, 0.3))]
+    rows += [("cola", "measured", "mb8", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.22, 0.3))]
+    rows += [("cola", "measured", "avg2", 0, "not run", mcc, "", "", "")]
+    rows += [("cola", "uniform", "avg3", 0, "done", mcc, 0.2, "yes", "")]
+    d = _write(tmp_path, rows)
+    lines = summary.table(d, (("g.yaml", "res", ""),))
+    assert len(lines) == 4, lines
+    sst2, cola = lines[2], lines[3]
+    assert sst2.split(" | ")[:5] == ["| SST-2", "avg 2, {1,2,3,4}", "90.00", "86.00 ± 1.00 (3), 2-bit",
+                                     "87.00 ± 1.00 (3)"]
+    assert "**88.50 ± 0.50 (3)**" in sst2 and "+1.50 vs Hessian (beyond the spread)" in sst2
+    assert "80.50 ± 0.71 (2), `nasq`" in sst2 and "95.00" not in sst2 and "| not run |" in sst2
+    assert cola.split(" | ")[1] == "whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}"
+    assert "0.150 ± 0.071 (2), 2-bit (7.11 MB)" in cola and "0.250 ± 0.071 (2), hand rule" in cola
+    assert "**0.260 ± 0.057 (2)**" in cola and "+0.010 vs hand rule (inside the spread)" in cola
+
+
+def test_a_second_grid_row_follows_the_first(summary, tmp_path):
+    rows = [("sst2", m, "avg2", s, "done", "accuracy", v, "yes", "")
+            for m, v in (("uniform", 0.85), ("measured", 0.87)) for s in (0, 1)]
+    d = _write(tmp_path, rows)
+    (d / "res2").mkdir()
+    (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",0.87,", ",0.88,"))
+    lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == ["avg 2, {1,2,3,4}", "avg 2, {1,2,3,4}, 2x QAT"]
+    assert "+2.00 vs uniform (beyond the spread)" in lines[2] and "+3.00 vs uniform (beyond the spread)" in lines[3]
+
+
+def test_replace_block_needs_one_block(summary):
+    text = f"a\n{summary.BEGIN}\nold\n{summary.END}\nb\n"
+    assert summary.replace_block(text, ["new"]) == f"a\n{summary.BEGIN}\nnew\n{summary.END}\nb\n"
+    with pytest.raises(SystemExit, match="exactly one summary block"):
+        summary.replace_block("no block here", ["x"])
