@@ -190,3 +190,35 @@ def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      refine_rounds=-1)
     assert not (tmp_path / "pipe").exists()
+
+
+def test_space_follows_the_budget(tiny_model_dir, glue_dir, tmp_path):
+    """Without a user's space the search stage (both allocators) takes the space of its budget (the protocol's
+    evidence: {1,2,3,4} up to avg 2, {2,3,4} up to 3, {3,4,5,6} at 4, the whole-model space for an artifact
+    budget) and says so; a space the user names, for every stage or the search stage, is kept."""
+    from nasq.config import SearchConfig
+    from nasq.pipeline import PRESETS, budget_space, pipeline_configs
+
+    assert [budget_space(SearchConfig(avg_bits=b)) for b in (1.5, 2, 2.5, 3, 4, 6, 7)] == [
+        "aqbert_128g_w1234", "aqbert_128g_w1234", "aqbert_128g_w234", "aqbert_128g_w234", "aqbert_128g_w3456",
+        "aqbert_128g_w3456", "aqbert_128g_w12348"]
+    assert budget_space(SearchConfig(budget_mb=8, convention="artifact")) == "whole_model_w1234"
+    assert budget_space(SearchConfig(budget_mb=8)) is None and budget_space(SearchConfig(ratio=8)) is None
+
+    def configs(search: dict, stages: dict | None = None):
+        layer = {"model": {"name": str(tiny_model_dir), "max_len": 32},
+                 "data": {"data_dir": str(glue_dir), "train_subset": 96}, "search": search}
+        if stages:
+            layer["stages"] = stages
+        said = []
+        return pipeline_configs(PRESETS["smoke"], [("test", layer)], tmp_path / "p", None, said.append), said
+
+    c, said = configs({})
+    assert c["search"].search.space == "aqbert_128g_w1234" and "search space aqbert_128g_w1234" in said[-1]
+    c, _ = configs({"avg_bits": 4})
+    assert c["search"].search.space == "aqbert_128g_w3456"
+    c, said = configs({"avg_bits": 4, "space": "tiny"})
+    assert c["search"].search.space == "tiny" and not any("search space" in x for x in said)
+    c, _ = configs({"avg_bits": 4}, {"search": {"search": {"space": "aqbert_128g"}}})
+    assert c["search"].search.space == "aqbert_128g"
+    assert PRESETS["smoke"]["search"]["search"] == {"avg_bits": 2.0}  # the preset itself is not modified
