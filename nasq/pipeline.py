@@ -23,8 +23,9 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
 
 Presets set step counts, subsets, the budget (avg 2 bits) and the measured allocator's batches. The space follows
 the budget unless the user names one (:func:`budget_space`: widths within a bit or two of the budget's uniform
-width, nothing pruned, as in the protocol's best results; pruned rows re-fit worst under QAT). They are *quick* recipes for a 2-core CPU, not the full recipe: `smoke` (a few minutes, CI /
-first run) and `quick` (MiniLM + an SST-2 subset). A preset adapts to the task
+width, nothing pruned, as in the protocol's best results; pruned rows re-fit worst under QAT). Presets are
+*quick* recipes for a 2-core CPU, not the full recipe: `smoke` (a few minutes, CI / first run) and `quick`
+(MiniLM + an SST-2 subset). A preset adapts to the task
 (:func:`fit_preset_to_task`: train subset capped to the split, max length from the task's token lengths).
 
 The user's ``--config`` / ``--set`` apply to every stage; a ``stages`` section applies to one stage:
