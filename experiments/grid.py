@@ -91,7 +91,7 @@ from nasq.pipeline import output_complete
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
-           "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs")
+           "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs", "nasq_ikd")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -104,7 +104,10 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "
 # 1 (the same nats as the task loss) or 10 (nasq_mprior10: at weight 1 the seed-0 gates still followed the task
 # gradient, NOTES.md)
 SEARCHED = ("nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd",
-            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen")
+            "nasq_gadam", "nasq_front", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "nasq_ikd")
+# nasq_ikd: nasq distilling the teacher's internals in the search (issue 16's "hidden-state and attention
+# distillation in the search"): kd.hidden_beta=1 and kd.attention_beta=1 in the weight step, and with KD in the
+# gate step (search.gate_loss=task_kd) in the gate step too; its QAT is nasq's (logits KD)
 # nasq_frozen: the gates alone on the frozen teacher (`search.train_weights=false`, KD in the gate loss): they
 # see the joint output damage of the teacher at their widths (what `measured` measures one tensor at a time),
 # not weights co-adapted to the mixture. It trains no weights, so its QAT is a baseline's: from the teacher, with
@@ -131,7 +134,9 @@ VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--
                 "nasq_gadam": ["--set", "search.gate_optimizer=global_adam"],
                 "nasq_minit": ["--set", "search.init_plan_logit=8"],
                 "nasq_mprior10": ["--set", "search.damage_weight=10"],
-                "nasq_ge4": ["--set", "search.gate_every=4"], "nasq_pm": ["--set", "search.gate_every=4"],
+                "nasq_ge4": ["--set", "search.gate_every=4"],
+                "nasq_ikd": ["--set", "kd.hidden_beta=1", "--set", "kd.attention_beta=1", "--set",
+                             "search.gate_loss=task_kd"], "nasq_pm": ["--set", "search.gate_every=4"],
                 "nasq_frozen": ["--set", "search.train_weights=false", "--set", "search.gate_loss=task_kd"]}
 # nasq_pm: nasq_ge4 with one gate per encoder matrix instead of one per 128 rows (the same choices; scales stay per
 # row): the 128-row gates spread each tensor's groups over every width, where the measured allocation moves whole

@@ -52,11 +52,12 @@ class KDConfig(_Section):
     teacher: str | None = None  # fp32 run directory
     beta: float = Field(1.0, ge=0)  # weight of the KD term
     temperature: float = Field(1.0, gt=0)
-    # weight of hidden-state distillation (objectives.hidden_kd_loss; fine-tune / QAT only): the teacher runs
-    # alongside the student on every step (about +40% step time); 0 = logits only
+    # weight of hidden-state distillation (objectives.hidden_kd_loss; fine-tune / QAT, and the search's weight
+    # step, its gate step too with search.gate_loss=task_kd): the teacher runs alongside the student on every step
+    # (about +40% step time); 0 = logits only
     hidden_beta: float = Field(0.0, ge=0)
     # weight of attention distillation (objectives.attention_kd_loss, MiniLM's KL of attention distributions;
-    # fine-tune / QAT only; the teacher runs alongside as for hidden_beta); 0 = off
+    # where hidden_beta applies; the teacher runs alongside as for hidden_beta); 0 = off
     attention_beta: float = Field(0.0, ge=0)
 
 

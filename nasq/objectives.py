@@ -111,6 +111,25 @@ def attention_kd_loss(student: list[jax.Array], teacher: list[jax.Array], attent
     return _token_mean_over_layers(per_query, attention_mask, weights)
 
 
+def internals_kd(student, teacher, attention_mask: jax.Array, weights: jax.Array, *, hidden_beta: float,
+                 attention_beta: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The internals' distillation term of a loss and its parts, from the student's and the teacher's
+    ``Internals`` (``model(..., return_internals=True)``; the teacher's are constants)::
+
+        hidden_beta * hidden_kd_loss + attention_beta * attention_kd_loss
+
+    each part computed, and reported as ``hidden_kd_loss`` / ``attention_kd_loss``, only when its beta is > 0.
+    Fine-tuning / QAT and the search's weight (and ``task_kd`` gate) steps use this one definition."""
+    total, terms = jnp.float32(0), {}
+    if hidden_beta > 0:
+        terms["hidden_kd_loss"] = hidden_kd_loss(student.hidden, teacher.hidden, attention_mask, weights)
+        total = total + hidden_beta * terms["hidden_kd_loss"]
+    if attention_beta > 0:
+        terms["attention_kd_loss"] = attention_kd_loss(student.attention, teacher.attention, attention_mask, weights)
+        total = total + attention_beta * terms["attention_kd_loss"]
+    return total, terms
+
+
 # ------------------------------------------------------------------------------------------ optimizer
 def _decay_mask(params):
     """AdamW weight decay on matrices only: never biases, LayerNorm or LSQ steps (`QuantScale`, 1-D or 2-D).

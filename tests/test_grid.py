@@ -207,6 +207,9 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_optimizer=global_adam"]
     k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_ge4", 1)).stages[0].argv
     assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "search.gate_every=4"]
+    k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "nasq_ikd", 1)).stages[0].argv
+    assert k[:k.index("--out")] == [*n25[:n25.index("--out")], "--set", "kd.hidden_beta=1", "--set",
+                                    "kd.attention_beta=1", "--set", "search.gate_loss=task_kd"]
     # nasq_pm: nasq_ge4 searching per_matrix_w1234 where the budget's space is aqbert_128g_w1234; other spaces skip it
     n2 = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq", 1)).stages[0].argv
     k = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2_nopruning", "nasq_pm", 1)).stages[0].argv

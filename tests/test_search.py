@@ -200,6 +200,34 @@ def test_gate_loss_task_kd_distils_the_teacher_in_the_gate_step(teacher_dir, tin
         _cfg(tiny_model_dir, glue_dir, avg_bits=2.0, gate_loss="task_kd")
 
 
+def test_search_distils_the_teachers_internals(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
+    """kd.hidden_beta / kd.attention_beta in the search: the weight step's loss adds the weighted hidden-state and
+    attention KD to the teacher (objectives.internals_kd, as QAT does); the gate step adds them with
+    gate_loss=task_kd, and not otherwise; without a teacher it is a clear error before the run directory."""
+    def run(name, gate_loss):
+        raw = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0).model_dump(mode="json")
+        raw["train"].update(max_steps=3, log_every=1)
+        raw["kd"].update(teacher=str(teacher_dir), beta=0.5, hidden_beta=2.0, attention_beta=3.0)
+        raw["search"]["gate_loss"] = gate_loss
+        run = search(build_config(("test", raw)), tmp_path / name, log=lambda *a: None)
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    for r in run("kd", "task_kd"):
+        assert r["hidden_kd_loss"] > 0 and r["attention_kd_loss"] > 0
+        assert r["loss"] == pytest.approx(r["task_loss"] + 0.5 * r["kd_loss"] + 2.0 * r["hidden_kd_loss"]
+                                          + 3.0 * r["attention_kd_loss"], rel=1e-5)
+        assert r["gate_loss"] == pytest.approx(r["gate_task_loss"] + 0.5 * r["gate_kd_loss"]
+                                               + 2.0 * r["gate_hidden_kd_loss"]
+                                               + 3.0 * r["gate_attention_kd_loss"], rel=1e-5)
+    recs = run("task", "task")
+    assert all(r["hidden_kd_loss"] > 0 and "gate_hidden_kd_loss" not in r for r in recs)
+    cfg = _cfg(tiny_model_dir, glue_dir, avg_bits=2.0)
+    cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"hidden_beta": 1.0})})
+    with pytest.raises(NasqError, match="distil the internals of a teacher"):
+        search(cfg, tmp_path / "no_teacher", log=lambda *a: None)
+    assert not (tmp_path / "no_teacher").exists()
+
+
 def test_global_adam_keeps_the_gradients_ratios_and_is_adam_for_one_parameter():
     """search.gate_optimizer=global_adam: one second moment for all gate logits, so a 10x larger gradient gives a
     10x larger step (per-parameter Adam gives both about the same step); with a single parameter it is Adam."""

@@ -3,6 +3,8 @@
 Alternating steps (weights on train batches, gates on held-out batches split off *train*):
 
     weight step   L_w = task(train) + beta * KD(student, teacher)            -> AdamW on weights and LSQ steps
+                  (`kd.hidden_beta`, `kd.attention_beta` > 0: + the teacher's hidden states and attention maps
+                  distilled, `nasq.objectives.internals_kd`; in the gate step too with `gate_loss=task_kd`)
                   (`search.train_weights=false`: none; the gates alone, on the frozen starting weights)
     gate step     L_a = task(heldout)  under the budget price mu             -> Adam on gate logits alpha
                   (`search.gate_optimizer=global_adam`: one second moment for all gates, so a larger
@@ -57,7 +59,7 @@ from nasq.errors import NasqError
 from nasq.evaluation import predict_logits
 from nasq.models.loading import load_pretrained
 from nasq.models.surgery import linear_shapes, model_param_shapes
-from nasq.objectives import gate_optimizer, kd_loss, task_loss, total_steps, weight_optimizer
+from nasq.objectives import gate_optimizer, internals_kd, kd_loss, task_loss, total_steps, weight_optimizer
 from nasq.parallel import DataParallel
 from nasq.quant.layers import GateLogits, gated_modules, set_search_context, to_supernet
 from nasq.run import Cadence, RunDir, TrainState, resume_state, run_finished, save_state, train_loop
@@ -213,9 +215,12 @@ class SearchSteps(NamedTuple):
 
 def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: bool, kd_beta: float,
                 kd_temperature: float, damage: list[np.ndarray] | None = None,
-                damage_weight: float = 1.0) -> SearchSteps:
+                damage_weight: float = 1.0, hidden_beta: float = 0.0, attention_beta: float = 0.0,
+                teacher_graphdef=None) -> SearchSteps:
     """Jitted weight / gate / single-level steps over the split supernet state. ``damage`` (``[G, C]`` per tensor,
-    :func:`load_damage_prior`): the gate loss adds ``damage_weight * expected_damage(probs)``."""
+    :func:`load_damage_prior`): the gate loss adds ``damage_weight * expected_damage(probs)``. A step given a
+    ``teacher_state`` (the frozen teacher split with ``teacher_graphdef``) adds the internals' distillation
+    (``objectives.internals_kd``: ``hidden_beta`` x hidden states, ``attention_beta`` x attention maps)."""
     tables = [jnp.asarray(t, jnp.float32) for t in problem.cost_tables]
     dmg = None if damage is None else [jnp.asarray(d, jnp.float32) for d in damage]
 
@@ -228,11 +233,19 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
             loss = loss + damage_weight * aux["gate_damage"]
         return loss, aux
 
-    def forward(weights, gates, ctx_rest, batch, key):
+    def forward(weights, gates, ctx_rest, batch, key, teacher_state=None):
+        """Logits, the gates' probabilities, and the internals' KD term and its parts (0 and {} without a
+        teacher state)."""
         model = nnx.merge(graphdef, weights, gates, ctx_rest)
-        logits = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, key=key)
+        ids, tt, am = batch.input_ids, batch.token_type_ids, batch.attention_mask
         probs = [m.probs() for m in gated_modules(model)]
-        return logits, probs
+        if teacher_state is None:
+            return model(ids, tt, am, key=key), probs, jnp.float32(0), {}
+        logits, internals = model(ids, tt, am, key=key, return_internals=True)
+        _, t_int = nnx.merge(teacher_graphdef, teacher_state)(ids, tt, am, return_internals=True)
+        extra, parts = internals_kd(internals, t_int, am, batch.weights, hidden_beta=hidden_beta,
+                                    attention_beta=attention_beta)
+        return logits, probs, extra, parts
 
     def expected_cost(probs):
         return costlib.expected_cost(probs, tables)
@@ -245,15 +258,15 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
         return lt, lkd
 
     @jax.jit
-    def weight_step(weights, gates, w_opt, ctx_rest, batch, key, teacher_logits):
+    def weight_step(weights, gates, w_opt, ctx_rest, batch, key, teacher_logits, teacher_state=None):
         def loss_fn(w):
-            logits, _ = forward(w, gates, ctx_rest, batch, key)
+            logits, _, extra, parts = forward(w, gates, ctx_rest, batch, key, teacher_state)
             lt, lkd = supervised(logits, batch, teacher_logits)
-            return lt + kd_beta * lkd, (lt, lkd)
+            return lt + kd_beta * lkd + extra, (lt, lkd, parts)
 
-        (loss, (lt, lkd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+        (loss, (lt, lkd, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
         upd, w_opt = w_tx.update(grads, w_opt, weights)
-        return optax.apply_updates(weights, upd), w_opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd}
+        return optax.apply_updates(weights, upd), w_opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, **parts}
 
     costs = [jnp.asarray(k, jnp.float32) for k in normalised_costs(problem.cost_tables, problem.cost_budget)]
 
@@ -263,35 +276,35 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
         return solve_price(alphas, costs, tables, tau, problem.cost_budget)
 
     @jax.jit
-    def gate_step(weights, gates, g_opt, ctx_rest, batch, key, tau, teacher_logits=None):
+    def gate_step(weights, gates, g_opt, ctx_rest, batch, key, tau, teacher_logits=None, teacher_state=None):
         def loss_fn(g):
-            logits, probs = forward(weights, g, ctx_rest, batch, None)
+            logits, probs, extra, parts = forward(weights, g, ctx_rest, batch, None, teacher_state)
             lt, lkd = supervised(logits, batch, teacher_logits)
             loss, aux = gate_objective(lt, lkd, probs)
-            return loss, (lt, lkd, aux)
+            return loss + extra, (lt, lkd, aux, parts)
 
-        (loss, (lt, lkd, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
+        (loss, (lt, lkd, aux, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
         upd, g_opt = g_tx.update(grads, g_opt, gates)
         upd = jax.tree.map(lambda u: u * tau, upd)  # constant step size in alpha/tau units
-        m = {"gate_loss": loss, **aux}
+        m = {"gate_loss": loss, **aux, **{f"gate_{k}": v for k, v in parts.items()}}
         if teacher_logits is not None:
             m.update(gate_task_loss=lt, gate_kd_loss=lkd)
         return optax.apply_updates(gates, upd), g_opt, m
 
     @jax.jit
-    def single_step(weights, gates, opt, ctx_rest, batch, key, teacher_logits, tau):
+    def single_step(weights, gates, opt, ctx_rest, batch, key, teacher_logits, tau, teacher_state=None):
         def loss_fn(wg):
             w, g = wg
-            logits, probs = forward(w, g, ctx_rest, batch, key)
+            logits, probs, extra, parts = forward(w, g, ctx_rest, batch, key, teacher_state)
             lt, lkd = supervised(logits, batch, teacher_logits)
             loss, aux = gate_objective(lt, lkd, probs)
-            return loss, (lt, lkd, aux)
+            return loss + extra, (lt, lkd, aux, parts)
 
-        (loss, (lt, lkd, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)((weights, gates))
+        (loss, (lt, lkd, aux, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)((weights, gates))
         upd, opt = single_tx.update(grads, opt, (weights, gates))
         upd = (upd[0], jax.tree.map(lambda u: u * tau, upd[1]))  # constant step size in alpha/tau units
         w, g = optax.apply_updates((weights, gates), upd)
-        return w, g, opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, **aux}
+        return w, g, opt, {"loss": loss, "task_loss": lt, "kd_loss": lkd, **aux, **parts}
 
     # single-level: one optimizer over (weights, gates), partitioned by label
     single_tx = optax.partition(
@@ -301,14 +314,16 @@ def build_steps(graphdef, rest, problem: Problem, w_tx, g_tx, *, is_regression: 
 
 
 def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step: int, total: int, batch, hbatch,
-                     key: jax.Array, rest, teacher_logits=None, heldout_teacher_logits=None
+                     key: jax.Array, rest, teacher_logits=None, heldout_teacher_logits=None, teacher_state=None
                      ) -> tuple[TrainState, dict, Any]:
     """One search step on ``state = {"w.": weights, "g.": gates, "opt.": optimizer state}``: ``(state, metrics,
     the step's search context)``. The temperature ``tau_t`` and the price ``mu*`` are set first (the context the
     step trains under); bi-level mode then takes a weight step on ``batch`` and, after ``s.warmup_steps`` and every
     ``s.gate_every``-th step, a gate step on the held-out ``hbatch`` (distilling ``heldout_teacher_logits``
     when given; ``s.train_weights=False``: the gate step only, the weights stay as they started); single-level
-    mode one joint step."""
+    mode one joint step. ``teacher_state`` (the frozen teacher, when ``kd.hidden_beta`` or ``kd.attention_beta``
+    is > 0): the weight and single-level steps distil its internals, the gate step too with
+    ``search.gate_loss=task_kd``."""
     weights, gates, opt = state["w."], state["g."], state["opt."]
     tau = temperature(step, total, s.tau_start, s.tau_end)
     mu = fns.price(weights, gates, rest, jnp.float32(tau))
@@ -317,14 +332,15 @@ def search_iteration(fns: SearchSteps, s: SearchConfig, state: TrainState, step:
         w_opt, g_opt = opt
         m = {}
         if s.train_weights:
-            weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits)
+            weights, w_opt, m = fns.weight(weights, gates, w_opt, ctx, batch, key, teacher_logits, teacher_state)
         if step >= s.warmup_steps and (step - s.warmup_steps) % s.gate_every == 0:
             gates, g_opt, mg = fns.gate(weights, gates, g_opt, ctx, hbatch, key, jnp.float32(tau),
-                                        heldout_teacher_logits)
+                                        heldout_teacher_logits, teacher_state if s.gate_loss == "task_kd" else None)
             m = {**m, **mg}
         opt = (w_opt, g_opt)
     else:
-        weights, gates, opt, m = fns.single(weights, gates, opt, ctx, batch, key, teacher_logits, jnp.float32(tau))
+        weights, gates, opt, m = fns.single(weights, gates, opt, ctx, batch, key, teacher_logits, jnp.float32(tau),
+                                            teacher_state)
     return {"w.": weights, "g.": gates, "opt.": opt}, {"tau": tau, "lambda": mu, **m}, ctx
 
 
@@ -361,6 +377,10 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     if note := data.truncation_note(cfg.model.max_len):
         log(note)
     model = base_model(cfg, data, log=log)
+    distil_internals = cfg.kd.hidden_beta > 0 or cfg.kd.attention_beta > 0
+    if distil_internals and not cfg.kd.teacher:
+        raise NasqError("kd.hidden_beta / kd.attention_beta > 0 distil the internals of a teacher: set --teacher "
+                        "(kd.teacher), or set both to 0")
     problem = make_problem(cfg, model)
     damage = None if cfg.search.damage_prior is None else load_damage_prior(
         cfg.search.damage_prior, problem.tensors, load_space(cfg.search.space).quant_mode)
@@ -370,9 +390,12 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     graphdef, weights, gates, rest = nnx.split(sn, nnx.Param, GateLogits, ...)
     steps = total_steps(cfg.train, data)
     w_tx, g_tx = search_optimizers(cfg, steps)
+    # the frozen teacher (the model the supernet was made from), run on every step to distil its internals
+    t_graphdef, t_state = nnx.split(model) if distil_internals else (None, None)
     fns = build_steps(graphdef, rest, problem, w_tx, g_tx, is_regression=data.task.is_regression,
                       kd_beta=cfg.kd.beta, kd_temperature=cfg.kd.temperature, damage=damage,
-                      damage_weight=s.damage_weight)
+                      damage_weight=s.damage_weight, hidden_beta=cfg.kd.hidden_beta,
+                      attention_beta=cfg.kd.attention_beta, teacher_graphdef=t_graphdef)
     fns = fns._replace(**{k: dp.wrap(getattr(fns, k)) for k in ("weight", "gate", "single", "price")})
     if s.mode == "bilevel":  # a gates-only search takes no weight step: no optimizer state for the weights
         opt = (w_tx.init(weights) if s.train_weights else optax.EmptyState(), g_tx.init(gates))
@@ -382,6 +405,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
     if resume:
         state, start = resume_state(run, state, steps, log)
     state = dp.replicate(state)  # identity unless data_parallel > 1
+    t_state = None if t_state is None else dp.replicate(t_state)
     teacher = held_teacher = None
     if cfg.kd.teacher and cfg.kd.beta > 0:
         if s.train_weights:  # the weight step's KD targets (a gates-only search takes no weight step)
@@ -408,7 +432,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
         htl = None if held_teacher is None else jnp.asarray(held_teacher[np.maximum(hbatch.index, 0)])
         batch, hbatch, tl, htl = dp.shard((batch, hbatch, tl, htl))
         state, m, last_ctx[0] = search_iteration(fns, s, state, step, steps, batch, hbatch,
-                                                 jax.random.fold_in(base_key, step), rest, tl, htl)
+                                                 jax.random.fold_in(base_key, step), rest, tl, htl, t_state)
         return state, m
 
     def record(state, done, m):

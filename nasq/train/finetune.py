@@ -24,8 +24,7 @@ from nasq.errors import NasqError
 from nasq.evaluation import evaluate, predict_logits
 from nasq.models.loading import load_pretrained
 from nasq.objectives import (
-    attention_kd_loss,
-    hidden_kd_loss,
+    internals_kd,
     kd_loss,
     lr_schedule,
     task_loss,
@@ -101,7 +100,7 @@ def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, 
 
     ``teacher_state`` (with ``teacher_graphdef``; None when both betas are 0): the frozen teacher, run on the
     batch for hidden-state KD (``objectives.hidden_kd_loss``, weight ``hidden_beta``) and attention KD
-    (``objectives.attention_kd_loss``, weight ``attention_beta``)."""
+    (``objectives.attention_kd_loss``, weight ``attention_beta``): ``objectives.internals_kd``."""
 
     @jax.jit
     def step(params, opt_state, batch, key, teacher_logits, teacher_state=None):
@@ -120,13 +119,9 @@ def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, 
                 loss = lt + kd_beta * terms["kd_loss"]
             if teacher_state is not None:
                 _, t_int = nnx.merge(teacher_graphdef, teacher_state)(ids, tt, am, return_internals=True)
-                if hidden_beta > 0:
-                    terms["hidden_kd_loss"] = hidden_kd_loss(internals.hidden, t_int.hidden, am, batch.weights)
-                    loss = loss + hidden_beta * terms["hidden_kd_loss"]
-                if attention_beta > 0:
-                    terms["attention_kd_loss"] = attention_kd_loss(internals.attention, t_int.attention, am,
-                                                                   batch.weights)
-                    loss = loss + attention_beta * terms["attention_kd_loss"]
+                extra, parts = internals_kd(internals, t_int, am, batch.weights, hidden_beta=hidden_beta,
+                                            attention_beta=attention_beta)
+                loss, terms = loss + extra, {**terms, **parts}
             return loss, terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
