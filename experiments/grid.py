@@ -1064,6 +1064,12 @@ def mean_std(xs: list[float]) -> tuple[float, float | None, int]:
 PERCENT_METRICS = {"accuracy", "f1"}  # shown as percent with 2 decimals, as the README quotes them
 
 
+def beyond_spread(diff: float, sd_a: float | None, sd_b: float | None) -> bool | None:
+    """The protocol's rule for a claim: a difference of two means counts only when it exceeds the larger of the two
+    sample stds; None (no claim either way) when either side has fewer than 2 seeds."""
+    return None if sd_a is None or sd_b is None else abs(diff) > max(sd_a, sd_b)
+
+
 def metric_text(metric_name: str, v: float, *, signed: bool = False) -> str:
     """``v`` (a metric, a std or a difference of ``metric_name``) in the units the README quotes, so figures are
     copied, never rounded again by hand: accuracy and F1 as percent with 2 decimals (0.87538 -> ``87.54``),
@@ -1112,10 +1118,8 @@ def seed_summary(rows: list[dict]) -> list[str]:
             bm = max(bases, key=lambda m: bases[m][0])
             (mu, sd, _), (bmu, bsd, _) = ranked[sm], bases[bm]
             d = mu - bmu
-            if sd is None or bsd is None:
-                verdict = "n < 2: no claim"
-            else:
-                verdict = "beyond the spread" if abs(d) > max(sd, bsd) else "within the spread: no claim"
+            verdict = {None: "n < 2: no claim", True: "beyond the spread",
+                       False: "within the spread: no claim"}[beyond_spread(d, sd, bsd)]
             dt = metric_text(metric_name, d, signed=True)
             margins.append(f"{dt} vs {bm} ({verdict})" if sm == "nasq" else f"{sm}: {dt} vs {bm} ({verdict})")
         margin = "; ".join(margins)

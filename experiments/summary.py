@@ -120,8 +120,8 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
         bm = max(bases, key=lambda m: bases[m][0])
         (mu, sd, _), (bmu, bsd, _) = ranked["measured"], bases[bm]
         d = mu - bmu
-        verdict = ("n < 2: no claim" if sd is None or bsd is None else
-                   "beyond the spread" if abs(d) > max(sd, bsd) else "inside the spread")
+        verdict = {None: "n < 2: no claim", True: "beyond the spread",
+                   False: "inside the spread"}[grid.beyond_spread(d, sd, bsd)]
         margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict})"
     t = float(teacher["metric"]) if teacher and teacher.get("metric") else None
     return [TASK_NAMES.get(task, task), label, grid.metric_text(metric_name, t) if t is not None else "",
@@ -143,15 +143,15 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
         rows = read_rows(csv_path)
         teachers = {r["task"]: r for r in rows if r["method"] == "fp32" and r["status"] == "done"}
         for task in cfg["tasks"]:
-            for name, budget in cfg["budgets"].items():
+            for bname, budget in cfg["budgets"].items():
                 by_method: dict[str, list[dict]] = {}
                 for r in rows:
-                    if r["task"] == task and r["budget"] == name and r["method"] != "fp32":
+                    if r["task"] == task and r["budget"] == bname and r["method"] != "fp32":
                         by_method.setdefault(r["method"], []).append(r)
                 cells = row_cells(task, budget, budget_label(budget) + suffix, by_method,
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
-                    rows_out.setdefault((task, name), []).append(cells)
+                    rows_out.setdefault((task, bname), []).append(cells)
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for key in sorted(rows_out, key=lambda k: (tasks.index(k[0]), budgets.index(k[1]))):

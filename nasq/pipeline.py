@@ -184,14 +184,14 @@ def pipeline_configs(preset: dict, user_layers: list[tuple[str, dict]], out: Pat
     the search and QAT distil from ``teacher`` (default ``OUT/teacher``), QAT trains ``OUT/plan.json``."""
     teacher_dir = str(out / "teacher") if teacher is None else teacher
     p = fit_preset_to_task(preset, stage_config(preset, "finetune", user_layers), user_layers, log)
+    search_extra: dict = {"kd": {"teacher": teacher_dir}}
     if not _user_sets(user_layers, "search", "space"):
         space = budget_space(stage_config(p, "search", user_layers).search)
         if space is not None:
             log(f"search space {space} for this budget (set search.space to choose another)")
-            p = {**p, "search": {**p.get("search", {}), "search": {**p.get("search", {}).get("search", {}),
-                                                                   "space": space}}}
+            search_extra["search"] = {"space": space}
     return {"finetune": stage_config(p, "finetune", user_layers),
-            "search": stage_config(p, "search", user_layers, {"kd": {"teacher": teacher_dir}}),
+            "search": stage_config(p, "search", user_layers, search_extra),
             "qat": stage_config(p, "qat", user_layers, {"kd": {"teacher": teacher_dir},
                                                         "plan": str(out / "plan.json")}),
             "eval": stage_config(p, "qat", user_layers)}

@@ -244,8 +244,9 @@ def allocate(
     ``utils[t]`` and ``byte_tables[t]`` are ``[G_t, C_t]`` (finite utilities, non-negative integer bytes).
     ``solver="auto"`` tries the MILP and falls back to the Lagrangian-greedy one; ``"milp"`` raises
     ``RuntimeError`` if the MILP gives no feasible point. The MILP's solution is then improved by one-group moves
-    that still raise the utility and fit (HiGHS stops within its tolerances, about 1e-7 of the largest utility). The result never exceeds ``budget_bytes``; a
-    budget below the smallest reachable size raises ``NasqError`` with the reachable range.
+    that still raise the utility and fit (HiGHS stops within its tolerances, about 1e-7 of the largest utility).
+    The result never exceeds ``budget_bytes``; a budget below the smallest reachable size raises ``NasqError``
+    with the reachable range.
     """
     _check_shapes(utils, [np.shape(b) for b in byte_tables], "utility")
     for i, u in enumerate(utils):
