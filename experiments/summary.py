@@ -79,6 +79,16 @@ def stats_of(rows: list[dict]) -> tuple[float, float | None, int] | None:
     return grid.mean_std(vals) if vals else None
 
 
+def seeds_ahead(ours: list[dict], base: list[dict]) -> tuple[int, int]:
+    """(k, n): on how many of the n seeds both methods finished ours scored above the baseline (a seed fixes the QAT
+    batch order, so the count is paired; a tie is not ahead)."""
+    def by_seed(rows):
+        return {r["seed"]: float(r["metric"]) for r in rows if r["status"] == "done" and r.get("metric")}
+    a, b = by_seed(ours), by_seed(base)
+    common = sorted(set(a) & set(b))
+    return sum(a[s] > b[s] for s in common), len(common)
+
+
 def stat_text(metric_name: str, st) -> str:
     mu, sd, n = st
     return grid.metric_text(metric_name, mu) + (f" ± {grid.metric_text(metric_name, sd)}" if sd is not None
@@ -122,7 +132,9 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
         d = mu - bmu
         verdict = {None: "n < 2: no claim", True: "beyond the spread",
                    False: "inside the spread"}[grid.beyond_spread(d, sd, bsd)]
-        margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict})"
+        ahead, n_paired = seeds_ahead(by_method["measured"], by_method[bm])
+        paired = f"; ahead on {ahead} of {n_paired} seeds" if n_paired else ""
+        margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict}{paired})"
     t = float(teacher["metric"]) if teacher and teacher.get("metric") else None
     return [TASK_NAMES.get(task, task), label, grid.metric_text(metric_name, t) if t is not None else "",
             cell("uniform", uni), cell("hessian"), cell(other, f", {name(other)}") if other else "not run",

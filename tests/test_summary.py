@@ -68,11 +68,11 @@ def test_rows_statistics_and_verdicts(summary, tmp_path):
     sst2, cola = lines[2], lines[3]
     assert sst2.split(" | ")[:5] == ["| SST-2", "avg 2, {1,2,3,4}", "90.00", "86.00 ± 1.00 (3), 2-bit",
                                      "87.00 ± 1.00 (3)"]
-    assert "**88.50 ± 0.50 (3)**" in sst2 and "+1.50 vs Hessian (beyond the spread)" in sst2
+    assert "**88.50 ± 0.50 (3)**" in sst2 and "+1.50 vs Hessian (beyond the spread; ahead on 3 of 3 seeds)" in sst2
     assert "80.50 ± 0.71 (2), `nasq`" in sst2 and "95.00" not in sst2 and "| not run |" in sst2
     assert cola.split(" | ")[1] == "whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}"
     assert "0.150 ± 0.071 (2), 2-bit (7.11 MB)" in cola and "0.250 ± 0.071 (2), hand rule" in cola
-    assert "**0.260 ± 0.057 (2)**" in cola and "+0.010 vs hand rule (inside the spread)" in cola
+    assert "**0.260 ± 0.057 (2)**" in cola and "+0.010 vs hand rule (inside the spread; ahead on 1 of 2 seeds)" in cola
 
 
 def test_a_second_grid_row_follows_the_first(summary, tmp_path):
@@ -83,7 +83,8 @@ def test_a_second_grid_row_follows_the_first(summary, tmp_path):
     (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",0.87,", ",0.88,"))
     lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
     assert [ln.split(" | ")[1] for ln in lines[2:]] == ["avg 2, {1,2,3,4}", "avg 2, {1,2,3,4}, 2x QAT"]
-    assert "+2.00 vs uniform (beyond the spread)" in lines[2] and "+3.00 vs uniform (beyond the spread)" in lines[3]
+    assert "+2.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[2] \
+        and "+3.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[3]
 
 
 def test_replace_block_needs_one_block(summary):
