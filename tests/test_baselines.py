@@ -710,3 +710,35 @@ def test_cli_measured_spread_hessian(cli, tiny_model_dir, glue_dir, tmp_path, ca
     assert cli(["baseline", "hessian", *common[2:], "--spread", "hessian", "--out", str(tmp_path / "y.json")]) == 2
     assert "--spread is for the measured baseline" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_the_probe_reruns_only_the_stages_a_tensor_changes(model, tensors, task_data):
+    """kl(new, changed=(start, i)) is kl(new) to the bit (the same stage programs on the same inputs) while running
+    only the stages from tensor i's on, for a tensor of every stage (embeddings, first and last encoder layer,
+    pooler and classifier), from fp32 and from a quantized plan (a new start state is not served another's hidden states)."""
+    from nasq.baselines.hessian import _train_batches, quantized_rows
+    from nasq.baselines.measured import _Probe
+
+    emb = SearchedTensor(path="embeddings.word_embeddings", rule="e", rows=model.config.vocab_size,
+                         cols=model.config.hidden_size, group_sizes=group_sizes(model.config.vocab_size, 2),
+                         choices=(2, 4), has_bias=False, kind="embedding")
+    head = _t("pooler.dense", model.config.hidden_size, model.config.hidden_size, 2, (2, 4))
+    ts = [emb, tensors[0], tensors[-1], head]
+    batches = _train_batches(task_data, 2, 8, 0)
+    probe = _Probe(model, batches, ts, "symmetric")
+    n_layers = len(model.bert.encoder.layer)
+    assert probe.stage == [0, 1, n_layers, n_layers + 1]
+    calls = []
+    fns = probe._stage_fns
+    probe._stage_fns = [lambda *a, s=s, f=f: (calls.append(s), f(*a))[1] for s, f in enumerate(fns)]
+    plan = probe.at_plan([[2] * t.num_groups for t in ts])
+    for start in (probe.flat, plan, probe.flat):
+        for i, t in enumerate(ts):
+            new = dict(start)
+            w, b = probe.wb[i]
+            probe.replace(new, i, *quantized_rows(t, w, b, 4, "symmetric"))
+            probe.kl(new, changed=(start, i))  # the first call of a start also fills its cache: not counted
+            calls.clear()
+            staged = probe.kl(new, changed=(start, i))
+            assert sorted(set(calls)) == list(range(probe.stage[i], n_layers + 2))
+            assert staged == probe.kl(new) and staged > 0

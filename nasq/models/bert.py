@@ -303,6 +303,11 @@ class BertPooler(nnx.Module):
         return jnp.tanh(self.dense(x[:, 0]))
 
 
+def attention_bias(attention_mask: jax.Array) -> jax.Array:
+    """``[batch, 1, 1, seq]`` additive attention bias: 0 at real tokens, the most negative float32 at padding."""
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+
+
 class BertModel(nnx.Module):
     """BERT encoder + pooler. Returns `(sequence_output, pooled_output, Internals | None)`."""
 
@@ -317,7 +322,7 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        mask_bias = attention_bias(attention_mask)
         x = self.embeddings(input_ids, token_type_ids, key)
         x, internals = self.encoder(x, mask_bias, key, return_internals=return_internals)
         return x, self.pooler(x), internals
