@@ -112,7 +112,9 @@ class _Probe:
     every layer), the pooler and classifier. A tensor's damage only changes the stages from its own onwards, so
     :meth:`kl` with ``changed=(start, i)`` reuses the hidden states ``start`` gave the stages before tensor ``i``'s
     (cached for the last such state) and runs only the rest: on a 6-layer MiniLM about 0.6x the forwards' work
-    over all tensors, and the same numbers as running every stage (the same programs on the same inputs)."""
+    over all tensors, and the same numbers as running every stage (the same programs on the same inputs). The
+    cache holds ``layers + 1`` hidden states per batch (MiniLM, 8 batches of 32 x 128 tokens: about 0.35 GB at
+    most)."""
 
     def __init__(self, model: nnx.Module, batches: Sequence[Any], tensors: Sequence[SearchedTensor], mode: str):
         _, state = nnx.split(model)
