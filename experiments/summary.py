@@ -133,7 +133,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
         verdict = {None: "n < 2: no claim", True: "beyond the spread",
                    False: "inside the spread"}[grid.beyond_spread(d, sd, bsd)]
         ahead, n_paired = seeds_ahead(by_method["measured"], by_method[bm])
-        paired = f"; ahead on {ahead} of {n_paired} seeds" if n_paired else ""
+        paired = f"; ahead on {ahead} of {n_paired} seed{'s' * (n_paired > 1)}" if n_paired else ""
         margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict}{paired})"
     t = float(teacher["metric"]) if teacher and teacher.get("metric") else None
     return [TASK_NAMES.get(task, task), label, grid.metric_text(metric_name, t) if t is not None else "",
