@@ -89,7 +89,7 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "nasq", "nasq_hinit", "nasq_minit",
+METHODS = ("fp32", "uniform", "rule", "hessian", "measured", "random", "magnitude", "nasq", "nasq_hinit", "nasq_minit",
            "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured",
            "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs", "nasq_ikd")
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
@@ -244,7 +244,7 @@ def load_grid(path: Path) -> dict:
         if not isinstance(b, dict):
             raise GridError(f"{where} must be a mapping")
         if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform", "rule",
-                              "front_from"}:
+                              "magnitude", "front_from"}:
             raise GridError(f"{where}: unknown keys {sorted(extra)}")
         if (src := b.get("front_from")) is not None:  # nasq_front: another budget's nasq search, same space
             other = cfg["budgets"].get(src)
@@ -274,6 +274,11 @@ def load_grid(path: Path) -> dict:
                               or not all(isinstance(v, int) and not isinstance(v, bool) for v in r["rule_bits"].values())):
             raise GridError(f"{where}.rule must be {{bits: B, rule_bits: {{RULE: BITS, ...}}, note}} (the space's "
                             "rules by name), e.g. {bits: 2, rule_bits: {attention_qkv: 3, attention_output: 3}}")
+        m = b.get("magnitude")  # magnitude pruning: `nasq baseline magnitude` (no entry: the cell is skipped)
+        if m is not None and (not isinstance(m, dict) or set(m) - {"bits", "note"} or not isinstance(m.get("bits"), int)
+                              or isinstance(m.get("bits"), bool)):
+            raise GridError(f"{where}.magnitude must be {{bits: B, note}}: every group at B bits, the groups of "
+                            "least weight magnitude pruned until the plan fits (the space must offer 0 bits)")
     # uniform.same_as: another budget's uniform cell is this one (run once). It asserts that both budgets' uniform
     # plans are the same: checked here are the bits; the spaces must cover the same tensors in the same row
     # groups (aqbert_128g and its _w234 / _w1234 variants do), which needs the model to check, so it is on the
@@ -493,6 +498,15 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("plan", ["nasq", "baseline", "rule", "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
                                        "--out", str(plan)], plan, "plan"))
+    elif method == "magnitude":
+        m = b.get("magnitude")
+        if m is None:
+            c.skip = "no `magnitude` for this budget in the config"
+            return c
+        c.note = str(m.get("note", ""))
+        setf = recipe_flags({"set": cfg["common"].get("set")}, None)
+        c.stages.append(Stage("plan", ["nasq", "baseline", "magnitude", "--teacher", teacher, *common, "--space", space,
+                                       "--bits", _fmt(m["bits"]), *bflags, *setf, "--out", str(plan)], plan, "plan"))
     elif method in ("hessian", "measured", "random", "nasq_measured", "measured_hs"):
         extra = hessian_flags(cfg, task, seed, probes=method in ("hessian", "measured_hs")) if method != "random" \
             else recipe_flags({"set": cfg["common"].get("set")}, seed)

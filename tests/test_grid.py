@@ -155,6 +155,12 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert plan_argv[:3] == ["nasq", "baseline", "rule"] and "--avg-bits" in plan_argv
     assert plan_argv[plan_argv.index("--rule-bits") + 1] == "attention_qkv=3,attention_output=3"
     assert next(c for c in quant if (c.budget, c.method) == ("avg2", "rule")).skip  # no rule for avg2
+    mag = next(c for c in quant if (c.task, c.budget, c.method, c.seed) == ("cola", "avg2", "magnitude", 2))
+    plan_argv = mag.stages[0].argv
+    assert plan_argv[:3] == ["nasq", "baseline", "magnitude"] and plan_argv[plan_argv.index("--bits") + 1] == "4"
+    assert plan_argv[plan_argv.index("--avg-bits") + 1] == "2" and "--teacher" in plan_argv
+    assert next(s for s in mag.stages if s.name == "qat").argv[:2] == ["nasq", "finetune"]
+    assert next(c for c in quant if (c.budget, c.method) == ("avg2.5", "magnitude")).skip  # no magnitude there
 
     def steps(argv):
         return int(argv[argv.index("--max-steps") + 1])
@@ -273,6 +279,8 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
                   {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"], "rule": {"bits": 2}}}},
                   {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"],
                                                             "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}},
+                  {"budgets": {**raw["budgets"], "avg2": {**raw["budgets"]["avg2"], "magnitude": {"bits": "4"}}}},
+                  {"budgets": {**raw["budgets"], "avg2": {**raw["budgets"]["avg2"], "magnitude": {"bit": 4}}}},
                   {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg2"}}},
                   {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg1.5"}}}):
         bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text()),
