@@ -70,12 +70,13 @@ def budget_label(b: dict) -> str:
 
 
 def read_rows(csv_path: Path) -> list[dict]:
+    """The rows of a grid's results.csv, typed as the grid writes them (:func:`grid._row_from_csv`)."""
     with csv_path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [grid._row_from_csv(rec) for rec in csv.DictReader(f)]
 
 
 def stats_of(rows: list[dict]) -> tuple[float, float | None, int] | None:
-    vals = [float(r["metric"]) for r in rows if r["status"] == "done" and r.get("metric")]
+    vals = [r["metric"] for r in rows if r["status"] == "done" and r.get("metric") is not None]
     return grid.mean_std(vals) if vals else None
 
 
@@ -83,7 +84,7 @@ def seeds_ahead(ours: list[dict], base: list[dict]) -> tuple[int, int]:
     """(k, n): on how many of the n seeds both methods finished ours scored above the baseline (a seed fixes the QAT
     batch order, so the count is paired; a tie is not ahead)."""
     def by_seed(rows):
-        return {r["seed"]: float(r["metric"]) for r in rows if r["status"] == "done" and r.get("metric")}
+        return {r["seed"]: r["metric"] for r in rows if r["status"] == "done" and r.get("metric") is not None}
     a, b = by_seed(ours), by_seed(base)
     common = sorted(set(a) & set(b))
     return sum(a[s] > b[s] for s in common), len(common)
@@ -102,7 +103,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
     stats = {m: st for m, rs in by_method.items() if (st := stats_of(rs)) is not None}
     if "measured" not in stats:
         return None
-    over = {m for m, rs in by_method.items() if any(r.get("within_budget") == "no" for r in rs)}
+    over = {m for m, rs in by_method.items() if any(r.get("within_budget") is False for r in rs)}
     ranked = {m: st for m, st in stats.items() if m not in over}
     best = max(ranked, key=lambda m: ranked[m][0])
 
@@ -117,7 +118,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
         bits = (budget.get("uniform") or {}).get("bits")
         uni = ", binary" if bits == 1 else f", {bits}-bit" if bits else ""
         if budget.get("convention") == "artifact":
-            mb = [float(r["artifact_mb"]) for r in by_method["uniform"] if r.get("artifact_mb")]
+            mb = [r["artifact_mb"] for r in by_method["uniform"] if r.get("artifact_mb") is not None]
             uni += f" ({mb[0]:.2f} MB)" if mb else ""
     others = [m for m in OTHER_BASELINES if m in ranked]
     other = max(others, key=lambda m: ranked[m][0]) if others else None
@@ -135,7 +136,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
         ahead, n_paired = seeds_ahead(by_method["measured"], by_method[bm])
         paired = f"; ahead on {ahead} of {n_paired} seed{'s' * (n_paired > 1)}" if n_paired else ""
         margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict}{paired})"
-    t = float(teacher["metric"]) if teacher and teacher.get("metric") else None
+    t = teacher["metric"] if teacher else None
     return [TASK_NAMES.get(task, task), label, grid.metric_text(metric_name, t) if t is not None else "",
             cell("uniform", uni), cell("hessian"), cell(other, f", {name(other)}") if other else "not run",
             cell("measured"), margin, cell(search, f", `{search}`") if search else "not run"]
