@@ -487,26 +487,17 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         setf = recipe_flags({"set": cfg["common"].get("set")}, None)
         c.stages.append(Stage("plan", ["nasq", "baseline", "uniform", "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(u["bits"]), *bflags, *setf, "--out", str(plan)], plan, "plan"))
-    elif method == "rule":
-        r = b.get("rule")
+    elif method in ("rule", "magnitude"):  # a budget's own settings for these baselines; none: the cell is skipped
+        r = b.get(method)
         if r is None:
-            c.skip = "no `rule` for this budget in the config"
+            c.skip = f"no `{method}` for this budget in the config"
             return c
         c.note = str(r.get("note", ""))
-        rb = ",".join(f"{k}={_fmt(v)}" for k, v in r["rule_bits"].items())
+        rb = ["--rule-bits", ",".join(f"{k}={_fmt(v)}" for k, v in r["rule_bits"].items())] if method == "rule" else []
         setf = recipe_flags({"set": cfg["common"].get("set")}, None)
-        c.stages.append(Stage("plan", ["nasq", "baseline", "rule", "--teacher", teacher, *common, "--space", space,
-                                       "--bits", _fmt(r["bits"]), "--rule-bits", rb, *bflags, *setf,
-                                       "--out", str(plan)], plan, "plan"))
-    elif method == "magnitude":
-        m = b.get("magnitude")
-        if m is None:
-            c.skip = "no `magnitude` for this budget in the config"
-            return c
-        c.note = str(m.get("note", ""))
-        setf = recipe_flags({"set": cfg["common"].get("set")}, None)
-        c.stages.append(Stage("plan", ["nasq", "baseline", "magnitude", "--teacher", teacher, *common, "--space", space,
-                                       "--bits", _fmt(m["bits"]), *bflags, *setf, "--out", str(plan)], plan, "plan"))
+        c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
+                                       "--bits", _fmt(r["bits"]), *rb, *bflags, *setf, "--out", str(plan)], plan,
+                              "plan"))
     elif method in ("hessian", "measured", "random", "nasq_measured", "measured_hs"):
         extra = hessian_flags(cfg, task, seed, probes=method in ("hessian", "measured_hs")) if method != "random" \
             else recipe_flags({"set": cfg["common"].get("set")}, seed)
