@@ -715,7 +715,8 @@ def test_cli_measured_spread_hessian(cli, tiny_model_dir, glue_dir, tmp_path, ca
 def test_the_probe_reruns_only_the_stages_a_tensor_changes(model, tensors, task_data):
     """kl(new, changed=(start, i)) is kl(new) to the bit (the same stage programs on the same inputs) while running
     only the stages from tensor i's on, for a tensor of every stage (embeddings, first and last encoder layer,
-    pooler and classifier), from fp32 and from a quantized plan (a new start state is not served another's hidden states)."""
+    pooler and classifier), from fp32 and from a quantized plan (a new start state is not served another state's
+    hidden states)."""
     from nasq.baselines.hessian import _train_batches, quantized_rows
     from nasq.baselines.measured import _Probe
 
