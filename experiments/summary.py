@@ -75,17 +75,20 @@ def read_rows(csv_path: Path) -> list[dict]:
         return [grid._row_from_csv(rec) for rec in csv.DictReader(f)]
 
 
+def metric_by_seed(rows: list[dict]) -> dict[int, float]:
+    """The finished cells' metrics by seed (one results.csv row per task, budget, method and seed)."""
+    return {r["seed"]: r["metric"] for r in rows if r["status"] == "done" and r.get("metric") is not None}
+
+
 def stats_of(rows: list[dict]) -> tuple[float, float | None, int] | None:
-    vals = [r["metric"] for r in rows if r["status"] == "done" and r.get("metric") is not None]
+    vals = list(metric_by_seed(rows).values())
     return grid.mean_std(vals) if vals else None
 
 
 def seeds_ahead(ours: list[dict], base: list[dict]) -> tuple[int, int]:
     """(k, n): on how many of the n seeds both methods finished ours scored above the baseline (a seed fixes the QAT
     batch order, so the count is paired; a tie is not ahead)."""
-    def by_seed(rows):
-        return {r["seed"]: r["metric"] for r in rows if r["status"] == "done" and r.get("metric") is not None}
-    a, b = by_seed(ours), by_seed(base)
+    a, b = metric_by_seed(ours), metric_by_seed(base)
     common = sorted(set(a) & set(b))
     return sum(a[s] > b[s] for s in common), len(common)
 

@@ -143,8 +143,10 @@ class _Probe:
         self._bias = [attention_bias(jnp.asarray(b.attention_mask)) for b in self.batches]
         self.weights = [np.asarray(b.weights, np.float64) for b in batches]
         self.total_w = float(sum(w.sum() for w in self.weights))
-        self._cached: tuple[dict, list[list[jax.Array]]] | None = None  # (state, each batch's stage inputs)
-        self.base = self._logits(self.flat)
+        # (state, each batch's stage inputs): filled with the fp32 model's while its logits are computed, the start
+        # of every damage measured from fp32
+        self.base, kept = self._run(self.flat, 0, self.batches, keep=True)
+        self._cached: tuple[dict, list[list[jax.Array]]] = (self.flat, kept)
         self._last_plan: tuple[tuple, dict] | None = None
 
     def _stage_of(self, key: tuple) -> int:
@@ -173,7 +175,7 @@ class _Probe:
         if changed is None:
             return self._run(flat, 0, self.batches)
         start, i = changed
-        if self._cached is None or self._cached[0] is not start:
+        if self._cached[0] is not start:
             self._cached = (start, self._run(start, 0, self.batches, keep=True)[1])
         first = self.stage[i]
         return self._run(flat, first, [seen[first] for seen in self._cached[1]])
