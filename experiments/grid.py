@@ -128,6 +128,8 @@ TEACHER_QAT = ("nasq_frozen", "nasq_pmfrozen")
 # variants are
 REFINE_ROUNDS = 2
 OURS = (*SEARCHED, "nasq_measured", "measured_hs")
+# baselines whose cell another budget may share (`budgets.B.METHOD.same_as`): the same plan and recipe, run once
+SHARABLE = ("uniform", "magnitude")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
 # plan with a logit of 8 (nasq_hinit's default 2 was forgotten in 300 gate steps), so the search refines it
 VARIANT_SETS = {"nasq_gumbel": ["--set", "search.gumbel=true"], "nasq_gkd": ["--set", "search.gate_loss=task_kd"],
@@ -275,26 +277,31 @@ def load_grid(path: Path) -> dict:
             raise GridError(f"{where}.rule must be {{bits: B, rule_bits: {{RULE: BITS, ...}}, note}} (the space's "
                             "rules by name), e.g. {bits: 2, rule_bits: {attention_qkv: 3, attention_output: 3}}")
         m = b.get("magnitude")  # magnitude pruning: `nasq baseline magnitude` (no entry: the cell is skipped)
-        if m is not None and (not isinstance(m, dict) or set(m) - {"bits", "note"} or not isinstance(m.get("bits"), int)
-                              or isinstance(m.get("bits"), bool)):
-            raise GridError(f"{where}.magnitude must be {{bits: B, note}}: every group at B bits, the groups of "
-                            "least weight magnitude pruned until the plan fits (the space must offer 0 bits)")
-    # uniform.same_as: another budget's uniform cell is this one (run once). It asserts that both budgets' uniform
-    # plans are the same: checked here are the bits; the spaces must cover the same tensors in the same row
-    # groups (aqbert_128g and its _w234 / _w1234 variants do), which needs the model to check, so it is on the
-    # config's author.
+        if m is not None and (not isinstance(m, dict) or set(m) - {"bits", "note", "same_as"}
+                              or not isinstance(m.get("bits"), int) or isinstance(m.get("bits"), bool)):
+            raise GridError(f"{where}.magnitude must be {{bits: B, note, same_as}}: every group at B bits, the groups "
+                            "of least weight magnitude pruned until the plan fits (the space must offer 0 bits)")
+    # {uniform,magnitude}.same_as: another budget's cell of that method is this one (run once). It asserts that both
+    # budgets' plans are the same: checked here are the bits (and for magnitude, whose plan is cut to the budget,
+    # the budget); the spaces must cover the same tensors in the same row groups (aqbert_128g and its _w234 /
+    # _w1234 variants do), which needs the model to check, so it is on the config's author.
     for name, b in cfg["budgets"].items():
-        ref = (b.get("uniform") or {}).get("same_as")
-        if ref is None:
-            continue
-        where = f"{path}: `budgets.{name}.uniform.same_as`"
-        other = (cfg["budgets"].get(ref) or {}).get("uniform") if ref != name else None
-        if not isinstance(other, dict) or "skip" in other or "same_as" in other:
-            raise GridError(f"{where}: {ref!r} must be another budget with its own uniform cell")
-        if other.get("bits") != b["uniform"].get("bits") or other.get("space_choices") != b["uniform"].get(
-                "space_choices"):
-            raise GridError(f"{where}: budget {ref!r} runs uniform {other.get('bits')}-bit, not "
-                            f"{b['uniform'].get('bits')}-bit: only the same plan can be shared")
+        for method in SHARABLE:
+            ref = (b.get(method) or {}).get("same_as")
+            if ref is None:
+                continue
+            where = f"{path}: `budgets.{name}.{method}.same_as`"
+            ob = cfg["budgets"].get(ref) if ref != name else None
+            other = (ob or {}).get(method)
+            if not isinstance(other, dict) or "skip" in other or "same_as" in other:
+                raise GridError(f"{where}: {ref!r} must be another budget with its own {method} cell")
+            if other.get("bits") != b[method].get("bits") or other.get("space_choices") != b[method].get(
+                    "space_choices"):
+                raise GridError(f"{where}: budget {ref!r} runs {method} {other.get('bits')}-bit, not "
+                                f"{b[method].get('bits')}-bit: only the same plan can be shared")
+            if method == "magnitude" and budget_flags(ob) != budget_flags(b):
+                raise GridError(f"{where}: budget {ref!r} is {budget_flags(ob)}, this one {budget_flags(b)}: a "
+                                "magnitude plan is pruned to its budget, so only the same budget can share it")
     cfg.setdefault("common", {})
     cfg["common"] = cfg["common"] or {}
     cfg.setdefault("plot", {})
@@ -465,15 +472,16 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     plan = d / "plan.json"
     sdir = d / "search"  # the search run of a searched method (nasq_front: another budget's)
     bflags = budget_flags(b)
+    if method in SHARABLE and (ref_name := (b.get(method) or {}).get("same_as")):
+        # the same plan and recipe as another budget's cell of this method: run (and read) it once
+        ref = quant_cell(cfg, task, str(ref_name), method, runs, data_dir, seed)
+        c.dir, c.stages, c.spaces = ref.dir, ref.stages, ref.spaces
+        c.note = f"the {ref_name} cell (the same {b[method]['bits']}-bit plan and QAT recipe, run once)"
+        return c
     if method == "uniform":
         u = b.get("uniform") or {}
         if "skip" in u:
             c.skip = str(u["skip"])
-            return c
-        if u.get("same_as"):  # the same plan and recipe as another budget's uniform cell: run (and read) it once
-            ref = quant_cell(cfg, task, str(u["same_as"]), method, runs, data_dir, seed)
-            c.dir, c.stages, c.spaces = ref.dir, ref.stages, ref.spaces
-            c.note = f"the {u['same_as']} cell (the same {u['bits']}-bit plan and QAT recipe, run once)"
             return c
         if u.get("space"):
             space = str(u["space"])
@@ -1267,7 +1275,7 @@ def keep_previous(rows: list[dict], cells: list[Cell], previous: dict) -> int:
     """Replace each unfinished row by the same cell's finished row of the previous ``results.csv``: run
     directories stay on the machine that ran them (a fresh checkout has none, or a rerun has just started), and
     collecting there must not erase finished results. The kept row's note says so and gives this machine's
-    status. A cell that shares its directory with another (``uniform.same_as``) takes that cell's row when it
+    status. A cell that shares its directory with another (``same_as``) takes that cell's row when it
     has none of its own (a budget added since). Returns how many rows were kept."""
     def key(row):
         return row["task"], row["budget"], row["method"], str(row["seed"])
@@ -1339,7 +1347,7 @@ def teacher_needed(teacher: Cell, task_cells: list[Cell]) -> bool:
 
 
 def unique_cells(cells: list[Cell]) -> list[Cell]:
-    """The cells to execute, one per directory (a `uniform.same_as` cell shares its directory with the cell it
+    """The cells to execute, one per directory (a `same_as` cell shares its directory with the cell it
     names: running both at once would race), in order."""
     seen: set[Path] = set()
     out = []

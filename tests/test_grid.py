@@ -305,6 +305,21 @@ def test_uniform_same_as_shares_one_cell(tmp_path):
         bad.write_text(yaml.safe_dump(raw))
         with pytest.raises(grid.GridError, match=match):
             grid.load_grid(bad)
+    # the magnitude cell is shared the same way (avg2_nopruning's is avg2's), but only at the same budget: its plan
+    # is pruned to the budget
+    m, m2 = (next(c for c in cells if (c.budget, c.method, c.seed) == (bud, "magnitude", 1))
+             for bud in ("avg2", "avg2_nopruning"))
+    assert m2.dir == m.dir and [s.argv for s in m2.stages] == [s.argv for s in m.stages] and "avg2 cell" in m2.note
+    assert "--space" in m.stages[0].argv and "aqbert_128g" in m.stages[0].argv  # the 0-bit width of avg2's space
+    raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
+    for budget, same_as, match in (("avg2_nopruning", "avg4", "runs magnitude 8-bit, not 4-bit"),
+                                   ("avg2.5", "avg2", "only the same budget"),
+                                   ("avg2_nopruning", "avg2_nopruning", "another budget")):
+        raw["budgets"][budget]["magnitude"] = {"bits": 4, "same_as": same_as}
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(grid.GridError, match=match):
+            grid.load_grid(bad)
+        raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
 
 
 def test_ray_scheduling_helpers(tmp_path):
@@ -314,8 +329,8 @@ def test_ray_scheduling_helpers(tmp_path):
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
     cells = grid.all_cells(cfg, tmp_path / "runs", "G")
     uniq = grid.unique_cells(cells)
-    shared = sum("same_as" in (b.get("uniform") or {}) for b in cfg["budgets"].values())
-    # avg2.5's uniform cells are avg2's, on every task
+    shared = sum("same_as" in (b.get(m) or {}) for b in cfg["budgets"].values() for m in grid.SHARABLE)
+    # avg2.5's uniform cells are avg2's, on every task (and avg2_nopruning's uniform and magnitude cells)
     assert shared >= 1 and len(uniq) == len(cells) - shared * len(cfg["seeds"]) * len(cfg["tasks"])
     assert len({c.dir for c in uniq}) == len(uniq)
     assert grid.stage_cpus(cfg, "search", 2) == 2
