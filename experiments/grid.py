@@ -1253,9 +1253,10 @@ def _row_from_csv(rec: dict[str, str]) -> dict:
             row[k] = v == "yes"
         elif k in _INT_COLUMNS:
             row[k] = int(float(v)) if _num(v) is not None else v
-        else:
-            row[k] = float(v) if k not in ("dev_curve", "command", "note", "git_rev", "date", "status") \
-                and _num(v) is not None else v
+        elif k in ("dev_curve", "command", "note", "git_rev", "date", "status") or _num(v) is None:
+            row[k] = v
+        else:  # an integer stays one (the teacher's avg_bits 32), so a kept row is written as it was read
+            row[k] = int(v) if v.lstrip("-").isdigit() else float(v)
     return row
 
 

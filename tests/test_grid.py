@@ -369,7 +369,9 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
             dict(base, task="sst2", budget="avg1.5", method="nasq", seed="0", status="failed: qat",
                  metric_name="accuracy"),
             dict(base, task="sst2", budget="avg2", method="uniform", seed="2", status="done",
-                 metric_name="accuracy", metric="0.875", avg_bits="2.0", within_budget="yes")]
+                 metric_name="accuracy", metric="0.875", avg_bits="2.0", within_budget="yes"),
+            dict(base, task="sst2", budget="fp32", method="fp32", seed="0", status="done", metric_name="accuracy",
+                 metric="0.896789", avg_bits="32", finetune_s="1242.5")]
     with (res / "results.csv").open("w", newline="") as f:
         w = grid.csv.DictWriter(f, fieldnames=grid.CSV_COLUMNS)
         w.writeheader()
@@ -386,6 +388,10 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
         assert kept["dev_curve"] == "100:0.8000 800:0.8544"
         assert kept["note"] == "an old note; kept from results.csv (its run directory is not on this machine)"
         assert got[("nasq", "0")]["status"] == "not run"
+        teacher = next(r for r in grid.csv.DictReader((res / "results.csv").open(newline=""))
+                       if r["method"] == "fp32" and r["task"] == "sst2")
+        # written as a fresh teacher row is (32, not 32.0000): a kept row reads back as it was written
+        assert (teacher["metric"], teacher["avg_bits"], teacher["finetune_s"]) == ("0.896789", "32", "1242.5")
         assert got[("uniform", "1")]["status"] == "not run"
         # avg2.5's uniform cell is avg2's (uniform.same_as): with no row of its own it takes avg2's
         shared = [r for r in grid.csv.DictReader((res / "results.csv").open(newline=""))
