@@ -58,11 +58,12 @@ def page_faults(setup: str, env=None, probe: str = PROBE) -> int:
 @pytest.mark.skipif(not GLIBC, reason="the tuning applies to glibc only")
 def test_import_nasq_keeps_freed_memory():
     """After ``import nasq`` a freed 64 MiB buffer is reused without faulting its pages in again; with
-    ``NASQ_TUNE_MALLOC=0`` glibc's defaults map and unmap it every round (each round faults again: fewer faults
-    than its 16,384 pages where the kernel backs it with transparent huge pages)."""
+    ``NASQ_TUNE_MALLOC=0`` glibc's defaults map and unmap it every round (each round faults again: its 16,384
+    pages, or as few as its 32 huge pages where the kernel has free transparent huge pages for numpy's madvise,
+    which varies with the machine's load)."""
     untuned = page_faults("import nasq", {allocator.ENV: "0"})
     tuned = page_faults("import nasq")
-    assert untuned > 4 * 100, untuned
+    assert untuned >= 4 * 32, untuned  # at least one fault per 2 MiB huge page per round (THP backs it)
     assert tuned < untuned / 10, (tuned, untuned)
 
 
