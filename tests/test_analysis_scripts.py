@@ -1,5 +1,5 @@
-"""experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py and gate_signal.py: their numbers and their
-errors on bad input."""
+"""experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py, gate_signal.py and hessian_reliability.py:
+their numbers and their errors on bad input."""
 
 import importlib.util
 import json
@@ -149,3 +149,26 @@ def test_gate_signal_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsy
     assert "Spearman rank correlation" in capsys.readouterr().out
     assert gs.main([*common, "--probe", str(tmp_path / "missing.json")]) == 2
     assert "gate_signal: error" in capsys.readouterr().err
+
+
+def test_hessian_reliability_correlations():
+    """hessian_reliability.reliability: identical draws agree everywhere (+1); draws whose groups are reversed
+    inside each tensor but keep each tensor's pooled trace agree per tensor and disagree per group."""
+    from nasq.contract.space import SearchedTensor
+
+    hr = _load("hessian_reliability")
+    ts = [SearchedTensor(path=f"encoder.layer.0.t{i}", rule="r", rows=16, cols=4, group_sizes=(4, 4, 4, 4),
+                         choices=(2, 3, 4), has_bias=True, kind="linear") for i in range(3)]
+    a = [np.array([1.0, 2.0, 3.0, 4.0]) * 10**i for i in range(3)]
+    same = hr.reliability(a, a, ts)
+    assert same["spearman_groups"] == pytest.approx(1.0) and same["spearman_tensors"] == pytest.approx(1.0)
+    assert same["spearman_within_tensor_median"] == pytest.approx(1.0) and same["nonpositive_share"] == [0.0, 0.0]
+    flipped = hr.reliability(a, [x[::-1] for x in a], ts)
+    assert flipped["spearman_within_tensor_median"] == pytest.approx(-1.0)
+    assert flipped["spearman_tensors"] == pytest.approx(1.0)
+    assert list(hr.tensor_pooled(a, ts)) == pytest.approx([2.5, 25.0, 250.0])
+
+
+def test_hessian_reliability_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    rc = _load("hessian_reliability").main([str(tmp_path / "no_run"), "--task", "cola", "--data-dir", "."])
+    assert rc == 2 and "hessian_reliability: error:" in capsys.readouterr().err

@@ -238,6 +238,35 @@ def test_nonpositive_traces_are_clamped():
     assert np.all(u[0] < 0)  # still prefers the smaller perturbation
 
 
+def test_pooled_traces_score_every_group_with_its_tensors_trace():
+    """granularity=tensor: Tr(H_t)/n_t = sum_g Tr(H_g) / sum_g n_g, i.e. the group traces per weight averaged by
+    rows (every group has the tensor's columns), for every group of the tensor."""
+    from nasq.baselines.hessian import pooled_traces
+
+    ts = [_t("encoder.a", 8, 16, 4), _t("encoder.b", 4, 16, 4)]
+    ts[0] = dataclasses.replace(ts[0], group_sizes=(1, 1, 2, 4))
+    out = pooled_traces([np.array([8.0, 0.0, 1.0, 2.0]), np.array([3.0, 3.0, -3.0, 1.0])], ts)
+    assert np.allclose(out[0], (8 * 1 + 0 * 1 + 1 * 2 + 2 * 4) / 8) and out[0].shape == (4,)
+    assert np.allclose(out[1], 1.0)
+
+
+def test_tensor_granularity_moves_whole_tensors():
+    """Per-group traces that disagree inside a tensor split it; pooled per tensor, the tensor of larger
+    curvature keeps its bits and the other gives them up (equal perturbations)."""
+    from nasq.baselines.hessian import pooled_traces
+
+    ts = [_t("encoder.a", 8, 16, 4, choices=(2, 4)), _t("encoder.b", 8, 16, 4, choices=(2, 4))]
+    tabs = size_tables(ts)
+    budget = int(tabs[0][:, 1].sum() + tabs[1][:, 0].sum())  # room for half the groups at 4 bits
+    perts = [np.tile(np.array([[1.0, 0.1]]), (4, 1))] * 2
+    traces = [np.array([9.0, 0.1, 9.0, 0.1]), np.array([1.0, 1.0, 1.0, 1.0])]  # a: 4.55 per weight > b: 1
+    split = choices_to_bits(ts, allocate(hessian_utilities(traces, perts)[0], tabs, budget).choices)
+    assert split[0] == (4, 2, 4, 2)  # a's noisy-looking groups split it
+    whole = choices_to_bits(ts, allocate(hessian_utilities(pooled_traces(traces, ts), perts)[0], tabs,
+                                         budget).choices)
+    assert whole == [(4, 4, 4, 4), (2, 2, 2, 2)]
+
+
 def test_quant_perturbations(model, tensors):
     perts = quant_perturbations(model, tensors, "symmetric")
     (w, b), t = tensor_weights(model, tensors)[0], tensors[0]
@@ -562,6 +591,10 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), refine_rounds=1)
     with pytest.raises(NasqError, match="--min-tokens is for the measured baseline"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), min_tokens=8)
+    with pytest.raises(NasqError, match="--granularity is for the hessian baseline, not measured"):
+        baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="tensor")
+    with pytest.raises(NasqError, match="--granularity must be one of group, tensor, got 'row'"):
+        baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="row")
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -615,6 +648,17 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
     p = Plan.load(out)
     assert p.provenance["method"] == method and p.provenance["n_batches"] == 1
     assert p.totals["within_budget"] and p.budget["source"] == "ratio=8.0"
+    if method == "hessian":  # the same draws pooled per tensor (HAWQ's per-layer trace)
+        assert p.provenance["granularity"] == "group" and "Tr(H_g)" in p.provenance["utility"]
+        per_tensor = tmp_path / "ht.json"
+        assert cli(["baseline", "hessian", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                    "--set", "model.max_len=32", "--n-batches", "1", "--n-probes", "1", "--ratio", "8",
+                    "--granularity", "tensor", "--out", str(per_tensor)]) == 0
+        t = Plan.load(per_tensor)
+        assert t.provenance["granularity"] == "tensor" and "Tr(H_t)" in t.provenance["utility"]
+        assert t.provenance["tensor_trace_per_weight"] == p.provenance["tensor_trace_per_weight"]
+        assert t.totals["within_budget"]
     if method == "measured":  # the measurements behind the plan travel with it, and re-solve at other budgets
         dmg = p.provenance["damage_kl_x1000"]
         assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8

@@ -184,6 +184,15 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
     h_qat = next(st for st in h.stages if st.name == "qat").argv
     assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
+    # hessian_t: the hessian cell's command with per-tensor traces and the hessian_t stage's probes; a baseline's QAT
+    ht = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "hessian_t", 1))
+    ht_argv, hess_argv = ht.stages[0].argv, hess.stages[0].argv
+    flag = {a: ht_argv[ht_argv.index(a) + 1] for a in ("--n-batches", "--n-probes", "--granularity", "--seed")}
+    assert flag == {"--n-batches": "16", "--n-probes": "8", "--granularity": "tensor", "--seed": "1"}
+    assert hess_argv[hess_argv.index("--n-probes") + 1] == "4" and "--granularity" not in hess_argv
+    assert steps(next(st for st in ht.stages if st.name == "qat").argv) == steps(qat_u)
+    mrpc_ht = next(c for c in quant if (c.task, c.budget, c.method, c.seed) == ("mrpc", "avg3", "hessian_t", 0))
+    assert "model.max_len=112" in mrpc_ht.stages[0].argv  # the task's hessian settings carry over
     # nasq_minit: the same with the same seed's measured plan, held with a logit of 8
     m = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_minit", 1))
     meas = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "measured", 1))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nasq.baselines.hessian import hessian_allocation, tensor_weights
+from nasq.baselines.hessian import GRANULARITIES, hessian_allocation, tensor_weights
 from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
@@ -219,6 +219,14 @@ def check_measured_options(method: str, *, damage_from: DamageSource | None = No
         raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
 
 
+def check_hessian_options(method: str, granularity: str = "group") -> None:
+    """The Hessian baseline's own option (``--granularity``): known, and only for ``hessian``."""
+    if granularity not in GRANULARITIES:
+        raise NasqError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if granularity != "group" and method != "hessian":
+        raise NasqError(f"--granularity is for the hessian baseline, not {method}")
+
+
 def baseline_plan(
     method: str,
     model: nnx.Module,
@@ -238,6 +246,7 @@ def baseline_plan(
     refine_rounds: int = 0,
     min_tokens: int = 0,
     spread: str = "rows",
+    granularity: str = "group",
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -249,13 +258,15 @@ def baseline_plan(
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
-    too). ``seed`` defaults to ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into
+    too); ``granularity``: the Hessian traces per row group or per tensor
+    (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into
     the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
+    check_hessian_options(method, granularity)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -300,8 +311,10 @@ def baseline_plan(
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
         if method == "hessian":
-            bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, **common)
-            utility = "-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2"
+            bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, granularity=granularity,
+                                     **common)
+            utility = ("-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
+                       "-0.5*Tr(H_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)")
         else:
             bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage,
                                       refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
@@ -326,7 +339,7 @@ def baseline_plan(
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
                   n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0,
                   damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
-                  spread: str = "rows", log=print):
+                  spread: str = "rows", granularity: str = "group", log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
@@ -340,6 +353,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
+    check_hessian_options(method, granularity)
     if rule_bits and method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
     measure = method == "hessian" or (method == "measured" and damage_from is None)
@@ -354,7 +368,8 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         plan = baseline_plan(method, model, data, cfg, budget, bits=bits, rule_bits=rule_bits, n_batches=n_batches,
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
-                             refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread)
+                             refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
+                             granularity=granularity)
     finally:
         if bar:
             bar.close()

@@ -62,6 +62,10 @@ def register(subparsers) -> None:
                    help="measured: how a tensor's measured damage is split over its row groups: by rows (default) or "
                    "by the Hessian estimate of each group at each width (Hutchinson, --n-probes; groups of one "
                    "tensor may then get different widths)")
+    p.add_argument("--granularity", choices=["group", "tensor"], default="group",
+                   help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, pooled "
+                   "over the tensor's groups (HAWQ's per-layer trace: less noisy, "
+                   "experiments/hessian_reliability.py)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -73,7 +77,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     plan = allocate_plan(args.method, config_from_args(args), bits=args.bits, rule_bits=args.rule_bits,
                          n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                          damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens,
-                         spread=args.spread)
+                         spread=args.spread, granularity=args.granularity)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
