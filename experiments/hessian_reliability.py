@@ -18,7 +18,8 @@ seed S + 1000: other batches, other probes), and reports how far the two agree:
                 and how the groups spread over the widths
 
 A per-group estimate whose two draws barely agree allocates noise; then a trace pooled over the tensor is the
-baseline that does what it claims. Cost: two Hessian estimates (3-4 minutes each on CoLA, 2 cores).
+baseline that does what it claims. Cost: two Hessian estimates (3-4 minutes each on CoLA, 2 cores). The data
+settings are nasq's defaults (the protocol's for SST-2 and CoLA; MRPC's cells use a longer max length).
 
 Usage (repo root):
     python experiments/hessian_reliability.py runs/protocol/cola/fp32 --task cola --data-dir ../shared/data/glue \\

@@ -120,7 +120,7 @@ def test_sensitivity_probe_rank_correlation_of_plans(tmp_path, capsys):
 
 
 @pytest.mark.slow  # fine-tunes a tiny teacher and compiles a supernet: about a minute
-def test_gate_signal_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsys):
+def test_gate_signal_and_hessian_reliability_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsys):
     """experiments/gate_signal.py end to end: a row per gated tensor with finite signals and SNRs from both losses,
     rank correlations against the probe, the JSON written; a missing probe file is a clear error."""
     import nasq.cli
@@ -149,6 +149,16 @@ def test_gate_signal_on_a_tiny_teacher(tiny_model_dir, glue_dir, tmp_path, capsy
     assert "Spearman rank correlation" in capsys.readouterr().out
     assert gs.main([*common, "--probe", str(tmp_path / "missing.json")]) == 2
     assert "gate_signal: error" in capsys.readouterr().err
+    # hessian_reliability.py on the same teacher: two draws, both granularities' plans at the budget
+    rel = tmp_path / "reliability.json"
+    assert _load("hessian_reliability").main([str(teacher), "--task", "sst2", "--data-dir", str(glue_dir), "--space",
+                                              "tiny", "--avg-bits", "3", "--n-batches", "1", "--n-probes", "1",
+                                              "--train-subset", "64", "--out", str(rel)]) == 0
+    r = json.loads(rel.read_text())
+    assert r["groups"] == sum(t.num_groups for t in tensors) and -1 <= r["spearman_groups"] <= 1
+    for gran in ("group", "tensor"):
+        assert 0 <= r["plans"][gran]["same_bits_share"] <= 1
+        assert [sum(c.values()) for c in r["plans"][gran]["groups_per_width"]] == [r["groups"]] * 2
 
 
 def test_hessian_reliability_correlations():
