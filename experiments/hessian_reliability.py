@@ -87,21 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         pooled_traces,
         quant_perturbations,
     )
-    from nasq.config import build_config
     from nasq.contract.cost import size_budget, size_tables
-    from nasq.contract.model_dir import load_model_dir, model_dir_of
-    from nasq.contract.space import load_space, resolve
-    from nasq.data.tasks import load_task_data
-    from nasq.models.surgery import linear_shapes, model_param_shapes
+    from nasq.models.surgery import model_param_shapes
     from nasq.search.finalize import allocate
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sensitivity_probe import load_teacher
+
     try:
-        cfg = build_config(("args", {"data": {"task": a.task, "data_dir": a.data_dir, "train_subset": a.train_subset},
-                                     "train": {"seed": a.seed}}))
-        teacher, _ = load_model_dir(a.teacher)
-        data = load_task_data(cfg, model_dir=model_dir_of(a.teacher))
-        space = load_space(a.space)
-        tensors = resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+        cfg, teacher, data, space, tensors = load_teacher(a.teacher, a.task, a.data_dir, a.train_subset, a.seed,
+                                                          a.space)
     except NasqError as e:
         print(f"hessian_reliability: error: {e}", file=sys.stderr)
         return 2

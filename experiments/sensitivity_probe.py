@@ -36,6 +36,23 @@ from nasq.baselines.measured import kl_rows
 from nasq.errors import NasqError
 
 
+def load_teacher(run: str, task: str, data_dir: str | None, train_subset: int | None, seed: int, space_name: str):
+    """(config, fp32 teacher, task data, search space, its tensors resolved on the teacher) for the analysis
+    scripts; ``NasqError`` on a bad run, task, data directory or space."""
+    from nasq.config import build_config
+    from nasq.contract.model_dir import load_model_dir, model_dir_of
+    from nasq.contract.space import load_space, resolve
+    from nasq.data.tasks import load_task_data
+    from nasq.models.surgery import linear_shapes
+
+    cfg = build_config(("args", {"data": {"task": task, "data_dir": data_dir, "train_subset": train_subset},
+                                 "train": {"seed": seed}}))
+    teacher, _ = load_model_dir(run)
+    data = load_task_data(cfg, model_dir=model_dir_of(run))
+    space = load_space(space_name)
+    return cfg, teacher, data, space, resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+
+
 def plan_agreement(probes: list[dict], plan_path: str) -> dict[int, float]:
     """Per probed width b: Spearman's rank correlation, over the probed tensors, of the plan's average bits per
     tensor with the measured KL per weight at b bits (+1: more bits exactly where a bit saves most per byte);
@@ -90,22 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from nasq.config import build_config
-    from nasq.contract.model_dir import load_model_dir, model_dir_of
-    from nasq.contract.space import load_space, resolve
-    from nasq.data.tasks import load_task_data
     from nasq.evaluation import collect_logits
     from nasq.models.bert import Linear
-    from nasq.models.surgery import linear_shapes, module_path, strip_root
+    from nasq.models.surgery import module_path, strip_root
     from nasq.quant.layers import QuantLinear
 
     try:
-        cfg = build_config(("args", {"data": {"task": a.task, "data_dir": a.data_dir, "train_subset": a.rows},
-                                     "train": {"seed": a.seed}}))
-        teacher, _ = load_model_dir(a.teacher)
-        data = load_task_data(cfg, model_dir=model_dir_of(a.teacher))
-        space = load_space(a.space)
-        tensors = resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+        _, teacher, data, space, tensors = load_teacher(a.teacher, a.task, a.data_dir, a.rows, a.seed, a.space)
     except NasqError as e:
         print(f"sensitivity_probe: error: {e}", file=sys.stderr)
         return 2
