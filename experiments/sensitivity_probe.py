@@ -50,7 +50,8 @@ def load_teacher(run: str, task: str, data_dir: str | None, train_subset: int | 
     teacher, _ = load_model_dir(run)
     data = load_task_data(cfg, model_dir=model_dir_of(run))
     space = load_space(space_name)
-    return cfg, teacher, data, space, resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+    tensors = resolve(space, linear_shapes(teacher.bert), teacher.config.num_attention_heads)
+    return cfg, teacher, data, space, tensors
 
 
 def plan_agreement(probes: list[dict], plan_path: str) -> dict[int, float]:

@@ -151,9 +151,9 @@ def test_gate_signal_and_hessian_reliability_on_a_tiny_teacher(tiny_model_dir, g
     assert "gate_signal: error" in capsys.readouterr().err
     # hessian_reliability.py on the same teacher: two draws, both granularities' plans at the budget
     rel = tmp_path / "reliability.json"
-    assert _load("hessian_reliability").main([str(teacher), "--task", "sst2", "--data-dir", str(glue_dir), "--space",
-                                              "tiny", "--avg-bits", "3", "--n-batches", "1", "--n-probes", "1",
-                                              "--train-subset", "64", "--out", str(rel)]) == 0
+    assert _load("hessian_reliability").main([str(teacher), "--task", "sst2", "--data-dir", str(glue_dir),
+                                              "--space", "tiny", "--avg-bits", "3", "--n-batches", "1",
+                                              "--n-probes", "1", "--train-subset", "64", "--out", str(rel)]) == 0
     r = json.loads(rel.read_text())
     assert r["groups"] == sum(t.num_groups for t in tensors) and -1 <= r["spearman_groups"] <= 1
     for gran in ("group", "tensor"):

@@ -184,7 +184,7 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert f"search.init_plan={h.dir / 'init_plan.json'}" in h_search and "search.gate_init=plan" in h_search
     h_qat = next(st for st in h.stages if st.name == "qat").argv
     assert steps(h_qat) == steps(qat_n) and h_qat[h_qat.index("--init-from") + 1] == str(h.dir / "search")
-    # hessian_t: the hessian cell's command with per-tensor traces and the hessian_t stage's probes; a baseline's QAT
+    # hessian_t: the hessian cell's command, per-tensor traces and the hessian_t stage's probes; a baseline's QAT
     ht = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", "hessian_t", 1))
     ht_argv, hess_argv = ht.stages[0].argv, hess.stages[0].argv
     flag = {a: ht_argv[ht_argv.index(a) + 1] for a in ("--n-batches", "--n-probes", "--granularity", "--seed")}

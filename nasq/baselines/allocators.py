@@ -259,8 +259,8 @@ def baseline_plan(
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
     too); ``granularity``: the Hessian traces per row group or per tensor
-    (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance`` extras (e.g. ``run``, ``task``) are merged into
-    the plan's provenance.
+    (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")

@@ -63,8 +63,8 @@ def register(subparsers) -> None:
                    "by the Hessian estimate of each group at each width (Hutchinson, --n-probes; groups of one "
                    "tensor may then get different widths)")
     p.add_argument("--granularity", choices=["group", "tensor"], default="group",
-                   help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, pooled "
-                   "over the tensor's groups (HAWQ's per-layer trace: less noisy, "
+                   help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
+                   "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
