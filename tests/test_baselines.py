@@ -238,6 +238,20 @@ def test_nonpositive_traces_are_clamped():
     assert np.all(u[0] < 0)  # still prefers the smaller perturbation
 
 
+def test_hessian_noise_warning():
+    """More than a fifth of the groups clamped: a warning naming the count and what to do, by granularity; none
+    for other plans or few clamped groups."""
+    from nasq.baselines.allocators import hessian_noise_warning
+
+    prov = {"clamped_groups": 2271, "groups": 4608, "n_batches": 8, "n_probes": 4, "granularity": "group"}
+    line = hessian_noise_warning(prov)
+    assert line.startswith("warning: 2,271 of 4,608 row groups") and "8 batches x 4 probes" in line
+    assert "--granularity tensor" in line
+    assert "indefinite" in hessian_noise_warning({**prov, "granularity": "tensor"})
+    assert hessian_noise_warning({**prov, "clamped_groups": 900}) is None  # under a fifth
+    assert hessian_noise_warning({"method": "measured"}) is None and hessian_noise_warning({"groups": 0}) is None
+
+
 def test_pooled_traces_score_every_group_with_its_tensors_trace():
     """granularity=tensor: Tr(H_t)/n_t = sum_g Tr(H_g) / sum_g n_g, i.e. the group traces per weight averaged by
     rows (every group has the tensor's columns), for every group of the tensor."""

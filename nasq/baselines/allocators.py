@@ -373,9 +373,34 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     finally:
         if bar:
             bar.close()
-    if line := predicted_line(plan.provenance):
-        log(line)
+    for line in (predicted_line(plan.provenance), hessian_noise_warning(plan.provenance)):
+        if line:
+            log(line)
     return plan
+
+
+# share of row groups whose Hessian trace estimate came out <= the clamp floor above which `nasq baseline hessian`
+# warns: the diagonal block's trace is positive near a minimum, so many nonpositive estimates mean noise
+NOISY_TRACE_SHARE = 0.2
+
+
+def hessian_noise_warning(provenance: dict) -> str | None:
+    """A warning line when a Hessian plan's trace estimates look like noise: more than ``NOISY_TRACE_SHARE`` of its
+    groups at or below the clamp floor (``clamped_groups`` of ``groups``); ``None`` else."""
+    clamped, groups = provenance.get("clamped_groups"), provenance.get("groups")
+    if not isinstance(clamped, int) or not isinstance(groups, int) or groups <= 0:
+        return None
+    if clamped <= NOISY_TRACE_SHARE * groups:
+        return None
+    head = (f"warning: {clamped:,} of {groups:,} row groups have a Hessian trace estimate of about 0 or below "
+            f"(clamped to a floor, so they get the narrowest width; {provenance.get('n_batches')} batches x "
+            f"{provenance.get('n_probes')} probes): ")
+    if provenance.get("granularity", "group") == "group":
+        return head + ("per-group estimates this noisy make a noisy plan; pool them per tensor (--granularity "
+                       "tensor) with more --n-batches / --n-probes (experiments/hessian_reliability.py measures "
+                       "how far two draws agree)")
+    return head + ("the loss Hessian's trace of whole tensors is <= 0 (an indefinite Hessian at this model, or "
+                   "noise: more --n-batches / --n-probes tell which); consider the measured baseline")
 
 
 def predicted_line(provenance: dict) -> str | None:
