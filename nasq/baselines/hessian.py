@@ -29,9 +29,10 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
   coupling to every other weight, and over a whole tensor that noise partly averages out: on the CoLA MiniLM
   teacher, two independent draws of 8 batches x 4 probes ranked the 4,608 group traces alike with Spearman 0.07
   (half of them <= 0 in each draw) and the 36 tensor traces with 0.51 (``experiments/hessian_reliability.py``);
-  with 16 batches x 8 probes the tensors ranked alike with 0.78, but the trace of the fine-tuned model's loss
-  Hessian came out <= 0 for whole tensors (the last layer's in every draw), which then get the narrowest width,
-  and those plans scored below uniform at CoLA avg 3 (experiments/results/protocol/NOTES.md).
+  with 16 batches x 8 probes three draws ranked the tensors alike with 0.56-0.78, but the trace of the fine-tuned
+  model's loss Hessian came out <= 0 for 3-13 whole tensors per draw (every tensor of the last layer in two of
+  three), which then get the narrowest width, and those plans scored below uniform at CoLA avg 3 on average
+  (experiments/results/protocol/NOTES.md).
 
 The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
 :func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
