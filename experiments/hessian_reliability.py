@@ -8,7 +8,7 @@ with the protocol's recipe and two independent draws (seed S: batches and probes
 seed S + 1000: other batches, other probes), and reports how far the two agree:
 
     groups      Spearman's rank correlation of the two estimates over every row group, and the share of groups
-                whose estimate is <= 0 (clamped by the baseline) in either draw
+                whose estimate is <= 0 (clamped by the baseline) in each draw
     within      the same correlation inside each tensor (the groups of one tensor ranked against each other),
                 the median over tensors: what a per-group allocation relies on
     tensors     the correlation of the per-tensor traces ``Tr(H_t)/n_t`` (the group traces pooled by weights)
@@ -17,8 +17,8 @@ seed S + 1000: other batches, other probes), and reports how far the two agree:
                 layer-wise trace, every group of a tensor scored alike): the share of groups given the same bits,
                 and how the groups spread over the widths
 
-A per-group estimate whose two draws barely agree allocates noise; then a trace pooled over the tensor is the
-baseline that does what it claims. Cost: two Hessian estimates (3-4 minutes each on CoLA, 2 cores). The data
+A per-group estimate whose two draws barely agree allocates noise; a trace pooled over the tensor is the first
+remedy (on CoLA it removed most of the noise, not the sign of an indefinite loss Hessian: NOTES.md). Cost: two Hessian estimates (3-4 minutes each on CoLA, 2 cores). The data
 settings are nasq's defaults (the protocol's for SST-2 and CoLA; MRPC's cells use a longer max length).
 
 Usage (repo root):
