@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from nasq.contract.cost import size_budget, size_tables
     from nasq.models.surgery import model_param_shapes
-    from nasq.search.finalize import allocate
+    from nasq.search.finalize import allocate, choices_to_bits
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sensitivity_probe import load_teacher
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     tr = pooled_traces(tr, tensors)
                 utils, _ = hessian_utilities(tr, perts)
                 alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=20.0)
-                plans.append(np.concatenate([np.asarray(t.choices)[np.asarray(c)]
-                                             for t, c in zip(tensors, alloc.choices)]))
+                plans.append(np.concatenate(choices_to_bits(tensors, alloc.choices)))
             out["plans"][gran] = {"same_bits_share": float((plans[0] == plans[1]).mean()),
                                   "groups_per_width": [dict(sorted(Counter(map(int, x)).items())) for x in plans]}
     print(json.dumps(out, indent=1))

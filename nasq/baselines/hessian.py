@@ -289,9 +289,9 @@ def hessian_allocation(
     batches = _train_batches(data, n_batches, batch_size, seed)
     traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
                           seed=seed)
-    group_level = traces
+    group_level, pooled = traces, pooled_traces(traces, tensors)
     if granularity == "tensor":
-        traces = pooled_traces(traces, tensors)
+        traces = pooled
     perts = quant_perturbations(model, tensors, mode)
     utils, clamped = hessian_utilities(traces, perts)
     alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
@@ -303,6 +303,6 @@ def hessian_allocation(
                      "clamped_groups": clamped, "groups": int(flat.size),
                      "trace_per_weight": {"min": float(flat.min()), "median": float(np.median(flat)),
                                           "max": float(flat.max())},
-                     "tensor_trace_per_weight": {t.path: float(tr[0]) for t, tr in
-                                                 zip(tensors, pooled_traces(group_level, tensors), strict=True)}})
+                     "tensor_trace_per_weight": {t.path: float(tr[0])
+                                                 for t, tr in zip(tensors, pooled, strict=True)}})
     return choices_to_bits(tensors, alloc.choices)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nasq.baselines.allocators import METHODS, allocate_plan
+from nasq.baselines.hessian import GRANULARITIES
 from nasq.commands._common import add_budget_flags, add_common, config_from_args, parse_plan_list
 from nasq.contract.cost import MB
 from nasq.errors import NasqError
@@ -62,7 +63,7 @@ def register(subparsers) -> None:
                    help="measured: how a tensor's measured damage is split over its row groups: by rows (default) or "
                    "by the Hessian estimate of each group at each width (Hutchinson, --n-probes; groups of one "
                    "tensor may then get different widths)")
-    p.add_argument("--granularity", choices=["group", "tensor"], default="group",
+    p.add_argument("--granularity", choices=GRANULARITIES, default="group",
                    help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py)")
