@@ -89,14 +89,22 @@ from nasq.io import git_rev, write_atomic
 from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "measured", "random", "magnitude", "nasq",
-           "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
+METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "fisher", "fisher_t", "measured", "random",
+           "magnitude", "nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
            "nasq_front", "nasq_measured", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs",
            "nasq_ikd")
 # hessian_t: the Hessian baseline with HAWQ's per-layer trace (`nasq baseline hessian --granularity tensor`): each
 # group scored by its tensor's Tr(H)/n, the hessian recipe updated by the `hessian_t` stage's (more probes): the
 # per-group estimates of the hessian recipe barely agree between independent draws, its per-tensor ones only
 # partly (experiments/hessian_reliability.py)
+# fisher, fisher_t: the Hessian baseline with the loss's Gauss-Newton matrix (the Fisher of the model's predictions)
+# in place of the Hessian (`--curvature fisher`: exact over the rows, never negative), per row group and per tensor,
+# on the `fisher` stage's rows (over `hessian`'s recipe): a second-order baseline whose traces are neither probe
+# noise nor negative
+# the Hessian baseline's variants: `nasq baseline hessian` flags, and the stage whose recipe updates `hessian`'s
+HESSIAN_VARIANTS = {"hessian": ([], "hessian"), "hessian_t": (["--granularity", "tensor"], "hessian_t"),
+                    "fisher": (["--curvature", "fisher"], "fisher"),
+                    "fisher_t": (["--curvature", "fisher", "--granularity", "tensor"], "fisher")}
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -161,6 +169,7 @@ STAGE_KEYS = {
     "search": {"max_steps", "epochs", "train_subset", "lr", "set", "mode"},
     "hessian": {"train_subset", "n_batches", "n_probes", "set"},
     "hessian_t": {"train_subset", "n_batches", "n_probes", "set"},  # over `hessian`'s recipe
+    "fisher": {"train_subset", "n_batches", "set"},  # over `hessian`'s recipe
     "qat": {"max_steps", "epochs", "train_subset", "lr", "set"},
 }
 # `protocol:` switches (all default false), see experiments/protocol.yaml:
@@ -512,13 +521,14 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(r["bits"]), *rb, *bflags, *setf, "--out", str(plan)], plan,
                               "plan"))
-    elif method in ("hessian", "hessian_t", "measured", "random", "nasq_measured", "measured_hs"):
-        extra = hessian_flags(cfg, task, seed, probes=method in ("hessian", "hessian_t", "measured_hs"),
-                              stage="hessian_t" if method == "hessian_t" else "hessian") \
+    elif method in (*HESSIAN_VARIANTS, "measured", "random", "nasq_measured", "measured_hs"):
+        flags, stage = HESSIAN_VARIANTS.get(method, ([], "hessian"))
+        probes = method in ("hessian", "hessian_t", "measured_hs")
+        extra = hessian_flags(cfg, task, seed, probes=probes, stage=stage) \
             if method != "random" else recipe_flags({"set": cfg["common"].get("set")}, seed)
-        base = {"nasq_measured": "measured", "measured_hs": "measured", "hessian_t": "hessian"}.get(method, method)
-        if method == "hessian_t":
-            extra += ["--granularity", "tensor"]
+        extra += flags
+        base = {"nasq_measured": "measured", "measured_hs": "measured"}.get(
+            method, "hessian" if method in HESSIAN_VARIANTS else method)
         if method == "nasq_measured":
             extra += ["--refine-rounds", str(REFINE_ROUNDS)]
         if method == "measured_hs":
@@ -574,7 +584,7 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
 def hessian_flags(cfg: dict, task: str, seed: int | None, probes: bool = True, stage: str = "hessian") -> list[str]:
     """`nasq baseline hessian` flags of the config's hessian recipe (the hessian cells and nasq_hinit's init);
     without ``probes``, those of `nasq baseline measured` (the same train rows, no Hutchinson probes);
-    ``stage="hessian_t"``: the hessian recipe updated by the `hessian_t` stage's (the hessian_t cells)."""
+    ``stage``: the hessian recipe updated by that stage's (`hessian_t`, `fisher`: those cells)."""
     h = recipe(cfg, task, "hessian")
     if stage != "hessian":
         h = deep_update(h, recipe(cfg, task, stage))

@@ -18,12 +18,16 @@ seed S + 1000: other batches, other probes), and reports how far the two agree:
                 and how the groups spread over the widths
 
 A per-group estimate whose two draws barely agree allocates noise; a trace pooled over the tensor is the first
-remedy (on CoLA it removed most of the noise, not the sign of an indefinite loss Hessian: NOTES.md). Cost: two Hessian estimates (3-4 minutes each on CoLA, 2 cores). The data
-settings are nasq's defaults (the protocol's for SST-2 and CoLA; MRPC's cells use a longer max length).
+remedy (on CoLA it removed most of the noise, not the sign of an indefinite loss Hessian: NOTES.md).
+``--curvature fisher`` measures the same for the Gauss-Newton traces (``nasq baseline hessian --curvature fisher``:
+exact over the rows, so the two draws differ only in their rows; never negative). Cost: two estimates (3-4
+minutes each on CoLA with 32 Hessian-vector products, 2 cores). The data settings are nasq's defaults (the
+protocol's for SST-2 and CoLA; MRPC's cells use a longer max length).
 
 Usage (repo root):
     python experiments/hessian_reliability.py runs/protocol/cola/fp32 --task cola --data-dir ../shared/data/glue \\
-        [--space aqbert_128g_w234] [--avg-bits 3] [--seed 0] [--n-batches 8] [--n-probes 4] [--out FILE.json]
+        [--space aqbert_128g_w234] [--avg-bits 3] [--seed 0] [--n-batches 8] [--n-probes 4] \
+        [--curvature hutchinson|fisher] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--avg-bits", type=float, default=None, help="also compare the two draws' plans at this budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-batches", type=int, default=8)
-    p.add_argument("--n-probes", type=int, default=4)
+    p.add_argument("--n-probes", type=int, default=4, help="Rademacher probes (hutchinson only)")
+    p.add_argument("--curvature", choices=["hutchinson", "fisher"], default="hutchinson",
+                   help="the Hessian (Hutchinson, default) or its Gauss-Newton part (exact, no probes)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="draw the batches from a seeded subset of the train rows (default: every row, as the "
                    "protocol's hessian cells)")
@@ -106,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         batches = _train_batches(data, a.n_batches, cfg.train.batch_size, seed)
         draws.append(group_traces(teacher, batches, tensors, is_regression=data.task.is_regression,
-                                  n_probes=a.n_probes, seed=seed))
+                                  n_probes=a.n_probes, seed=seed, curvature=a.curvature))
         print(f"draw seed {seed}: {time.time() - t0:.0f} s", flush=True)
     out = {"teacher": a.teacher, "task": a.task, "space": a.space, "seed": a.seed, "n_batches": a.n_batches,
-           "n_probes": a.n_probes, "train_subset": a.train_subset, **reliability(*draws, tensors)}
+           "curvature": a.curvature, **({"n_probes": a.n_probes} if a.curvature == "hutchinson" else {}),
+           "train_subset": a.train_subset, **reliability(*draws, tensors)}
 
     if a.avg_bits is not None:
         budget = size_budget(tensors, space, model_param_shapes(teacher), avg_bits=a.avg_bits)

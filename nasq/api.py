@@ -84,7 +84,7 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "measured", bits: in
     KL measured at every width on ``n_batches`` train batches, then the exact knapsack), ``"hessian"``,
     ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
-    ``granularity`` (:func:`nasq.baselines.allocators.baseline_plan`)."""
+    ``granularity``, ``curvature`` (:func:`nasq.baselines.allocators.baseline_plan`)."""
     from nasq.baselines.allocators import allocate_plan
     from nasq.io import check_output_path
 

@@ -159,6 +159,12 @@ def test_gate_signal_and_hessian_reliability_on_a_tiny_teacher(tiny_model_dir, g
     for gran in ("group", "tensor"):
         assert 0 <= r["plans"][gran]["same_bits_share"] <= 1
         assert [sum(c.values()) for c in r["plans"][gran]["groups_per_width"]] == [r["groups"]] * 2
+    # the Gauss-Newton traces: exact over the rows, never negative
+    assert _load("hessian_reliability").main([str(teacher), "--task", "sst2", "--data-dir", str(glue_dir),
+                                              "--space", "tiny", "--n-batches", "1", "--curvature", "fisher",
+                                              "--train-subset", "64", "--out", str(rel)]) == 0
+    f = json.loads(rel.read_text())
+    assert f["curvature"] == "fisher" and "n_probes" not in f and f["nonpositive_share"] == [0.0, 0.0]
 
 
 def test_hessian_reliability_correlations():

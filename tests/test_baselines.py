@@ -2,6 +2,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from nasq.baselines.allocators import (
     uniform_allocation,
 )
 from nasq.baselines.hessian import (
+    gauss_newton_diagonal,
     group_traces,
     hessian_utilities,
     hutchinson_diagonal,
@@ -105,6 +107,41 @@ def test_hutchinson_rejects_bad_arguments():
         hutchinson_diagonal(lambda p, b: jnp.sum(p), jnp.ones(2), [None], jax.random.PRNGKey(0), 0)
     with pytest.raises(NasqError, match="batch"):
         hutchinson_diagonal(lambda p, b: jnp.sum(p), jnp.ones(2), [], jax.random.PRNGKey(0), 1)
+
+
+def test_gauss_newton_diagonal_is_the_hessian_of_a_linear_softmax_model():
+    """For logits linear in the weights the cross-entropy's Hessian *is* its Gauss-Newton matrix, so the exact GN
+    diagonal (per-example Jacobians, weighted by softmax; padding rows of weight 0 ignored) equals jax.hessian's
+    diagonal of the weighted mean loss; for squared error (f - y)^2 with f linear, 2 x^2 averaged."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 6))
+    w = np.array([1, 1, 1, 1, 1, 0], np.float32)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros(3)}
+
+    def mean_loss(p):
+        logits = x @ p["w"] + p["b"]
+        per = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
+        return (per * w).sum() / w.sum()
+
+    def out(p, ctx, xi):
+        logits = xi @ p["w"] * ctx + p["b"]
+        return jax.nn.log_softmax(logits), jax.nn.softmax(logits)
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    exact = unravel(jnp.diag(jax.hessian(lambda f: mean_loss(unravel(f)))(flat)))
+    got = gauss_newton_diagonal(out, params, [(x[:4], w[:4]), (x[4:], w[4:])], context=jnp.float32(1.0))
+    for k in params:
+        np.testing.assert_allclose(got[k], exact[k], rtol=1e-4, atol=1e-6)
+    assert all((np.asarray(v) >= 0).all() for v in got.values())
+
+    v = jnp.asarray(rng.normal(size=4), jnp.float32)
+    sq = gauss_newton_diagonal(lambda p, _, xi: ((xi @ p)[None], jnp.full((1,), 2.0)), v, [(x, w)])
+    np.testing.assert_allclose(sq, 2 * (np.asarray(x) ** 2 * w[:, None]).sum(0) / w.sum(), rtol=1e-5)
+    with pytest.raises(NasqError, match="at least one example"):
+        gauss_newton_diagonal(out, params, [])
+    with pytest.raises(NasqError, match="positive weight"):
+        gauss_newton_diagonal(out, params, [(x[5:], w[5:])], context=jnp.float32(1.0))
 
 
 # ------------------------------------------------------------------------------------------------ uniform
@@ -250,6 +287,8 @@ def test_hessian_noise_warning():
     assert "indefinite" in hessian_noise_warning({**prov, "granularity": "tensor"})
     assert hessian_noise_warning({**prov, "clamped_groups": 900}) is None  # under a fifth
     assert hessian_noise_warning({"method": "measured"}) is None and hessian_noise_warning({"groups": 0}) is None
+    assert hessian_noise_warning({**prov, "curvature": "fisher"}) is None  # exact and >= 0: near 0 is real
+    assert "--curvature fisher" in hessian_noise_warning({**prov, "granularity": "tensor"})
 
 
 def test_pooled_traces_score_every_group_with_its_tensors_trace():
@@ -299,6 +338,13 @@ def test_group_traces_on_tiny_model(model, tensors, task_data):
     assert [x.shape for x in tr] == [(t.num_groups,) for t in tensors]
     assert all(np.isfinite(x).all() for x in tr)
     assert any(np.abs(x).max() > 0 for x in tr)
+    gn = group_traces(model, batches, tensors, is_regression=False, n_probes=1, seed=0, curvature="fisher")
+    assert [x.shape for x in gn] == [(t.num_groups,) for t in tensors]
+    assert all(np.isfinite(x).all() and (x >= 0).all() for x in gn) and any(x.max() > 0 for x in gn)
+    again = group_traces(model, batches, tensors, is_regression=True, n_probes=7, seed=3, curvature="fisher")
+    assert all(np.isfinite(x).all() and (x >= 0).all() for x in again)  # squared error's GN: J^T J
+    with pytest.raises(NasqError, match="curvature must be one of hutchinson, fisher"):
+        group_traces(model, batches, tensors, is_regression=False, n_probes=1, seed=0, curvature="exact")
 
 
 # ------------------------------------------------------------------------------------------------ measured
@@ -609,6 +655,10 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="tensor")
     with pytest.raises(NasqError, match="--granularity must be one of group, tensor, got 'row'"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="row")
+    with pytest.raises(NasqError, match="--curvature is for the hessian baseline, not measured"):
+        baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")
+    with pytest.raises(NasqError, match="--curvature must be one of hutchinson, fisher, got 'exact'"):
+        baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="exact")
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -673,6 +723,20 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert t.provenance["granularity"] == "tensor" and "Tr(H_t)" in t.provenance["utility"]
         assert t.provenance["tensor_trace_per_weight"] == p.provenance["tensor_trace_per_weight"]
         assert t.totals["within_budget"]
+        fisher = tmp_path / "hf.json"  # the Gauss-Newton curvature: exact, no probes, never negative
+        assert cli(["baseline", "hessian", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                    "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--granularity", "tensor",
+                    "--curvature", "fisher", "--out", str(fisher)]) == 0
+        f = Plan.load(fisher)
+        assert f.provenance["curvature"] == "fisher" and "n_probes" not in f.provenance
+        assert "Tr(G_t)" in f.provenance["utility"] and f.totals["within_budget"]
+        assert min(f.provenance["tensor_trace_per_weight"].values()) >= 0
+        assert p.provenance["curvature"] == "hutchinson"
+        assert cli(["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "fisher",
+                    "--out", str(tmp_path / "x.json")]) == 2
+        assert "--curvature is for the hessian baseline" in capsys.readouterr().err
     if method == "measured":  # the measurements behind the plan travel with it, and re-solve at other budgets
         dmg = p.provenance["damage_kl_x1000"]
         assert set(dmg) == {t.path for t in p.tensors} and p.provenance["rows"] == 8

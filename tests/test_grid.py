@@ -193,6 +193,14 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     assert steps(next(st for st in ht.stages if st.name == "qat").argv) == steps(qat_u)
     mrpc_ht = next(c for c in quant if (c.task, c.budget, c.method, c.seed) == ("mrpc", "avg3", "hessian_t", 0))
     assert "model.max_len=112" in mrpc_ht.stages[0].argv  # the task's hessian settings carry over
+    # fisher / fisher_t: the Gauss-Newton curvature on the fisher stage's rows, no probes; per group and per tensor
+    for method, gran in (("fisher", None), ("fisher_t", "tensor")):
+        fc = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", method, 1))
+        fa = fc.stages[0].argv
+        assert fa[:3] == ["nasq", "baseline", "hessian"] and fa[fa.index("--curvature") + 1] == "fisher"
+        assert fa[fa.index("--n-batches") + 1] == "16" and "--n-probes" not in fa
+        assert (fa[fa.index("--granularity") + 1] if "--granularity" in fa else None) == gran
+        assert steps(next(st for st in fc.stages if st.name == "qat").argv) == steps(qat_u)
     # nasq_minit: the same with the same seed's measured plan, held with a logit of 8
     m = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "nasq_minit", 1))
     meas = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg1.5", "measured", 1))

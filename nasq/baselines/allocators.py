@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nasq.baselines.hessian import GRANULARITIES, hessian_allocation, tensor_weights
+from nasq.baselines.hessian import CURVATURES, GRANULARITIES, hessian_allocation, tensor_weights
 from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
@@ -219,12 +219,14 @@ def check_measured_options(method: str, *, damage_from: DamageSource | None = No
         raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
 
 
-def check_hessian_options(method: str, granularity: str = "group") -> None:
-    """The Hessian baseline's own option (``--granularity``): known, and only for ``hessian``."""
-    if granularity not in GRANULARITIES:
-        raise NasqError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if granularity != "group" and method != "hessian":
-        raise NasqError(f"--granularity is for the hessian baseline, not {method}")
+def check_hessian_options(method: str, granularity: str = "group", curvature: str = "hutchinson") -> None:
+    """The Hessian baseline's own options (``--granularity``, ``--curvature``): known, and only for ``hessian``."""
+    for flag, value, known, default in (("granularity", granularity, GRANULARITIES, "group"),
+                                        ("curvature", curvature, CURVATURES, "hutchinson")):
+        if value not in known:
+            raise NasqError(f"--{flag} must be one of {', '.join(known)}, got {value!r}")
+        if value != default and method != "hessian":
+            raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
 
 
 def baseline_plan(
@@ -247,6 +249,7 @@ def baseline_plan(
     min_tokens: int = 0,
     spread: str = "rows",
     granularity: str = "group",
+    curvature: str = "hutchinson",
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -258,15 +261,15 @@ def baseline_plan(
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
-    too); ``granularity``: the Hessian traces per row group or per tensor
-    (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    too); ``granularity``: the Hessian traces per row group or per tensor, ``curvature``: of the Hessian (Hutchinson)
+    or of its Gauss-Newton part (the Fisher, exact) (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
-    check_hessian_options(method, granularity)
+    check_hessian_options(method, granularity, curvature)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -312,9 +315,12 @@ def baseline_plan(
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, granularity=granularity,
-                                     **common)
-            utility = ("-0.5*Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
-                       "-0.5*Tr(H_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)")
+                                     curvature=curvature, **common)
+            h = "H" if curvature == "hutchinson" else "G"
+            utility = (f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
+                       f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)")
+            if curvature == "fisher":
+                utility += ", G: the loss's Gauss-Newton matrix (Fisher), exact over the rows"
         else:
             bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage,
                                       refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
@@ -339,7 +345,7 @@ def baseline_plan(
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
                   n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0,
                   damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
-                  spread: str = "rows", granularity: str = "group", log=print):
+                  spread: str = "rows", granularity: str = "group", curvature: str = "hutchinson", log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
@@ -353,7 +359,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
-    check_hessian_options(method, granularity)
+    check_hessian_options(method, granularity, curvature)
     if rule_bits and method != "rule":
         raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
     measure = method == "hessian" or (method == "measured" and damage_from is None)
@@ -369,7 +375,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
                              refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
-                             granularity=granularity)
+                             granularity=granularity, curvature=curvature)
     finally:
         if bar:
             bar.close()
@@ -386,7 +392,11 @@ NOISY_TRACE_SHARE = 0.2
 
 def hessian_noise_warning(provenance: dict) -> str | None:
     """A warning line when a Hessian plan's trace estimates look like noise: more than ``NOISY_TRACE_SHARE`` of its
-    groups at or below the clamp floor (``clamped_groups`` of ``groups``); ``None`` else."""
+    groups at or below the clamp floor (``clamped_groups`` of ``groups``); ``None`` else, and for the Gauss-Newton
+    curvature (``--curvature fisher``: computed exactly and never negative, so a group near 0 barely moves the
+    outputs)."""
+    if provenance.get("curvature", "hutchinson") != "hutchinson":
+        return None
     clamped, groups = provenance.get("clamped_groups"), provenance.get("groups")
     if not isinstance(clamped, int) or not isinstance(groups, int) or groups <= 0:
         return None
@@ -400,7 +410,8 @@ def hessian_noise_warning(provenance: dict) -> str | None:
                        "tensor) with more --n-batches / --n-probes (experiments/hessian_reliability.py measures "
                        "how far two draws agree)")
     return head + ("the loss Hessian's trace of whole tensors is <= 0 (an indefinite Hessian at this model, or "
-                   "noise: more --n-batches / --n-probes tell which); consider the measured baseline")
+                   "noise: more --n-batches / --n-probes tell which); consider its Gauss-Newton part "
+                   "(--curvature fisher, never negative) or the measured baseline")
 
 
 def predicted_line(provenance: dict) -> str | None:

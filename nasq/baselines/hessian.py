@@ -23,6 +23,15 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
   perturbation when bytes allow but gives up bits first. The count is reported.
 * Utilities are divided by ``max |u|`` (a positive constant does not change the optimum, and keeps the MILP away
   from its absolute tolerances).
+* ``curvature="fisher"``: ``H`` replaced by the Gauss-Newton matrix of the same loss,
+  ``G = 1/N sum_i J_i^T Lambda_i J_i`` (``J_i``: the Jacobian of example ``i``'s logits; ``Lambda_i`` the Hessian
+  of the loss in the logits: ``diag(p_i) - p_i p_i^T`` for softmax cross-entropy, which makes ``G`` the Fisher
+  information of the model's own predictive distribution; ``2`` for squared error). ``G`` is positive
+  semi-definite, so every trace is ``>= 0``, and its diagonal is computed exactly over the sampled examples
+  (:func:`gauss_newton_diagonal`: per-example gradients, no random probes), so the only noise is which examples
+  were drawn. The Hessian's trace is the Gauss-Newton trace plus a term weighted by the residuals, which is what
+  comes out ``<= 0`` at a fine-tuned model (below). Used for mixed precision by e.g. FIT (Zandonati et al., 2022,
+  the empirical Fisher trace per layer) and HAWQ's follow-ups.
 * ``granularity="tensor"`` (HAWQ-V2/V3's layer-wise trace): every group of a tensor is scored with the tensor's
   pooled ``Tr(H_t)/n_t = sum_g Tr(H_g) / sum_g n_g`` instead of its own, so groups of one tensor differ only by
   their perturbations. A per-group estimate sums ``v * Hv`` over ``n_g`` entries whose ``Hv`` also carries the
@@ -60,7 +69,9 @@ from nasq.search.finalize import allocate, choices_to_bits
 from nasq.tree import keystr as _keystr
 
 __all__ = [
+    "CURVATURES",
     "GRANULARITIES",
+    "gauss_newton_diagonal",
     "group_traces",
     "hessian_allocation",
     "hessian_utilities",
@@ -73,6 +84,7 @@ __all__ = [
 
 CLAMP_FRACTION = 1e-3
 GRANULARITIES = ("group", "tensor")
+CURVATURES = ("hutchinson", "fisher")
 
 
 # ---------------------------------------------------------------------------------------------- estimator
@@ -117,6 +129,50 @@ def hutchinson_diagonal(
                 a += np.asarray(o, np.float64)
             n += 1
     return jax.tree_util.tree_unflatten(treedef, [(a / n).astype(np.float32) for a in acc])
+
+
+def gauss_newton_diagonal(
+    output_fn: Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]],
+    params: Any,
+    examples: Sequence[tuple[Any, np.ndarray]],
+    context: Any = None,
+) -> Any:
+    """Exact diagonal of the Gauss-Newton matrix ``G = sum_i w_i sum_c a_ic (d z_ic / d p)^2 / sum_i w_i``.
+
+    ``output_fn(p, context, x) -> (z [C], a [C])`` for *one* example ``x``: ``z`` the outputs whose per-example gradients
+    are squared and ``a >= 0`` their weights (no gradient flows through ``a``). For softmax cross-entropy,
+    ``z = log_softmax(logits)`` and ``a = softmax(logits)`` give ``sum_c p_c g_c g_c^T = J^T (diag(p) - p p^T) J``
+    (``g_c = J^T (e_c - p)``): the Gauss-Newton matrix of the loss, and the Fisher information of the model's
+    predictive distribution; for squared error ``(f - y)^2``, ``z = f`` and ``a = 2``. ``examples`` items are
+    ``(x, w)``: ``x`` a pytree of arrays with a leading example axis (passed to ``output_fn`` one example at a
+    time, ``jax.vmap`` of ``jax.jacrev``), ``w`` ``[n]`` example weights (0 for padding rows); ``context`` (e.g.
+    the parameters not differentiated) is passed whole to every call. No probes: the result is exact for the given
+    examples. Returns a pytree like ``params`` (float32).
+    """
+    if not examples:
+        raise NasqError("the Gauss-Newton diagonal needs at least one example")
+
+    def one(p, ctx, x):
+        jac, a = jax.jacrev(output_fn, has_aux=True)(p, ctx, x)
+        a = jax.lax.stop_gradient(a)
+        return jax.tree.map(lambda j: jnp.tensordot(a, jnp.square(j), axes=1), jac)
+
+    @jax.jit
+    def chunk_sum(p, ctx, x, w):
+        per = jax.vmap(one, in_axes=(None, None, 0))(p, ctx, x)
+        return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1), per)
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    acc = [np.zeros(np.shape(x), np.float64) for x in leaves]
+    total = 0.0
+    for x, w in examples:
+        out = jax.tree_util.tree_leaves(chunk_sum(params, context, x, jnp.asarray(w, jnp.float32)))
+        for a, o in zip(acc, out, strict=True):
+            a += np.asarray(o, np.float64)
+        total += float(np.sum(w))
+    if total <= 0:
+        raise NasqError("the Gauss-Newton diagonal needs examples of positive weight; every row was padding")
+    return jax.tree_util.tree_unflatten(treedef, [(a / total).astype(np.float32) for a in acc])
 
 
 # ------------------------------------------------------------------------------------------- model side
@@ -184,6 +240,9 @@ def _param_key(mods: dict[str, nnx.Module], path: str) -> str:
     return f"bert.{path}." + ("kernel" if isinstance(mods[path], Linear) else "embedding")
 
 
+FISHER_CHUNK = 8  # examples per vmapped Jacobian: [chunk, C, weights] floats live at once (~0.7 GB for MiniLM)
+
+
 def group_traces(
     model: nnx.Module,
     batches: Sequence[Any],
@@ -192,9 +251,14 @@ def group_traces(
     is_regression: bool,
     n_probes: int,
     seed: int,
+    curvature: str = "hutchinson",
 ) -> list[np.ndarray]:
-    """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor): Hutchinson over ``batches`` (each a ``Batch``), the task
-    loss of the fp32 ``model`` (no dropout) as a function of the searched weight matrices only."""
+    """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor) of the task loss of the fp32 ``model`` (no dropout) over
+    ``batches`` (each a ``Batch``), as a function of the searched weight matrices only: ``H`` the Hessian
+    (``curvature="hutchinson"``: ``n_probes`` Rademacher probes, :func:`hutchinson_diagonal`) or the Gauss-Newton
+    matrix (``"fisher"``: exact over the batches' rows, :func:`gauss_newton_diagonal`; ``n_probes`` unused)."""
+    if curvature not in CURVATURES:
+        raise NasqError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [_keystr(p) for p, _ in leaves]
@@ -206,16 +270,33 @@ def group_traces(
     sub = {k: leaves[keys.index(k)][1] for k in wanted}
     others = [None if k in sub else v for k, (_, v) in zip(keys, leaves)]
 
-    def loss_fn(p, aux):
-        others_, b = aux
+    def logits_of(p, others_, b):
         vals = [p[k] if o is None else o for k, o in zip(keys, others_)]
         m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, vals), rest)
-        logits = m(b["input_ids"], b["token_type_ids"], b["attention_mask"])
-        return task_loss(logits, b["labels"], b["weights"], is_regression)
+        return m(b["input_ids"], b["token_type_ids"], b["attention_mask"])
 
-    aux = [(others, {k: jnp.asarray(getattr(b, k)) for k in ("input_ids", "token_type_ids", "attention_mask",
-                                                              "labels", "weights")}) for b in batches]
-    diag = hutchinson_diagonal(loss_fn, sub, aux, jax.random.PRNGKey(seed), n_probes)
+    fields = ("input_ids", "token_type_ids", "attention_mask", "labels", "weights")
+    arrays = [{k: np.asarray(getattr(b, k)) for k in fields} for b in batches]
+    if curvature == "hutchinson":
+        def loss_fn(p, aux):
+            others_, b = aux
+            return task_loss(logits_of(p, others_, b), b["labels"], b["weights"], is_regression)
+
+        aux = [(others, {k: jnp.asarray(v) for k, v in b.items()}) for b in arrays]
+        diag = hutchinson_diagonal(loss_fn, sub, aux, jax.random.PRNGKey(seed), n_probes)
+    else:
+        def output_fn(p, others_, row):
+            logits = logits_of(p, others_, {k: v[None] for k, v in row.items()})[0]
+            if is_regression:  # task_loss: (f - y)^2, whose second derivative in f is 2
+                return logits[:1], jnp.full((1,), 2.0, logits.dtype)
+            return jax.nn.log_softmax(logits), jax.nn.softmax(logits)
+
+        examples = []
+        for b in arrays:
+            for i in range(0, len(b["weights"]), FISHER_CHUNK):
+                row = {k: jnp.asarray(b[k][i:i + FISHER_CHUNK]) for k in fields[:3]}
+                examples.append((row, b["weights"][i:i + FISHER_CHUNK]))
+        diag = gauss_newton_diagonal(output_fn, sub, examples, context=others)
     out = []
     for t, k in zip(tensors, wanted, strict=True):
         d = np.asarray(diag[k], np.float64)
@@ -277,18 +358,23 @@ def hessian_allocation(
     batch_size: int = 32,
     time_limit: float = 20.0,
     granularity: str = "group",
+    curvature: str = "hutchinson",
     info: dict | None = None,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` within ``budget_bytes``
     (module docstring; Q-BERT / HAWQ-V3). ``model`` is the fp32 (fine-tuned) model, ``data`` a
     :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
     ``n_probes`` Rademacher probes each; ``granularity``: each group's own trace (``"group"``) or its tensor's
-    (``"tensor"``, :func:`pooled_traces`). ``info`` (optional dict) receives solver and estimator statistics."""
+    (``"tensor"``, :func:`pooled_traces`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
+    Gauss-Newton part (``"fisher"``, exact over the batches' rows; ``n_probes`` unused), see :func:`group_traces`.
+    ``info`` (optional dict) receives solver and estimator statistics."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if curvature not in CURVATURES:
+        raise NasqError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
     batches = _train_batches(data, n_batches, batch_size, seed)
     traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
-                          seed=seed)
+                          seed=seed, curvature=curvature)
     group_level, pooled = traces, pooled_traces(traces, tensors)
     if granularity == "tensor":
         traces = pooled
@@ -298,7 +384,8 @@ def hessian_allocation(
     if info is not None:
         flat = np.concatenate(group_level)
         info.update({"solver": alloc.solver, "optimal": alloc.optimal, "n_batches": n_batches,
-                     "n_probes": n_probes, "granularity": granularity, "batch_size": batch_size,
+                     **({"n_probes": n_probes} if curvature == "hutchinson" else {}),
+                     "curvature": curvature, "granularity": granularity, "batch_size": batch_size,
                      "train_rows": len(data.train),
                      "clamped_groups": clamped, "groups": int(flat.size),
                      "trace_per_weight": {"min": float(flat.min()), "median": float(np.median(flat)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nasq.baselines.allocators import METHODS, allocate_plan
-from nasq.baselines.hessian import GRANULARITIES
+from nasq.baselines.hessian import CURVATURES, GRANULARITIES
 from nasq.commands._common import add_budget_flags, add_common, config_from_args, parse_plan_list
 from nasq.contract.cost import MB
 from nasq.errors import NasqError
@@ -67,6 +67,10 @@ def register(subparsers) -> None:
                    help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py)")
+    p.add_argument("--curvature", choices=CURVATURES, default="hutchinson",
+                   help="hessian: the curvature behind each trace: the loss Hessian, Hutchinson's estimate with "
+                   "--n-probes probes (default), or its Gauss-Newton part (the Fisher of the model's predictions), "
+                   "exact over the rows and never negative (no probes)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -78,7 +82,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     plan = allocate_plan(args.method, config_from_args(args), bits=args.bits, rule_bits=args.rule_bits,
                          n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                          damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens,
-                         spread=args.spread, granularity=args.granularity)
+                         spread=args.spread, granularity=args.granularity,
+                         curvature=args.curvature)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
