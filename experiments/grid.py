@@ -92,7 +92,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "fisher", "fisher_t", "measured", "random",
            "magnitude", "nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
            "nasq_front", "nasq_measured", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs",
-           "nasq_ikd")
+           "nasq_ikd", "measured_fs")
 # hessian_t: the Hessian baseline with HAWQ's per-layer trace (`nasq baseline hessian --granularity tensor`): each
 # group scored by its tensor's Tr(H)/n, the hessian recipe updated by the `hessian_t` stage's (more probes): the
 # per-group estimates of the hessian recipe barely agree between independent draws, its per-tensor ones only
@@ -140,7 +140,9 @@ TEACHER_QAT = ("nasq_frozen", "nasq_pmfrozen")
 # rows can keep more bits, as in the Hessian plans; compared with the baselines (measured among them) as nasq's
 # variants are
 REFINE_ROUNDS = 2
-OURS = (*SEARCHED, "nasq_measured", "measured_hs")
+# measured_fs: the same split by the Gauss-Newton traces (`--spread fisher`: exact on the measured rows, never
+# negative; the Hutchinson shares of measured_hs are mostly noise per group, experiments/hessian_reliability.py)
+OURS = (*SEARCHED, "nasq_measured", "measured_hs", "measured_fs")
 # baselines whose cell another budget may share (`budgets.B.METHOD.same_as`): the same plan and recipe, run once
 SHARABLE = ("uniform", "magnitude")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured
@@ -521,18 +523,18 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
         c.stages.append(Stage("plan", ["nasq", "baseline", method, "--teacher", teacher, *common, "--space", space,
                                        "--bits", _fmt(r["bits"]), *rb, *bflags, *setf, "--out", str(plan)], plan,
                               "plan"))
-    elif method in (*HESSIAN_VARIANTS, "measured", "random", "nasq_measured", "measured_hs"):
+    elif method in (*HESSIAN_VARIANTS, "measured", "random", "nasq_measured", "measured_hs", "measured_fs"):
         flags, stage = HESSIAN_VARIANTS.get(method, ([], "hessian"))
         probes = method in ("hessian", "hessian_t", "measured_hs")
         extra = hessian_flags(cfg, task, seed, probes=probes, stage=stage) \
             if method != "random" else recipe_flags({"set": cfg["common"].get("set")}, seed)
         extra += flags
-        base = {"nasq_measured": "measured", "measured_hs": "measured"}.get(
+        base = {"nasq_measured": "measured", "measured_hs": "measured", "measured_fs": "measured"}.get(
             method, "hessian" if method in HESSIAN_VARIANTS else method)
         if method == "nasq_measured":
             extra += ["--refine-rounds", str(REFINE_ROUNDS)]
-        if method == "measured_hs":
-            extra += ["--spread", "hessian"]
+        if method in ("measured_hs", "measured_fs"):
+            extra += ["--spread", "hessian" if method == "measured_hs" else "fisher"]
         c.stages.append(Stage("plan", ["nasq", "baseline", base, "--teacher", teacher, *common, "--space", space,
                                        *bflags, *extra, "--out", str(plan)], plan, "plan"))
     elif method == "nasq_front":

@@ -832,6 +832,13 @@ def test_cli_measured_spread_hessian(cli, tiny_model_dir, glue_dir, tmp_path, ca
     assert cli(["baseline", "hessian", *common[2:], "--spread", "hessian", "--out", str(tmp_path / "y.json")]) == 2
     assert "--spread is for the measured baseline" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+    # split by the Gauss-Newton traces: no probes recorded, the same measured damages (same rows, same seed)
+    fs = tmp_path / "fs.json"
+    assert cli([*common, "--spread", "fisher", "--out", str(fs)]) == 0
+    f = Plan.load(fs)
+    assert f.provenance["spread"] == "fisher" and "n_probes" not in f.provenance and f.totals["within_budget"]
+    assert "Tr(G_g)" in f.provenance["utility"] and f.provenance["damage_kl_x1000"] == p.provenance["damage_kl_x1000"]
+    assert 0 <= f.provenance["predicted_kl_x1000"]["plan_fisher_spread"]
 
 
 def test_the_probe_reruns_only_the_stages_a_tensor_changes(model, tensors, task_data):

@@ -204,7 +204,7 @@ def check_measured_options(method: str, *, damage_from: DamageSource | None = No
     if spread not in SPREADS:
         raise NasqError(f"--spread must be one of {', '.join(SPREADS)}, got {spread!r}")
     if spread != "rows" and damage_from is not None:
-        raise NasqError(f"--spread {spread} reads Hessian traces on the measured rows, so it cannot work from "
+        raise NasqError(f"--spread {spread} reads curvature traces on the measured rows, so it cannot work from "
                         "--damage-from; drop one")
     for flag, value in (("--damage-from", damage_from is not None), ("--refine-rounds", refine_rounds),
                         ("--min-tokens", min_tokens), ("--spread", spread != "rows")):
@@ -326,7 +326,8 @@ def baseline_plan(
                                       refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
                                       n_probes=n_probes, **common)
             utility = "-KL(f || f with only tensor t at c bits)*" + (
-                "rows_g/rows_t" if spread == "rows" else "h_gc/sum_g' h_g'c, h_gc = Tr(H_g)/n_g*||W_g-Q_c(W_g)||^2")
+                "rows_g/rows_t" if spread == "rows" else
+                "h_gc/sum_g' h_g'c, h_gc = Tr(%s_g)/n_g*||W_g-Q_c(W_g)||^2" % ("H" if spread == "hessian" else "G"))
             if refine_rounds:
                 prov["refine_rounds"] = int(refine_rounds)
         prov.update(utility=utility, **info)

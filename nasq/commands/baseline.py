@@ -15,6 +15,7 @@ import argparse
 
 from nasq.baselines.allocators import METHODS, allocate_plan
 from nasq.baselines.hessian import CURVATURES, GRANULARITIES
+from nasq.baselines.measured import SPREADS
 from nasq.commands._common import add_budget_flags, add_common, config_from_args, parse_plan_list
 from nasq.contract.cost import MB
 from nasq.errors import NasqError
@@ -59,10 +60,11 @@ def register(subparsers) -> None:
                    "re-solve, R times; the plan of least measured output KL is kept (default 0)")
     p.add_argument("--min-tokens", type=int, default=0, metavar="L",
                    help="measured: measure on train rows of at least L tokens only (default 0: all rows)")
-    p.add_argument("--spread", choices=["rows", "hessian"], default="rows",
-                   help="measured: how a tensor's measured damage is split over its row groups: by rows (default) or "
-                   "by the Hessian estimate of each group at each width (Hutchinson, --n-probes; groups of one "
-                   "tensor may then get different widths)")
+    p.add_argument("--spread", choices=SPREADS, default="rows",
+                   help="measured: how a tensor's measured damage is split over its row groups: by rows (default), "
+                   "by the Hessian estimate of each group at each width (hessian: Hutchinson, --n-probes) or by "
+                   "its Gauss-Newton trace (fisher: exact, never negative); groups of one tensor may then get "
+                   "different widths")
     p.add_argument("--granularity", choices=GRANULARITIES, default="group",
                    help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
