@@ -90,9 +90,9 @@ from nasq.pipeline import output_complete
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "fisher", "fisher_t", "measured", "random",
-           "magnitude", "nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel", "nasq_gkd", "nasq_gadam",
-           "nasq_front", "nasq_measured", "nasq_ge4", "nasq_pm", "nasq_frozen", "nasq_pmfrozen", "measured_hs",
-           "nasq_ikd", "measured_fs")
+           "magnitude", "nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel",
+           "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured", "nasq_ge4", "nasq_pm", "nasq_frozen",
+           "nasq_pmfrozen", "measured_hs", "nasq_ikd", "measured_fs")
 # hessian_t: the Hessian baseline with HAWQ's per-layer trace (`nasq baseline hessian --granularity tensor`): each
 # group scored by its tensor's Tr(H)/n, the hessian recipe updated by the `hessian_t` stage's (more probes): the
 # per-group estimates of the hessian recipe barely agree between independent draws, its per-tensor ones only

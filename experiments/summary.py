@@ -39,8 +39,8 @@ END = "<!-- summary:end -->"
 TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA"}
 SHOWN_BASELINES = ("uniform", "hessian")
 OTHER_BASELINES = tuple(m for m in grid.METHODS if m not in ("fp32", "measured", *SHOWN_BASELINES, *grid.OURS))
-NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher", "fisher_t": "Fisher per tensor",
-         "rule": "hand rule"}
+NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher",
+         "fisher_t": "Fisher per tensor", "rule": "hand rule"}
 COLUMNS = ("task", "budget, widths", "fp32", "uniform (widest that fits)", "Hessian", "other baseline (best)",
            "**measured** (nasq's default)", "measured - best baseline", "supernet search (best variant)")
 

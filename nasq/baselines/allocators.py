@@ -261,8 +261,9 @@ def baseline_plan(
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
-    too); ``granularity``: the Hessian traces per row group or per tensor, ``curvature``: of the Hessian (Hutchinson)
-    or of its Gauss-Newton part (the Fisher, exact) (:func:`nasq.baselines.hessian.hessian_allocation`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    too); ``granularity``: the Hessian traces per row group or per tensor, ``curvature``: of the Hessian
+    (Hutchinson) or of its Gauss-Newton part (the Fisher, exact), see
+    :func:`nasq.baselines.hessian.hessian_allocation`. ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:

@@ -139,8 +139,8 @@ def gauss_newton_diagonal(
 ) -> Any:
     """Exact diagonal of the Gauss-Newton matrix ``G = sum_i w_i sum_c a_ic (d z_ic / d p)^2 / sum_i w_i``.
 
-    ``output_fn(p, context, x) -> (z [C], a [C])`` for *one* example ``x``: ``z`` the outputs whose per-example gradients
-    are squared and ``a >= 0`` their weights (no gradient flows through ``a``). For softmax cross-entropy,
+    ``output_fn(p, context, x) -> (z [C], a [C])`` for *one* example ``x``: ``z`` the outputs whose per-example
+    gradients are squared and ``a >= 0`` their weights (no gradient flows through ``a``). For softmax cross-entropy,
     ``z = log_softmax(logits)`` and ``a = softmax(logits)`` give ``sum_c p_c g_c g_c^T = J^T (diag(p) - p p^T) J``
     (``g_c = J^T (e_c - p)``): the Gauss-Newton matrix of the loss, and the Fisher information of the model's
     predictive distribution; for squared error ``(f - y)^2``, ``z = f`` and ``a = 2``. ``examples`` items are

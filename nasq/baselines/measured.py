@@ -314,8 +314,8 @@ def measured_allocation(
     re-measure around the plan and re-solve that many times, keep the plan of least joint KL (module docstring).
     ``min_tokens``: measure on train rows of at least that many tokens only. ``spread``: ``"rows"`` or
     ``"hessian"`` (a tensor's damage split over its groups by the Hessian estimate on the same rows, ``n_probes``
-    Rademacher probes; module docstring) or ``"fisher"`` (by the Gauss-Newton traces, exact on the same rows). ``info`` (optional dict) receives the fp32-based damages, solver
-    statistics and the refinement rounds."""
+    Rademacher probes; module docstring) or ``"fisher"`` (by the Gauss-Newton traces, exact on the same rows).
+    ``info`` (optional dict) receives the fp32-based damages, solver statistics and the refinement rounds."""
     if refine_rounds < 0:
         raise NasqError(f"refine_rounds must be >= 0, got {refine_rounds}")
     if refine_rounds and damage is not None:
