@@ -1,6 +1,6 @@
 """`nasq pipeline`: finetune(fp32) -> allocate -> finetune(QAT+KD) -> export -> eval, in one command.
 
-The plan comes from one of two allocators (``--allocator``):
+The plan comes from one of three allocators (``--allocator``):
 
 * ``measured`` (the default): the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output
   damage measured at every width on the preset's ``measure_batches`` train batches, then the exact knapsack;
@@ -8,6 +8,10 @@ The plan comes from one of two allocators (``--allocator``):
   protocol on SST-2 it had the best mean after QAT at avg 1.5, 2 and 2.5 bits (3 seeds; at avg 4 uniform 4-bit's
   mean was higher, inside the spread; README Results), and it trains nothing, so it takes minutes where the
   search takes an hour.
+* ``fisher``: the Fisher allocation (``nasq baseline hessian --curvature fisher --granularity tensor``: each
+  tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's quantization error,
+  the same knapsack), on the same ``measure_batches`` train batches; about a minute. At CoLA avg 2.5 bits it beat
+  the measured allocation after QAT beyond the seeds' spread (3 seeds; README Results).
 * ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
   latency budget (``--set search.latency_ms=T --set search.latency_table=lat.json``).
 
@@ -16,7 +20,7 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
 
     OUT/teacher/      fp32 fine-tune run (skipped when --teacher RUN is given)
     OUT/search/       supernet search run (--allocator search only)
-    OUT/plan.json     the measured plan, or the finalized searched plan (size <= budget, guaranteed)
+    OUT/plan.json     the measured or Fisher plan, or the finalized searched plan (size <= budget, guaranteed)
     OUT/qat/          quantization-aware fine-tune of the plan with KD from the teacher
     OUT/model.nasq/   exported integer artifact
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
@@ -217,32 +221,45 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
     }
 
 
-ALLOCATORS = ("measured", "search")  # the first is the default
+ALLOCATORS = ("measured", "fisher", "search")  # the first is the default
+SIZE_ALLOCATORS = ("measured", "fisher")  # allocate under a size budget, from the teacher, training nothing
+
+
+def plan_allocator(provenance: dict) -> str:
+    """Which ``--allocator`` made a plan, from its provenance (a resumed pipeline must keep its allocator)."""
+    method = provenance.get("method")
+    if method == "measured":
+        return "measured"
+    if method == "hessian":
+        return "fisher" if provenance.get("curvature") == "fisher" else "hessian"
+    return "search"
 
 
 def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None) -> None:
-    """The allocator's name, its options, and a size budget for ``measured`` (a latency budget needs the search);
-    run before any stage, so a bad choice costs no training."""
+    """The allocator's name, its options, and a size budget for ``measured`` and ``fisher`` (a latency budget needs
+    the search); run before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options(allocator, refine_rounds=refine_rounds)
     if measure_batches is not None:
-        if allocator != "measured":
-            raise NasqError(f"--measure-batches is for the measured allocator, not {allocator}")
+        if allocator not in SIZE_ALLOCATORS:
+            raise NasqError(f"--measure-batches is for the measured and fisher allocators, not {allocator}")
         if isinstance(measure_batches, bool) or not isinstance(measure_batches, int) or measure_batches < 1:
             raise NasqError(f"--measure-batches must be an integer >= 1, got {measure_batches!r}")
     s = cfg.search
-    if allocator == "measured" and (s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3):
-        raise NasqError("--allocator measured (the default) needs a size budget: --set search.avg_bits=B (or "
-                        "search.budget_mb, search.ratio); a latency budget (search.latency_ms) needs --allocator "
-                        "search")
+    no_size = s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3
+    if allocator in SIZE_ALLOCATORS and no_size:
+        raise NasqError(f"--allocator {allocator}{' (the default)' * (allocator == ALLOCATORS[0])} needs a size "
+                        "budget: --set search.avg_bits=B (or search.budget_mb, search.ratio); a latency budget "
+                        "(search.latency_ms) needs --allocator search")
 
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
                  allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None) -> dict:
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
-    ``OUT/summary.json``. ``measure_batches``: the measured allocator's train batches (None: the preset's)."""
+    ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
+    preset's)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]
@@ -277,15 +294,21 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     t0 = time.time()
     search_dir, plan_path = out / "search", out / "plan.json"
     if output_complete("plan", plan_path):  # resumed: the plan there must be the chosen allocator's
-        made_by = Plan.load(plan_path).provenance.get("method")
-        if (made_by == "measured") != (allocator == "measured"):
+        made_by = plan_allocator(Plan.load(plan_path).provenance)
+        if made_by != allocator:
             raise NasqError(f"{plan_path} was made by {made_by!r}, not by --allocator {allocator}; resume with "
-                            f"--allocator {'measured' if made_by == 'measured' else 'search'}, or start a new --out")
+                            f"--allocator {made_by}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
             # nasq baseline measured for the teacher, under the search stage's budget and space (checked above)
             allocate_plan("measured", configs["search"], refine_rounds=refine_rounds,
+                          n_batches=n_measure).save(plan_path, overwrite=True)
+        times["allocate_s"] = time.time() - t0
+    elif allocator == "fisher":
+        if not output_complete("plan", plan_path):
+            log(f"[2-3/6] Fisher allocation ({n_measure} batches) -> {plan_path}")
+            allocate_plan("hessian", configs["search"], curvature="fisher", granularity="tensor",
                           n_batches=n_measure).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:

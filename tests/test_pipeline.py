@@ -71,6 +71,31 @@ def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path
 
 
 @pytest.mark.slow
+def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
+    """--allocator fisher: the per-tensor Gauss-Newton plan on the preset's batches, within the budget, QAT'd,
+    exported and evaluated; resuming with another allocator is refused and names the one that made the plan."""
+    from nasq.contract.plan import Plan
+    from nasq.errors import NasqError
+    from nasq.pipeline import plan_allocator
+
+    out = tmp_path / "pipe"
+    layers = _layers(tiny_model_dir, glue_dir)
+    layers[0][1]["search"]["avg_bits"] = 3
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, allocator="fisher",
+                     measure_batches=1)
+    prov = Plan.load(out / "plan.json").provenance
+    assert not (out / "search").exists() and s["allocator"] == "fisher" and plan_allocator(prov) == "fisher"
+    assert (prov["method"], prov["curvature"], prov["granularity"], prov["n_batches"]) == ("hessian", "fisher",
+                                                                                          "tensor", 1)
+    assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
+    with pytest.raises(NasqError, match="was made by 'fisher', not by --allocator measured; resume with "
+                                        "--allocator fisher"):
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None)
+    assert plan_allocator({"method": "nasq-search"}) == "search"
+    assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"
+
+
+@pytest.mark.slow
 def test_pipeline_searched_embeddings_artifact_budget(tiny_model_dir, glue_dir, tmp_path):
     """What the grid's whole-artifact cells run: word embeddings searched (pruned rows embed to zero), a
     whole-artifact MB budget; the finalized plan fits it, the artifact's bytes are predicted exactly and the
@@ -180,7 +205,7 @@ def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model
     with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline, not search"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="search", refine_rounds=1)
-    with pytest.raises(NasqError, match="--measure-batches is for the measured allocator, not search"):
+    with pytest.raises(NasqError, match="--measure-batches is for the measured and fisher allocators, not search"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="search", measure_batches=4)
     with pytest.raises(NasqError, match="--measure-batches must be an integer >= 1, got 0"):

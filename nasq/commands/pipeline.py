@@ -13,16 +13,18 @@ def register(sub) -> None:
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
     p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
                    help="how the plan is chosen: the measured allocation (default: each tensor's output damage "
-                   "measured at each width, then the exact knapsack; minutes, no training; the best mean at every "
-                   "budget run with the 800-step protocol, see README Results), or the supernet search + finalize "
-                   "(an hour; also takes a latency budget: --set search.latency_ms=T --set "
+                   "measured at each width, then the exact knapsack; minutes, no training), the Fisher allocation "
+                   "(each tensor's Gauss-Newton trace times each width's quantization error, the same knapsack; "
+                   "about a minute; ahead of measured at CoLA avg 2.5, see README Results), or the supernet search "
+                   "+ finalize (an hour; also takes a latency budget: --set search.latency_ms=T --set "
                    "search.latency_table=lat.json)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
     p.add_argument("--measure-batches", type=int, default=None, metavar="N",
-                   help="--allocator measured: train batches each tensor's damage is measured on (default: the "
-                   "preset's, smoke 2, quick 8; more batches give steadier plans and take proportionally longer)")
+                   help="--allocator measured, fisher: train batches the damages or traces are measured on "
+                   "(default: the preset's, smoke 2, quick 8; more batches give steadier plans and take "
+                   "proportionally longer)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
