@@ -26,7 +26,7 @@ protocol's for SST-2 and CoLA; MRPC's cells use a longer max length).
 
 Usage (repo root):
     python experiments/hessian_reliability.py runs/protocol/cola/fp32 --task cola --data-dir ../shared/data/glue \\
-        [--space aqbert_128g_w234] [--avg-bits 3] [--seed 0] [--n-batches 8] [--n-probes 4] \
+        [--space aqbert_128g_w234] [--avg-bits 3] [--seed 0] [--n-batches 8] [--n-probes 4] \\
         [--curvature hutchinson|fisher] [--out FILE.json]
 """
 
