@@ -296,8 +296,9 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     if output_complete("plan", plan_path):  # resumed: the plan there must be the chosen allocator's
         made_by = plan_allocator(Plan.load(plan_path).provenance)
         if made_by != allocator:
-            raise NasqError(f"{plan_path} was made by {made_by!r}, not by --allocator {allocator}; resume with "
-                            f"--allocator {made_by}, or start a new --out")
+            hint = f"resume with --allocator {made_by}, or " if made_by in ALLOCATORS else ""
+            raise NasqError(f"{plan_path} was made by {made_by!r}, not by --allocator {allocator}; {hint}start a "
+                            "new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")

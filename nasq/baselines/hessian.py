@@ -370,8 +370,6 @@ def hessian_allocation(
     ``info`` (optional dict) receives solver and estimator statistics."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if curvature not in CURVATURES:
-        raise NasqError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
     batches = _train_batches(data, n_batches, batch_size, seed)
     traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
                           seed=seed, curvature=curvature)
