@@ -1,5 +1,5 @@
-"""experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py, gate_signal.py and hessian_reliability.py:
-their numbers and their errors on bad input."""
+"""experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py, gate_signal.py, hessian_reliability.py and
+criteria_compare.py: their numbers and their errors on bad input."""
 
 import importlib.util
 import json
@@ -188,3 +188,33 @@ def test_hessian_reliability_correlations():
 def test_hessian_reliability_missing_teacher_is_a_clear_error(tmp_path, capsys):
     rc = _load("hessian_reliability").main([str(tmp_path / "no_run"), "--task", "cola", "--data-dir", "."])
     assert rc == 2 and "hessian_reliability: error:" in capsys.readouterr().err
+
+
+def test_criteria_compare_log_ratios_by_module_kind():
+    """criteria_compare.compare: d_fish = 0.5 * trace * sum_g ||dW_g||^2 (x1000), the log ratio to the measured
+    damage per tensor and width, averaged per module kind and width; pruning and unmeasured widths left out."""
+    from nasq.contract.space import SearchedTensor
+
+    cc = _load("criteria_compare")
+    assert [cc.module_kind(f"encoder.layer.3.{s}") for s, _ in cc.MODULE_KINDS] == [k for _, k in cc.MODULE_KINDS]
+    ts = [SearchedTensor(path=f"encoder.layer.{i}.attention.self.value", rule="r", rows=8, cols=4, group_sizes=(4, 4),
+                         choices=(0, 2, 4), has_bias=True, kind="linear") for i in range(2)]
+    perts = [np.array([[9.0, 1.0, 0.25], [9.0, 1.0, 0.25]])] * 2   # sum over groups: 2.0 at 2 bits, 0.5 at 4
+    traces = {ts[0].path: 1e-3, ts[1].path: 2e-3}
+    damage = {ts[0].path: {"2": 1.0 * np.e, "4": 0.25}, ts[1].path: {"2": 2.0}}  # layer 1: no 4-bit measurement
+    res = cc.compare(ts, perts, damage, traces)
+    assert [(r["path"][:15], r["bits"]) for r in res["rows"]] == [("encoder.layer.0", 2), ("encoder.layer.0", 4),
+                                                                  ("encoder.layer.1", 2)]
+    assert [r["fisher_x1000"] for r in res["rows"]] == pytest.approx([1.0, 0.25, 2.0])
+    assert res["log_ratio_by_kind"]["value@2"] == {"mean": pytest.approx(0.5), "n": 2}
+    assert res["log_ratio_by_kind"]["value@4"]["mean"] == pytest.approx(0.0)
+    assert "| value | +0.50 | +0.00 |" in cc.markdown(res)
+
+
+def test_criteria_compare_plan_without_the_scores_is_a_clear_error(tmp_path, capsys):
+    plan = tmp_path / "uniform.json"
+    _embedding_plan((2, 2)).save(plan)
+    rc = _load("criteria_compare").main([str(tmp_path), "--task", "cola", "--measured", str(plan),
+                                         "--fisher", str(plan)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "criteria_compare: error:" in err and "damage_kl_x1000" in err and "uniform.json" in err
