@@ -28,7 +28,7 @@ def test_readme_table_matches_the_results(summary):
 CONFIG = """
 model: tiny
 tasks: [sst2, cola]
-methods: [fp32, uniform, hessian, rule, measured, nasq, nasq_ge4]
+methods: [fp32, uniform, hessian, rule, measured, fisher_t, nasq, nasq_ge4]
 budgets:
   avg2: {avg_bits: 2, space: aqbert_128g_w1234, uniform: {bits: 2}}
   mb8: {budget_mb: 8, convention: artifact, space: whole_model_w1234, uniform: {bits: 2}}
@@ -62,10 +62,14 @@ def test_rows_statistics_and_verdicts(summary, tmp_path):
     rows += [("cola", "measured", "mb8", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.22, 0.3))]
     rows += [("cola", "measured", "avg2", 0, "not run", mcc, "", "", "")]
     rows += [("cola", "uniform", "avg3", 0, "done", mcc, 0.2, "yes", "")]
+    # cola avg2: only the Fisher allocator ran: a row, its own column, no margin for the measured default
+    rows += [("cola", "fisher_t", "avg2", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.25, 0.27))]
     d = _write(tmp_path, rows)
     lines = summary.table(d, (("g.yaml", "res", ""),))
-    assert len(lines) == 4, lines
-    sst2, cola = lines[2], lines[3]
+    assert len(lines) == 5, lines
+    assert summary.DEFAULT == "measured" and "**measured** (nasq's default) | Fisher per tensor |" in lines[0]
+    sst2, cola_avg2, cola = lines[2:]
+    assert cola_avg2.split(" | ")[6:9] == ["not run", "**0.260 ± 0.014 (2)**", "not run"], cola_avg2
     assert sst2.split(" | ")[:5] == ["| SST-2", "avg 2, {1,2,3,4}", "90.00", "86.00 ± 1.00 (3), 2-bit",
                                      "87.00 ± 1.00 (3)"]
     assert "**88.50 ± 0.50 (3)**" in sst2 and "+1.50 vs Hessian (beyond the spread; ahead on 3 of 3 seeds)" in sst2
@@ -73,6 +77,16 @@ def test_rows_statistics_and_verdicts(summary, tmp_path):
     assert cola.split(" | ")[1] == "whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}"
     assert "0.150 ± 0.071 (2), 2-bit (7.11 MB)" in cola and "0.250 ± 0.071 (2), hand rule" in cola
     assert "**0.260 ± 0.057 (2)**" in cola and "+0.010 vs hand rule (inside the spread; ahead on 1 of 2 seeds)" in cola
+
+
+def test_the_margin_follows_the_pipeline_default(summary, tmp_path, monkeypatch):
+    """With Fisher as nasq's default, the margin is the Fisher plans' over the best other method, measured included."""
+    rows = [("sst2", m, "avg2", s, "done", "accuracy", v + 0.01 * s, "yes", "")
+            for m, v in (("uniform", 0.85), ("measured", 0.87), ("fisher_t", 0.88)) for s in (0, 1)]
+    d = _write(tmp_path, rows)
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    line = summary.table(d, (("g.yaml", "res", ""),))[2]
+    assert "+1.00 vs measured (beyond the spread; ahead on 2 of 2 seeds)" in line, line
 
 
 def test_a_second_grid_row_follows_the_first(summary, tmp_path):
