@@ -10,8 +10,8 @@ The plan comes from one of three allocators (``--allocator``):
   search takes an hour.
 * ``fisher``: the Fisher allocation (``nasq baseline hessian --curvature fisher --granularity tensor``: each
   tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's quantization error,
-  the same knapsack), on the same ``measure_batches`` train batches; about a minute. At CoLA avg 2.5 bits it beat
-  the measured allocation after QAT beyond the seeds' spread (3 seeds; README Results).
+  the same knapsack), on the preset's ``fisher_batches`` train batches (the protocol's 16); about a minute. At
+  CoLA avg 2.5 bits it beat the measured allocation after QAT beyond the seeds' spread (3 seeds; README Results).
 * ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
   latency budget (``--set search.latency_ms=T --set search.latency_table=lat.json``).
 
@@ -25,12 +25,12 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
     OUT/model.nasq/   exported integer artifact
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
 
-Presets set step counts, subsets, the budget (avg 2 bits) and the measured allocator's batches. The space follows
-the budget unless the user names one (:func:`budget_space`: widths within a bit or two of the budget's uniform
-width, nothing pruned, as in the protocol's best results; pruned rows re-fit worst under QAT). Presets are
-*quick* recipes for a 2-core CPU, not the full recipe: `smoke` (a few minutes, CI / first run) and `quick`
-(MiniLM + an SST-2 subset). A preset adapts to the task
-(:func:`fit_preset_to_task`: train subset capped to the split, max length from the task's token lengths).
+Presets set step counts, subsets, the budget (avg 2 bits) and the measured and Fisher allocators' batches. The space
+follows the budget unless the user names one (:func:`budget_space`: widths within a bit or two of the budget's
+uniform width, nothing pruned, as in the protocol's best results; pruned rows re-fit worst under QAT). Presets are
+*quick* recipes for a 2-core CPU, not the full recipe: `smoke` (a few minutes, CI / first run) and `quick` (MiniLM +
+an SST-2 subset). A preset adapts to the task (:func:`fit_preset_to_task`: train subset capped to the split, max
+length from the task's token lengths).
 
 The user's ``--config`` / ``--set`` apply to every stage; a ``stages`` section applies to one stage:
 ``--set stages.qat.train.max_steps=800 --set stages.search.train.lr=1e-5`` (or ``stages: {qat: {train: ...}}``
@@ -61,7 +61,8 @@ from nasq.search.loop import search
 from nasq.train.finetune import finetune
 
 # Per-stage overrides of the config; the user's --config/--set apply on top of every stage. `measure_batches`: the
-# train batches the measured allocator runs each (tensor, width) on (the protocol's 8; smoke: 2, CI time).
+# train batches the measured allocator runs each (tensor, width) on (the protocol's 8; smoke: 2, CI time);
+# `fisher_batches`: the train batches the Fisher allocator's traces are summed over (the protocol's fisher cells: 16).
 PRESETS: dict[str, dict] = {
     "smoke": {
         "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 512,
@@ -71,6 +72,7 @@ PRESETS: dict[str, dict] = {
                    "search": {"avg_bits": 2.0}},
         "qat": {"train": {"max_steps": 16, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000}},
         "measure_batches": 2,
+        "fisher_batches": 2,
     },
     "quick": {
         "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 8000,
@@ -80,6 +82,7 @@ PRESETS: dict[str, dict] = {
                    "search": {"avg_bits": 2.0}},
         "qat": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
         "measure_batches": 8,
+        "fisher_batches": 16,
     },
 }
 
@@ -254,12 +257,20 @@ def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure
                         "(search.latency_ms) needs --allocator search")
 
 
+def allocation_batches(preset: dict, allocator: str, measure_batches: int | None = None) -> int:
+    """The train batches a size allocator runs on: ``measure_batches`` when given, else the preset's
+    ``fisher_batches`` (``fisher``) or ``measure_batches`` (``measured``)."""
+    if measure_batches is not None:
+        return measure_batches
+    return preset["fisher_batches" if allocator == "fisher" else "measure_batches"]
+
+
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
                  allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None) -> dict:
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
     ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
-    preset's)."""
+    preset's ``measure_batches`` or ``fisher_batches``)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]
@@ -268,7 +279,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
     check_allocator(configs["search"], allocator, refine_rounds, measure_batches)
-    n_measure = p["measure_batches"] if measure_batches is None else measure_batches
+    n_measure = allocation_batches(p, allocator, measure_batches)
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:

@@ -23,8 +23,8 @@ def register(sub) -> None:
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
     p.add_argument("--measure-batches", type=int, default=None, metavar="N",
                    help="--allocator measured, fisher: train batches the damages or traces are measured on "
-                   "(default: the preset's, smoke 2, quick 8; more batches give steadier plans and take "
-                   "proportionally longer)")
+                   "(default: the preset's: measured smoke 2, quick 8; fisher smoke 2, quick 16, as in the "
+                   "protocol; more batches give steadier plans and take proportionally longer)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
