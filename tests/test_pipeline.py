@@ -70,7 +70,6 @@ def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path
     assert (out / "plan.json").stat().st_mtime_ns == stamp and not (out / "search").exists()
 
 
-@pytest.mark.slow
 def test_each_size_allocator_runs_on_its_presets_batches():
     """The Fisher allocator sums its traces over the protocol's 16 batches in the quick preset, the measured one
     measures on 8; --measure-batches overrides either."""
@@ -82,6 +81,7 @@ def test_each_size_allocator_runs_on_its_presets_batches():
     assert all(allocation_batches(p, a) >= 1 for p in PRESETS.values() for a in ("measured", "fisher"))
 
 
+@pytest.mark.slow
 def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     """--allocator fisher: the per-tensor Gauss-Newton plan on the preset's batches, within the budget, QAT'd,
     exported and evaluated; resuming with another allocator is refused and names the one that made the plan."""
