@@ -47,7 +47,8 @@ def _write(tmp_path: Path, rows: list[tuple]) -> Path:
     return tmp_path
 
 
-def test_rows_statistics_and_verdicts(summary, tmp_path):
+def test_rows_statistics_and_verdicts(summary, tmp_path, monkeypatch):
+    monkeypatch.setattr(summary, "DEFAULT", "measured")  # the margins below are measured's, whatever the default
     acc, mcc = "accuracy", "matthews"
     rows = [("sst2", "fp32", "fp32", 0, "done", acc, 0.9, "", "")]
     rows += [("sst2", "uniform", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.85, 0.86, 0.87))]
@@ -67,7 +68,7 @@ def test_rows_statistics_and_verdicts(summary, tmp_path):
     d = _write(tmp_path, rows)
     lines = summary.table(d, (("g.yaml", "res", ""),))
     assert len(lines) == 5, lines
-    assert summary.DEFAULT == "measured" and "**measured** (nasq's default) | Fisher per tensor |" in lines[0]
+    assert "**measured** (nasq's default) | Fisher per tensor |" in lines[0]
     sst2, cola_avg2, cola = lines[2:]
     assert cola_avg2.split(" | ")[6:9] == ["not run", "**0.260 ± 0.014 (2)**", "not run"], cola_avg2
     assert sst2.split(" | ")[:5] == ["| SST-2", "avg 2, {1,2,3,4}", "90.00", "86.00 ± 1.00 (3), 2-bit",
@@ -89,7 +90,14 @@ def test_the_margin_follows_the_pipeline_default(summary, tmp_path, monkeypatch)
     assert "+1.00 vs measured (beyond the spread; ahead on 2 of 2 seeds)" in line, line
 
 
-def test_a_second_grid_row_follows_the_first(summary, tmp_path):
+def test_the_default_column_is_the_pipelines_default_allocator(summary):
+    from nasq.pipeline import ALLOCATORS
+
+    assert summary.DEFAULT == summary.PIPELINE_METHOD[ALLOCATORS[0]] and summary.DEFAULT in summary.SENSITIVITY
+
+
+def test_a_second_grid_row_follows_the_first(summary, tmp_path, monkeypatch):
+    monkeypatch.setattr(summary, "DEFAULT", "measured")
     rows = [("sst2", m, "avg2", s, "done", "accuracy", v, "yes", "")
             for m, v in (("uniform", 0.85), ("measured", 0.87)) for s in (0, 1)]
     d = _write(tmp_path, rows)
