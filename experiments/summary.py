@@ -59,9 +59,11 @@ def name(method: str) -> str:
     return NAMES.get(method, method)
 
 
-COLUMNS = ("task", "budget, widths", "fp32", "uniform (widest that fits)", "Hessian", "other baseline (best)",
-           *(_sensitivity_header(m) for m in SENSITIVITY), f"{name(DEFAULT)} - best other",
-           "supernet search (best variant)")
+def columns() -> tuple[str, ...]:
+    """The table's header: the default allocator's column bold, its margin named after it."""
+    return ("task", "budget, widths", "fp32", "uniform (widest that fits)", "Hessian", "other baseline (best)",
+            *(_sensitivity_header(m) for m in SENSITIVITY), f"{name(DEFAULT)} - best other",
+            "supernet search (best variant)")
 
 
 def _widths(space_name: str) -> str:
@@ -185,7 +187,8 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    cols = columns()
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for key in sorted(rows_out, key=lambda k: (tasks.index(k[0]), budgets.index(k[1]))):
         for cells in rows_out[key]:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
