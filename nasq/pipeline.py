@@ -2,16 +2,17 @@
 
 The plan comes from one of three allocators (``--allocator``):
 
-* ``measured`` (the default): the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output
-  damage measured at every width on the preset's ``measure_batches`` train batches, then the exact knapsack;
-  ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). Under the fair
-  protocol on SST-2 it had the best mean after QAT at avg 1.5, 2 and 2.5 bits (3 seeds; at avg 4 uniform 4-bit's
-  mean was higher, inside the spread; README Results), and it trains nothing, so it takes minutes where the
-  search takes an hour.
-* ``fisher``: the Fisher allocation (``nasq baseline hessian --curvature fisher --granularity tensor``: each
-  tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's quantization error,
-  the same knapsack), on the preset's ``fisher_batches`` train batches (the protocol's 16); about a minute. At
-  CoLA avg 2.5 bits it beat the measured allocation after QAT beyond the seeds' spread (3 seeds; README Results).
+* ``fisher`` (the default): the Fisher allocation (``nasq baseline hessian --curvature fisher --granularity
+  tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's
+  quantization error, then the exact knapsack), on the preset's ``fisher_batches`` train batches (the protocol's
+  16); about a minute. Under the fair protocol (3 seeds a cell, README Results) it was level with the measured
+  allocation or ahead of it at every cell both ran (beyond the seeds' spread at CoLA avg 2.5 bits), behind it
+  beyond the spread at none, and it plans in a fifth of the time; it trains nothing.
+* ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
+  every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
+  ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
+  2026-12-04; its damages give the plan of any other budget without a forward (``nasq baseline measured
+  --damage-from``).
 * ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
   latency budget (``--set search.latency_ms=T --set search.latency_table=lat.json``).
 
@@ -224,8 +225,8 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
     }
 
 
-ALLOCATORS = ("measured", "fisher", "search")  # the first is the default
-SIZE_ALLOCATORS = ("measured", "fisher")  # allocate under a size budget, from the teacher, training nothing
+ALLOCATORS = ("fisher", "measured", "search")  # the first is the default
+SIZE_ALLOCATORS = ("fisher", "measured")  # allocate under a size budget, from the teacher, training nothing
 
 
 def plan_allocator(provenance: dict) -> str:
@@ -301,7 +302,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
                      overwrite=True)
     times["finetune_s"] = time.time() - t0
 
-    # 2-3. search and finalize, or the measured allocation
+    # 2-3. search and finalize, or the Fisher or measured allocation
     t0 = time.time()
     search_dir, plan_path = out / "search", out / "plan.json"
     if output_complete("plan", plan_path):  # resumed: the plan there must be the chosen allocator's

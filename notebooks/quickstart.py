@@ -1,7 +1,7 @@
 """nasq from Python, end to end, with the public API (``import nasq``; ``nasq/api.py``):
 
     fp32 teacher -> search under a size budget -> finalize (its own budget and a second one, from one search)
-    (and the measured allocation at the same budget, `nasq pipeline`'s default allocator, for comparison) -> QAT + KD of the plan, from the search's weights -> bit-packed integer artifact -> predict / evaluate
+    (and the measured allocation at the same budget, one of `nasq pipeline`'s two sensitivity allocators, for comparison) -> QAT + KD of the plan, from the search's weights -> bit-packed integer artifact -> predict / evaluate
     -> ONNX (when the ``onnx`` extra is installed)
 
 Run from the repo root (a smoke-sized recipe by default: a few minutes on 2 CPU cores; its accuracy means

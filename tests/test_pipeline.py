@@ -49,16 +49,17 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, glue_dir, tmp_path, caps
 
 @pytest.mark.slow
 def test_pipeline_with_the_measured_allocator(tiny_model_dir, glue_dir, tmp_path):
-    """The default allocator, measured: no search run; the plan is the (here refined) measured allocation within
-    the budget on the preset's batches, QAT'd, exported and evaluated like a searched one; resuming with the
-    other allocator is refused, nothing lost."""
+    """--allocator measured: no search run; the plan is the (here refined) measured allocation within the budget
+    on the preset's batches, QAT'd, exported and evaluated like a searched one; resuming with the other allocator
+    is refused, nothing lost."""
     from nasq.contract.plan import Plan
     from nasq.errors import NasqError
 
     out = tmp_path / "pipe"
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"]["avg_bits"] = 3
-    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, refine_rounds=1, measure_batches=1)
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, allocator="measured",
+                     refine_rounds=1, measure_batches=1)
     plan = Plan.load(out / "plan.json")
     assert not (out / "search").exists() and s["allocator"] == "measured"
     assert plan.provenance["method"] == "measured" and plan.provenance["refine_rounds"] == 1
@@ -83,8 +84,9 @@ def test_each_size_allocator_runs_on_its_presets_batches():
 
 @pytest.mark.slow
 def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
-    """--allocator fisher: the per-tensor Gauss-Newton plan on the preset's batches, within the budget, QAT'd,
-    exported and evaluated; resuming with another allocator is refused and names the one that made the plan."""
+    """The default allocator, fisher: the per-tensor Gauss-Newton plan on the preset's batches, within the budget,
+    QAT'd, exported and evaluated; resuming with another allocator is refused and names the one that made the
+    plan."""
     from nasq.contract.plan import Plan
     from nasq.errors import NasqError
     from nasq.pipeline import plan_allocator
@@ -92,8 +94,7 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "pipe"
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"]["avg_bits"] = 3
-    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, allocator="fisher",
-                     measure_batches=1)
+    s = run_pipeline(out, preset="smoke", user_layers=layers, log=lambda *a: None, measure_batches=1)
     prov = Plan.load(out / "plan.json").provenance
     assert not (out / "search").exists() and s["allocator"] == "fisher" and plan_allocator(prov) == "fisher"
     assert (prov["method"], prov["curvature"], prov["granularity"], prov["n_batches"]) == ("hessian", "fisher",
@@ -101,7 +102,7 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     with pytest.raises(NasqError, match="was made by 'fisher', not by --allocator measured; resume with "
                                         "--allocator fisher"):
-        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None)
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, allocator="measured")
     assert plan_allocator({"method": "nasq-search"}) == "search"
     assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"
 
@@ -201,8 +202,8 @@ def test_stage_sections():
         stage_config(smoke, "qat", [("--set", {"stages": {"qta": {"train": {"max_steps": 7}}}})])
 
 
-def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model_dir, glue_dir, tmp_path):
-    """The default allocator (measured) allocates under a size budget: a latency budget is refused with what to
+def test_size_allocators_refuse_a_latency_budget_before_any_stage(tiny_model_dir, glue_dir, tmp_path):
+    """The default allocator (fisher) allocates under a size budget: a latency budget is refused with what to
     do, before the teacher is trained or --out is created; so is an unknown allocator."""
     from nasq.errors import NasqError
 
@@ -224,7 +225,7 @@ def test_measured_allocator_refuses_a_latency_budget_before_any_stage(tiny_model
                      measure_batches=0)
     with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     refine_rounds=-1)
+                     allocator="measured", refine_rounds=-1)
     assert not (tmp_path / "pipe").exists()
 
 

@@ -1,4 +1,5 @@
-"""`nasq pipeline`: finetune -> allocate (measured, or search + finalize) -> QAT -> export -> eval (`nasq.pipeline`)."""
+"""`nasq pipeline`: finetune -> allocate (Fisher, measured, or search + finalize) -> QAT -> export -> eval
+(`nasq.pipeline`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ from nasq.pipeline import ALLOCATORS, PRESETS, run_pipeline
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pipeline", help="finetune -> allocate (measured or search) -> QAT -> export -> eval")
+    p = sub.add_parser("pipeline",
+                       help="finetune -> allocate (Fisher, measured or search) -> QAT -> export -> eval")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
     p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
-                   help="how the plan is chosen: the measured allocation (default: each tensor's output damage "
-                   "measured at each width, then the exact knapsack; minutes, no training), the Fisher allocation "
-                   "(each tensor's Gauss-Newton trace times each width's quantization error, the same knapsack; "
-                   "about a minute; ahead of measured at CoLA avg 2.5, see README Results), or the supernet search "
-                   "+ finalize (an hour; also takes a latency budget: --set search.latency_ms=T --set "
-                   "search.latency_table=lat.json)")
+                   help="how the plan is chosen: the Fisher allocation (default: each tensor's Gauss-Newton "
+                   "trace times each width's quantization error, then the exact knapsack; about a minute, no "
+                   "training), the measured allocation (each tensor's output damage measured at each width, the "
+                   "same knapsack; minutes; level with Fisher or behind it under the protocol, see README "
+                   "Results), or the supernet search + finalize (an hour; also takes a latency budget: --set "
+                   "search.latency_ms=T --set search.latency_table=lat.json)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")
