@@ -80,8 +80,10 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "measured", bits: in
              rule_bits: dict[str, int] | None = None, n_batches: int = 8, overwrite: bool = False, log=print,
              **options: Any) -> Plan:
     """A plan for ``cfg.kd.teacher`` under ``cfg.search``'s size budget and space, without a search, saved to
-    ``out`` (``nasq baseline METHOD``): ``"measured"`` (the default, and ``nasq pipeline``'s: each tensor's output
-    KL measured at every width on ``n_batches`` train batches, then the exact knapsack), ``"hessian"``,
+    ``out`` (``nasq baseline METHOD``): ``"measured"`` (the default here: each tensor's output KL measured at every
+    width on ``n_batches`` train batches, then the exact knapsack), ``"hessian"`` (with ``curvature="fisher",
+    granularity="tensor", n_batches=16`` the Fisher allocation, ``nasq pipeline``'s default; as good after QAT
+    under the protocol and faster),
     ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
     ``granularity``, ``curvature`` (:func:`nasq.baselines.allocators.baseline_plan`)."""
