@@ -63,7 +63,7 @@ from nasq.train.finetune import finetune
 
 # Per-stage overrides of the config; the user's --config/--set apply on top of every stage. `measure_batches`: the
 # train batches the measured allocator runs each (tensor, width) on (the protocol's 8; smoke: 2, CI time);
-# `fisher_batches`: the train batches the Fisher allocator's traces are summed over (the protocol's fisher cells: 16).
+# `fisher_batches`: the train batches the Fisher allocator sums its traces over (the protocol's fisher cells: 16).
 PRESETS: dict[str, dict] = {
     "smoke": {
         "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 512,

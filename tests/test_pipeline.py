@@ -78,7 +78,8 @@ def test_each_size_allocator_runs_on_its_presets_batches():
 
     assert allocation_batches(PRESETS["quick"], "fisher") == 16
     assert allocation_batches(PRESETS["quick"], "measured") == 8
-    assert allocation_batches(PRESETS["quick"], "fisher", 3) == allocation_batches(PRESETS["smoke"], "measured", 3) == 3
+    assert allocation_batches(PRESETS["quick"], "fisher", 3) == 3
+    assert allocation_batches(PRESETS["smoke"], "measured", 3) == 3
     assert all(allocation_batches(p, a) >= 1 for p in PRESETS.values() for a in ("measured", "fisher"))
 
 
@@ -102,7 +103,8 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     with pytest.raises(NasqError, match="was made by 'fisher', not by --allocator measured; resume with "
                                         "--allocator fisher"):
-        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, allocator="measured")
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None,
+                     allocator="measured")
     assert plan_allocator({"method": "nasq-search"}) == "search"
     assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"
 
