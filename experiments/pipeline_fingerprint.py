@@ -3,7 +3,7 @@
 
     python experiments/pipeline_fingerprint.py --data-dir ../shared/data/glue
 
-Runs `nasq pipeline --preset smoke --allocator search` (or `--allocator measured`) on a tiny random checkpoint (`nasq.testing.make_tiny_checkpoint`, seed 0;
+Runs `nasq pipeline --preset smoke --allocator search` (or `measured`, `fisher`) on a tiny random checkpoint (`nasq.testing.make_tiny_checkpoint`, seed 0;
 3 steps per stage, 96 train rows, space `tiny`) in a temporary directory and prints the sha256 (16 hex digits)
 of the plan's tensors, totals and budget (provenance excluded: it holds dates and paths) and of the artifact's
 `tensors.safetensors` and `layout.json`, plus the dev metric through the integer path. Run it before and after
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True, help="GLUE directory (standard layout)")
-    ap.add_argument("--allocator", default="search", choices=("search", "measured"),
+    ap.add_argument("--allocator", default="search", choices=("search", "measured", "fisher"),
                     help="the pipeline's allocator (default search: the fingerprints recorded before the measured "
-                    "allocation became the pipeline's default were made with it)")
+                    "allocation became the pipeline's default, 2026-11-30, were made with it)")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nasq_fingerprint_"))
     tiny = make_tiny_checkpoint(work / "tiny")
