@@ -76,15 +76,16 @@ def run_search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite:
     return Path(_search(cfg, out, resume=resume, overwrite=overwrite, log=log))
 
 
-def allocate(cfg: Config, out: str | Path, *, method: str = "measured", bits: int | None = None,
-             rule_bits: dict[str, int] | None = None, n_batches: int = 8, overwrite: bool = False, log=print,
-             **options: Any) -> Plan:
+def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int | None = None,
+             rule_bits: dict[str, int] | None = None, n_batches: int | None = None, overwrite: bool = False,
+             log=print, **options: Any) -> Plan:
     """A plan for ``cfg.kd.teacher`` under ``cfg.search``'s size budget and space, without a search, saved to
-    ``out`` (``nasq baseline METHOD``): ``"measured"`` (the default here: each tensor's output KL measured at every
-    width on ``n_batches`` train batches, then the exact knapsack), ``"hessian"`` (with ``curvature="fisher",
-    granularity="tensor", n_batches=16`` the Fisher allocation, ``nasq pipeline``'s default; as good after QAT
-    under the protocol and faster),
-    ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
+    ``out`` (``nasq baseline METHOD``): ``"fisher"`` (the default, as in ``nasq pipeline``: each tensor's
+    Gauss-Newton trace times each width's quantization error, summed over ``n_batches`` train batches (default
+    16), then the exact knapsack), ``"measured"`` (each tensor's output KL measured at every width on
+    ``n_batches`` train batches (default 8), then the exact knapsack; level with ``"fisher"`` after QAT under the
+    protocol, and slower), ``"hessian"``, ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule``
+    also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
     ``granularity``, ``curvature`` (:func:`nasq.baselines.allocators.baseline_plan`)."""
     from nasq.baselines.allocators import allocate_plan

@@ -2,8 +2,8 @@
 
 The plan comes from one of three allocators (``--allocator``):
 
-* ``fisher`` (the default): the Fisher allocation (``nasq baseline hessian --curvature fisher --granularity
-  tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's
+* ``fisher`` (the default): the Fisher allocation (``nasq baseline fisher``, which is ``nasq baseline hessian
+  --curvature fisher --granularity tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per weight times each width's
   quantization error, then the exact knapsack), on the preset's ``fisher_batches`` train batches (the protocol's
   16); about a minute. Under the fair protocol (3 seeds a cell, README Results) it was level with the measured
   allocation or ahead of it at every cell both ran (beyond the seeds' spread at CoLA avg 2.5 bits), behind it
@@ -45,7 +45,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nasq.baselines.allocators import allocate_plan, check_measured_options
+from nasq.baselines.allocators import FISHER_BATCHES, allocate_plan, check_measured_options
 from nasq.config import Config, SearchConfig, build_config
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
@@ -83,7 +83,7 @@ PRESETS: dict[str, dict] = {
                    "search": {"avg_bits": 2.0}},
         "qat": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
         "measure_batches": 8,
-        "fisher_batches": 16,
+        "fisher_batches": FISHER_BATCHES,
     },
 }
 
@@ -321,8 +321,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     elif allocator == "fisher":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] Fisher allocation ({n_measure} batches) -> {plan_path}")
-            allocate_plan("hessian", configs["search"], curvature="fisher", granularity="tensor",
-                          n_batches=n_measure).save(plan_path, overwrite=True)
+            allocate_plan("fisher", configs["search"], n_batches=n_measure).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
         if not output_complete("run", search_dir):

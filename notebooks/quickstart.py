@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = nasq.finalize(search, out / "plan.json", spend_leftover=True, overwrite=True)
     wider = nasq.finalize(search, out / "plan_wider.json", avg_bits=a.avg_bits + 1, overwrite=True)
     # the measured allocation (no search: each tensor's output KL at every width, then the knapsack)
-    measured = nasq.allocate(cfg, out / "plan_measured.json", n_batches=2, overwrite=True)
+    measured = nasq.allocate(cfg, out / "plan_measured.json", method="measured", n_batches=2, overwrite=True)
     for p in (plan, wider, measured):
         t = p.totals
         print(f"plan: {t['searched_bytes']:,} of {p.budget['bytes']:,} budget bytes, avg {t['avg_bits']:.2f} bits, "

@@ -84,18 +84,25 @@ def test_stages_from_python(tiny_model_dir, glue_dir, tmp_path):
 
 
 def test_allocate_from_python_equals_the_cli(tiny_model_dir, glue_dir, tmp_path, capsys):
-    """`nasq.allocate`: the measured plan (the default method) within the budget, saved, the same as `nasq
-    baseline measured`'s; an existing file is not overwritten without overwrite=True; a bad method is named."""
+    """`nasq.allocate`: the Fisher plan (the default method, as `nasq pipeline`'s) within the budget, saved, the
+    same as `nasq baseline fisher`'s, and measured on request as `nasq baseline measured`'s; an existing file is
+    not overwritten without overwrite=True; a bad method is named."""
     from nasq.cli import main
 
     cfg = _cfg(tiny_model_dir, glue_dir, **{"search.avg_bits": 3})
-    plan = nasq.allocate(cfg, tmp_path / "m.json", n_batches=1, log=lambda *a: None)
+    cli_common = ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue_dir), "--space", "tiny",
+                  "--avg-bits", "3", "--n-batches", "1", "--train-subset", "96", "--set", "model.max_len=32",
+                  "--set", "data.buckets=[32]", "--set", "train.batch_size=16"]
+    plan = nasq.allocate(cfg, tmp_path / "f.json", n_batches=1, log=lambda *a: None)
+    assert plan.provenance["method"] == "hessian" and plan.provenance["curvature"] == "fisher"
+    assert plan.provenance["granularity"] == "tensor" and plan.totals["within_budget"]
+    assert Plan.load(tmp_path / "f.json") == plan
+    assert main(["baseline", "fisher", *cli_common, "--out", str(tmp_path / "cli_f.json")]) == 0
+    assert Plan.load(tmp_path / "cli_f.json").bits_per_group() == plan.bits_per_group()
+    plan = nasq.allocate(cfg, tmp_path / "m.json", method="measured", n_batches=1, log=lambda *a: None)
     assert plan.provenance["method"] == "measured" and plan.totals["within_budget"]
     assert Plan.load(tmp_path / "m.json") == plan
-    assert main(["baseline", "measured", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir",
-                 str(glue_dir), "--space", "tiny", "--avg-bits", "3", "--n-batches", "1", "--train-subset", "96",
-                 "--set", "model.max_len=32", "--set", "data.buckets=[32]", "--set", "train.batch_size=16",
-                 "--out", str(tmp_path / "cli.json")]) == 0
+    assert main(["baseline", "measured", *cli_common, "--out", str(tmp_path / "cli.json")]) == 0
     assert Plan.load(tmp_path / "cli.json").bits_per_group() == plan.bits_per_group()
     stamp = (tmp_path / "m.json").stat().st_mtime_ns
     with pytest.raises(NasqError, match="already exists"):

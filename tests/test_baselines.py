@@ -12,9 +12,11 @@ from nasq.baselines.allocators import (
     baseline_budget,
     baseline_plan,
     baseline_tensors,
+    default_batches,
     group_magnitudes,
     magnitude_allocation,
     random_allocation,
+    resolve_recipe,
     rule_allocation,
     uniform_allocation,
 )
@@ -631,6 +633,22 @@ def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_
         assert p.totals["searched_bytes"] > 0.9 * budget.bytes
 
 
+def test_fisher_is_the_hessian_baseline_with_its_recipe():
+    """`fisher` names `hessian --curvature fisher --granularity tensor` on 16 batches; its own options may only
+    repeat the recipe; the other methods get the Hessian options' defaults where none are given."""
+    assert resolve_recipe("fisher") == ("hessian", "tensor", "fisher")
+    assert resolve_recipe("fisher", "tensor", "fisher") == ("hessian", "tensor", "fisher")
+    assert resolve_recipe("hessian") == ("hessian", "group", "hutchinson")
+    assert resolve_recipe("hessian", "tensor", "fisher") == ("hessian", "tensor", "fisher")
+    assert resolve_recipe("measured") == ("measured", "group", "hutchinson")
+    with pytest.raises(NasqError, match="--granularity group: the fisher baseline is the hessian baseline with "
+                                        "--granularity tensor; for another --granularity, use the hessian baseline"):
+        resolve_recipe("fisher", "group")
+    with pytest.raises(NasqError, match="--curvature hutchinson: the fisher baseline"):
+        resolve_recipe("fisher", curvature="hutchinson")
+    assert (default_batches("fisher"), default_batches("hessian"), default_batches("measured")) == (16, 8, 8)
+
+
 def test_baseline_plan_errors(model, tiny_model_dir):
     cfg = _cfg(tiny_model_dir)
     with pytest.raises(NasqError, match="needs a budget"):
@@ -659,6 +677,8 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")
     with pytest.raises(NasqError, match="--curvature must be one of hutchinson, fisher, got 'exact'"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="exact")
+    with pytest.raises(NasqError, match="the hessian baseline needs task data"):  # fisher is hessian's recipe
+        baseline_plan("fisher", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="latency"):
         baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
@@ -733,6 +753,18 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert "Tr(G_t)" in f.provenance["utility"] and f.totals["within_budget"]
         assert min(f.provenance["tensor_trace_per_weight"].values()) >= 0
         assert p.provenance["curvature"] == "hutchinson"
+        named = tmp_path / "fisher.json"  # `fisher`: the same recipe under one name, 16 batches unless told
+        assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                    "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--out", str(named)]) == 0
+        n = Plan.load(named)
+        assert n.bits_per_group() == f.bits_per_group()
+        assert {k: n.provenance[k] for k in ("method", "curvature", "granularity", "n_batches")} == {
+            "method": "hessian", "curvature": "fisher", "granularity": "tensor", "n_batches": 1}
+        assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                    "--data-dir", str(glue_dir), "--ratio", "8", "--granularity", "group",
+                    "--out", str(tmp_path / "x.json")]) == 2
+        assert "the fisher baseline is the hessian baseline with --granularity tensor" in capsys.readouterr().err
         assert cli(["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                     "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "fisher",
                     "--out", str(tmp_path / "x.json")]) == 2

@@ -21,6 +21,9 @@
   plan fits the budget. Nothing is pruned when the uniform plan already fits. Only tensors whose choices
   contain 0 can be pruned.
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
+* ``fisher``: ``hessian``'s recipe that ``nasq pipeline`` allocates with by default (``FISHER_RECIPE``): the
+  Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor, on ``FISHER_BATCHES`` train
+  batches unless told otherwise; its plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
 * ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
   quantized, see :mod:`nasq.baselines.measured`.
 """
@@ -53,21 +56,36 @@ from nasq.run import Progress
 from nasq.search.finalize import allocate, choices_to_bits
 
 __all__ = [
+    "DEFAULT_BATCHES",
+    "FISHER_BATCHES",
+    "FISHER_RECIPE",
     "METHODS",
     "baseline_budget",
     "baseline_model",
     "baseline_plan",
     "baseline_tensors",
     "check_measured_options",
+    "default_batches",
     "group_magnitudes",
     "magnitude_allocation",
     "random_allocation",
     "random_utilities",
+    "resolve_recipe",
     "rule_allocation",
     "uniform_allocation",
 ]
 
-METHODS = ("uniform", "rule", "hessian", "measured", "random", "magnitude")
+METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
+# `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml:
+# level with the measured allocation after QAT in seven of seven cells, and 3-7x cheaper to plan; NOTES.md)
+FISHER_RECIPE = {"curvature": "fisher", "granularity": "tensor"}
+FISHER_BATCHES = 16  # train batches the Fisher traces are summed over (512 rows at batch 32)
+DEFAULT_BATCHES = 8  # the other data-reading baselines' (hessian per probe, measured per forward)
+
+
+def default_batches(method: str) -> int:
+    """The train batches ``method`` reads when ``--n-batches`` is not given."""
+    return FISHER_BATCHES if method == "fisher" else DEFAULT_BATCHES
 
 
 def uniform_allocation(tensors: Sequence[SearchedTensor], bits: int) -> list[tuple[int, ...]]:
@@ -229,6 +247,20 @@ def check_hessian_options(method: str, granularity: str = "group", curvature: st
             raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
 
 
+def resolve_recipe(method: str, granularity: str | None = None,
+                   curvature: str | None = None) -> tuple[str, str, str]:
+    """``(method, granularity, curvature)`` with the Hessian options' defaults filled in (None: not given) and
+    ``fisher`` spelled as the ``hessian`` baseline it is (``FISHER_RECIPE``); ``NasqError`` when ``fisher`` is
+    given a granularity or curvature other than its recipe's."""
+    if method != "fisher":
+        return method, granularity or "group", curvature or "hutchinson"
+    for flag, value in (("granularity", granularity), ("curvature", curvature)):
+        if value is not None and value != FISHER_RECIPE[flag]:  # the recipe fixes both
+            raise NasqError(f"--{flag} {value}: the fisher baseline is the hessian baseline with --{flag} "
+                            f"{FISHER_RECIPE[flag]}; for another --{flag}, use the hessian baseline")
+    return "hessian", FISHER_RECIPE["granularity"], FISHER_RECIPE["curvature"]
+
+
 def baseline_plan(
     method: str,
     model: nnx.Module,
@@ -248,8 +280,8 @@ def baseline_plan(
     refine_rounds: int = 0,
     min_tokens: int = 0,
     spread: str = "rows",
-    granularity: str = "group",
-    curvature: str = "hutchinson",
+    granularity: str | None = None,
+    curvature: str | None = None,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -268,6 +300,7 @@ def baseline_plan(
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    method, granularity, curvature = resolve_recipe(method, granularity, curvature)
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
     check_hessian_options(method, granularity, curvature)
@@ -345,25 +378,32 @@ def baseline_plan(
 
 
 def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bits: dict[str, int] | None = None,
-                  n_batches: int = 8, n_probes: int = 4, time_limit: float = 20.0,
+                  n_batches: int | None = None, n_probes: int = 4, time_limit: float = 20.0,
                   damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
-                  spread: str = "rows", granularity: str = "group", curvature: str = "hutchinson", log=print):
+                  spread: str = "rows", granularity: str | None = None, curvature: str | None = None,
+                  log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
-    (read only by ``hessian`` and ``measured``, and only after every option is checked); ``measured`` shows a
-    progress bar of its forwards. The other arguments are :func:`baseline_plan`'s."""
+    (read only by ``hessian``, ``fisher`` and ``measured``, and only after every option is checked); ``measured``
+    shows a progress bar of its forwards. ``fisher`` is ``hessian`` with ``FISHER_RECIPE`` (its own
+    ``granularity`` / ``curvature`` are refused); ``n_batches`` None: :func:`default_batches`. The other
+    arguments are :func:`baseline_plan`'s."""
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if n_batches is None:
+        n_batches = default_batches(method)
+    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
+                           spread=spread)
+    if rule_bits and method != "rule":
+        raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
+    name = method
+    method, granularity, curvature = resolve_recipe(method, granularity, curvature)
+    check_hessian_options(method, granularity, curvature)
     model, model_dir, prov = baseline_model(cfg, log)
     budget = baseline_budget(cfg, model)
     if budget is None and method not in ("uniform", "rule"):  # before reading any data
-        raise NasqError(f"the {method} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
-                           spread=spread)
-    check_hessian_options(method, granularity, curvature)
-    if rule_bits and method != "rule":
-        raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
+        raise NasqError(f"the {name} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
     measure = method == "hessian" or (method == "measured" and damage_from is None)
     data = None
     if measure:

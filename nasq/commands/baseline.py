@@ -1,4 +1,4 @@
-"""`nasq baseline {uniform,rule,hessian,measured,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
+"""`nasq baseline {uniform,rule,hessian,fisher,measured,random,magnitude} --out plan.json`: a baseline plan in the plan.json format.
 
 The model allocated for is the fp32 fine-tuned run `--teacher RUN` (recommended; the Hessian baseline needs a
 trained head to mean anything), else the pretrained `--model`. Budgets (`--budget-mb` / `--avg-bits` /
@@ -6,7 +6,9 @@ trained head to mean anything), else the pretrained `--model`. Budgets (`--budge
 budget (it records the size it takes); `rule` is a hand allocation by module type: `--rule-bits
 attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space at their widths and the others at
 `--bits` (checked against a budget when one is given); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
-batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `random` uses `--seed`.
+batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
+--curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default;
+`random` uses `--seed`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def parse_rule_bits(text: str) -> dict[str, int]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, measured, random or magnitude",
+    p = subparsers.add_parser("baseline", help="baseline plan.json: uniform, rule, hessian, fisher, measured, random or magnitude",
                               description=__doc__)
     p.add_argument("method", choices=METHODS)
     add_common(p)
@@ -46,8 +48,9 @@ def register(subparsers) -> None:
                    "groups of magnitude")
     p.add_argument("--rule-bits", type=parse_rule_bits, metavar="RULE=BITS[,RULE=BITS]",
                    help="rule: widths of the space's rules by name, e.g. attention_qkv=3,attention_output=3")
-    p.add_argument("--n-batches", type=int, default=8,
-                   help="hessian: train batches per probe; measured: train batches per forward (default 8)")
+    p.add_argument("--n-batches", type=int, default=None,
+                   help="hessian: train batches per probe (default 8); fisher: train batches the traces sum over "
+                   "(default 16); measured: train batches per forward (default 8)")
     p.add_argument("--n-probes", type=int, default=4,
                    help="hessian, measured --spread hessian: Rademacher probes (default 4)")
     p.add_argument("--damage-from", metavar="PLAN.json[,PLAN.json...]", type=parse_plan_list,
@@ -65,11 +68,11 @@ def register(subparsers) -> None:
                    "by the Hessian estimate of each group at each width (hessian: Hutchinson, --n-probes) or by "
                    "its Gauss-Newton trace (fisher: exact, never negative); groups of one tensor may then get "
                    "different widths")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="group",
+    p.add_argument("--granularity", choices=GRANULARITIES, default=None,
                    help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py)")
-    p.add_argument("--curvature", choices=CURVATURES, default="hutchinson",
+    p.add_argument("--curvature", choices=CURVATURES, default=None,
                    help="hessian: the curvature behind each trace: the loss Hessian, Hutchinson's estimate with "
                    "--n-probes probes (default), or its Gauss-Newton part (the Fisher of the model's predictions), "
                    "exact over the rows and never negative (no probes)")
