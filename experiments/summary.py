@@ -47,7 +47,7 @@ SENSITIVITY = ("measured", "fisher_t")
 DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
-NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher",
+NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher per group",
          "fisher_t": "Fisher per tensor", "rule": "hand rule"}
 
 
