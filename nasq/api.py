@@ -87,7 +87,9 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int 
     protocol, and slower), ``"hessian"``, ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule``
     also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
-    ``granularity``, ``curvature`` (:func:`nasq.baselines.allocators.baseline_plan`)."""
+    ``granularity``, ``curvature``, ``traces_from`` (:func:`nasq.baselines.allocators.baseline_plan`; e.g.
+    ``traces_from="fisher2.json"``: the Fisher plan of another budget from the traces that plan recorded, no data
+    read)."""
     from nasq.baselines.allocators import allocate_plan
     from nasq.io import check_output_path
 

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -765,6 +766,52 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
                     "--data-dir", str(glue_dir), "--ratio", "8", "--granularity", "group",
                     "--out", str(tmp_path / "x.json")]) == 2
         assert "the fisher baseline is the hessian baseline with --granularity tensor" in capsys.readouterr().err
+        # one estimate, a plan at every budget: re-solved from the traces a plan recorded, no data read
+        resolve = ["--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc"]
+        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(named), "--ratio", "8",
+                    "--out", str(tmp_path / "again.json")]) == 0
+        again = Plan.load(tmp_path / "again.json")
+        assert again.bits_per_group() == n.bits_per_group() and again.provenance["traces_from"] == str(named)
+        assert again.provenance["tensor_trace_per_weight"] == n.provenance["tensor_trace_per_weight"]
+        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(named), "--ratio", "4",
+                    "--out", str(tmp_path / "wider.json")]) == 0
+        wider = Plan.load(tmp_path / "wider.json")
+        assert wider.totals["avg_bits"] > n.totals["avg_bits"] and wider.totals["within_budget"]
+        # a per-group Hutchinson plan records its tensors' pooled traces too: the per-tensor plan of its draws
+        assert cli(["baseline", "hessian", *resolve, "--granularity", "tensor", "--traces-from", str(out),
+                    "--ratio", "8", "--out", str(tmp_path / "ht_again.json")]) == 0
+        assert Plan.load(tmp_path / "ht_again.json").bits_per_group() == t.bits_per_group()
+        for extra, message in (
+                (["fisher", "--traces-from", str(out)], "its traces are of the 'hutchinson' curvature, not 'fisher'"),
+                (["hessian", "--traces-from", str(named)], "add --granularity tensor"),
+                (["measured", "--traces-from", str(named)], "--traces-from is for the fisher and hessian baselines"),
+                (["fisher", "--traces-from", str(tmp_path / "missing.json")], "missing.json"),
+        ):
+            assert cli(["baseline", extra[0], *resolve, *extra[1:], "--ratio", "8",
+                        "--out", str(tmp_path / "x.json")]) == 2
+            assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.json").exists()
+        raw = json.loads(named.read_text())  # the plan file is untrusted
+        path = next(iter(raw["provenance"]["tensor_trace_per_weight"]))
+        for value, message in ((float("nan"), "not valid JSON (NaN is not allowed"),
+                               (1e300, "must be a finite number in [0, 1e+12]"),
+                               (-1.0, "must be a finite number in [0, 1e+12]"), ("0.5", "got 0.5"),
+                               (True, "got True"), (None, f"no trace for tensor {path}")):
+            bad = tmp_path / "bad.json"
+            edited = json.loads(json.dumps(raw))
+            edited["provenance"]["tensor_trace_per_weight"][path] = value
+            if value is None:
+                del edited["provenance"]["tensor_trace_per_weight"][path]
+            bad.write_text(json.dumps(edited))
+            assert cli(["baseline", "fisher", *resolve, "--traces-from", str(bad), "--ratio", "8",
+                        "--out", str(tmp_path / "x.json")]) == 2
+            assert message in capsys.readouterr().err
+        edited = json.loads(json.dumps(raw))
+        edited["provenance"]["method"] = "measured"
+        bad.write_text(json.dumps(edited))
+        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(bad), "--ratio", "8",
+                    "--out", str(tmp_path / "x.json")]) == 2
+        assert "not a plan of the hessian or fisher baseline" in capsys.readouterr().err
         assert cli(["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                     "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "fisher",
                     "--out", str(tmp_path / "x.json")]) == 2

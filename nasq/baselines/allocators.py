@@ -38,13 +38,19 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nasq.baselines.hessian import CURVATURES, GRANULARITIES, hessian_allocation, tensor_weights
+from nasq.baselines.hessian import (
+    CURVATURES,
+    GRANULARITIES,
+    hessian_allocation,
+    recorded_traces,
+    tensor_weights,
+)
 from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
 from nasq.contract.damage import DamageSource, load_damage, load_pooled_damage
 from nasq.contract.model_dir import load_model_dir, model_dir_of
-from nasq.contract.plan import make_plan
+from nasq.contract.plan import Plan, make_plan
 from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.data.glue import get_task
 from nasq.data.tasks import load_task_data
@@ -237,14 +243,21 @@ def check_measured_options(method: str, *, damage_from: DamageSource | None = No
         raise NasqError("--refine-rounds measures around each plan, so it cannot work from --damage-from; drop one")
 
 
-def check_hessian_options(method: str, granularity: str = "group", curvature: str = "hutchinson") -> None:
-    """The Hessian baseline's own options (``--granularity``, ``--curvature``): known, and only for ``hessian``."""
+def check_hessian_options(method: str, granularity: str = "group", curvature: str = "hutchinson",
+                          traces_from: str | Path | None = None) -> None:
+    """The Hessian baseline's own options (``--granularity``, ``--curvature``, ``--traces-from``): known, and only
+    for ``hessian`` (``fisher`` resolved to it first, :func:`resolve_recipe`); recorded traces are per tensor."""
     for flag, value, known, default in (("granularity", granularity, GRANULARITIES, "group"),
                                         ("curvature", curvature, CURVATURES, "hutchinson")):
         if value not in known:
             raise NasqError(f"--{flag} must be one of {', '.join(known)}, got {value!r}")
         if value != default and method != "hessian":
             raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
+    if traces_from is not None and method != "hessian":
+        raise NasqError(f"--traces-from is for the fisher and hessian baselines, not {method}")
+    if traces_from is not None and granularity != "tensor":
+        raise NasqError("--traces-from gives one trace per tensor, so it scores groups by their tensor's: add "
+                        "--granularity tensor (or use the fisher baseline)")
 
 
 def resolve_recipe(method: str, granularity: str | None = None,
@@ -282,20 +295,23 @@ def baseline_plan(
     spread: str = "rows",
     granularity: str | None = None,
     curvature: str | None = None,
+    traces_from: str | Path | None = None,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
     ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
     given budget is recorded and must be met); ``rule`` needs ``bits`` (the width of the rules not in ``rule_bits``)
-    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` and
-    ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
+    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` (``fisher``:
+    :func:`resolve_recipe`) and ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
     (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see
     :func:`nasq.baselines.measured.measured_allocation`, as ``min_tokens`` and ``spread``, which uses ``n_probes``
-    too); ``granularity``: the Hessian traces per row group or per tensor, ``curvature``: of the Hessian
-    (Hutchinson) or of its Gauss-Newton part (the Fisher, exact), see
-    :func:`nasq.baselines.hessian.hessian_allocation`. ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    too); ``granularity``: the Hessian traces per row group (the default) or per tensor, ``curvature``: of the
+    Hessian (Hutchinson, the default) or of its Gauss-Newton part (the Fisher, exact), see
+    :func:`nasq.baselines.hessian.hessian_allocation`; ``traces_from``: a hessian (or fisher) plan's path whose
+    recorded per-tensor traces are re-solved at this budget (per tensor; no data read,
+    :func:`nasq.baselines.hessian.recorded_traces`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
     """
     if method not in METHODS:
@@ -303,7 +319,7 @@ def baseline_plan(
     method, granularity, curvature = resolve_recipe(method, granularity, curvature)
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
-    check_hessian_options(method, granularity, curvature)
+    check_hessian_options(method, granularity, curvature, traces_from)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -342,14 +358,17 @@ def baseline_plan(
             damage = load_damage(damage_from, tensors, quant_mode=space.quant_mode)
         else:  # several measured plans: their damages pooled, weighted by their measured rows
             damage, pooled_rows = load_pooled_damage(damage_from, tensors, quant_mode=space.quant_mode)
-        if data is None and damage is None:
+        traces = None
+        if traces_from is not None:
+            traces = recorded_traces(Plan.load(traces_from), tensors, curvature, str(traces_from))
+        if data is None and damage is None and traces is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, granularity=granularity,
-                                     curvature=curvature, **common)
+                                     curvature=curvature, traces=traces, **common)
             h = "H" if curvature == "hutchinson" else "G"
             utility = (f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
                        f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)")
@@ -365,7 +384,9 @@ def baseline_plan(
             if refine_rounds:
                 prov["refine_rounds"] = int(refine_rounds)
         prov.update(utility=utility, **info)
-        if damage is None:
+        if traces is not None:
+            prov["traces_from"] = str(traces_from)
+        elif damage is None:
             prov.update(seed=seed, task=data.task.name)
         elif pooled_rows is None:
             prov["damage_from"] = str(damage_from)
@@ -381,7 +402,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                   n_batches: int | None = None, n_probes: int = 4, time_limit: float = 20.0,
                   damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
                   spread: str = "rows", granularity: str | None = None, curvature: str | None = None,
-                  log=print):
+                  traces_from: str | Path | None = None, log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
@@ -399,12 +420,12 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
     name = method
     method, granularity, curvature = resolve_recipe(method, granularity, curvature)
-    check_hessian_options(method, granularity, curvature)
+    check_hessian_options(method, granularity, curvature, traces_from)
     model, model_dir, prov = baseline_model(cfg, log)
     budget = baseline_budget(cfg, model)
     if budget is None and method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {name} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
-    measure = method == "hessian" or (method == "measured" and damage_from is None)
+    measure = (method == "hessian" and traces_from is None) or (method == "measured" and damage_from is None)
     data = None
     if measure:
         data = load_task_data(cfg, model_dir=model_dir)
@@ -417,7 +438,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
                              refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
-                             granularity=granularity, curvature=curvature)
+                             granularity=granularity, curvature=curvature, traces_from=traces_from)
     finally:
         if bar:
             bar.close()

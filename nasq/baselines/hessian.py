@@ -49,6 +49,7 @@ The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budge
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +59,7 @@ import numpy as np
 from flax import nnx
 
 from nasq.contract.cost import size_tables
+from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.data.batching import iterate_batches
 from nasq.errors import NasqError
@@ -71,6 +73,7 @@ from nasq.tree import keystr as _keystr
 __all__ = [
     "CURVATURES",
     "GRANULARITIES",
+    "MAX_TRACE_PER_WEIGHT",
     "gauss_newton_diagonal",
     "group_traces",
     "hessian_allocation",
@@ -79,6 +82,7 @@ __all__ = [
     "pooled_traces",
     "quant_perturbations",
     "quantized_rows",
+    "recorded_traces",
     "tensor_weights",
 ]
 
@@ -359,6 +363,7 @@ def hessian_allocation(
     time_limit: float = 20.0,
     granularity: str = "group",
     curvature: str = "hutchinson",
+    traces: Sequence[np.ndarray] | None = None,
     info: dict | None = None,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` within ``budget_bytes``
@@ -367,27 +372,75 @@ def hessian_allocation(
     ``n_probes`` Rademacher probes each; ``granularity``: each group's own trace (``"group"``) or its tensor's
     (``"tensor"``, :func:`pooled_traces`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
     Gauss-Newton part (``"fisher"``, exact over the batches' rows; ``n_probes`` unused), see :func:`group_traces`.
+    ``traces``: per-tensor traces already estimated (``granularity="tensor"`` only, e.g. :func:`recorded_traces`:
+    one estimate, a plan at every budget); ``data`` and the batch options are then unused.
     ``info`` (optional dict) receives solver and estimator statistics."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    batches = _train_batches(data, n_batches, batch_size, seed)
-    traces = group_traces(model, batches, tensors, is_regression=data.task.is_regression, n_probes=n_probes,
-                          seed=seed, curvature=curvature)
-    group_level, pooled = traces, pooled_traces(traces, tensors)
-    if granularity == "tensor":
-        traces = pooled
+    estimate: dict[str, Any] = {}
+    if traces is None:
+        batches = _train_batches(data, n_batches, batch_size, seed)
+        group_level = group_traces(model, batches, tensors, is_regression=data.task.is_regression,
+                                   n_probes=n_probes, seed=seed, curvature=curvature)
+        pooled = pooled_traces(group_level, tensors)
+        traces = pooled if granularity == "tensor" else group_level
+        estimate = {"n_batches": n_batches, **({"n_probes": n_probes} if curvature == "hutchinson" else {}),
+                    "batch_size": batch_size, "train_rows": len(data.train)}
+    elif granularity != "tensor":
+        raise NasqError("traces given as per-tensor values score every group by its tensor's trace: use "
+                        "granularity='tensor' (--granularity tensor)")
+    else:
+        group_level = pooled = [np.asarray(tr, np.float64) for tr in traces]
     perts = quant_perturbations(model, tensors, mode)
     utils, clamped = hessian_utilities(traces, perts)
     alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
     if info is not None:
         flat = np.concatenate(group_level)
-        info.update({"solver": alloc.solver, "optimal": alloc.optimal, "n_batches": n_batches,
-                     **({"n_probes": n_probes} if curvature == "hutchinson" else {}),
-                     "curvature": curvature, "granularity": granularity, "batch_size": batch_size,
-                     "train_rows": len(data.train),
+        info.update({"solver": alloc.solver, "optimal": alloc.optimal, **estimate,
+                     "curvature": curvature, "granularity": granularity,
                      "clamped_groups": clamped, "groups": int(flat.size),
                      "trace_per_weight": {"min": float(flat.min()), "median": float(np.median(flat)),
                                           "max": float(flat.max())},
                      "tensor_trace_per_weight": {t.path: float(tr[0])
                                                  for t, tr in zip(tensors, pooled, strict=True)}})
     return choices_to_bits(tensors, alloc.choices)
+
+
+# a recorded trace per weight beyond this is not a model's (MiniLM's Fisher traces are about 1e-6 to 1e-1)
+MAX_TRACE_PER_WEIGHT = 1e12
+
+
+def recorded_traces(plan: Plan, tensors: Sequence[SearchedTensor], curvature: str, source: str
+                    ) -> list[np.ndarray]:
+    """The per-tensor traces ``Tr(H_t)/n_t`` a ``hessian`` plan recorded (``provenance["tensor_trace_per_weight"]``,
+    written whatever its granularity), each tensor's value over its groups, in the order of ``tensors``: one
+    estimate gives the per-tensor plans of every budget and space of the same model. The plan file is untrusted:
+    its traces must be of ``curvature``, and every searched tensor must be in it with the same shape and a
+    finite trace (``>= 0`` for the Gauss-Newton curvature), else ``NasqError`` naming ``source`` and the tensor."""
+    prov, table = plan.provenance, plan.provenance.get("tensor_trace_per_weight")
+    if prov.get("method") != "hessian" or not isinstance(table, dict):
+        raise NasqError(f"{source}: not a plan of the hessian or fisher baseline (its provenance has no "
+                        "tensor_trace_per_weight); make one with `nasq baseline fisher` or `nasq baseline hessian`")
+    made = prov.get("curvature", "hutchinson")
+    if made != curvature:
+        raise NasqError(f"{source}: its traces are of the {made!r} curvature, not {curvature!r}; give a plan made "
+                        f"with --curvature {curvature}" + (" (`nasq baseline fisher`)" * (curvature == "fisher")))
+    shapes = {t.path: (t.rows, t.cols) for t in plan.tensors}
+    lo = 0.0 if curvature == "fisher" else -MAX_TRACE_PER_WEIGHT
+    out = []
+    for t in tensors:
+        v = table.get(t.path)
+        if v is None:
+            raise NasqError(f"{source}: no trace for tensor {t.path}; give a plan of the same model")
+        if t.path not in shapes:
+            raise NasqError(f"{source}: it has a trace of {t.path} but not the tensor itself (its shape), so it "
+                            "cannot be checked against this model; give a plan written by `nasq baseline`")
+        if shapes[t.path] != (t.rows, t.cols):
+            raise NasqError(f"{source}: tensor {t.path} is {shapes[t.path][0]}x{shapes[t.path][1]} there but "
+                            f"{t.rows}x{t.cols} in this model; give a plan of the same model")
+        f = float(v) if isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 1e300 else None
+        if f is None or not math.isfinite(f) or not lo <= f <= MAX_TRACE_PER_WEIGHT:
+            raise NasqError(f"{source}: tensor_trace_per_weight[{t.path!r}] must be a finite number in "
+                            f"[{lo:g}, {MAX_TRACE_PER_WEIGHT:g}], got {str(v)[:40]}")
+        out.append(np.full(t.num_groups, f, np.float64))
+    return out

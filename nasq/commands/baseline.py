@@ -7,7 +7,8 @@ budget (it records the size it takes); `rule` is a hand allocation by module typ
 attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space at their widths and the others at
 `--bits` (checked against a budget when one is given); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
---curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default;
+--curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
+(`--traces-from fisher.json` re-solves one at another budget or space from the traces it recorded, in seconds);
 `random` uses `--seed`.
 """
 
@@ -76,6 +77,10 @@ def register(subparsers) -> None:
                    help="hessian: the curvature behind each trace: the loss Hessian, Hutchinson's estimate with "
                    "--n-probes probes (default), or its Gauss-Newton part (the Fisher of the model's predictions), "
                    "exact over the rows and never negative (no probes)")
+    p.add_argument("--traces-from", metavar="PLAN.json",
+                   help="fisher, hessian --granularity tensor: re-solve at this budget from the per-tensor traces a "
+                   "fisher or hessian plan recorded (no data read: one estimate, a plan at every budget; a plan of "
+                   "the same model, any space of its tensors, the same --curvature)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
@@ -88,7 +93,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                          n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                          damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens,
                          spread=args.spread, granularity=args.granularity,
-                         curvature=args.curvature)
+                         curvature=args.curvature, traces_from=args.traces_from)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
