@@ -83,7 +83,8 @@ __all__ = [
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml:
-# level with the measured allocation after QAT in seven of seven cells, and 3-7x cheaper to plan; NOTES.md)
+# after QAT level with the measured allocation at 11 of 13 cells and ahead beyond the seeds' spread at 2, and
+# 3-7x cheaper to plan; NOTES.md)
 FISHER_RECIPE = {"curvature": "fisher", "granularity": "tensor"}
 FISHER_BATCHES = 16  # train batches the Fisher traces are summed over (512 rows at batch 32)
 DEFAULT_BATCHES = 8  # the other data-reading baselines' (hessian per probe, measured per forward)
@@ -301,8 +302,9 @@ def baseline_plan(
 
     ``budget`` (e.g. from :func:`baseline_budget`) is required except for ``uniform`` (which needs ``bits``; a
     given budget is recorded and must be met); ``rule`` needs ``bits`` (the width of the rules not in ``rule_bits``)
-    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian`` (``fisher``:
-    :func:`resolve_recipe`) and ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`) and use ``cfg.train.batch_size`` and ``n_batches``
+    and ``rule_bits``, and is checked against a budget like ``uniform``. ``magnitude`` needs ``bits``; ``hessian``
+    (and ``fisher``, :func:`resolve_recipe`) and ``measured`` need ``data`` (:class:`nasq.data.tasks.TaskData`)
+    and use ``cfg.train.batch_size`` and ``n_batches``
     (``measured`` reports ``progress(done, total)`` after each forward; with ``damage_from``, a measured plan's
     path, it re-solves from the damages recorded there and reads no data (several paths: their damages pooled,
     weighted by their measured rows, :func:`nasq.contract.damage.pooled_damage`); ``refine_rounds``: see

@@ -8,7 +8,7 @@ attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space a
 `--bits` (checked against a budget when one is given); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
 --curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
-(`--traces-from fisher.json` re-solves one at another budget or space from the traces it recorded, in seconds);
+(`--traces-from fisher.json` re-solves one at another budget or space from the traces it recorded, reading no data);
 `random` uses `--seed`.
 """
 
