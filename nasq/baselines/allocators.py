@@ -83,7 +83,7 @@ __all__ = [
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml:
-# after QAT level with the measured allocation at 11 of 13 cells and ahead beyond the seeds' spread at 2, and
+# after QAT level with the measured allocation at 12 of 14 cells and ahead beyond the seeds' spread at 2, and
 # 3-7x cheaper to plan; NOTES.md)
 FISHER_RECIPE = {"curvature": "fisher", "granularity": "tensor"}
 FISHER_BATCHES = 16  # train batches the Fisher traces are summed over (512 rows at batch 32)
