@@ -16,6 +16,7 @@ complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -33,6 +34,7 @@ __all__ = [
     "MARKER",
     "MAX_METADATA_BYTES",
     "check_output_path",
+    "finite_number",
     "git_rev",
     "mark_nasq_made",
     "nasq_made",
@@ -119,6 +121,18 @@ def _depth(x: Any, limit: int, max_nodes: int | None = None) -> int:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not allowed (numbers must be finite)")
+
+
+def finite_number(v: Any) -> float | None:
+    """``v`` as a float if a parsed file holds a finite real number there (an int or float, not a bool, within
+    float range), else ``None``: the first check of every number nasq reads from a plan or result file."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _typed(data: Any, expect: type | tuple | None, source: str, max_nodes: int | None = None) -> Any:

@@ -23,7 +23,15 @@ from nasq.contract.model_dir import load_model_dir
 from nasq.errors import NasqError
 from nasq.export.format import LAYOUT, TENSORS, manifest_digest
 from nasq.export.reader import load_artifact
-from nasq.io import check_output_path, nasq_made, parse_json, read_bytes, read_json, write_atomic
+from nasq.io import (
+    check_output_path,
+    finite_number,
+    nasq_made,
+    parse_json,
+    read_bytes,
+    read_json,
+    write_atomic,
+)
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -433,3 +441,12 @@ def test_fuzz_run_dir_resume(tmp_path_factory, tiny_model_dir, glue_dir, data, c
     rc = main(["finetune", "--out", str(run), "--resume"])
     assert rc in (0, 2)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_finite_number_takes_only_finite_reals():
+    """A number read from a parsed file: ints and floats within float range come back as floats; bools, strings,
+    None, non-finite floats and integers beyond float range come back as None (every caller then names the key)."""
+    assert finite_number(3) == 3.0 and isinstance(finite_number(3), float)
+    assert finite_number(-0.25) == -0.25 and finite_number(0) == 0.0
+    for bad in (True, False, "1.0", None, [1.0], float("nan"), float("inf"), -float("inf"), 10**400, -(10**400)):
+        assert finite_number(bad) is None, bad

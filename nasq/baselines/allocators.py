@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from nasq.contract.space import SearchedTensor, SearchSpace, load_space, resolve
 from nasq.data.glue import get_task
 from nasq.data.tasks import load_task_data
 from nasq.errors import NasqError
+from nasq.io import finite_number
 from nasq.models.loading import load_pretrained, resolve_model_dir
 from nasq.models.surgery import linear_shapes, model_param_shapes
 from nasq.quant.packing import group_nbytes
@@ -482,14 +482,11 @@ def hessian_noise_warning(provenance: dict) -> str | None:
 def predicted_line(provenance: dict) -> str | None:
     """The measured plan's predicted output KL against the widest uniform plan's (``predicted_kl_x1000``: ``plan``
     and ``uniform``, at ``predicted_uniform_bits``), as a line for the user; ``None`` without a prediction."""
-    def number(v) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
     pred = provenance.get("predicted_kl_x1000")
-    if not isinstance(pred, dict) or not number(pred.get("plan")):
+    if not isinstance(pred, dict) or finite_number(pred.get("plan")) is None:
         return None
     line = f"measured: predicted output KL before QAT (additive) {pred['plan'] / 1000:.4f} nats"
-    if number(pred.get("uniform")) and pred["uniform"] > 0:
+    if finite_number(pred.get("uniform")) is not None and pred["uniform"] > 0:
         width = provenance.get("predicted_uniform_bits", "?")
         line += (f", uniform {width}-bit (widest that fits) {pred['uniform'] / 1000:.4f}: the plan removes "
                  f"{100 * (1 - pred['plan'] / pred['uniform']):.0f}% of uniform's predicted damage")

@@ -49,7 +49,6 @@ The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budge
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +62,7 @@ from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.data.batching import iterate_batches
 from nasq.errors import NasqError
+from nasq.io import finite_number
 from nasq.models.bert import Embedding, Linear
 from nasq.models.surgery import iter_named
 from nasq.objectives import task_loss
@@ -438,8 +438,8 @@ def recorded_traces(plan: Plan, tensors: Sequence[SearchedTensor], curvature: st
         if shapes[t.path] != (t.rows, t.cols):
             raise NasqError(f"{source}: tensor {t.path} is {shapes[t.path][0]}x{shapes[t.path][1]} there but "
                             f"{t.rows}x{t.cols} in this model; give a plan of the same model")
-        f = float(v) if isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 1e300 else None
-        if f is None or not math.isfinite(f) or not lo <= f <= MAX_TRACE_PER_WEIGHT:
+        f = finite_number(v)
+        if f is None or not lo <= f <= MAX_TRACE_PER_WEIGHT:
             raise NasqError(f"{source}: tensor_trace_per_weight[{t.path!r}] must be a finite number in "
                             f"[{lo:g}, {MAX_TRACE_PER_WEIGHT:g}], got {str(v)[:40]}")
         out.append(np.full(t.num_groups, f, np.float64))

@@ -21,7 +21,6 @@ quantizer, model or grouping).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from nasq.contract.cost import plan_size_bytes, uniform_plan
 from nasq.contract.plan import Plan
 from nasq.contract.space import SearchedTensor
 from nasq.errors import NasqError
+from nasq.io import finite_number
 
 __all__ = ["DamageSource", "check_measured_plan", "damage_from_plan", "group_damage", "load_damage",
            "load_pooled_damage", "measured_sources", "plan_prediction", "pooled_damage", "predicted_damage",
@@ -74,11 +74,8 @@ def damage_from_plan(provenance: dict, tensors: Sequence[SearchedTensor], source
 def _damage_value(v, where: str) -> float:
     """A damage read from an untrusted file: a finite number in [0, MAX_DAMAGE_X1000] (x1000 nats), where a tiny
     negative (>= -1e-6, a rounded KL of plans made before measurements were clamped at 0) reads as 0."""
-    try:
-        f = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-    except OverflowError:  # an integer beyond float range
-        f = None
-    if f is None or not math.isfinite(f) or not -1e-6 <= f <= MAX_DAMAGE_X1000:
+    f = finite_number(v)
+    if f is None or not -1e-6 <= f <= MAX_DAMAGE_X1000:
         raise NasqError(f"{where} must be a finite number in [0, {MAX_DAMAGE_X1000:.0e}] (x1000 nats), got "
                         f"{str(v)[:40]}; give a measured plan made by `nasq baseline measured`")
     return max(f, 0.0)
