@@ -46,6 +46,10 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, ge=1)  # None = only at the end
     checkpoint_every: int = Field(200, ge=1)
     grad_clip: float | None = 1.0
+    # exponential moving average of the weights (fine-tune / QAT): ema <- d * ema + (1 - d) * params after every
+    # step, started at the initial weights; the averaged weights are the ones evaluated, saved and exported (the
+    # raw weights' dev metric is logged beside them as `raw_<metric>`); 0 = off (the raw weights)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
 
 
 class KDConfig(_Section):

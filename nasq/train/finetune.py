@@ -2,7 +2,9 @@
 
 One loop serves both: the model is either the plain BERT or the plan-applied one (`nasq.quant.apply.apply_plan`,
 fake-quant `QuantLinear`s with learned LSQ scales); the loss adds the KD term when a teacher is given.
-Teacher logits are computed once for the training rows and cached (the teacher is frozen).
+Teacher logits are computed once for the training rows and cached (the teacher is frozen). With
+``train.ema_decay = d > 0`` the loop also keeps an exponential moving average of the weights (:func:`ema_update`),
+and that average is what is evaluated, saved and exported.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from nasq.objectives import (
 )
 from nasq.parallel import DataParallel
 from nasq.quant.apply import apply_plan
-from nasq.run import Cadence, RunDir, resume_state, run_finished, save_state, train_loop
+from nasq.run import Cadence, RunDir, load_run_config, resume_state, run_finished, save_state, train_loop
 from nasq.search.restore import inherit_search_weights
 
 
@@ -132,6 +134,29 @@ def make_train_step(graphdef, rest, tx, *, is_regression: bool, kd_beta: float, 
     return step
 
 
+def ema_update(ema, params, decay: float):
+    """One step of the weights' exponential moving average (Polyak averaging)::
+
+        ema_t = decay * ema_{t-1} + (1 - decay) * params_t
+
+    ``optax.incremental_update`` over the whole pytree (LSQ steps included, so a QAT model's average is quantized
+    with averaged steps). Started at the initial weights, the average weighs step ``t`` of ``T`` by
+    ``(1 - decay) * decay^(T - t)``: a horizon of about ``1 / (1 - decay)`` steps."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def _check_ema_resume(out: str | Path, cfg: Config) -> None:
+    """A run's checkpoints hold the average only when it was started with ``train.ema_decay > 0``."""
+    if not (Path(out) / "config.yaml").is_file():
+        return  # not a run directory: RunDir says so
+    saved = load_run_config(out).train.ema_decay
+    if (saved > 0) != (cfg.train.ema_decay > 0):
+        raise NasqError(f"--resume: {out} was started with train.ema_decay={saved}, so its checkpoints "
+                        f"{'hold' if saved > 0 else 'do not hold'} a weight average; resume with "
+                        f"train.ema_decay {'> 0' if saved > 0 else '= 0'} (--set train.ema_decay=...), or start "
+                        "it again with --overwrite")
+
+
 def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
              log=print) -> Path:
     """Train into run directory `out`; returns the path. `cfg.plan` set -> QAT, `cfg.kd.teacher` set -> KD."""
@@ -147,11 +172,17 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         log(note)
     model, plan = build_student(cfg, data, log=log)
     internals_teacher = internals_teacher_for(cfg, model)
+    if resume:
+        _check_ema_resume(out, cfg)
     run = RunDir(out, kind=kind, config=cfg, resume=resume, overwrite=overwrite)
     steps = total_steps(cfg.train, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = weight_optimizer(cfg.train, steps)
     state, start = {"params.": params, "opt.": tx.init(params)}, 0
+    decay = cfg.train.ema_decay
+    if decay > 0:
+        state["ema."] = jax.tree.map(jnp.array, params)  # a copy: the average starts at the initial weights
+    ema_step = jax.jit(lambda ema, p: ema_update(ema, p, decay))
     if resume:
         state, start = resume_state(run, state, steps, log)
     state = dp.replicate(state)  # identity unless data_parallel > 1
@@ -172,26 +203,40 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         batch, tl = dp.shard((batch, tl))
         params, opt_state, m = train_step(state["params."], state["opt."], batch, jax.random.fold_in(base_key, step),
                                           tl, teacher_state)
-        return {"params.": params, "opt.": opt_state}, m
+        new = {"params.": params, "opt.": opt_state}
+        if decay > 0:
+            new["ema."] = ema_step(state["ema."], params)
+        return new, m
 
     def record(state, done, m):
         lr = float(schedule(done - 1))
         return {"lr": lr, **m}, {"loss": m["loss"], "lr": lr}
 
+    def dev_metrics(st) -> dict:
+        """The dev metrics of the weights that are saved (the average with EMA on; the raw weights' as
+        ``raw_<metric>`` beside them)."""
+        ev = evaluate(nnx.merge(graphdef, st["ema." if decay > 0 else "params."], rest), data,
+                      cfg.data.eval_batch_size, shard=dp.shard)
+        if decay > 0:
+            raw = evaluate(nnx.merge(graphdef, st["params."], rest), data, cfg.data.eval_batch_size, shard=dp.shard)
+            ev |= {f"raw_{k}": v for k, v in raw.items()}
+        return ev
+
     batches = iterate_batches(data.train, cfg.train.batch_size, data.buckets, cfg.train.seed, start_step=start)
     state, wall = train_loop(
         run, state, batches, step_fn, total=steps, start=start, desc=kind, record=record,
         cadence=Cadence(steps, cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, start),
-        evaluate=lambda st: evaluate(nnx.merge(graphdef, st["params."], rest), data, cfg.data.eval_batch_size,
-                                     shard=dp.shard))
-    model = nnx.merge(graphdef, state["params."], rest)
-    ev = evaluate(model, data, cfg.data.eval_batch_size, shard=dp.shard)
+        evaluate=dev_metrics)
+    model = nnx.merge(graphdef, state["ema." if decay > 0 else "params."], rest)
+    ev = dev_metrics(state)
     run.log({"step": steps, "split": "dev", **ev})
     save_model_dir(run.path / "model", model, source_model_dir=data.model_dir, num_labels=data.task.num_labels,
                    task=data.task.name, plan=plan)
     save_state(run, state, steps)
     trained = steps - start
-    run.write_info(status="done", dev=ev, wall_s=round(wall, 1),
-                   s_per_step=round(wall / max(trained, 1), 4))
+    saved_ev = {k: v for k, v in ev.items() if not k.startswith("raw_")}
+    raw_ev = {k[4:]: v for k, v in ev.items() if k.startswith("raw_")}
+    run.write_info(status="done", dev=saved_ev, **({"dev_raw_weights": raw_ev, "ema_decay": decay} if raw_ev else {}),
+                   wall_s=round(wall, 1), s_per_step=round(wall / max(trained, 1), 4))
     log(f"{kind} done: {steps} steps, dev {ev}, {wall:.0f}s -> {run.path}")
     return run.path
