@@ -55,7 +55,8 @@ logged, its cell is marked failed and the grid goes on; the exit status is 1 if 
 Results (``RESULTS/results.csv``, ``RESULTS/results.md``, ``RESULTS/pareto.png`` via ``nasq plot --pareto``):
 one row per cell of the config, missing cells included ("not run"). ``metric`` is the task's main dev metric
 through the integer artifact (fp32 rows: the teacher's dev metric from its run.json), ``fake_quant_metric`` the
-QAT model's, sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors), ``search_s`` the wall time of
+QAT model's (with ``train.ema_decay`` its weight average; ``raw_weights_metric`` / ``raw_dev_curve`` then the
+raw weights' final metric and curve, from the same run), sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors), ``search_s`` the wall time of
 the plan stages (search + finalize, or the baseline command), ``finetune_s`` of the QAT run (fp32: the
 teacher's). ``rank`` orders the measured within-budget quantized methods of a (task, budget) by metric (ties
 share a rank); the md table bolds rank 1 and flags baselines at or above nasq. The notes column also reports
@@ -185,9 +186,9 @@ STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 # Config keys that do not change results: not reported as recipe mismatches of existing runs.
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
-               "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget", "rank",
-               "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve", "command",
-               "git_rev", "date", "note"]
+               "raw_weights_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget",
+               "rank", "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve",
+               "raw_dev_curve", "command", "git_rev", "date", "note"]
 
 
 class GridError(Exception):
@@ -968,10 +969,13 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
         row["qat_steps"] = (read_json(cell.dir / "qat" / "run.json") or {}).get("total_steps")
         row["dev_curve"] = dev_curve(cell.dir / "qat" / "metrics.jsonl", metric_name)
+        row["raw_dev_curve"] = dev_curve(cell.dir / "qat" / "metrics.jsonl", "raw_" + metric_name)
         if ev:
             row["status"] = "done"
             row["metric"] = (ev.get("int_artifact") or {}).get(metric_name)
             row["fake_quant_metric"] = (ev.get("fake_quant") or {}).get(metric_name)
+            raw = (read_json(cell.dir / "qat" / "run.json") or {}).get("dev_raw_weights")
+            row["raw_weights_metric"] = raw.get(metric_name) if isinstance(raw, dict) else None
             row["prediction_agreement"] = ev.get("prediction_agreement")
             t = timing.get("eval") or timing.get("qat") or {}
             row["git_rev"] = t.get("git_rev") or (plan.provenance.get("git_rev") if plan else "") or ""
@@ -1052,9 +1056,11 @@ def _cell_text(v: Any, digits: int) -> str:
     return str(v)
 
 
-CSV_DIGITS = {"metric": 6, "fake_quant_metric": 6, "prediction_agreement": 6, "encoder_mb": 6, "artifact_mb": 6,
+CSV_DIGITS = {"metric": 6, "fake_quant_metric": 6, "raw_weights_metric": 6, "prediction_agreement": 6,
+              "encoder_mb": 6, "artifact_mb": 6,
               "avg_bits": 4, "predicted_kl": 3, "predicted_removed": 4, "search_s": 1, "finetune_s": 1}
-MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "prediction_agreement": 4, "encoder_mb": 3, "artifact_mb": 3,
+MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "raw_weights_metric": 4, "prediction_agreement": 4,
+             "encoder_mb": 3, "artifact_mb": 3,
              "avg_bits": 3, "predicted_kl": 1, "predicted_removed": 2, "search_s": 0, "finetune_s": 0}
 
 
@@ -1169,12 +1175,15 @@ def seed_summary(rows: list[dict]) -> list[str]:
 
 
 def curve_table(rows: list[dict]) -> list[str]:
-    """Mean dev metric over seeds at each QAT evaluation step, per (task, budget, method)."""
+    """Mean dev metric over seeds at each QAT evaluation step, per (task, budget, method); a run that averaged its
+    weights (``train.ema_decay``) also gives its raw weights' curve, as the method "(raw weights)"."""
     curves: dict[tuple[str, str, str], dict[int, list[float]]] = {}
     for r in rows:
-        for point in (r.get("dev_curve") or "").split():
-            step, v = point.split(":")
-            curves.setdefault((r["task"], r["budget"], r["method"]), {}).setdefault(int(step), []).append(float(v))
+        for col, suffix in (("dev_curve", ""), ("raw_dev_curve", " (raw weights)")):
+            for point in (r.get(col) or "").split():
+                step, v = point.split(":")
+                curves.setdefault((r["task"], r["budget"], r["method"] + suffix), {}).setdefault(
+                    int(step), []).append(float(v))
     if not curves:
         return []
     lines = ["| task | budget | method | QAT step: mean dev metric (n) |", "|---|---|---|---|"]
@@ -1197,7 +1206,8 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
 
     seeded = any(r.get("_seeded") for r in rows)
     cols = ["task", "budget", "method", *(["seed"] if seeded else []), "status", "metric_name", "metric",
-            "fake_quant_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank",
+            "fake_quant_metric", *(["raw_weights_metric"] if any(_num(r.get("raw_weights_metric")) is not None
+                                                                 for r in rows) else []), "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank",
             "predicted_kl", "predicted_removed", "vs_nasq",
             "search_s", "finetune_s", *(["qat_steps"] if seeded else []), "note", "git_rev", "date", "command"]
     summary = [
@@ -1228,7 +1238,8 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
         ("`metric`: main dev metric through the integer artifact (fp32: the teacher); `fake_quant_metric`: the "
          "QAT model; sizes in MB (10^6 bytes) from the plan totals (`encoder_mb`: encoder linears, `artifact_mb`: "
          "all tensors of the artifact); `rank`: among the measured within-budget quantized methods of the (task, "
-         "budget), best metric bold; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
+         "budget), best metric bold; `raw_weights_metric` (only where a QAT averaged its weights, `train.ema_decay`): "
+         "the fake-quant metric of its raw weights, from the same run; `vs_nasq`: `>= nasq` where a baseline's metric is at least nasq's, on nasq "
          "rows the methods that reach it; `predicted_kl`: the plan's output KL before QAT (x1000 nats) as the "
          "additive model predicts it from the damages measured for the same (task, budget, seed)'s `measured` "
          "cell, `predicted_removed`: the share of uniform's predicted damage (same budget) it removes, both "
@@ -1277,7 +1288,7 @@ def _row_from_csv(rec: dict[str, str]) -> dict:
             row[k] = v == "yes"
         elif k in _INT_COLUMNS:
             row[k] = int(float(v)) if _num(v) is not None else v
-        elif k in ("dev_curve", "command", "note", "git_rev", "date", "status") or _num(v) is None:
+        elif k in ("dev_curve", "raw_dev_curve", "command", "note", "git_rev", "date", "status") or _num(v) is None:
             row[k] = v
         else:  # an integer stays one (the teacher's avg_bits 32), so a kept row is written as it was read
             row[k] = int(v) if v.lstrip("-").isdigit() else float(v)

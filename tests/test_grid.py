@@ -377,6 +377,17 @@ def test_dev_curve_reads_eval_records(tmp_path):
         {"step": 100, "split": "dev", "accuracy": 0.81}, {"step": 200, "split": "dev", "accuracy": 0.85})) + "\nnot json\n")
     assert grid.dev_curve(m, "accuracy") == "100:0.8100 200:0.8500"
     assert grid.dev_curve(tmp_path / "missing.jsonl", "accuracy") == ""
+    assert grid.dev_curve(m, "raw_accuracy") == ""  # no weight average: no raw curve
+    # a QAT that averaged its weights (train.ema_decay) logs its raw weights' metric beside: both curves
+    m.write_text("\n".join(json.dumps(r) for r in (
+        {"step": 100, "split": "dev", "accuracy": 0.8, "raw_accuracy": 0.79},
+        {"step": 200, "split": "dev", "accuracy": 0.82, "raw_accuracy": 0.85})))
+    rows = [{"task": "sst2", "budget": "avg2", "method": "uniform", "dev_curve": grid.dev_curve(m, "accuracy"),
+             "raw_dev_curve": grid.dev_curve(m, "raw_accuracy")}]
+    assert rows[0]["raw_dev_curve"] == "100:0.7900 200:0.8500"
+    table = grid.curve_table(rows)
+    assert "| sst2 | avg2 | uniform | 100: 0.8000 (1), 200: 0.8200 (1) |" in table
+    assert "| sst2 | avg2 | uniform (raw weights) | 100: 0.7900 (1), 200: 0.8500 (1) |" in table
 
 
 def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
@@ -388,7 +399,8 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
     base = {c: "" for c in grid.CSV_COLUMNS}
     rows = [dict(base, task="sst2", budget="avg1.5", method="uniform", seed="0", status="done",
                  metric_name="accuracy", metric="0.8544", avg_bits="1.0", within_budget="yes", rank="2",
-                 dev_curve="100:0.8000 800:0.8544", note="an old note"),
+                 dev_curve="100:0.8000 800:0.8544", raw_weights_metric="0.85", raw_dev_curve="800:0.8500",
+                 note="an old note"),
             dict(base, task="sst2", budget="avg1.5", method="nasq", seed="0", status="failed: qat",
                  metric_name="accuracy"),
             dict(base, task="sst2", budget="avg2", method="uniform", seed="2", status="done",
@@ -409,6 +421,7 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
         kept = got[("uniform", "0")]
         assert (kept["status"], float(kept["metric"]), kept["within_budget"]) == ("done", 0.8544, "yes")
         assert kept["dev_curve"] == "100:0.8000 800:0.8544"
+        assert (kept["raw_weights_metric"], kept["raw_dev_curve"]) == ("0.850000", "800:0.8500")
         assert kept["note"] == "an old note; kept from results.csv (its run directory is not on this machine)"
         assert got[("nasq", "0")]["status"] == "not run"
         teacher = next(r for r in grid.csv.DictReader((res / "results.csv").open(newline=""))
