@@ -1,5 +1,5 @@
 """experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py, gate_signal.py, hessian_reliability.py and
-criteria_compare.py: their numbers and their errors on bad input."""
+criteria_compare.py, curve_jitter.py: their numbers and their errors on bad input."""
 
 import importlib.util
 import json
@@ -218,3 +218,31 @@ def test_criteria_compare_plan_without_the_scores_is_a_clear_error(tmp_path, cap
                                          "--fisher", str(plan)])
     err = capsys.readouterr().err
     assert rc == 2 and "criteria_compare: error:" in err and "damage_kl_x1000" in err and "uniform.json" in err
+
+
+def test_curve_jitter_within_and_across_and_the_raw_arm(tmp_path, capsys):
+    cj = _load("curve_jitter")
+    rows = [{"task": "cola", "budget": "avg2", "method": "m", "status": "done", "fake_quant_metric": str(f),
+             "dev_curve": f"100:0.1 500:{a} 800:{f}", "raw_weights_metric": str(f + 0.01),
+             "raw_dev_curve": f"500:{a - 0.02} 800:{f + 0.01}"}
+            for a, f in ((0.20, 0.22), (0.24, 0.25), (0.30, 0.27))]
+    rows += [{**r, "method": "other", "raw_dev_curve": "", "raw_weights_metric": ""} for r in rows[:2]]
+    rows.append({**rows[0], "method": "unfinished", "status": "incomplete"})
+    got = {r["method"]: r for r in cj.jitter(rows, 500, 800, min_seeds=1)}  # two seeds at least, always
+    assert set(got) == {"m", "other"}
+    import statistics as st
+    m = got["m"]
+    assert m["n"] == 3
+    assert m["within"] == pytest.approx(st.mean([st.stdev([0.20, 0.22]), st.stdev([0.24, 0.25]),
+                                                 st.stdev([0.30, 0.27])]))
+    assert m["across"] == pytest.approx(st.stdev([0.22, 0.25, 0.27]))
+    assert m["raw_within"] == pytest.approx(st.mean([st.stdev([0.18, 0.23]), st.stdev([0.22, 0.26]),
+                                                     st.stdev([0.28, 0.28])]))
+    assert m["raw_across"] == pytest.approx(m["across"])
+    assert "raw_within" not in got["other"]  # no raw arm logged
+    assert [r["method"] for r in cj.jitter(rows, 500, 800, min_seeds=3)] == ["m"]  # "other" has two seeds
+    bad = tmp_path / "r.csv"
+    bad.write_text("task,budget,method,status,dev_curve,fake_quant_metric\ncola,avg2,m,done,100-0.1,0.2\n")
+    assert cj.main([str(bad)]) == 2
+    assert "not a readable grid results.csv" in capsys.readouterr().err
+    assert cj.main([str(tmp_path / "missing.csv")]) == 2
