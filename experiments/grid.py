@@ -967,14 +967,15 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
             rds = [None] * (len(names) - 2) + [next(st.out for st in cell.stages if st.name == "search"), None]
         row["search_s"] = _wall(timing, names, rds)
         row["finetune_s"] = _wall(timing, ["qat"], [cell.dir / "qat"])
-        row["qat_steps"] = (read_json(cell.dir / "qat" / "run.json") or {}).get("total_steps")
+        qat_info = read_json(cell.dir / "qat" / "run.json") or {}
+        row["qat_steps"] = qat_info.get("total_steps")
         row["dev_curve"] = dev_curve(cell.dir / "qat" / "metrics.jsonl", metric_name)
         row["raw_dev_curve"] = dev_curve(cell.dir / "qat" / "metrics.jsonl", "raw_" + metric_name)
         if ev:
             row["status"] = "done"
             row["metric"] = (ev.get("int_artifact") or {}).get(metric_name)
             row["fake_quant_metric"] = (ev.get("fake_quant") or {}).get(metric_name)
-            raw = (read_json(cell.dir / "qat" / "run.json") or {}).get("dev_raw_weights")
+            raw = qat_info.get("dev_raw_weights")
             row["raw_weights_metric"] = raw.get(metric_name) if isinstance(raw, dict) else None
             row["prediction_agreement"] = ev.get("prediction_agreement")
             t = timing.get("eval") or timing.get("qat") or {}
