@@ -12,6 +12,11 @@ counts the seeds on which nasq's default scored higher (seeds pair: a seed fixes
     python experiments/summary.py                      # print the table
     python experiments/summary.py --write README.md    # replace the block between the summary markers
 
+Under the table, one generated paragraph pools the rows: against each row's best *baseline* by mean (not nasq's
+other allocators: the measured allocation and the supernet search), on how many rows nasq's default has the higher
+mean and on how many paired seeds it scored higher, each with the one-sided exact sign test's p-value
+(:func:`sign_test`), over every row and over the rows at avg <= 2.5 bits (the issue's "beyond the spread" range).
+
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +54,9 @@ SENSITIVITY = ("measured", "fisher_t")
 DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
+# the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
+BASELINES = tuple(m for m in grid.METHODS if m not in ("fp32", *SENSITIVITY, *grid.OURS))
+LOW_BITS = 2.5  # the pooled paragraph's second range: rows at avg <= 2.5 bits
 NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher per group",
          "fisher_t": "Fisher per tensor", "rule": "hand rule"}
 
@@ -112,6 +121,55 @@ def seeds_ahead(ours: list[dict], base: list[dict]) -> tuple[int, int]:
     return sum(a[s] > b[s] for s in common), len(common)
 
 
+def sign_test(k: int, n: int) -> float:
+    r"""One-sided exact sign test: :math:`P(X \ge k)` for :math:`X \sim \mathrm{Binomial}(n, 1/2)`, the chance of
+    being ahead at least ``k`` times in ``n`` comparisons when ahead and behind are equally likely (ties count as
+    not ahead, which only makes it conservative)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"sign_test needs 0 <= k <= n, got k={k}, n={n}")
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+class Paired:
+    """Tallies of nasq's default against each row's best baseline (:func:`pooled_text`)."""
+
+    def __init__(self) -> None:
+        self.rows_ahead = self.rows = self.seeds_ahead = self.seeds = 0
+
+    def add(self, mean_ahead: bool, seeds: tuple[int, int]) -> None:
+        self.rows_ahead += mean_ahead
+        self.rows += 1
+        self.seeds_ahead += seeds[0]
+        self.seeds += seeds[1]
+
+
+def baseline_pair(by_method: dict[str, list[dict]]) -> tuple[bool, tuple[int, int]] | None:
+    """(nasq's default has the higher mean, (seeds ahead, seeds paired)) against the row's best within-budget
+    baseline by mean, or None when either did not finish."""
+    over = {m for m, rs in by_method.items() if any(r.get("within_budget") is False for r in rs)}
+    stats = {m: st for m, rs in by_method.items() if m not in over and (st := stats_of(rs)) is not None}
+    bases = {m: stats[m] for m in BASELINES if m in stats}
+    if DEFAULT not in stats or not bases:
+        return None
+    best = max(bases, key=lambda m: bases[m][0])
+    return stats[DEFAULT][0] > bases[best][0], seeds_ahead(by_method[DEFAULT], by_method[best])
+
+
+def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
+    """The paragraph under the table (see the module docstring)."""
+    def part(t: Paired) -> str:
+        return (f"higher mean at {t.rows_ahead} of {t.rows} rows (sign test p = {sign_test(t.rows_ahead, t.rows):.2g}), "
+                f"ahead on {t.seeds_ahead} of {t.seeds} paired seeds (p = {sign_test(t.seeds_ahead, t.seeds):.2g})")
+    if not all_rows.rows:
+        return []
+    names = ", ".join(name(m) for m in BASELINES)
+    return ["", (f"Pooled over the rows (generated): {name(DEFAULT)} (nasq's default) against each row's best baseline by "
+            f"mean (of {names}; not the measured allocation or the search): {part(all_rows)}; at avg <= "
+            f"{LOW_BITS:g} bits: {part(low) if low.rows else 'no rows'}. A row's seeds share its task and mostly "
+            "its plan, and a task's rows share its teacher, so neither rows nor seeds are independent draws: the "
+            "p-values are descriptive, and no row's difference is claimed from them.")]
+
+
 def stat_text(metric_name: str, st) -> str:
     mu, sd, n = st
     return grid.metric_text(metric_name, mu) + (f" ± {grid.metric_text(metric_name, sd)}" if sd is not None
@@ -165,7 +223,9 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
 
 
 def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
+    """The generated block: the table, then the pooled paragraph."""
     rows_out: dict[tuple[str, str], list[list[str]]] = {}
+    all_rows, low = Paired(), Paired()
     tasks: list[str] = []
     budgets: list[str] = []
     for cfg_path, results, suffix in grids:
@@ -187,13 +247,17 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
+                    if (pair := baseline_pair(by_method)) is not None:
+                        all_rows.add(*pair)
+                        if (budget.get("avg_bits") or math.inf) <= LOW_BITS:
+                            low.add(*pair)
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for key in sorted(rows_out, key=lambda k: (tasks.index(k[0]), budgets.index(k[1]))):
         for cells in rows_out[key]:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return lines
+    return lines + pooled_text(all_rows, low)
 
 
 def replace_block(text: str, block: list[str], source: str = "README.md") -> str:
@@ -212,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         path = Path(a.write)
         write_atomic(path, replace_block(path.read_text(), lines, a.write))
-        print(f"wrote {len(lines) - 2} rows into {path}")
+        print(f"wrote {sum(ln.startswith('| ') for ln in lines) - 1} rows into {path}")
     else:
         print("\n".join(lines))
     return 0

@@ -37,6 +37,7 @@ budgets:
 
 
 def _write(tmp_path: Path, rows: list[tuple]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "g.yaml").write_text(CONFIG)
     (tmp_path / "res").mkdir()
     cols = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "within_budget", "artifact_mb"]
@@ -67,7 +68,12 @@ def test_rows_statistics_and_verdicts(summary, tmp_path, monkeypatch):
     rows += [("cola", "fisher_t", "avg2", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.25, 0.27))]
     d = _write(tmp_path, rows)
     lines = summary.table(d, (("g.yaml", "res", ""),))
-    assert len(lines) == 5, lines
+    assert len(lines) == 7 and lines[5] == "", lines
+    # pooled: sst2 avg2 against Hessian (ahead in mean, 3 of 3 seeds); cola mb8 against the rule (1 of 2)
+    assert "higher mean at 2 of 2 rows (sign test p = 0.25), ahead on 4 of 5 paired seeds (p = 0.19); " \
+        "at avg <= 2.5 bits: higher mean at 1 of 1 rows (sign test p = 0.5), ahead on 3 of 3 paired seeds " \
+        "(p = 0.12)" in lines[6], lines[6]
+    lines = lines[:5]
     assert "**measured** (nasq's default) | Fisher per tensor |" in lines[0]
     sst2, cola_avg2, cola = lines[2:]
     assert cola_avg2.split(" | ")[6:9] == ["not run", "**0.260 ± 0.014 (2)**", "not run"], cola_avg2
@@ -104,9 +110,31 @@ def test_a_second_grid_row_follows_the_first(summary, tmp_path, monkeypatch):
     (d / "res2").mkdir()
     (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",0.87,", ",0.88,"))
     lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
-    assert [ln.split(" | ")[1] for ln in lines[2:]] == ["avg 2, {1,2,3,4}", "avg 2, {1,2,3,4}, 2x QAT"]
+    assert [ln.split(" | ")[1] for ln in lines[2:4]] == ["avg 2, {1,2,3,4}", "avg 2, {1,2,3,4}, 2x QAT"]
     assert "+2.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[2] \
         and "+3.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[3]
+
+
+def test_sign_test(summary):
+    assert summary.sign_test(3, 3) == 1 / 8 and summary.sign_test(0, 5) == 1.0
+    assert summary.sign_test(9, 10) == pytest.approx(11 / 1024)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        summary.sign_test(4, 3)
+
+
+def test_pooled_paragraph_skips_nasqs_other_allocators_and_over_budget_baselines(summary, tmp_path, monkeypatch):
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    rows = [("sst2", "fisher_t", "avg2", s, "done", "accuracy", 0.88, "yes", "") for s in (0, 1)]
+    rows += [("sst2", "measured", "avg2", s, "done", "accuracy", 0.90, "yes", "") for s in (0, 1)]  # not a baseline
+    rows += [("sst2", "uniform", "avg2", s, "done", "accuracy", 0.95, "no", "") for s in (0, 1)]  # over the budget
+    cola = [("cola", "fisher_t", "avg3", s, "done", "matthews", 0.2, "yes", "") for s in (0, 1)]
+    cola += [("cola", "uniform", "avg3", s, "done", "matthews", 0.1 + 0.2 * s, "yes", "") for s in (0, 1)]
+    lines = summary.table(_write(tmp_path / "a", rows + cola), (("g.yaml", "res", ""),))
+    assert lines[-1].startswith("Pooled over the rows (generated): Fisher per tensor (nasq's default)"), lines[-1]
+    assert "higher mean at 0 of 1 rows (sign test p = 1), ahead on 1 of 2 paired seeds (p = 0.75); " \
+        "at avg <= 2.5 bits: no rows." in lines[-1], lines[-1]
+    # no row with a baseline: no paragraph
+    assert summary.table(_write(tmp_path / "b", rows), (("g.yaml", "res", ""),))[-1].startswith("| SST-2")
 
 
 def test_replace_block_needs_one_block(summary):
