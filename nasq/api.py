@@ -102,7 +102,8 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int 
 def finalize(run: str | Path, out: str | Path, *, avg_bits: float | None = None, budget_mb: float | None = None,
              ratio: float | None = None, convention: str | None = None, spend_leftover: bool = False,
              overwrite: bool = False, time_limit: float = 20.0) -> Plan:
-    """A search run's gates -> a discrete plan within its budget (or the one given here), saved to ``out``.
+    """A search run's gates -> a discrete plan within its size or latency budget (or the size budget given here),
+    saved to ``out``.
 
     ``convention``: whether ``budget_mb`` covers the searched tensors (``"encoder"``) or the whole artifact's
     (``"artifact"``); None: the search run's own.

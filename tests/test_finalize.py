@@ -89,8 +89,8 @@ def test_generous_budget_gives_argmax():
 # --------------------------------------------------------------------------------------- run directories
 
 
-def make_run(path, model, space, tensors, budget, alphas):
-    """A fabricated search run directory (what the search loop writes)."""
+def make_run(path, model, space, tensors, budget, alphas, **extra):
+    """A fabricated search run directory (what the search loop writes); ``extra``: more search_result.json keys."""
     path.mkdir(parents=True, exist_ok=True)
     shapes = model_param_shapes(model)
     res = {
@@ -102,7 +102,7 @@ def make_run(path, model, space, tensors, budget, alphas):
                      "group_sizes": list(t.group_sizes), "choices": list(t.choices), "has_bias": t.has_bias,
                      "kind": t.kind} for t in tensors],
         "param_shapes": {k: list(v) for k, v in shapes.items()},
-        "step": 123, "num_labels": 2, "task": "sst2", "model_dir": "tiny",
+        "step": 123, "num_labels": 2, "task": "sst2", "model_dir": "tiny", **extra,
     }
     (path / "search_result.json").write_text(json.dumps(res))
     save_file({t.path: np.asarray(a, np.float32) for t, a in zip(tensors, alphas)}, str(path / "alphas.safetensors"))
@@ -148,6 +148,85 @@ def test_finalize_bad_run(tiny, tmp_path):
     save_file({tensors[0].path: np.zeros((2, 2), np.float32)}, str(run / "alphas.safetensors"))
     with pytest.raises(NasqError, match="has shape|no gate logits"):
         finalize_run(run, tmp_path / "p.json")
+
+
+def _latency_table(tensors):
+    """A latency table where a row costs cols * bits ns, plus 0.5 ms for the rest of the model."""
+    from nasq.contract.cost import LatencyTable
+
+    return LatencyTable(tokens=16, fixed_ms=0.5, source="test",
+                        ms_per_row={(t.cols, b): t.cols * b * 1e-6 for t in tensors for b in t.choices if b})
+
+
+def _latency_run(tmp_path, tiny, frac=0.4, table=True):
+    """A latency-budgeted run whose argmax plan (8 bits everywhere) is over its latency budget."""
+    from nasq.contract.cost import latency_range, latency_table_dict, size_range
+
+    model, space, tensors = tiny
+    lat = _latency_table(tensors)
+    lo, hi = latency_range(tensors, lat)
+    ms = lo + frac * (hi - lo)
+    rng = np.random.default_rng(1)
+    alphas = [rng.normal(0, 1, (t.num_groups, len(t.choices))) for t in tensors]
+    for a in alphas:
+        a[:, -1] += 3.0
+    budget = type(resolve_budget(tensors, avg_bits=8))(bytes=size_range(tensors)[1], convention="encoder",
+                                                       source=f"latency_ms={ms}")
+    extra = {"cost_kind": "latency", "cost_budget": ms - lat.fixed_ms,
+             "latency": latency_table_dict(lat) if table else None}
+    return make_run(tmp_path / "run", model, space, tensors, budget, alphas, **extra), lat, ms, alphas
+
+
+def test_finalize_a_latency_run_fits_its_latency_budget(tiny, tmp_path, capsys):
+    """The plan of a latency-budgeted search is solved under that latency (the byte budget there is the whole
+    range, so a byte-only finalize would keep the over-budget argmax plan)."""
+    from nasq.cli import main
+    from nasq.contract.cost import plan_latency_ms
+
+    _, _, tensors = tiny
+    run, lat, ms, alphas = _latency_run(tmp_path, tiny)
+    assert plan_latency_ms(tensors, argmax_plan(alphas, tensors), lat) > ms
+    plan = finalize_run(run, tmp_path / "plan.json")
+    got = plan_latency_ms(tensors, plan.bits_per_group(), lat)
+    p = plan.provenance
+    assert got <= ms and p["latency_ms"] == pytest.approx(got) and p["latency_budget_ms"] == pytest.approx(ms)
+    assert p["repaired"] and not p["argmax_within_budget"] and p["argmax_latency_ms"] > ms
+    assert got > ms - 0.1 * (ms - lat.fixed_ms)  # the budget is used, not a trivially fast plan
+    # --spend-leftover spends the unused nanoseconds and still fits
+    fuller = finalize_run(run, tmp_path / "full.json", spend_leftover=True)
+    assert got <= plan_latency_ms(tensors, fuller.bits_per_group(), lat) <= ms
+    # the CLI says so; a size budget given at finalize replaces the latency budget
+    assert main(["finalize", str(run), "--out", str(tmp_path / "cli.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"budget {ms:.4f} ms" in out and "over budget), repaired" in out, out
+    plan2 = finalize_run(run, tmp_path / "p2.json", budget_override=resolve_budget(tensors, avg_bits=2))
+    assert "latency_ms" not in plan2.provenance
+    assert plan2.totals["searched_bytes"] <= resolve_budget(tensors, avg_bits=2).bytes
+
+
+def test_finalize_a_latency_run_without_its_table_or_below_its_range(tiny, tmp_path):
+    run, _, _, _ = _latency_run(tmp_path / "a", tiny, table=False)
+    with pytest.raises(NasqError, match="does not record the latency table.*--avg-bits"):
+        finalize_run(run, tmp_path / "p.json")
+    run, _, _, _ = _latency_run(tmp_path / "b", tiny, frac=-0.1)
+    with pytest.raises(NasqError, match="below the fastest reachable plan"):
+        finalize_run(run, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_search_result_keeps_the_latency_table_and_rejects_a_bad_one(tiny, tmp_path):
+    from nasq.contract.search_result import SearchResult
+
+    run, lat, _, _ = _latency_run(tmp_path, tiny)
+    res, _ = SearchResult.load(run)
+    assert res.cost_kind == "latency" and res.latency.ms_per_row == lat.ms_per_row
+    assert SearchResult.from_dict(res.to_dict(), "x").latency.fixed_ms == lat.fixed_ms
+    d = res.to_dict()
+    for key, bad, msg in (("latency", {"format": "nasq-latency/1"}, "invalid latency table x: latency"),
+                          ("cost_kind", "speed", "invalid 'cost_kind'"), ("cost_budget", "fast", "invalid 'cost_budget'"),
+                          ("cost_budget", float("nan"), "invalid 'cost_budget'")):
+        with pytest.raises(NasqError, match=msg):
+            SearchResult.from_dict({**d, key: bad}, "x")
 
 
 def test_cli(tiny, tmp_path, capsys):

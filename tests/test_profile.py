@@ -150,7 +150,17 @@ def test_latency_budget_search(lat, tiny_model_dir, glue_dir, tmp_path, capsys):
     assert info["cost_budget"] == pytest.approx(x - table.fixed_ms)
     assert info["expected_cost"] + table.fixed_ms <= x * (1 + 1e-6)
     res = json.loads((run / "search_result.json").read_text())
-    assert res["cost_kind"] == "latency"
+    assert res["cost_kind"] == "latency" and res["latency"]["fixed_ms"] == table.fixed_ms
+    # finalize keeps the plan within the latency budget (not only in expectation), under the same table
+    from nasq.contract.cost import plan_latency_ms
+    from nasq.contract.plan import Plan
+    from nasq.contract.search_result import SearchResult
+
+    assert nasq.cli.main(["finalize", str(run), "--out", str(tmp_path / "plan.json")]) == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    searched = SearchResult.load(run)[0].tensors
+    assert plan_latency_ms(searched, plan.bits_per_group(), table) <= x
+    assert plan.provenance["latency_budget_ms"] == pytest.approx(x)
 
 
 def test_infeasible_latency_budget(lat, tiny_model_dir, glue_dir, tmp_path, capsys):

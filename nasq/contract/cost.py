@@ -30,7 +30,10 @@ plus ``fixed_ms`` for everything not searched. Expected latency
 
     E[ms] = fixed_ms + sum_t sum_g sum_c p_{t,g,c} * rows_{t,g} * ms_per_row(cols_t, choice_{t,c})
 
-with pruned groups (bits 0) and embeddings (a gather, not a matmul) costing 0.
+with pruned groups (bits 0) and embeddings (a gather, not a matmul) costing 0. A discrete allocation under a
+latency budget is solved in integer nanoseconds (:func:`latency_ns_tables`): each group's cost rounded up, the
+budget rounded down, so ``sum_g ceil(ns_g) <= floor(budget_ns)`` guarantees the plan's latency in ms is within
+the budget.
 """
 
 from __future__ import annotations
@@ -63,8 +66,12 @@ __all__ = [
     "fixed_nbytes",
     "fixed_tensor_nbytes",
     "fp32_nbytes",
+    "latency_budget_ns",
+    "latency_ns_tables",
     "latency_range",
     "latency_table",
+    "latency_table_dict",
+    "latency_table_from_dict",
     "load_latency_table",
     "plan_latency_ms",
     "plan_size_bytes",
@@ -410,6 +417,37 @@ class LatencyTable:
                     self.lookup(t.cols, b)
 
 
+def latency_table_from_dict(data: object, source: str) -> LatencyTable:
+    """Validate a latency table's JSON object (the file format above; also embedded in a search run's
+    ``search_result.json``); errors name ``source``."""
+    try:
+        f = _TableFile.model_validate(data)
+    except ValidationError as e:
+        probs = "; ".join(validation_problems(e))
+        raise NasqError(f"invalid latency table {source}: {probs}; run `nasq profile` to rebuild it") from None
+    table: dict[tuple[int, int], float] = {}
+    for i, e in enumerate(f.entries):
+        if (e.cols, e.bits) in table:
+            raise NasqError(
+                f"invalid latency table {source}: entries[{i}] repeats cols={e.cols}, bits={e.bits}"
+            )
+        table[(e.cols, e.bits)] = e.ms_per_row
+    return LatencyTable(tokens=f.tokens, fixed_ms=f.fixed_ms, ms_per_row=table, meta=f.meta, source=source)
+
+
+def latency_table_dict(table: LatencyTable) -> dict:
+    """The JSON object of ``table`` (:func:`latency_table_from_dict` reads it back)."""
+    return {
+        "format": LATENCY_FORMAT,
+        "tokens": table.tokens,
+        "fixed_ms": table.fixed_ms,
+        "entries": [
+            {"cols": c, "bits": b, "ms_per_row": v} for (c, b), v in sorted(table.ms_per_row.items())
+        ],
+        "meta": table.meta,
+    }
+
+
 def load_latency_table(path: str | Path) -> LatencyTable:
     """Read and validate a latency table written by :func:`save_latency_table`."""
     path = Path(path)
@@ -419,19 +457,7 @@ def load_latency_table(path: str | Path) -> LatencyTable:
         data = read_json(path, what="latency table", max_bytes=2**26)
     except NasqError as e:
         raise NasqError(f"cannot read latency table: {e}; run `nasq profile` to rebuild it") from None
-    try:
-        f = _TableFile.model_validate(data)
-    except ValidationError as e:
-        probs = "; ".join(validation_problems(e))
-        raise NasqError(f"invalid latency table {path}: {probs}; run `nasq profile` to rebuild it") from None
-    table: dict[tuple[int, int], float] = {}
-    for i, e in enumerate(f.entries):
-        if (e.cols, e.bits) in table:
-            raise NasqError(
-                f"invalid latency table {path}: entries[{i}] repeats cols={e.cols}, bits={e.bits}"
-            )
-        table[(e.cols, e.bits)] = e.ms_per_row
-    return LatencyTable(tokens=f.tokens, fixed_ms=f.fixed_ms, ms_per_row=table, meta=f.meta, source=str(path))
+    return latency_table_from_dict(data, str(path))
 
 
 def save_latency_table(table: LatencyTable, path: str | Path, *, overwrite: bool = False) -> None:
@@ -439,16 +465,7 @@ def save_latency_table(table: LatencyTable, path: str | Path, *, overwrite: bool
     path = Path(path)
     if path.exists() and not overwrite:
         raise NasqError(f"{path} exists; pass --overwrite to replace it")
-    data = {
-        "format": LATENCY_FORMAT,
-        "tokens": table.tokens,
-        "fixed_ms": table.fixed_ms,
-        "entries": [
-            {"cols": c, "bits": b, "ms_per_row": v} for (c, b), v in sorted(table.ms_per_row.items())
-        ],
-        "meta": table.meta,
-    }
-    write_atomic(path, json.dumps(data, indent=1))
+    write_atomic(path, json.dumps(latency_table_dict(table), indent=1))
 
 
 def latency_table(t: SearchedTensor, table: LatencyTable) -> np.ndarray:
@@ -483,3 +500,18 @@ def latency_range(tensors: Sequence[SearchedTensor], table: LatencyTable) -> tup
     lo = table.fixed_ms + sum(float(x.min(axis=1).sum()) for x in tabs)
     hi = table.fixed_ms + sum(float(x.max(axis=1).sum()) for x in tabs)
     return lo, hi
+
+
+NS_PER_MS = 1_000_000
+
+
+def latency_ns_tables(tensors: Sequence[SearchedTensor], table: LatencyTable) -> list[np.ndarray]:
+    """:func:`latency_table` in whole nanoseconds, rounded up per (group, choice): ``[G, C]`` int64 per tensor,
+    the integer costs a discrete allocation is solved with (module docstring)."""
+    return [np.ceil(latency_table(t, table) * NS_PER_MS).astype(np.int64) for t in tensors]
+
+
+def latency_budget_ns(latency_ms: float, table: LatencyTable) -> int:
+    """The searched linears' share of a whole-model latency budget, ``latency_ms - fixed_ms``, in whole
+    nanoseconds rounded down (module docstring)."""
+    return math.floor((float(latency_ms) - table.fixed_ms) * NS_PER_MS)

@@ -2,7 +2,8 @@
 
 Files in the run directory (written by the search loop at every checkpoint and at the end)::
 
-    RUN/search_result.json   space, budget, cost kind, resolved tensors, parameter shapes, step, task
+    RUN/search_result.json   space, budget, cost kind (and, for a latency budget, the latency table it was
+                             searched with), resolved tensors, parameter shapes, step, task
     RUN/alphas.safetensors   {tensor path: effective gate logits alpha - mu*k  [G, C]}
     RUN/scales.safetensors   {tensor path: LSQ steps of every (group, choice)  [G, C]}
 """
@@ -10,6 +11,7 @@ Files in the run directory (written by the search loop at every checkpoint and a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from nasq.contract.cost import Budget
+from nasq.contract.cost import Budget, LatencyTable, latency_table_dict, latency_table_from_dict
 from nasq.contract.space import Fixed, SearchedTensor, SpaceInfo
 from nasq.errors import NasqError
 from nasq.io import load_safetensors, read_bytes, read_json, write_atomic
@@ -46,6 +48,7 @@ class SearchResult:
     task: str | None = None
     model_dir: str | None = None
     teacher: str | None = None
+    latency: LatencyTable | None = None  # the table of a latency budget (``cost_kind == "latency"``)
 
     def to_dict(self) -> dict:
         s = self.space
@@ -59,6 +62,7 @@ class SearchResult:
             "param_shapes": {k: list(v) for k, v in (self.param_shapes or {}).items()},
             "step": self.step, "num_labels": self.num_labels, "task": self.task,
             "model_dir": self.model_dir, "teacher": self.teacher,
+            "latency": latency_table_dict(self.latency) if self.latency is not None else None,
         }
 
     @classmethod
@@ -89,10 +93,20 @@ class SearchResult:
             shapes = {str(k): tuple(int(x) for x in v) for k, v in res["param_shapes"].items()} or None
         except (AttributeError, TypeError, ValueError) as e:
             raise NasqError(f"{source}: invalid 'param_shapes' ({e})") from None
+        cost_kind = res.get("cost_kind", "size")
+        if cost_kind not in ("size", "latency"):
+            raise NasqError(f"{source}: invalid 'cost_kind' {cost_kind!r} (size or latency)")
+        cost_budget = res.get("cost_budget")
+        if cost_budget is not None and (isinstance(cost_budget, bool) or not isinstance(cost_budget, int | float)
+                                        or not math.isfinite(cost_budget)):
+            raise NasqError(f"{source}: invalid 'cost_budget' {cost_budget!r} (a finite number)")
+        latency = res.get("latency")
+        if latency is not None:
+            latency = latency_table_from_dict(latency, f"{source}: latency")
         return cls(space=space, budget=budget, tensors=tensors, param_shapes=shapes, step=res.get("step"),
-                   cost_kind=res.get("cost_kind", "size"), cost_budget=res.get("cost_budget"),
+                   cost_kind=cost_kind, cost_budget=cost_budget,
                    num_labels=res.get("num_labels"), task=res.get("task"), model_dir=res.get("model_dir"),
-                   teacher=res.get("teacher"))
+                   teacher=res.get("teacher"), latency=latency)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, run_dir: str | Path, alphas: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray]) -> None:

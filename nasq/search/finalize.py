@@ -1,4 +1,4 @@
-"""Finalize a search: gate logits -> a discrete plan that is guaranteed to fit the byte budget.
+"""Finalize a search: gate logits -> a discrete plan that is guaranteed to fit the byte (or latency) budget.
 
 Utilities. For the gate logits ``alpha_g in R^C`` of row group ``g`` the utility of choice ``c`` is its
 temperature-free log-probability
@@ -29,7 +29,12 @@ the wider choices the gates find least unlikely first.
 
 Both results are re-checked in exact integer bytes; a budget below the smallest reachable size is a
 ``NasqError`` stating the reachable range. :func:`allocate` is generic (any utilities, e.g. the
-Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and byte tables.
+Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and non-negative integer cost tables.
+
+A search run under a latency budget (``nasq search --latency-ms``) is finalized under that budget: the same
+knapsack with each group's latency from the table the search used (recorded in the run) in whole nanoseconds,
+rounded up, against the budget rounded down (:func:`nasq.contract.cost.latency_ns_tables`), so the plan's
+latency under that table is within the budget; a size budget given at finalize replaces it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,17 @@ from typing import Literal
 
 import numpy as np
 
-from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables
+from nasq.contract.cost import (
+    MB,
+    Budget,
+    latency_budget_ns,
+    latency_ns_tables,
+    latency_range,
+    plan_latency_ms,
+    plan_size_bytes,
+    size_budget,
+    size_tables,
+)
 from nasq.contract.plan import make_plan
 from nasq.contract.search_result import SearchResult
 from nasq.contract.space import SearchedTensor
@@ -311,6 +326,21 @@ def run_budget(run_dir: str | Path, *, budget_mb: float | None = None, avg_bits:
         raise NasqError(f"{run_dir}: {e}") from None
 
 
+def _latency_budget(res: SearchResult, run_dir: Path) -> float:
+    """The whole-model latency budget (ms) of a latency-budgeted search run, checked against its table's range."""
+    if res.latency is None or res.cost_budget is None:
+        raise NasqError(f"cannot finalize {run_dir} under its latency budget: the run does not record the latency "
+                        "table it was searched with (a run from before nasq recorded it); finalize it at a size "
+                        "budget (--avg-bits / --budget-mb / --ratio) or rerun the search")
+    ms = float(res.cost_budget) + res.latency.fixed_ms
+    lo, hi = latency_range(res.tensors, res.latency)
+    if not lo <= ms:
+        raise NasqError(f"cannot finalize {run_dir}: its latency budget of {ms:.6g} ms is below the fastest "
+                        f"reachable plan, {lo:.6g} ms (the search space reaches {lo:.6g} .. {hi:.6g} ms on "
+                        f"{res.latency.source})")
+    return ms
+
+
 def finalize_run(
     run_dir: str | Path,
     out_path: str | Path,
@@ -326,7 +356,9 @@ def finalize_run(
     Provenance records ``argmax_bytes`` / ``argmax_within_budget`` (the plain argmax plan), ``repaired``
     (True when the final bits differ from the argmax plan), ``solver``, ``optimal``, ``utility`` and
     ``argmax_utility`` (sums of ``log_softmax(alpha)``), ``spend_leftover`` and ``unused_bytes`` (budget minus
-    the plan's searched bytes).
+    the plan's searched bytes). A latency-budgeted run (no ``budget_override``) is solved under its latency budget
+    (module docstring); its provenance adds ``latency_budget_ms``, ``latency_ms`` and ``argmax_latency_ms`` (whole
+    model, under the run's table), and ``argmax_within_budget`` is about the latency.
     """
     run_dir = Path(run_dir)
     out_path = Path(out_path)
@@ -339,15 +371,27 @@ def finalize_run(
     am_bits = argmax_plan(alphas, tensors)
     am_bytes = plan_size_bytes(tensors, am_bits)
     rows_u = [u[np.arange(len(u)), np.argmax(a, axis=1)].sum() for u, a in zip(utils, alphas, strict=True)]
+    latency = None
+    if res.cost_kind == "latency" and budget_override is None:
+        latency = _latency_budget(res, run_dir)
+        costs, cap = latency_ns_tables(tensors, res.latency), latency_budget_ns(latency, res.latency)
+    else:
+        costs, cap = size_tables(tensors), budget.bytes
     try:
-        alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=time_limit,
-                         spend_leftover=spend_leftover)
+        alloc = allocate(utils, costs, cap, time_limit=time_limit, spend_leftover=spend_leftover)
     except NasqError as e:
         raise NasqError(f"cannot finalize {run_dir}: {e}") from None
     bits = choices_to_bits(tensors, alloc.choices)
     size = plan_size_bytes(tensors, bits, check_choices=True)
     if size > budget.bytes:  # pragma: no cover - allocate guarantees this
         raise RuntimeError(f"finalized plan has {size} bytes > budget {budget.bytes}")
+    extra = {}
+    if latency is not None:
+        ms, am_ms = plan_latency_ms(tensors, bits, res.latency), plan_latency_ms(tensors, am_bits, res.latency)
+        if ms > latency * (1 + 1e-9):  # pragma: no cover - allocate guarantees this
+            raise RuntimeError(f"finalized plan takes {ms} ms > budget {latency} ms")
+        extra = {"latency_budget_ms": latency, "latency_ms": ms, "argmax_latency_ms": am_ms,
+                 "argmax_within_budget": am_ms <= latency}
     prov = {
         "method": "nasq-search",
         "run": str(run_dir),
@@ -365,6 +409,7 @@ def finalize_run(
         "budget_overridden": budget_override is not None,
         "spend_leftover": spend_leftover,
         "unused_bytes": budget.bytes - size,
+        **extra,
     }
     plan = make_plan(tensors, bits, space=res.space, budget=budget, param_shapes=res.param_shapes, provenance=prov)
     plan.save(out_path, overwrite=overwrite)

@@ -120,6 +120,7 @@ class Problem(NamedTuple):
     cost_kind: str  # "size" | "latency"
     cost_budget: float  # bytes or ms
     param_shapes: dict
+    latency: costlib.LatencyTable | None = None  # the table of a latency budget
 
 
 def make_problem(cfg: Config, model: nnx.Module) -> Problem:
@@ -141,7 +142,7 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
         _lo_b, hi_b = costlib.size_range(tensors)
         budget = costlib.Budget(bytes=hi_b, convention="encoder", source=f"latency_ms={s.latency_ms}")
         tables = [costlib.latency_table(t, table) for t in tensors]
-        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, shapes)
+        return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, shapes, table)
     budget = costlib.size_budget(tensors, space, shapes, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
                                  convention=s.convention)
     if budget is None:
@@ -359,7 +360,7 @@ def write_result(run: RunDir, problem: Problem, cfg: Config, data: TaskData, mod
         budget=problem.budget,  # fixed_bytes as size_budget set it: non-zero for the artifact convention only
         tensors=tuple(problem.tensors), param_shapes=problem.param_shapes, step=step,
         cost_kind=problem.cost_kind, cost_budget=problem.cost_budget, num_labels=data.task.num_labels,
-        task=data.task.name, model_dir=str(data.model_dir), teacher=cfg.kd.teacher)
+        task=data.task.name, model_dir=str(data.model_dir), teacher=cfg.kd.teacher, latency=problem.latency)
     # Effective logits (alpha - mu*k): the distribution the network was trained with, at the current price.
     result.save(run.path, alphas={m.path: np.asarray(m.effective_logits()) for m in mods},
                 scales={m.path: np.asarray(m.scales[...]) for m in mods})
