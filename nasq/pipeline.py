@@ -14,15 +14,17 @@ The plan comes from one of three allocators (``--allocator``):
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
   2026-12-04; its damages give the plan of any other budget without a forward (``nasq baseline measured
   --damage-from``).
-* ``search``: the supernet search (DARTS-style gates under the budget) and finalize; also the one that takes a
-  latency budget (``--set search.latency_ms=T --set search.latency_table=lat.json``).
+* ``search``: the supernet search (DARTS-style gates under the budget) and finalize.
+
+Every allocator takes a size budget or a latency budget (``--set search.latency_ms=T --set
+search.latency_table=lat.json``, a ``nasq profile`` table; the plan's latency on it is within the budget).
 
 Each stage writes its own output under `OUT/` and is skipped when that output is already complete, so an
 interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
 
     OUT/teacher/      fp32 fine-tune run (skipped when --teacher RUN is given)
     OUT/search/       supernet search run (--allocator search only)
-    OUT/plan.json     the measured or Fisher plan, or the finalized searched plan (size <= budget, guaranteed)
+    OUT/plan.json     the measured or Fisher plan, or the finalized searched plan (within the budget, guaranteed)
     OUT/qat/          quantization-aware fine-tune of the plan with KD from the teacher
     OUT/model.nasq/   exported integer artifact
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
@@ -48,6 +50,7 @@ from pathlib import Path
 
 from nasq.baselines.allocators import FISHER_BATCHES, allocate_plan, check_measured_options
 from nasq.config import Config, SearchConfig, build_config
+from nasq.contract.cost import load_latency_table
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
 from nasq.data.glue import load_split
@@ -227,7 +230,7 @@ def evaluate_stages(cfg: Config, teacher: str | Path, qat_dir: Path, art: Path, 
 
 
 ALLOCATORS = ("fisher", "measured", "search")  # the first is the default
-SIZE_ALLOCATORS = ("fisher", "measured")  # allocate under a size budget, from the teacher, training nothing
+SIZE_ALLOCATORS = ("fisher", "measured")  # allocate from the teacher (size or latency budget), training nothing
 
 
 def plan_allocator(provenance: dict) -> str:
@@ -241,8 +244,8 @@ def plan_allocator(provenance: dict) -> str:
 
 
 def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None) -> None:
-    """The allocator's name, its options, and a size budget for ``measured`` and ``fisher`` (a latency budget needs
-    the search); run before any stage, so a bad choice costs no training."""
+    """The allocator's name, its options, and a budget for ``measured`` and ``fisher`` (size or latency); run
+    before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options(allocator, refine_rounds=refine_rounds)
@@ -252,11 +255,15 @@ def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure
         if isinstance(measure_batches, bool) or not isinstance(measure_batches, int) or measure_batches < 1:
             raise NasqError(f"--measure-batches must be an integer >= 1, got {measure_batches!r}")
     s = cfg.search
-    no_size = s.latency_ms is not None or (s.avg_bits, s.budget_mb, s.ratio) == (None,) * 3
-    if allocator in SIZE_ALLOCATORS and no_size:
-        raise NasqError(f"--allocator {allocator}{' (the default)' * (allocator == ALLOCATORS[0])} needs a size "
-                        "budget: --set search.avg_bits=B (or search.budget_mb, search.ratio); a latency budget "
-                        "(search.latency_ms) needs --allocator search")
+    if allocator in SIZE_ALLOCATORS and (s.avg_bits, s.budget_mb, s.ratio, s.latency_ms) == (None,) * 4:
+        raise NasqError(f"--allocator {allocator}{' (the default)' * (allocator == ALLOCATORS[0])} needs a "
+                        "budget: --set search.avg_bits=B (or search.budget_mb, search.ratio, or search.latency_ms "
+                        "with search.latency_table)")
+    if s.latency_ms is not None:  # a missing or invalid table fails here, not after the teacher's training
+        if not s.latency_table:
+            raise NasqError("search.latency_ms needs a latency table: run `nasq profile --out lat.json` on the "
+                            "target machine, then pass --set search.latency_table=lat.json")
+        load_latency_table(s.latency_table)
 
 
 def allocation_batches(preset: dict, allocator: str, measure_batches: int | None = None) -> int:

@@ -11,6 +11,7 @@ import pytest
 import nasq.cli
 from nasq.baselines.allocators import (
     baseline_budget,
+    baseline_latency,
     baseline_plan,
     baseline_tensors,
     default_batches,
@@ -681,8 +682,62 @@ def test_baseline_plan_errors(model, tiny_model_dir):
     with pytest.raises(NasqError, match="the hessian baseline needs task data"):  # fisher is hessian's recipe
         baseline_plan("fisher", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")
     assert baseline_budget(cfg, model) is None
-    with pytest.raises(NasqError, match="latency"):
-        baseline_budget(_cfg(tiny_model_dir, latency_ms=1.0), model)
+    with pytest.raises(NasqError, match="needs a latency table"):
+        baseline_latency(_cfg(tiny_model_dir, latency_ms=1.0), model)
+
+
+def _latency_file(tensors, path):
+    """A latency table where a row costs cols * bits ns, plus 0.5 ms for the rest of the model."""
+    from nasq.contract.cost import LatencyTable, save_latency_table
+
+    save_latency_table(LatencyTable(tokens=16, fixed_ms=0.5, ms_per_row={
+        (t.cols, b): t.cols * b * 1e-6 for t in tensors for b in t.choices if b}), path)
+    return path
+
+
+def test_latency_budgets_for_the_sensitivity_allocators(tiny_model_dir, glue_dir, tensors, tmp_path):
+    """fisher / hessian / measured allocate under a latency budget: the plan's latency on the table is within it
+    (the size budget recorded beside it is the whole range, which the 8-bit plan would meet), close to it, and the
+    provenance says so; a tighter budget gives a plan no slower. The others refuse a latency budget."""
+    from nasq.baselines.allocators import allocate_plan
+    from nasq.contract.cost import latency_range, load_latency_table, plan_latency_ms
+
+    lat = _latency_file(tensors, tmp_path / "lat.json")
+    table = load_latency_table(lat)
+    lo, hi = latency_range(tensors, table)
+    ms = {f: lo + f * (hi - lo) for f in (0.3, 0.6)}
+    for method in ("fisher", "measured"):
+        got = {}
+        for f, budget_ms in ms.items():
+            cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=budget_ms, latency_table=str(lat))
+            plan = allocate_plan(method, cfg, n_batches=1, log=lambda *a: None)
+            got[f] = plan_latency_ms(tensors, plan.bits_per_group(), table)
+            p = plan.provenance
+            assert got[f] <= budget_ms and got[f] > budget_ms - 0.1 * (hi - lo), (method, f, got[f], budget_ms)
+            assert p["latency_budget_ms"] == budget_ms and p["latency_ms"] == pytest.approx(got[f])
+            assert p["latency_table"] == str(lat) and plan.budget["source"] == f"latency_ms={budget_ms}"
+        assert got[0.3] < got[0.6]
+    cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=ms[0.3], latency_table=str(lat))
+    for method, kw in (("uniform", {"bits": 2}), ("random", {}), ("magnitude", {"bits": 2})):
+        with pytest.raises(NasqError, match=f"the {method} baseline allocates under a size budget.*fisher"):
+            allocate_plan(method, cfg, log=lambda *a: None, **kw)
+    with pytest.raises(NasqError, match="infeasible"):
+        allocate_plan("fisher", _cfg(tiny_model_dir, glue_dir, latency_ms=lo / 2, latency_table=str(lat)))
+
+
+def test_cli_fisher_under_a_latency_budget(cli, tiny_model_dir, glue_dir, tensors, tmp_path, capsys):
+    from nasq.contract.cost import latency_range, load_latency_table
+
+    lat = _latency_file(tensors, tmp_path / "lat.json")
+    lo, hi = latency_range(tensors, load_latency_table(lat))
+    x = lo + 0.5 * (hi - lo)
+    out = tmp_path / "f.json"
+    assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
+                "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+                "--set", "model.max_len=32", "--n-batches", "1", "--latency-ms", repr(x),
+                "--set", f"search.latency_table={lat}", "--out", str(out)]) == 0
+    assert f"ms / budget {x:.4f} ms ({lat})" in capsys.readouterr().out
+    assert Plan.load(out).provenance["latency_ms"] <= x
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -204,15 +204,19 @@ def test_stage_sections():
         stage_config(smoke, "qat", [("--set", {"stages": {"qta": {"train": {"max_steps": 7}}}})])
 
 
-def test_size_allocators_refuse_a_latency_budget_before_any_stage(tiny_model_dir, glue_dir, tmp_path):
-    """The default allocator (fisher) allocates under a size budget: a latency budget is refused with what to
-    do, before the teacher is trained or --out is created; so is an unknown allocator."""
+def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir, tmp_path):
+    """A latency budget without its table, or with a missing one, is refused with what to do, before the teacher
+    is trained or --out is created; so is an unknown allocator, and options of another allocator."""
     from nasq.errors import NasqError
 
     layers = _layers(tiny_model_dir, glue_dir)
     layers[0][1]["search"].update(avg_bits=None, latency_ms=5.0)
-    with pytest.raises(NasqError, match="needs a size budget.*--allocator search"):
+    with pytest.raises(NasqError, match="needs a latency table.*nasq profile"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
+    layers[0][1]["search"].update(latency_table=str(tmp_path / "lat.json"))
+    with pytest.raises(NasqError, match="lat.json not found"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
+    assert not (tmp_path / "pipe").exists()
     with pytest.raises(NasqError, match="unknown allocator"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="hessian")

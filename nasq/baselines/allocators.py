@@ -26,6 +26,11 @@
   batches unless told otherwise; its plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
 * ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
   quantized, see :mod:`nasq.baselines.measured`.
+
+Latency budgets (``search.latency_ms`` with ``search.latency_table``, a ``nasq profile`` table): ``hessian``,
+``fisher`` and ``measured`` solve the same knapsack with each group's latency on the table in whole nanoseconds
+(:func:`nasq.contract.cost.latency_ns_tables`: costs rounded up, the budget down), so the plan's latency on that
+table is within the budget; the others allocate by bytes and refuse a latency budget.
 """
 
 from __future__ import annotations
@@ -46,7 +51,20 @@ from nasq.baselines.hessian import (
 )
 from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
-from nasq.contract.cost import MB, Budget, plan_size_bytes, size_budget, size_tables, uniform_plan
+from nasq.contract.cost import (
+    MB,
+    Budget,
+    LatencyBudget,
+    latency_budget_ns,
+    latency_ns_tables,
+    latency_size_budget,
+    load_latency_budget,
+    plan_latency_ms,
+    plan_size_bytes,
+    size_budget,
+    size_tables,
+    uniform_plan,
+)
 from nasq.contract.damage import DamageSource, load_damage, load_pooled_damage
 from nasq.contract.model_dir import load_model_dir, model_dir_of
 from nasq.contract.plan import Plan, make_plan
@@ -65,8 +83,10 @@ __all__ = [
     "DEFAULT_BATCHES",
     "FISHER_BATCHES",
     "FISHER_RECIPE",
+    "LATENCY_METHODS",
     "METHODS",
     "baseline_budget",
+    "baseline_latency",
     "baseline_model",
     "baseline_plan",
     "baseline_tensors",
@@ -82,6 +102,7 @@ __all__ = [
 ]
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
+LATENCY_METHODS = ("hessian", "fisher", "measured")  # the ones that take a latency budget (module docstring)
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml:
 # after QAT level with the measured allocation at 12 of 14 cells and ahead beyond the seeds' spread at 2, and
 # 3-7x cheaper to plan; NOTES.md)
@@ -205,14 +226,22 @@ def baseline_tensors(cfg: Config, model: nnx.Module) -> tuple[SearchSpace, list[
 
 def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
     """The budget of ``cfg.search`` (``budget_mb`` / ``avg_bits`` / ``ratio``, ``convention``) on ``model``'s
-    searched tensors, or None when none is given. ``latency_ms`` is refused (baselines are size-based)."""
+    searched tensors, or None when none is given; for a latency budget the whole reachable size range
+    (:func:`nasq.contract.cost.latency_size_budget`; the latency is :func:`baseline_latency`'s)."""
     s = cfg.search
-    if s.latency_ms is not None:
-        raise NasqError("baselines allocate under a size budget; use --budget-mb, --avg-bits or --ratio "
-                        "instead of --latency-ms")
     space, tensors = baseline_tensors(cfg, model)
+    if s.latency_ms is not None:
+        return latency_size_budget(tensors, s.latency_ms)
     return size_budget(tensors, space, model_param_shapes(model), budget_mb=s.budget_mb, avg_bits=s.avg_bits,
                        ratio=s.ratio, convention=s.convention)
+
+
+def baseline_latency(cfg: Config, model: nnx.Module) -> LatencyBudget | None:
+    """``cfg.search``'s latency budget on its table (checked against ``model``'s searched tensors), or None."""
+    s = cfg.search
+    if s.latency_ms is None:
+        return None
+    return load_latency_budget(baseline_tensors(cfg, model)[1], s.latency_ms, s.latency_table)
 
 
 def measured_forwards(cfg: Config, model: nnx.Module, refine_rounds: int = 0) -> int:
@@ -297,6 +326,7 @@ def baseline_plan(
     granularity: str | None = None,
     curvature: str | None = None,
     traces_from: str | Path | None = None,
+    latency: LatencyBudget | None = None,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -314,7 +344,10 @@ def baseline_plan(
     :func:`nasq.baselines.hessian.hessian_allocation`; ``traces_from``: a hessian (or fisher) plan's path whose
     recorded per-tensor traces are re-solved at this budget (per tensor; no data read,
     :func:`nasq.baselines.hessian.recorded_traces`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
-    extras (e.g. ``run``, ``task``) are merged into the plan's provenance.
+    extras (e.g. ``run``, ``task``) are merged into the plan's provenance. ``latency``
+    (:func:`baseline_latency`; ``hessian``, ``fisher`` and ``measured`` only): allocate under that latency
+    instead of ``budget``'s bytes (module docstring); the provenance records ``latency_budget_ms``,
+    ``latency_ms`` (the plan's, on the table) and ``latency_table``.
     """
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
@@ -322,6 +355,9 @@ def baseline_plan(
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
     check_hessian_options(method, granularity, curvature, traces_from)
+    if latency is not None and method not in LATENCY_METHODS:
+        raise NasqError(f"the {method} baseline allocates under a size budget; use --budget-mb, --avg-bits or "
+                        f"--ratio instead of --latency-ms (latency budgets: {', '.join(LATENCY_METHODS)})")
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -368,8 +404,12 @@ def baseline_plan(
         info: dict[str, Any] = {}
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
+        if latency is None:
+            cap = budget.bytes
+        else:
+            cap, common["costs"] = latency_budget_ns(latency.ms, latency.table), latency_ns_tables(tensors, latency.table)
         if method == "hessian":
-            bpg = hessian_allocation(model, data, tensors, budget.bytes, n_probes=n_probes, granularity=granularity,
+            bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
                                      curvature=curvature, traces=traces, **common)
             h = "H" if curvature == "hutchinson" else "G"
             utility = (f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
@@ -377,7 +417,7 @@ def baseline_plan(
             if curvature == "fisher":
                 utility += ", G: the loss's Gauss-Newton matrix (Fisher), exact over the rows"
         else:
-            bpg = measured_allocation(model, data, tensors, budget.bytes, progress=progress, damage=damage,
+            bpg = measured_allocation(model, data, tensors, cap, progress=progress, damage=damage,
                                       refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
                                       n_probes=n_probes, **common)
             utility = "-KL(f || f with only tensor t at c bits)*" + (
@@ -396,6 +436,11 @@ def baseline_plan(
             prov.update(damage_from=[str(p) for p in damage_from], pooled_rows=pooled_rows)
     if budget is not None and plan_size_bytes(tensors, bpg) > budget.bytes:  # pragma: no cover - guarded above
         raise RuntimeError(f"{method} baseline exceeded its budget")
+    if latency is not None:
+        ms = plan_latency_ms(tensors, bpg, latency.table)
+        if ms > latency.ms * (1 + 1e-9):  # pragma: no cover - the knapsack guarantees it
+            raise RuntimeError(f"{method} baseline takes {ms} ms > its latency budget {latency.ms} ms")
+        prov.update(latency_budget_ms=latency.ms, latency_ms=ms, latency_table=latency.table.source)
     return make_plan(tensors, bpg, space=space, budget=budget, param_shapes=model_param_shapes(model),
                      provenance=prov)
 
@@ -424,6 +469,10 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     method, granularity, curvature = resolve_recipe(method, granularity, curvature)
     check_hessian_options(method, granularity, curvature, traces_from)
     model, model_dir, prov = baseline_model(cfg, log)
+    latency = baseline_latency(cfg, model)
+    if latency is not None and method not in LATENCY_METHODS:
+        raise NasqError(f"the {name} baseline allocates under a size budget; use --budget-mb, --avg-bits or "
+                        f"--ratio instead of --latency-ms (latency budgets: {', '.join(LATENCY_METHODS)})")
     budget = baseline_budget(cfg, model)
     if budget is None and method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {name} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")
@@ -440,7 +489,8 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                              n_probes=n_probes, time_limit=time_limit, provenance=prov,
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
                              refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
-                             granularity=granularity, curvature=curvature, traces_from=traces_from)
+                             granularity=granularity, curvature=curvature, traces_from=traces_from,
+                             latency=latency)
     finally:
         if bar:
             bar.close()

@@ -353,8 +353,9 @@ def hessian_allocation(
     model: nnx.Module,
     data,
     tensors: Sequence[SearchedTensor],
-    budget_bytes: int,
+    budget: int,
     *,
+    costs: Sequence[np.ndarray] | None = None,
     n_batches: int = 8,
     n_probes: int = 4,
     seed: int = 0,
@@ -366,8 +367,10 @@ def hessian_allocation(
     traces: Sequence[np.ndarray] | None = None,
     info: dict | None = None,
 ) -> list[tuple[int, ...]]:
-    """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` within ``budget_bytes``
-    (module docstring; Q-BERT / HAWQ-V3). ``model`` is the fp32 (fine-tuned) model, ``data`` a
+    """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` with a cost within
+    ``budget`` (module docstring; Q-BERT / HAWQ-V3). ``costs``: per-tensor ``[G, C]`` integer cost tables the
+    budget is in; None: bytes (:func:`nasq.contract.cost.size_tables`; a latency budget:
+    :func:`nasq.contract.cost.latency_ns_tables`). ``model`` is the fp32 (fine-tuned) model, ``data`` a
     :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
     ``n_probes`` Rademacher probes each; ``granularity``: each group's own trace (``"group"``) or its tensor's
     (``"tensor"``, :func:`pooled_traces`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
@@ -393,7 +396,7 @@ def hessian_allocation(
         group_level = pooled = [np.asarray(tr, np.float64) for tr in traces]
     perts = quant_perturbations(model, tensors, mode)
     utils, clamped = hessian_utilities(traces, perts)
-    alloc = allocate(utils, size_tables(tensors), budget_bytes, time_limit=time_limit)
+    alloc = allocate(utils, size_tables(tensors) if costs is None else costs, budget, time_limit=time_limit)
     if info is not None:
         flat = np.concatenate(group_level)
         info.update({"solver": alloc.solver, "optimal": alloc.optimal, **estimate,

@@ -292,8 +292,9 @@ def measured_allocation(
     model: nnx.Module,
     data,
     tensors: Sequence[SearchedTensor],
-    budget_bytes: int,
+    budget: int,
     *,
+    costs: Sequence[np.ndarray] | None = None,
     n_batches: int = 8,
     seed: int = 0,
     mode: str = "symmetric",
@@ -307,7 +308,9 @@ def measured_allocation(
     spread: str = "rows",
     n_probes: int = 4,
 ) -> list[tuple[int, ...]]:
-    """Bits per group maximising ``sum_g u_{g,c_g}`` (module docstring) within ``budget_bytes``. ``model`` is the
+    """Bits per group maximising ``sum_g u_{g,c_g}`` (module docstring) with a cost within ``budget``: bytes, or
+    the units of ``costs`` (per-tensor ``[G, C]`` integer tables, e.g. a latency budget's
+    :func:`nasq.contract.cost.latency_ns_tables`; the uniform reference is then not predicted). ``model`` is the
     fp32 fine-tuned model, ``data`` a :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches``
     seeded batches of ``batch_size`` (the Hessian baseline's rows for the same arguments). ``damage``: damages
     measured before (:func:`damage_from_plan`; then neither ``model`` nor ``data`` is read). ``refine_rounds``:
@@ -327,10 +330,10 @@ def measured_allocation(
         raise NasqError(f"--spread {spread} needs the model and data (Hessian traces on the measured rows), not "
                         "recorded damages (--damage-from); drop one")
     rows, probe, shares = None, None, None
-    sizes = size_tables(tensors)
+    tables = size_tables(tensors) if costs is None else costs
 
     def solve(d):
-        return allocate(measured_utilities(tensors, d, shares), sizes, budget_bytes, time_limit=time_limit)
+        return allocate(measured_utilities(tensors, d, shares), tables, budget, time_limit=time_limit)
 
     if damage is None:
         batches = _train_batches(data, n_batches, batch_size, seed, min_tokens)
@@ -373,7 +376,7 @@ def measured_allocation(
         if spread != "rows":
             info.update(spread=spread, **({"n_probes": int(n_probes)} if spread == "hessian" else {}))
             pred[f"plan_{spread}_spread"] = 1000 * predicted_damage(tensors, damage, bits, shares)
-        if (ref := uniform_reference(tensors, damage, budget_bytes)) is not None:
+        if costs is None and (ref := uniform_reference(tensors, damage, budget)) is not None:
             pred["uniform"] = 1000 * ref[1]
             info["predicted_uniform_bits"] = ref[0]
         info.update({"solver": alloc.solver, "optimal": alloc.optimal, "predicted_kl_x1000": pred,

@@ -9,7 +9,8 @@ attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space a
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
 --curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
 (`--traces-from fisher.json` re-solves one at another budget or space from the traces it recorded, reading no data);
-`random` uses `--seed`.
+`random` uses `--seed`. `hessian`, `fisher` and `measured` also take a latency budget (`--latency-ms T --set
+search.latency_table=lat.json`, a `nasq profile` table): the plan's latency on that table is within it.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
             f"pruned {100 * t['pruned_fraction']:.1f}%")
-    if plan.budget is not None:
+    if plan.provenance.get("latency_ms") is not None:
+        p = plan.provenance
+        line += f", latency {p['latency_ms']:.4f} ms / budget {p['latency_budget_ms']:.4f} ms ({p['latency_table']})"
+    elif plan.budget is not None:
         line += f", budget {plan.budget['bytes'] / MB:.4f} MB ({plan.budget['source']})"
     if t.get("artifact_tensor_bytes") is not None:
         line += f", artifact tensors {t['artifact_tensor_bytes'] / MB:.4f} MB"

@@ -18,8 +18,8 @@ def register(sub) -> None:
                    "trace times each width's quantization error, then the exact knapsack; about a minute, no "
                    "training), the measured allocation (each tensor's output damage measured at each width, the "
                    "same knapsack; minutes; level with Fisher or behind it under the protocol, see README "
-                   "Results), or the supernet search + finalize (an hour; also takes a latency budget: --set "
-                   "search.latency_ms=T --set search.latency_table=lat.json)")
+                   "Results), or the supernet search + finalize (an hour); each takes a size budget or a latency budget "
+                   "(--set search.latency_ms=T --set search.latency_table=lat.json)")
     p.add_argument("--refine-rounds", type=int, default=0, metavar="R",
                    help="--allocator measured: rounds of re-measuring around the plan (default 0; it did not help "
                    "on SST-2, see experiments/results/protocol/NOTES.md)")

@@ -43,7 +43,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +56,7 @@ from nasq.quant.packing import group_nbytes, tensor_nbytes
 
 __all__ = [
     "Budget",
+    "LatencyBudget",
     "LatencyTable",
     "avg_bits",
     "avg_bits_of_extreme",
@@ -69,9 +70,11 @@ __all__ = [
     "latency_budget_ns",
     "latency_ns_tables",
     "latency_range",
+    "latency_size_budget",
     "latency_table",
     "latency_table_dict",
     "latency_table_from_dict",
+    "load_latency_budget",
     "load_latency_table",
     "plan_latency_ms",
     "plan_size_bytes",
@@ -515,3 +518,32 @@ def latency_budget_ns(latency_ms: float, table: LatencyTable) -> int:
     """The searched linears' share of a whole-model latency budget, ``latency_ms - fixed_ms``, in whole
     nanoseconds rounded down (module docstring)."""
     return math.floor((float(latency_ms) - table.fixed_ms) * NS_PER_MS)
+
+
+class LatencyBudget(NamedTuple):
+    """A whole-model latency budget in ms and the table it is measured on."""
+
+    ms: float
+    table: LatencyTable
+
+
+def load_latency_budget(tensors: Sequence[SearchedTensor], latency_ms: float, table_path: str | Path | None
+                        ) -> LatencyBudget:
+    """A ``latency_ms`` budget on the table at ``table_path`` (``search.latency_table``), checked to cover every
+    choice of ``tensors`` and to reach the budget; ``NasqError`` saying what to do otherwise."""
+    if not table_path:
+        raise NasqError("--latency-ms needs a latency table: run `nasq profile --out lat.json` on the target "
+                        "machine, then pass --set search.latency_table=lat.json.")
+    table = load_latency_table(table_path)
+    table.check(tensors)
+    lo, hi = latency_range(tensors, table)
+    if not lo <= latency_ms <= hi:
+        raise NasqError(f"latency budget {latency_ms} ms is infeasible: the search space reaches "
+                        f"{lo:.3f}..{hi:.3f} ms on this table ({table.source}).")
+    return LatencyBudget(float(latency_ms), table)
+
+
+def latency_size_budget(tensors: Sequence[SearchedTensor], latency_ms: float) -> Budget:
+    """The size budget recorded beside a latency budget: the whole reachable range (every plan fits it; the
+    latency is the constraint), its source naming the latency budget."""
+    return Budget(bytes=size_range(tensors)[1], convention="encoder", source=f"latency_ms={latency_ms}")

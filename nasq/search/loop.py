@@ -130,17 +130,8 @@ def make_problem(cfg: Config, model: nnx.Module) -> Problem:
     shapes = model_param_shapes(model)
     s = cfg.search
     if s.latency_ms is not None:
-        if not s.latency_table:
-            raise NasqError("--latency-ms needs a latency table: run `nasq profile --out lat.json` on the target "
-                            "machine, then pass --set search.latency_table=lat.json.")
-        table = costlib.load_latency_table(s.latency_table)
-        table.check(tensors)
-        lo, hi = costlib.latency_range(tensors, table)
-        if not lo <= s.latency_ms <= hi:
-            raise NasqError(f"latency budget {s.latency_ms} ms is infeasible: the search space reaches "
-                            f"{lo:.3f}..{hi:.3f} ms on this table ({table.source}).")
-        _lo_b, hi_b = costlib.size_range(tensors)
-        budget = costlib.Budget(bytes=hi_b, convention="encoder", source=f"latency_ms={s.latency_ms}")
+        table = costlib.load_latency_budget(tensors, s.latency_ms, s.latency_table).table
+        budget = costlib.latency_size_budget(tensors, s.latency_ms)
         tables = [costlib.latency_table(t, table) for t in tensors]
         return Problem(tensors, budget, tables, "latency", float(s.latency_ms) - table.fixed_ms, shapes, table)
     budget = costlib.size_budget(tensors, space, shapes, budget_mb=s.budget_mb, avg_bits=s.avg_bits, ratio=s.ratio,
