@@ -738,6 +738,8 @@ def test_cli_fisher_under_a_latency_budget(cli, tiny_model_dir, glue_dir, tensor
                 "--set", f"search.latency_table={lat}", "--out", str(out)]) == 0
     assert f"ms / budget {x:.4f} ms ({lat})" in capsys.readouterr().out
     assert Plan.load(out).provenance["latency_ms"] <= x
+    assert cli(["inspect", str(out)]) == 0  # the inspection shows the latency against its budget
+    assert f"latency budget on {lat}: " in (text := capsys.readouterr().out) and f"of {x:.4f} ms  (within)" in text
 
 
 # ------------------------------------------------------------------------------------------------ CLI

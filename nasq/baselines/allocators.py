@@ -90,6 +90,7 @@ __all__ = [
     "baseline_model",
     "baseline_plan",
     "baseline_tensors",
+    "check_latency_method",
     "check_measured_options",
     "default_batches",
     "group_magnitudes",
@@ -236,6 +237,13 @@ def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
                        ratio=s.ratio, convention=s.convention)
 
 
+def check_latency_method(method: str, latency: LatencyBudget | None) -> None:
+    """Only :data:`LATENCY_METHODS` take a latency budget."""
+    if latency is not None and method not in LATENCY_METHODS:
+        raise NasqError(f"the {method} baseline allocates under a size budget; use --budget-mb, --avg-bits or "
+                        f"--ratio instead of --latency-ms (latency budgets: {', '.join(LATENCY_METHODS)})")
+
+
 def baseline_latency(cfg: Config, model: nnx.Module) -> LatencyBudget | None:
     """``cfg.search``'s latency budget on its table (checked against ``model``'s searched tensors), or None."""
     s = cfg.search
@@ -355,9 +363,7 @@ def baseline_plan(
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
     check_hessian_options(method, granularity, curvature, traces_from)
-    if latency is not None and method not in LATENCY_METHODS:
-        raise NasqError(f"the {method} baseline allocates under a size budget; use --budget-mb, --avg-bits or "
-                        f"--ratio instead of --latency-ms (latency budgets: {', '.join(LATENCY_METHODS)})")
+    check_latency_method(method, latency)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
     if method not in ("uniform", "rule") and budget is None:
@@ -404,10 +410,10 @@ def baseline_plan(
         info: dict[str, Any] = {}
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
-        if latency is None:
-            cap = budget.bytes
-        else:
-            cap, common["costs"] = latency_budget_ns(latency.ms, latency.table), latency_ns_tables(tensors, latency.table)
+        cap = budget.bytes
+        if latency is not None:  # the knapsack in whole nanoseconds (module docstring)
+            cap = latency_budget_ns(latency.ms, latency.table)
+            common["costs"] = latency_ns_tables(tensors, latency.table)
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
                                      curvature=curvature, traces=traces, **common)
@@ -470,9 +476,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     check_hessian_options(method, granularity, curvature, traces_from)
     model, model_dir, prov = baseline_model(cfg, log)
     latency = baseline_latency(cfg, model)
-    if latency is not None and method not in LATENCY_METHODS:
-        raise NasqError(f"the {name} baseline allocates under a size budget; use --budget-mb, --avg-bits or "
-                        f"--ratio instead of --latency-ms (latency budgets: {', '.join(LATENCY_METHODS)})")
+    check_latency_method(name, latency)
     budget = baseline_budget(cfg, model)
     if budget is None and method not in ("uniform", "rule"):  # before reading any data
         raise NasqError(f"the {name} baseline needs a budget: one of --budget-mb, --avg-bits, --ratio")

@@ -186,7 +186,8 @@ def budget_check(plan: Plan) -> dict:
     """Sizes vs budget in both conventions (bytes; ``None`` where unknown).
 
     ``encoder``: searched tensors (``searched_bytes``; ``encoder_linear_bytes`` is its encoder-linear part) vs
-    ``budget.bytes``. ``artifact``: ``artifact_tensor_bytes`` vs ``budget.bytes + fixed_bytes``.
+    ``budget.bytes``. ``artifact``: ``artifact_tensor_bytes`` vs ``budget.bytes + fixed_bytes``. ``latency``
+    (a plan made under a latency budget, else ``None``): the plan's ms on its table vs the budget's.
     """
     tot = plan.totals
     searched, fixed = tot.get("searched_bytes"), tot.get("fixed_bytes")
@@ -204,7 +205,15 @@ def budget_check(plan: Plan) -> dict:
                     "within": None if enc_budget is None else searched <= enc_budget},
         "artifact": {"tensor_bytes": artifact, "fixed_bytes": fixed, "budget_bytes": art_budget,
                      "within": None if art_budget is None or artifact is None else artifact <= art_budget},
+        "latency": _latency_check(plan.provenance),
     }
+
+
+def _latency_check(prov: dict) -> dict | None:
+    ms, budget = prov.get("latency_ms"), prov.get("latency_budget_ms")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (ms, budget)):
+        return None
+    return {"ms": ms, "budget_ms": budget, "within": ms <= budget, "table": prov.get("latency_table")}
 
 
 def summary(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> dict:
@@ -257,6 +266,10 @@ def _totals_lines(s: dict) -> list[str]:
                      f"{_mb(enc['budget_bytes'])}{_pct(enc['searched_bytes'], enc['budget_bytes'])}")
         lines.append(f"  artifact convention (all tensors):     used {_mb(art['tensor_bytes'])} of "
                      f"{_mb(art['budget_bytes'])}{_pct(art['tensor_bytes'], art['budget_bytes'])}")
+    if (lat := bc.get("latency")) is not None:
+        where = f" on {lat['table']}" if lat.get("table") else ""
+        lines.append(f"latency budget{where}: {lat['ms']:.4f} ms of {lat['budget_ms']:.4f} ms  "
+                     f"({'within' if lat['within'] else 'OVER'})")
     m = s.get("manifest")
     if m:
         lines.append(f"artifact manifest: tensor payload {m['tensor_bytes']:,} B, predicted {m['predicted_bytes']:,} B "
