@@ -1,4 +1,5 @@
-"""`nasq profile --model M --out lat.json`: a latency lookup table for `nasq search --latency-ms`."""
+"""`nasq profile --model M --out lat.json`: a latency lookup table for a `--latency-ms` budget (`nasq search`, `nasq
+baseline fisher|hessian|measured`, `nasq pipeline`)."""
 
 from __future__ import annotations
 
