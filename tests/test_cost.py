@@ -273,6 +273,16 @@ def test_latency_roundtrip_and_expected(tmp_path, tiny):
     assert hi == pytest.approx(cost.plan_latency_ms(tiny, cost.uniform_plan(tiny, 8), loaded))
 
 
+@pytest.mark.parametrize("change", [{"fixed_ms": float("inf")}, {"tokens": 2**40},
+                                    {"entries": [{"cols": 4, "bits": 2, "ms_per_row": float("inf")}]},
+                                    {"entries": [{"cols": 4, "bits": 2, "ms_per_row": 1e9}]}])
+def test_latency_table_values_are_bounded(change):
+    data = {"format": "nasq-latency/1", "tokens": 16, "fixed_ms": 0.5,
+            "entries": [{"cols": 4, "bits": 2, "ms_per_row": 1e-3}], **change}
+    with pytest.raises(NasqError, match="invalid latency table t.json"):
+        cost.latency_table_from_dict(data, "t.json")
+
+
 def test_latency_missing_entry_and_bad_file(tmp_path, tiny):
     table = make_table(tiny)
     del table.ms_per_row[(64, 4)]

@@ -369,18 +369,25 @@ def avg_bits_of_extreme(tensors: Sequence[SearchedTensor], idx: int) -> float:
 LATENCY_FORMAT = "nasq-latency/1"
 
 
+# bounds on a loaded table (untrusted): a second per output row, a day for the rest, 2^24 tokens (MiniLM's rows
+# measure about 1e-3 ms; finite bounds also keep the integer-nanosecond costs far inside int64)
+MAX_MS_PER_ROW = 1e3
+MAX_FIXED_MS = 8.64e7
+MAX_TOKENS = 2**24
+
+
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cols: int = Field(ge=1)
+    cols: int = Field(ge=1, le=2**20)
     bits: int = Field(ge=1, le=8)
-    ms_per_row: float = Field(ge=0)
+    ms_per_row: float = Field(ge=0, le=MAX_MS_PER_ROW, allow_inf_nan=False)
 
 
 class _TableFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["nasq-latency/1"]
-    tokens: int = Field(ge=1)
-    fixed_ms: float = Field(ge=0)
+    tokens: int = Field(ge=1, le=MAX_TOKENS)
+    fixed_ms: float = Field(ge=0, le=MAX_FIXED_MS, allow_inf_nan=False)
     entries: list[_Entry]
     meta: dict = {}
 
