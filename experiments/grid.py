@@ -52,7 +52,8 @@ run.json status "done", plan.json, model.nasq/manifest.json); an unfinished run 
 recomputed when its output exists: after changing a recipe, delete the affected cells. A failing stage is
 logged, its cell is marked failed and the grid goes on; the exit status is 1 if any stage failed.
 
-Results (``RESULTS/results.csv``, ``RESULTS/results.md``, ``RESULTS/pareto.png`` via ``nasq plot --pareto``):
+Results (``RESULTS/results.csv``, ``RESULTS/results.md``, ``RESULTS/pareto.png`` via ``nasq plot --pareto``, and
+with ``plot.main_methods`` ``RESULTS/pareto_main.png`` of those methods only):
 one row per cell of the config, missing cells included ("not run"). ``metric`` is the task's main dev metric
 through the integer artifact (fp32 rows: the teacher's dev metric from its run.json), ``fake_quant_metric`` the
 QAT model's (with ``train.ema_decay`` its weight average; ``raw_weights_metric`` / ``raw_dev_curve`` then the
@@ -324,6 +325,13 @@ def load_grid(path: Path) -> dict:
     cfg["common"] = cfg["common"] or {}
     cfg.setdefault("plot", {})
     cfg["plot"] = cfg["plot"] or {}
+    if not isinstance(cfg["plot"], dict) or set(cfg["plot"]) - {"size", "main_methods"}:
+        raise GridError(f"{path}: plot takes size and main_methods, got {cfg['plot']!r}")
+    main = cfg["plot"].get("main_methods")
+    if main is not None and (not isinstance(main, list) or not main
+                             or not all(isinstance(m, str) and m in METHODS for m in main)):
+        raise GridError(f"{path}: plot.main_methods must be a list of the grid's methods ({', '.join(METHODS)}), "
+                        f"got {main!r}")
     cfg.setdefault("data_dir", "../shared/data/glue")
     cfg.setdefault("seed", 0)
     seeds = cfg.get("seeds")
@@ -1342,18 +1350,24 @@ def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]
     is encoder_mb and some budgets are whole-artifact ones (`convention: artifact`), they are drawn apart, on
     artifact_mb (RESULTS/pareto_artifact.png): on the encoder axis a plan that spends an artifact budget on the
     encoder would sit among encoder budgets it was never compared with. A plot whose budgets have no finished
-    row yet is not drawn."""
+    row yet is not drawn. With `plot.main_methods` (a list) each plot is drawn again with only those methods
+    (RESULTS/pareto_main.png, pareto_artifact_main.png): every variant in one legend is hard to read."""
     size = str(cfg["plot"].get("size", "artifact_mb"))
     artifact = [n for n, b in cfg["budgets"].items() if b.get("convention") == "artifact"]
     if size != "encoder_mb" or not artifact:
-        return [["nasq", "plot", "--pareto", str(csv_path), "--out", str(results), "--size", size]]
-    finished = {budget for (_, budget, _, _), r in previous_rows(csv_path).items() if r.get("metric")}
-    cmds = []
-    for names, file, axis in (([n for n in cfg["budgets"] if n not in artifact], "pareto.png", "encoder_mb"),
-                              (artifact, "pareto_artifact.png", "artifact_mb")):
-        if names := [n for n in names if n in finished]:
-            cmds.append(["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / file), "--size", axis,
-                         "--budgets", ",".join(names)])
+        cmds = [["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / "pareto.png"), "--size", size]]
+    else:
+        finished = {budget for (_, budget, _, _), r in previous_rows(csv_path).items() if r.get("metric")}
+        cmds = []
+        for names, file, axis in (([n for n in cfg["budgets"] if n not in artifact], "pareto.png", "encoder_mb"),
+                                  (artifact, "pareto_artifact.png", "artifact_mb")):
+            if names := [n for n in names if n in finished]:
+                cmds.append(["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / file), "--size",
+                             axis, "--budgets", ",".join(names)])
+    main = cfg["plot"].get("main_methods")
+    if main:
+        cmds += [[*c[:5], c[5].removesuffix(".png") + "_main.png", *c[6:], "--methods", ",".join(main)]
+                 for c in cmds]
     return cmds
 
 

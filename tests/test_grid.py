@@ -475,6 +475,7 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     bytes, and a plot is drawn only for budgets with a finished row. A grid on artifact_mb keeps one plot."""
     grid = _grid_module()
     cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    cfg = {**cfg, "plot": {"size": cfg["plot"]["size"]}}  # without main_methods (the next test)
     res = tmp_path / "results.csv"
     res.write_text("task,budget,method,seed,status,metric\ncola,fp32,fp32,0,done,0.3\n"
                    "cola,avg2,uniform,0,done,0.2\ncola,mb8,measured,0,not run,\n")
@@ -486,7 +487,29 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     assert [c[5] for c in cmds] == [str(tmp_path / "pareto.png"), str(tmp_path / "pareto_artifact.png")]
     assert cmds[1][-3:] == ["artifact_mb", "--budgets", "mb8"]
     single = grid.pareto_commands({**cfg, "plot": {"size": "artifact_mb"}}, res, tmp_path)
-    assert single == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path), "--size", "artifact_mb"]]
+    assert single == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size",
+                       "artifact_mb"]]
+
+
+def test_pareto_main_methods_draw_each_plot_again(tmp_path):
+    """protocol.yaml's plot.main_methods: each plot is drawn a second time with only those methods."""
+    grid = _grid_module()
+    cfg = grid.load_grid(REPO / "experiments" / "protocol.yaml")
+    main = cfg["plot"]["main_methods"]
+    assert "fisher_t" in main and "uniform" in main and "nasq_hinit" not in main
+    res = tmp_path / "results.csv"
+    res.write_text("task,budget,method,seed,status,metric\ncola,avg2,uniform,0,done,0.2\n"
+                   "cola,mb8,measured,0,done,0.25\n")
+    cmds = grid.pareto_commands(cfg, res, tmp_path)
+    assert [c[5] for c in cmds] == [str(tmp_path / f) for f in ("pareto.png", "pareto_artifact.png",
+                                                               "pareto_main.png", "pareto_artifact_main.png")]
+    assert cmds[2] == [*cmds[0][:5], str(tmp_path / "pareto_main.png"), *cmds[0][6:], "--methods", ",".join(main)]
+    for bad in ({"main_methods": ["nope"]}, {"main_methods": "uniform"}, {"colour": "red"}):
+        y = tmp_path / "g.yaml"
+        y.write_text((REPO / "experiments" / "protocol.yaml").read_text().split("\nplot:")[0] +
+                     f"\nplot: {bad!r}\n".replace("'", ""))
+        with pytest.raises(grid.GridError, match="plot"):
+            grid.load_grid(y)
 
 
 def test_predict_rows_from_the_seeds_measured_plan(tiny, tmp_path):

@@ -276,6 +276,12 @@ def test_pareto(tmp_path, monkeypatch):
     assert fig_tasks == [["sst2"]]  # a task with only its teacher's row gets no empty panel
     with pytest.raises(NasqError, match="no result rows of budget"):
         plots.plot_pareto(res, tmp_path / "p5.png", budgets=["avg9"])
+    # `methods` likewise keeps those methods' rows and the reference's
+    drawn.clear()
+    plots.plot_pareto(res, tmp_path / "p7.png", methods=["uniform"])
+    assert {r["method"] for r in drawn[0]} == {"fp32", "uniform"}
+    with pytest.raises(NasqError, match="no result rows of method"):
+        plots.plot_pareto(res, tmp_path / "p8.png", methods=["nope"])
     bad = tmp_path / "bad" / "x.csv"
     bad.parent.mkdir()
     bad.write_text("a,b\n1,2\n")
@@ -316,6 +322,9 @@ def test_cli(paths, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "x.png").is_file() and not (tmp_path / "x.png" / "pareto.png").exists()
     assert nasq.cli.main(["plot", "--pareto", str(res), "--out", str(tmp_path / "d"), "--budgets", "mb8"]) == 2
     assert "no result rows of budget(s) mb8" in capsys.readouterr().err
+    assert nasq.cli.main(["plot", "--pareto", str(res), "--out", str(tmp_path / "m.png"), "--methods", "uniform"]) == 0
+    assert nasq.cli.main(["plot", "--pareto", str(res), "--out", str(tmp_path / "n.png"), "--methods", "nasq"]) == 2
+    assert "no result rows of method(s) nasq" in capsys.readouterr().err and not (tmp_path / "n.png").exists()
     assert nasq.cli.main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -27,8 +27,9 @@ def cmd_plot(args) -> int:
     if args.pareto:
         out = Path(args.out or "report")
         budgets = [b for b in args.budgets.split(",") if b] if args.budgets else None
+        methods = [m for m in args.methods.split(",") if m] if args.methods else None
         png = plots.plot_pareto(args.pareto, out if out.suffix == ".png" else out / "pareto.png", size=args.size,
-                                budgets=budgets)
+                                budgets=budgets, methods=methods)
         print(f"wrote {png}")
         return 0
     if not args.path:
@@ -73,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="size column of --pareto (auto: artifact_mb where every row has it)")
     p.add_argument("--budgets", metavar="NAME[,NAME]",
                    help="--pareto: only these budgets' rows (the fp32 reference is always drawn)")
+    p.add_argument("--methods", metavar="NAME[,NAME]",
+                   help="--pareto: only these methods' rows (the fp32 reference is always drawn)")
     p.set_defaults(fn=cmd_plot)
 
     c = subparsers.add_parser("compare", help="tensors whose bits differ between two plans, and the totals")

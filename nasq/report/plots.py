@@ -256,7 +256,8 @@ def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: str = "auto",
-                title: str | None = None, reference: str = "fp32", budgets: Collection[str] | None = None) -> Path:
+                title: str | None = None, reference: str = "fp32", budgets: Collection[str] | None = None,
+                methods: Collection[str] | None = None) -> Path:
     """Size (MB) vs metric, one line (sorted by size) per method, one panel per task; the seeds of a
     ``(method, budget)`` are one point, mean ± sample std (:func:`pareto_points`). Each method keeps its colour and
     marker in every panel (:func:`method_styles`). Rows of method ``reference`` (the fp32 teacher) are drawn as a
@@ -266,13 +267,19 @@ def plot_pareto(source: str | Path | Sequence[dict], out: str | Path, *, size: s
     ``size``: ``artifact_mb``, ``encoder_mb`` or ``auto`` (``artifact_mb`` where every row has it, else
     ``encoder_mb``). ``budgets``: draw only the rows of these budget names (and the reference's), e.g. the
     budgets stated on the size that is the x axis (a whole-artifact budget drawn on encoder bytes would sit among
-    encoder budgets it was never compared with)."""
+    encoder budgets it was never compared with). ``methods``: draw only these methods (and the reference), e.g. a
+    readable plot of the main ones beside the plot of every variant."""
     rows = read_results(source) if isinstance(source, str | Path) else list(source)
     if budgets is not None:
         keep = set(budgets)
         rows = [r for r in rows if r["method"] == reference or str(r.get("budget") or "") in keep]
         if all(r["method"] == reference for r in rows):
             raise NasqError(f"no result rows of budget(s) {', '.join(sorted(keep))} to plot")
+    if methods is not None:
+        keep = set(methods)
+        rows = [r for r in rows if r["method"] == reference or r["method"] in keep]
+        if all(r["method"] == reference for r in rows):
+            raise NasqError(f"no result rows of method(s) {', '.join(sorted(keep))} to plot")
     if size == "auto":
         size = "artifact_mb" if rows and all(not math.isnan(_num(r.get("artifact_mb"))) for r in rows) else \
             "encoder_mb"
