@@ -206,7 +206,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
     search = max(searched, key=lambda m: ranked[m][0]) if searched else None
 
     bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, *grid.OURS)}
-    margin = "" if DEFAULT in ranked else "not run"
+    margin = "no other method finished" if DEFAULT in ranked else "not run"
     if bases and DEFAULT in ranked:
         bm = max(bases, key=lambda m: bases[m][0])
         (mu, sd, _), (bmu, bsd, _) = ranked[DEFAULT], bases[bm]

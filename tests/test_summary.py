@@ -94,6 +94,9 @@ def test_the_margin_follows_the_pipeline_default(summary, tmp_path, monkeypatch)
     monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
     line = summary.table(d, (("g.yaml", "res", ""),))[2]
     assert "+1.00 vs measured (beyond the spread; ahead on 2 of 2 seeds)" in line, line
+    alone = [("cola", "fisher_t", "avg3", 0, "done", "matthews", 0.2, "yes", "")]
+    line = summary.table(_write(tmp_path / "alone", alone), (("g.yaml", "res", ""),))[2]
+    assert "| **0.200 (1)** | no other method finished |" in line, line
 
 
 def test_the_default_column_is_the_pipelines_default_allocator(summary):
