@@ -273,6 +273,24 @@ def test_latency_roundtrip_and_expected(tmp_path, tiny):
     assert hi == pytest.approx(cost.plan_latency_ms(tiny, cost.uniform_plan(tiny, 8), loaded))
 
 
+def test_latency_budget_feasible_in_the_integer_nanoseconds_it_is_solved_in():
+    """At the fastest reachable latency the costs rounded up to whole ns no longer fit: infeasible, said as a
+    latency (not as bytes, as the knapsack would); a few ns more fit, and the knapsack's plan keeps the budget."""
+    from nasq.search.finalize import allocate, choices_to_bits
+
+    tiny = resolve(load_space("aqbert_128g_w1234"), bert_shapes(2, 32, 64, 100), num_heads=2)  # no 0-bit choice
+    table = cost.LatencyTable(tokens=8, fixed_ms=0.25, ms_per_row={
+        (t.cols, b): t.cols * b * 1e-6 + 3.3e-10 for t in tiny for b in t.choices if b})
+    lo, _ = cost.latency_range(tiny, table)
+    with pytest.raises(NasqError, match="infeasible"):
+        cost.check_latency_budget(tiny, lo, table)
+    ms = lo + 1e-6 * sum(t.num_groups for t in tiny)
+    cost.check_latency_budget(tiny, ms, table)
+    tables = cost.latency_ns_tables(tiny, table)
+    alloc = allocate([-np.asarray(x, float) for x in tables], tables, cost.latency_budget_ns(ms, table))
+    assert cost.plan_latency_ms(tiny, choices_to_bits(tiny, alloc.choices), table) <= ms
+
+
 @pytest.mark.parametrize("change", [{"fixed_ms": float("inf")}, {"tokens": 2**40},
                                     {"entries": [{"cols": 4, "bits": 2, "ms_per_row": float("inf")}]},
                                     {"entries": [{"cols": 4, "bits": 2, "ms_per_row": 1e9}]}])

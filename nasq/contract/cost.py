@@ -61,6 +61,7 @@ __all__ = [
     "avg_bits",
     "avg_bits_of_extreme",
     "budget_avg_bits_bytes",
+    "check_latency_budget",
     "encoder_linear_nbytes",
     "expected_cost",
     "expected_latency_ms",
@@ -542,12 +543,19 @@ def load_latency_budget(tensors: Sequence[SearchedTensor], latency_ms: float, ta
         raise NasqError("--latency-ms needs a latency table: run `nasq profile --out lat.json` on the target "
                         "machine, then pass --set search.latency_table=lat.json.")
     table = load_latency_table(table_path)
+    check_latency_budget(tensors, latency_ms, table)
+    return LatencyBudget(float(latency_ms), table)
+
+
+def check_latency_budget(tensors: Sequence[SearchedTensor], latency_ms: float, table: LatencyTable) -> None:
+    """``NasqError`` unless ``table`` covers every choice of ``tensors`` and ``latency_ms`` is within their reachable
+    range, its lower end in the whole nanoseconds the allocation is solved in (:func:`latency_ns_tables`)."""
     table.check(tensors)
     lo, hi = latency_range(tensors, table)
-    if not lo <= latency_ms <= hi:
+    fastest_ns = sum(int(x.min(axis=1).sum()) for x in latency_ns_tables(tensors, table))
+    if not (lo <= latency_ms <= hi and latency_budget_ns(latency_ms, table) >= fastest_ns):
         raise NasqError(f"latency budget {latency_ms} ms is infeasible: the search space reaches "
                         f"{lo:.3f}..{hi:.3f} ms on this table ({table.source}).")
-    return LatencyBudget(float(latency_ms), table)
 
 
 def latency_size_budget(tensors: Sequence[SearchedTensor], latency_ms: float) -> Budget:

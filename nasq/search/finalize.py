@@ -50,9 +50,9 @@ import numpy as np
 from nasq.contract.cost import (
     MB,
     Budget,
+    check_latency_budget,
     latency_budget_ns,
     latency_ns_tables,
-    latency_range,
     plan_latency_ms,
     plan_size_bytes,
     size_budget,
@@ -333,11 +333,10 @@ def _latency_budget(res: SearchResult, run_dir: Path) -> float:
                         "table it was searched with (a run from before nasq recorded it); finalize it at a size "
                         "budget (--avg-bits / --budget-mb / --ratio) or rerun the search")
     ms = float(res.cost_budget) + res.latency.fixed_ms
-    lo, hi = latency_range(res.tensors, res.latency)
-    if not lo <= ms:
-        raise NasqError(f"cannot finalize {run_dir}: its latency budget of {ms:.6g} ms is below the fastest "
-                        f"reachable plan, {lo:.6g} ms (the search space reaches {lo:.6g} .. {hi:.6g} ms on "
-                        f"{res.latency.source})")
+    try:
+        check_latency_budget(res.tensors, ms, res.latency)
+    except NasqError as e:
+        raise NasqError(f"cannot finalize {run_dir}: {e}") from None
     return ms
 
 
