@@ -706,7 +706,7 @@ def test_latency_budgets_for_the_sensitivity_allocators(tiny_model_dir, glue_dir
     table = load_latency_table(lat)
     lo, hi = latency_range(tensors, table)
     ms = {f: lo + f * (hi - lo) for f in (0.3, 0.6)}
-    for method in ("fisher", "measured"):
+    for method in ("fisher", "measured", "random"):
         got = {}
         for f, budget_ms in ms.items():
             cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=budget_ms, latency_table=str(lat))
@@ -718,7 +718,8 @@ def test_latency_budgets_for_the_sensitivity_allocators(tiny_model_dir, glue_dir
             assert p["latency_table"] == str(lat) and plan.budget["source"] == f"latency_ms={budget_ms}"
         assert got[0.3] < got[0.6]
     cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=ms[0.3], latency_table=str(lat))
-    for method, kw in (("uniform", {"bits": 2}), ("random", {}), ("magnitude", {"bits": 2})):
+    for method, kw in (("uniform", {"bits": 2}), ("rule", {"bits": 2, "rule_bits": {"ffn_in": 4}}),
+                       ("magnitude", {"bits": 2})):
         with pytest.raises(NasqError, match=f"the {method} baseline allocates under a size budget.*fisher"):
             allocate_plan(method, cfg, log=lambda *a: None, **kw)
     with pytest.raises(NasqError, match="infeasible"):

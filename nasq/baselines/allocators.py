@@ -28,9 +28,9 @@
   quantized, see :mod:`nasq.baselines.measured`.
 
 Latency budgets (``search.latency_ms`` with ``search.latency_table``, a ``nasq profile`` table): ``hessian``,
-``fisher`` and ``measured`` solve the same knapsack with each group's latency on the table in whole nanoseconds
-(:func:`nasq.contract.cost.latency_ns_tables`: costs rounded up, the budget down), so the plan's latency on that
-table is within the budget; the others allocate by bytes and refuse a latency budget.
+``fisher``, ``measured`` and ``random`` solve the same knapsack with each group's latency on the table in whole
+nanoseconds (:func:`nasq.contract.cost.latency_ns_tables`: costs rounded up, the budget down), so the plan's
+latency on that table is within the budget; the others allocate by bytes and refuse a latency budget.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ __all__ = [
 ]
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
-LATENCY_METHODS = ("hessian", "fisher", "measured")  # the ones that take a latency budget (module docstring)
+LATENCY_METHODS = ("hessian", "fisher", "measured", "random")  # the ones that take a latency budget (docstring)
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml:
 # after QAT level with the measured allocation at 12 of 14 cells and ahead beyond the seeds' spread at 2, and
 # 3-7x cheaper to plan; NOTES.md)
@@ -152,10 +152,12 @@ def random_utilities(tensors: Sequence[SearchedTensor], seed: int) -> list[np.nd
             * (np.asarray(t.group_sizes, np.float64) * t.cols)[:, None] for t in tensors]
 
 
-def random_allocation(tensors: Sequence[SearchedTensor], budget_bytes: int, seed: int,
-                      *, time_limit: float = 20.0) -> list[tuple[int, ...]]:
-    """The knapsack optimum of :func:`random_utilities` within ``budget_bytes`` (module docstring)."""
-    alloc = allocate(random_utilities(tensors, seed), size_tables(tensors), int(budget_bytes), time_limit=time_limit)
+def random_allocation(tensors: Sequence[SearchedTensor], budget: int, seed: int, *,
+                      costs: Sequence[np.ndarray] | None = None, time_limit: float = 20.0) -> list[tuple[int, ...]]:
+    """The knapsack optimum of :func:`random_utilities` with a cost within ``budget`` (module docstring): bytes, or
+    the units of ``costs`` (per-tensor ``[G, C]`` integer tables, e.g. a latency budget's)."""
+    tables = size_tables(tensors) if costs is None else costs
+    alloc = allocate(random_utilities(tensors, seed), tables, int(budget), time_limit=time_limit)
     return choices_to_bits(tensors, alloc.choices)
 
 
@@ -235,6 +237,15 @@ def baseline_budget(cfg: Config, model: nnx.Module) -> Budget | None:
         return latency_size_budget(tensors, s.latency_ms)
     return size_budget(tensors, space, model_param_shapes(model), budget_mb=s.budget_mb, avg_bits=s.avg_bits,
                        ratio=s.ratio, convention=s.convention)
+
+
+def _knapsack_costs(tensors: Sequence[SearchedTensor], budget: Budget, latency: LatencyBudget | None
+                    ) -> tuple[int, list[np.ndarray] | None]:
+    """(capacity, cost tables) of the knapsack: ``budget``'s bytes (tables None: bytes), or under ``latency`` whole
+    nanoseconds on its table (module docstring)."""
+    if latency is None:
+        return budget.bytes, None
+    return latency_budget_ns(latency.ms, latency.table), latency_ns_tables(tensors, latency.table)
 
 
 def check_latency_method(method: str, latency: LatencyBudget | None) -> None:
@@ -389,7 +400,8 @@ def baseline_plan(
             raise NasqError(f"{what} takes {size:,} bytes ({size / MB:.4f} MB), over the budget of "
                             f"{budget.bytes:,} bytes ({budget.source}); lower the bits or drop the budget flag")
     elif method == "random":
-        bpg = random_allocation(tensors, budget.bytes, seed, time_limit=time_limit)
+        cap, costs = _knapsack_costs(tensors, budget, latency)
+        bpg = random_allocation(tensors, cap, seed, costs=costs, time_limit=time_limit)
         prov.update(seed=seed, utilities="cumsum of iid Uniform(0,1) over ascending choices")
     elif method == "magnitude":
         bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
@@ -410,10 +422,7 @@ def baseline_plan(
         info: dict[str, Any] = {}
         common = {"n_batches": n_batches, "seed": seed, "mode": space.quant_mode,
                   "batch_size": cfg.train.batch_size, "time_limit": time_limit, "info": info}
-        cap = budget.bytes
-        if latency is not None:  # the knapsack in whole nanoseconds (module docstring)
-            cap = latency_budget_ns(latency.ms, latency.table)
-            common["costs"] = latency_ns_tables(tensors, latency.table)
+        cap, common["costs"] = _knapsack_costs(tensors, budget, latency)
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
                                      curvature=curvature, traces=traces, **common)

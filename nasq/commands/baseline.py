@@ -9,7 +9,7 @@ attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space a
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
 --curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
 (`--traces-from fisher.json` re-solves one at another budget or space from the traces it recorded, reading no data);
-`random` uses `--seed`. `hessian`, `fisher` and `measured` also take a latency budget (`--latency-ms T --set
+`random` uses `--seed`. `hessian`, `fisher`, `measured` and `random` also take a latency budget (`--latency-ms T --set
 search.latency_table=lat.json`, a `nasq profile` table): the plan's latency on that table is within it.
 """
 

@@ -1,5 +1,5 @@
 """`nasq profile --model M --out lat.json`: a latency lookup table for a `--latency-ms` budget (`nasq search`, `nasq
-baseline fisher|hessian|measured`, `nasq pipeline`)."""
+baseline fisher|hessian|measured|random`, `nasq pipeline`)."""
 
 from __future__ import annotations
 
