@@ -143,16 +143,23 @@ class Paired:
         self.seeds += seeds[1]
 
 
+def method_stats(by_method: dict[str, list[dict]]) -> tuple[dict, set[str], dict]:
+    """(stats of every method that finished a seed, the methods with a cell over the budget, the stats of the
+    others: the ones a row ranks)."""
+    stats = {m: st for m, rs in by_method.items() if (st := stats_of(rs)) is not None}
+    over = {m for m, rs in by_method.items() if any(r.get("within_budget") is False for r in rs)}
+    return stats, over, {m: st for m, st in stats.items() if m not in over}
+
+
 def baseline_pair(by_method: dict[str, list[dict]]) -> tuple[bool, tuple[int, int]] | None:
     """(nasq's default has the higher mean, (seeds ahead, seeds paired)) against the row's best within-budget
     baseline by mean, or None when either did not finish."""
-    over = {m for m, rs in by_method.items() if any(r.get("within_budget") is False for r in rs)}
-    stats = {m: st for m, rs in by_method.items() if m not in over and (st := stats_of(rs)) is not None}
-    bases = {m: stats[m] for m in BASELINES if m in stats}
-    if DEFAULT not in stats or not bases:
+    ranked = method_stats(by_method)[2]
+    bases = {m: ranked[m] for m in BASELINES if m in ranked}
+    if DEFAULT not in ranked or not bases:
         return None
     best = max(bases, key=lambda m: bases[m][0])
-    return stats[DEFAULT][0] > bases[best][0], seeds_ahead(by_method[DEFAULT], by_method[best])
+    return ranked[DEFAULT][0] > bases[best][0], seeds_ahead(by_method[DEFAULT], by_method[best])
 
 
 def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
@@ -180,11 +187,9 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
               ) -> list[str] | None:
     """The table row of one (task, budget) of one grid, or None when no sensitivity allocator's cell finished."""
     metric_name = next(r for rs in by_method.values() for r in rs)["metric_name"]
-    stats = {m: st for m, rs in by_method.items() if (st := stats_of(rs)) is not None}
+    stats, over, ranked = method_stats(by_method)
     if not any(m in stats for m in SENSITIVITY):
         return None
-    over = {m for m, rs in by_method.items() if any(r.get("within_budget") is False for r in rs)}
-    ranked = {m: st for m, st in stats.items() if m not in over}
     best = max(ranked, key=lambda m: ranked[m][0])
 
     def cell(m: str, extra: str = "") -> str:
