@@ -16,6 +16,8 @@ Under the table, one generated paragraph pools the rows: against each row's best
 other allocators: the measured allocation and the supernet search), on how many rows nasq's default has the higher
 mean and on how many paired seeds it scored higher, each with the one-sided exact sign test's p-value
 (:func:`sign_test`), over every row and over the rows at avg <= 2.5 bits (the issue's "beyond the spread" range).
+Then issue 16's targets, row by row (:func:`targets_text`): each row's margin over the same best baseline sorted
+into a verdict (beyond the spread, higher or lower mean inside it, ...), and SST-2 avg 2 and 4 against the teacher.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -28,6 +30,7 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from nasq.contract.space import load_space
 from nasq.io import write_atomic
@@ -57,6 +60,8 @@ OTHER_BASELINES = tuple(m for m in grid.METHODS
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
 BASELINES = tuple(m for m in grid.METHODS if m not in ("fp32", *SENSITIVITY, *grid.OURS))
 LOW_BITS = 2.5  # the pooled paragraph's second range: rows at avg <= 2.5 bits
+# issue 16: "SST-2 at avg 2 bits within 1.5 points of the fp32 teacher; at avg 4 bits within 0.5 points"
+TEACHER_GAPS = {("sst2", 2): 0.015, ("sst2", 4): 0.005}
 NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher per group",
          "fisher_t": "Fisher per tensor", "rule": "hand rule"}
 
@@ -136,11 +141,11 @@ class Paired:
     def __init__(self) -> None:
         self.rows_ahead = self.rows = self.seeds_ahead = self.seeds = 0
 
-    def add(self, mean_ahead: bool, seeds: tuple[int, int]) -> None:
-        self.rows_ahead += mean_ahead
+    def add(self, m: Margin) -> None:
+        self.rows_ahead += m.diff > 0
         self.rows += 1
-        self.seeds_ahead += seeds[0]
-        self.seeds += seeds[1]
+        self.seeds_ahead += m.seeds[0]
+        self.seeds += m.seeds[1]
 
 
 def method_stats(by_method: dict[str, list[dict]]) -> tuple[dict, set[str], dict]:
@@ -151,15 +156,26 @@ def method_stats(by_method: dict[str, list[dict]]) -> tuple[dict, set[str], dict
     return stats, over, {m: st for m, st in stats.items() if m not in over}
 
 
-def baseline_pair(by_method: dict[str, list[dict]]) -> tuple[bool, tuple[int, int]] | None:
-    """(nasq's default has the higher mean, (seeds ahead, seeds paired)) against the row's best within-budget
-    baseline by mean, or None when either did not finish."""
+class Margin(NamedTuple):
+    """nasq's default against a row's best within-budget baseline by mean."""
+    baseline: str
+    diff: float  # the default's mean minus the baseline's
+    beyond: bool | None  # :func:`grid.beyond_spread`: None with fewer than 2 seeds on a side
+    seeds: tuple[int, int]  # (seeds the default scored higher on, seeds both finished)
+    mean: float  # the default's mean
+
+
+def baseline_margin(by_method: dict[str, list[dict]]) -> Margin | None:
+    """The default against the row's best within-budget baseline by mean (:data:`BASELINES`), or None when either
+    did not finish."""
     ranked = method_stats(by_method)[2]
     bases = {m: ranked[m] for m in BASELINES if m in ranked}
     if DEFAULT not in ranked or not bases:
         return None
     best = max(bases, key=lambda m: bases[m][0])
-    return ranked[DEFAULT][0] > bases[best][0], seeds_ahead(by_method[DEFAULT], by_method[best])
+    (mu, sd, _), (bmu, bsd, _) = ranked[DEFAULT], bases[best]
+    return Margin(best, mu - bmu, grid.beyond_spread(mu - bmu, sd, bsd),
+                  seeds_ahead(by_method[DEFAULT], by_method[best]), mu)
 
 
 def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
@@ -175,6 +191,42 @@ def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
             f"{LOW_BITS:g} bits: {part(low) if low.rows else 'no rows'}. A row's seeds share its task and mostly "
             "its plan, and a task's rows share its teacher, so neither rows nor seeds are independent draws: the "
             "p-values are descriptive, and no row's difference is claimed from them.")]
+
+
+class Target(NamedTuple):
+    """One row's entry in the targets paragraph (:func:`targets_text`)."""
+    label: str  # "SST-2 avg 2, {1,2,3,4}, 2x QAT"
+    metric_name: str
+    margin: Margin
+    teacher_gap: tuple[float, float] | None  # (teacher's metric - the default's mean, the allowed gap) or None
+
+
+def targets_text(targets: list[Target]) -> list[str]:
+    """Issue 16's targets, row by row: nasq's default at least the best baseline's mean at every budget (above it by
+    more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher."""
+    if not targets:
+        return []
+
+    def item(t: Target) -> str:
+        m = t.margin
+        return f"{t.label} ({grid.metric_text(t.metric_name, m.diff, signed=True)} vs {name(m.baseline)})"
+    groups = (("beyond the spread, higher mean", lambda m: m.beyond is True and m.diff > 0),
+              ("higher or equal mean, inside the spread", lambda m: m.beyond is False and m.diff >= 0),
+              ("lower mean, inside the spread", lambda m: m.beyond is False and m.diff < 0),
+              ("lower mean, beyond the spread", lambda m: m.beyond is True and m.diff <= 0),
+              ("one seed on a side, no claim", lambda m: m.beyond is None))
+    lines = ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best baseline "
+                 "by mean (as in the pooled paragraph); a difference counts only beyond the larger std:")]
+    for title, keep in groups:
+        rows = [item(t) for t in targets if keep(t.margin)]
+        lines.append(f"- {title} ({len(rows)}): " + ("; ".join(rows) if rows else "none"))
+    gaps = [t for t in targets if t.teacher_gap is not None]
+    if gaps:
+        lines.append("- within reach of the fp32 teacher: " + "; ".join(
+            f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
+            f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
+            + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
+    return lines
 
 
 def stat_text(metric_name: str, st) -> str:
@@ -231,6 +283,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
     """The generated block: the table, then the pooled paragraph."""
     rows_out: dict[tuple[str, str], list[list[str]]] = {}
     all_rows, low = Paired(), Paired()
+    targets: list[Target] = []
     tasks: list[str] = []
     budgets: list[str] = []
     for cfg_path, results, suffix in grids:
@@ -252,17 +305,22 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
-                    if (pair := baseline_pair(by_method)) is not None:
-                        all_rows.add(*pair)
+                    if (margin := baseline_margin(by_method)) is not None:
+                        all_rows.add(margin)
                         if (budget.get("avg_bits") or math.inf) <= LOW_BITS:
-                            low.add(*pair)
+                            low.add(margin)
+                        teacher = teachers.get(task)
+                        allowed = TEACHER_GAPS.get((task, budget.get("avg_bits")))
+                        gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
+                        metric_name = by_method[DEFAULT][0]["metric_name"]
+                        targets.append(Target(f"{TASK_NAMES.get(task, task)} {cells[1]}", metric_name, margin, gap))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for key in sorted(rows_out, key=lambda k: (tasks.index(k[0]), budgets.index(k[1]))):
         for cells in rows_out[key]:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return lines + pooled_text(all_rows, low)
+    return lines + pooled_text(all_rows, low) + targets_text(targets)
 
 
 def replace_block(text: str, block: list[str], source: str = "README.md") -> str:

@@ -68,11 +68,20 @@ def test_rows_statistics_and_verdicts(summary, tmp_path, monkeypatch):
     rows += [("cola", "fisher_t", "avg2", s, "done", mcc, v, "yes", "") for s, v in enumerate((0.25, 0.27))]
     d = _write(tmp_path, rows)
     lines = summary.table(d, (("g.yaml", "res", ""),))
-    assert len(lines) == 7 and lines[5] == "", lines
+    assert len(lines) == 15 and lines[5] == "" and lines[7] == "", lines
     # pooled: sst2 avg2 against Hessian (ahead in mean, 3 of 3 seeds); cola mb8 against the rule (1 of 2)
     assert "higher mean at 2 of 2 rows (sign test p = 0.25), ahead on 4 of 5 paired seeds (p = 0.19); " \
         "at avg <= 2.5 bits: higher mean at 1 of 1 rows (sign test p = 0.5), ahead on 3 of 3 paired seeds " \
         "(p = 0.12)" in lines[6], lines[6]
+    # targets: the same two margins, sorted by verdict; SST-2 avg 2 against its teacher (0.90 - 0.885 <= 0.015)
+    assert lines[8].startswith("Targets of issue 16 (generated): measured (nasq's default)"), lines[8]
+    assert lines[9:14] == ["- beyond the spread, higher mean (1): SST-2 avg 2, {1,2,3,4} (+1.50 vs Hessian)",
+                           ("- higher or equal mean, inside the spread (1): CoLA whole artifact <= 8 MB, encoder "
+                           "{1,2,3,4}, vocabulary {2,3,4} (+0.010 vs hand rule)"),
+                           "- lower mean, inside the spread (0): none", "- lower mean, beyond the spread (0): none",
+                           "- one seed on a side, no claim (0): none"], lines[9:14]
+    assert lines[14] == "- within reach of the fp32 teacher: SST-2 avg 2, {1,2,3,4}: 1.50 below it (target: at " \
+        "most 1.50), met", lines[14]
     lines = lines[:5]
     assert "**measured** (nasq's default) | Fisher per tensor |" in lines[0]
     sst2, cola_avg2, cola = lines[2:]
@@ -133,9 +142,10 @@ def test_pooled_paragraph_skips_nasqs_other_allocators_and_over_budget_baselines
     cola = [("cola", "fisher_t", "avg3", s, "done", "matthews", 0.2, "yes", "") for s in (0, 1)]
     cola += [("cola", "uniform", "avg3", s, "done", "matthews", 0.1 + 0.2 * s, "yes", "") for s in (0, 1)]
     lines = summary.table(_write(tmp_path / "a", rows + cola), (("g.yaml", "res", ""),))
-    assert lines[-1].startswith("Pooled over the rows (generated): Fisher per tensor (nasq's default)"), lines[-1]
+    pooled = next(ln for ln in lines if ln.startswith("Pooled"))
+    assert pooled.startswith("Pooled over the rows (generated): Fisher per tensor (nasq's default)"), pooled
     assert "higher mean at 0 of 1 rows (sign test p = 1), ahead on 1 of 2 paired seeds (p = 0.75); " \
-        "at avg <= 2.5 bits: no rows." in lines[-1], lines[-1]
+        "at avg <= 2.5 bits: no rows." in pooled, pooled
     # no row with a baseline: no paragraph
     assert summary.table(_write(tmp_path / "b", rows), (("g.yaml", "res", ""),))[-1].startswith("| SST-2")
 
@@ -145,3 +155,26 @@ def test_replace_block_needs_one_block(summary):
     assert summary.replace_block(text, ["new"]) == f"a\n{summary.BEGIN}\nnew\n{summary.END}\nb\n"
     with pytest.raises(SystemExit, match="exactly one summary block"):
         summary.replace_block("no block here", ["x"])
+
+
+def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_path, monkeypatch):
+    """Issue 16's targets paragraph: each row's margin over its best baseline lands in one verdict; a row with one
+    seed on a side makes no claim; SST-2 avg 2 and 4 are checked against the teacher (1.5 and 0.5 points)."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    acc = "accuracy"
+    rows = [("sst2", "fp32", "fp32", 0, "done", acc, 0.90, "", "")]
+    # avg2: fisher_t below the Hessian beyond the spread, 2.5 points below the teacher (target missed)
+    rows += [("sst2", "fisher_t", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.875, 0.875))]
+    rows += [("sst2", "hessian", "avg2", s, "done", acc, v, "yes", "") for s, v in enumerate((0.89, 0.89))]
+    # avg3: one uniform seed only: no claim
+    rows += [("sst2", "fisher_t", "avg3", s, "done", acc, v, "yes", "") for s, v in enumerate((0.88, 0.89))]
+    rows += [("sst2", "uniform", "avg3", 0, "done", acc, 0.80, "yes", "")]
+    lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
+    body = lines[lines.index(next(ln for ln in lines if ln.startswith("Targets"))) + 1:]
+    assert body == ["- beyond the spread, higher mean (0): none",
+                    "- higher or equal mean, inside the spread (0): none",
+                    "- lower mean, inside the spread (0): none",
+                    "- lower mean, beyond the spread (1): SST-2 avg 2, {1,2,3,4} (-1.50 vs Hessian)",
+                    "- one seed on a side, no claim (1): SST-2 avg 3, {2,3,4} (+8.50 vs uniform)",
+                    ("- within reach of the fp32 teacher: SST-2 avg 2, {1,2,3,4}: 2.50 below it (target: at most "
+                    "1.50), missed")], body
