@@ -17,7 +17,8 @@ other allocators: the measured allocation and the supernet search), on how many 
 mean and on how many paired seeds it scored higher, each with the one-sided exact sign test's p-value
 (:func:`sign_test`), over every row and over the rows at avg <= 2.5 bits (the issue's "beyond the spread" range).
 Then issue 16's targets, row by row (:func:`targets_text`): each row's margin over the same best baseline sorted
-into a verdict (beyond the spread, higher or lower mean inside it, ...), and SST-2 avg 2 and 4 against the teacher.
+into a verdict (beyond the spread, higher or lower mean inside it, ...), and SST-2 avg 2 and 4 against the teacher;
+last, the same verdicts for nasq's default against its other sensitivity allocator, at every row both ran.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -157,25 +158,54 @@ def method_stats(by_method: dict[str, list[dict]]) -> tuple[dict, set[str], dict
 
 
 class Margin(NamedTuple):
-    """nasq's default against a row's best within-budget baseline by mean."""
-    baseline: str
-    diff: float  # the default's mean minus the baseline's
+    """nasq's default against another method of the same row (:func:`margin_against`)."""
+    other: str
+    diff: float  # the default's mean minus the other's
     beyond: bool | None  # :func:`grid.beyond_spread`: None with fewer than 2 seeds on a side
     seeds: tuple[int, int]  # (seeds the default scored higher on, seeds both finished)
     mean: float  # the default's mean
+
+
+def margin_against(by_method: dict[str, list[dict]], ranked: dict, other: str) -> Margin:
+    """The default against ``other``; both must be in ``ranked`` (:func:`method_stats`)."""
+    (mu, sd, _), (omu, osd, _) = ranked[DEFAULT], ranked[other]
+    return Margin(other, mu - omu, grid.beyond_spread(mu - omu, sd, osd),
+                  seeds_ahead(by_method[DEFAULT], by_method[other]), mu)
 
 
 def baseline_margin(by_method: dict[str, list[dict]]) -> Margin | None:
     """The default against the row's best within-budget baseline by mean (:data:`BASELINES`), or None when either
     did not finish."""
     ranked = method_stats(by_method)[2]
-    bases = {m: ranked[m] for m in BASELINES if m in ranked}
+    bases = [m for m in BASELINES if m in ranked]
     if DEFAULT not in ranked or not bases:
         return None
-    best = max(bases, key=lambda m: bases[m][0])
-    (mu, sd, _), (bmu, bsd, _) = ranked[DEFAULT], bases[best]
-    return Margin(best, mu - bmu, grid.beyond_spread(mu - bmu, sd, bsd),
-                  seeds_ahead(by_method[DEFAULT], by_method[best]), mu)
+    return margin_against(by_method, ranked, max(bases, key=lambda m: ranked[m][0]))
+
+
+def sensitivity_margin(by_method: dict[str, list[dict]]) -> Margin | None:
+    """The default against nasq's other sensitivity allocator, or None when either did not finish (or is over)."""
+    ranked = method_stats(by_method)[2]
+    other = next(m for m in SENSITIVITY if m != DEFAULT)
+    return margin_against(by_method, ranked, other) if DEFAULT in ranked and other in ranked else None
+
+
+# a margin's verdict under the protocol's rule, in the order the lists show them
+VERDICTS = (("beyond the spread, higher mean", lambda m: m.beyond is True and m.diff > 0),
+            ("higher or equal mean, inside the spread", lambda m: m.beyond is False and m.diff >= 0),
+            ("lower mean, inside the spread", lambda m: m.beyond is False and m.diff < 0),
+            ("lower mean, beyond the spread", lambda m: m.beyond is True and m.diff <= 0),
+            ("one seed on a side, no claim", lambda m: m.beyond is None))
+
+
+def verdict_lines(entries: list[tuple[str, str, Margin]]) -> list[str]:
+    """One bullet per verdict, listing the (row label, metric name, margin) entries that have it."""
+    lines = []
+    for title, keep in VERDICTS:
+        rows = [f"{label} ({grid.metric_text(metric_name, m.diff, signed=True)} vs {name(m.other)})"
+                for label, metric_name, m in entries if keep(m)]
+        lines.append(f"- {title} ({len(rows)}): " + ("; ".join(rows) if rows else "none"))
+    return lines
 
 
 def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
@@ -194,38 +224,36 @@ def pooled_text(all_rows: Paired, low: Paired) -> list[str]:
 
 
 class Target(NamedTuple):
-    """One row's entry in the targets paragraph (:func:`targets_text`)."""
+    """One row's entries in the generated lists (:func:`targets_text`)."""
     label: str  # "SST-2 avg 2, {1,2,3,4}, 2x QAT"
     metric_name: str
-    margin: Margin
+    margin: Margin | None  # against the best baseline
     teacher_gap: tuple[float, float] | None  # (teacher's metric - the default's mean, the allowed gap) or None
+    sensitivity: Margin | None  # against nasq's other sensitivity allocator
 
 
 def targets_text(targets: list[Target]) -> list[str]:
     """Issue 16's targets, row by row: nasq's default at least the best baseline's mean at every budget (above it by
-    more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher."""
-    if not targets:
-        return []
-
-    def item(t: Target) -> str:
-        m = t.margin
-        return f"{t.label} ({grid.metric_text(t.metric_name, m.diff, signed=True)} vs {name(m.baseline)})"
-    groups = (("beyond the spread, higher mean", lambda m: m.beyond is True and m.diff > 0),
-              ("higher or equal mean, inside the spread", lambda m: m.beyond is False and m.diff >= 0),
-              ("lower mean, inside the spread", lambda m: m.beyond is False and m.diff < 0),
-              ("lower mean, beyond the spread", lambda m: m.beyond is True and m.diff <= 0),
-              ("one seed on a side, no claim", lambda m: m.beyond is None))
-    lines = ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best baseline "
-                 "by mean (as in the pooled paragraph); a difference counts only beyond the larger std:")]
-    for title, keep in groups:
-        rows = [item(t) for t in targets if keep(t.margin)]
-        lines.append(f"- {title} ({len(rows)}): " + ("; ".join(rows) if rows else "none"))
-    gaps = [t for t in targets if t.teacher_gap is not None]
-    if gaps:
-        lines.append("- within reach of the fp32 teacher: " + "; ".join(
-            f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
-            f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
-            + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
+    more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher; then the
+    default against nasq's other sensitivity allocator at every row both ran."""
+    lines = []
+    if any(t.margin for t in targets):
+        lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
+                       "baseline by mean (as in the pooled paragraph); a difference counts only beyond the larger "
+                       "std:")]
+        lines += verdict_lines([(t.label, t.metric_name, t.margin) for t in targets if t.margin])
+        gaps = [t for t in targets if t.teacher_gap is not None]
+        if gaps:
+            lines.append("- within reach of the fp32 teacher: " + "; ".join(
+                f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
+                f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
+                + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
+    pairs = [(t.label, t.metric_name, t.sensitivity) for t in targets if t.sensitivity]
+    if pairs:
+        other = name(pairs[0][2].other)
+        lines += ["", (f"{name(DEFAULT)} (nasq's default) against nasq's other allocator, {other}, at the "
+                      f"{len(pairs)} rows both ran (generated):")]
+        lines += verdict_lines(pairs)
     return lines
 
 
@@ -305,15 +333,18 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
-                    if (margin := baseline_margin(by_method)) is not None:
+                    margin, gap = baseline_margin(by_method), None
+                    if margin is not None:
                         all_rows.add(margin)
                         if (budget.get("avg_bits") or math.inf) <= LOW_BITS:
                             low.add(margin)
                         teacher = teachers.get(task)
                         allowed = TEACHER_GAPS.get((task, budget.get("avg_bits")))
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
-                        metric_name = by_method[DEFAULT][0]["metric_name"]
-                        targets.append(Target(f"{TASK_NAMES.get(task, task)} {cells[1]}", metric_name, margin, gap))
+                    sens = sensitivity_margin(by_method)
+                    if margin is not None or sens is not None:
+                        targets.append(Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
+                                              by_method[DEFAULT][0]["metric_name"], margin, gap, sens))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]

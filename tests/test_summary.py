@@ -146,8 +146,16 @@ def test_pooled_paragraph_skips_nasqs_other_allocators_and_over_budget_baselines
     assert pooled.startswith("Pooled over the rows (generated): Fisher per tensor (nasq's default)"), pooled
     assert "higher mean at 0 of 1 rows (sign test p = 1), ahead on 1 of 2 paired seeds (p = 0.75); " \
         "at avg <= 2.5 bits: no rows." in pooled, pooled
-    # no row with a baseline: no paragraph
-    assert summary.table(_write(tmp_path / "b", rows), (("g.yaml", "res", ""),))[-1].startswith("| SST-2")
+    # no row with a baseline: no pooled paragraph and no targets; the default against measured still listed
+    lines = summary.table(_write(tmp_path / "b", rows), (("g.yaml", "res", ""),))
+    assert not any(ln.startswith(("Pooled", "Targets")) for ln in lines), lines
+    assert lines[-7:] == ["", ("Fisher per tensor (nasq's default) against nasq's other allocator, measured, at the 1 "
+                              "rows both ran (generated):"),
+                          "- beyond the spread, higher mean (0): none",
+                          "- higher or equal mean, inside the spread (0): none",
+                          "- lower mean, inside the spread (0): none",
+                          "- lower mean, beyond the spread (1): SST-2 avg 2, {1,2,3,4} (-2.00 vs measured)",
+                          "- one seed on a side, no claim (0): none"], lines
 
 
 def test_replace_block_needs_one_block(summary):
