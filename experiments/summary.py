@@ -308,10 +308,10 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
 
 
 def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
-    """The generated block: the table, then the pooled paragraph."""
+    """The generated block: the table, the pooled paragraph, then the lists of :func:`targets_text`."""
     rows_out: dict[tuple[str, str], list[list[str]]] = {}
     all_rows, low = Paired(), Paired()
-    targets: list[Target] = []
+    targets: list[tuple[tuple[str, str], Target]] = []
     tasks: list[str] = []
     budgets: list[str] = []
     for cfg_path, results, suffix in grids:
@@ -343,15 +343,20 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
                     sens = sensitivity_margin(by_method)
                     if margin is not None or sens is not None:
-                        targets.append(Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
-                                              by_method[DEFAULT][0]["metric_name"], margin, gap, sens))
+                        targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
+                                                              by_method[DEFAULT][0]["metric_name"], margin, gap,
+                                                              sens)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for key in sorted(rows_out, key=lambda k: (tasks.index(k[0]), budgets.index(k[1]))):
+
+    def order(k: tuple[str, str]) -> tuple[int, int]:
+        return tasks.index(k[0]), budgets.index(k[1])
+    for key in sorted(rows_out, key=order):
         for cells in rows_out[key]:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return lines + pooled_text(all_rows, low) + targets_text(targets)
+    targets.sort(key=lambda kt: order(kt[0]))  # stable: a later grid's row after the earlier one's, as the table
+    return lines + pooled_text(all_rows, low) + targets_text([t for _, t in targets])
 
 
 def replace_block(text: str, block: list[str], source: str = "README.md") -> str:

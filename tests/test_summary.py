@@ -186,3 +186,17 @@ def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_pat
                     "- one seed on a side, no claim (1): SST-2 avg 3, {2,3,4} (+8.50 vs uniform)",
                     ("- within reach of the fp32 teacher: SST-2 avg 2, {1,2,3,4}: 2.50 below it (target: at most "
                     "1.50), missed")], body
+
+
+def test_the_lists_follow_the_tables_row_order(summary, tmp_path, monkeypatch):
+    """A later grid's avg-2 row lists before an earlier grid's avg-3 row, as in the table (configs' budget order)."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    avg3 = [("sst2", m, "avg3", s, "done", "accuracy", v + 0.001 * s, "yes", "")
+            for m, v in (("uniform", 0.85), ("fisher_t", 0.87)) for s in (0, 1)]
+    d = _write(tmp_path, avg3)
+    (d / "res2").mkdir()
+    (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",avg3,", ",avg2,"))
+    lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
+    assert [ln.split(" | ")[1] for ln in lines[2:4]] == ["avg 2, {1,2,3,4}, 2x QAT", "avg 3, {2,3,4}"]
+    assert "- beyond the spread, higher mean (2): SST-2 avg 2, {1,2,3,4}, 2x QAT (+2.00 vs uniform); SST-2 avg 3, " \
+        "{2,3,4} (+2.00 vs uniform)" in lines, lines
