@@ -29,7 +29,7 @@
 
 Latency budgets (``search.latency_ms`` with ``search.latency_table``, a ``nasq profile`` table): ``hessian``,
 ``fisher``, ``measured`` and ``random`` solve the same knapsack with each group's latency on the table in whole
-nanoseconds (:func:`nasq.contract.cost.latency_ns_tables`: costs rounded up, the budget down), so the plan's
+nanoseconds (:func:`nasq.contract.cost.latency_knapsack`: costs rounded up, the budget down), so the plan's
 latency on that table is within the budget; the others allocate by bytes and refuse a latency budget.
 """
 
@@ -55,8 +55,7 @@ from nasq.contract.cost import (
     MB,
     Budget,
     LatencyBudget,
-    latency_budget_ns,
-    latency_ns_tables,
+    latency_knapsack,
     latency_size_budget,
     load_latency_budget,
     plan_latency_ms,
@@ -245,7 +244,7 @@ def _knapsack_costs(tensors: Sequence[SearchedTensor], budget: Budget, latency: 
     nanoseconds on its table (module docstring)."""
     if latency is None:
         return budget.bytes, None
-    return latency_budget_ns(latency.ms, latency.table), latency_ns_tables(tensors, latency.table)
+    return latency_knapsack(tensors, latency.ms, latency.table)
 
 
 def check_latency_method(method: str, latency: LatencyBudget | None) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "fixed_tensor_nbytes",
     "fp32_nbytes",
     "latency_budget_ns",
+    "latency_knapsack",
     "latency_ns_tables",
     "latency_range",
     "latency_size_budget",
@@ -528,6 +529,14 @@ def latency_budget_ns(latency_ms: float, table: LatencyTable) -> int:
     return math.floor((float(latency_ms) - table.fixed_ms) * NS_PER_MS)
 
 
+def latency_knapsack(tensors: Sequence[SearchedTensor], latency_ms: float, table: LatencyTable
+                     ) -> tuple[int, list[np.ndarray]]:
+    """(capacity, per-tensor cost tables) of the knapsack a latency budget is solved as, both in whole nanoseconds:
+    :func:`latency_budget_ns` (rounded down) and :func:`latency_ns_tables` (rounded up), so a plan within the
+    capacity is within ``latency_ms`` on ``table`` (module docstring)."""
+    return latency_budget_ns(latency_ms, table), latency_ns_tables(tensors, table)
+
+
 class LatencyBudget(NamedTuple):
     """A whole-model latency budget in ms and the table it is measured on."""
 
@@ -552,8 +561,8 @@ def check_latency_budget(tensors: Sequence[SearchedTensor], latency_ms: float, t
     range, its lower end in the whole nanoseconds the allocation is solved in (:func:`latency_ns_tables`)."""
     table.check(tensors)
     lo, hi = latency_range(tensors, table)
-    fastest_ns = sum(int(x.min(axis=1).sum()) for x in latency_ns_tables(tensors, table))
-    if not (lo <= latency_ms <= hi and latency_budget_ns(latency_ms, table) >= fastest_ns):
+    cap, tables = latency_knapsack(tensors, latency_ms, table)
+    if not (lo <= latency_ms <= hi and cap >= sum(int(x.min(axis=1).sum()) for x in tables)):
         raise NasqError(f"latency budget {latency_ms} ms is infeasible: the search space reaches "
                         f"{lo:.3f}..{hi:.3f} ms on this table ({table.source}).")
 

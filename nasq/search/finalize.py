@@ -33,7 +33,7 @@ Hessian-sensitivity baseline's) over per-tensor ``[G, C]`` utility and non-negat
 
 A search run under a latency budget (``nasq search --latency-ms``) is finalized under that budget: the same
 knapsack with each group's latency from the table the search used (recorded in the run) in whole nanoseconds,
-rounded up, against the budget rounded down (:func:`nasq.contract.cost.latency_ns_tables`), so the plan's
+rounded up, against the budget rounded down (:func:`nasq.contract.cost.latency_knapsack`), so the plan's
 latency under that table is within the budget; a size budget given at finalize replaces it.
 """
 
@@ -51,8 +51,7 @@ from nasq.contract.cost import (
     MB,
     Budget,
     check_latency_budget,
-    latency_budget_ns,
-    latency_ns_tables,
+    latency_knapsack,
     plan_latency_ms,
     plan_size_bytes,
     size_budget,
@@ -373,7 +372,7 @@ def finalize_run(
     latency = None
     if res.cost_kind == "latency" and budget_override is None:
         latency = _latency_budget(res, run_dir)
-        costs, cap = latency_ns_tables(tensors, res.latency), latency_budget_ns(latency, res.latency)
+        cap, costs = latency_knapsack(tensors, latency, res.latency)
     else:
         costs, cap = size_tables(tensors), budget.bytes
     try:
