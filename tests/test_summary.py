@@ -114,14 +114,18 @@ def test_the_default_column_is_the_pipelines_default_allocator(summary):
     assert summary.DEFAULT == summary.PIPELINE_METHOD[ALLOCATORS[0]] and summary.DEFAULT in summary.SENSITIVITY
 
 
+def _two_grids(summary, d: Path, old: str, new: str) -> list[str]:
+    """The table of ``d``'s grid and a second one ("2x QAT") whose results.csv is the first's with ``old`` -> ``new``."""
+    (d / "res2").mkdir()
+    (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(old, new))
+    return summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
+
+
 def test_a_second_grid_row_follows_the_first(summary, tmp_path, monkeypatch):
     monkeypatch.setattr(summary, "DEFAULT", "measured")
     rows = [("sst2", m, "avg2", s, "done", "accuracy", v, "yes", "")
             for m, v in (("uniform", 0.85), ("measured", 0.87)) for s in (0, 1)]
-    d = _write(tmp_path, rows)
-    (d / "res2").mkdir()
-    (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",0.87,", ",0.88,"))
-    lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
+    lines = _two_grids(summary, _write(tmp_path, rows), ",0.87,", ",0.88,")
     assert [ln.split(" | ")[1] for ln in lines[2:4]] == ["avg 2, {1,2,3,4}", "avg 2, {1,2,3,4}, 2x QAT"]
     assert "+2.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[2] \
         and "+3.00 vs uniform (beyond the spread; ahead on 2 of 2 seeds)" in lines[3]
@@ -193,10 +197,7 @@ def test_the_lists_follow_the_tables_row_order(summary, tmp_path, monkeypatch):
     monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
     avg3 = [("sst2", m, "avg3", s, "done", "accuracy", v + 0.001 * s, "yes", "")
             for m, v in (("uniform", 0.85), ("fisher_t", 0.87)) for s in (0, 1)]
-    d = _write(tmp_path, avg3)
-    (d / "res2").mkdir()
-    (d / "res2" / "results.csv").write_text((d / "res" / "results.csv").read_text().replace(",avg3,", ",avg2,"))
-    lines = summary.table(d, (("g.yaml", "res", ""), ("g.yaml", "res2", ", 2x QAT")))
+    lines = _two_grids(summary, _write(tmp_path, avg3), ",avg3,", ",avg2,")
     assert [ln.split(" | ")[1] for ln in lines[2:4]] == ["avg 2, {1,2,3,4}, 2x QAT", "avg 3, {2,3,4}"]
     assert "- beyond the spread, higher mean (2): SST-2 avg 2, {1,2,3,4}, 2x QAT (+2.00 vs uniform); SST-2 avg 3, " \
         "{2,3,4} (+2.00 vs uniform)" in lines, lines
