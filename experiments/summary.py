@@ -173,19 +173,17 @@ def margin_against(by_method: dict[str, list[dict]], ranked: dict, other: str) -
                   seeds_ahead(by_method[DEFAULT], by_method[other]), mu)
 
 
-def baseline_margin(by_method: dict[str, list[dict]]) -> Margin | None:
+def baseline_margin(by_method: dict[str, list[dict]], ranked: dict) -> Margin | None:
     """The default against the row's best within-budget baseline by mean (:data:`BASELINES`), or None when either
-    did not finish."""
-    ranked = method_stats(by_method)[2]
+    did not finish; ``ranked``: the row's :func:`method_stats`."""
     bases = [m for m in BASELINES if m in ranked]
     if DEFAULT not in ranked or not bases:
         return None
     return margin_against(by_method, ranked, max(bases, key=lambda m: ranked[m][0]))
 
 
-def sensitivity_margin(by_method: dict[str, list[dict]]) -> Margin | None:
+def sensitivity_margin(by_method: dict[str, list[dict]], ranked: dict) -> Margin | None:
     """The default against nasq's other sensitivity allocator, or None when either did not finish (or is over)."""
-    ranked = method_stats(by_method)[2]
     other = next(m for m in SENSITIVITY if m != DEFAULT)
     return margin_against(by_method, ranked, other) if DEFAULT in ranked and other in ranked else None
 
@@ -293,14 +291,11 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
     bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, *grid.OURS)}
     margin = "no other method finished" if DEFAULT in ranked else "not run"
     if bases and DEFAULT in ranked:
-        bm = max(bases, key=lambda m: bases[m][0])
-        (mu, sd, _), (bmu, bsd, _) = ranked[DEFAULT], bases[bm]
-        d = mu - bmu
-        verdict = {None: "n < 2: no claim", True: "beyond the spread",
-                   False: "inside the spread"}[grid.beyond_spread(d, sd, bsd)]
-        ahead, n_paired = seeds_ahead(by_method[DEFAULT], by_method[bm])
+        mg = margin_against(by_method, ranked, max(bases, key=lambda m: bases[m][0]))
+        verdict = {None: "n < 2: no claim", True: "beyond the spread", False: "inside the spread"}[mg.beyond]
+        ahead, n_paired = mg.seeds
         paired = f"; ahead on {ahead} of {n_paired} seed{'s' * (n_paired > 1)}" if n_paired else ""
-        margin = f"{grid.metric_text(metric_name, d, signed=True)} vs {name(bm)} ({verdict}{paired})"
+        margin = f"{grid.metric_text(metric_name, mg.diff, signed=True)} vs {name(mg.other)} ({verdict}{paired})"
     t = teacher["metric"] if teacher else None
     return [TASK_NAMES.get(task, task), label, grid.metric_text(metric_name, t) if t is not None else "",
             cell("uniform", uni), cell("hessian"), cell(other, f", {name(other)}") if other else "not run",
@@ -333,7 +328,8 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
-                    margin, gap = baseline_margin(by_method), None
+                    ranked = method_stats(by_method)[2]
+                    margin, gap = baseline_margin(by_method, ranked), None
                     if margin is not None:
                         all_rows.add(margin)
                         if (budget.get("avg_bits") or math.inf) <= LOW_BITS:
@@ -341,7 +337,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         teacher = teachers.get(task)
                         allowed = TEACHER_GAPS.get((task, budget.get("avg_bits")))
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
-                    sens = sensitivity_margin(by_method)
+                    sens = sensitivity_margin(by_method, ranked)
                     if margin is not None or sens is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               by_method[DEFAULT][0]["metric_name"], margin, gap,
