@@ -17,7 +17,9 @@ other allocators: the measured allocation and the supernet search), on how many 
 mean and on how many paired seeds it scored higher, each with the one-sided exact sign test's p-value
 (:func:`sign_test`), over every row and over the rows at avg <= 2.5 bits (the issue's "beyond the spread" range).
 Then issue 16's targets, row by row (:func:`targets_text`): each row's margin over the same best baseline sorted
-into a verdict (beyond the spread, higher or lower mean inside it, ...), and SST-2 avg 2 and 4 against the teacher;
+into a verdict (beyond the spread, higher or lower mean inside it, ...), naming the baselines that finished at the
+same task and budget in another grid but not in the row (its verdict does not cover them), and SST-2 avg 2 and 4
+against the teacher;
 last, the same verdicts for nasq's default against its other sensitivity allocator, at every row both ran.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
@@ -196,12 +198,14 @@ VERDICTS = (("beyond the spread, higher mean", lambda m: m.beyond is True and m.
             ("one seed on a side, no claim", lambda m: m.beyond is None))
 
 
-def verdict_lines(entries: list[tuple[str, str, Margin]]) -> list[str]:
-    """One bullet per verdict, listing the (row label, metric name, margin) entries that have it."""
+def verdict_lines(entries: list[tuple[str, str, Margin, tuple[str, ...]]]) -> list[str]:
+    """One bullet per verdict, listing the (row label, metric name, margin, baselines not run in the row) entries
+    that have it."""
     lines = []
     for title, keep in VERDICTS:
-        rows = [f"{label} ({grid.metric_text(metric_name, m.diff, signed=True)} vs {name(m.other)})"
-                for label, metric_name, m in entries if keep(m)]
+        rows = [f"{label} ({grid.metric_text(metric_name, m.diff, signed=True)} vs {name(m.other)}"
+                + (f"; not run in this row: {', '.join(name(b) for b in unrun)})" if unrun else ")")
+                for label, metric_name, m, unrun in entries if keep(m)]
         lines.append(f"- {title} ({len(rows)}): " + ("; ".join(rows) if rows else "none"))
     return lines
 
@@ -228,6 +232,7 @@ class Target(NamedTuple):
     margin: Margin | None  # against the best baseline
     teacher_gap: tuple[float, float] | None  # (teacher's metric - the default's mean, the allowed gap) or None
     sensitivity: Margin | None  # against nasq's other sensitivity allocator
+    unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
 
 
 def targets_text(targets: list[Target]) -> list[str]:
@@ -238,15 +243,16 @@ def targets_text(targets: list[Target]) -> list[str]:
     if any(t.margin for t in targets):
         lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
                        "baseline by mean (as in the pooled paragraph); a difference counts only beyond the larger "
-                       "std:")]
-        lines += verdict_lines([(t.label, t.metric_name, t.margin) for t in targets if t.margin])
+                       "std; \"not run in this row\": baselines that finished at the same task and budget in another "
+                       "grid (another QAT length) but not in this row, so the row's verdict does not cover them:")]
+        lines += verdict_lines([(t.label, t.metric_name, t.margin, t.unrun) for t in targets if t.margin])
         gaps = [t for t in targets if t.teacher_gap is not None]
         if gaps:
             lines.append("- within reach of the fp32 teacher: " + "; ".join(
                 f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
                 f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
                 + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
-    pairs = [(t.label, t.metric_name, t.sensitivity) for t in targets if t.sensitivity]
+    pairs = [(t.label, t.metric_name, t.sensitivity, ()) for t in targets if t.sensitivity]
     if pairs:
         other = name(pairs[0][2].other)
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against nasq's other allocator, {other}, at the "
@@ -306,7 +312,8 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
     """The generated block: the table, the pooled paragraph, then the lists of :func:`targets_text`."""
     rows_out: dict[tuple[str, str], list[list[str]]] = {}
     all_rows, low = Paired(), Paired()
-    targets: list[tuple[tuple[str, str], Target]] = []
+    targets: list[tuple[tuple[str, str], Target, set[str]]] = []  # (task, budget), the row, its finished methods
+    finished: dict[tuple[str, str], set[str]] = {}  # per (task, budget): the methods that finished in any grid
     tasks: list[str] = []
     budgets: list[str] = []
     for cfg_path, results, suffix in grids:
@@ -324,6 +331,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                 for r in rows:
                     if r["task"] == task and r["budget"] == bname and r["method"] != "fp32":
                         by_method.setdefault(r["method"], []).append(r)
+                finished.setdefault((task, bname), set()).update(method_stats(by_method)[2])
                 cells = row_cells(task, budget, budget_label(budget) + suffix, by_method,
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
@@ -341,7 +349,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                     if margin is not None or sens is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               by_method[DEFAULT][0]["metric_name"], margin, gap,
-                                                              sens)))
+                                                              sens), set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -351,8 +359,9 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
     for key in sorted(rows_out, key=order):
         for cells in rows_out[key]:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    targets.sort(key=lambda kt: order(kt[0]))  # stable: a later grid's row after the earlier one's, as the table
-    return lines + pooled_text(all_rows, low) + targets_text([t for _, t in targets])
+    targets.sort(key=lambda e: order(e[0]))  # stable: a later grid's row after the earlier one's, as the table
+    return lines + pooled_text(all_rows, low) + targets_text(
+        [t._replace(unrun=tuple(m for m in BASELINES if m in finished[k] and m not in ran)) for k, t, ran in targets])
 
 
 def replace_block(text: str, block: list[str], source: str = "README.md") -> str:

@@ -201,3 +201,18 @@ def test_the_lists_follow_the_tables_row_order(summary, tmp_path, monkeypatch):
     assert [ln.split(" | ")[1] for ln in lines[2:4]] == ["avg 2, {1,2,3,4}, 2x QAT", "avg 3, {2,3,4}"]
     assert "- beyond the spread, higher mean (2): SST-2 avg 2, {1,2,3,4}, 2x QAT (+2.00 vs uniform); SST-2 avg 3, " \
         "{2,3,4} (+2.00 vs uniform)" in lines, lines
+
+
+def test_a_rows_verdict_names_the_baselines_it_lacks(summary, tmp_path, monkeypatch):
+    """A baseline that finished at the same (task, budget) in another grid but not in a row is named on that row's
+    verdict ("not run in this row"), both ways; a row that ran every such baseline names none."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    rows = [("sst2", m, "avg2", s, "done", "accuracy", v + 0.001 * s, "yes", "")
+            for m, v in (("uniform", 0.85), ("rule", 0.86), ("fisher_t", 0.88)) for s in (0, 1)]
+    lines = _two_grids(summary, _write(tmp_path, rows), ",rule,", ",hessian,")
+    verdict = next(ln for ln in lines if ln.startswith("- beyond the spread, higher mean"))
+    assert verdict == ("- beyond the spread, higher mean (2): SST-2 avg 2, {1,2,3,4} (+2.00 vs hand rule; not run in "
+                       "this row: Hessian); SST-2 avg 2, {1,2,3,4}, 2x QAT (+2.00 vs Hessian; not run in this row: "
+                       "hand rule)"), verdict
+    one = summary.table(tmp_path, (("g.yaml", "res", ""),))
+    assert "- beyond the spread, higher mean (1): SST-2 avg 2, {1,2,3,4} (+2.00 vs hand rule)" in one, one
