@@ -8,7 +8,7 @@ output where you say, and returns the path (or the plan / model) it made::
 
     cfg = nasq.make_config(task="sst2", data_dir="../shared/data/glue", teacher="runs/teacher",
                            **{"search.avg_bits": 2.0, "train.max_steps": 300})
-    plan = nasq.allocate(cfg, "runs/plan.json")                   # measured allocation under the budget, or:
+    plan = nasq.allocate(cfg, "runs/plan.json")                   # Fisher allocation under the budget, or:
     run = nasq.run_search(cfg, "runs/search")                     # supernet search under the budget
     plan = nasq.finalize(run, "runs/plan.json", avg_bits=2.5, overwrite=True)  # its plan, here at another budget
     qat = nasq.finetune(cfg, "runs/qat", plan="runs/plan.json")   # QAT + KD from the teacher
