@@ -57,7 +57,10 @@ with ``plot.main_methods`` ``RESULTS/pareto_main.png`` of those methods only):
 one row per cell of the config, missing cells included ("not run"). ``metric`` is the task's main dev metric
 through the integer artifact (fp32 rows: the teacher's dev metric from its run.json), ``fake_quant_metric`` the
 QAT model's (with ``train.ema_decay`` its weight average; ``raw_weights_metric`` / ``raw_dev_curve`` then the
-raw weights' final metric and curve, from the same run), sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors), ``search_s`` the wall time of
+raw weights' final metric and curve, from the same run), sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors),
+``latency_ms`` (latency budgets only: ``latency_ms: T`` with ``latency_table: PATH``) the plan's latency on the
+budget's table, which decides ``within_budget`` there (uniform and rule cells run without a budget flag, as
+references; magnitude is skipped), ``search_s`` the wall time of
 the plan stages (search + finalize, or the baseline command), ``finetune_s`` of the QAT run (fp32: the
 teacher's). ``rank`` orders the measured within-budget quantized methods of a (task, budget) by metric (ties
 share a rank); the md table bolds rank 1 and flags baselines at or above nasq. The notes column also reports
@@ -84,6 +87,7 @@ from typing import Any
 import yaml
 
 from nasq.config import deep_update, load_yaml
+from nasq.contract.cost import load_latency_table, plan_latency_ms
 from nasq.contract.damage import plan_prediction
 from nasq.contract.plan import Plan
 from nasq.errors import NasqError
@@ -186,9 +190,13 @@ PROTOCOL_KEYS = {
 STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 # Config keys that do not change results: not reported as recipe mismatches of existing runs.
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
+# the baselines that allocate by bytes only (`nasq baseline` refuses them a latency budget)
+BYTE_ONLY = ("uniform", "rule", "magnitude")
+# a budget is exactly one of these (`latency_ms` with its `latency_table`: the plans' latency on that table)
+BUDGET_KINDS = ("avg_bits", "budget_mb", "ratio", "latency_ms")
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
-               "raw_weights_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "within_budget",
-               "rank", "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve",
+               "raw_weights_metric", "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "latency_ms",
+               "within_budget", "rank", "predicted_kl", "predicted_removed", "search_s", "finetune_s", "qat_steps", "dev_curve",
                "raw_dev_curve", "command", "git_rev", "date", "note"]
 
 
@@ -264,8 +272,8 @@ def load_grid(path: Path) -> dict:
         where = f"{path}: `budgets.{name}`"
         if not isinstance(b, dict):
             raise GridError(f"{where} must be a mapping")
-        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "convention", "space", "uniform", "rule",
-                              "magnitude", "front_from"}:
+        if extra := set(b) - {"avg_bits", "budget_mb", "ratio", "latency_ms", "latency_table", "convention", "space",
+                              "uniform", "rule", "magnitude", "front_from"}:
             raise GridError(f"{where}: unknown keys {sorted(extra)}")
         if (src := b.get("front_from")) is not None:  # nasq_front: another budget's nasq search, same space
             other = cfg["budgets"].get(src)
@@ -275,8 +283,16 @@ def load_grid(path: Path) -> dict:
                 raise GridError(f"{where}.front_from: budget {src!r} searches in space "
                                 f"{other.get('space', 'aqbert_128g')!r}, this budget's space is "
                                 f"{b.get('space', 'aqbert_128g')!r}: a search finalizes in its own space only")
-        if sum(k in b for k in ("avg_bits", "budget_mb", "ratio")) != 1:
-            raise GridError(f"{where}: give exactly one of avg_bits / budget_mb / ratio")
+        if sum(k in b for k in BUDGET_KINDS) != 1:
+            raise GridError(f"{where}: give exactly one of {' / '.join(BUDGET_KINDS)}")
+        if ("latency_ms" in b) != ("latency_table" in b) or ("latency_ms" in b and (
+                isinstance(b["latency_ms"], bool) or not isinstance(b["latency_ms"], int | float)
+                or not b["latency_ms"] > 0 or not isinstance(b["latency_table"], str))):
+            raise GridError(f"{where}: a latency budget is `latency_ms: T` (ms, > 0) with `latency_table: PATH` (a "
+                            "`nasq profile` table, relative to the repository root), both or neither")
+        if "latency_ms" in b and (b.get("front_from") or b.get("convention")):
+            raise GridError(f"{where}: a latency budget takes no front_from or convention (it covers the searched "
+                            "tensors on its table)")
         u = b.get("uniform")
         if "uniform" in methods and u is None:
             raise GridError(f"{where}: method uniform needs `uniform: {{bits: B}}` (or `{{skip: reason}}`)")
@@ -394,10 +410,13 @@ def recipe_expectations(r: dict, seed: int | None) -> dict[str, Any]:
 
 
 def budget_flags(b: dict) -> list[str]:
+    """The `nasq baseline` / `nasq search` flags of budget ``b`` (a latency budget: its table as a config key)."""
     out = []
-    for k in ("avg_bits", "budget_mb", "ratio"):
+    for k in BUDGET_KINDS:
         if k in b:
             out += [f"--{k.replace('_', '-')}", _fmt(b[k])]
+    if "latency_ms" in b:
+        out += ["--set", f"search.latency_table={b['latency_table']}"]
     if b.get("convention"):
         out += ["--convention", b["convention"]]
     return out
@@ -498,6 +517,11 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     plan = d / "plan.json"
     sdir = d / "search"  # the search run of a searched method (nasq_front: another budget's)
     bflags = budget_flags(b)
+    if "latency_ms" in b and method in BYTE_ONLY:  # they allocate by bytes and refuse a latency budget
+        if method == "magnitude":
+            c.skip = "magnitude prunes to a byte budget; a latency budget has none"
+            return c
+        bflags = []  # a reference plan, unchecked by `nasq baseline`: its row's within_budget is its latency's
     if method in SHARABLE and (ref_name := (b.get(method) or {}).get("same_as")):
         # the same plan and recipe as another budget's cell of this method: run (and read) it once
         ref = quant_cell(cfg, task, str(ref_name), method, runs, data_dir, seed)
@@ -908,6 +932,15 @@ def dev_curve(metrics: Path, metric_name: str) -> str:
     return " ".join(f"{k}:{v:.4f}" for k, v in sorted(points.items()))
 
 
+def plan_latency(plan: Plan, table: str) -> float:
+    """``plan``'s latency in ms on the latency table at ``table`` (the same sum the allocators keep within a
+    latency budget, :func:`nasq.contract.cost.plan_latency_ms`)."""
+    try:
+        return plan_latency_ms(plan.searched_tensors(), plan.bits_per_group(), load_latency_table(table))
+    except NasqError as e:
+        raise GridError(f"the latency of {plan.source}: {e}") from None
+
+
 def _plan_or_none(path: Path) -> Plan | None:
     """The cell's validated plan (``Plan.load``), or None while it is missing or unreadable."""
     try:
@@ -965,6 +998,9 @@ def cell_row(cfg: dict, cell: Cell, date_fallback: str) -> dict:
                     row[col] = tot[key] / 1e6
             row["avg_bits"] = tot.get("avg_bits")
             row["within_budget"] = tot.get("within_budget")
+            if "latency_ms" in (b := cfg["budgets"].get(cell.budget) or {}):
+                row["latency_ms"] = plan_latency(plan, b["latency_table"])
+                row["within_budget"] = row["latency_ms"] <= b["latency_ms"]
             row["_searched_bytes"] = tot.get("searched_bytes")
             row["_budget"] = plan.budget
             row["_plan_path"] = cell.dir / "plan.json"
@@ -1067,8 +1103,9 @@ def _cell_text(v: Any, digits: int) -> str:
 
 CSV_DIGITS = {"metric": 6, "fake_quant_metric": 6, "raw_weights_metric": 6, "prediction_agreement": 6,
               "encoder_mb": 6, "artifact_mb": 6,
-              "avg_bits": 4, "predicted_kl": 3, "predicted_removed": 4, "search_s": 1, "finetune_s": 1}
-MD_DIGITS = {"metric": 4, "fake_quant_metric": 4, "raw_weights_metric": 4, "prediction_agreement": 4,
+              "avg_bits": 4, "latency_ms": 4, "predicted_kl": 3, "predicted_removed": 4, "search_s": 1,
+              "finetune_s": 1}
+MD_DIGITS = {"latency_ms": 2, "metric": 4, "fake_quant_metric": 4, "raw_weights_metric": 4, "prediction_agreement": 4,
              "encoder_mb": 3, "artifact_mb": 3,
              "avg_bits": 3, "predicted_kl": 1, "predicted_removed": 2, "search_s": 0, "finetune_s": 0}
 
@@ -1216,7 +1253,8 @@ def write_results(rows: list[dict], results: Path, cfg_path: Path, runs: Path) -
     seeded = any(r.get("_seeded") for r in rows)
     cols = ["task", "budget", "method", *(["seed"] if seeded else []), "status", "metric_name", "metric",
             "fake_quant_metric", *(["raw_weights_metric"] if any(_num(r.get("raw_weights_metric")) is not None
-                                                                 for r in rows) else []), "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits", "rank",
+                                                                 for r in rows) else []), "prediction_agreement", "encoder_mb", "artifact_mb", "avg_bits",
+            *(["latency_ms"] if any(_num(r.get("latency_ms")) is not None for r in rows) else []), "rank",
             "predicted_kl", "predicted_removed", "vs_nasq",
             "search_s", "finetune_s", *(["qat_steps"] if seeded else []), "note", "git_rev", "date", "command"]
     summary = [

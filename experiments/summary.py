@@ -99,6 +99,8 @@ def _widths(space_name: str) -> str:
 def budget_label(b: dict) -> str:
     if b.get("avg_bits") is not None:
         size = f"avg {b['avg_bits']:g}"
+    elif b.get("latency_ms") is not None:
+        size = f"latency <= {b['latency_ms']:g} ms on {Path(b['latency_table']).name}"
     else:
         where = "whole artifact" if b.get("convention") == "artifact" else "encoder"
         size = f"{where} <= {b['budget_mb']:g} MB"

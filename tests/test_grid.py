@@ -548,3 +548,56 @@ def test_predict_rows_from_the_seeds_measured_plan(tiny, tmp_path):
     assert rows[0]["predicted_kl"] < rows[1]["predicted_kl"]  # 4 bits damage less than 2 under D(c) = 9 - c
     assert rows[2]["predicted_kl"] is not None and "predicted_kl" not in rows[3]  # 2-bit damage not measured
     assert "predicted_kl" not in rows[4] and "predicted_kl" not in rows[5]
+
+
+def test_latency_budget_cells_and_rows(tiny, tmp_path):
+    """A latency budget: the sensitivity baselines get `--latency-ms` and its table, uniform runs as a reference
+    with no budget flag, magnitude (a byte budget's pruning) is skipped; a row's `latency_ms` is its plan's latency
+    on the table, and that latency, not the plan's bytes, decides `within_budget`."""
+    from nasq.contract.cost import Budget, LatencyTable, plan_latency_ms, save_latency_table
+    from nasq.contract.plan import make_plan
+    from nasq.models.surgery import model_param_shapes
+
+    grid = _grid_module()
+    model, space, tensors = tiny
+    widths = sorted({b for t in tensors for b in t.choices if b})
+    table = LatencyTable(tokens=128, fixed_ms=1.0,
+                         ms_per_row={(t.cols, b): 0.01 * b for t in tensors for b in widths})
+    save_latency_table(table, tmp_path / "lat.json")
+
+    def bits(b):
+        return [(b,) * t.num_groups for t in tensors]
+    lo, hi = plan_latency_ms(tensors, bits(widths[0]), table), plan_latency_ms(tensors, bits(widths[-1]), table)
+    budget = {"latency_ms": round((lo + hi) / 2, 3), "latency_table": str(tmp_path / "lat.json"), "space": "tiny",
+              "uniform": {"bits": widths[-1]}, "magnitude": {"bits": widths[-1]}}
+    cfg_path = tmp_path / "g.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": "tiny", "tasks": ["sst2"], "budgets": {"lat": budget},
+                                        "methods": ["uniform", "magnitude", "fisher_t"]}))
+    cfg = grid.load_grid(cfg_path)
+    cells = {c.method: c for c in grid.all_cells(cfg, tmp_path / "runs", "G")}
+    assert "byte budget" in cells["magnitude"].skip
+    fisher = cells["fisher_t"].stages[0].argv
+    assert fisher[fisher.index("--latency-ms") + 1] == grid._fmt(budget["latency_ms"])
+    assert f"search.latency_table={tmp_path / 'lat.json'}" in fisher
+    uniform = cells["uniform"].stages[0].argv
+    assert not {"--latency-ms", "--avg-bits", "--budget-mb", "--ratio"} & set(uniform)
+
+    for method, b in (("uniform", widths[-1]), ("fisher_t", widths[0])):
+        cells[method].dir.mkdir(parents=True)
+        make_plan(tensors, bits(b), space=space, param_shapes=model_param_shapes(model),
+                  budget=Budget(bytes=10**9, convention="encoder", source="budget_mb=1000"),
+                  provenance={"method": method}).save(cells[method].dir / "plan.json")
+    rows = {m: grid.cell_row(cfg, cells[m], "2026-12-04") for m in ("uniform", "fisher_t")}
+    assert rows["uniform"]["latency_ms"] == pytest.approx(hi) and rows["uniform"]["within_budget"] is False
+    assert rows["fisher_t"]["latency_ms"] == pytest.approx(lo) and rows["fisher_t"]["within_budget"] is True
+
+    for bad, match in (({"latency_ms": 5.0}, "both or neither"), ({"latency_ms": -1.0, "latency_table": "t.json"},
+                                                                  "> 0"),
+                       ({"latency_ms": 5.0, "latency_table": "t.json", "avg_bits": 2}, "exactly one of")):
+        cfg_path.write_text(yaml.safe_dump({"model": "tiny", "tasks": ["sst2"], "methods": ["fisher_t"],
+                                            "budgets": {"lat": {"space": "tiny", **bad}}}))
+        with pytest.raises(grid.GridError, match=match):
+            grid.load_grid(cfg_path)
+    (tmp_path / "lat.json").unlink()
+    with pytest.raises(grid.GridError, match="latency table .* not found"):
+        grid.cell_row(cfg, cells["uniform"], "2026-12-04")

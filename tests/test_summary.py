@@ -216,3 +216,11 @@ def test_a_rows_verdict_names_the_baselines_it_lacks(summary, tmp_path, monkeypa
                        "hand rule)"), verdict
     one = summary.table(tmp_path, (("g.yaml", "res", ""),))
     assert "- beyond the spread, higher mean (1): SST-2 avg 2, {1,2,3,4} (+2.00 vs hand rule)" in one, one
+
+
+def test_budget_labels(summary):
+    assert summary.budget_label({"avg_bits": 2.5, "space": "aqbert_128g_w234"}) == "avg 2.5, {2,3,4}"
+    assert summary.budget_label({"budget_mb": 8, "convention": "artifact", "space": "whole_model_w1234"}) == \
+        "whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}"
+    assert summary.budget_label({"latency_ms": 42, "latency_table": "experiments/results/lat.json",
+                                 "space": "aqbert_128g"}) == "latency <= 42 ms on lat.json, {0,2,4,8}"
