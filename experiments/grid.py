@@ -1388,7 +1388,7 @@ def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]
     is encoder_mb and some budgets are whole-artifact ones (`convention: artifact`), they are drawn apart, on
     artifact_mb (RESULTS/pareto_artifact.png): on the encoder axis a plan that spends an artifact budget on the
     encoder would sit among encoder budgets it was never compared with. A plot whose budgets have no finished
-    row yet is not drawn. With `plot.main_methods` (a list) each plot is drawn again with only those methods
+    row yet is not drawn; latency budgets are not size budgets and are drawn in neither. With `plot.main_methods` (a list) each plot is drawn again with only those methods
     (RESULTS/pareto_main.png, pareto_artifact_main.png): every variant in one legend is hard to read."""
     size = str(cfg["plot"].get("size", "artifact_mb"))
     artifact = [n for n, b in cfg["budgets"].items() if b.get("convention") == "artifact"]
@@ -1397,7 +1397,8 @@ def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]
     else:
         finished = {budget for (_, budget, _, _), r in previous_rows(csv_path).items() if r.get("metric")}
         cmds = []
-        for names, file, axis in (([n for n in cfg["budgets"] if n not in artifact], "pareto.png", "encoder_mb"),
+        size_budgets = [n for n, b in cfg["budgets"].items() if n not in artifact and "latency_ms" not in b]
+        for names, file, axis in ((size_budgets, "pareto.png", "encoder_mb"),
                                   (artifact, "pareto_artifact.png", "artifact_mb")):
             if names := [n for n in names if n in finished]:
                 cmds.append(["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / file), "--size",

@@ -478,7 +478,8 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     cfg = {**cfg, "plot": {"size": cfg["plot"]["size"]}}  # without main_methods (the next test)
     res = tmp_path / "results.csv"
     res.write_text("task,budget,method,seed,status,metric\ncola,fp32,fp32,0,done,0.3\n"
-                   "cola,avg2,uniform,0,done,0.2\ncola,mb8,measured,0,not run,\n")
+                   "cola,avg2,uniform,0,done,0.2\ncola,mb8,measured,0,not run,\n"
+                   "sst2,lat42,fisher_t,0,done,0.89\n")  # a latency budget: drawn on neither size axis
     cmds = grid.pareto_commands(cfg, res, tmp_path)
     assert cmds == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size",
                      "encoder_mb", "--budgets", "avg2"]]
