@@ -333,12 +333,12 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                 for r in rows:
                     if r["task"] == task and r["budget"] == bname and r["method"] != "fp32":
                         by_method.setdefault(r["method"], []).append(r)
-                finished.setdefault((task, bname), set()).update(method_stats(by_method)[2])
+                ranked = method_stats(by_method)[2]
+                finished.setdefault((task, bname), set()).update(ranked)
                 cells = row_cells(task, budget, budget_label(budget) + suffix, by_method,
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
-                    ranked = method_stats(by_method)[2]
                     margin, gap = baseline_margin(by_method, ranked), None
                     if margin is not None:
                         all_rows.add(margin)
