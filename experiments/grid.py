@@ -1387,22 +1387,26 @@ def pareto_commands(cfg: dict, csv_path: Path, results: Path) -> list[list[str]]
     """The `nasq plot --pareto` command lines of a grid: one plot (RESULTS/pareto.png) on `plot.size`. When that
     is encoder_mb and some budgets are whole-artifact ones (`convention: artifact`), they are drawn apart, on
     artifact_mb (RESULTS/pareto_artifact.png): on the encoder axis a plan that spends an artifact budget on the
-    encoder would sit among encoder budgets it was never compared with. A plot whose budgets have no finished
-    row yet is not drawn; latency budgets are not size budgets and are drawn in neither. With `plot.main_methods` (a list) each plot is drawn again with only those methods
-    (RESULTS/pareto_main.png, pareto_artifact_main.png): every variant in one legend is hard to read."""
+    encoder would sit among encoder budgets it was never compared with. Latency budgets are not size budgets and
+    are drawn on no size plot (a grid with one gets `--budgets` naming the others). A plot whose budgets have no
+    finished row yet is not drawn. With `plot.main_methods` (a list) each plot is drawn again with only those
+    methods (RESULTS/pareto_main.png, pareto_artifact_main.png): every variant in one legend is hard to read."""
     size = str(cfg["plot"].get("size", "artifact_mb"))
     artifact = [n for n, b in cfg["budgets"].items() if b.get("convention") == "artifact"]
+    latency = [n for n, b in cfg["budgets"].items() if "latency_ms" in b]
+    plot = ["nasq", "plot", "--pareto", str(csv_path), "--out"]
     if size != "encoder_mb" or not artifact:
-        cmds = [["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / "pareto.png"), "--size", size]]
+        plots = [([n for n in cfg["budgets"] if n not in latency], "pareto.png", size)]
+    else:
+        size_budgets = [n for n in cfg["budgets"] if n not in artifact and n not in latency]
+        plots = [(size_budgets, "pareto.png", "encoder_mb"), (artifact, "pareto_artifact.png", "artifact_mb")]
+    if not latency and len(plots) == 1:  # every budget on one plot: no --budgets needed
+        cmds = [[*plot, str(results / "pareto.png"), "--size", size]]
     else:
         finished = {budget for (_, budget, _, _), r in previous_rows(csv_path).items() if r.get("metric")}
-        cmds = []
-        size_budgets = [n for n, b in cfg["budgets"].items() if n not in artifact and "latency_ms" not in b]
-        for names, file, axis in ((size_budgets, "pareto.png", "encoder_mb"),
-                                  (artifact, "pareto_artifact.png", "artifact_mb")):
-            if names := [n for n in names if n in finished]:
-                cmds.append(["nasq", "plot", "--pareto", str(csv_path), "--out", str(results / file), "--size",
-                             axis, "--budgets", ",".join(names)])
+        drawn = [([n for n in names if n in finished], file, axis) for names, file, axis in plots]
+        cmds = [[*plot, str(results / file), "--size", axis, "--budgets", ",".join(names)]
+                for names, file, axis in drawn if names]
     main = cfg["plot"].get("main_methods")
     if main:
         cmds += [[*c[:5], c[5].removesuffix(".png") + "_main.png", *c[6:], "--methods", ",".join(main)]

@@ -487,9 +487,15 @@ def test_pareto_commands_draw_artifact_budgets_apart(tmp_path):
     cmds = grid.pareto_commands(cfg, res, tmp_path)
     assert [c[5] for c in cmds] == [str(tmp_path / "pareto.png"), str(tmp_path / "pareto_artifact.png")]
     assert cmds[1][-3:] == ["artifact_mb", "--budgets", "mb8"]
+    # one plot (artifact_mb): every size budget with a finished row, the latency budget not
     single = grid.pareto_commands({**cfg, "plot": {"size": "artifact_mb"}}, res, tmp_path)
     assert single == [["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size",
-                       "artifact_mb"]]
+                       "artifact_mb", "--budgets", "avg2,mb8"]]
+    # a grid without latency budgets draws every budget on its one plot (no --budgets)
+    no_lat = {**cfg, "budgets": {n: b for n, b in cfg["budgets"].items() if "latency_ms" not in b},
+              "plot": {"size": "artifact_mb"}}
+    assert grid.pareto_commands(no_lat, res, tmp_path) == [
+        ["nasq", "plot", "--pareto", str(res), "--out", str(tmp_path / "pareto.png"), "--size", "artifact_mb"]]
 
 
 def test_pareto_main_methods_draw_each_plot_again(tmp_path):
