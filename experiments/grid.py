@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -932,11 +933,26 @@ def dev_curve(metrics: Path, metric_name: str) -> str:
     return " ".join(f"{k}:{v:.4f}" for k, v in sorted(points.items()))
 
 
+def _latency_table(path: str):
+    """The latency table at ``path``, read and validated once per version of the file (every row of a budget
+    shares it; a file changed or removed since is read again)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_latency_table(path)  # its clear error
+    return _latency_table_version(path, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _latency_table_version(path: str, inode: int, mtime_ns: int, size: int):
+    return load_latency_table(path)
+
+
 def plan_latency(plan: Plan, table: str) -> float:
     """``plan``'s latency in ms on the latency table at ``table`` (the same sum the allocators keep within a
     latency budget, :func:`nasq.contract.cost.plan_latency_ms`)."""
     try:
-        return plan_latency_ms(plan.searched_tensors(), plan.bits_per_group(), load_latency_table(table))
+        return plan_latency_ms(plan.searched_tensors(), plan.bits_per_group(), _latency_table(table))
     except NasqError as e:
         raise GridError(f"the latency of {plan.source}: {e}") from None
 

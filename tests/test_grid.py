@@ -557,11 +557,17 @@ def test_predict_rows_from_the_seeds_measured_plan(tiny, tmp_path):
     assert "predicted_kl" not in rows[4] and "predicted_kl" not in rows[5]
 
 
-def test_latency_budget_cells_and_rows(tiny, tmp_path):
+def test_latency_budget_cells_and_rows(tiny, tmp_path, monkeypatch):
     """A latency budget: the sensitivity baselines get `--latency-ms` and its table, uniform runs as a reference
     with no budget flag, magnitude (a byte budget's pruning) is skipped; a row's `latency_ms` is its plan's latency
     on the table, and that latency, not the plan's bytes, decides `within_budget`."""
-    from nasq.contract.cost import Budget, LatencyTable, plan_latency_ms, save_latency_table
+    from nasq.contract.cost import (
+        Budget,
+        LatencyTable,
+        load_latency_table,
+        plan_latency_ms,
+        save_latency_table,
+    )
     from nasq.contract.plan import make_plan
     from nasq.models.surgery import model_param_shapes
 
@@ -594,9 +600,15 @@ def test_latency_budget_cells_and_rows(tiny, tmp_path):
         make_plan(tensors, bits(b), space=space, param_shapes=model_param_shapes(model),
                   budget=Budget(bytes=10**9, convention="encoder", source="budget_mb=1000"),
                   provenance={"method": method}).save(cells[method].dir / "plan.json")
+    reads = []
+    monkeypatch.setattr(grid, "load_latency_table", lambda p: reads.append(p) or load_latency_table(p))
     rows = {m: grid.cell_row(cfg, cells[m], "2026-12-04") for m in ("uniform", "fisher_t")}
     assert rows["uniform"]["latency_ms"] == pytest.approx(hi) and rows["uniform"]["within_budget"] is False
     assert rows["fisher_t"]["latency_ms"] == pytest.approx(lo) and rows["fisher_t"]["within_budget"] is True
+    assert len(reads) == 1  # the rows of a budget share one read of its table
+    save_latency_table(LatencyTable(tokens=128, fixed_ms=2.0, ms_per_row=table.ms_per_row), tmp_path / "lat.json",
+                       overwrite=True)  # a table rewritten since is read again
+    assert grid.cell_row(cfg, cells["fisher_t"], "2026-12-04")["latency_ms"] == pytest.approx(lo + 1.0)
 
     for bad, match in (({"latency_ms": 5.0}, "both or neither"), ({"latency_ms": -1.0, "latency_table": "t.json"},
                                                                   "> 0"),
