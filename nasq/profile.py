@@ -28,6 +28,7 @@ covers the searched linears only.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections import Counter
@@ -156,6 +157,29 @@ def integer_forward_ms(model, model_dir: str | Path, shapes: dict[str, tuple[int
     return median_ms(im, ids, jnp.zeros_like(ids), jnp.ones_like(ids), repeats=repeats)
 
 
+# the 1-minute load average at or above which a profile is warned to be running beside other work
+BUSY_LOAD = 0.5
+
+
+def busy_warning(load: float, cpus: int) -> str | None:
+    """The warning for a profile started at 1-minute load average ``load`` on ``cpus`` CPUs, or None when the
+    machine looked idle (``load < BUSY_LOAD``). A table timed beside other jobs is not a latency model: on a 2-core
+    VM with two QAT runs beside it one profile put 4 bits at 2.9x 3 bits and another put 1 bit slowest
+    (experiments/results/latency_budget.md)."""
+    if load < BUSY_LOAD:
+        return None
+    return (f"warning: load average {load:.2f} on {cpus} CPU(s) as the profile started: other work is running "
+            "here, and a table timed beside it is not a latency model; profile on an idle machine (the table's "
+            "meta records the load before and after)")
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not every platform has one
+        return None
+
+
 def profile_latency(
     model_ref: str | Path,
     *,
@@ -181,6 +205,9 @@ def profile_latency(
     if bad or not widths:
         raise NasqError(f"bit widths to profile must be in 1..8, got {list(bits or [])}")
     workload_shape(tokens, seq_len, None)  # a bad pair fails before any model is read
+    load_before = _load_avg()
+    if log and load_before is not None and (warning := busy_warning(load_before, os.cpu_count() or 1)):
+        log(warning)
     model, _cfg, report = load_pretrained(model_ref, 2)
     batch, seq = workload_shape(tokens, seq_len, int(model.config.max_position_embeddings))
     shapes = encoder_linear_shapes(model)
@@ -206,5 +233,6 @@ def profile_latency(
         "device": str(jax.devices()[0]), "platform": platform.platform(), "machine": platform.machine(),
         "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "kernel": measured_path(), "attention": native.resolve_kernel(), "calibration_bits": calib,
+        "load_avg_1min": {"before": load_before, "after": _load_avg()}, "cpus": os.cpu_count(),
     }
     return LatencyTable(tokens=tokens, fixed_ms=float(fixed), ms_per_row=table, meta=meta)

@@ -47,6 +47,17 @@ def test_table_format(lat, tiny_model_dir):
                                        "packed_linear_apply")
     t.check(_tensors(tiny_model_dir))  # every (cols, bits) the tiny search needs is there
     assert t.meta["attention"] == native.resolve_kernel()  # the attention core in fixed_ms
+    # the machine's load before and after the profile is recorded (a busy machine's table is not a latency model)
+    assert set(t.meta["load_avg_1min"]) == {"before", "after"} and t.meta["cpus"] >= 1
+
+
+def test_busy_machine_is_warned():
+    """A profile started beside other work says so (the table it writes is not a latency model)."""
+    from nasq.profile import BUSY_LOAD, busy_warning
+
+    assert busy_warning(0.0, 2) is None and busy_warning(BUSY_LOAD - 0.01, 2) is None
+    w = busy_warning(2.3, 2)
+    assert w.startswith("warning: load average 2.30 on 2 CPU(s)") and "idle machine" in w
 
 
 def test_fixed_is_calibrated_on_the_integer_model(tiny_model_dir, monkeypatch):
