@@ -152,7 +152,9 @@ def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, d
     * the train subset is a cap: on a task whose train split is smaller (MRPC has about 3,700 rows, the
       ``quick`` preset draws 8,000) every row is used instead;
     * the max length comes from the task's token lengths (``nasq.data.tasks.fitting_max_len``: the longest dev
-      row and sampled train row, rounded up to 16), instead of the preset's 64, which cuts a fifth of MRPC.
+      row and sampled train row, rounded up to 16), instead of the preset's 64, which cuts a fifth of MRPC;
+    * a budget the user gives (``search.budget_mb``, ``avg_bits``, ``ratio`` or ``latency_ms``) replaces the
+      preset's ``avg_bits`` (a search takes exactly one budget).
     """
     common = {k: dict(v) for k, v in preset.get("common", {}).items()}
     subset = common.get("data", {}).get("train_subset")
@@ -167,7 +169,16 @@ def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, d
             log(f"max length {max_len} for {cfg.data.task} (longest sampled example: {longest} tokens; "
                 f"the preset's was {common['model']['max_len']})")
         common["model"]["max_len"] = max_len
-    return {**preset, "common": common}
+    fitted = {**preset, "common": common}
+    if any(_user_sets(user_layers, "search", k) for k in BUDGET_KEYS):
+        search = {k: dict(v) for k, v in preset.get("search", {}).items()}
+        for k in BUDGET_KEYS:
+            search.get("search", {}).pop(k, None)
+        fitted["search"] = search
+    return fitted
+
+
+BUDGET_KEYS = ("budget_mb", "avg_bits", "ratio", "latency_ms")  # a search's budget: exactly one of them
 
 
 # The space of an average-bits budget when the user names none: the protocol's evidence (README Results, 3 seeds

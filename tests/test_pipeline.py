@@ -151,6 +151,23 @@ def test_preset_subset_is_a_cap(glue_dir):
                         sst2).data.train_subset == 8000
 
 
+def test_user_budget_replaces_the_presets(glue_dir):
+    """The preset's avg-bits budget is a default: a budget the user gives (`--set search.latency_ms=T`,
+    `search.budget_mb=M`, ...) replaces it instead of failing as a second budget; the preset is not modified."""
+    from nasq.pipeline import PRESETS, fit_preset_to_task, stage_config
+
+    smoke = PRESETS["smoke"]
+    for key, value in (("latency_ms", 40.0), ("budget_mb", 3.0), ("ratio", 8.0), ("avg_bits", 3.0)):
+        user = [("user", {"data": {"data_dir": str(glue_dir)}, "search": {key: value}})]
+        s = stage_config(fit_preset_to_task(smoke, stage_config(smoke, "finetune", user), user), "search", user).search
+        assert getattr(s, key) == value
+        assert [k for k in ("budget_mb", "avg_bits", "ratio", "latency_ms") if getattr(s, k) is not None] == [key]
+    assert smoke["search"]["search"] == {"avg_bits": 2.0}
+    plain = [("user", {"data": {"data_dir": str(glue_dir)}})]  # no budget given: the preset's
+    assert stage_config(fit_preset_to_task(smoke, stage_config(smoke, "finetune", plain), plain), "search",
+                        plain).search.avg_bits == 2.0
+
+
 def test_preset_max_len_from_task(glue_dir):
     """The preset's max length 64 cuts a fifth of MRPC (pairs up to 103 tokens): the fitted preset holds the
     longest example, rounded up to 16; CoLA's short sentences get a shorter one; a user's max_len stays."""
@@ -210,7 +227,7 @@ def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir
     from nasq.errors import NasqError
 
     layers = _layers(tiny_model_dir, glue_dir)
-    layers[0][1]["search"].update(avg_bits=None, latency_ms=5.0)
+    layers[0][1]["search"].update(latency_ms=5.0)  # replaces the preset's avg_bits
     with pytest.raises(NasqError, match="needs a latency table.*nasq profile"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
     layers[0][1]["search"].update(latency_table=str(tmp_path / "lat.json"))
