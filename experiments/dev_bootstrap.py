@@ -1,0 +1,94 @@
+"""How much of a dev-metric difference is the dev set's own sampling error? A paired bootstrap over dev rows.
+
+The protocol (issue 16) calls a difference between two methods a result only beyond the larger std over seeds.
+That spread is training noise on one fixed dev set. This script measures the other noise: which rows happen to
+be in the dev set. For integer artifacts ``A, B, ...`` of one task it scores each on the dev split (the same
+integer forward `nasq eval --artifact` runs), then draws ``R`` resamples of the dev rows with replacement, the
+same resamples for every artifact (paired), and reports
+
+    metric_std      = std over resamples of the artifact's metric                      (its sampling error)
+    diff_mean/std   = mean/std over resamples of metric(X) - metric(A) for X after A    (paired: shared rows)
+    p_better        = share of resamples where metric(X) > metric(A)
+    disagree        = dev rows where X and A predict different labels
+
+Usage (repo root):
+
+    python experiments/dev_bootstrap.py --task cola --data-dir ../shared/data/glue A.nasq B.nasq [...] \
+        [--resamples 2000] [--max-len 64] [--seed 0]
+
+Prints one JSON line; the first artifact is the reference of the differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from nasq.config import build_config
+from nasq.data.metrics import compute_metrics
+from nasq.data.tasks import get_task
+from nasq.evaluation import predict_logits
+from nasq.export.reader import artifact_dev_set, load_artifact, load_tokenizer
+from nasq.timing import environment
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, n]`` row indices drawn with replacement (one shared draw, so comparisons are paired)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def resampled_metric(task, preds: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The task's main metric of ``preds`` on every resample of rows ``idx`` (``[R]``)."""
+    key = task.main_metric
+    return np.array([compute_metrics(task, preds[i], labels[i])[key] for i in idx])
+
+
+def paired_summary(task, preds: dict[str, np.ndarray], labels: np.ndarray, idx: np.ndarray) -> dict:
+    """Per artifact its metric and sampling std; per artifact after the first, the paired difference to it."""
+    names = list(preds)
+    boot = {k: resampled_metric(task, p, labels, idx) for k, p in preds.items()}
+    ref = names[0]
+    out = {"reference": ref, "metric": task.main_metric, "rows": len(labels), "resamples": len(idx),
+           "artifacts": {}}
+    for k in names:
+        row = {"metric": compute_metrics(task, preds[k], labels)[task.main_metric],
+               "metric_std": float(np.std(boot[k], ddof=1))}
+        if k != ref:
+            d = boot[k] - boot[ref]
+            row.update(diff=row["metric"] - out["artifacts"][ref]["metric"], diff_mean=float(d.mean()),
+                       diff_std=float(np.std(d, ddof=1)), p_better=float((d > 0).mean()),
+                       disagree=int((preds[k] != preds[ref]).sum()))
+        out["artifacts"][k] = row
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("artifacts", nargs="+", help=".nasq artifacts of one task; the first is the reference")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--max-len", type=int, default=64, help="as the artifacts were evaluated (MRPC: 112)")
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    task = get_task(a.task)
+    cfg = build_config(("dev_bootstrap", {"data": {"task": a.task, "data_dir": a.data_dir},
+                                          "model": {"max_len": a.max_len}}))
+    preds, labels = {}, None
+    for path in a.artifacts:
+        model = load_artifact(path)
+        _, dev, buckets = artifact_dev_set(model, load_tokenizer(path), cfg, source=path)
+        logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets)
+        preds[path] = logits[:, 0] if task.is_regression else logits.argmax(-1)
+        labels = dev.labels
+    out = paired_summary(task, preds, labels, resample_indices(len(labels), a.resamples, a.seed))
+    print(json.dumps({"bench": "dev-bootstrap", "task": a.task, **out, **environment(),
+                      "command": " ".join(["python", *sys.argv])}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

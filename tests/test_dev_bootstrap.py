@@ -1,0 +1,41 @@
+"""experiments/dev_bootstrap.py: the paired bootstrap of dev-metric differences over dev rows."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nasq.data.glue import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def boot():
+    spec = importlib.util.spec_from_file_location("dev_bootstrap", REPO / "experiments" / "dev_bootstrap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_bootstrap(boot):
+    """Each artifact's metric is its full-dev metric; the differences are paired (an artifact against itself: a
+    zero difference on every resample), and a model right on more rows is better on most resamples."""
+    task = get_task("sst2")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    good = np.where(rng.random(400) < 0.9, labels, 1 - labels)  # about 90% right
+    bad = np.where(rng.random(400) < 0.7, labels, 1 - labels)  # about 70% right
+    idx = boot.resample_indices(400, 300, seed=1)
+    assert idx.shape == (300, 400) and idx.min() >= 0 and idx.max() < 400
+    np.testing.assert_array_equal(idx, boot.resample_indices(400, 300, seed=1))  # seeded
+    out = boot.paired_summary(task, {"good": good, "same": good.copy(), "bad": bad}, labels, idx)
+    a = out["artifacts"]
+    assert out["reference"] == "good" and out["metric"] == "accuracy" and out["resamples"] == 300
+    assert a["good"]["metric"] == pytest.approx((good == labels).mean())
+    assert a["same"]["diff_std"] == 0 and a["same"]["disagree"] == 0 and a["same"]["p_better"] == 0
+    assert a["bad"]["diff"] == pytest.approx((bad == labels).mean() - (good == labels).mean())
+    assert a["bad"]["p_better"] < 0.01 and a["bad"]["disagree"] == int((bad != good).sum())
+    # the sampling std of an accuracy near p on n rows is about sqrt(p (1 - p) / n)
+    assert a["good"]["metric_std"] == pytest.approx(np.sqrt(0.9 * 0.1 / 400), rel=0.3)
