@@ -65,6 +65,9 @@ class KDConfig(_Section):
     attention_beta: float = Field(0.0, ge=0)
 
 
+BUDGET_KEYS = ("budget_mb", "avg_bits", "ratio", "latency_ms")  # a search's budget: exactly one of them
+
+
 class SearchConfig(_Section):
     space: str = "aqbert_128g"  # name in search_spaces/ or a YAML path
     budget_mb: float | None = Field(None, gt=0)
@@ -110,7 +113,7 @@ class SearchConfig(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self):
-        given = [k for k in ("budget_mb", "avg_bits", "ratio", "latency_ms") if getattr(self, k) is not None]
+        given = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give exactly one budget, got {given}")
         if (self.gate_init == "plan") != (self.init_plan is not None):

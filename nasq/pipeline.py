@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from nasq.baselines.allocators import FISHER_BATCHES, allocate_plan, check_measured_options
-from nasq.config import Config, SearchConfig, build_config
+from nasq.config import BUDGET_KEYS, Config, SearchConfig, build_config
 from nasq.contract.cost import load_latency_table
 from nasq.contract.model_dir import load_model_dir
 from nasq.contract.plan import Plan
@@ -176,9 +176,6 @@ def fit_preset_to_task(preset: dict, cfg: Config, user_layers: list[tuple[str, d
             search.get("search", {}).pop(k, None)
         fitted["search"] = search
     return fitted
-
-
-BUDGET_KEYS = ("budget_mb", "avg_bits", "ratio", "latency_ms")  # a search's budget: exactly one of them
 
 
 # The space of an average-bits budget when the user names none: the protocol's evidence (README Results, 3 seeds
