@@ -30,7 +30,7 @@ import numpy as np
 from nasq.config import build_config
 from nasq.data.metrics import compute_metrics
 from nasq.data.tasks import get_task
-from nasq.evaluation import predict_logits
+from nasq.evaluation import predict_logits, predictions_from_logits
 from nasq.export.reader import artifact_dev_set, load_artifact, load_tokenizer
 from nasq.timing import environment
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         model = load_artifact(path)
         _, dev, buckets = artifact_dev_set(model, load_tokenizer(path), cfg, source=path)
         logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets)
-        preds[path] = logits[:, 0] if task.is_regression else logits.argmax(-1)
+        preds[path] = predictions_from_logits(task, logits)
         labels = dev.labels
     out = paired_summary(task, preds, labels, resample_indices(len(labels), a.resamples, a.seed))
     print(json.dumps({"bench": "dev-bootstrap", "task": a.task, **out, **environment(),

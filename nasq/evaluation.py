@@ -17,7 +17,7 @@ from nasq.data.metrics import compute_metrics
 from nasq.data.tasks import TaskData
 
 __all__ = ["collect_logits", "compare_logits", "evaluate", "make_predict_fn", "metrics_from_logits",
-           "predict_logits"]
+           "predict_logits", "predictions_from_logits"]
 
 
 def make_predict_fn(model: nnx.Module):
@@ -55,10 +55,14 @@ def collect_logits(fn, encoded: Encoded, batch_size: int, buckets, shard=None) -
     return out
 
 
+def predictions_from_logits(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    """The predictions in ``logits`` ``[N, C]``: class ids (argmax), or the value for regression."""
+    return logits[:, 0] if task.is_regression else logits.argmax(-1)
+
+
 def metrics_from_logits(task: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's metrics of the predictions in ``logits`` (argmax; the value for regression)."""
-    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
-    return compute_metrics(task, preds, labels)
+    """The task's metrics of the predictions in ``logits`` (:func:`predictions_from_logits`)."""
+    return compute_metrics(task, predictions_from_logits(task, logits), labels)
 
 
 def evaluate(model, data: TaskData, batch_size: int, shard=None) -> dict[str, float]:
