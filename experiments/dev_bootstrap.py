@@ -30,6 +30,7 @@ import numpy as np
 from nasq.config import build_config
 from nasq.data.metrics import compute_metrics
 from nasq.data.tasks import get_task
+from nasq.errors import NasqError
 from nasq.evaluation import predict_logits, predictions_from_logits
 from nasq.export.reader import artifact_dev_set, load_artifact, load_tokenizer
 from nasq.timing import environment
@@ -74,6 +75,18 @@ def main(argv=None) -> int:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    try:
+        out = bootstrap(a)
+    except NasqError as e:  # a bad task, path or artifact: what was wrong, no traceback
+        print(f"dev_bootstrap: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"bench": "dev-bootstrap", "task": a.task, **out, **environment(),
+                      "command": " ".join(["python", *sys.argv])}))
+    return 0
+
+
+def bootstrap(a: argparse.Namespace) -> dict:
+    """:func:`paired_summary` of the artifacts ``a.artifacts`` scored on ``a.task``'s dev split."""
     task = get_task(a.task)
     cfg = build_config(("dev_bootstrap", {"data": {"task": a.task, "data_dir": a.data_dir},
                                           "model": {"max_len": a.max_len}}))
@@ -84,10 +97,7 @@ def main(argv=None) -> int:
         logits = predict_logits(model, dev, cfg.data.eval_batch_size, buckets)
         preds[path] = predictions_from_logits(task, logits)
         labels = dev.labels
-    out = paired_summary(task, preds, labels, resample_indices(len(labels), a.resamples, a.seed))
-    print(json.dumps({"bench": "dev-bootstrap", "task": a.task, **out, **environment(),
-                      "command": " ".join(["python", *sys.argv])}))
-    return 0
+    return paired_summary(task, preds, labels, resample_indices(len(labels), a.resamples, a.seed))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,12 @@ def test_paired_bootstrap(boot):
     assert a["bad"]["p_better"] < 0.01 and a["bad"]["disagree"] == int((bad != good).sum())
     # the sampling std of an accuracy near p on n rows is about sqrt(p (1 - p) / n)
     assert a["good"]["metric_std"] == pytest.approx(np.sqrt(0.9 * 0.1 / 400), rel=0.3)
+
+
+def test_bad_input_is_a_clear_error(boot, tmp_path, capsys):
+    """An unknown task or a missing artifact: exit 2 with what was wrong, no traceback."""
+    assert boot.main(["--task", "nope", "--data-dir", str(tmp_path), str(tmp_path / "a.nasq")]) == 2
+    assert "dev_bootstrap: error:" in capsys.readouterr().err
+    assert boot.main(["--task", "cola", "--data-dir", str(tmp_path), str(tmp_path / "missing.nasq")]) == 2
+    err = capsys.readouterr().err
+    assert "dev_bootstrap: error:" in err and "missing.nasq" in err
