@@ -159,17 +159,17 @@ def test_ratio_and_mb_budgets(minilm):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {},
-        {"budget_mb": 1.0, "avg_bits": 2},
-        {"avg_bits": 2, "convention": "artifact"},
-        {"budget_mb": -1.0},
-        {"ratio": 0},
+        ({}, r"exactly one budget .* \(got none\)"),
+        ({"budget_mb": 1.0, "avg_bits": 2}, r"exactly one budget .* \(got budget_mb, avg_bits\)"),
+        ({"avg_bits": 2, "convention": "artifact"}, "'artifact' convention needs --budget-mb"),
+        ({"budget_mb": -1.0}, "--budget-mb must be a positive number, got -1.0"),
+        ({"ratio": 0}, "--ratio must be a positive number, got 0"),
     ],
 )
-def test_budget_argument_errors(minilm, kwargs):
-    with pytest.raises(NasqError):
+def test_budget_argument_errors(minilm, kwargs, message):
+    with pytest.raises(NasqError, match=message):
         cost.resolve_budget(minilm, **kwargs)
 
 

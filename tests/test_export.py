@@ -225,11 +225,15 @@ def test_predicted_bytes_recomputed_matches_plan(exported):
 
 
 def test_refuses_overwrite(exported):
+    """Without ``overwrite`` an existing artifact is refused and left as it was, byte for byte."""
     model, plan, out = exported
+    def snapshot():
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = snapshot()
     with pytest.raises(NasqError, match="--overwrite"):
         export_model(model, plan, out, task="sst2", num_labels=2)
-    before = (out / "manifest.json").read_text()
-    assert (out / "manifest.json").read_text() == before
+    assert snapshot() == before
 
 
 def test_overwrite_replaces(exported, tmp_path):

@@ -131,8 +131,9 @@ def test_grid_config_and_only_errors(tmp_path):
     assert only == {"task": {"sst2"}, "method": {"nasq", "uniform"}}
     teacher = next(c for c in cells if c.method == "fp32" and c.task == "sst2")
     assert grid.selected(teacher, grid.parse_only("budget=avg2", cfg))
-    for bad in ("task=qnli", "bits=2", "sst2"):
-        with pytest.raises(grid.GridError):
+    for bad, message in (("task=qnli", r"task: unknown \['qnli'\]"), ("bits=2", "unknown key 'bits'"),
+                         ("sst2", "expected KEY=VALUE")):
+        with pytest.raises(grid.GridError, match=message):
             grid.parse_only(bad, cfg)
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "grid.yaml").read_text()),
@@ -297,18 +298,23 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
-    for patch in ({"seeds": [0, 0]}, {"seeds": "0,1"}, {"protocol": {"equal_compute": "yes"}},
-                  {"protocol": {"fair": True}},
-                  {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"], "rule": {"bits": 2}}}},
-                  {"budgets": {**raw["budgets"], "avg2.5": {**raw["budgets"]["avg2.5"],
-                                                            "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}},
-                  {"budgets": {**raw["budgets"], "avg2": {**raw["budgets"]["avg2"], "magnitude": {"bits": "4"}}}},
-                  {"budgets": {**raw["budgets"], "avg2": {**raw["budgets"]["avg2"], "magnitude": {"bit": 4}}}},
-                  {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg2"}}},
-                  {"budgets": {**raw["budgets"], "avg1.5": {**raw["budgets"]["avg1.5"], "front_from": "avg1.5"}}}):
-        bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text()),
-                                       **patch}))
-        with pytest.raises(grid.GridError):
+    avg = raw["budgets"]
+    for patch, message in (
+            ({"seeds": [0, 0]}, r"`seeds` must be a non-empty list of distinct integers, got \[0, 0\]"),
+            ({"seeds": "0,1"}, "`seeds` must be a non-empty list of distinct integers, got '0,1'"),
+            ({"protocol": {"equal_compute": "yes"}}, "`protocol.equal_compute` must be true or false"),
+            ({"protocol": {"fair": True}}, "`protocol` must be a mapping with keys from"),
+            ({"budgets": {**avg, "avg2.5": {**avg["avg2.5"], "rule": {"bits": 2}}}}, r"`budgets.avg2.5`.rule must be"),
+            ({"budgets": {**avg, "avg2.5": {**avg["avg2.5"], "rule": {"bits": 2, "rule_bits": {"ffn_in": "3"}}}}},
+             r"`budgets.avg2.5`.rule must be"),
+            ({"budgets": {**avg, "avg2": {**avg["avg2"], "magnitude": {"bits": "4"}}}}, "`budgets.avg2`.magnitude must"),
+            ({"budgets": {**avg, "avg2": {**avg["avg2"], "magnitude": {"bit": 4}}}}, "`budgets.avg2`.magnitude must"),
+            ({"budgets": {**avg, "avg1.5": {**avg["avg1.5"], "front_from": "avg2"}}},
+             "finalizes in its own space only"),
+            ({"budgets": {**avg, "avg1.5": {**avg["avg1.5"], "front_from": "avg1.5"}}},
+             "must be another budget that runs its own search")):
+        bad.write_text(yaml.safe_dump({**raw, **patch}))
+        with pytest.raises(grid.GridError, match=message):
             grid.load_grid(bad)
 
 
@@ -345,7 +351,7 @@ def test_uniform_same_as_shares_one_cell(tmp_path):
         raw = yaml.safe_load((REPO / "experiments" / "protocol.yaml").read_text())
 
 
-def test_ray_scheduling_helpers(tmp_path):
+def test_ray_scheduling_helpers(tmp_path, capsys):
     """Cells sharing a directory (uniform.same_as) run once; `resources` is validated; --ray with --dry-run is
     refused."""
     grid = _grid_module()
@@ -367,6 +373,7 @@ def test_ray_scheduling_helpers(tmp_path):
         with pytest.raises(grid.GridError, match="resources"):
             grid.load_grid(bad)
     assert grid.main(["--config", str(good), "--runs", str(tmp_path / "r"), "--ray", "--dry-run"]) == 2
+    assert "drop --ray" in capsys.readouterr().err
 
 
 def test_dev_curve_reads_eval_records(tmp_path):

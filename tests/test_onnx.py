@@ -138,8 +138,11 @@ def test_cli_export_onnx(artifact, tmp_path, capsys):
     assert main(["export", str(artifact), "--format", "onnx", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "ONNX / nasq" in text and out.is_file()
+    before = out.read_bytes()
     assert main(["export", str(artifact), "--format", "onnx", "--out", str(out)]) == 2  # exists: refused
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["export", str(artifact), "--out", str(tmp_path / "x.nasq"), "--verify"]) == 2
+    assert "--verify compares an ONNX export" in capsys.readouterr().err and not (tmp_path / "x.nasq").exists()
     assert json.loads((artifact / "manifest.json").read_text())["task"] == "sst2"
 
 

@@ -85,6 +85,12 @@ def chains(tiny_model_dir, glue_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sharded_runs_were_sharded(chains):
+    """Each run records the size of the device mesh its loop replicated the state and sharded the batches over
+    (`run.json` `devices`): 4 in the 4-device chain, 1 in the other, so the equality tests below compare a really
+    sharded run with an unsharded one."""
+    for devices, out in chains.items():
+        for run in ("teacher", "search", "qat"):
+            assert json.loads((out / run / "run.json").read_text())["devices"] == devices, (devices, run)
     assert yaml.safe_load((chains[4] / "search" / "config.yaml").read_text())["parallel"]["data_parallel"] == 4
     assert (chains[4] / "search" / "checkpoints").is_dir()  # orbax saved the replicated arrays
 

@@ -329,8 +329,23 @@ def test_cli(paths, tmp_path, capsys, monkeypatch):
     assert "not found" in capsys.readouterr().err
 
 
-def test_plan_roundtrip_unchanged(paths, plan_a):
-    # inspection never rewrites the source
+def test_inspection_never_rewrites_its_sources(paths, plan_a, tmp_path, capsys):
+    """`inspect` (every format), `compare` and `plot` read plan files and leave them as they were, byte for byte
+    and untouched (same mtime); the plan file still loads as the plan that was saved."""
+    import nasq.cli
+
+    srcs = [paths["a"], paths["b"]]
+
+    def snapshot():
+        return [(p.read_bytes(), p.stat().st_mtime_ns) for p in srcs]
+
+    before = snapshot()
+    for fmt in rep.FORMATS:
+        assert nasq.cli.main(["inspect", str(paths["a"]), "--format", fmt]) == 0, fmt
+    assert nasq.cli.main(["compare", str(paths["a"]), str(paths["b"])]) == 0
+    assert nasq.cli.main(["plot", str(paths["a"]), "--out", str(tmp_path / "plots")]) == 0
+    capsys.readouterr()
+    assert snapshot() == before
     assert Plan.load(paths["a"]).to_dict() == plan_a.to_dict()
 
 

@@ -404,7 +404,7 @@ def search(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: boo
             teacher = predict_logits(model, data.train, cfg.data.eval_batch_size, data.buckets, dp.shard)
         if s.gate_loss == "task_kd":
             held_teacher = predict_logits(model, data.heldout, cfg.data.eval_batch_size, data.buckets, dp.shard)
-    run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train),
+    run.write_info(task=data.task.name, total_steps=steps, train_rows=len(data.train), devices=dp.size,
                    heldout_rows=len(data.heldout), budget=problem.budget.source, budget_bytes=problem.budget.bytes,
                    cost_kind=problem.cost_kind, status="running")
     log(f"search: {len(problem.tensors)} tensors, {sum(t.num_groups for t in problem.tensors)} groups; "

@@ -196,7 +196,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
     schedule = lr_schedule(cfg.train, steps)
     base_key = jax.random.key(cfg.train.seed)
     run.write_info(model_dir=str(data.model_dir), task=data.task.name, total_steps=steps,
-                   train_rows=len(data.train), status="running")
+                   train_rows=len(data.train), devices=dp.size, status="running")
 
     def step_fn(state, step, batch):
         tl = None if teacher is None else jnp.asarray(teacher[np.maximum(batch.index, 0)])
