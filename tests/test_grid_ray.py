@@ -25,3 +25,13 @@ def test_grid_on_ray(grid_config):
     assert _rows(results / "results.csv")[("sst2", "avg2", "uniform")]["status"] == "done"
     r = _grid(*common, cache=tmp / "jax_cache")
     assert "end: 0 command(s) run, 0 failed" in r.stdout
+    # the same cells without Ray: the same plan and the same dev metrics (same seeds, same programs, one process
+    # per stage either way)
+    plain = tmp / "runs_plain"
+    _grid("--config", str(cfg), "--runs", str(plain), "--results", str(tmp / "results_plain"), "--no-plot",
+          "--only", "method=fp32|uniform", cache=tmp / "jax_cache")
+    a, b = cell / "uniform", plain / "sst2" / "avg2" / "uniform"
+    assert json.loads((a / "plan.json").read_text())["tensors"] == json.loads((b / "plan.json").read_text())["tensors"]
+    ev_ray, ev_plain = (json.loads((c / "eval.json").read_text()) for c in (a, b))
+    for key in ("fake_quant", "int_artifact"):
+        assert ev_ray[key] == pytest.approx(ev_plain[key], abs=1e-6), key
