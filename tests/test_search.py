@@ -134,6 +134,9 @@ def test_single_level_mode_runs(teacher_dir, tiny_model_dir, glue_dir, tmp_path)
                                  "kd": cfg.kd.model_copy(update={"teacher": str(teacher_dir)})})
     run = search(cfg, tmp_path / "single", log=lambda *a: None)
     assert json.loads((run / "run.json").read_text())["cost_ratio"] <= 1.0 + 1e-4
+    # one backward pass a step for weights and gates: no separate gate step (bilevel logs its gate_loss)
+    logged = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "task_loss" in m]
+    assert logged and not any("gate_loss" in m for m in logged)
 
 
 def test_gates_only_search_leaves_the_teacher_weights(teacher_dir, tiny_model_dir, glue_dir, tmp_path):
