@@ -227,6 +227,7 @@ def test_predicted_bytes_recomputed_matches_plan(exported):
 def test_refuses_overwrite(exported):
     """Without ``overwrite`` an existing artifact is refused and left as it was, byte for byte."""
     model, plan, out = exported
+
     def snapshot():
         return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
