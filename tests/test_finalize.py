@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
@@ -14,6 +15,7 @@ from nasq.contract.space import SearchedTensor, group_sizes
 from nasq.errors import NasqError
 from nasq.models.surgery import model_param_shapes
 from nasq.quant.apply import apply_plan
+from nasq.quant.layers import QuantLinear
 from nasq.search.finalize import (
     allocate,
     argmax_plan,
@@ -135,8 +137,11 @@ def test_finalize_run(tiny, tmp_path):
     tiny_budget = type(budget)(bytes=lo - 1, convention="encoder", source="test")
     with pytest.raises(NasqError, match="cannot finalize .*reachable"):
         finalize_run(run, tmp_path / "p2.json", budget_override=tiny_budget)
-    q = apply_plan(model, plan)  # the plan fits the model it was searched on
-    assert q is not model
+    q = apply_plan(model, plan)  # the plan fits the model it was searched on, and every tensor takes its bits
+    quantized = {m.path: m for _, m in nnx.iter_graph(q) if isinstance(m, QuantLinear)}
+    assert sorted(quantized) == sorted(plan.paths)
+    for t in plan.tensors:
+        assert quantized[t.path].bits == t.bits and quantized[t.path].group_sizes == t.group_sizes
 
 
 def test_finalize_bad_run(tiny, tmp_path):
