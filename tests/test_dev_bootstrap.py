@@ -41,6 +41,31 @@ def test_paired_bootstrap(boot):
     assert a["good"]["metric_std"] == pytest.approx(np.sqrt(0.9 * 0.1 / 400), rel=0.3)
 
 
+def test_groups_average_their_members(boot):
+    """A group (a method's seeds) scores the mean of its members, on the full dev set and on every resample, so its
+    difference to another group is the difference of the two means, paired over the same rows."""
+    task = get_task("sst2")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+
+    def model(p):
+        return np.where(rng.random(300) < p, labels, 1 - labels)
+
+    a, b = [model(0.85) for _ in range(3)], [model(0.75) for _ in range(3)]
+    idx = boot.resample_indices(300, 200, seed=2)
+    out = boot.paired_summary(task, {"A": a, "B": b, "A0": a[0]}, labels, idx)["artifacts"]
+    acc = [(p == labels).mean() for p in a + b]
+    assert out["A"]["metric"] == pytest.approx(np.mean(acc[:3])) and out["A"]["members"] == 3
+    assert out["B"]["diff"] == pytest.approx(np.mean(acc[3:]) - np.mean(acc[:3]))
+    per_resample = np.mean([[(p[i] == labels[i]).mean() for i in idx] for p in b], axis=0) - np.mean(
+        [[(p[i] == labels[i]).mean() for i in idx] for p in a], axis=0)
+    assert out["B"]["diff_mean"] == pytest.approx(per_resample.mean())
+    assert out["B"]["diff_std"] == pytest.approx(np.std(per_resample, ddof=1))
+    assert out["B"]["disagree"] == pytest.approx(np.mean([(p != q).sum() for p, q in zip(b, a)]))
+    assert "disagree" not in out["A0"] and "members" not in out["A0"]  # one artifact against a group of three
+    assert out["B"]["p_better"] < 0.01
+
+
 def test_bad_input_is_a_clear_error(boot, tmp_path, capsys):
     """An unknown task or a missing artifact: exit 2 with what was wrong, no traceback."""
     assert boot.main(["--task", "nope", "--data-dir", str(tmp_path), str(tmp_path / "a.nasq")]) == 2
@@ -48,3 +73,5 @@ def test_bad_input_is_a_clear_error(boot, tmp_path, capsys):
     assert boot.main(["--task", "cola", "--data-dir", str(tmp_path), str(tmp_path / "missing.nasq")]) == 2
     err = capsys.readouterr().err
     assert "dev_bootstrap: error:" in err and "missing.nasq" in err
+    assert boot.main(["--task", "cola", "--data-dir", str(tmp_path), ","]) == 2
+    assert "empty artifact group" in capsys.readouterr().err
