@@ -72,11 +72,10 @@ def paired_summary(task, preds: dict[str, np.ndarray | list[np.ndarray]], labels
             row["members"] = len(groups[k])
         if k != ref:
             d = boot[k] - boot[ref]
-            pairs = list(zip(groups[k], groups[ref]))
             row.update(diff=full[k] - full[ref], diff_mean=float(d.mean()), diff_std=float(np.std(d, ddof=1)),
                        p_better=float((d > 0).mean()))
             if len(groups[k]) == len(groups[ref]):
-                dis = [int((p != q).sum()) for p, q in pairs]
+                dis = [int((p != q).sum()) for p, q in zip(groups[k], groups[ref])]
                 row["disagree"] = dis[0] if len(dis) == 1 else float(np.mean(dis))
         out["artifacts"][k] = row
     return out

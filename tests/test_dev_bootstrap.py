@@ -75,3 +75,18 @@ def test_bad_input_is_a_clear_error(boot, tmp_path, capsys):
     assert "dev_bootstrap: error:" in err and "missing.nasq" in err
     assert boot.main(["--task", "cola", "--data-dir", str(tmp_path), ","]) == 2
     assert "empty artifact group" in capsys.readouterr().err
+
+
+def test_artifacts_scored_on_different_dev_rows_are_refused(boot, tmp_path, monkeypatch, capsys):
+    """Paired resamples need one dev set: an artifact whose dev split has other rows is an error, not a silent mix."""
+    from types import SimpleNamespace
+
+    sizes = iter([300, 299])
+    monkeypatch.setattr(boot, "load_artifact", lambda path: path)
+    monkeypatch.setattr(boot, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(boot, "artifact_dev_set",
+                        lambda model, tok, cfg, source: (None, SimpleNamespace(labels=np.zeros(next(sizes), int)), None))
+    monkeypatch.setattr(boot, "predict_logits", lambda model, dev, bs, buckets: np.zeros((len(dev.labels), 2)))
+    assert boot.main(["--task", "sst2", "--data-dir", str(tmp_path), "a.nasq,b.nasq"]) == 2
+    err = capsys.readouterr().err
+    assert "b.nasq: its dev set has 299 rows, the first artifact's 300" in err and "Traceback" not in err
