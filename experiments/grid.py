@@ -1064,7 +1064,8 @@ def finish_rows(cfg: dict, rows: list[dict]) -> None:
             if r.get("within_budget") is None and ref and r.get("_searched_bytes") is not None and \
                     r.get("_budget") is None:
                 r["within_budget"] = r["_searched_bytes"] <= ref["bytes"]
-            if r.get("within_budget") is False:
+            if r.get("within_budget") is False and "over budget" not in (r.get("note") or "").split("; "):
+                # a row kept from the old results.csv already says so: collecting again must not stack it
                 r["note"] = "; ".join(x for x in ("over budget", r.get("note")) if x)
         measured = [r for r in g if r["status"] == "done" and _num(r.get("metric")) is not None
                     and r.get("within_budget") is not False]

@@ -410,6 +410,8 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
                  note="an old note"),
             dict(base, task="sst2", budget="avg1.5", method="nasq", seed="0", status="failed: qat",
                  metric_name="accuracy"),
+            dict(base, task="sst2", budget="avg1.5", method="hessian", seed="0", status="done",
+                 metric_name="accuracy", metric="0.86", avg_bits="1.6", within_budget="no", note="over budget"),
             dict(base, task="sst2", budget="avg2", method="uniform", seed="2", status="done",
                  metric_name="accuracy", metric="0.875", avg_bits="2.0", within_budget="yes"),
             dict(base, task="sst2", budget="fp32", method="fp32", seed="0", status="done", metric_name="accuracy",
@@ -431,6 +433,9 @@ def test_collect_keeps_finished_rows_whose_runs_are_elsewhere(tmp_path):
         assert (kept["raw_weights_metric"], kept["raw_dev_curve"]) == ("0.850000", "800:0.8500")
         assert kept["note"] == "an old note; kept from results.csv (its run directory is not on this machine)"
         assert got[("nasq", "0")]["status"] == "not run"
+        over = got[("hessian", "0")]  # an over-budget kept row says so once, however often it is collected
+        assert (over["within_budget"], over["note"]) == (
+            "no", "over budget; kept from results.csv (its run directory is not on this machine)")
         teacher = next(r for r in grid.csv.DictReader((res / "results.csv").open(newline=""))
                        if r["method"] == "fp32" and r["task"] == "sst2")
         # written as a fresh teacher row is (32, not 32.0000): a kept row reads back as it was written
