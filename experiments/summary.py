@@ -74,6 +74,8 @@ def teacher_gap_allowed(task: str, budget: dict) -> float | None:
     if budget.get("convention") == "artifact":
         return TEACHER_GAPS.get((task, "artifact_mb", budget.get("budget_mb")))
     return TEACHER_GAPS.get((task, "avg_bits", budget.get("avg_bits")))
+
+
 NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher per group",
          "fisher_t": "Fisher per tensor", "rule": "hand rule"}
 
