@@ -351,6 +351,52 @@ def test_group_traces_on_tiny_model(model, tensors, task_data):
         group_traces(model, batches, tensors, is_regression=False, n_probes=1, seed=0, curvature="exact")
 
 
+def test_weighted_perturbations_pair_each_weights_curvature_with_its_error(model, tensors):
+    """granularity "weight": sum_i d_i * (w_i - Q_c(w_i))^2 over the group, pruned biases weighted by their row's
+    mean d; a constant d is that constant times the unweighted perturbations."""
+    from nasq.baselines.hessian import quantized_rows, weighted_perturbations
+
+    rng = np.random.default_rng(0)
+    diags = [rng.uniform(0.0, 2.0, (t.rows, t.cols)) for t in tensors]
+    perts = weighted_perturbations(model, tensors, "symmetric", diags)
+    (w, b), t, d = tensor_weights(model, tensors)[0], tensors[0], diags[0]
+    g0 = t.group_sizes[0]
+    for k, c in enumerate(t.choices):
+        q, qb = quantized_rows(t, w, b, int(c), "symmetric")
+        want = (d[:g0] * (w[:g0] - q[:g0]) ** 2).sum() + (d[:g0].mean(1) * (b[:g0] - qb[:g0]) ** 2).sum()
+        assert perts[0][0, k] == pytest.approx(float(want), rel=1e-6)
+    flat = weighted_perturbations(model, tensors, "symmetric", [np.full((t.rows, t.cols), 3.0) for t in tensors])
+    for a, p in zip(flat, quant_perturbations(model, tensors, "symmetric"), strict=True):
+        assert np.allclose(a, 3.0 * p)
+    with pytest.raises(NasqError, match="curvature diagonal"):
+        weighted_perturbations(model, tensors[:1], "symmetric", [np.ones((1, 1))])
+
+
+def test_weight_granularity_allocation(model, tensors, task_data):
+    """The per-weight curvatures sum to the group traces; the per-weight allocation runs end to end within its
+    budget, and only with the Fisher curvature."""
+    from nasq.baselines.hessian import _train_batches, hessian_allocation, weight_curvatures
+
+    batches = _train_batches(task_data, 1, 8, 0)
+    diags = weight_curvatures(model, batches, tensors, is_regression=False, n_probes=1, seed=0, curvature="fisher")
+    assert [d.shape for d in diags] == [(t.rows, t.cols) for t in tensors]
+    assert np.allclose(np.concatenate(group_traces(model, batches, tensors, is_regression=False, n_probes=1, seed=0,
+                                                   curvature="fisher")),
+                       np.concatenate(group_traces(None, None, tensors, is_regression=False, n_probes=0, seed=0,
+                                                   diagonals=diags)))
+    budget = int(sum(tab[:, 1:].min(axis=1).sum() for tab in size_tables(tensors)) * 1.3)
+    info = {}
+    bits = hessian_allocation(model, task_data, tensors, budget, n_batches=1, batch_size=8, curvature="fisher",
+                              granularity="weight", info=info)
+    assert [len(b) for b in bits] == [t.num_groups for t in tensors] and info["granularity"] == "weight"
+    assert info["clamped_groups"] == 0
+    used = sum(int(tab[g, list(t.choices).index(c)]) for t, tab, bb in zip(tensors, size_tables(tensors), bits)
+               for g, c in enumerate(bb))
+    assert used <= budget
+    with pytest.raises(NasqError, match="granularity 'weight' .* use curvature 'fisher'"):
+        hessian_allocation(model, task_data, tensors, budget, n_batches=1, batch_size=8, granularity="weight")
+
+
 # ------------------------------------------------------------------------------------------------ measured
 
 
@@ -673,7 +719,7 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), min_tokens=8)
     with pytest.raises(NasqError, match="--granularity is for the hessian baseline, not measured"):
         baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="tensor")
-    with pytest.raises(NasqError, match="--granularity must be one of group, tensor, got 'row'"):
+    with pytest.raises(NasqError, match="--granularity must be one of group, tensor, weight, got 'row'"):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="row")
     with pytest.raises(NasqError, match="--curvature is for the hessian baseline, not measured"):
         baseline_plan("measured", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")

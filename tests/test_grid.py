@@ -195,7 +195,7 @@ def test_protocol_seeds_equal_compute_and_summary(tmp_path):
     mrpc_ht = next(c for c in quant if (c.task, c.budget, c.method, c.seed) == ("mrpc", "avg3", "hessian_t", 0))
     assert "model.max_len=112" in mrpc_ht.stages[0].argv  # the task's hessian settings carry over
     # fisher / fisher_t: the Gauss-Newton curvature on the fisher stage's rows, no probes; per group and per tensor
-    for method, gran in (("fisher", None), ("fisher_t", "tensor")):
+    for method, gran in (("fisher", None), ("fisher_t", "tensor"), ("fisher_w", "weight")):
         fc = next(c for c in quant if (c.budget, c.method, c.seed) == ("avg2.5", method, 1))
         fa = fc.stages[0].argv
         assert fa[:3] == ["nasq", "baseline", "hessian"] and fa[fa.index("--curvature") + 1] == "fisher"

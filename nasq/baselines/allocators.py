@@ -426,8 +426,9 @@ def baseline_plan(
             bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
                                      curvature=curvature, traces=traces, **common)
             h = "H" if curvature == "hutchinson" else "G"
-            utility = (f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2" if granularity == "group" else
-                       f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)")
+            utility = {"group": f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2",
+                       "tensor": f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)",
+                       "weight": f"-0.5*sum_(i in g) {h}_ii*(w_i-Q_c(w_i))^2"}[granularity]
             if curvature == "fisher":
                 utility += ", G: the loss's Gauss-Newton matrix (Fisher), exact over the rows"
         else:

@@ -43,6 +43,14 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
   three), which then get the narrowest width, and those plans scored below uniform at CoLA avg 3 on average
   (experiments/results/protocol/NOTES.md).
 
+* ``granularity="weight"`` (Fisher only; Optimal Brain Damage's diagonal, LeCun et al. 1990): each weight's own
+  curvature times its own quantization error, summed over the group,
+  ``u_{g,c} = -0.5 * sum_{i in g} G_ii * (w_i - Q_c(w_i))^2`` (:func:`weighted_perturbations`), in place of the
+  group's average curvature times its summed error. The two agree when curvature and error are uncorrelated inside
+  a group; they differ where the large errors fall on the sensitive weights (e.g. the columns of outlier input
+  channels, whose ``G_ii`` carry ``x_j^2``). Pruned rows' biases are weighted by their rows' mean ``G_ii``. The
+  Hutchinson diagonal is refused here: per weight it is mostly noise and can be negative.
+
 The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
 :func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
 """
@@ -84,10 +92,12 @@ __all__ = [
     "quantized_rows",
     "recorded_traces",
     "tensor_weights",
+    "weight_curvatures",
+    "weighted_perturbations",
 ]
 
 CLAMP_FRACTION = 1e-3
-GRANULARITIES = ("group", "tensor")
+GRANULARITIES = ("group", "tensor", "weight")
 CURVATURES = ("hutchinson", "fisher")
 
 
@@ -240,6 +250,29 @@ def quant_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mo
     return out
 
 
+def weighted_perturbations(model: nnx.Module, tensors: Sequence[SearchedTensor], mode: str,
+                           diagonals: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``[G, C]`` float64 per tensor: ``sum_{i in g} d_i * (w_i - Q_c(w_i))^2`` with MSE-initialised steps, ``d`` the
+    curvature diagonal ``[rows, cols]`` (:func:`weight_curvatures`); for ``c == 0`` the rows' weights and biases
+    (a bias weighted by its row's mean ``d``). With every ``d_i`` equal to ``t`` it is ``t *``
+    :func:`quant_perturbations`."""
+    out = []
+    for t, (w, b), d in zip(tensors, tensor_weights(model, tensors), diagonals, strict=True):
+        d = np.asarray(d, np.float64)
+        if d.shape != w.shape:
+            raise NasqError(f"{t.path}: curvature diagonal {d.shape}, weights {w.shape}")
+        starts = _starts(t)
+        pert = np.zeros((t.num_groups, len(t.choices)), np.float64)
+        for k, c in enumerate(t.choices):
+            q, qb = quantized_rows(t, w, b, int(c), mode)
+            row = (d * np.square(w - q, dtype=np.float64)).sum(axis=1)
+            if b is not None:
+                row += d.mean(axis=1) * np.square(b - qb, dtype=np.float64)
+            pert[:, k] = np.add.reduceat(row, starts)
+        out.append(pert)
+    return out
+
+
 def _param_key(mods: dict[str, nnx.Module], path: str) -> str:
     return f"bert.{path}." + ("kernel" if isinstance(mods[path], Linear) else "embedding")
 
@@ -247,7 +280,7 @@ def _param_key(mods: dict[str, nnx.Module], path: str) -> str:
 FISHER_CHUNK = 8  # examples per vmapped Jacobian: [chunk, C, weights] floats live at once (~0.7 GB for MiniLM)
 
 
-def group_traces(
+def weight_curvatures(
     model: nnx.Module,
     batches: Sequence[Any],
     tensors: Sequence[SearchedTensor],
@@ -257,10 +290,11 @@ def group_traces(
     seed: int,
     curvature: str = "hutchinson",
 ) -> list[np.ndarray]:
-    """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor) of the task loss of the fp32 ``model`` (no dropout) over
-    ``batches`` (each a ``Batch``), as a function of the searched weight matrices only: ``H`` the Hessian
-    (``curvature="hutchinson"``: ``n_probes`` Rademacher probes, :func:`hutchinson_diagonal`) or the Gauss-Newton
-    matrix (``"fisher"``: exact over the batches' rows, :func:`gauss_newton_diagonal`; ``n_probes`` unused)."""
+    """The curvature diagonal ``H_ii`` (float64 ``[rows, cols]`` per tensor, the ``(out, in)`` view of
+    :func:`tensor_weights`) of the task loss of the fp32 ``model`` (no dropout) over ``batches`` (each a ``Batch``),
+    as a function of the searched weight matrices only: ``H`` the Hessian (``curvature="hutchinson"``: ``n_probes``
+    Rademacher probes, :func:`hutchinson_diagonal`) or the Gauss-Newton matrix (``"fisher"``: exact over the
+    batches' rows, :func:`gauss_newton_diagonal`; ``n_probes`` unused)."""
     if curvature not in CURVATURES:
         raise NasqError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -302,11 +336,30 @@ def group_traces(
                 examples.append((row, b["weights"][i:i + FISHER_CHUNK]))
         diag = gauss_newton_diagonal(output_fn, sub, examples, context=others)
     out = []
-    for t, k in zip(tensors, wanted, strict=True):
+    for k, t in zip(wanted, tensors, strict=True):
         d = np.asarray(diag[k], np.float64)
-        per_row = d.sum(axis=0) if isinstance(mods[t.path], Linear) else d.sum(axis=1)  # kernel is (in, out)
-        out.append(np.add.reduceat(per_row, _starts(t)) / (np.asarray(t.group_sizes) * t.cols))
+        out.append(d.T if isinstance(mods[t.path], Linear) else d)  # a kernel is (in, out)
     return out
+
+
+def group_traces(
+    model: nnx.Module,
+    batches: Sequence[Any],
+    tensors: Sequence[SearchedTensor],
+    *,
+    is_regression: bool,
+    n_probes: int,
+    seed: int,
+    curvature: str = "hutchinson",
+    diagonals: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """``Tr(H_g) / n_g`` (float64 ``[G]`` per tensor): :func:`weight_curvatures` (the same arguments) summed over
+    each row group's weights; ``diagonals``: those curvatures already computed (the other arguments then unused)."""
+    if diagonals is None:
+        diagonals = weight_curvatures(model, batches, tensors, is_regression=is_regression, n_probes=n_probes,
+                                      seed=seed, curvature=curvature)
+    return [np.add.reduceat(d.sum(axis=1), _starts(t)) / (np.asarray(t.group_sizes) * t.cols)
+            for t, d in zip(tensors, diagonals, strict=True)]
 
 
 def pooled_traces(traces: Sequence[np.ndarray], tensors: Sequence[SearchedTensor]) -> list[np.ndarray]:
@@ -372,19 +425,27 @@ def hessian_allocation(
     budget is in; None: bytes (:func:`nasq.contract.cost.size_tables`; a latency budget:
     :func:`nasq.contract.cost.latency_ns_tables`). ``model`` is the fp32 (fine-tuned) model, ``data`` a
     :class:`nasq.data.tasks.TaskData` whose ``train`` rows give ``n_batches`` seeded batches of ``batch_size``;
-    ``n_probes`` Rademacher probes each; ``granularity``: each group's own trace (``"group"``) or its tensor's
-    (``"tensor"``, :func:`pooled_traces`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
+    ``n_probes`` Rademacher probes each; ``granularity``: each group's own trace (``"group"``), its tensor's
+    (``"tensor"``, :func:`pooled_traces`) or each weight's own curvature (``"weight"``, Fisher only,
+    :func:`weighted_perturbations`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
     Gauss-Newton part (``"fisher"``, exact over the batches' rows; ``n_probes`` unused), see :func:`group_traces`.
     ``traces``: per-tensor traces already estimated (``granularity="tensor"`` only, e.g. :func:`recorded_traces`:
     one estimate, a plan at every budget); ``data`` and the batch options are then unused.
     ``info`` (optional dict) receives solver and estimator statistics."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if granularity == "weight" and curvature != "fisher":
+        raise NasqError("granularity 'weight' pairs each weight's curvature with its own error, which needs the "
+                        "exact diagonal: use curvature 'fisher' (--curvature fisher); the Hutchinson diagonal is "
+                        "mostly noise per weight and can be negative")
     estimate: dict[str, Any] = {}
+    diagonals = None
     if traces is None:
         batches = _train_batches(data, n_batches, batch_size, seed)
+        diagonals = weight_curvatures(model, batches, tensors, is_regression=data.task.is_regression,
+                                      n_probes=n_probes, seed=seed, curvature=curvature)
         group_level = group_traces(model, batches, tensors, is_regression=data.task.is_regression,
-                                   n_probes=n_probes, seed=seed, curvature=curvature)
+                                   n_probes=n_probes, seed=seed, curvature=curvature, diagonals=diagonals)
         pooled = pooled_traces(group_level, tensors)
         traces = pooled if granularity == "tensor" else group_level
         estimate = {"n_batches": n_batches, **({"n_probes": n_probes} if curvature == "hutchinson" else {}),
@@ -394,8 +455,12 @@ def hessian_allocation(
                         "granularity='tensor' (--granularity tensor)")
     else:
         group_level = pooled = [np.asarray(tr, np.float64) for tr in traces]
-    perts = quant_perturbations(model, tensors, mode)
-    utils, clamped = hessian_utilities(traces, perts)
+    if granularity == "weight":  # the curvature is inside the perturbations: unit traces (nothing clamped)
+        perts = weighted_perturbations(model, tensors, mode, diagonals)
+        utils, clamped = hessian_utilities([np.ones(t.num_groups) for t in tensors], perts)
+    else:
+        perts = quant_perturbations(model, tensors, mode)
+        utils, clamped = hessian_utilities(traces, perts)
     alloc = allocate(utils, size_tables(tensors) if costs is None else costs, budget, time_limit=time_limit)
     if info is not None:
         flat = np.concatenate(group_level)

@@ -71,9 +71,10 @@ def register(subparsers) -> None:
                    "its Gauss-Newton trace (fisher: exact, never negative); groups of one tensor may then get "
                    "different widths")
     p.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                   help="hessian: score each row group by its own Hessian trace (default) or by its tensor's, "
+                   help="hessian: score each row group by its own Hessian trace (default), by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
-                   "experiments/hessian_reliability.py)")
+                   "experiments/hessian_reliability.py), or (weight, with --curvature fisher) by each weight's own "
+                   "curvature times its own quantization error (Optimal Brain Damage's diagonal)")
     p.add_argument("--curvature", choices=CURVATURES, default=None,
                    help="hessian: the curvature behind each trace: the loss Hessian, Hutchinson's estimate with "
                    "--n-probes probes (default), or its Gauss-Newton part (the Fisher of the model's predictions), "
