@@ -28,7 +28,7 @@ def test_readme_table_matches_the_results(summary):
 CONFIG = """
 model: tiny
 tasks: [sst2, cola]
-methods: [fp32, uniform, hessian, rule, measured, fisher_t, nasq, nasq_ge4]
+methods: [fp32, uniform, hessian, rule, measured, fisher_t, fisher_w, nasq, nasq_ge4]
 budgets:
   avg2: {avg_bits: 2, space: aqbert_128g_w1234, uniform: {bits: 2}}
   mb8: {budget_mb: 8, convention: artifact, space: whole_model_w1234, uniform: {bits: 2}}
@@ -105,7 +105,7 @@ def test_the_margin_follows_the_pipeline_default(summary, tmp_path, monkeypatch)
     assert "+1.00 vs measured (beyond the spread; ahead on 2 of 2 seeds)" in line, line
     alone = [("cola", "fisher_t", "avg3", 0, "done", "matthews", 0.2, "yes", "")]
     line = summary.table(_write(tmp_path / "alone", alone), (("g.yaml", "res", ""),))[2]
-    assert "| **0.200 (1)** | no other method finished |" in line, line
+    assert "| **0.200 (1)** | not run | no other method finished |" in line, line
 
 
 def test_the_default_column_is_the_pipelines_default_allocator(summary):
@@ -159,6 +159,24 @@ def test_pooled_paragraph_skips_nasqs_other_allocators_and_over_budget_baselines
                           "- higher or equal mean, inside the spread (0): none",
                           "- lower mean, inside the spread (0): none",
                           "- lower mean, beyond the spread (1): SST-2 avg 2, {1,2,3,4} (-2.00 vs measured)",
+                          "- one seed on a side, no claim (0): none"], lines
+
+
+def test_the_candidate_has_a_column_and_its_own_verdicts(summary, tmp_path, monkeypatch):
+    """Fisher per weight (summary.CANDIDATE): a column of its own, never a baseline of the default's margin, and its
+    own list against each row's best baseline."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    rows = [("cola", m, "avg2", s, "done", "matthews", v + 0.01 * s, "yes", "")
+            for m, v in (("uniform", 0.20), ("fisher_t", 0.22), ("fisher_w", 0.26)) for s in (0, 1)]
+    lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
+    assert "| Fisher per tensor (nasq's default) |" not in lines[0] and "| Fisher per weight |" in lines[0]
+    assert "| 0.225 ± 0.007 (2) | **0.265 ± 0.007 (2)** | +0.020 vs uniform (beyond the spread" in lines[2], lines[2]
+    assert lines[-7:] == ["", ("Fisher per weight, a candidate for the default, against each row's best baseline by "
+                              "mean (as the targets above), at the 1 rows it ran (generated):"),
+                          "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.060 vs uniform)",
+                          "- higher or equal mean, inside the spread (0): none",
+                          "- lower mean, inside the spread (0): none",
+                          "- lower mean, beyond the spread (0): none",
                           "- one seed on a side, no claim (0): none"], lines
 
 
