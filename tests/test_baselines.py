@@ -28,6 +28,7 @@ from nasq.baselines.hessian import (
     hessian_utilities,
     hutchinson_diagonal,
     quant_perturbations,
+    recorded_weighted_errors,
     tensor_weights,
 )
 from nasq.config import build_config
@@ -825,6 +826,63 @@ def test_cli_uniform_and_random(cli, tiny_model_dir, tmp_path, capsys):
     assert cli(["baseline", "uniform", *common, "--bits", "2", "--rule-bits", "attention=4",
                 "--out", str(tmp_path / "x.json")]) == 2
     assert "--rule-bits is for the rule baseline" in capsys.readouterr().err
+
+
+def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, tiny_model_dir, glue_dir, tmp_path,
+                                                                capsys):
+    """A per-weight Fisher plan records each group's weighted error at each width; --traces-from re-solves it at
+    any budget with no data (the same plan at its own budget), and refuses a record that does not fit."""
+    common = ["--model", str(tiny_model_dir), "--space", "tiny"]
+    measure = ["--task", "mrpc", "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
+               "--set", "model.max_len=32", "--n-batches", "1"]
+    weight = ["--curvature", "fisher", "--granularity", "weight"]
+    first = tmp_path / "w8.json"
+    assert cli(["baseline", "hessian", *common, *measure, *weight, "--ratio", "8", "--out", str(first)]) == 0
+    w8 = Plan.load(first)
+    errors = w8.provenance["weighted_errors"]
+    assert set(errors) == {t.path for t in w8.tensors}
+    assert all(len(errors[t.path]) == t.num_groups and all(len(r) == len(t.choices) and min(r) >= 0
+                                                            for r in errors[t.path]) for t in w8.tensors)
+    for ratio, name in (("8", "again.json"), ("4", "wider.json")):
+        assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(first), "--ratio", ratio,
+                    "--out", str(tmp_path / name)]) == 0  # no --task / --data-dir: nothing read
+    again, wider = Plan.load(tmp_path / "again.json"), Plan.load(tmp_path / "wider.json")
+    assert again.bits_per_group() == w8.bits_per_group() and again.provenance["traces_from"] == str(first)
+    assert again.provenance["weighted_errors"] == errors  # a re-solved plan records them too: it chains
+    assert wider.totals["avg_bits"] > w8.totals["avg_bits"] and wider.totals["within_budget"]
+    # the per-tensor traces are recorded beside them: the per-tensor plan of the same estimate
+    assert cli(["baseline", "fisher", *common, "--traces-from", str(first), "--ratio", "8",
+                "--out", str(tmp_path / "t8.json")]) == 0
+    per_tensor = tmp_path / "t8.json"
+    assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(per_tensor), "--ratio", "8",
+                "--out", str(tmp_path / "x.json")]) == 2
+    assert "not a per-weight Fisher plan" in capsys.readouterr().err
+    raw = json.loads(first.read_text())  # the plan file is untrusted
+    path = next(iter(raw["provenance"]["weighted_errors"]))
+    for edit, message in (
+            (lambda e: e[path][0].__setitem__(0, -1.0), f"weighted_errors['{path}'][0][0] must be a finite number"),
+            (lambda e: e[path][0].__setitem__(1, "1"), "got 1"),
+            (lambda e: e[path][0].__setitem__(1, 1e300), "must be a finite number in [0, 1e+12]"),
+            (lambda e: e[path].pop(), f"weighted_errors['{path}'] must be"),
+            (lambda e: e[path].__setitem__(0, 3.0), f"weighted_errors['{path}'] must be"),
+            (lambda e: e.pop(path), f"no weighted errors for tensor {path}"),
+    ):
+        edited = json.loads(json.dumps(raw))
+        edit(edited["provenance"]["weighted_errors"])
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(edited))
+        assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(bad), "--ratio", "8",
+                    "--out", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err
+    # a space with fewer widths takes their columns; a width never recorded is refused
+    fewer = [dataclasses.replace(t, choices=t.choices[1:]) for t in tensors]
+    picked = recorded_weighted_errors(w8, fewer, "w8.json")
+    assert [p.tolist() for p in picked] == [[r[1:] for r in errors[t.path]] for t in tensors]
+    with pytest.raises(NasqError, match=r"w8.json: tensor .* has weighted errors at widths .*, not at \[3\]"):
+        recorded_weighted_errors(w8, [dataclasses.replace(tensors[0], choices=(2, 3))], "w8.json")
+    with pytest.raises(NasqError, match="in 4 row groups there but 32x32 in 1 here"):
+        recorded_weighted_errors(w8, [dataclasses.replace(tensors[0], group_sizes=(tensors[0].rows,))], "w8.json")
+    assert not (tmp_path / "x.json").exists()
 
 
 @pytest.mark.parametrize("method", ["hessian", "measured"])

@@ -47,6 +47,7 @@ from nasq.baselines.hessian import (
     GRANULARITIES,
     hessian_allocation,
     recorded_traces,
+    recorded_weighted_errors,
     tensor_weights,
 )
 from nasq.baselines.measured import SPREADS, measured_allocation
@@ -303,9 +304,10 @@ def check_hessian_options(method: str, granularity: str = "group", curvature: st
             raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
     if traces_from is not None and method != "hessian":
         raise NasqError(f"--traces-from is for the fisher and hessian baselines, not {method}")
-    if traces_from is not None and granularity != "tensor":
+    if traces_from is not None and granularity == "group":
         raise NasqError("--traces-from gives one trace per tensor, so it scores groups by their tensor's: add "
-                        "--granularity tensor (or use the fisher baseline)")
+                        "--granularity tensor (or use the fisher baseline; --granularity weight re-solves a "
+                        "per-weight plan from the errors it recorded)")
 
 
 def resolve_recipe(method: str, granularity: str | None = None,
@@ -361,7 +363,8 @@ def baseline_plan(
     Hessian (Hutchinson, the default) or of its Gauss-Newton part (the Fisher, exact), see
     :func:`nasq.baselines.hessian.hessian_allocation`; ``traces_from``: a hessian (or fisher) plan's path whose
     recorded per-tensor traces are re-solved at this budget (per tensor; no data read,
-    :func:`nasq.baselines.hessian.recorded_traces`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    :func:`nasq.baselines.hessian.recorded_traces`; per weight: the groups' recorded weighted errors,
+    :func:`nasq.baselines.hessian.recorded_weighted_errors`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance. ``latency``
     (:func:`baseline_latency`; ``hessian``, ``fisher`` and ``measured`` only): allocate under that latency
     instead of ``budget``'s bytes (module docstring); the provenance records ``latency_budget_ms``,
@@ -413,9 +416,12 @@ def baseline_plan(
             damage = load_damage(damage_from, tensors, quant_mode=space.quant_mode)
         else:  # several measured plans: their damages pooled, weighted by their measured rows
             damage, pooled_rows = load_pooled_damage(damage_from, tensors, quant_mode=space.quant_mode)
-        traces = None
+        traces = errors = None
         if traces_from is not None:
-            traces = recorded_traces(Plan.load(traces_from), tensors, curvature, str(traces_from))
+            recorded = Plan.load(traces_from)
+            traces = recorded_traces(recorded, tensors, curvature, str(traces_from))
+            if granularity == "weight":
+                errors = recorded_weighted_errors(recorded, tensors, str(traces_from))
         if data is None and damage is None and traces is None:
             raise NasqError(f"the {method} baseline needs task data (--task / --data-dir)")
         info: dict[str, Any] = {}
@@ -424,7 +430,7 @@ def baseline_plan(
         cap, common["costs"] = _knapsack_costs(tensors, budget, latency)
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
-                                     curvature=curvature, traces=traces, **common)
+                                     curvature=curvature, traces=traces, weighted_errors=errors, **common)
             h = "H" if curvature == "hutchinson" else "G"
             utility = {"group": f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2",
                        "tensor": f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)",

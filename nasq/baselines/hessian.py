@@ -49,7 +49,9 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
   group's average curvature times its summed error. The two agree when curvature and error are uncorrelated inside
   a group; they differ where the large errors fall on the sensitive weights (e.g. the columns of outlier input
   channels, whose ``G_ii`` carry ``x_j^2``). Pruned rows' biases are weighted by their rows' mean ``G_ii``. The
-  Hutchinson diagonal is refused here: per weight it is mostly noise and can be negative.
+  Hutchinson diagonal is refused here: per weight it is mostly noise and can be negative. The plan records each
+  group's weighted error at each width (``provenance["weighted_errors"]``, 6 significant digits, the values the
+  knapsack was solved with), so :func:`recorded_weighted_errors` re-solves it at any budget with no data.
 
 The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
 :func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
@@ -91,12 +93,14 @@ __all__ = [
     "quant_perturbations",
     "quantized_rows",
     "recorded_traces",
+    "recorded_weighted_errors",
     "tensor_weights",
     "weight_curvatures",
     "weighted_perturbations",
 ]
 
 CLAMP_FRACTION = 1e-3
+RECORD_DIGITS = 6  # significant digits of the recorded per-weight errors (the knapsack solves with the same values)
 GRANULARITIES = ("group", "tensor", "weight")
 CURVATURES = ("hutchinson", "fisher")
 
@@ -418,6 +422,7 @@ def hessian_allocation(
     granularity: str = "group",
     curvature: str = "hutchinson",
     traces: Sequence[np.ndarray] | None = None,
+    weighted_errors: Sequence[np.ndarray] | None = None,
     info: dict | None = None,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` with a cost within
@@ -429,9 +434,11 @@ def hessian_allocation(
     (``"tensor"``, :func:`pooled_traces`) or each weight's own curvature (``"weight"``, Fisher only,
     :func:`weighted_perturbations`); ``curvature``: ``H`` the loss Hessian (``"hutchinson"``) or its
     Gauss-Newton part (``"fisher"``, exact over the batches' rows; ``n_probes`` unused), see :func:`group_traces`.
-    ``traces``: per-tensor traces already estimated (``granularity="tensor"`` only, e.g. :func:`recorded_traces`:
-    one estimate, a plan at every budget); ``data`` and the batch options are then unused.
-    ``info`` (optional dict) receives solver and estimator statistics."""
+    ``traces``: per-tensor traces already estimated (``granularity="tensor"``, e.g. :func:`recorded_traces`: one
+    estimate, a plan at every budget; ``data`` and the batch options are then unused), and for
+    ``granularity="weight"`` with them ``weighted_errors``, each group's ``[G, C]`` weighted errors
+    (:func:`recorded_weighted_errors`). ``info`` (optional dict) receives solver and estimator statistics, and for
+    ``"weight"`` the errors solved with (``weighted_errors``: ``{path: [[e_{g,c}] per group]}``)."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if granularity == "weight" and curvature != "fisher":
@@ -450,13 +457,20 @@ def hessian_allocation(
         traces = pooled if granularity == "tensor" else group_level
         estimate = {"n_batches": n_batches, **({"n_probes": n_probes} if curvature == "hutchinson" else {}),
                     "batch_size": batch_size, "train_rows": len(data.train)}
-    elif granularity != "tensor":
+    elif granularity == "group" or (granularity == "weight" and weighted_errors is None):
         raise NasqError("traces given as per-tensor values score every group by its tensor's trace: use "
-                        "granularity='tensor' (--granularity tensor)")
+                        "granularity='tensor' (--granularity tensor), or 'weight' with the weighted errors a "
+                        "per-weight plan recorded")
     else:
         group_level = pooled = [np.asarray(tr, np.float64) for tr in traces]
     if granularity == "weight":  # the curvature is inside the perturbations: unit traces (nothing clamped)
-        perts = weighted_perturbations(model, tensors, mode, diagonals)
+        if weighted_errors is None:
+            perts = [_recordable(p) for p in weighted_perturbations(model, tensors, mode, diagonals)]
+        else:
+            perts = [np.asarray(p, np.float64) for p in weighted_errors]
+            for t, p in zip(tensors, perts, strict=True):
+                if p.shape != (t.num_groups, len(t.choices)):
+                    raise NasqError(f"{t.path}: weighted errors {p.shape}, expected {(t.num_groups, len(t.choices))}")
         utils, clamped = hessian_utilities([np.ones(t.num_groups) for t in tensors], perts)
     else:
         perts = quant_perturbations(model, tensors, mode)
@@ -471,7 +485,16 @@ def hessian_allocation(
                                           "max": float(flat.max())},
                      "tensor_trace_per_weight": {t.path: float(tr[0])
                                                  for t, tr in zip(tensors, pooled, strict=True)}})
+        if granularity == "weight":
+            info["weighted_errors"] = {t.path: p.tolist() for t, p in zip(tensors, perts, strict=True)}
     return choices_to_bits(tensors, alloc.choices)
+
+
+def _recordable(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to ``RECORD_DIGITS`` significant digits, as the plan records it (so a plan re-solved from its
+    record is the plan itself)."""
+    return np.array([float(f"{x:.{RECORD_DIGITS}g}") for x in np.asarray(a, np.float64).ravel()],
+                    np.float64).reshape(np.shape(a))
 
 
 # a recorded trace per weight beyond this is not a model's (MiniLM's Fisher traces are about 1e-6 to 1e-1)
@@ -511,4 +534,51 @@ def recorded_traces(plan: Plan, tensors: Sequence[SearchedTensor], curvature: st
             raise NasqError(f"{source}: tensor_trace_per_weight[{t.path!r}] must be a finite number in "
                             f"[{lo:g}, {MAX_TRACE_PER_WEIGHT:g}], got {str(v)[:40]}")
         out.append(np.full(t.num_groups, f, np.float64))
+    return out
+
+
+def recorded_weighted_errors(plan: Plan, tensors: Sequence[SearchedTensor], source: str) -> list[np.ndarray]:
+    """Each group's weighted error ``sum_{i in g} G_ii (w_i - Q_c(w_i))^2`` at each width a per-weight Fisher plan
+    recorded (``provenance["weighted_errors"]``: ``{path: [[e_{g,c} for c in the tensor's choices] per group]}``),
+    as ``[G, C]`` arrays in the order of ``tensors`` and of each tensor's choices: one estimate gives the per-weight
+    plans of every budget, in any space of the same model whose tensors have the recorded row groups and a subset of
+    the recorded widths. The plan file is untrusted: every searched tensor must be there with the same shape and
+    groups, every value a finite number in ``[0, MAX_TRACE_PER_WEIGHT]``, else ``NasqError`` naming ``source`` and
+    the tensor."""
+    prov, table = plan.provenance, plan.provenance.get("weighted_errors")
+    if prov.get("method") != "hessian" or prov.get("granularity") != "weight" or not isinstance(table, dict):
+        raise NasqError(f"{source}: not a per-weight Fisher plan (its provenance has no weighted_errors), so it "
+                        "cannot give per-weight plans; give a plan made with `nasq baseline hessian --curvature "
+                        "fisher --granularity weight`, or re-solve its per-tensor traces with --granularity tensor")
+    if prov.get("curvature") != "fisher":
+        raise NasqError(f"{source}: a per-weight plan must be of the 'fisher' curvature, not "
+                        f"{str(prov.get('curvature'))[:40]!r}")
+    recorded = {t.path: t for t in plan.tensors}
+    out = []
+    for t in tensors:
+        rows, r = table.get(t.path), recorded.get(t.path)
+        if rows is None or r is None:
+            raise NasqError(f"{source}: no weighted errors for tensor {t.path}; give a plan of the same model")
+        if (r.rows, r.cols) != (t.rows, t.cols) or list(r.group_sizes) != list(t.group_sizes):
+            raise NasqError(f"{source}: tensor {t.path} is {r.rows}x{r.cols} in {len(r.group_sizes)} row groups "
+                            f"there but {t.rows}x{t.cols} in {t.num_groups} here; give a plan of the same model and "
+                            "group size")
+        missing = sorted(set(t.choices) - set(r.choices))
+        if missing:
+            raise NasqError(f"{source}: tensor {t.path} has weighted errors at widths {list(r.choices)}, not at "
+                            f"{missing}; give a plan made in a space with these widths")
+        if not isinstance(rows, list) or len(rows) != t.num_groups or any(
+                not isinstance(row, list) or len(row) != len(r.choices) for row in rows):
+            raise NasqError(f"{source}: weighted_errors[{t.path!r}] must be {t.num_groups} lists of "
+                            f"{len(r.choices)} numbers (one per width {list(r.choices)})")
+        values = np.zeros((t.num_groups, len(t.choices)), np.float64)
+        cols = [list(r.choices).index(c) for c in t.choices]
+        for g, row in enumerate(rows):
+            for k, j in enumerate(cols):
+                f = finite_number(row[j])
+                if f is None or not 0.0 <= f <= MAX_TRACE_PER_WEIGHT:
+                    raise NasqError(f"{source}: weighted_errors[{t.path!r}][{g}][{j}] must be a finite number in "
+                                    f"[0, {MAX_TRACE_PER_WEIGHT:g}], got {str(row[j])[:40]}")
+                values[g, k] = f
+        out.append(values)
     return out

@@ -82,7 +82,9 @@ def register(subparsers) -> None:
     p.add_argument("--traces-from", metavar="PLAN.json",
                    help="fisher, hessian --granularity tensor: re-solve at this budget from the per-tensor traces a "
                    "fisher or hessian plan recorded (no data read: one estimate, a plan at every budget; a plan of "
-                   "the same model, any space of its tensors, the same --curvature)")
+                   "the same model, any space of its tensors, the same --curvature); --granularity weight: from "
+                   "the per-group weighted errors a per-weight plan recorded (the same row groups, a subset of "
+                   "its widths)")
     p.add_argument("--time-limit", type=float, default=20.0, help="MILP time limit in seconds (default 20)")
     p.set_defaults(fn=cmd_baseline)
 
