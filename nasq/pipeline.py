@@ -5,7 +5,8 @@ The plan comes from one of three allocators (``--allocator``):
 * ``fisher`` (the default): the Fisher allocation (``nasq baseline fisher``, which is ``nasq baseline hessian
   --curvature fisher --granularity tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per
   weight times each width's quantization error, then the exact knapsack), on the preset's ``fisher_batches``
-  train batches (the protocol's 16); about a minute. Under the fair protocol (3 seeds a cell, README Results) it
+  train batches (the protocol's 16); about a minute. ``granularity="weight"`` (``--granularity weight``): each
+  weight's own Gauss-Newton diagonal times its own error instead (a candidate for the default: README Results). Under the fair protocol (3 seeds a cell, README Results) it
   was level with the measured allocation or ahead of it at every cell both ran (beyond the seeds' spread at CoLA
   avg 2.5 bits and 10 MB), behind it beyond the spread at none, and it plans in a fifth of the time; it trains
   nothing.
@@ -48,7 +49,13 @@ import shutil
 import time
 from pathlib import Path
 
-from nasq.baselines.allocators import FISHER_BATCHES, allocate_plan, check_measured_options
+from nasq.baselines.allocators import (
+    FISHER_BATCHES,
+    allocate_plan,
+    check_hessian_options,
+    check_measured_options,
+    resolve_recipe,
+)
 from nasq.config import BUDGET_KEYS, Config, SearchConfig, build_config
 from nasq.contract.cost import load_latency_table
 from nasq.contract.model_dir import load_model_dir
@@ -251,12 +258,17 @@ def plan_allocator(provenance: dict) -> str:
     return "search"
 
 
-def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None) -> None:
+def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None,
+                    granularity: str | None = None) -> None:
     """The allocator's name, its options, and a budget for ``measured`` and ``fisher`` (size or latency); run
     before any stage, so a bad choice costs no training."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options(allocator, refine_rounds=refine_rounds)
+    if granularity is not None:
+        if allocator != "fisher":
+            raise NasqError(f"--granularity is for the fisher allocator, not {allocator}")
+        check_hessian_options("hessian", granularity, "fisher")
     if measure_batches is not None:
         if allocator not in SIZE_ALLOCATORS:
             raise NasqError(f"--measure-batches is for the measured and fisher allocators, not {allocator}")
@@ -284,10 +296,12 @@ def allocation_batches(preset: dict, allocator: str, measure_batches: int | None
 
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
-                 allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None) -> dict:
+                 allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None,
+                 granularity: str | None = None) -> dict:
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
     ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
-    preset's ``measure_batches`` or ``fisher_batches``)."""
+    preset's ``measure_batches`` or ``fisher_batches``); ``granularity``: the fisher allocator's (None: its
+    recipe's, per tensor; ``"weight"``: per weight)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]
@@ -295,7 +309,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
-    check_allocator(configs["search"], allocator, refine_rounds, measure_batches)
+    check_allocator(configs["search"], allocator, refine_rounds, measure_batches, granularity)
     n_measure = allocation_batches(p, allocator, measure_batches)
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
@@ -322,11 +336,16 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     t0 = time.time()
     search_dir, plan_path = out / "search", out / "plan.json"
     if output_complete("plan", plan_path):  # resumed: the plan there must be the chosen allocator's
-        made_by = plan_allocator(Plan.load(plan_path).provenance)
+        made = Plan.load(plan_path).provenance
+        made_by = plan_allocator(made)
         if made_by != allocator:
             hint = f"resume with --allocator {made_by}, or " if made_by in ALLOCATORS else ""
             raise NasqError(f"{plan_path} was made by {made_by!r}, not by --allocator {allocator}; {hint}start a "
                             "new --out")
+        wanted = resolve_recipe("fisher", granularity)[1]
+        if allocator == "fisher" and made.get("granularity") != wanted:
+            raise NasqError(f"{plan_path} was made by the fisher allocator per {made.get('granularity')}, not per "
+                            f"{wanted}; resume with --granularity {made.get('granularity')}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
@@ -336,8 +355,10 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         times["allocate_s"] = time.time() - t0
     elif allocator == "fisher":
         if not output_complete("plan", plan_path):
-            log(f"[2-3/6] Fisher allocation ({n_measure} batches) -> {plan_path}")
-            allocate_plan("fisher", configs["search"], n_batches=n_measure).save(plan_path, overwrite=True)
+            per = resolve_recipe("fisher", granularity)[1]
+            log(f"[2-3/6] Fisher allocation per {per} ({n_measure} batches) -> {plan_path}")
+            allocate_plan("fisher", configs["search"], n_batches=n_measure,
+                          granularity=granularity).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
         if not output_complete("run", search_dir):

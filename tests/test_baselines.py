@@ -843,8 +843,9 @@ def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, ti
     assert set(errors) == {t.path for t in w8.tensors}
     assert all(len(errors[t.path]) == t.num_groups and all(len(r) == len(t.choices) and min(r) >= 0
                                                             for r in errors[t.path]) for t in w8.tensors)
-    for ratio, name in (("8", "again.json"), ("4", "wider.json")):
-        assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(first), "--ratio", ratio,
+    for method, ratio, name in ((["hessian", *weight], "8", "again.json"),
+                                (["fisher", "--granularity", "weight"], "4", "wider.json")):  # the same recipe
+        assert cli(["baseline", *method, *common, "--traces-from", str(first), "--ratio", ratio,
                     "--out", str(tmp_path / name)]) == 0  # no --task / --data-dir: nothing read
     again, wider = Plan.load(tmp_path / "again.json"), Plan.load(tmp_path / "wider.json")
     assert again.bits_per_group() == w8.bits_per_group() and again.provenance["traces_from"] == str(first)
@@ -925,9 +926,9 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert {k: n.provenance[k] for k in ("method", "curvature", "granularity", "n_batches")} == {
             "method": "hessian", "curvature": "fisher", "granularity": "tensor", "n_batches": 1}
         assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
-                    "--data-dir", str(glue_dir), "--ratio", "8", "--granularity", "group",
+                    "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "hutchinson",
                     "--out", str(tmp_path / "x.json")]) == 2
-        assert "the fisher baseline is the hessian baseline with --granularity tensor" in capsys.readouterr().err
+        assert "the fisher baseline is the hessian baseline with --curvature fisher" in capsys.readouterr().err
         # one estimate, a plan at every budget: re-solved from the traces a plan recorded, no data read
         resolve = ["--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc"]
         assert cli(["baseline", "fisher", *resolve, "--traces-from", str(named), "--ratio", "8",

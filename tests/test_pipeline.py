@@ -105,6 +105,18 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
                                         "--allocator fisher"):
         run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None,
                      allocator="measured")
+    stamp = (out / "plan.json").stat().st_mtime_ns
+    with pytest.raises(NasqError, match="made by the fisher allocator per tensor, not per weight; resume with "
+                                        "--granularity tensor"):
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, granularity="weight")
+    assert (out / "plan.json").stat().st_mtime_ns == stamp
+    # per weight, from the same teacher: its plan records the errors it was solved with
+    per_weight = tmp_path / "pipe_w"
+    s = run_pipeline(per_weight, preset="smoke", user_layers=layers, teacher=str(out / "teacher"),
+                     log=lambda *a: None, measure_batches=1, granularity="weight")
+    prov = Plan.load(per_weight / "plan.json").provenance
+    assert (prov["granularity"], plan_allocator(prov)) == ("weight", "fisher") and "weighted_errors" in prov
+    assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     assert plan_allocator({"method": "nasq-search"}) == "search"
     assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"
 
@@ -246,6 +258,12 @@ def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir
     with pytest.raises(NasqError, match="--measure-batches must be an integer >= 1, got 0"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      measure_batches=0)
+    with pytest.raises(NasqError, match="--granularity is for the fisher allocator, not measured"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     allocator="measured", granularity="weight")
+    with pytest.raises(NasqError, match="--granularity must be one of group, tensor, weight, got 'row'"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     granularity="row")
     with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="measured", refine_rounds=-1)

@@ -22,8 +22,9 @@
   contain 0 can be pruned.
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
 * ``fisher``: ``hessian``'s recipe that ``nasq pipeline`` allocates with by default (``FISHER_RECIPE``): the
-  Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor, on ``FISHER_BATCHES`` train
-  batches unless told otherwise; its plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
+  Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor (``granularity="weight"``: each
+  weight's own curvature times its own error), on ``FISHER_BATCHES`` train batches unless told otherwise; its
+  plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
 * ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
   quantized, see :mod:`nasq.baselines.measured`.
 
@@ -313,15 +314,14 @@ def check_hessian_options(method: str, granularity: str = "group", curvature: st
 def resolve_recipe(method: str, granularity: str | None = None,
                    curvature: str | None = None) -> tuple[str, str, str]:
     """``(method, granularity, curvature)`` with the Hessian options' defaults filled in (None: not given) and
-    ``fisher`` spelled as the ``hessian`` baseline it is (``FISHER_RECIPE``); ``NasqError`` when ``fisher`` is
-    given a granularity or curvature other than its recipe's."""
+    ``fisher`` spelled as the ``hessian`` baseline it is (``FISHER_RECIPE``: its curvature always, its granularity
+    unless another is given, e.g. ``weight``); ``NasqError`` when ``fisher`` is given another curvature."""
     if method != "fisher":
         return method, granularity or "group", curvature or "hutchinson"
-    for flag, value in (("granularity", granularity), ("curvature", curvature)):
-        if value is not None and value != FISHER_RECIPE[flag]:  # the recipe fixes both
-            raise NasqError(f"--{flag} {value}: the fisher baseline is the hessian baseline with --{flag} "
-                            f"{FISHER_RECIPE[flag]}; for another --{flag}, use the hessian baseline")
-    return "hessian", FISHER_RECIPE["granularity"], FISHER_RECIPE["curvature"]
+    if curvature is not None and curvature != FISHER_RECIPE["curvature"]:  # the recipe fixes the curvature
+        raise NasqError(f"--curvature {curvature}: the fisher baseline is the hessian baseline with --curvature "
+                        f"{FISHER_RECIPE['curvature']}; for another --curvature, use the hessian baseline")
+    return "hessian", granularity or FISHER_RECIPE["granularity"], FISHER_RECIPE["curvature"]
 
 
 def baseline_plan(
@@ -475,8 +475,8 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
     (read only by ``hessian``, ``fisher`` and ``measured``, and only after every option is checked); ``measured``
-    shows a progress bar of its forwards. ``fisher`` is ``hessian`` with ``FISHER_RECIPE`` (its own
-    ``granularity`` / ``curvature`` are refused); ``n_batches`` None: :func:`default_batches`. The other
+    shows a progress bar of its forwards. ``fisher`` is ``hessian`` with ``FISHER_RECIPE`` (another ``curvature``
+    is refused; ``granularity`` None: the recipe's); ``n_batches`` None: :func:`default_batches`. The other
     arguments are :func:`baseline_plan`'s."""
     if method not in METHODS:
         raise NasqError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
