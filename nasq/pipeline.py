@@ -5,11 +5,11 @@ The plan comes from one of three allocators (``--allocator``):
 * ``fisher`` (the default): the Fisher allocation (``nasq baseline fisher``, which is ``nasq baseline hessian
   --curvature fisher --granularity tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per
   weight times each width's quantization error, then the exact knapsack), on the preset's ``fisher_batches``
-  train batches (the protocol's 16); about a minute. ``granularity="weight"`` (``--granularity weight``): each
-  weight's own Gauss-Newton diagonal times its own error instead (a candidate for the default: README Results). Under the fair protocol (3 seeds a cell, README Results) it
+  train batches (the protocol's 16); about a minute. Under the fair protocol (3 seeds a cell, README Results) it
   was level with the measured allocation or ahead of it at every cell both ran (beyond the seeds' spread at CoLA
   avg 2.5 bits and 10 MB), behind it beyond the spread at none, and it plans in a fifth of the time; it trains
-  nothing.
+  nothing. ``granularity="weight"`` (``--granularity weight``): each weight's own Gauss-Newton diagonal times its
+  own error instead (a candidate for the default: README Results).
 * ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
   every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
