@@ -683,17 +683,17 @@ def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_
 
 
 def test_fisher_is_the_hessian_baseline_with_its_recipe():
-    """`fisher` names `hessian --curvature fisher --granularity tensor` on 16 batches; its own options may only
-    repeat the recipe; the other methods get the Hessian options' defaults where none are given."""
+    """`fisher` names `hessian --curvature fisher --granularity tensor` on 16 batches; its curvature is fixed, its
+    granularity a default (per weight on request); the other methods get the Hessian options' defaults where none
+    are given."""
     assert resolve_recipe("fisher") == ("hessian", "tensor", "fisher")
     assert resolve_recipe("fisher", "tensor", "fisher") == ("hessian", "tensor", "fisher")
+    assert resolve_recipe("fisher", "weight") == ("hessian", "weight", "fisher")
     assert resolve_recipe("hessian") == ("hessian", "group", "hutchinson")
     assert resolve_recipe("hessian", "tensor", "fisher") == ("hessian", "tensor", "fisher")
     assert resolve_recipe("measured") == ("measured", "group", "hutchinson")
-    with pytest.raises(NasqError, match="--granularity group: the fisher baseline is the hessian baseline with "
-                                        "--granularity tensor; for another --granularity, use the hessian baseline"):
-        resolve_recipe("fisher", "group")
-    with pytest.raises(NasqError, match="--curvature hutchinson: the fisher baseline"):
+    with pytest.raises(NasqError, match="--curvature hutchinson: the fisher baseline is the hessian baseline with "
+                                        "--curvature fisher; for another --curvature, use the hessian baseline"):
         resolve_recipe("fisher", curvature="hutchinson")
     assert (default_batches("fisher"), default_batches("hessian"), default_batches("measured")) == (16, 8, 8)
 
