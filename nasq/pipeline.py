@@ -311,6 +311,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     configs = pipeline_configs(p, user_layers, out, teacher, log)
     check_allocator(configs["search"], allocator, refine_rounds, measure_batches, granularity)
     n_measure = allocation_batches(p, allocator, measure_batches)
+    fisher_per = resolve_recipe("fisher", granularity)[1] if allocator == "fisher" else None
     if teacher is not None and not (Path(teacher) / "model").is_dir():
         raise NasqError(f"--teacher {teacher}: not a finished fine-tune run (no model/ directory).")
     if not resume:
@@ -342,10 +343,9 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
             hint = f"resume with --allocator {made_by}, or " if made_by in ALLOCATORS else ""
             raise NasqError(f"{plan_path} was made by {made_by!r}, not by --allocator {allocator}; {hint}start a "
                             "new --out")
-        wanted = resolve_recipe("fisher", granularity)[1]
-        if allocator == "fisher" and made.get("granularity") != wanted:
+        if fisher_per is not None and made.get("granularity") != fisher_per:
             raise NasqError(f"{plan_path} was made by the fisher allocator per {made.get('granularity')}, not per "
-                            f"{wanted}; resume with --granularity {made.get('granularity')}, or start a new --out")
+                            f"{fisher_per}; resume with --granularity {made.get('granularity')}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
@@ -355,8 +355,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         times["allocate_s"] = time.time() - t0
     elif allocator == "fisher":
         if not output_complete("plan", plan_path):
-            per = resolve_recipe("fisher", granularity)[1]
-            log(f"[2-3/6] Fisher allocation per {per} ({n_measure} batches) -> {plan_path}")
+            log(f"[2-3/6] Fisher allocation per {fisher_per} ({n_measure} batches) -> {plan_path}")
             allocate_plan("fisher", configs["search"], n_batches=n_measure,
                           granularity=granularity).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
