@@ -256,13 +256,15 @@ class Target(NamedTuple):
     sensitivity: Margin | None  # against nasq's other sensitivity allocator
     unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
     candidate: Margin | None = None  # :data:`CANDIDATE` against the best baseline
+    candidate_vs_default: Margin | None = None  # :data:`CANDIDATE` against :data:`DEFAULT`, head to head
 
 
 def targets_text(targets: list[Target]) -> list[str]:
     """Issue 16's targets, row by row: nasq's default at least the best baseline's mean at every budget (above it by
     more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher; then the
     default against nasq's other sensitivity allocator at every row both ran; then :data:`CANDIDATE` against the best
-    baseline, as the default, at every row it ran."""
+    baseline, as the default, at every row it ran, and against the default at every row both ran (what deciding to
+    switch the default rests on)."""
     lines = []
     if any(t.margin for t in targets):
         lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
@@ -287,6 +289,11 @@ def targets_text(targets: list[Target]) -> list[str]:
         lines += ["", (f"{name(CANDIDATE)}, a candidate for the default, against each row's best baseline by mean (as "
                        f"the targets above), at the {len(cand)} rows it ran (generated):")]
         lines += verdict_lines(cand)
+    duel = [(t.label, t.metric_name, t.candidate_vs_default, ()) for t in targets if t.candidate_vs_default]
+    if duel:
+        lines += ["", (f"{name(CANDIDATE)} against {name(DEFAULT)} (nasq's default), head to head, at the {len(duel)} "
+                       "rows both ran (generated):")]
+        lines += verdict_lines(duel)
     return lines
 
 
@@ -376,10 +383,13 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
                     sens = sensitivity_margin(by_method, ranked)
                     cand = baseline_margin(by_method, ranked, CANDIDATE)
-                    if margin is not None or sens is not None or cand is not None:
+                    duel = (margin_against(by_method, ranked, DEFAULT, CANDIDATE)
+                            if CANDIDATE != DEFAULT and {CANDIDATE, DEFAULT} <= ranked.keys() else None)
+                    if margin is not None or sens is not None or cand is not None or duel is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
-                                                              candidate=cand), set(ranked)))
+                                                              candidate=cand, candidate_vs_default=duel),
+                                        set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]

@@ -171,13 +171,24 @@ def test_the_candidate_has_a_column_and_its_own_verdicts(summary, tmp_path, monk
     lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
     assert "| Fisher per tensor (nasq's default) |" not in lines[0] and "| Fisher per weight |" in lines[0]
     assert "| 0.225 ± 0.007 (2) | **0.265 ± 0.007 (2)** | +0.020 vs uniform (beyond the spread" in lines[2], lines[2]
-    assert lines[-7:] == ["", ("Fisher per weight, a candidate for the default, against each row's best baseline by "
-                              "mean (as the targets above), at the 1 rows it ran (generated):"),
-                          "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.060 vs uniform)",
+    assert lines[-14:-7] == ["", ("Fisher per weight, a candidate for the default, against each row's best baseline "
+                                  "by mean (as the targets above), at the 1 rows it ran (generated):"),
+                             "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.060 vs uniform)",
+                             "- higher or equal mean, inside the spread (0): none",
+                             "- lower mean, inside the spread (0): none",
+                             "- lower mean, beyond the spread (0): none",
+                             "- one seed on a side, no claim (0): none"], lines
+    # and head to head against the default, at the rows both ran
+    assert lines[-7:] == ["", ("Fisher per weight against Fisher per tensor (nasq's default), head to head, at the 1 "
+                              "rows both ran (generated):"),
+                          "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.040 vs Fisher per tensor)",
                           "- higher or equal mean, inside the spread (0): none",
                           "- lower mean, inside the spread (0): none",
                           "- lower mean, beyond the spread (0): none",
                           "- one seed on a side, no claim (0): none"], lines
+    # a row without the candidate has no head-to-head entry
+    lines = summary.table(_write(tmp_path / "b", [r for r in rows if r[1] != "fisher_w"]), (("g.yaml", "res", ""),))
+    assert not any("head to head" in ln for ln in lines), lines
 
 
 def test_replace_block_needs_one_block(summary):
