@@ -23,8 +23,8 @@
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
 * ``fisher``: ``hessian``'s recipe that ``nasq pipeline`` allocates with by default (``FISHER_RECIPE``): the
   Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor (or, with
-  ``granularity="weight"``, each weight's own curvature times its own error), on ``FISHER_BATCHES`` train batches unless told otherwise; its
-  plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
+  ``granularity="weight"``, each weight's own curvature times its own error), on ``FISHER_BATCHES`` train batches
+  unless told otherwise; its plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
 * ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
   quantized, see :mod:`nasq.baselines.measured`.
 

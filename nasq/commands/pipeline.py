@@ -30,8 +30,8 @@ def register(sub) -> None:
     p.add_argument("--granularity", choices=("tensor", "weight"), default=None,
                    help="--allocator fisher: one Gauss-Newton trace per tensor times each group's error (default), "
                    "or each weight's own curvature times its own error (weight: a candidate for the default; "
-                   "ahead of the best baseline beyond the spread at SST-2 and MRPC avg 1.5 bits and CoLA avg 3, level at 7 "
-                   "other rows, see README Results)")
+                   "ahead of the best baseline beyond the spread at SST-2 and MRPC avg 1.5 bits and CoLA avg 3, "
+                   "level at 7 other rows, see README Results)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
