@@ -1,6 +1,6 @@
 """The README's results table, generated from the protocol grids' results.csv files (never copied by hand).
 
-One row per (task, budget) of each grid where a sensitivity allocator ran (measured or Fisher per tensor), in the
+One row per (task, budget) of each grid where a sensitivity allocator ran (measured, Fisher per tensor or per weight), in the
 grid config's order: the fp32 teacher, uniform (the widest width that fits), the Hessian baseline, the best other
 baseline (hand rule, random, ...), the two sensitivity allocators, the margin of nasq's default allocator (the
 first of ``nasq.pipeline.ALLOCATORS``) over the best within-budget method that is not it, and the best
@@ -20,7 +20,9 @@ Then issue 16's targets, row by row (:func:`targets_text`): each row's margin ov
 into a verdict (beyond the spread, higher or lower mean inside it, ...), naming the baselines that finished at the
 same task and budget in another grid but not in the row (its verdict does not cover them), and SST-2 avg 2 and 4
 against the teacher;
-last, the same verdicts for nasq's default against its other sensitivity allocator, at every row both ran.
+then the same verdicts for nasq's default against its other sensitivity allocator, measured, at every row both ran;
+last, the previous default (Fisher per tensor) against the best baseline at every row it ran, and nasq's default
+against it head to head.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -55,11 +57,13 @@ END = "<!-- summary:end -->"
 TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA"}
 SHOWN_BASELINES = ("uniform", "hessian")
 # the grid method that runs what each `nasq pipeline --allocator` runs; the two sensitivity allocators get a column
-PIPELINE_METHOD = {"measured": "measured", "fisher": "fisher_t", "search": "nasq"}
+PIPELINE_METHOD = {"measured": "measured", "fisher": "fisher_w", "search": "nasq"}
 SENSITIVITY = ("measured", "fisher_t", "fisher_w")
-# a candidate for the default (grid.OURS: never counted as a baseline), checked against the targets as the default is
-CANDIDATE = "fisher_w"
 DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
+# the default before DEFAULT (until 2026-12-05; never counted as a baseline): its own column, its own verdicts against
+# the best baseline (the record it was chosen on), and DEFAULT against it head to head (what the switch rested on)
+PREVIOUS_DEFAULT = "fisher_t"
+PREVIOUS_SINCE = "2026-12-05"  # the day DEFAULT replaced it
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
@@ -208,7 +212,7 @@ def baseline_margin(by_method: dict[str, list[dict]], ranked: dict, ours: str | 
 
 def sensitivity_margin(by_method: dict[str, list[dict]], ranked: dict) -> Margin | None:
     """The default against nasq's other sensitivity allocator, or None when either did not finish (or is over)."""
-    other = next(m for m in SENSITIVITY if m not in (DEFAULT, CANDIDATE))
+    other = next(m for m in SENSITIVITY if m not in (DEFAULT, PREVIOUS_DEFAULT))
     return margin_against(by_method, ranked, other) if DEFAULT in ranked and other in ranked else None
 
 
@@ -255,16 +259,16 @@ class Target(NamedTuple):
     teacher_gap: tuple[float, float] | None  # (teacher's metric - the default's mean, the allowed gap) or None
     sensitivity: Margin | None  # against nasq's other sensitivity allocator
     unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
-    candidate: Margin | None = None  # :data:`CANDIDATE` against the best baseline
-    candidate_vs_default: Margin | None = None  # :data:`CANDIDATE` against :data:`DEFAULT`, head to head
+    previous: Margin | None = None  # :data:`PREVIOUS_DEFAULT` against the best baseline
+    default_vs_previous: Margin | None = None  # :data:`DEFAULT` against :data:`PREVIOUS_DEFAULT`, head to head
 
 
 def targets_text(targets: list[Target]) -> list[str]:
     """Issue 16's targets, row by row: nasq's default at least the best baseline's mean at every budget (above it by
     more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher; then the
-    default against nasq's other sensitivity allocator at every row both ran; then :data:`CANDIDATE` against the best
-    baseline, as the default, at every row it ran, and against the default at every row both ran (what deciding to
-    switch the default rests on)."""
+    default against nasq's other sensitivity allocator at every row both ran; then :data:`PREVIOUS_DEFAULT` against
+    the best baseline, as the default, at every row it ran, and the default against it at every row both ran (what
+    the switch rested on)."""
     lines = []
     if any(t.margin for t in targets):
         lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
@@ -284,15 +288,15 @@ def targets_text(targets: list[Target]) -> list[str]:
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against nasq's other allocator, {other}, at the "
                       f"{len(pairs)} rows both ran (generated):")]
         lines += verdict_lines(pairs)
-    cand = [(t.label, t.metric_name, t.candidate, t.unrun) for t in targets if t.candidate]
-    if cand:
-        lines += ["", (f"{name(CANDIDATE)}, a candidate for the default, against each row's best baseline by mean (as "
-                       f"the targets above), at the {len(cand)} rows it ran (generated):")]
-        lines += verdict_lines(cand)
-    duel = [(t.label, t.metric_name, t.candidate_vs_default, ()) for t in targets if t.candidate_vs_default]
+    prev = [(t.label, t.metric_name, t.previous, t.unrun) for t in targets if t.previous]
+    if prev:
+        lines += ["", (f"{name(PREVIOUS_DEFAULT)}, nasq's default until {PREVIOUS_SINCE}, against each row's best "
+                       f"baseline by mean (as the targets above), at the {len(prev)} rows it ran (generated):")]
+        lines += verdict_lines(prev)
+    duel = [(t.label, t.metric_name, t.default_vs_previous, ()) for t in targets if t.default_vs_previous]
     if duel:
-        lines += ["", (f"{name(CANDIDATE)} against {name(DEFAULT)} (nasq's default), head to head, at the {len(duel)} "
-                       "rows both ran (generated):")]
+        lines += ["", (f"{name(DEFAULT)} (nasq's default) against {name(PREVIOUS_DEFAULT)} (the default until "
+                       f"{PREVIOUS_SINCE}), head to head, at the {len(duel)} rows both ran (generated):")]
         lines += verdict_lines(duel)
     return lines
 
@@ -330,7 +334,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
     searched = [m for m in grid.SEARCHED if m in ranked]
     search = max(searched, key=lambda m: ranked[m][0]) if searched else None
 
-    bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, *grid.OURS)}
+    bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, PREVIOUS_DEFAULT, *grid.OURS)}
     margin = "no other method finished" if DEFAULT in ranked else "not run"
     if bases and DEFAULT in ranked:
         mg = margin_against(by_method, ranked, max(bases, key=lambda m: bases[m][0]))
@@ -382,13 +386,15 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         allowed = teacher_gap_allowed(task, budget)
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
                     sens = sensitivity_margin(by_method, ranked)
-                    cand = baseline_margin(by_method, ranked, CANDIDATE)
-                    duel = (margin_against(by_method, ranked, DEFAULT, CANDIDATE)
-                            if CANDIDATE != DEFAULT and {CANDIDATE, DEFAULT} <= ranked.keys() else None)
-                    if margin is not None or sens is not None or cand is not None or duel is not None:
+                    prev = duel = None  # none while the default is the previous one
+                    if PREVIOUS_DEFAULT != DEFAULT:
+                        prev = baseline_margin(by_method, ranked, PREVIOUS_DEFAULT)
+                        if {PREVIOUS_DEFAULT, DEFAULT} <= ranked.keys():
+                            duel = margin_against(by_method, ranked, PREVIOUS_DEFAULT)
+                    if margin is not None or sens is not None or prev is not None or duel is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
-                                                              candidate=cand, candidate_vs_default=duel),
+                                                              previous=prev, default_vs_previous=duel),
                                         set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()

@@ -2,14 +2,15 @@
 
 The plan comes from one of three allocators (``--allocator``):
 
-* ``fisher`` (the default): the Fisher allocation (``nasq baseline fisher``, which is ``nasq baseline hessian
-  --curvature fisher --granularity tensor``: each tensor scored by the trace of the loss's Gauss-Newton matrix per
-  weight times each width's quantization error, then the exact knapsack), on the preset's ``fisher_batches``
-  train batches (the protocol's 16); about a minute. Under the fair protocol (3 seeds a cell, README Results) it
-  was level with the measured allocation or ahead of it at every cell both ran (beyond the seeds' spread at CoLA
-  avg 2.5 bits and 10 MB), behind it beyond the spread at none, and it plans in a fifth of the time; it trains
-  nothing. ``granularity="weight"`` (``--granularity weight``): each weight's own Gauss-Newton diagonal times its
-  own error instead (a candidate for the default: README Results).
+* ``fisher`` (the default): the Fisher allocation per weight (``nasq baseline fisher``, which is ``nasq baseline
+  hessian --curvature fisher --granularity weight``: each weight's diagonal of the loss's Gauss-Newton matrix times
+  its own quantization error at each width, summed over its row group, then the exact knapsack), on the preset's
+  ``fisher_batches`` train batches (the protocol's 16); about a minute, and it trains nothing. Under the fair
+  protocol (3 seeds a cell, README Results) it was ahead of the best baseline beyond the seeds' spread at SST-2 and
+  MRPC avg 1.5 bits and CoLA avg 3, level at the other rows it ran, behind beyond the spread at none; against the
+  per-tensor trace (``granularity="tensor"``, ``--granularity tensor``: every row of a tensor scored alike, the
+  default until 2026-12-05) it had the higher mean at 6 of 11 rows (beyond the spread at 3) and the lower at 5
+  (inside the spread: at avg 4 bits it gains nothing).
 * ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
   every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
@@ -301,7 +302,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
     ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
     preset's ``measure_batches`` or ``fisher_batches``); ``granularity``: the fisher allocator's (None: its
-    recipe's, per tensor; ``"weight"``: per weight)."""
+    recipe's, per weight; ``"tensor"``: one trace per tensor)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]

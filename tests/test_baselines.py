@@ -683,10 +683,10 @@ def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_
 
 
 def test_fisher_is_the_hessian_baseline_with_its_recipe():
-    """`fisher` names `hessian --curvature fisher --granularity tensor` on 16 batches; its curvature is fixed, its
-    granularity a default (per weight on request); the other methods get the Hessian options' defaults where none
+    """`fisher` names `hessian --curvature fisher --granularity weight` on 16 batches; its curvature is fixed, its
+    granularity a default (per tensor on request); the other methods get the Hessian options' defaults where none
     are given."""
-    assert resolve_recipe("fisher") == ("hessian", "tensor", "fisher")
+    assert resolve_recipe("fisher") == ("hessian", "weight", "fisher")
     assert resolve_recipe("fisher", "tensor", "fisher") == ("hessian", "tensor", "fisher")
     assert resolve_recipe("fisher", "weight") == ("hessian", "weight", "fisher")
     assert resolve_recipe("hessian") == ("hessian", "group", "hutchinson")
@@ -844,7 +844,7 @@ def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, ti
     assert all(len(errors[t.path]) == t.num_groups and all(len(r) == len(t.choices) and min(r) >= 0
                                                             for r in errors[t.path]) for t in w8.tensors)
     for method, ratio, name in ((["hessian", *weight], "8", "again.json"),
-                                (["fisher", "--granularity", "weight"], "4", "wider.json")):  # the same recipe
+                                (["fisher"], "4", "wider.json")):  # the same recipe (fisher's default: per weight)
         assert cli(["baseline", *method, *common, "--traces-from", str(first), "--ratio", ratio,
                     "--out", str(tmp_path / name)]) == 0  # no --task / --data-dir: nothing read
     again, wider = Plan.load(tmp_path / "again.json"), Plan.load(tmp_path / "wider.json")
@@ -852,7 +852,7 @@ def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, ti
     assert again.provenance["weighted_errors"] == errors  # a re-solved plan records them too: it chains
     assert wider.totals["avg_bits"] > w8.totals["avg_bits"] and wider.totals["within_budget"]
     # the per-tensor traces are recorded beside them: the per-tensor plan of the same estimate
-    assert cli(["baseline", "fisher", *common, "--traces-from", str(first), "--ratio", "8",
+    assert cli(["baseline", "fisher", *common, "--granularity", "tensor", "--traces-from", str(first), "--ratio", "8",
                 "--out", str(tmp_path / "t8.json")]) == 0
     per_tensor = tmp_path / "t8.json"
     assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(per_tensor), "--ratio", "8",
@@ -918,26 +918,31 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert min(f.provenance["tensor_trace_per_weight"].values()) >= 0
         assert p.provenance["curvature"] == "hutchinson"
         named = tmp_path / "fisher.json"  # `fisher`: the same recipe under one name, 16 batches unless told
-        assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
-                    "--data-dir", str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8",
-                    "--set", "model.max_len=32", "--n-batches", "1", "--ratio", "8", "--out", str(named)]) == 0
+        fisher_args = ["--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc", "--data-dir",
+                       str(glue_dir), "--train-subset", "16", "--set", "train.batch_size=8", "--set",
+                       "model.max_len=32", "--n-batches", "1", "--ratio", "8"]
+        assert cli(["baseline", "fisher", *fisher_args, "--granularity", "tensor", "--out", str(named)]) == 0
         n = Plan.load(named)
         assert n.bits_per_group() == f.bits_per_group()
         assert {k: n.provenance[k] for k in ("method", "curvature", "granularity", "n_batches")} == {
             "method": "hessian", "curvature": "fisher", "granularity": "tensor", "n_batches": 1}
+        # per weight unless told (nasq's default since 2026-12-05)
+        assert cli(["baseline", "fisher", *fisher_args, "--out", str(tmp_path / "fw.json")]) == 0
+        fw = Plan.load(tmp_path / "fw.json")
+        assert fw.provenance["granularity"] == "weight" and "weighted_errors" in fw.provenance
         assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                     "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "hutchinson",
                     "--out", str(tmp_path / "x.json")]) == 2
         assert "the fisher baseline is the hessian baseline with --curvature fisher" in capsys.readouterr().err
         # one estimate, a plan at every budget: re-solved from the traces a plan recorded, no data read
         resolve = ["--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc"]
-        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(named), "--ratio", "8",
-                    "--out", str(tmp_path / "again.json")]) == 0
+        assert cli(["baseline", "fisher", *resolve, "--granularity", "tensor", "--traces-from", str(named),
+                    "--ratio", "8", "--out", str(tmp_path / "again.json")]) == 0
         again = Plan.load(tmp_path / "again.json")
         assert again.bits_per_group() == n.bits_per_group() and again.provenance["traces_from"] == str(named)
         assert again.provenance["tensor_trace_per_weight"] == n.provenance["tensor_trace_per_weight"]
-        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(named), "--ratio", "4",
-                    "--out", str(tmp_path / "wider.json")]) == 0
+        assert cli(["baseline", "fisher", *resolve, "--granularity", "tensor", "--traces-from", str(named),
+                    "--ratio", "4", "--out", str(tmp_path / "wider.json")]) == 0
         wider = Plan.load(tmp_path / "wider.json")
         assert wider.totals["avg_bits"] > n.totals["avg_bits"] and wider.totals["within_budget"]
         # a per-group Hutchinson plan records its tensors' pooled traces too: the per-tensor plan of its draws
@@ -945,7 +950,9 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
                     "--ratio", "8", "--out", str(tmp_path / "ht_again.json")]) == 0
         assert Plan.load(tmp_path / "ht_again.json").bits_per_group() == t.bits_per_group()
         for extra, message in (
-                (["fisher", "--traces-from", str(out)], "its traces are of the 'hutchinson' curvature, not 'fisher'"),
+                (["fisher", "--granularity", "tensor", "--traces-from", str(out)],
+                 "its traces are of the 'hutchinson' curvature, not 'fisher'"),
+                (["fisher", "--traces-from", str(named)], "not a per-weight Fisher plan"),
                 (["hessian", "--traces-from", str(named)], "add --granularity tensor"),
                 (["measured", "--traces-from", str(named)], "--traces-from is for the fisher and hessian baselines"),
                 (["fisher", "--traces-from", str(tmp_path / "missing.json")], "missing.json"),
@@ -966,14 +973,14 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
             if value is None:
                 del edited["provenance"]["tensor_trace_per_weight"][path]
             bad.write_text(json.dumps(edited))
-            assert cli(["baseline", "fisher", *resolve, "--traces-from", str(bad), "--ratio", "8",
-                        "--out", str(tmp_path / "x.json")]) == 2
+            assert cli(["baseline", "fisher", *resolve, "--granularity", "tensor", "--traces-from", str(bad),
+                        "--ratio", "8", "--out", str(tmp_path / "x.json")]) == 2
             assert message in capsys.readouterr().err
         edited = json.loads(json.dumps(raw))
         edited["provenance"]["method"] = "measured"
         bad.write_text(json.dumps(edited))
-        assert cli(["baseline", "fisher", *resolve, "--traces-from", str(bad), "--ratio", "8",
-                    "--out", str(tmp_path / "x.json")]) == 2
+        assert cli(["baseline", "fisher", *resolve, "--granularity", "tensor", "--traces-from", str(bad),
+                    "--ratio", "8", "--out", str(tmp_path / "x.json")]) == 2
         assert "not a plan of the hessian or fisher baseline" in capsys.readouterr().err
         assert cli(["baseline", "measured", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
                     "--data-dir", str(glue_dir), "--ratio", "8", "--curvature", "fisher",
