@@ -166,6 +166,19 @@ def test_formats(paths, plan_a):
         rep.render(paths["a"], "xml")
 
 
+def test_the_header_names_a_hessian_plans_recipe(plan_a, tmp_path):
+    """A `nasq baseline fisher` plan is a hessian plan: the header says with which curvature and granularity; a
+    provenance value that is not a short lowercase word (the file is untrusted) is left out."""
+    fisher = tmp_path / "fisher.json"
+    replace(plan_a, provenance={"method": "hessian", "curvature": "fisher", "granularity": "weight"}).save(fisher)
+    assert f"plan: {fisher}  (method hessian, fisher curvature, per weight, space " in rep.render(fisher, "table")
+    assert json.loads(rep.render(fisher, "json"))["recipe"] == ["fisher curvature", "per weight"]
+    odd = tmp_path / "odd.json"
+    replace(plan_a, provenance={"method": "hessian", "curvature": "x\n" * 40, "granularity": "group"}).save(odd)
+    assert "(method hessian, per row group, space " in rep.render(odd, "table")
+    assert rep.method_recipe({"method": "measured", "curvature": "fisher"}) == []
+
+
 def test_rules_cover_every_tensor(plan_a):
     text = rep.format_rules(plan_a)
     assert text.startswith("# ") and "FIRST rule" in text

@@ -216,13 +216,28 @@ def _latency_check(prov: dict) -> dict | None:
     return {"ms": ms, "budget_ms": budget, "within": ms <= budget, "table": prov.get("latency_table")}
 
 
+def method_recipe(provenance: dict) -> list[str]:
+    """What a ``hessian`` plan's method was run with, e.g. ``["fisher curvature", "per weight"]`` (what ``nasq
+    baseline fisher`` makes), else ``[]``. The plan file is untrusted: a value that is not a short lowercase word
+    is left out."""
+    if provenance.get("method") != "hessian":
+        return []
+
+    def word(key: str) -> str | None:
+        v = provenance.get(key)
+        return v if isinstance(v, str) and re.fullmatch(r"[a-z]{1,16}", v) else None
+    curvature, granularity = word("curvature"), word("granularity")
+    return ([f"{curvature} curvature"] * (curvature is not None)
+            + [f"per {'row group' if granularity == 'group' else granularity}"] * (granularity is not None))
+
+
 def summary(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> dict:
     """Everything :func:`format_json` prints: source, kind, note, per-tensor stats, totals, budgets, manifest, and
     with ``damage_from`` the :func:`~nasq.contract.damage.plan_prediction` (key ``prediction``)."""
     a = as_sourced_plan(alloc)
     p = a.plan
     out = {"source": a.source, "kind": a.kind, "note": a.note, "method": p.provenance.get("method"),
-           "space": p.space, "quant_mode": p.quant_mode, "fixed": p.fixed.model_dump(),
+           "recipe": method_recipe(p.provenance), "space": p.space, "quant_mode": p.quant_mode, "fixed": p.fixed.model_dump(),
            "tensors": tensor_stats(p), "totals": dict(p.totals), "budget": p.budget, "budget_check": budget_check(p)}
     if a.manifest is not None:
         m = a.manifest
@@ -300,8 +315,8 @@ def prediction_lines(pred: dict) -> list[str]:
 
 
 def _header_lines(s: dict) -> list[str]:
-    lines = [(f"{s['kind']}: {s['source']}  (method {s['method']}, space {s['space'].get('name')}, "
-             f"{s['quant_mode']})")]
+    method = ", ".join([f"method {s['method']}", *s["recipe"]])
+    lines = [f"{s['kind']}: {s['source']}  ({method}, space {s['space'].get('name')}, {s['quant_mode']})"]
     if s["note"]:
         lines.append(f"NOTE: {s['note']}")
     return lines
