@@ -6,11 +6,11 @@ The plan comes from one of three allocators (``--allocator``):
   hessian --curvature fisher --granularity weight``: each weight's diagonal of the loss's Gauss-Newton matrix times
   its own quantization error at each width, summed over its row group, then the exact knapsack), on the preset's
   ``fisher_batches`` train batches (the protocol's 16); about a minute, and it trains nothing. Under the fair
-  protocol (3 seeds a cell, README Results) it was ahead of the best baseline beyond the seeds' spread at SST-2 and
-  MRPC avg 1.5 bits and CoLA avg 3, level at the other rows it ran, behind beyond the spread at none; against the
-  per-tensor trace (``granularity="tensor"``, ``--granularity tensor``: every row of a tensor scored alike, the
-  default until 2026-12-05) it had the higher mean at 6 of 11 rows (beyond the spread at 3) and the lower at 5
-  (inside the spread: at avg 4 bits it gains nothing).
+  protocol (3 seeds a cell, README Results) it is ahead of the best baseline beyond the seeds' spread at the avg-1.5
+  rows of SST-2 and MRPC, CoLA avg 3 and the 8 MB whole artifact, level at the other rows it ran, behind beyond the
+  spread at none. ``granularity="tensor"`` (``--granularity tensor``: one trace per tensor, every row of a tensor
+  scored alike; the default until 2026-12-05) is level with it at most rows, behind it beyond the spread at some
+  (SST-2 avg 1.5 and 8 MB) and ahead at one (CoLA 10 MB): README Results lists them.
 * ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
   every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until

@@ -109,7 +109,8 @@ LATENCY_METHODS = ("hessian", "fisher", "measured", "random")  # the ones that t
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_w` cells, experiments/protocol.yaml).
 # Per weight replaced per tensor (`fisher_t`) on 2026-12-05 by the rule written before its runs
 # (experiments/results/protocol/NOTES.md): rows on all three tasks, below per tensor beyond the seeds' spread at
-# none, the higher mean at more rows than the lower (6 of 11, beyond the spread at 3; the lower 5 inside it).
+# none, the higher mean at more rows than the lower (6 of 11 then); it stays while the rule for switching back in
+# NOTES.md holds.
 FISHER_RECIPE = {"curvature": "fisher", "granularity": "weight"}
 FISHER_BATCHES = 16  # train batches the Fisher traces are summed over (512 rows at batch 32)
 DEFAULT_BATCHES = 8  # the other data-reading baselines' (hessian per probe, measured per forward)

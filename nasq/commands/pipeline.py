@@ -30,8 +30,8 @@ def register(sub) -> None:
     p.add_argument("--granularity", choices=("tensor", "weight"), default=None,
                    help="--allocator fisher: each weight's own Gauss-Newton curvature times its own error, summed "
                    "per group (default), or one trace per tensor times each group's error (tensor: the default "
-                   "until 2026-12-05; level with per weight at avg 4 bits, behind it at avg 1.5-3, see README "
-                   "Results)")
+                   "until 2026-12-05; level with per weight at most rows, behind or ahead beyond the spread at a "
+                   "few, see README Results)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
