@@ -21,8 +21,8 @@ into a verdict (beyond the spread, higher or lower mean inside it, ...), naming 
 same task and budget in another grid but not in the row (its verdict does not cover them), and SST-2 avg 2 and 4
 against the teacher;
 then the same verdicts for nasq's default against its other sensitivity allocator, measured, at every row both ran;
-last, the previous default (Fisher per tensor) against the best baseline at every row it ran, and nasq's default
-against it head to head.
+last, nasq's other Fisher granularity (``ALTERNATIVE``) against the best baseline at every row it ran, and nasq's
+default against it head to head.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -60,10 +60,11 @@ SHOWN_BASELINES = ("uniform", "hessian")
 PIPELINE_METHOD = {"measured": "measured", "fisher": "fisher_w", "search": "nasq"}
 SENSITIVITY = ("measured", "fisher_t", "fisher_w")
 DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
-# the default before DEFAULT (until 2026-12-05; never counted as a baseline): its own column, its own verdicts against
-# the best baseline (the record it was chosen on), and DEFAULT against it head to head (what the switch rested on)
-PREVIOUS_DEFAULT = "fisher_t"
-PREVIOUS_SINCE = "2026-12-05"  # the day DEFAULT replaced it
+# nasq's other Fisher granularity (never counted as a baseline): its own column, its own verdicts against the best
+# baseline, and DEFAULT against it head to head (what choosing between them rests on: the rules in
+# experiments/results/protocol/NOTES.md); ALTERNATIVE_ROLE says what it is in the generated lists
+ALTERNATIVE = "fisher_t"
+ALTERNATIVE_ROLE = "the default until 2026-12-05"
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
@@ -212,7 +213,7 @@ def baseline_margin(by_method: dict[str, list[dict]], ranked: dict, ours: str | 
 
 def sensitivity_margin(by_method: dict[str, list[dict]], ranked: dict) -> Margin | None:
     """The default against nasq's other sensitivity allocator, or None when either did not finish (or is over)."""
-    other = next(m for m in SENSITIVITY if m not in (DEFAULT, PREVIOUS_DEFAULT))
+    other = next(m for m in SENSITIVITY if m not in (DEFAULT, ALTERNATIVE))
     return margin_against(by_method, ranked, other) if DEFAULT in ranked and other in ranked else None
 
 
@@ -259,16 +260,16 @@ class Target(NamedTuple):
     teacher_gap: tuple[float, float] | None  # (teacher's metric - the default's mean, the allowed gap) or None
     sensitivity: Margin | None  # against nasq's other sensitivity allocator
     unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
-    previous: Margin | None = None  # :data:`PREVIOUS_DEFAULT` against the best baseline
-    default_vs_previous: Margin | None = None  # :data:`DEFAULT` against :data:`PREVIOUS_DEFAULT`, head to head
+    alternative: Margin | None = None  # :data:`ALTERNATIVE` against the best baseline
+    default_vs_alternative: Margin | None = None  # :data:`DEFAULT` against :data:`ALTERNATIVE`, head to head
 
 
 def targets_text(targets: list[Target]) -> list[str]:
     """Issue 16's targets, row by row: nasq's default at least the best baseline's mean at every budget (above it by
     more than the spread at avg <= 2.5 bits), and on SST-2 within :data:`TEACHER_GAPS` of the fp32 teacher; then the
-    default against nasq's other sensitivity allocator at every row both ran; then :data:`PREVIOUS_DEFAULT` against
+    default against nasq's other sensitivity allocator at every row both ran; then :data:`ALTERNATIVE` against
     the best baseline, as the default, at every row it ran, and the default against it at every row both ran (what
-    the switch rested on)."""
+    choosing between them rests on)."""
     lines = []
     if any(t.margin for t in targets):
         lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
@@ -288,15 +289,15 @@ def targets_text(targets: list[Target]) -> list[str]:
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against nasq's other allocator, {other}, at the "
                       f"{len(pairs)} rows both ran (generated):")]
         lines += verdict_lines(pairs)
-    prev = [(t.label, t.metric_name, t.previous, t.unrun) for t in targets if t.previous]
+    prev = [(t.label, t.metric_name, t.alternative, t.unrun) for t in targets if t.alternative]
     if prev:
-        lines += ["", (f"{name(PREVIOUS_DEFAULT)}, nasq's default until {PREVIOUS_SINCE}, against each row's best "
-                       f"baseline by mean (as the targets above), at the {len(prev)} rows it ran (generated):")]
+        lines += ["", (f"{name(ALTERNATIVE)}, {ALTERNATIVE_ROLE}, against each row's best baseline by mean (as the "
+                       f"targets above), at the {len(prev)} rows it ran (generated):")]
         lines += verdict_lines(prev)
-    duel = [(t.label, t.metric_name, t.default_vs_previous, ()) for t in targets if t.default_vs_previous]
+    duel = [(t.label, t.metric_name, t.default_vs_alternative, ()) for t in targets if t.default_vs_alternative]
     if duel:
-        lines += ["", (f"{name(DEFAULT)} (nasq's default) against {name(PREVIOUS_DEFAULT)} (the default until "
-                       f"{PREVIOUS_SINCE}), head to head, at the {len(duel)} rows both ran (generated):")]
+        lines += ["", (f"{name(DEFAULT)} (nasq's default) against {name(ALTERNATIVE)} ({ALTERNATIVE_ROLE}), head to "
+                       f"head, at the {len(duel)} rows both ran (generated):")]
         lines += verdict_lines(duel)
     return lines
 
@@ -334,7 +335,7 @@ def row_cells(task: str, budget: dict, label: str, by_method: dict[str, list[dic
     searched = [m for m in grid.SEARCHED if m in ranked]
     search = max(searched, key=lambda m: ranked[m][0]) if searched else None
 
-    bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, PREVIOUS_DEFAULT, *grid.OURS)}
+    bases = {m: st for m, st in ranked.items() if m not in (DEFAULT, ALTERNATIVE, *grid.OURS)}
     margin = "no other method finished" if DEFAULT in ranked else "not run"
     if bases and DEFAULT in ranked:
         mg = margin_against(by_method, ranked, max(bases, key=lambda m: bases[m][0]))
@@ -386,15 +387,15 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         allowed = teacher_gap_allowed(task, budget)
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
                     sens = sensitivity_margin(by_method, ranked)
-                    prev = duel = None  # none while the default is the previous one
-                    if PREVIOUS_DEFAULT != DEFAULT:
-                        prev = baseline_margin(by_method, ranked, PREVIOUS_DEFAULT)
-                        if {PREVIOUS_DEFAULT, DEFAULT} <= ranked.keys():
-                            duel = margin_against(by_method, ranked, PREVIOUS_DEFAULT)
+                    prev = duel = None  # none while the default is the alternative
+                    if ALTERNATIVE != DEFAULT:
+                        prev = baseline_margin(by_method, ranked, ALTERNATIVE)
+                        if {ALTERNATIVE, DEFAULT} <= ranked.keys():
+                            duel = margin_against(by_method, ranked, ALTERNATIVE)
                     if margin is not None or sens is not None or prev is not None or duel is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
-                                                              previous=prev, default_vs_previous=duel),
+                                                              alternative=prev, default_vs_alternative=duel),
                                         set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()

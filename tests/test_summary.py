@@ -162,18 +162,20 @@ def test_pooled_paragraph_skips_nasqs_other_allocators_and_over_budget_baselines
                           "- one seed on a side, no claim (0): none"], lines
 
 
-def test_the_previous_default_has_a_column_and_its_own_verdicts(summary, tmp_path):
-    """Fisher per tensor (summary.PREVIOUS_DEFAULT, the default until 2026-12-05): a column of its own, never a
-    baseline of the default's margin, its own list against each row's best baseline, and the default (Fisher per
-    weight) against it head to head."""
-    assert (summary.DEFAULT, summary.PREVIOUS_DEFAULT) == ("fisher_w", "fisher_t")
+def test_the_alternative_has_a_column_and_its_own_verdicts(summary, tmp_path, monkeypatch):
+    """nasq's other Fisher granularity (summary.ALTERNATIVE): a column of its own, never a baseline of the default's
+    margin, its own list against each row's best baseline, and the default against it head to head."""
+    assert {summary.DEFAULT, summary.ALTERNATIVE} == {"fisher_t", "fisher_w"}
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_w")
+    monkeypatch.setattr(summary, "ALTERNATIVE", "fisher_t")
+    monkeypatch.setattr(summary, "ALTERNATIVE_ROLE", "the default until 2026-12-05")
     rows = [("cola", m, "avg2", s, "done", "matthews", v + 0.01 * s, "yes", "")
             for m, v in (("uniform", 0.20), ("fisher_t", 0.22), ("fisher_w", 0.26)) for s in (0, 1)]
     lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
     assert "| Fisher per tensor | **Fisher per weight** (nasq's default) | Fisher per weight - best other |" \
         in lines[0], lines[0]
     assert "| 0.225 ± 0.007 (2) | **0.265 ± 0.007 (2)** | +0.060 vs uniform (beyond the spread" in lines[2], lines[2]
-    assert lines[-14:-7] == ["", ("Fisher per tensor, nasq's default until 2026-12-05, against each row's best "
+    assert lines[-14:-7] == ["", ("Fisher per tensor, the default until 2026-12-05, against each row's best "
                                   "baseline by mean (as the targets above), at the 1 rows it ran (generated):"),
                              "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.020 vs uniform)",
                              "- higher or equal mean, inside the spread (0): none",
@@ -187,9 +189,15 @@ def test_the_previous_default_has_a_column_and_its_own_verdicts(summary, tmp_pat
                           "- lower mean, inside the spread (0): none",
                           "- lower mean, beyond the spread (0): none",
                           "- one seed on a side, no claim (0): none"], lines
-    # a row without the previous default has no head-to-head entry
+    # a row without the alternative has no head-to-head entry
     lines = summary.table(_write(tmp_path / "b", [r for r in rows if r[1] != "fisher_t"]), (("g.yaml", "res", ""),))
     assert not any("head to head" in ln for ln in lines), lines
+    # the other way round: per tensor the default, per weight the alternative
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    monkeypatch.setattr(summary, "ALTERNATIVE", "fisher_w")
+    lines = summary.table(_write(tmp_path / "c", rows), (("g.yaml", "res", ""),))
+    assert "| **Fisher per tensor** (nasq's default) | Fisher per weight | Fisher per tensor - best other |" in lines[0]
+    assert "- lower mean, beyond the spread (1): CoLA avg 2, {1,2,3,4} (-0.040 vs Fisher per weight)" in lines
 
 
 def test_replace_block_needs_one_block(summary):
