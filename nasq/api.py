@@ -80,11 +80,11 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int 
              rule_bits: dict[str, int] | None = None, n_batches: int | None = None, overwrite: bool = False,
              log=print, **options: Any) -> Plan:
     """A plan for ``cfg.kd.teacher`` under ``cfg.search``'s size budget and space, without a search, saved to
-    ``out`` (``nasq baseline METHOD``): ``"fisher"`` (the default, as in ``nasq pipeline``: each weight's
-    Gauss-Newton diagonal times its own quantization error at each width, summed per row group over ``n_batches``
-    train batches (default 16), then the exact knapsack; ``granularity="tensor"``: one trace per tensor instead),
+    ``out`` (``nasq baseline METHOD``): ``"fisher"`` (the default, as in ``nasq pipeline``: each tensor's
+    Gauss-Newton trace times each width's quantization error, summed over ``n_batches`` train batches (default 16),
+    then the exact knapsack; ``granularity="weight"``: each weight's own curvature times its own error instead),
     ``"measured"`` (each tensor's output KL measured at every width on ``n_batches`` train batches (default 8),
-    then the exact knapsack; level with per-tensor ``"fisher"`` after QAT under the protocol, and slower), ``"hessian"``, ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule``
+    then the exact knapsack; level with ``"fisher"`` after QAT under the protocol, and slower), ``"hessian"``, ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule``
     also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
     ``granularity``, ``curvature``, ``traces_from`` (:func:`nasq.baselines.allocators.baseline_plan`; e.g.

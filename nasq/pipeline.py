@@ -2,15 +2,15 @@
 
 The plan comes from one of three allocators (``--allocator``):
 
-* ``fisher`` (the default): the Fisher allocation per weight (``nasq baseline fisher``, which is ``nasq baseline
-  hessian --curvature fisher --granularity weight``: each weight's diagonal of the loss's Gauss-Newton matrix times
-  its own quantization error at each width, summed over its row group, then the exact knapsack), on the preset's
+* ``fisher`` (the default): the Fisher allocation per tensor (``nasq baseline fisher``, which is ``nasq baseline
+  hessian --curvature fisher --granularity tensor``: each tensor scored by the trace of the loss's Gauss-Newton
+  matrix per weight times each width's quantization error, then the exact knapsack), on the preset's
   ``fisher_batches`` train batches (the protocol's 16); about a minute, and it trains nothing. Under the fair
-  protocol (3 seeds a cell, README Results) it is ahead of the best baseline beyond the seeds' spread at the avg-1.5
-  rows of SST-2 and MRPC, CoLA avg 3 and the 8 MB whole artifact, level at the other rows it ran, behind beyond the
-  spread at none. ``granularity="tensor"`` (``--granularity tensor``: one trace per tensor, every row of a tensor
-  scored alike; the default until 2026-12-05) is level with it at most rows, behind it beyond the spread at some
-  (SST-2 avg 1.5 and 8 MB) and ahead at one (CoLA 10 MB): README Results lists them.
+  protocol (3 seeds a cell, README Results) it is level with the best baseline or ahead of it beyond the seeds'
+  spread at every row it ran, and level with the measured allocation or ahead of it, in a fifth of the time.
+  ``granularity="weight"`` (``--granularity weight``): each weight's own Gauss-Newton diagonal times its own error,
+  summed per row group (the default for a few hours of 2026-12-05): level with per tensor at most rows, ahead
+  beyond the spread at some (SST-2 avg 1.5 and 8 MB), behind at one (CoLA 10 MB); README Results lists them.
 * ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
   every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
@@ -302,7 +302,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
     ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
     preset's ``measure_batches`` or ``fisher_batches``); ``granularity``: the fisher allocator's (None: its
-    recipe's, per weight; ``"tensor"``: one trace per tensor)."""
+    recipe's, per tensor; ``"weight"``: per weight)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]

@@ -95,7 +95,7 @@ def test_allocate_from_python_equals_the_cli(tiny_model_dir, glue_dir, tmp_path,
                   "--set", "data.buckets=[32]", "--set", "train.batch_size=16"]
     plan = nasq.allocate(cfg, tmp_path / "f.json", n_batches=1, log=lambda *a: None)
     assert plan.provenance["method"] == "hessian" and plan.provenance["curvature"] == "fisher"
-    assert plan.provenance["granularity"] == "weight" and plan.totals["within_budget"]
+    assert plan.provenance["granularity"] == "tensor" and plan.totals["within_budget"]
     assert Plan.load(tmp_path / "f.json") == plan
     assert main(["baseline", "fisher", *cli_common, "--out", str(tmp_path / "cli_f.json")]) == 0
     assert Plan.load(tmp_path / "cli_f.json").bits_per_group() == plan.bits_per_group()

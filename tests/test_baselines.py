@@ -683,10 +683,10 @@ def test_every_baseline_plan_fits_and_loads(method, model, tiny_model_dir, glue_
 
 
 def test_fisher_is_the_hessian_baseline_with_its_recipe():
-    """`fisher` names `hessian --curvature fisher --granularity weight` on 16 batches; its curvature is fixed, its
-    granularity a default (per tensor on request); the other methods get the Hessian options' defaults where none
+    """`fisher` names `hessian --curvature fisher --granularity tensor` on 16 batches; its curvature is fixed, its
+    granularity a default (per weight on request); the other methods get the Hessian options' defaults where none
     are given."""
-    assert resolve_recipe("fisher") == ("hessian", "weight", "fisher")
+    assert resolve_recipe("fisher") == ("hessian", "tensor", "fisher")
     assert resolve_recipe("fisher", "tensor", "fisher") == ("hessian", "tensor", "fisher")
     assert resolve_recipe("fisher", "weight") == ("hessian", "weight", "fisher")
     assert resolve_recipe("hessian") == ("hessian", "group", "hutchinson")
@@ -844,7 +844,7 @@ def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, ti
     assert all(len(errors[t.path]) == t.num_groups and all(len(r) == len(t.choices) and min(r) >= 0
                                                             for r in errors[t.path]) for t in w8.tensors)
     for method, ratio, name in ((["hessian", *weight], "8", "again.json"),
-                                (["fisher"], "4", "wider.json")):  # the same recipe (fisher's default: per weight)
+                                (["fisher", "--granularity", "weight"], "4", "wider.json")):  # the same recipe
         assert cli(["baseline", *method, *common, "--traces-from", str(first), "--ratio", ratio,
                     "--out", str(tmp_path / name)]) == 0  # no --task / --data-dir: nothing read
     again, wider = Plan.load(tmp_path / "again.json"), Plan.load(tmp_path / "wider.json")
@@ -926,8 +926,11 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         assert n.bits_per_group() == f.bits_per_group()
         assert {k: n.provenance[k] for k in ("method", "curvature", "granularity", "n_batches")} == {
             "method": "hessian", "curvature": "fisher", "granularity": "tensor", "n_batches": 1}
-        # per weight unless told (nasq's default since 2026-12-05)
-        assert cli(["baseline", "fisher", *fisher_args, "--out", str(tmp_path / "fw.json")]) == 0
+        # per tensor unless told (the default), per weight on request
+        assert cli(["baseline", "fisher", *fisher_args, "--out", str(tmp_path / "ft.json")]) == 0
+        assert Plan.load(tmp_path / "ft.json").bits_per_group() == n.bits_per_group()
+        assert cli(["baseline", "fisher", *fisher_args, "--granularity", "weight",
+                    "--out", str(tmp_path / "fw.json")]) == 0
         fw = Plan.load(tmp_path / "fw.json")
         assert fw.provenance["granularity"] == "weight" and "weighted_errors" in fw.provenance
         assert cli(["baseline", "fisher", "--model", str(tiny_model_dir), "--space", "tiny", "--task", "mrpc",
@@ -952,7 +955,7 @@ def test_cli_sensitivity_baselines(method, cli, tiny_model_dir, glue_dir, tmp_pa
         for extra, message in (
                 (["fisher", "--granularity", "tensor", "--traces-from", str(out)],
                  "its traces are of the 'hutchinson' curvature, not 'fisher'"),
-                (["fisher", "--traces-from", str(named)], "not a per-weight Fisher plan"),
+                (["fisher", "--granularity", "weight", "--traces-from", str(named)], "not a per-weight Fisher plan"),
                 (["hessian", "--traces-from", str(named)], "add --granularity tensor"),
                 (["measured", "--traces-from", str(named)], "--traces-from is for the fisher and hessian baselines"),
                 (["fisher", "--traces-from", str(tmp_path / "missing.json")], "missing.json"),

@@ -85,9 +85,9 @@ def test_each_size_allocator_runs_on_its_presets_batches():
 
 @pytest.mark.slow
 def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
-    """The default allocator, fisher: the per-weight Gauss-Newton plan on the preset's batches, within the budget,
-    QAT'd, exported and evaluated; resuming with another allocator or granularity is refused and names the one
-    that made the plan; per tensor on request."""
+    """The default allocator, fisher: the per-tensor Gauss-Newton plan on the preset's batches, within the budget,
+    QAT'd, exported and evaluated; resuming with another allocator is refused and names the one that made the
+    plan."""
     from nasq.contract.plan import Plan
     from nasq.errors import NasqError
     from nasq.pipeline import plan_allocator
@@ -99,24 +99,23 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     prov = Plan.load(out / "plan.json").provenance
     assert not (out / "search").exists() and s["allocator"] == "fisher" and plan_allocator(prov) == "fisher"
     assert (prov["method"], prov["curvature"], prov["granularity"], prov["n_batches"]) == ("hessian", "fisher",
-                                                                                          "weight", 1)
-    assert "weighted_errors" in prov  # the plan records the errors it was solved with
+                                                                                          "tensor", 1)
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     with pytest.raises(NasqError, match="was made by 'fisher', not by --allocator measured; resume with "
                                         "--allocator fisher"):
         run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None,
                      allocator="measured")
     stamp = (out / "plan.json").stat().st_mtime_ns
-    with pytest.raises(NasqError, match="made by the fisher allocator per weight, not per tensor; resume with "
-                                        "--granularity weight"):
-        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, granularity="tensor")
+    with pytest.raises(NasqError, match="made by the fisher allocator per tensor, not per weight; resume with "
+                                        "--granularity tensor"):
+        run_pipeline(out, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None, granularity="weight")
     assert (out / "plan.json").stat().st_mtime_ns == stamp
-    # per tensor (the default until 2026-12-05), from the same teacher
-    per_tensor = tmp_path / "pipe_t"
-    s = run_pipeline(per_tensor, preset="smoke", user_layers=layers, teacher=str(out / "teacher"),
-                     log=lambda *a: None, measure_batches=1, granularity="tensor")
-    prov = Plan.load(per_tensor / "plan.json").provenance
-    assert (prov["granularity"], plan_allocator(prov)) == ("tensor", "fisher") and "weighted_errors" not in prov
+    # per weight, from the same teacher: its plan records the errors it was solved with
+    per_weight = tmp_path / "pipe_w"
+    s = run_pipeline(per_weight, preset="smoke", user_layers=layers, teacher=str(out / "teacher"),
+                     log=lambda *a: None, measure_batches=1, granularity="weight")
+    prov = Plan.load(per_weight / "plan.json").provenance
+    assert (prov["granularity"], plan_allocator(prov)) == ("weight", "fisher") and "weighted_errors" in prov
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
     assert plan_allocator({"method": "nasq-search"}) == "search"
     assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"

@@ -22,10 +22,10 @@
   contain 0 can be pruned.
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
 * ``fisher``: ``hessian``'s recipe that ``nasq pipeline`` allocates with by default (``FISHER_RECIPE``): the
-  Gauss-Newton curvature (exact over the rows, never negative), each weight's own diagonal times its own
-  quantization error summed per group (Optimal Brain Damage's estimate; ``granularity="tensor"``: the diagonal
-  pooled per tensor, the default until 2026-12-05), on ``FISHER_BATCHES`` train batches unless told otherwise; its
-  plans are ``hessian`` plans (``provenance["curvature"] == "fisher"``).
+  Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor (or, with
+  ``granularity="weight"``, each weight's own diagonal times its own quantization error summed per group, Optimal
+  Brain Damage's estimate), on ``FISHER_BATCHES`` train batches unless told otherwise; its plans are ``hessian``
+  plans (``provenance["curvature"] == "fisher"``).
 * ``measured``: measured sensitivity (ZeroQ style): the output KL divergence when one tensor at a time is
   quantized, see :mod:`nasq.baselines.measured`.
 
@@ -106,12 +106,11 @@ __all__ = [
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
 LATENCY_METHODS = ("hessian", "fisher", "measured", "random")  # the ones that take a latency budget (docstring)
-# `fisher`: the hessian baseline with these options (the protocol's `fisher_w` cells, experiments/protocol.yaml).
-# Per weight replaced per tensor (`fisher_t`) on 2026-12-05 by the rule written before its runs
-# (experiments/results/protocol/NOTES.md): rows on all three tasks, below per tensor beyond the seeds' spread at
-# none, the higher mean at more rows than the lower (6 of 11 then); it stays while the rule for switching back in
-# NOTES.md holds.
-FISHER_RECIPE = {"curvature": "fisher", "granularity": "weight"}
+# `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml).
+# Per weight (`fisher_w`) was the default for a few hours of 2026-12-05, switched back by the rule written in
+# experiments/results/protocol/NOTES.md before the row that decided it: over the rows both ran it no longer had the
+# higher mean at more rows than the lower.
+FISHER_RECIPE = {"curvature": "fisher", "granularity": "tensor"}
 FISHER_BATCHES = 16  # train batches the Fisher traces are summed over (512 rows at batch 32)
 DEFAULT_BATCHES = 8  # the other data-reading baselines' (hessian per probe, measured per forward)
 

@@ -7,9 +7,9 @@ budget (it records the size it takes); `rule` is a hand allocation by module typ
 attention_qkv=3,attention_output=3 --bits 2` puts the named rules of the space at their widths and the others at
 `--bits` (checked against a budget when one is given); `magnitude` needs `--bits` and a budget; `hessian` reads `--task` train
 batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probes`); `fisher` is `hessian
---curvature fisher --granularity weight --n-batches 16`, the allocation `nasq pipeline` uses by default
-(`--granularity tensor`: one trace per tensor; `--traces-from fisher.json` re-solves one at another budget or space
-from the errors or traces it recorded, reading no data);
+--curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
+(`--granularity weight`: per weight; `--traces-from fisher.json` re-solves one at another budget or space from the
+traces or errors it recorded, reading no data);
 `random` uses `--seed`. `hessian`, `fisher`, `measured` and `random` also take a latency budget (`--latency-ms T --set
 search.latency_table=lat.json`, a `nasq profile` table): the plan's latency on that table is within it.
 """
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
                    "its Gauss-Newton trace (fisher: exact, never negative); groups of one tensor may then get "
                    "different widths")
     p.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                   help="hessian (fisher: weight unless given): score each row group by its own Hessian trace "
+                   help="hessian (fisher: tensor unless given): score each row group by its own Hessian trace "
                    "(default), by its tensor's, "
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py), or (weight, with --curvature fisher) by each weight's own "

@@ -14,9 +14,9 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--teacher", help="reuse a finished fp32 fine-tune run instead of stage 1")
     p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
-                   help="how the plan is chosen: the Fisher allocation (default: each weight's Gauss-Newton "
-                   "curvature times its own quantization error at each width, summed per row group, then the "
-                   "exact knapsack; about a minute, no training), the measured allocation (each tensor's output damage measured at each width, the "
+                   help="how the plan is chosen: the Fisher allocation (default: each tensor's Gauss-Newton "
+                   "trace times each width's quantization error, then the exact knapsack; about a minute, no "
+                   "training), the measured allocation (each tensor's output damage measured at each width, the "
                    "same knapsack; minutes; level with Fisher or behind it under the protocol, see README "
                    "Results), or the supernet search + finalize (an hour); each takes a size budget or a latency budget "
                    "(--set search.latency_ms=T --set search.latency_table=lat.json)")
@@ -28,10 +28,9 @@ def register(sub) -> None:
                    "(default: the preset's: measured smoke 2, quick 8; fisher smoke 2, quick 16, as in the "
                    "protocol; more batches give steadier plans and take proportionally longer)")
     p.add_argument("--granularity", choices=("tensor", "weight"), default=None,
-                   help="--allocator fisher: each weight's own Gauss-Newton curvature times its own error, summed "
-                   "per group (default), or one trace per tensor times each group's error (tensor: the default "
-                   "until 2026-12-05; level with per weight at most rows, behind or ahead beyond the spread at a "
-                   "few, see README Results)")
+                   help="--allocator fisher: one Gauss-Newton trace per tensor times each group's error (default), "
+                   "or each weight's own curvature times its own error, summed per group (weight: level with per "
+                   "tensor at most rows, ahead or behind beyond the spread at a few, see README Results)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
