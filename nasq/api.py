@@ -84,8 +84,8 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int 
     Gauss-Newton trace times each width's quantization error, summed over ``n_batches`` train batches (default 16),
     then the exact knapsack; ``granularity="weight"``: each weight's own curvature times its own error instead),
     ``"measured"`` (each tensor's output KL measured at every width on ``n_batches`` train batches (default 8),
-    then the exact knapsack; level with ``"fisher"`` after QAT under the protocol, and slower), ``"hessian"``, ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule``
-    also ``rule_bits``) or ``"random"``.
+    then the exact knapsack; level with ``"fisher"`` after QAT under the protocol, and slower), ``"hessian"``,
+    ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
     ``granularity``, ``curvature``, ``traces_from`` (:func:`nasq.baselines.allocators.baseline_plan`; e.g.
     ``traces_from="fisher2.json"``: the Fisher plan of another budget from the errors (or traces) that plan

@@ -237,7 +237,8 @@ def summary(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | 
     a = as_sourced_plan(alloc)
     p = a.plan
     out = {"source": a.source, "kind": a.kind, "note": a.note, "method": p.provenance.get("method"),
-           "recipe": method_recipe(p.provenance), "space": p.space, "quant_mode": p.quant_mode, "fixed": p.fixed.model_dump(),
+           "recipe": method_recipe(p.provenance), "space": p.space, "quant_mode": p.quant_mode,
+           "fixed": p.fixed.model_dump(),
            "tensors": tensor_stats(p), "totals": dict(p.totals), "budget": p.budget, "budget_check": budget_check(p)}
     if a.manifest is not None:
         m = a.manifest
