@@ -1,10 +1,10 @@
 """The README's results table, generated from the protocol grids' results.csv files (never copied by hand).
 
-One row per (task, budget) of each grid where a sensitivity allocator ran (measured, Fisher per tensor or per weight), in the
-grid config's order: the fp32 teacher, uniform (the widest width that fits), the Hessian baseline, the best other
-baseline (hand rule, random, ...), the two sensitivity allocators, the margin of nasq's default allocator (the
-first of ``nasq.pipeline.ALLOCATORS``) over the best within-budget method that is not it, and the best
-supernet-search variant. Every figure is the mean ± sample std (n seeds) of the main dev metric through the
+One row per (task, budget) of each grid where a sensitivity allocator ran (measured, Fisher per tensor or per
+weight), in the grid config's order: the fp32 teacher, uniform (the widest width that fits), the Hessian baseline,
+the best other baseline (hand rule, random, ...), the sensitivity allocators, the margin of nasq's default
+allocator (the first of ``nasq.pipeline.ALLOCATORS``) over the best within-budget method that is not it (nor
+``ALTERNATIVE``), and the best supernet-search variant. Every figure is the mean ± sample std (n seeds) of the main dev metric through the
 integer artifact, rounded once in the README's units (``grid.metric_text``); the best within-budget mean of the
 row is bold; a margin is "beyond the spread" only when it exceeds the larger of the two stds (both n >= 2), and
 counts the seeds on which nasq's default scored higher (seeds pair: a seed fixes the QAT batch order).
@@ -63,7 +63,8 @@ DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
 # nasq's other Fisher granularity (never counted as a baseline): its own column, its own verdicts against the best
 # baseline, and DEFAULT against it head to head (what choosing between them rests on: the rules in
 # experiments/results/protocol/NOTES.md); ALTERNATIVE_ROLE says what it is in the generated lists
-ALTERNATIVE = "fisher_w"
+FISHER_GRANULARITIES = ("fisher_t", "fisher_w")
+ALTERNATIVE = next(m for m in FISHER_GRANULARITIES if m != DEFAULT)
 ALTERNATIVE_ROLE = "the default for a few hours of 2026-12-05, switched back by the rule in NOTES.md"
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
@@ -289,11 +290,11 @@ def targets_text(targets: list[Target]) -> list[str]:
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against nasq's other allocator, {other}, at the "
                       f"{len(pairs)} rows both ran (generated):")]
         lines += verdict_lines(pairs)
-    prev = [(t.label, t.metric_name, t.alternative, t.unrun) for t in targets if t.alternative]
-    if prev:
+    alt = [(t.label, t.metric_name, t.alternative, t.unrun) for t in targets if t.alternative]
+    if alt:
         lines += ["", (f"{name(ALTERNATIVE)}, {ALTERNATIVE_ROLE}, against each row's best baseline by mean (as the "
-                       f"targets above), at the {len(prev)} rows it ran (generated):")]
-        lines += verdict_lines(prev)
+                       f"targets above), at the {len(alt)} rows it ran (generated):")]
+        lines += verdict_lines(alt)
     duel = [(t.label, t.metric_name, t.default_vs_alternative, ()) for t in targets if t.default_vs_alternative]
     if duel:
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against {name(ALTERNATIVE)} ({ALTERNATIVE_ROLE}), head to "
@@ -387,15 +388,15 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         allowed = teacher_gap_allowed(task, budget)
                         gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
                     sens = sensitivity_margin(by_method, ranked)
-                    prev = duel = None  # none while the default is the alternative
+                    alt = duel = None  # none while the default is the alternative (tests set DEFAULT)
                     if ALTERNATIVE != DEFAULT:
-                        prev = baseline_margin(by_method, ranked, ALTERNATIVE)
+                        alt = baseline_margin(by_method, ranked, ALTERNATIVE)
                         if {ALTERNATIVE, DEFAULT} <= ranked.keys():
                             duel = margin_against(by_method, ranked, ALTERNATIVE)
-                    if margin is not None or sens is not None or prev is not None or duel is not None:
+                    if margin is not None or sens is not None or alt is not None or duel is not None:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
-                                                              alternative=prev, default_vs_alternative=duel),
+                                                              alternative=alt, default_vs_alternative=duel),
                                         set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()
