@@ -99,7 +99,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "fisher", "fisher_t", "measured", "random",
            "magnitude", "nasq", "nasq_hinit", "nasq_minit", "nasq_mprior", "nasq_mprior10", "nasq_gumbel",
            "nasq_gkd", "nasq_gadam", "nasq_front", "nasq_measured", "nasq_ge4", "nasq_pm", "nasq_frozen",
-           "nasq_pmfrozen", "measured_hs", "nasq_ikd", "measured_fs", "fisher_w")
+           "nasq_pmfrozen", "measured_hs", "nasq_ikd", "measured_fs", "fisher_w", "fisher_ws")
 # hessian_t: the Hessian baseline with HAWQ's per-layer trace (`nasq baseline hessian --granularity tensor`): each
 # group scored by its tensor's Tr(H)/n, the hessian recipe updated by the `hessian_t` stage's (more probes): the
 # per-group estimates of the hessian recipe barely agree between independent draws, its per-tensor ones only
@@ -112,7 +112,9 @@ METHODS = ("fp32", "uniform", "rule", "hessian", "hessian_t", "fisher", "fisher_
 HESSIAN_VARIANTS = {"hessian": ([], "hessian"), "hessian_t": (["--granularity", "tensor"], "hessian_t"),
                     "fisher": (["--curvature", "fisher"], "fisher"),
                     "fisher_t": (["--curvature", "fisher", "--granularity", "tensor"], "fisher"),
-                    "fisher_w": (["--curvature", "fisher", "--granularity", "weight"], "fisher")}
+                    "fisher_w": (["--curvature", "fisher", "--granularity", "weight"], "fisher"),
+                    "fisher_ws": (["--curvature", "fisher", "--granularity", "weight", "--shrinkage", "0.5"],
+                                  "fisher")}
 # the searched methods (the rest are baselines): nasq, nasq with its gates started on the same seed's Hessian
 # plan (`search.gate_init=plan`, issue 16's gate-initialisation lever), nasq with Gumbel-sampled gates
 # (`search.gumbel=true`: the forward sees near-discrete choices, so the gates feel each choice's own loss rather
@@ -153,7 +155,10 @@ REFINE_ROUNDS = 2
 # fisher_w: the Fisher allocation per weight (`--granularity weight`: each weight's Gauss-Newton diagonal times its
 # own quantization error, summed over the group, Optimal Brain Damage's estimate), on the `fisher` stage's rows: a
 # candidate for nasq's default, compared with the baselines as nasq's variants are; the baselines' QAT length
-OURS = (*SEARCHED, "nasq_measured", "measured_hs", "measured_fs", "fisher_w")
+# fisher_ws: fisher_w with each weight's curvature shrunk halfway toward its tensor's mean (`--shrinkage 0.5`: the
+# damage the mean of the per-weight and the per-tensor estimates); neither granularity won at every row, and a
+# weight's own diagonal counts only the rows drawn; the baselines' QAT length
+OURS = (*SEARCHED, "nasq_measured", "measured_hs", "measured_fs", "fisher_w", "fisher_ws")
 # baselines whose cell another budget may share (`budgets.B.METHOD.same_as`): the same plan and recipe, run once
 SHARABLE = ("uniform", "magnitude")
 # the search settings of the variants of nasq's recipe; nasq_minit: the gates start on the same seed's measured

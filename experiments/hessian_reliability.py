@@ -14,8 +14,12 @@ seed S + 1000: other batches, other probes), and reports how far the two agree:
     tensors     the correlation of the per-tensor traces ``Tr(H_t)/n_t`` (the group traces pooled by weights)
     plans       with ``--avg-bits``: the Hessian plans of the two draws at that budget (the baseline's knapsack),
                 per-group (``granularity=group``, the baseline as run) and per-tensor traces (``tensor``: HAWQ's
-                layer-wise trace, every group of a tensor scored alike): the share of groups given the same bits,
-                and how the groups spread over the widths
+                layer-wise trace, every group of a tensor scored alike), and with ``--curvature fisher`` per
+                weight too (``weight``: each weight's own curvature times its own error, nasq's
+                ``--granularity weight``): the share of groups given the same bits, and how the groups spread
+                over the widths; ``between``: the share of groups the per-tensor and per-weight plans of the
+                same draw give the same bits (how far the two granularities differ, against how far two draws
+                of one granularity do)
 
 A per-group estimate whose two draws barely agree allocates noise; a trace pooled over the tensor is the first
 remedy (on CoLA it removed most of the noise, not the sign of an indefinite loss Hessian: NOTES.md).
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         hessian_utilities,
         pooled_traces,
         quant_perturbations,
+        weight_curvatures,
+        weighted_perturbations,
     )
     from nasq.contract.cost import size_budget, size_tables
     from nasq.models.surgery import model_param_shapes
@@ -107,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessian_reliability: error: {e}", file=sys.stderr)
         return 2
 
-    draws = []
+    draws, diagonals = [], []
     for seed in (a.seed, a.seed + 1000):
         t0 = time.time()
         batches = _train_batches(data, a.n_batches, cfg.train.batch_size, seed)
+        diagonals.append(weight_curvatures(teacher, batches, tensors, is_regression=data.task.is_regression,
+                                           n_probes=a.n_probes, seed=seed, curvature=a.curvature))
         draws.append(group_traces(teacher, batches, tensors, is_regression=data.task.is_regression,
-                                  n_probes=a.n_probes, seed=seed, curvature=a.curvature))
+                                  n_probes=a.n_probes, seed=seed, curvature=a.curvature, diagonals=diagonals[-1]))
         print(f"draw seed {seed}: {time.time() - t0:.0f} s", flush=True)
     out = {"teacher": a.teacher, "task": a.task, "space": a.space, "seed": a.seed, "n_batches": a.n_batches,
            "curvature": a.curvature, **({"n_probes": a.n_probes} if a.curvature == "hutchinson" else {}),
@@ -121,17 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     if a.avg_bits is not None:
         budget = size_budget(tensors, space, model_param_shapes(teacher), avg_bits=a.avg_bits)
         perts = quant_perturbations(teacher, tensors, space.quant_mode)
-        out["plans"] = {}
-        for gran in ("group", "tensor"):
+        out["plans"], by_gran = {}, {}
+        grans = ("group", "tensor", "weight") if a.curvature == "fisher" else ("group", "tensor")
+        for gran in grans:
             plans = []
-            for tr in draws:
-                if gran == "tensor":
-                    tr = pooled_traces(tr, tensors)
-                utils, _ = hessian_utilities(tr, perts)
+            for tr, diag in zip(draws, diagonals, strict=True):
+                if gran == "weight":  # as nasq.baselines.hessian.hessian_allocation(granularity="weight")
+                    utils, _ = hessian_utilities([np.ones(t.num_groups) for t in tensors],
+                                                 weighted_perturbations(teacher, tensors, space.quant_mode, diag))
+                else:
+                    utils, _ = hessian_utilities(pooled_traces(tr, tensors) if gran == "tensor" else tr, perts)
                 alloc = allocate(utils, size_tables(tensors), budget.bytes, time_limit=20.0)
                 plans.append(np.concatenate(choices_to_bits(tensors, alloc.choices)))
+            by_gran[gran] = plans
             out["plans"][gran] = {"same_bits_share": float((plans[0] == plans[1]).mean()),
                                   "groups_per_width": [dict(sorted(Counter(map(int, x)).items())) for x in plans]}
+        if "weight" in by_gran:
+            out["plans"]["between"] = {"tensor_vs_weight_same_bits_share": [
+                float((t == w).mean()) for t, w in zip(by_gran["tensor"], by_gran["weight"], strict=True)]}
     print(json.dumps(out, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -398,6 +398,44 @@ def test_weight_granularity_allocation(model, tensors, task_data):
         hessian_allocation(model, task_data, tensors, budget, n_batches=1, batch_size=8, granularity="weight")
 
 
+def test_shrinkage_blends_per_weight_and_per_tensor(model, tensors, task_data):
+    """shrinkage s: each weight's curvature shrunk toward its tensor's mean, so s = 0 is the per-weight plan and
+    s = 1 the per-tensor plan of the same rows; a blend in between solves a blended damage (a bigger s moves it
+    toward the per-tensor plan's choices); re-solved from the recorded (unshrunk) errors and traces at the same s it
+    is the same plan; s outside [0, 1], not a number, or without granularity 'weight' is refused."""
+    from nasq.baselines.hessian import hessian_allocation
+
+    # tight enough that the plans differ: 1.15 x the narrowest widths' bytes
+    budget = int(sum(tab[:, 1:].min(axis=1).sum() for tab in size_tables(tensors)) * 1.15)
+    kw = {"n_batches": 2, "batch_size": 8, "curvature": "fisher"}
+
+    def plan(granularity, s=0.0, **extra):
+        info = {}
+        bits = hessian_allocation(model, task_data, tensors, budget, granularity=granularity, shrinkage=s,
+                                  info=info, **kw, **extra)
+        return np.concatenate(bits), info
+
+    per_weight, w_info = plan("weight")
+    per_tensor, _ = plan("tensor")
+    assert (per_weight != per_tensor).any(), "the test needs plans that differ"
+    assert (plan("weight", 0.0)[0] == per_weight).all()
+    assert (plan("weight", 1.0)[0] == per_tensor).all()
+    half, h_info = plan("weight", 0.5)
+    assert h_info["shrinkage"] == 0.5 and "shrinkage" not in w_info
+    assert h_info["weighted_errors"] == w_info["weighted_errors"]  # the unshrunk errors are recorded
+    errors = [np.asarray(h_info["weighted_errors"][t.path]) for t in tensors]
+    traces = [np.full(t.num_groups, h_info["tensor_trace_per_weight"][t.path]) for t in tensors]
+    again = hessian_allocation(model, None, tensors, budget, granularity="weight", shrinkage=0.5, traces=traces,
+                               weighted_errors=errors, curvature="fisher")
+    assert (np.concatenate(again) == half).all()
+    for bad, message in ((1.5, "in \\[0, 1\\]"), (-0.1, "in \\[0, 1\\]"), (float("nan"), "a number"),
+                         ("0.5", "a number")):
+        with pytest.raises(NasqError, match=message):
+            plan("weight", bad)
+    with pytest.raises(NasqError, match="needs granularity 'weight'"):
+        plan("tensor", 0.5)
+
+
 # ------------------------------------------------------------------------------------------------ measured
 
 
@@ -728,6 +766,11 @@ def test_baseline_plan_errors(model, tiny_model_dir):
         baseline_plan("hessian", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="exact")
     with pytest.raises(NasqError, match="the hessian baseline needs task data"):  # fisher is hessian's recipe
         baseline_plan("fisher", model, None, cfg, Budget(10**6, "encoder", "test"), curvature="fisher")
+    with pytest.raises(NasqError, match="--shrinkage blends .* needs --granularity weight .* not 'tensor'"):
+        baseline_plan("fisher", model, None, cfg, Budget(10**6, "encoder", "test"), shrinkage=0.5)
+    with pytest.raises(NasqError, match=r"--shrinkage must be a number in \[0, 1\]"):
+        baseline_plan("fisher", model, None, cfg, Budget(10**6, "encoder", "test"), granularity="weight",
+                      shrinkage=2.0)
     assert baseline_budget(cfg, model) is None
     with pytest.raises(NasqError, match="needs a latency table"):
         baseline_latency(_cfg(tiny_model_dir, latency_ms=1.0), model)

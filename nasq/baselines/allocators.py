@@ -296,9 +296,10 @@ def check_measured_options(method: str, *, damage_from: DamageSource | None = No
 
 
 def check_hessian_options(method: str, granularity: str = "group", curvature: str = "hutchinson",
-                          traces_from: str | Path | None = None) -> None:
-    """The Hessian baseline's own options (``--granularity``, ``--curvature``, ``--traces-from``): known, and only
-    for ``hessian`` (``fisher`` resolved to it first, :func:`resolve_recipe`); recorded traces are per tensor."""
+                          traces_from: str | Path | None = None, shrinkage: float = 0.0) -> None:
+    """The Hessian baseline's own options (``--granularity``, ``--curvature``, ``--traces-from``,
+    ``--shrinkage``): known, and only for ``hessian`` (``fisher`` resolved to it first, :func:`resolve_recipe`);
+    recorded traces are per tensor; a shrinkage is a number in [0, 1], per weight only."""
     for flag, value, known, default in (("granularity", granularity, GRANULARITIES, "group"),
                                         ("curvature", curvature, CURVATURES, "hutchinson")):
         if value not in known:
@@ -307,6 +308,12 @@ def check_hessian_options(method: str, granularity: str = "group", curvature: st
             raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
     if traces_from is not None and method != "hessian":
         raise NasqError(f"--traces-from is for the fisher and hessian baselines, not {method}")
+    s = finite_number(shrinkage)
+    if s is None or not 0.0 <= s <= 1.0:
+        raise NasqError(f"--shrinkage must be a number in [0, 1] (0: per weight, 1: per tensor), got {shrinkage!r}")
+    if s and granularity != "weight":
+        raise NasqError("--shrinkage blends each weight's curvature with its tensor's mean: it needs --granularity "
+                        f"weight (with the fisher baseline), not {granularity!r}")
     if traces_from is not None and granularity == "group":
         raise NasqError("--traces-from gives one trace per tensor, so it scores groups by their tensor's: add "
                         "--granularity tensor (or use the fisher baseline; --granularity weight re-solves a "
@@ -349,6 +356,7 @@ def baseline_plan(
     curvature: str | None = None,
     traces_from: str | Path | None = None,
     latency: LatencyBudget | None = None,
+    shrinkage: float = 0.0,
 ):
     """A :class:`nasq.contract.plan.Plan` of baseline ``method`` for ``model`` in the space ``cfg.search.space``.
 
@@ -366,7 +374,9 @@ def baseline_plan(
     :func:`nasq.baselines.hessian.hessian_allocation`; ``traces_from``: a hessian (or fisher) plan's path whose
     recorded per-tensor traces are re-solved at this budget (per tensor; no data read,
     :func:`nasq.baselines.hessian.recorded_traces`; per weight: the groups' recorded weighted errors,
-    :func:`nasq.baselines.hessian.recorded_weighted_errors`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
+    :func:`nasq.baselines.hessian.recorded_weighted_errors`); ``shrinkage`` (per weight only): each weight's
+    curvature shrunk toward its tensor's mean by that fraction (0: per weight, 1: per tensor; the module docstring
+    of :mod:`nasq.baselines.hessian`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance. ``latency``
     (:func:`baseline_latency`; ``hessian``, ``fisher`` and ``measured`` only): allocate under that latency
     instead of ``budget``'s bytes (module docstring); the provenance records ``latency_budget_ms``,
@@ -377,7 +387,7 @@ def baseline_plan(
     method, granularity, curvature = resolve_recipe(method, granularity, curvature)
     check_measured_options(method, damage_from=damage_from, refine_rounds=refine_rounds, min_tokens=min_tokens,
                            spread=spread)
-    check_hessian_options(method, granularity, curvature, traces_from)
+    check_hessian_options(method, granularity, curvature, traces_from, shrinkage)
     check_latency_method(method, latency)
     seed = cfg.train.seed if seed is None else int(seed)
     space, tensors = baseline_tensors(cfg, model)
@@ -432,11 +442,15 @@ def baseline_plan(
         cap, common["costs"] = _knapsack_costs(tensors, budget, latency)
         if method == "hessian":
             bpg = hessian_allocation(model, data, tensors, cap, n_probes=n_probes, granularity=granularity,
-                                     curvature=curvature, traces=traces, weighted_errors=errors, **common)
+                                     curvature=curvature, traces=traces, weighted_errors=errors,
+                                     shrinkage=shrinkage, **common)
             h = "H" if curvature == "hutchinson" else "G"
             utility = {"group": f"-0.5*Tr({h}_g)/n_g*||W_g-Q_c(W_g)||^2",
                        "tensor": f"-0.5*Tr({h}_t)/n_t*||W_g-Q_c(W_g)||^2 (t: the group's tensor)",
                        "weight": f"-0.5*sum_(i in g) {h}_ii*(w_i-Q_c(w_i))^2"}[granularity]
+            if shrinkage:
+                utility = (f"-0.5*sum_(i in g) ((1-s)*{h}_ii+s*Tr({h}_t)/n_t)*(w_i-Q_c(w_i))^2, s={shrinkage:g} "
+                           "(t: the group's tensor)")
             if curvature == "fisher":
                 utility += ", G: the loss's Gauss-Newton matrix (Fisher), exact over the rows"
         else:
@@ -472,7 +486,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                   n_batches: int | None = None, n_probes: int = 4, time_limit: float = 20.0,
                   damage_from: DamageSource | None = None, refine_rounds: int = 0, min_tokens: int = 0,
                   spread: str = "rows", granularity: str | None = None, curvature: str | None = None,
-                  traces_from: str | Path | None = None, log=print):
+                  traces_from: str | Path | None = None, shrinkage: float = 0.0, log=print):
     """A :class:`nasq.contract.plan.Plan` of ``method`` from a config alone, as ``nasq baseline`` and ``nasq
     pipeline`` make it: the model is ``cfg.kd.teacher`` (else the pretrained ``cfg.model.name``,
     :func:`baseline_model`), the budget ``cfg.search``'s (:func:`baseline_budget`), the rows ``cfg.data``'s task
@@ -490,7 +504,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
         raise NasqError(f"--rule-bits is for the rule baseline, not {method}")
     name = method
     method, granularity, curvature = resolve_recipe(method, granularity, curvature)
-    check_hessian_options(method, granularity, curvature, traces_from)
+    check_hessian_options(method, granularity, curvature, traces_from, shrinkage)
     model, model_dir, prov = baseline_model(cfg, log)
     latency = baseline_latency(cfg, model)
     check_latency_method(name, latency)
@@ -511,7 +525,7 @@ def allocate_plan(method: str, cfg: Config, *, bits: int | None = None, rule_bit
                              progress=(lambda done, total: bar.update(1)) if bar else None, damage_from=damage_from,
                              refine_rounds=refine_rounds, min_tokens=min_tokens, spread=spread,
                              granularity=granularity, curvature=curvature, traces_from=traces_from,
-                             latency=latency)
+                             latency=latency, shrinkage=shrinkage)
     finally:
         if bar:
             bar.close()

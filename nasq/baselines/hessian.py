@@ -52,6 +52,13 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
   Hutchinson diagonal is refused here: per weight it is mostly noise and can be negative. The plan records each
   group's weighted error at each width (``provenance["weighted_errors"]``, 6 significant digits, the values the
   knapsack was solved with), so :func:`recorded_weighted_errors` re-solves it at any budget with no data.
+* ``shrinkage=s`` (with ``granularity="weight"``; 0 by default): each weight's curvature shrunk toward its
+  tensor's mean, ``d_i' = (1 - s) * G_ii + s * Tr(G_t)/n_t``, so the group's damage is the blend
+  ``(1 - s) * sum_{i in g} G_ii (w_i - Q_c(w_i))^2 + s * Tr(G_t)/n_t * ||W_g - Q_c(W_g)||^2`` of the per-weight and
+  the per-tensor estimates (``s = 0``: per weight; ``s = 1``: per tensor). The shrinkage estimator of empirical
+  Bayes, with the tensor as the prior: a weight's own diagonal counts only the rows drawn (a vocabulary row whose
+  token none of them holds has ``G_ii = 0``), the tensor's mean is the safer guess for the rest. The plan records
+  the unshrunk errors, so a re-solve can take any ``s``.
 
 The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
 :func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
@@ -423,6 +430,7 @@ def hessian_allocation(
     curvature: str = "hutchinson",
     traces: Sequence[np.ndarray] | None = None,
     weighted_errors: Sequence[np.ndarray] | None = None,
+    shrinkage: float = 0.0,
     info: dict | None = None,
 ) -> list[tuple[int, ...]]:
     """Bits per group maximising ``sum_g -0.5 * Tr(H_g)/n_g * ||W_g - Q_{c_g}(W_g)||^2`` with a cost within
@@ -437,14 +445,23 @@ def hessian_allocation(
     ``traces``: per-tensor traces already estimated (``granularity="tensor"``, e.g. :func:`recorded_traces`: one
     estimate, a plan at every budget; ``data`` and the batch options are then unused), and for
     ``granularity="weight"`` with them ``weighted_errors``, each group's ``[G, C]`` weighted errors
-    (:func:`recorded_weighted_errors`). ``info`` (optional dict) receives solver and estimator statistics, and for
-    ``"weight"`` the errors solved with (``weighted_errors``: ``{path: [[e_{g,c}] per group]}``)."""
+    (:func:`recorded_weighted_errors`). ``shrinkage`` (``"weight"`` only): the per-weight errors blended with the
+    per-tensor ones, ``(1 - s) * weighted + s * pooled trace * error`` (module docstring). ``info`` (optional dict)
+    receives solver and estimator statistics, and for ``"weight"`` the unshrunk errors (``weighted_errors``:
+    ``{path: [[e_{g,c}] per group]}``)."""
     if granularity not in GRANULARITIES:
         raise NasqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if granularity == "weight" and curvature != "fisher":
         raise NasqError("granularity 'weight' pairs each weight's curvature with its own error, which needs the "
                         "exact diagonal: use curvature 'fisher' (--curvature fisher); the Hutchinson diagonal is "
                         "mostly noise per weight and can be negative")
+    s = finite_number(shrinkage)
+    if s is None or not 0.0 <= s <= 1.0:
+        raise NasqError(f"shrinkage must be a number in [0, 1] (0: per weight, 1: per tensor), got {shrinkage!r}")
+    shrinkage = s
+    if shrinkage and granularity != "weight":
+        raise NasqError("shrinkage blends each weight's curvature with its tensor's mean, so it needs granularity "
+                        f"'weight' (--granularity weight), not {granularity!r}")
     estimate: dict[str, Any] = {}
     diagonals = None
     if traces is None:
@@ -471,7 +488,12 @@ def hessian_allocation(
             for t, p in zip(tensors, perts, strict=True):
                 if p.shape != (t.num_groups, len(t.choices)):
                     raise NasqError(f"{t.path}: weighted errors {p.shape}, expected {(t.num_groups, len(t.choices))}")
-        utils, clamped = hessian_utilities([np.ones(t.num_groups) for t in tensors], perts)
+        damages = perts
+        if shrinkage:
+            plain = quant_perturbations(model, tensors, mode)
+            damages = [(1.0 - shrinkage) * w + shrinkage * np.asarray(tr, np.float64)[:, None] * q
+                       for w, tr, q in zip(perts, pooled, plain, strict=True)]
+        utils, clamped = hessian_utilities([np.ones(t.num_groups) for t in tensors], damages)
     else:
         perts = quant_perturbations(model, tensors, mode)
         utils, clamped = hessian_utilities(traces, perts)
@@ -480,6 +502,7 @@ def hessian_allocation(
         flat = np.concatenate(group_level)
         info.update({"solver": alloc.solver, "optimal": alloc.optimal, **estimate,
                      "curvature": curvature, "granularity": granularity,
+                     **({"shrinkage": shrinkage} if shrinkage else {}),
                      "clamped_groups": clamped, "groups": int(flat.size),
                      "trace_per_weight": {"min": float(flat.min()), "median": float(np.median(flat)),
                                           "max": float(flat.max())},

@@ -77,6 +77,10 @@ def register(subparsers) -> None:
                    "pooled over the tensor's groups (HAWQ's per-layer trace: less noisy, "
                    "experiments/hessian_reliability.py), or (weight, with --curvature fisher) by each weight's own "
                    "curvature times its own quantization error (Optimal Brain Damage's diagonal)")
+    p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
+                   help="fisher --granularity weight: shrink each weight's curvature toward its tensor's mean by the "
+                   "fraction S in [0, 1], d_i' = (1-S) d_i + S mean_t(d): the plan blends the per-weight (S=0, the "
+                   "default) and the per-tensor (S=1) estimates")
     p.add_argument("--curvature", choices=CURVATURES, default=None,
                    help="hessian: the curvature behind each trace: the loss Hessian, Hutchinson's estimate with "
                    "--n-probes probes (default), or its Gauss-Newton part (the Fisher of the model's predictions), "
@@ -99,7 +103,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                          n_batches=args.n_batches, n_probes=args.n_probes, time_limit=args.time_limit,
                          damage_from=args.damage_from, refine_rounds=args.refine_rounds, min_tokens=args.min_tokens,
                          spread=args.spread, granularity=args.granularity,
-                         curvature=args.curvature, traces_from=args.traces_from)
+                         curvature=args.curvature, traces_from=args.traces_from, shrinkage=args.shrinkage)
     plan.save(args.out, overwrite=args.overwrite)
     t = plan.totals
     line = (f"{args.method}: searched {t['searched_bytes'] / MB:.4f} MB, avg {t['avg_bits']:.3f} bits, "
