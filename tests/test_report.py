@@ -177,6 +177,10 @@ def test_the_header_names_a_hessian_plans_recipe(plan_a, tmp_path):
     replace(plan_a, provenance={"method": "hessian", "curvature": "x\n" * 40, "granularity": "group"}).save(odd)
     assert "(method hessian, per row group, space " in rep.render(odd, "table")
     assert rep.method_recipe({"method": "measured", "curvature": "fisher"}) == []
+    blend = {"method": "hessian", "curvature": "fisher", "granularity": "weight"}
+    assert rep.method_recipe({**blend, "shrinkage": 0.5})[-1] == "shrunk 0.5 toward per tensor"
+    for odd_s in (2.0, "0.5", -1, float("nan"), True):  # not a shrinkage: left out
+        assert rep.method_recipe({**blend, "shrinkage": odd_s}) == ["fisher curvature", "per weight"]
 
 
 def test_rules_cover_every_tensor(plan_a):

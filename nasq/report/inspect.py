@@ -38,6 +38,7 @@ from nasq.contract.plan import Plan, PlanTensor, make_plan
 from nasq.contract.search_result import SearchResult
 from nasq.errors import NasqError
 from nasq.export.reader import read_artifact_plan
+from nasq.io import finite_number
 from nasq.search.finalize import argmax_plan
 
 __all__ = [
@@ -218,7 +219,8 @@ def _latency_check(prov: dict) -> dict | None:
 
 def method_recipe(provenance: dict) -> list[str]:
     """What a ``hessian`` plan's method was run with, e.g. ``["fisher curvature", "per weight"]`` (what ``nasq
-    baseline fisher`` makes), else ``[]``. The plan file is untrusted: a value that is not a short lowercase word
+    baseline fisher --granularity weight`` makes; with ``--shrinkage 0.5`` also ``"shrunk 0.5 toward per
+    tensor"``), else ``[]``. The plan file is untrusted: a value that is not a short lowercase word
     is left out."""
     if provenance.get("method") != "hessian":
         return []
@@ -227,8 +229,12 @@ def method_recipe(provenance: dict) -> list[str]:
         v = provenance.get(key)
         return v if isinstance(v, str) and re.fullmatch(r"[a-z]{1,16}", v) else None
     curvature, granularity = word("curvature"), word("granularity")
-    return ([f"{curvature} curvature"] * (curvature is not None)
-            + [f"per {'row group' if granularity == 'group' else granularity}"] * (granularity is not None))
+    shrinkage = finite_number(provenance.get("shrinkage"))
+    out = ([f"{curvature} curvature"] * (curvature is not None)
+           + [f"per {'row group' if granularity == 'group' else granularity}"] * (granularity is not None))
+    if shrinkage is not None and 0 < shrinkage <= 1:
+        out.append(f"shrunk {shrinkage:g} toward per tensor")
+    return out
 
 
 def summary(alloc: SourcedPlan | Plan | str | Path, damage_from: DamageSource | None = None) -> dict:
