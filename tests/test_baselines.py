@@ -898,6 +898,15 @@ def test_cli_per_weight_plan_re_solves_from_its_recorded_errors(cli, tensors, ti
     assert cli(["baseline", "fisher", *common, "--granularity", "tensor", "--traces-from", str(first), "--ratio", "8",
                 "--out", str(tmp_path / "t8.json")]) == 0
     per_tensor = tmp_path / "t8.json"
+    # shrunk all the way toward the tensor's mean, the per-weight record re-solves to the per-tensor plan
+    assert cli(["baseline", "fisher", *common, "--granularity", "weight", "--shrinkage", "1", "--traces-from",
+                str(first), "--ratio", "8", "--out", str(tmp_path / "s1.json")]) == 0
+    shrunk = Plan.load(tmp_path / "s1.json")
+    assert shrunk.bits_per_group() == Plan.load(per_tensor).bits_per_group()
+    assert shrunk.provenance["shrinkage"] == 1.0 and "s=1" in shrunk.provenance["utility"]
+    assert cli(["baseline", "fisher", *common, "--shrinkage", "0.5", "--traces-from", str(first), "--ratio", "8",
+                "--out", str(tmp_path / "x.json")]) == 2
+    assert "--shrinkage blends each weight's curvature" in capsys.readouterr().err
     assert cli(["baseline", "hessian", *common, *weight, "--traces-from", str(per_tensor), "--ratio", "8",
                 "--out", str(tmp_path / "x.json")]) == 2
     assert "not a per-weight Fisher plan" in capsys.readouterr().err
