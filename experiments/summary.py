@@ -21,8 +21,9 @@ into a verdict (beyond the spread, higher or lower mean inside it, ...), naming 
 same task and budget in another grid but not in the row (its verdict does not cover them), and SST-2 avg 2 and 4
 against the teacher;
 then the same verdicts for nasq's default against its other sensitivity allocator, measured, at every row both ran;
-last, nasq's other Fisher granularity (``ALTERNATIVE``) against the best baseline at every row it ran, and nasq's
-default against it head to head.
+then nasq's other Fisher granularity (``ALTERNATIVE``) against the best baseline at every row it ran, and nasq's
+default against it head to head; last, each candidate tried at a few rows (``CANDIDATES``) head to head with the
+default and with ``ALTERNATIVE``.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -66,6 +67,9 @@ DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
 FISHER_GRANULARITIES = ("fisher_t", "fisher_w")
 ALTERNATIVE = next(m for m in FISHER_GRANULARITIES if m != DEFAULT)
 ALTERNATIVE_ROLE = "the default for a few hours of 2026-12-05, switched back by the rule in NOTES.md"
+# candidates for the default tried at a few rows (no column): each gets lists head to head with DEFAULT and with
+# ALTERNATIVE at the rows both ran, and says what it is
+CANDIDATES = {"fisher_ws": "each weight's curvature shrunk halfway toward its tensor's mean, `--shrinkage 0.5`"}
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
@@ -85,7 +89,8 @@ def teacher_gap_allowed(task: str, budget: dict) -> float | None:
 
 
 NAMES = {"hessian": "Hessian", "hessian_t": "Hessian per tensor", "fisher": "Fisher per group",
-         "fisher_t": "Fisher per tensor", "fisher_w": "Fisher per weight", "rule": "hand rule"}
+         "fisher_t": "Fisher per tensor", "fisher_w": "Fisher per weight", "rule": "hand rule",
+         "fisher_ws": "Fisher per weight shrunk 0.5"}
 
 
 def _sensitivity_header(m: str) -> str:
@@ -263,6 +268,7 @@ class Target(NamedTuple):
     unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
     alternative: Margin | None = None  # :data:`ALTERNATIVE` against the best baseline
     default_vs_alternative: Margin | None = None  # :data:`DEFAULT` against :data:`ALTERNATIVE`, head to head
+    candidates: tuple[tuple[str, Margin], ...] = ()  # a :data:`CANDIDATES` method against DEFAULT or ALTERNATIVE
 
 
 def targets_text(targets: list[Target]) -> list[str]:
@@ -300,6 +306,15 @@ def targets_text(targets: list[Target]) -> list[str]:
         lines += ["", (f"{name(DEFAULT)} (nasq's default) against {name(ALTERNATIVE)} ({ALTERNATIVE_ROLE}), head to "
                        f"head, at the {len(duel)} rows both ran (generated):")]
         lines += verdict_lines(duel)
+    for cand, what in CANDIDATES.items():
+        for other in dict.fromkeys((DEFAULT, ALTERNATIVE)):
+            pairs = [(t.label, t.metric_name, m, ()) for t in targets for c, m in t.candidates
+                     if c == cand and m.other == other]
+            if pairs:
+                role = " (nasq's default)" if other == DEFAULT else f" ({ALTERNATIVE_ROLE})"
+                lines += ["", (f"{name(cand)} ({what}; a candidate tried at a few rows) against {name(other)}{role}, "
+                               f"head to head, at the {len(pairs)} rows both ran (generated):")]
+                lines += verdict_lines(pairs)
     return lines
 
 
@@ -393,10 +408,13 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         alt = baseline_margin(by_method, ranked, ALTERNATIVE)
                         if {ALTERNATIVE, DEFAULT} <= ranked.keys():
                             duel = margin_against(by_method, ranked, ALTERNATIVE)
-                    if margin is not None or sens is not None or alt is not None or duel is not None:
+                    cands = tuple((c, margin_against(by_method, ranked, other, c)) for c in CANDIDATES
+                                  for other in dict.fromkeys((DEFAULT, ALTERNATIVE)) if {c, other} <= ranked.keys())
+                    if margin is not None or sens is not None or alt is not None or duel is not None or cands:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
-                                                              alternative=alt, default_vs_alternative=duel),
+                                                              alternative=alt, default_vs_alternative=duel,
+                                                              candidates=cands),
                                         set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()

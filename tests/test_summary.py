@@ -28,7 +28,7 @@ def test_readme_table_matches_the_results(summary):
 CONFIG = """
 model: tiny
 tasks: [sst2, cola]
-methods: [fp32, uniform, hessian, rule, measured, fisher_t, fisher_w, nasq, nasq_ge4]
+methods: [fp32, uniform, hessian, rule, measured, fisher_t, fisher_w, fisher_ws, nasq, nasq_ge4]
 budgets:
   avg2: {avg_bits: 2, space: aqbert_128g_w1234, uniform: {bits: 2}}
   mb8: {budget_mb: 8, convention: artifact, space: whole_model_w1234, uniform: {bits: 2}}
@@ -272,3 +272,25 @@ def test_budget_labels(summary):
         "whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}"
     assert summary.budget_label({"latency_ms": 42, "latency_table": "experiments/results/lat.json",
                                  "space": "aqbert_128g"}) == "latency <= 42 ms on lat.json, {0,2,4,8}"
+
+
+def test_a_candidate_is_compared_head_to_head_with_both_granularities(summary, tmp_path, monkeypatch):
+    """A candidate for the default (summary.CANDIDATES) gets no column and is no baseline: lists head to head with
+    the default and with the alternative at the rows both ran, nothing where it did not run."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    monkeypatch.setattr(summary, "ALTERNATIVE", "fisher_w")
+    monkeypatch.setattr(summary, "ALTERNATIVE_ROLE", "the other granularity")
+    rows = [("cola", m, "avg2", s, "done", "matthews", v + 0.01 * s, "yes", "")
+            for m, v in (("uniform", 0.20), ("fisher_t", 0.22), ("fisher_w", 0.26), ("fisher_ws", 0.25))
+            for s in (0, 1)]
+    lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
+    assert "shrunk" not in lines[0] and "+0.020 vs uniform" in lines[2], lines[:3]  # the margin ignores it
+    head = ("Fisher per weight shrunk 0.5 (each weight's curvature shrunk halfway toward its tensor's mean, "
+            "`--shrinkage 0.5`; a candidate tried at a few rows) against ")
+    i = lines.index(head + "Fisher per tensor (nasq's default), head to head, at the 1 rows both ran (generated):")
+    assert lines[i + 1] == "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.030 vs Fisher per tensor)"
+    j = lines.index(head + "Fisher per weight (the other granularity), head to head, at the 1 rows both ran "
+                    "(generated):")
+    assert lines[j + 4] == "- lower mean, beyond the spread (1): CoLA avg 2, {1,2,3,4} (-0.010 vs Fisher per weight)"
+    lines = summary.table(_write(tmp_path / "b", [r for r in rows if r[1] != "fisher_ws"]), (("g.yaml", "res", ""),))
+    assert not any("shrunk" in ln for ln in lines), lines
