@@ -87,7 +87,8 @@ def allocate(cfg: Config, out: str | Path, *, method: str = "fisher", bits: int 
     then the exact knapsack; level with ``"fisher"`` after QAT under the protocol, and slower), ``"hessian"``,
     ``"uniform"`` / ``"rule"`` / ``"magnitude"`` (need ``bits``; ``rule`` also ``rule_bits``) or ``"random"``.
     ``options``: ``n_probes``, ``time_limit``, ``damage_from``, ``refine_rounds``, ``min_tokens``, ``spread``,
-    ``granularity``, ``curvature``, ``traces_from`` (:func:`nasq.baselines.allocators.baseline_plan`; e.g.
+    ``granularity``, ``curvature``, ``traces_from``, ``shrinkage`` (per weight: each weight's curvature shrunk
+    toward its tensor's mean by that fraction) (:func:`nasq.baselines.allocators.baseline_plan`; e.g.
     ``traces_from="fisher2.json"``: the Fisher plan of another budget from the errors (or traces) that plan
     recorded, no data read)."""
     from nasq.baselines.allocators import allocate_plan
