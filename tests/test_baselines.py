@@ -432,7 +432,7 @@ def test_shrinkage_blends_per_weight_and_per_tensor(model, tensors, task_data):
                          ("0.5", "a number")):
         with pytest.raises(NasqError, match=message):
             plan("weight", bad)
-    with pytest.raises(NasqError, match="needs granularity 'weight'"):
+    with pytest.raises(NasqError, match="needs --granularity weight"):
         plan("tensor", 0.5)
 
 

@@ -47,6 +47,7 @@ from flax import nnx
 from nasq.baselines.hessian import (
     CURVATURES,
     GRANULARITIES,
+    checked_shrinkage,
     hessian_allocation,
     recorded_traces,
     recorded_weighted_errors,
@@ -308,12 +309,7 @@ def check_hessian_options(method: str, granularity: str = "group", curvature: st
             raise NasqError(f"--{flag} is for the hessian baseline, not {method}")
     if traces_from is not None and method != "hessian":
         raise NasqError(f"--traces-from is for the fisher and hessian baselines, not {method}")
-    s = finite_number(shrinkage)
-    if s is None or not 0.0 <= s <= 1.0:
-        raise NasqError(f"--shrinkage must be a number in [0, 1] (0: per weight, 1: per tensor), got {shrinkage!r}")
-    if s and granularity != "weight":
-        raise NasqError("--shrinkage blends each weight's curvature with its tensor's mean: it needs --granularity "
-                        f"weight (with the fisher baseline), not {granularity!r}")
+    checked_shrinkage(shrinkage, granularity)
     if traces_from is not None and granularity == "group":
         raise NasqError("--traces-from gives one trace per tensor, so it scores groups by their tensor's: add "
                         "--granularity tensor (or use the fisher baseline; --granularity weight re-solves a "

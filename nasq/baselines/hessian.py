@@ -55,10 +55,11 @@ replaced by its average eigenvalue (HAWQ-V2/V3)::
 * ``shrinkage=s`` (with ``granularity="weight"``; 0 by default): each weight's curvature shrunk toward its
   tensor's mean, ``d_i' = (1 - s) * G_ii + s * Tr(G_t)/n_t``, so the group's damage is the blend
   ``(1 - s) * sum_{i in g} G_ii (w_i - Q_c(w_i))^2 + s * Tr(G_t)/n_t * ||W_g - Q_c(W_g)||^2`` of the per-weight and
-  the per-tensor estimates (``s = 0``: per weight; ``s = 1``: per tensor). The shrinkage estimator of empirical
-  Bayes, with the tensor as the prior: a weight's own diagonal counts only the rows drawn (a vocabulary row whose
-  token none of them holds has ``G_ii = 0``), the tensor's mean is the safer guess for the rest. The plan records
-  the unshrunk errors, so a re-solve can take any ``s``.
+  the per-tensor estimates (``s = 0``: per weight; ``s = 1``: per tensor), as a shrinkage estimator pulls a
+  noisy per-item estimate toward its group's mean: a weight's own diagonal counts only the rows drawn (a vocabulary
+  row whose token none of them holds has ``G_ii = 0``). The plan records the unshrunk errors, so a re-solve can take
+  any ``s``. Under the protocol, ``s = 0.5`` landed between the two granularities at the rows tried, so it is an
+  option, not the default (experiments/results/protocol/NOTES.md).
 
 The plan maximises ``sum_g u_{g,c_g}`` subject to ``sum_g bytes(g, c_g) <= budget`` with
 :func:`nasq.search.finalize.allocate` (exact MILP, Lagrangian fallback), the knapsack ``nasq finalize`` uses.
@@ -91,6 +92,7 @@ __all__ = [
     "CURVATURES",
     "GRANULARITIES",
     "MAX_TRACE_PER_WEIGHT",
+    "checked_shrinkage",
     "gauss_newton_diagonal",
     "group_traces",
     "hessian_allocation",
@@ -413,6 +415,18 @@ def _train_batches(data, n_batches: int, batch_size: int, seed: int, min_tokens:
     return [next(it)[2] for _ in range(n_batches)]
 
 
+def checked_shrinkage(shrinkage: Any, granularity: str) -> float:
+    """``shrinkage`` as a float in [0, 1], above 0 only with ``granularity="weight"``, else ``NasqError`` (the
+    message names the command-line flags)."""
+    s = finite_number(shrinkage)
+    if s is None or not 0.0 <= s <= 1.0:
+        raise NasqError(f"--shrinkage must be a number in [0, 1] (0: per weight, 1: per tensor), got {shrinkage!r}")
+    if s and granularity != "weight":
+        raise NasqError("--shrinkage blends each weight's curvature with its tensor's mean: it needs --granularity "
+                        f"weight (with the fisher baseline), not {granularity!r}")
+    return s
+
+
 def hessian_allocation(
     model: nnx.Module,
     data,
@@ -455,13 +469,7 @@ def hessian_allocation(
         raise NasqError("granularity 'weight' pairs each weight's curvature with its own error, which needs the "
                         "exact diagonal: use curvature 'fisher' (--curvature fisher); the Hutchinson diagonal is "
                         "mostly noise per weight and can be negative")
-    s = finite_number(shrinkage)
-    if s is None or not 0.0 <= s <= 1.0:
-        raise NasqError(f"shrinkage must be a number in [0, 1] (0: per weight, 1: per tensor), got {shrinkage!r}")
-    shrinkage = s
-    if shrinkage and granularity != "weight":
-        raise NasqError("shrinkage blends each weight's curvature with its tensor's mean, so it needs granularity "
-                        f"'weight' (--granularity weight), not {granularity!r}")
+    shrinkage = checked_shrinkage(shrinkage, granularity)
     estimate: dict[str, Any] = {}
     diagonals = None
     if traces is None:
