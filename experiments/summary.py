@@ -68,8 +68,9 @@ FISHER_GRANULARITIES = ("fisher_t", "fisher_w")
 ALTERNATIVE = next(m for m in FISHER_GRANULARITIES if m != DEFAULT)
 ALTERNATIVE_ROLE = "the default for a few hours of 2026-12-05, switched back by the rule in NOTES.md"
 # candidates for the default tried at a few rows (no column): each gets lists head to head with DEFAULT and with
-# ALTERNATIVE at the rows both ran, and says what it is
-CANDIDATES = {"fisher_ws": "each weight's curvature shrunk halfway toward its tensor's mean, `--shrinkage 0.5`"}
+# ALTERNATIVE at the rows both ran, and says what it is and where it stands
+CANDIDATES = {"fisher_ws": ("each weight's curvature shrunk halfway toward its tensor's mean, `--shrinkage 0.5`; "
+                            "tried at a few rows, not adopted: NOTES.md")}
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
@@ -312,8 +313,8 @@ def targets_text(targets: list[Target]) -> list[str]:
                      if c == cand and m.other == other]
             if pairs:
                 role = " (nasq's default)" if other == DEFAULT else f" ({ALTERNATIVE_ROLE})"
-                lines += ["", (f"{name(cand)} ({what}; a candidate tried at a few rows) against {name(other)}{role}, "
-                               f"head to head, at the {len(pairs)} rows both ran (generated):")]
+                lines += ["", (f"{name(cand)} ({what}) against {name(other)}{role}, head to head, at the "
+                               f"{len(pairs)} rows both ran (generated):")]
                 lines += verdict_lines(pairs)
     return lines
 

@@ -285,8 +285,7 @@ def test_a_candidate_is_compared_head_to_head_with_both_granularities(summary, t
             for s in (0, 1)]
     lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
     assert "shrunk" not in lines[0] and "+0.020 vs uniform" in lines[2], lines[:3]  # the margin ignores it
-    head = ("Fisher per weight shrunk 0.5 (each weight's curvature shrunk halfway toward its tensor's mean, "
-            "`--shrinkage 0.5`; a candidate tried at a few rows) against ")
+    head = f"Fisher per weight shrunk 0.5 ({summary.CANDIDATES['fisher_ws']}) against "
     i = lines.index(head + "Fisher per tensor (nasq's default), head to head, at the 1 rows both ran (generated):")
     assert lines[i + 1] == "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.030 vs Fisher per tensor)"
     j = lines.index(head + "Fisher per weight (the other granularity), head to head, at the 1 rows both ran "
