@@ -11,6 +11,8 @@ The plan comes from one of three allocators (``--allocator``):
   ``granularity="weight"`` (``--granularity weight``): each weight's own Gauss-Newton diagonal times its own error,
   summed per row group (the default for a few hours of 2026-12-05): level with per tensor at most rows, ahead
   beyond the spread at some (SST-2 avg 1.5 and 8 MB), behind at one (CoLA 10 MB); README Results lists them.
+  ``shrinkage=S`` (``--shrinkage S``, per weight only): each weight's curvature shrunk toward its tensor's mean,
+  the two granularities' damages blended ``(1-S) : S`` (S=1 gives the per-tensor plan).
 * ``measured``: the measured allocation (:mod:`nasq.baselines.measured`: each tensor's output damage measured at
   every width on the preset's ``measure_batches`` train batches, then the same knapsack; minutes;
   ``--refine-rounds R`` re-measures around the plan R times, which did not help on SST-2). nasq's default until
@@ -259,22 +261,27 @@ def plan_allocator(provenance: dict) -> str:
     return "search"
 
 
-def check_allocator(cfg: Config, allocator: str, refine_rounds: int = 0, measure_batches: int | None = None,
-                    granularity: str | None = None) -> None:
-    """The allocator's name, its options, and a budget for ``measured`` and ``fisher`` (size or latency); run
-    before any stage, so a bad choice costs no training."""
+def check_allocator_options(allocator: str, refine_rounds: int = 0, measure_batches: int | None = None,
+                            granularity: str | None = None, shrinkage: float = 0.0) -> None:
+    """The allocator's name and its own options; run first, before any data is read, so a bad flag costs nothing."""
     if allocator not in ALLOCATORS:
         raise NasqError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     check_measured_options(allocator, refine_rounds=refine_rounds)
-    if granularity is not None:
+    if granularity is not None or shrinkage != 0.0:
         if allocator != "fisher":
-            raise NasqError(f"--granularity is for the fisher allocator, not {allocator}")
-        check_hessian_options("hessian", granularity, "fisher")
+            flag = "--granularity" if granularity is not None else "--shrinkage"
+            raise NasqError(f"{flag} is for the fisher allocator, not {allocator}")
+        check_hessian_options("hessian", resolve_recipe("fisher", granularity)[1], "fisher", shrinkage=shrinkage)
     if measure_batches is not None:
         if allocator not in SIZE_ALLOCATORS:
             raise NasqError(f"--measure-batches is for the measured and fisher allocators, not {allocator}")
         if isinstance(measure_batches, bool) or not isinstance(measure_batches, int) or measure_batches < 1:
             raise NasqError(f"--measure-batches must be an integer >= 1, got {measure_batches!r}")
+
+
+def check_allocator_budget(cfg: Config, allocator: str) -> None:
+    """A budget for ``measured`` and ``fisher`` (size or latency), and a loadable latency table; run before any
+    stage, so a missing budget costs no training."""
     s = cfg.search
     if allocator in SIZE_ALLOCATORS and (s.avg_bits, s.budget_mb, s.ratio, s.latency_ms) == (None,) * 4:
         raise NasqError(f"--allocator {allocator}{' (the default)' * (allocator == ALLOCATORS[0])} needs a "
@@ -298,19 +305,21 @@ def allocation_batches(preset: dict, allocator: str, measure_batches: int | None
 def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tuple[str, dict]] | None = None,
                  teacher: str | None = None, resume: bool = False, overwrite: bool = False, log=print,
                  allocator: str = ALLOCATORS[0], refine_rounds: int = 0, measure_batches: int | None = None,
-                 granularity: str | None = None) -> dict:
+                 granularity: str | None = None, shrinkage: float = 0.0) -> dict:
     """Run (or resume) every stage into ``out`` (module docstring); returns the summary written to
     ``OUT/summary.json``. ``measure_batches``: the measured and fisher allocators' train batches (None: the
     preset's ``measure_batches`` or ``fisher_batches``); ``granularity``: the fisher allocator's (None: its
-    recipe's, per tensor; ``"weight"``: per weight)."""
+    recipe's, per tensor; ``"weight"``: per weight); ``shrinkage``: per weight, each weight's curvature shrunk
+    that far toward its tensor's mean (:func:`nasq.baselines.hessian.checked_shrinkage`; 0: none)."""
     if preset not in PRESETS:
         raise NasqError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    check_allocator_options(allocator, refine_rounds, measure_batches, granularity, shrinkage)
     p = PRESETS[preset]
     user_layers = user_layers or []
     out = Path(out)
     # Every stage's config is validated before --out is touched (a bad --set loses nothing).
     configs = pipeline_configs(p, user_layers, out, teacher, log)
-    check_allocator(configs["search"], allocator, refine_rounds, measure_batches, granularity)
+    check_allocator_budget(configs["search"], allocator)
     n_measure = allocation_batches(p, allocator, measure_batches)
     fisher_per = resolve_recipe("fisher", granularity)[1] if allocator == "fisher" else None
     if teacher is not None and not (Path(teacher) / "model").is_dir():
@@ -347,6 +356,9 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         if fisher_per is not None and made.get("granularity") != fisher_per:
             raise NasqError(f"{plan_path} was made by the fisher allocator per {made.get('granularity')}, not per "
                             f"{fisher_per}; resume with --granularity {made.get('granularity')}, or start a new --out")
+        if fisher_per is not None and float(made.get("shrinkage", 0.0)) != float(shrinkage):
+            raise NasqError(f"{plan_path} was made with --shrinkage {made.get('shrinkage', 0.0)}, not {shrinkage}; "
+                            f"resume with --shrinkage {made.get('shrinkage', 0.0)}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
@@ -356,9 +368,10 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         times["allocate_s"] = time.time() - t0
     elif allocator == "fisher":
         if not output_complete("plan", plan_path):
-            log(f"[2-3/6] Fisher allocation per {fisher_per} ({n_measure} batches) -> {plan_path}")
-            allocate_plan("fisher", configs["search"], n_batches=n_measure,
-                          granularity=granularity).save(plan_path, overwrite=True)
+            shrunk = f", shrunk {shrinkage:g} toward per tensor" if shrinkage else ""
+            log(f"[2-3/6] Fisher allocation per {fisher_per}{shrunk} ({n_measure} batches) -> {plan_path}")
+            allocate_plan("fisher", configs["search"], n_batches=n_measure, granularity=granularity,
+                          shrinkage=shrinkage).save(plan_path, overwrite=True)
         times["allocate_s"] = time.time() - t0
     else:
         if not output_complete("run", search_dir):

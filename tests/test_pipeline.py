@@ -117,6 +117,18 @@ def test_pipeline_with_the_fisher_allocator(tiny_model_dir, glue_dir, tmp_path):
     prov = Plan.load(per_weight / "plan.json").provenance
     assert (prov["granularity"], plan_allocator(prov)) == ("weight", "fisher") and "weighted_errors" in prov
     assert s["plan_totals"]["within_budget"] and s["artifact_vs_predicted"] == 1.0
+    stamp = (per_weight / "plan.json").stat().st_mtime_ns
+    with pytest.raises(NasqError, match="made with --shrinkage 0.0, not 0.5; resume with --shrinkage 0.0"):
+        run_pipeline(per_weight, preset="smoke", user_layers=layers, resume=True, log=lambda *a: None,
+                     measure_batches=1, granularity="weight", shrinkage=0.5)
+    assert (per_weight / "plan.json").stat().st_mtime_ns == stamp
+    # shrunk all the way toward per tensor (--shrinkage 1): the per-tensor plan's bits, recorded as shrunk
+    shrunk = tmp_path / "pipe_s"
+    run_pipeline(shrunk, preset="smoke", user_layers=layers, teacher=str(out / "teacher"), log=lambda *a: None,
+                 measure_batches=1, granularity="weight", shrinkage=1.0)
+    plan_s = Plan.load(shrunk / "plan.json")
+    assert (plan_s.provenance["granularity"], plan_s.provenance["shrinkage"]) == ("weight", 1.0)
+    assert plan_s.bits_per_group() == Plan.load(out / "plan.json").bits_per_group()
     assert plan_allocator({"method": "nasq-search"}) == "search"
     assert plan_allocator({"method": "hessian", "curvature": "hutchinson"}) == "hessian"
 
@@ -264,6 +276,15 @@ def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir
     with pytest.raises(NasqError, match="--granularity must be one of group, tensor, weight, got 'row'"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      granularity="row")
+    with pytest.raises(NasqError, match="--shrinkage is for the fisher allocator, not measured"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     allocator="measured", shrinkage=0.5)
+    with pytest.raises(NasqError, match="--shrinkage blends .* it needs --granularity weight"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     shrinkage=0.5)
+    with pytest.raises(NasqError, match=r"--shrinkage must be a number in \[0, 1\]"):
+        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
+                     granularity="weight", shrinkage=1.5)
     with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
                      allocator="measured", refine_rounds=-1)

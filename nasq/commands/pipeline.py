@@ -31,6 +31,10 @@ def register(sub) -> None:
                    help="--allocator fisher: one Gauss-Newton trace per tensor times each group's error (default), "
                    "or each weight's own curvature times its own error, summed per group (weight: level with per "
                    "tensor at most rows, ahead or behind beyond the spread at a few, see README Results)")
+    p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
+                   help="--allocator fisher --granularity weight: shrink each weight's curvature toward its "
+                   "tensor's mean, (1-S) * per weight + S * per tensor (default 0; S=1 gives the per-tensor plan; "
+                   "0.5 was tried at a few rows and not adopted, see README Results)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
@@ -45,5 +49,6 @@ def cmd_pipeline(args) -> int:
     out = args.out or "runs/pipeline"
     run_pipeline(out, preset=args.preset, user_layers=layers, teacher=args.teacher, resume=args.resume,
                  overwrite=args.overwrite, allocator=args.allocator, refine_rounds=args.refine_rounds,
-                 measure_batches=args.measure_batches, granularity=args.granularity)
+                 measure_batches=args.measure_batches, granularity=args.granularity,
+                 shrinkage=args.shrinkage)
     return 0
