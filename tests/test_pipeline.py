@@ -258,36 +258,20 @@ def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir
     with pytest.raises(NasqError, match="lat.json not found"):
         run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=layers, log=lambda *a: None)
     assert not (tmp_path / "pipe").exists()
-    with pytest.raises(NasqError, match="unknown allocator"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="hessian")
-    with pytest.raises(NasqError, match="--refine-rounds is for the measured baseline, not search"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="search", refine_rounds=1)
-    with pytest.raises(NasqError, match="--measure-batches is for the measured and fisher allocators, not search"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="search", measure_batches=4)
-    with pytest.raises(NasqError, match="--measure-batches must be an integer >= 1, got 0"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     measure_batches=0)
-    with pytest.raises(NasqError, match="--granularity is for the fisher allocator, not measured"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="measured", granularity="weight")
-    with pytest.raises(NasqError, match="--granularity must be one of group, tensor, weight, got 'row'"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     granularity="row")
-    with pytest.raises(NasqError, match="--shrinkage is for the fisher allocator, not measured"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="measured", shrinkage=0.5)
-    with pytest.raises(NasqError, match="--shrinkage blends .* it needs --granularity weight"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     shrinkage=0.5)
-    with pytest.raises(NasqError, match=r"--shrinkage must be a number in \[0, 1\]"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     granularity="weight", shrinkage=1.5)
-    with pytest.raises(NasqError, match="--refine-rounds must be >= 0"):
-        run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir),
-                     allocator="measured", refine_rounds=-1)
+    for options, message in [
+            ({"allocator": "hessian"}, "unknown allocator"),
+            ({"allocator": "search", "refine_rounds": 1}, "--refine-rounds is for the measured baseline, not search"),
+            ({"allocator": "search", "measure_batches": 4},
+             "--measure-batches is for the measured and fisher allocators, not search"),
+            ({"measure_batches": 0}, "--measure-batches must be an integer >= 1, got 0"),
+            ({"allocator": "measured", "granularity": "weight"}, "--granularity is for the fisher allocator, not measured"),
+            ({"granularity": "row"}, "--granularity must be one of group, tensor, weight, got 'row'"),
+            ({"allocator": "measured", "shrinkage": 0.5}, "--shrinkage is for the fisher allocator, not measured"),
+            ({"shrinkage": 0.5}, "--shrinkage blends .* it needs --granularity weight"),
+            ({"granularity": "weight", "shrinkage": 1.5}, r"--shrinkage must be a number in \[0, 1\]"),
+            ({"allocator": "measured", "refine_rounds": -1}, "--refine-rounds must be >= 0")]:
+        with pytest.raises(NasqError, match=message):
+            run_pipeline(tmp_path / "pipe", preset="smoke", user_layers=_layers(tiny_model_dir, glue_dir), **options)
     assert not (tmp_path / "pipe").exists()
 
 
