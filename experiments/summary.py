@@ -22,8 +22,8 @@ same task and budget in another grid but not in the row (its verdict does not co
 against the teacher;
 then the same verdicts for nasq's default against its other sensitivity allocator, measured, at every row both ran;
 then nasq's other Fisher granularity (``ALTERNATIVE``) against the best baseline at every row it ran, and nasq's
-default against it head to head; last, each candidate tried at a few rows (``CANDIDATES``) head to head with the
-default and with ``ALTERNATIVE``.
+default against it head to head; last, each candidate tried at a few rows (``CANDIDATES``) against the best
+baseline, and head to head with the default and with ``ALTERNATIVE``.
 
 ``tests/test_summary.py`` checks that README.md's block is what this script prints from the committed
 results.csv files, so a figure in that table cannot drift from its cells.
@@ -67,8 +67,8 @@ DEFAULT = PIPELINE_METHOD[ALLOCATORS[0]]
 FISHER_GRANULARITIES = ("fisher_t", "fisher_w")
 ALTERNATIVE = next(m for m in FISHER_GRANULARITIES if m != DEFAULT)
 ALTERNATIVE_ROLE = "the default for a few hours of 2026-12-05, switched back by the rule in NOTES.md"
-# candidates for the default tried at a few rows (no column): each gets lists head to head with DEFAULT and with
-# ALTERNATIVE at the rows both ran, and says what it is and where it stands
+# candidates for the default tried at a few rows (no column): each gets lists against the best baseline at the rows
+# it ran, and head to head with DEFAULT and with ALTERNATIVE at the rows both ran, and says what it is and where it stands
 CANDIDATES = {"fisher_ws": ("each weight's curvature shrunk halfway toward its tensor's mean, `--shrinkage 0.5`; "
                             "tried at a few rows, not adopted: NOTES.md")}
 OTHER_BASELINES = tuple(m for m in grid.METHODS
@@ -269,7 +269,8 @@ class Target(NamedTuple):
     unrun: tuple[str, ...] = ()  # baselines that finished at this (task, budget) in another grid, not in this row
     alternative: Margin | None = None  # :data:`ALTERNATIVE` against the best baseline
     default_vs_alternative: Margin | None = None  # :data:`DEFAULT` against :data:`ALTERNATIVE`, head to head
-    candidates: tuple[tuple[str, Margin], ...] = ()  # a :data:`CANDIDATES` method against DEFAULT or ALTERNATIVE
+    # a :data:`CANDIDATES` method against the best baseline (against ``"baseline"``), DEFAULT or ALTERNATIVE
+    candidates: tuple[tuple[str, str, Margin], ...] = ()
 
 
 def targets_text(targets: list[Target]) -> list[str]:
@@ -308,14 +309,19 @@ def targets_text(targets: list[Target]) -> list[str]:
                        f"head, at the {len(duel)} rows both ran (generated):")]
         lines += verdict_lines(duel)
     for cand, what in CANDIDATES.items():
-        for other in dict.fromkeys((DEFAULT, ALTERNATIVE)):
-            pairs = [(t.label, t.metric_name, m, ()) for t in targets for c, m in t.candidates
-                     if c == cand and m.other == other]
-            if pairs:
+        for other in dict.fromkeys(("baseline", DEFAULT, ALTERNATIVE)):
+            pairs = [(t.label, t.metric_name, m, t.unrun if other == "baseline" else ())
+                     for t in targets for c, against, m in t.candidates if c == cand and against == other]
+            if not pairs:
+                continue
+            if other == "baseline":
+                lines += ["", (f"{name(cand)} ({what}) against each row's best baseline by mean (as the targets "
+                               f"above), at the {len(pairs)} rows it ran (generated):")]
+            else:
                 role = " (nasq's default)" if other == DEFAULT else f" ({ALTERNATIVE_ROLE})"
                 lines += ["", (f"{name(cand)} ({what}) against {name(other)}{role}, head to head, at the "
                                f"{len(pairs)} rows both ran (generated):")]
-                lines += verdict_lines(pairs)
+            lines += verdict_lines(pairs)
     return lines
 
 
@@ -409,8 +415,10 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         alt = baseline_margin(by_method, ranked, ALTERNATIVE)
                         if {ALTERNATIVE, DEFAULT} <= ranked.keys():
                             duel = margin_against(by_method, ranked, ALTERNATIVE)
-                    cands = tuple((c, margin_against(by_method, ranked, other, c)) for c in CANDIDATES
-                                  for other in dict.fromkeys((DEFAULT, ALTERNATIVE)) if {c, other} <= ranked.keys())
+                    cands = tuple((c, "baseline", m) for c in CANDIDATES
+                                  if (m := baseline_margin(by_method, ranked, c)) is not None)
+                    cands += tuple((c, other, margin_against(by_method, ranked, other, c)) for c in CANDIDATES
+                                   for other in dict.fromkeys((DEFAULT, ALTERNATIVE)) if {c, other} <= ranked.keys())
                     if margin is not None or sens is not None or alt is not None or duel is not None or cands:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,

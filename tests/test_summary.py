@@ -275,8 +275,9 @@ def test_budget_labels(summary):
 
 
 def test_a_candidate_is_compared_head_to_head_with_both_granularities(summary, tmp_path, monkeypatch):
-    """A candidate for the default (summary.CANDIDATES) gets no column and is no baseline: lists head to head with
-    the default and with the alternative at the rows both ran, nothing where it did not run."""
+    """A candidate for the default (summary.CANDIDATES) gets no column and is no baseline: a list against the best
+    baseline at the rows it ran, lists head to head with the default and with the alternative at the rows both
+    ran, nothing where it did not run."""
     monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
     monkeypatch.setattr(summary, "ALTERNATIVE", "fisher_w")
     monkeypatch.setattr(summary, "ALTERNATIVE_ROLE", "the other granularity")
@@ -286,6 +287,9 @@ def test_a_candidate_is_compared_head_to_head_with_both_granularities(summary, t
     lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
     assert "shrunk" not in lines[0] and "+0.020 vs uniform" in lines[2], lines[:3]  # the margin ignores it
     head = f"Fisher per weight shrunk 0.5 ({summary.CANDIDATES['fisher_ws']}) against "
+    k = lines.index(head + "each row's best baseline by mean (as the targets above), at the 1 rows it ran "
+                    "(generated):")
+    assert lines[k + 1] == "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.050 vs uniform)"
     i = lines.index(head + "Fisher per tensor (nasq's default), head to head, at the 1 rows both ran (generated):")
     assert lines[i + 1] == "- beyond the spread, higher mean (1): CoLA avg 2, {1,2,3,4} (+0.030 vs Fisher per tensor)"
     j = lines.index(head + "Fisher per weight (the other granularity), head to head, at the 1 rows both ran "
