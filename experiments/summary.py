@@ -70,7 +70,7 @@ ALTERNATIVE_ROLE = "the default for a few hours of 2026-12-05, switched back by 
 # candidates for the default tried at a few rows (no column): each gets lists against the best baseline at the rows
 # it ran, and head to head with DEFAULT and with ALTERNATIVE at the rows both ran, and says what it is and where it stands
 CANDIDATES = {"fisher_ws": ("each weight's curvature shrunk halfway toward its tensor's mean, `--shrinkage 0.5`; "
-                            "tried at a few rows, not adopted: NOTES.md")}
+                            "tried at six rows, not adopted: NOTES.md")}
 OTHER_BASELINES = tuple(m for m in grid.METHODS
                         if m not in ("fp32", *SENSITIVITY, *SHOWN_BASELINES, *grid.OURS))
 # the baselines the pooled paragraph compares with: every method that is not the teacher or one of nasq's allocators
