@@ -356,7 +356,7 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         if fisher_per is not None and made.get("granularity") != fisher_per:
             raise NasqError(f"{plan_path} was made by the fisher allocator per {made.get('granularity')}, not per "
                             f"{fisher_per}; resume with --granularity {made.get('granularity')}, or start a new --out")
-        if fisher_per is not None and float(made.get("shrinkage", 0.0)) != float(shrinkage):
+        if fisher_per is not None and made.get("shrinkage", 0.0) != shrinkage:  # JSON 0.5 == 0.5; "0.5" refused
             raise NasqError(f"{plan_path} was made with --shrinkage {made.get('shrinkage', 0.0)}, not {shrinkage}; "
                             f"resume with --shrinkage {made.get('shrinkage', 0.0)}, or start a new --out")
     if allocator == "measured":

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
                    help="--allocator fisher --granularity weight: shrink each weight's curvature toward its "
                    "tensor's mean, (1-S) * per weight + S * per tensor (default 0; S=1 gives the per-tensor plan; "
-                   "0.5 was tried at a few rows and not adopted, see README Results)")
+                   "0.5 was tried at six rows and not adopted, see README Results)")
     add_common(p)
     p.set_defaults(fn=cmd_pipeline)
 
