@@ -356,9 +356,10 @@ def run_pipeline(out: str | Path, *, preset: str = "quick", user_layers: list[tu
         if fisher_per is not None and made.get("granularity") != fisher_per:
             raise NasqError(f"{plan_path} was made by the fisher allocator per {made.get('granularity')}, not per "
                             f"{fisher_per}; resume with --granularity {made.get('granularity')}, or start a new --out")
-        if fisher_per is not None and made.get("shrinkage", 0.0) != shrinkage:  # JSON 0.5 == 0.5; "0.5" refused
-            raise NasqError(f"{plan_path} was made with --shrinkage {made.get('shrinkage', 0.0)}, not {shrinkage}; "
-                            f"resume with --shrinkage {made.get('shrinkage', 0.0)}, or start a new --out")
+        recorded = made.get("shrinkage", 0.0)  # absent: unshrunk; compared as recorded (JSON 0.5 == 0.5)
+        if fisher_per is not None and recorded != shrinkage:
+            raise NasqError(f"{plan_path} was made with --shrinkage {recorded}, not {shrinkage}; resume with "
+                            f"--shrinkage {recorded}, or start a new --out")
     if allocator == "measured":
         if not output_complete("plan", plan_path):
             log(f"[2-3/6] measured allocation ({n_measure} batches, {refine_rounds} refinement rounds) -> {plan_path}")
