@@ -1,15 +1,15 @@
 """Does the early QAT curve tell which Fisher granularity will win? (issue 16: a proxy of recovery under QAT)
 
-For every row of a grid where Fisher per weight (``fisher_w``) and per tensor (``fisher_t``) both finished 3 seeds,
-the difference of their mean dev metrics at each QAT checkpoint (results.csv's ``dev_curve``: fake-quantized
-weights, the grid's ``eval_every``), and at how many rows its sign matches the sign of the final difference (the
-metric through the integer artifact)::
+For every row of a grid where Fisher per weight (``fisher_w``) and per tensor (``fisher_t``) both finished 3
+seeds, the difference of their mean dev metrics at each QAT checkpoint (results.csv's ``dev_curve``:
+fake-quantized weights, the grid's ``eval_every``), and at how many rows its sign matches the sign of the
+final difference (the metric through the integer artifact)::
 
     python experiments/granularity_curves.py experiments/results/protocol/results.csv \
         > experiments/results/protocol/granularity_curves.json
 
-If a short QAT (a quarter or half of the grid's) already ranked the two plans as the full one does, an allocator
-could race both granularities cheaply and keep the winner.
+If a short QAT (a quarter or half of the grid's) already ranked the two plans as the full one does, an
+allocator could race both granularities cheaply and keep the winner.
 """
 
 import argparse
@@ -27,7 +27,8 @@ def parse_curve(text: str) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_csv")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds each granularity needs at a row (default 3)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds each granularity needs at a row (default 3)")
     args = parser.parse_args()
     cells: dict[tuple[str, str], dict[str, list]] = {}
     with open(args.results_csv, newline="") as handle:
@@ -40,7 +41,8 @@ def main() -> None:
     for (task, budget), runs in sorted(cells.items()):
         if min(len(runs.get("fisher_w", [])), len(runs.get("fisher_t", []))) < args.seeds:
             continue
-        final = statistics.mean(m for _, m in runs["fisher_w"]) - statistics.mean(m for _, m in runs["fisher_t"])
+        final = (statistics.mean(m for _, m in runs["fisher_w"])
+                 - statistics.mean(m for _, m in runs["fisher_t"]))
         steps = sorted(set.intersection(*(set(c) for method in runs.values() for c, _ in method)))
         diffs = {s: statistics.mean(c[s] for c, _ in runs["fisher_w"])
                  - statistics.mean(c[s] for c, _ in runs["fisher_t"]) for s in steps}
