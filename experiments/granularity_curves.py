@@ -17,29 +17,24 @@ import csv
 import json
 import statistics
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curve_jitter import parse_curve  # experiments/curve_jitter.py: "100:0.8 200:0.9" -> {100: 0.8, 200: 0.9}
 
 
-def parse_curve(text: str) -> dict[int, float]:
-    """``"100:0.87 200:0.88"`` -> ``{100: 0.87, 200: 0.88}``."""
-    return {int(step): float(value) for step, value in (item.split(":") for item in text.split())}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results_csv")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds each granularity needs at a row (default 3)")
-    args = parser.parse_args()
+def race(rows: list[dict], seeds: int = 3) -> dict:
+    """``rows``: a grid's results.csv rows. Returns ``{"sign_matches_final": {step: "h of n rows"},
+    "rows": {"task budget": {"final_w_minus_t", "dev_w_minus_t_at_step"}}}`` over the rows where both
+    granularities have at least ``seeds`` finished runs; the steps are those every such run evaluated."""
     cells: dict[tuple[str, str], dict[str, list]] = {}
-    with open(args.results_csv, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["method"] in ("fisher_w", "fisher_t") and row["dev_curve"] and row["metric"]:
-                key = (row["task"], row["budget"])
-                cells.setdefault(key, {}).setdefault(row["method"], []).append(
-                    (parse_curve(row["dev_curve"]), float(row["metric"])))
-    rows, hits = {}, {}
+    for row in rows:
+        if row["method"] in ("fisher_w", "fisher_t") and row["dev_curve"] and row["metric"]:
+            cells.setdefault((row["task"], row["budget"]), {}).setdefault(row["method"], []).append(
+                (parse_curve(row["dev_curve"]), float(row["metric"])))
+    per_row, hits = {}, {}
     for (task, budget), runs in sorted(cells.items()):
-        if min(len(runs.get("fisher_w", [])), len(runs.get("fisher_t", []))) < args.seeds:
+        if min(len(runs.get("fisher_w", [])), len(runs.get("fisher_t", []))) < seeds:
             continue
         final = (statistics.mean(m for _, m in runs["fisher_w"])
                  - statistics.mean(m for _, m in runs["fisher_t"]))
@@ -50,13 +45,30 @@ def main() -> None:
             hits.setdefault(s, [0, 0])
             hits[s][0] += (d > 0) == (final > 0)
             hits[s][1] += 1
-        rows[f"{task} {budget}"] = {"final_w_minus_t": round(final, 4),
-                                    "dev_w_minus_t_at_step": {s: round(d, 4) for s, d in diffs.items()}}
-    json.dump({"what": __doc__.split("::")[0].strip(), "source": args.results_csv,
-               "sign_matches_final": {s: f"{h} of {n} rows" for s, (h, n) in sorted(hits.items())},
-               "rows": rows}, sys.stdout, indent=1)
+        per_row[f"{task} {budget}"] = {"final_w_minus_t": round(final, 4),
+                                       "dev_w_minus_t_at_step": {s: round(d, 4) for s, d in diffs.items()}}
+    return {"sign_matches_final": {s: f"{h} of {n} rows" for s, (h, n) in sorted(hits.items())},
+            "rows": per_row}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_csv")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds each granularity needs at a row (default 3)")
+    args = parser.parse_args(argv)
+    try:
+        with Path(args.results_csv).open(newline="") as handle:
+            result = race(list(csv.DictReader(handle)), args.seeds)
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as e:
+        print(f"granularity_curves: error: {args.results_csv}: not a readable grid results.csv "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    json.dump({"what": __doc__.split("::")[0].strip(), "source": args.results_csv, **result}, sys.stdout,
+              indent=1)
     sys.stdout.write("\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """experiments/vocab_coverage.py, prequant_eval.py, sensitivity_probe.py, gate_signal.py, hessian_reliability.py and
-criteria_compare.py, curve_jitter.py: their numbers and their errors on bad input."""
+criteria_compare.py, curve_jitter.py, granularity_curves.py: their numbers and their errors on bad input."""
 
 import importlib.util
 import json
@@ -246,3 +246,33 @@ def test_curve_jitter_within_and_across_and_the_raw_arm(tmp_path, capsys):
     assert cj.main([str(bad)]) == 2
     assert "not a readable grid results.csv" in capsys.readouterr().err
     assert cj.main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_granularity_curves_counts_rows_whose_early_sign_matches_the_final(tmp_path, capsys):
+    gc = _load("granularity_curves")
+
+    def run(task, budget, method, curve, metric):
+        return {"task": task, "budget": budget, "method": method, "dev_curve": curve, "metric": str(metric)}
+
+    rows = []
+    for seed in range(3):
+        # row a: per weight behind at step 100, ahead at 800 and in the final metric
+        rows += [run("sst2", "a", "fisher_w", "100:0.80 800:0.90", 0.90 + seed / 100),
+                 run("sst2", "a", "fisher_t", "100:0.85 800:0.88", 0.88 + seed / 100)]
+        # row b: per tensor ahead throughout; per tensor's runs also evaluated step 400, per weight's did not
+        rows += [run("cola", "b", "fisher_w", "100:0.20 800:0.20", 0.20),
+                 run("cola", "b", "fisher_t", "100:0.25 400:0.3 800:0.30", 0.30)]
+    rows += [run("mrpc", "c", "fisher_w", "100:0.8 800:0.8", 0.8)] * 3  # per tensor never ran: no row
+    rows += [run("mrpc", "c", "measured", "100:0.9 800:0.9", 0.9)] * 3  # another method: ignored
+    rows += [run("sst2", "a", "fisher_t", "100:0.1 800:0.1", "")]  # unfinished: no metric, not counted
+    got = gc.race(rows, seeds=3)
+    assert got["sign_matches_final"] == {100: "1 of 2 rows", 800: "2 of 2 rows"}
+    assert got["rows"]["sst2 a"] == {"final_w_minus_t": 0.02, "dev_w_minus_t_at_step": {100: -0.05, 800: 0.02}}
+    assert got["rows"]["cola b"]["dev_w_minus_t_at_step"] == {100: -0.05, 800: -0.1}
+    assert set(got["rows"]) == {"sst2 a", "cola b"}
+    assert gc.race(rows, seeds=4)["rows"] == {}  # three seeds each: a row needs as many as asked
+    bad = tmp_path / "r.csv"
+    bad.write_text("task,budget,method,dev_curve,metric\nsst2,a,fisher_w,100-0.1,0.2\n")
+    assert gc.main([str(bad)]) == 2
+    assert "not a readable grid results.csv" in capsys.readouterr().err
+    assert gc.main([str(tmp_path / "missing.csv")]) == 2
