@@ -60,7 +60,7 @@ QAT model's (with ``train.ema_decay`` its weight average; ``raw_weights_metric``
 raw weights' final metric and curve, from the same run), sizes from the plan's totals (fp32 rows: the teacher's fp32 tensors),
 ``latency_ms`` (latency budgets only: ``latency_ms: T`` with ``latency_table: PATH``) the plan's latency on the
 budget's table, which decides ``within_budget`` there (uniform and rule cells run without a budget flag, as
-references; magnitude is skipped), ``search_s`` the wall time of
+references; magnitude prunes to the latency), ``search_s`` the wall time of
 the plan stages (search + finalize, or the baseline command), ``finetune_s`` of the QAT run (fp32: the
 teacher's). ``rank`` orders the measured within-budget quantized methods of a (task, budget) by metric (ties
 share a rank); the md table bolds rank 1 and flags baselines at or above nasq. The notes column also reports
@@ -200,8 +200,8 @@ PROTOCOL_KEYS = {
 STAGE_NAMES = ("teacher", "plan", "search", "finalize", "qat", "export", "eval")
 # Config keys that do not change results: not reported as recipe mismatches of existing runs.
 LOGGING_KEYS = {"train.log_every", "train.checkpoint_every", "train.eval_every"}
-# the baselines that allocate by bytes only (`nasq baseline` refuses them a latency budget)
-BYTE_ONLY = ("uniform", "rule", "magnitude")
+# the baselines that allocate by bytes only (`nasq baseline` refuses them a latency budget; magnitude takes one)
+BYTE_ONLY = ("uniform", "rule")
 # a budget is exactly one of these (`latency_ms` with its `latency_table`: the plans' latency on that table)
 BUDGET_KINDS = ("avg_bits", "budget_mb", "ratio", "latency_ms")
 CSV_COLUMNS = ["task", "method", "budget", "seed", "status", "metric_name", "metric", "fake_quant_metric",
@@ -325,7 +325,8 @@ def load_grid(path: Path) -> dict:
         if m is not None and (not isinstance(m, dict) or set(m) - {"bits", "note", "same_as"}
                               or not isinstance(m.get("bits"), int) or isinstance(m.get("bits"), bool)):
             raise GridError(f"{where}.magnitude must be {{bits: B, note, same_as}}: every group at B bits, the groups "
-                            "of least weight magnitude pruned until the plan fits (the space must offer 0 bits)")
+                            "of least weight magnitude pruned until the plan fits its bytes or latency (the space "
+                            "must offer 0 bits)")
     # {uniform,magnitude}.same_as: another budget's cell of that method is this one (run once). It asserts that both
     # budgets' plans are the same: checked here are the bits (and for magnitude, whose plan is cut to the budget,
     # the budget); the spaces must cover the same tensors in the same row groups (aqbert_128g and its _w234 /
@@ -528,9 +529,6 @@ def quant_cell(cfg: dict, task: str, budget: str, method: str, runs: Path, data_
     sdir = d / "search"  # the search run of a searched method (nasq_front: another budget's)
     bflags = budget_flags(b)
     if "latency_ms" in b and method in BYTE_ONLY:  # they allocate by bytes and refuse a latency budget
-        if method == "magnitude":
-            c.skip = "magnitude prunes to a byte budget; a latency budget has none"
-            return c
         bflags = []  # a reference plan, unchecked by `nasq baseline`: its row's within_budget is its latency's
     if method in SHARABLE and (ref_name := (b.get(method) or {}).get("same_as")):
         # the same plan and recipe as another budget's cell of this method: run (and read) it once

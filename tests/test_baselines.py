@@ -808,12 +808,41 @@ def test_latency_budgets_for_the_sensitivity_allocators(tiny_model_dir, glue_dir
             assert p["latency_table"] == str(lat) and plan.budget["source"] == f"latency_ms={budget_ms}"
         assert got[0.3] < got[0.6]
     cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=ms[0.3], latency_table=str(lat))
-    for method, kw in (("uniform", {"bits": 2}), ("rule", {"bits": 2, "rule_bits": {"ffn_in": 4}}),
-                       ("magnitude", {"bits": 2})):
+    for method, kw in (("uniform", {"bits": 2}), ("rule", {"bits": 2, "rule_bits": {"ffn_in": 4}})):
         with pytest.raises(NasqError, match=f"the {method} baseline allocates under a size budget.*fisher"):
             allocate_plan(method, cfg, log=lambda *a: None, **kw)
     with pytest.raises(NasqError, match="infeasible"):
         allocate_plan("fisher", _cfg(tiny_model_dir, glue_dir, latency_ms=lo / 2, latency_table=str(lat)))
+
+
+def test_magnitude_under_a_latency_budget(tiny_model_dir, glue_dir, tensors, tmp_path):
+    """magnitude prunes, in ascending order of magnitude, until the plan's latency on the table is within the
+    budget: within it, less than one group's time under it, only 0 and its bits, the pruned groups the smallest
+    magnitudes of the prunable tensors, and the provenance records the latency; the byte path is the same
+    greedy order (`costs` None)."""
+    from nasq.baselines.allocators import allocate_plan, baseline_model
+    from nasq.contract.cost import latency_ns_tables, latency_range, load_latency_table, plan_latency_ms
+
+    lat = _latency_file(tensors, tmp_path / "lat.json")
+    table = load_latency_table(lat)
+    lo, hi = latency_range(tensors, table)
+    budget_ms = lo + 0.8 * (hi - lo)
+    cfg = _cfg(tiny_model_dir, glue_dir, latency_ms=budget_ms, latency_table=str(lat))
+    plan = allocate_plan("magnitude", cfg, bits=8, log=lambda *a: None)
+    bpg = plan.bits_per_group()
+    got = plan_latency_ms(tensors, bpg, table)
+    group_ms = max(float(tab.max()) for tab in latency_ns_tables(tensors, table)) / 1e6
+    assert budget_ms - group_ms < got <= budget_ms
+    assert plan.provenance["latency_ms"] == pytest.approx(got) and plan.provenance["latency_budget_ms"] == budget_ms
+    assert set(np.unique(np.concatenate([np.asarray(b) for b in bpg]))) == {0, 8}
+    model = baseline_model(cfg, log=lambda *a: None)[0]
+    prunable = [i for i, t in enumerate(tensors) if 0 in t.choices]
+    mags = group_magnitudes(model, tensors)
+    flat_m = np.concatenate([mags[i] for i in prunable])
+    flat_b = np.concatenate([np.asarray(bpg[i]) for i in prunable])
+    assert flat_m[flat_b == 0].max() <= flat_m[flat_b == 8].min()
+    # the byte path is the same order: with the byte budget of this plan's bytes, the same plan
+    assert magnitude_allocation(model, tensors, plan_size_bytes(tensors, bpg), 8) == [tuple(b) for b in bpg]
 
 
 def test_cli_fisher_under_a_latency_budget(cli, tiny_model_dir, glue_dir, tensors, tmp_path, capsys):

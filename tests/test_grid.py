@@ -570,9 +570,9 @@ def test_predict_rows_from_the_seeds_measured_plan(tiny, tmp_path):
 
 
 def test_latency_budget_cells_and_rows(tiny, tmp_path, monkeypatch):
-    """A latency budget: the sensitivity baselines get `--latency-ms` and its table, uniform runs as a reference
-    with no budget flag, magnitude (a byte budget's pruning) is skipped; a row's `latency_ms` is its plan's latency
-    on the table, and that latency, not the plan's bytes, decides `within_budget`."""
+    """A latency budget: the sensitivity baselines and magnitude get `--latency-ms` and its table, uniform runs as a
+    reference with no budget flag; a row's `latency_ms` is its plan's latency on the table, and that latency, not
+    the plan's bytes, decides `within_budget`."""
     from nasq.contract.cost import (
         Budget,
         LatencyTable,
@@ -600,10 +600,11 @@ def test_latency_budget_cells_and_rows(tiny, tmp_path, monkeypatch):
                                         "methods": ["uniform", "magnitude", "fisher_t"]}))
     cfg = grid.load_grid(cfg_path)
     cells = {c.method: c for c in grid.all_cells(cfg, tmp_path / "runs", "G")}
-    assert "byte budget" in cells["magnitude"].skip
-    fisher = cells["fisher_t"].stages[0].argv
-    assert fisher[fisher.index("--latency-ms") + 1] == grid._fmt(budget["latency_ms"])
-    assert f"search.latency_table={tmp_path / 'lat.json'}" in fisher
+    for method in ("fisher_t", "magnitude"):
+        argv = cells[method].stages[0].argv
+        assert not cells[method].skip and argv[:3] == ["nasq", "baseline", "hessian" if method == "fisher_t" else method]
+        assert argv[argv.index("--latency-ms") + 1] == grid._fmt(budget["latency_ms"])
+        assert f"search.latency_table={tmp_path / 'lat.json'}" in argv
     uniform = cells["uniform"].stages[0].argv
     assert not {"--latency-ms", "--avg-bits", "--budget-mb", "--ratio"} & set(uniform)
 

@@ -18,8 +18,8 @@
 * ``magnitude``: magnitude pruning + uniform bits. Every kept group gets ``bits``; groups are pruned in
   ascending order of their normalised magnitude ``m_g = rms(W_g) / rms(W)`` (``rms = ||.||_2 / sqrt(n)``, so
   group size does not matter; normalised per tensor so tensors of different scales compete fairly) until the
-  plan fits the budget. Nothing is pruned when the uniform plan already fits. Only tensors whose choices
-  contain 0 can be pruned.
+  plan fits the budget (bytes, or under a latency budget each group's time on the table). Nothing is pruned when
+  the uniform plan already fits. Only tensors whose choices contain 0 can be pruned.
 * ``hessian``: Q-BERT / HAWQ-V3 sensitivity, see :mod:`nasq.baselines.hessian`.
 * ``fisher``: ``hessian``'s recipe that ``nasq pipeline`` allocates with by default (``FISHER_RECIPE``): the
   Gauss-Newton curvature (exact over the rows, never negative) pooled per tensor (or, with
@@ -31,8 +31,9 @@
 
 Latency budgets (``search.latency_ms`` with ``search.latency_table``, a ``nasq profile`` table): ``hessian``,
 ``fisher``, ``measured`` and ``random`` solve the same knapsack with each group's latency on the table in whole
-nanoseconds (:func:`nasq.contract.cost.latency_knapsack`: costs rounded up, the budget down), so the plan's
-latency on that table is within the budget; the others allocate by bytes and refuse a latency budget.
+nanoseconds (:func:`nasq.contract.cost.latency_knapsack`: costs rounded up, the budget down), and ``magnitude``
+prunes in its order against those costs, so the plan's latency on that table is within the budget; ``uniform``
+and ``rule`` allocate by bytes and refuse a latency budget.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ from nasq.errors import NasqError
 from nasq.io import finite_number
 from nasq.models.loading import load_pretrained, resolve_model_dir
 from nasq.models.surgery import linear_shapes, model_param_shapes
-from nasq.quant.packing import group_nbytes
 from nasq.run import Progress
 from nasq.search.finalize import allocate, choices_to_bits
 
@@ -106,7 +106,7 @@ __all__ = [
 ]
 
 METHODS = ("uniform", "rule", "hessian", "fisher", "measured", "random", "magnitude")
-LATENCY_METHODS = ("hessian", "fisher", "measured", "random")  # the ones that take a latency budget (docstring)
+LATENCY_METHODS = ("hessian", "fisher", "measured", "random", "magnitude")  # the ones that take a latency budget (docstring)
 # `fisher`: the hessian baseline with these options (the protocol's `fisher_t` cells, experiments/protocol.yaml).
 # Per weight (`fisher_w`) was the default for a few hours of 2026-12-05, switched back by the rule written in
 # experiments/results/protocol/NOTES.md before the row that decided it: over the rows both ran it no longer had the
@@ -177,27 +177,35 @@ def group_magnitudes(model: nnx.Module, tensors: Sequence[SearchedTensor]) -> li
     return out
 
 
-def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], budget_bytes: int,
-                         bits: int) -> list[tuple[int, ...]]:
-    """Uniform ``bits`` with the smallest-magnitude groups pruned until the plan fits ``budget_bytes``."""
-    plan = [list(b) for b in uniform_allocation(tensors, bits)]
-    size = plan_size_bytes(tensors, plan)
-    if size <= budget_bytes:
+def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], capacity: int, bits: int,
+                         costs: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
+    """Uniform ``bits`` with the smallest-magnitude groups pruned until the plan's cost is within ``capacity``.
+
+    The cost is bytes (``costs`` None: :func:`nasq.contract.cost.size_tables`) or the units of ``costs``, per-tensor
+    ``[G, C]`` integer tables over the tensor's choices (a latency budget's whole nanoseconds,
+    :func:`nasq.contract.cost.latency_knapsack`): ``cost = sum_{t,g} costs_t[g, c_tg]``, and pruning group g of
+    tensor t saves ``costs_t[g, c(bits)] - costs_t[g, c(0)]``."""
+    plan = [list(b) for b in uniform_allocation(tensors, bits)]  # every tensor offers `bits` (checked there)
+    tables = size_tables(tensors) if costs is None else costs
+    at = [t.choices.index(bits) for t in tensors]
+    total = sum(int(tab[:, c].sum()) for tab, c in zip(tables, at, strict=True))
+    if total <= capacity:
         return [tuple(b) for b in plan]
     mags = group_magnitudes(model, tensors)
     cand = [(float(m[g]), ti, g) for ti, (t, m) in enumerate(zip(tensors, mags, strict=True)) if 0 in t.choices
             for g in range(t.num_groups)]
     cand.sort(key=lambda x: x[0])  # stable: ties keep tensor / group order
     for _m, ti, g in cand:
-        t = tensors[ti]
-        size -= group_nbytes(t.group_sizes[g], t.cols, bits, has_bias=t.has_bias)
+        t, tab = tensors[ti], tables[ti]
+        total -= int(tab[g, at[ti]]) - int(tab[g, t.choices.index(0)])
         plan[ti][g] = 0
-        if size <= budget_bytes:
+        if total <= capacity:
             break
-    if size > budget_bytes:
+    if total > capacity:
+        what = (f"{total:,} bytes ({total / MB:.4f} MB) > the budget of {capacity:,} bytes" if costs is None else
+                f"{total / 1e6:.4f} ms of searched linears on the latency table > the budget's {capacity / 1e6:.4f}")
         raise NasqError(f"magnitude baseline at {bits} bits: even with every prunable group pruned the plan "
-                        f"takes {size:,} bytes ({size / MB:.4f} MB) > the budget of {budget_bytes:,} bytes; "
-                        "raise the budget, lower --bits, or allow 0 (prune) in more rules of the space")
+                        f"takes {what}; raise the budget, lower --bits, or allow 0 (prune) in more rules of the space")
     return [tuple(b) for b in plan]
 
 
@@ -374,7 +382,7 @@ def baseline_plan(
     curvature shrunk toward its tensor's mean by that fraction (0: per weight, 1: per tensor; the module docstring
     of :mod:`nasq.baselines.hessian`). ``seed`` defaults to ``cfg.train.seed``. ``provenance``
     extras (e.g. ``run``, ``task``) are merged into the plan's provenance. ``latency``
-    (:func:`baseline_latency`; ``hessian``, ``fisher`` and ``measured`` only): allocate under that latency
+    (:func:`baseline_latency`; :data:`LATENCY_METHODS` only): allocate under that latency
     instead of ``budget``'s bytes (module docstring); the provenance records ``latency_budget_ms``,
     ``latency_ms`` (the plan's, on the table) and ``latency_table``.
     """
@@ -414,7 +422,8 @@ def baseline_plan(
         bpg = random_allocation(tensors, cap, seed, costs=costs, time_limit=time_limit)
         prov.update(seed=seed, utilities="cumsum of iid Uniform(0,1) over ascending choices")
     elif method == "magnitude":
-        bpg = magnitude_allocation(model, tensors, budget.bytes, bits)
+        cap, costs = _knapsack_costs(tensors, budget, latency)
+        bpg = magnitude_allocation(model, tensors, cap, bits, costs=costs)
         prov.update(bits=int(bits), score="rms(W_g)/rms(W)")
     else:
         pooled_rows = None

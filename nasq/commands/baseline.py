@@ -10,8 +10,9 @@ batches (`--train-subset`, `--set train.batch_size=N`, `--n-batches`, `--n-probe
 --curvature fisher --granularity tensor --n-batches 16`, the allocation `nasq pipeline` uses by default
 (`--granularity weight`: per weight; `--traces-from fisher.json` re-solves one at another budget or space from the
 traces or errors it recorded, reading no data);
-`random` uses `--seed`. `hessian`, `fisher`, `measured` and `random` also take a latency budget (`--latency-ms T --set
-search.latency_table=lat.json`, a `nasq profile` table): the plan's latency on that table is within it.
+`random` uses `--seed`. `hessian`, `fisher`, `measured`, `random` and `magnitude` also take a latency budget
+(`--latency-ms T --set search.latency_table=lat.json`, a `nasq profile` table): the plan's latency on that table is
+within it (`magnitude` prunes its least-magnitude groups until it is).
 """
 
 from __future__ import annotations
