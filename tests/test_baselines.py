@@ -248,6 +248,11 @@ def test_magnitude_infeasible_budget_names_the_numbers(model):
     t = [_t("encoder.layer.0.attention.self.query", 32, 32, 4, (2, 8))]  # no 0: cannot prune
     with pytest.raises(NasqError, match="prunable"):
         magnitude_allocation(model, t, 10, 8)
+    # under a latency budget (costs in whole ns): the same error in ms
+    n = t[0].num_groups
+    costs = [np.full((n, 2), 1_000_000, dtype=np.int64)]  # every group 1 ms at either width
+    with pytest.raises(NasqError, match=rf"prunable.*{n}\.0000 ms of searched linears.*budget, {n - 1}\.5000 ms"):
+        magnitude_allocation(model, t, (n - 1) * 1_000_000 + 500_000, 8, costs=costs)
 
 
 def nnx_clone(model):

@@ -58,6 +58,7 @@ from nasq.baselines.measured import SPREADS, measured_allocation
 from nasq.config import Config
 from nasq.contract.cost import (
     MB,
+    NS_PER_MS,
     Budget,
     LatencyBudget,
     latency_knapsack,
@@ -181,8 +182,8 @@ def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], c
                          costs: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
     """Uniform ``bits`` with the smallest-magnitude groups pruned until the plan's cost is within ``capacity``.
 
-    The cost is bytes (``costs`` None: :func:`nasq.contract.cost.size_tables`) or the units of ``costs``, per-tensor
-    ``[G, C]`` integer tables over the tensor's choices (a latency budget's whole nanoseconds,
+    The cost is bytes (``costs`` None: :func:`nasq.contract.cost.size_tables`) or a latency budget's whole
+    nanoseconds (``costs``: per-tensor ``[G, C]`` integer tables over the tensor's choices, with ``capacity``, from
     :func:`nasq.contract.cost.latency_knapsack`): ``cost = sum_{t,g} costs_t[g, c_tg]``, and pruning group g of
     tensor t saves ``costs_t[g, c(bits)] - costs_t[g, c(0)]``."""
     plan = [list(b) for b in uniform_allocation(tensors, bits)]  # every tensor offers `bits` (checked there)
@@ -203,7 +204,8 @@ def magnitude_allocation(model: nnx.Module, tensors: Sequence[SearchedTensor], c
             break
     if total > capacity:
         what = (f"{total:,} bytes ({total / MB:.4f} MB) > the budget of {capacity:,} bytes" if costs is None else
-                f"{total / 1e6:.4f} ms of searched linears on the latency table > the budget's {capacity / 1e6:.4f}")
+                f"{total / NS_PER_MS:.4f} ms of searched linears on the latency table > their share of the budget, "
+                f"{capacity / NS_PER_MS:.4f} ms")
         raise NasqError(f"magnitude baseline at {bits} bits: even with every prunable group pruned the plan "
                         f"takes {what}; raise the budget, lower --bits, or allow 0 (prune) in more rules of the space")
     return [tuple(b) for b in plan]
