@@ -29,7 +29,8 @@ interrupted pipeline continues where it stopped (`--resume`). Stage outputs:
     OUT/teacher/      fp32 fine-tune run (skipped when --teacher RUN is given)
     OUT/search/       supernet search run (--allocator search only)
     OUT/plan.json     the measured or Fisher plan, or the finalized searched plan (within the budget, guaranteed)
-    OUT/qat/          quantization-aware fine-tune of the plan with KD from the teacher
+    OUT/qat/          quantization-aware fine-tune of the plan with KD from the teacher (logits and, by default,
+                      attention distributions: :data:`QAT_ATTENTION_KD`)
     OUT/model.nasq/   exported integer artifact
     OUT/summary.json  dev metrics (teacher, fake-quant, integer path), prediction agreement, sizes
 
@@ -78,6 +79,11 @@ from nasq.train.finetune import finetune
 # Per-stage overrides of the config; the user's --config/--set apply on top of every stage. `measure_batches`: the
 # train batches the measured allocator runs each (tensor, width) on (the protocol's 8; smoke: 2, CI time);
 # `fisher_batches`: the train batches the Fisher allocator sums its traces over (the protocol's fisher cells: 16).
+# Attention distillation in every preset's QAT (``kd.attention_beta``: objectives.attention_kd_loss, MiniLM's KL of
+# the student's attention distributions to the teacher's; the teacher runs beside the student, about 7% more per
+# QAT step on MiniLM): the pipeline's default since 2026-12-06 by the rule in experiments/results/protocol/NOTES.md
+# (README Results, "attention KD in QAT"). ``--set kd.attention_beta=0`` turns it off.
+QAT_ATTENTION_KD = 1.0
 PRESETS: dict[str, dict] = {
     "smoke": {
         "common": {"model": {"name": "minilm-l6", "max_len": 64}, "data": {"task": "sst2", "train_subset": 512,
@@ -85,7 +91,8 @@ PRESETS: dict[str, dict] = {
         "finetune": {"train": {"max_steps": 24, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000}},
         "search": {"train": {"max_steps": 16, "lr": 2e-5, "log_every": 4, "checkpoint_every": 1000},
                    "search": {"avg_bits": 2.0}},
-        "qat": {"train": {"max_steps": 16, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000}},
+        "qat": {"train": {"max_steps": 16, "lr": 5e-5, "log_every": 4, "checkpoint_every": 1000},
+                "kd": {"attention_beta": QAT_ATTENTION_KD}},
         "measure_batches": 2,
         "fisher_batches": 2,
     },
@@ -95,7 +102,8 @@ PRESETS: dict[str, dict] = {
         "finetune": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
         "search": {"train": {"max_steps": 150, "lr": 2e-5, "log_every": 10, "checkpoint_every": 50},
                    "search": {"avg_bits": 2.0}},
-        "qat": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100}},
+        "qat": {"train": {"max_steps": 250, "lr": 5e-5, "log_every": 25, "checkpoint_every": 100},
+                "kd": {"attention_beta": QAT_ATTENTION_KD}},
         "measure_batches": 8,
         "fisher_batches": FISHER_BATCHES,
     },

@@ -305,3 +305,24 @@ def test_space_follows_the_budget(tiny_model_dir, glue_dir, tmp_path):
     c, _ = configs({"avg_bits": 4}, {"search": {"search": {"space": "aqbert_128g"}}})
     assert c["search"].search.space == "aqbert_128g"
     assert PRESETS["smoke"]["search"]["search"] == {"avg_bits": 2.0}  # the preset itself is not modified
+
+
+def test_qat_distils_attention_by_default(tiny_model_dir, glue_dir, tmp_path):
+    """Every preset's QAT distils the teacher's attention maps (kd.attention_beta = QAT_ATTENTION_KD, the protocol's
+    evidence) and only the QAT: the teacher's fine-tune and the search do not; a user's kd.attention_beta, for every
+    stage or for the QAT stage, replaces it."""
+    from nasq.pipeline import PRESETS, QAT_ATTENTION_KD, pipeline_configs
+
+    assert QAT_ATTENTION_KD > 0
+
+    def configs(extra: dict | None = None):
+        layer = {"model": {"name": str(tiny_model_dir), "max_len": 32},
+                 "data": {"data_dir": str(glue_dir), "train_subset": 96}, **(extra or {})}
+        return pipeline_configs(PRESETS["smoke"], [("test", layer)], tmp_path / "p", None, lambda *_: None)
+
+    c = configs()
+    assert c["qat"].kd.attention_beta == QAT_ATTENTION_KD and c["qat"].kd.teacher == str(tmp_path / "p" / "teacher")
+    assert c["finetune"].kd.attention_beta == 0 and c["search"].kd.attention_beta == 0
+    assert all(PRESETS[p]["qat"]["kd"]["attention_beta"] == QAT_ATTENTION_KD for p in PRESETS)
+    assert configs({"kd": {"attention_beta": 0.0}})["qat"].kd.attention_beta == 0
+    assert configs({"stages": {"qat": {"kd": {"attention_beta": 2.5}}}})["qat"].kd.attention_beta == 2.5
