@@ -275,12 +275,22 @@ def test_allocators_check_their_budget_before_any_stage(tiny_model_dir, glue_dir
     assert not (tmp_path / "pipe").exists()
 
 
+def _smoke_configs(tiny_model_dir, glue_dir, tmp_path, extra: dict):
+    """``(pipeline_configs, what it said)`` of the smoke preset on the tiny model, with ``extra`` in the user's layer."""
+    from nasq.pipeline import PRESETS, pipeline_configs
+
+    layer = {"model": {"name": str(tiny_model_dir), "max_len": 32},
+             "data": {"data_dir": str(glue_dir), "train_subset": 96}, **extra}
+    said: list[str] = []
+    return pipeline_configs(PRESETS["smoke"], [("test", layer)], tmp_path / "p", None, said.append), said
+
+
 def test_space_follows_the_budget(tiny_model_dir, glue_dir, tmp_path):
     """Without a user's space the search stage (both allocators) takes the space of its budget (the protocol's
     evidence: {1,2,3,4} up to avg 2, {2,3,4} up to 3, {3,4,5,6} at 4, the whole-model space for an artifact
     budget) and says so; a space the user names, for every stage or the search stage, is kept."""
     from nasq.config import SearchConfig
-    from nasq.pipeline import PRESETS, budget_space, pipeline_configs
+    from nasq.pipeline import PRESETS, budget_space
 
     assert [budget_space(SearchConfig(avg_bits=b)) for b in (1.5, 2, 2.5, 3, 4, 6, 7)] == [
         "aqbert_128g_w1234", "aqbert_128g_w1234", "aqbert_128g_w234", "aqbert_128g_w234", "aqbert_128g_w3456",
@@ -289,12 +299,8 @@ def test_space_follows_the_budget(tiny_model_dir, glue_dir, tmp_path):
     assert budget_space(SearchConfig(budget_mb=8)) is None and budget_space(SearchConfig(ratio=8)) is None
 
     def configs(search: dict, stages: dict | None = None):
-        layer = {"model": {"name": str(tiny_model_dir), "max_len": 32},
-                 "data": {"data_dir": str(glue_dir), "train_subset": 96}, "search": search}
-        if stages:
-            layer["stages"] = stages
-        said = []
-        return pipeline_configs(PRESETS["smoke"], [("test", layer)], tmp_path / "p", None, said.append), said
+        extra = {"search": search, **({"stages": stages} if stages else {})}
+        return _smoke_configs(tiny_model_dir, glue_dir, tmp_path, extra)
 
     c, said = configs({})
     assert c["search"].search.space == "aqbert_128g_w1234" and "search space aqbert_128g_w1234" in said[-1]
@@ -311,14 +317,12 @@ def test_qat_distils_attention_by_default(tiny_model_dir, glue_dir, tmp_path):
     """Every preset's QAT distils the teacher's attention maps (kd.attention_beta = QAT_ATTENTION_KD, the protocol's
     evidence) and only the QAT: the teacher's fine-tune and the search do not; a user's kd.attention_beta, for every
     stage or for the QAT stage, replaces it."""
-    from nasq.pipeline import PRESETS, QAT_ATTENTION_KD, pipeline_configs
+    from nasq.pipeline import PRESETS, QAT_ATTENTION_KD
 
     assert QAT_ATTENTION_KD > 0
 
     def configs(extra: dict | None = None):
-        layer = {"model": {"name": str(tiny_model_dir), "max_len": 32},
-                 "data": {"data_dir": str(glue_dir), "train_subset": 96}, **(extra or {})}
-        return pipeline_configs(PRESETS["smoke"], [("test", layer)], tmp_path / "p", None, lambda *_: None)
+        return _smoke_configs(tiny_model_dir, glue_dir, tmp_path, extra or {})[0]
 
     c = configs()
     assert c["qat"].kd.attention_beta == QAT_ATTENTION_KD and c["qat"].kd.teacher == str(tmp_path / "p" / "teacher")
