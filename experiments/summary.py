@@ -281,18 +281,18 @@ def targets_text(targets: list[Target]) -> list[str]:
     the best baseline, as the default, at every row it ran, and the default against it at every row both ran (what
     choosing between them rests on)."""
     lines = []
-    if any(t.margin for t in targets):
+    gaps = [t for t in targets if t.teacher_gap is not None]  # every row the default finished, baselines or not
+    if any(t.margin for t in targets) or gaps:
         lines += ["", (f"Targets of issue 16 (generated): {name(DEFAULT)} (nasq's default) against each row's best "
                        "baseline by mean (as in the pooled paragraph); a difference counts only beyond the larger "
                        "std; \"not run in this row\": baselines that finished at the same task and budget in another "
                        "grid (another QAT length) but not in this row, so the row's verdict does not cover them:")]
         lines += verdict_lines([(t.label, t.metric_name, t.margin, t.unrun) for t in targets if t.margin])
-        gaps = [t for t in targets if t.teacher_gap is not None]
-        if gaps:
-            lines.append("- within reach of the fp32 teacher: " + "; ".join(
-                f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
-                f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
-                + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
+    if gaps:
+        lines.append("- within reach of the fp32 teacher: " + "; ".join(
+            f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
+            f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
+            + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
     pairs = [(t.label, t.metric_name, t.sensitivity, ()) for t in targets if t.sensitivity]
     if pairs:
         other = name(pairs[0][2].other)
@@ -402,14 +402,15 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   teachers.get(task)) if by_method else None
                 if cells is not None:
                     rows_out.setdefault((task, bname), []).append(cells)
-                    margin, gap = baseline_margin(by_method, ranked), None
+                    margin = baseline_margin(by_method, ranked)
                     if margin is not None:
                         all_rows.add(margin)
                         if (budget.get("avg_bits") or math.inf) <= LOW_BITS:
                             low.add(margin)
-                        teacher = teachers.get(task)
-                        allowed = teacher_gap_allowed(task, budget)
-                        gap = (teacher["metric"] - margin.mean, allowed) if teacher and allowed else None
+                    # the teacher target is the default's own, checked whether or not a baseline ran in the row
+                    teacher, allowed = teachers.get(task), teacher_gap_allowed(task, budget)
+                    gap = ((teacher["metric"] - ranked[DEFAULT][0], allowed)
+                           if teacher and allowed and DEFAULT in ranked else None)
                     sens = sensitivity_margin(by_method, ranked)
                     alt = duel = None  # none while the default is the alternative (tests set DEFAULT)
                     if ALTERNATIVE != DEFAULT:
@@ -420,7 +421,8 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                                   if (m := baseline_margin(by_method, ranked, c)) is not None)
                     cands += tuple((c, other, margin_against(by_method, ranked, other, c)) for c in CANDIDATES
                                    for other in dict.fromkeys((DEFAULT, ALTERNATIVE)) if {c, other} <= ranked.keys())
-                    if margin is not None or sens is not None or alt is not None or duel is not None or cands:
+                    if (margin is not None or gap is not None or sens is not None or alt is not None
+                            or duel is not None or cands):
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
                                                               alternative=alt, default_vs_alternative=duel,

@@ -33,6 +33,7 @@ budgets:
   avg2: {avg_bits: 2, space: aqbert_128g_w1234, uniform: {bits: 2}}
   mb8: {budget_mb: 8, convention: artifact, space: whole_model_w1234, uniform: {bits: 2}}
   avg3: {avg_bits: 3, space: aqbert_128g_w234, uniform: {bits: 3}}
+  avg4: {avg_bits: 4, space: aqbert_128g_w3456, uniform: {bits: 4}}
 """
 
 
@@ -210,7 +211,7 @@ def test_replace_block_needs_one_block(summary):
 def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_path, monkeypatch):
     """Issue 16's targets paragraph: each row's margin over its best baseline lands in one verdict; a row with one
     seed on a side makes no claim; SST-2 avg 2 and 4 and the 8-MB artifact are checked against the teacher (1.5, 0.5
-    and 1.5 points)."""
+    and 1.5 points), also at a row where no baseline ran (avg 4 here)."""
     monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
     acc = "accuracy"
     rows = [("sst2", "fp32", "fp32", 0, "done", acc, 0.90, "", "")]
@@ -223,6 +224,8 @@ def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_pat
     # mb8 (the whole artifact; DESIGN.md: within 1.5 points of the teacher): 1.4 below it, level with uniform
     rows += [("sst2", "fisher_t", "mb8", s, "done", acc, v, "yes", "8.0") for s, v in enumerate((0.885, 0.887))]
     rows += [("sst2", "uniform", "mb8", s, "done", acc, v, "yes", "7.1") for s, v in enumerate((0.88, 0.89))]
+    # avg4: only the default ran (no baseline, no verdict), 0.2 below the teacher: still checked (target 0.5)
+    rows += [("sst2", "fisher_t", "avg4", s, "done", acc, v, "yes", "") for s, v in enumerate((0.897, 0.899))]
     lines = summary.table(_write(tmp_path, rows), (("g.yaml", "res", ""),))
     body = lines[lines.index(next(ln for ln in lines if ln.startswith("Targets"))) + 1:]
     assert body == ["- beyond the spread, higher mean (0): none",
@@ -233,7 +236,8 @@ def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_pat
                     "- one seed on a side, no claim (1): SST-2 avg 3, {2,3,4} (+8.50 vs uniform)",
                     ("- within reach of the fp32 teacher: SST-2 avg 2, {1,2,3,4}: 2.50 below it (target: at most "
                     "1.50), missed; SST-2 whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}: 1.40 below "
-                    "it (target: at most 1.50), met")], body
+                    "it (target: at most 1.50), met; SST-2 avg 4, {3,4,5,6}: 0.20 below it (target: at most 0.50), "
+                    "met")], body
     assert summary.teacher_gap_allowed("sst2", {"avg_bits": 2}) == 0.015
     assert summary.teacher_gap_allowed("sst2", {"budget_mb": 8, "convention": "artifact"}) == 0.015
     assert summary.teacher_gap_allowed("sst2", {"budget_mb": 8}) is None  # 8 MB of encoder: not the target
