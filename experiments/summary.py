@@ -193,7 +193,6 @@ class Margin(NamedTuple):
     diff: float  # the default's mean minus the other's
     beyond: bool | None  # :func:`grid.beyond_spread`: None with fewer than 2 seeds on a side
     seeds: tuple[int, int]  # (seeds the default scored higher on, seeds both finished)
-    mean: float  # the default's mean
 
 
 def cells_metric(by_method: dict[str, list[dict]]) -> str:
@@ -206,7 +205,7 @@ def margin_against(by_method: dict[str, list[dict]], ranked: dict, other: str, o
     ours = DEFAULT if ours is None else ours
     (mu, sd, _), (omu, osd, _) = ranked[ours], ranked[other]
     return Margin(other, mu - omu, grid.beyond_spread(mu - omu, sd, osd),
-                  seeds_ahead(by_method[ours], by_method[other]), mu)
+                  seeds_ahead(by_method[ours], by_method[other]))
 
 
 def baseline_margin(by_method: dict[str, list[dict]], ranked: dict, ours: str | None = None) -> Margin | None:
