@@ -271,6 +271,22 @@ class Target(NamedTuple):
     default_vs_alternative: Margin | None = None  # :data:`DEFAULT` against :data:`ALTERNATIVE`, head to head
     # a :data:`CANDIDATES` method against the best baseline (against ``"baseline"``), DEFAULT or ALTERNATIVE
     candidates: tuple[tuple[str, str, Margin], ...] = ()
+    # where the beyond-the-spread target is missed at avg <= LOW_BITS: (the mean the default would need, the
+    # teacher's metric or None); :func:`win_bar`
+    bar: tuple[float, float | None] | None = None
+
+
+def win_bar(ranked: dict, margin: Margin | None, budget: dict, teacher: float | None
+            ) -> tuple[float, float | None] | None:
+    r"""What the default's mean would need to clear a missed beyond-the-spread target, or None where the row has no
+    such target (above :data:`LOW_BITS`), no verdict (one seed on a side) or already meets it:
+    :math:`\bar b + \max(s_d, s_b)`, the best baseline's mean :math:`\bar b` plus the larger of the two stds as
+    they stand (the protocol's rule, :func:`grid.beyond_spread`), with the fp32 teacher's metric beside it."""
+    if (margin is None or margin.beyond is None or (margin.beyond and margin.diff > 0)
+            or (budget.get("avg_bits") or math.inf) > LOW_BITS):
+        return None
+    (_, sd, _), (base, base_sd, _) = ranked[DEFAULT], ranked[margin.other]
+    return base + max(sd, base_sd), teacher
 
 
 def targets_text(targets: list[Target]) -> list[str]:
@@ -292,6 +308,19 @@ def targets_text(targets: list[Target]) -> list[str]:
             f"{t.label}: {grid.metric_text(t.metric_name, t.teacher_gap[0])} below it (target: at most "
             f"{grid.metric_text(t.metric_name, t.teacher_gap[1])}), "
             + ("met" if t.teacher_gap[0] <= t.teacher_gap[1] else "missed") for t in gaps))
+    bars = [t for t in targets if t.bar is not None]
+    if bars:
+        def need(t: Target) -> str:
+            (bar, teacher), m = t.bar, t.metric_name
+            if teacher is None:
+                return f"{t.label}: above {grid.metric_text(m, bar)}"
+            if bar == teacher:
+                return f"{t.label}: above {grid.metric_text(m, bar)} (the teacher's score)"
+            return (f"{t.label}: above {grid.metric_text(m, bar)} ({grid.metric_text(m, abs(teacher - bar))} "
+                    f"{'below' if bar < teacher else 'above'} the teacher's {grid.metric_text(m, teacher)})")
+        lines.append(f"- what a mean beyond the spread would need where that target is missed (avg <= {LOW_BITS:g} "
+                     "bits; the best baseline's mean plus the larger std as they stand): "
+                     + "; ".join(need(t) for t in bars))
     pairs = [(t.label, t.metric_name, t.sensitivity, ()) for t in targets if t.sensitivity]
     if pairs:
         other = name(pairs[0][2].other)
@@ -416,6 +445,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         alt = baseline_margin(by_method, ranked, ALTERNATIVE)
                         if {ALTERNATIVE, DEFAULT} <= ranked.keys():
                             duel = margin_against(by_method, ranked, ALTERNATIVE)
+                    bar = win_bar(ranked, margin, budget, teacher["metric"] if teacher else None)
                     cands = tuple((c, "baseline", m) for c in CANDIDATES
                                   if (m := baseline_margin(by_method, ranked, c)) is not None)
                     cands += tuple((c, other, margin_against(by_method, ranked, other, c)) for c in CANDIDATES
@@ -425,7 +455,7 @@ def table(repo: Path = REPO, grids=GRIDS) -> list[str]:
                         targets.append(((task, bname), Target(f"{TASK_NAMES.get(task, task)} {cells[1]}",
                                                               cells_metric(by_method), margin, gap, sens,
                                                               alternative=alt, default_vs_alternative=duel,
-                                                              candidates=cands),
+                                                              candidates=cands, bar=bar),
                                         set(ranked)))
     # tasks and budgets in the configs' order, a later grid's row right after the earlier one's
     cols = columns()

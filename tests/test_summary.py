@@ -237,11 +237,30 @@ def test_targets_sort_rows_by_verdict_and_check_the_teacher_gap(summary, tmp_pat
                     ("- within reach of the fp32 teacher: SST-2 avg 2, {1,2,3,4}: 2.50 below it (target: at most "
                     "1.50), missed; SST-2 whole artifact <= 8 MB, encoder {1,2,3,4}, vocabulary {2,3,4}: 1.40 below "
                     "it (target: at most 1.50), met; SST-2 avg 4, {3,4,5,6}: 0.20 below it (target: at most 0.50), "
-                    "met")], body
+                    "met"),
+                    ("- what a mean beyond the spread would need where that target is missed (avg <= 2.5 bits; the "
+                     "best baseline's mean plus the larger std as they stand): SST-2 avg 2, {1,2,3,4}: above 89.00 "
+                     "(1.00 below the teacher's 90.00)")], body
     assert summary.teacher_gap_allowed("sst2", {"avg_bits": 2}) == 0.015
     assert summary.teacher_gap_allowed("sst2", {"budget_mb": 8, "convention": "artifact"}) == 0.015
     assert summary.teacher_gap_allowed("sst2", {"budget_mb": 8}) is None  # 8 MB of encoder: not the target
     assert summary.teacher_gap_allowed("cola", {"avg_bits": 2}) is None
+
+
+def test_win_bar_is_the_best_baselines_mean_plus_the_larger_std_where_the_target_is_missed(summary, monkeypatch):
+    """The bar a missed beyond-the-spread target sets: the best baseline's mean plus the larger std (the default's
+    own spread counts), only at avg <= 2.5 bits, only with a verdict, never where the target is met."""
+    monkeypatch.setattr(summary, "DEFAULT", "fisher_t")
+    ranked = {"fisher_t": (0.27, 0.03, 3), "fisher": (0.26, 0.01, 3)}
+    level = summary.Margin("fisher", 0.01, False, (2, 3))
+    assert summary.win_bar(ranked, level, {"avg_bits": 2}, 0.297) == pytest.approx((0.29, 0.297))
+    assert summary.win_bar(ranked, level, {"avg_bits": 3}, 0.297) is None  # no beyond-the-spread target above 2.5
+    assert summary.win_bar(ranked, level, {"budget_mb": 8}, 0.297) is None
+    assert summary.win_bar(ranked, level._replace(beyond=None), {"avg_bits": 2}, 0.297) is None  # no verdict
+    met = summary.Margin("fisher", 0.05, True, (3, 3))
+    assert summary.win_bar(ranked, met, {"avg_bits": 2}, 0.297) is None
+    behind = summary.Margin("fisher", -0.05, True, (0, 3))  # lower beyond the spread: missed too
+    assert summary.win_bar(ranked, behind, {"avg_bits": 1.5}, None) == pytest.approx((0.29, None))
 
 
 def test_the_lists_follow_the_tables_row_order(summary, tmp_path, monkeypatch):
