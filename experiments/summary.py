@@ -18,8 +18,8 @@ mean and on how many paired seeds it scored higher, each with the one-sided exac
 (:func:`sign_test`), over every row and over the rows at avg <= 2.5 bits (the issue's "beyond the spread" range).
 Then issue 16's targets, row by row (:func:`targets_text`): each row's margin over the same best baseline sorted
 into a verdict (beyond the spread, higher or lower mean inside it, ...), naming the baselines that finished at the
-same task and budget in another grid but not in the row (its verdict does not cover them), and SST-2 avg 2 and 4
-against the teacher;
+same task and budget in another grid but not in the row (its verdict does not cover them), SST-2 avg 2 and 4
+against the teacher, and, where the beyond-the-spread target is missed, the mean it would need (:func:`win_bar`);
 then the same verdicts for nasq's default against its other sensitivity allocator, measured, at every row both ran;
 then nasq's other Fisher granularity (``ALTERNATIVE``) against the best baseline at every row it ran, and nasq's
 default against it head to head; last, each candidate tried at a few rows (``CANDIDATES``) against the best
